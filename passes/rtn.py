@@ -1,0 +1,42 @@
+"""Round-to-nearest weight-only quantization (int2/3/4/8, symmetric or asymmetric, grouped)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from toolkit.quantization import QuantSpec, rtn
+from toolkit.surgery import check_group_size, install, quantize_head, target_linears
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    bits: int = 4
+    group_size: int = 32  # -1: one group per row
+    symmetric: bool = True
+    skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
+    lm_head_bits: int | None = 8  # the head (and a tied embedding) at higher precision; None keeps it float
+
+    def __post_init__(self) -> None:
+        QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
+        if self.lm_head_bits is not None and self.lm_head_bits not in (4, 8):
+            raise ValueError(f"lm_head_bits must be 4, 8 or null (keep float), got {self.lm_head_bits}")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+
+@torch.no_grad()
+def apply(model: PreTrainedModel, config: RTNConfig, calib: torch.Tensor | None = None) -> PreTrainedModel:
+    """Quantize every decoder linear in place; ``calib`` is unused (RTN needs no data)."""
+    linears = target_linears(model, config.skip)
+    check_group_size(linears, config.group_size)
+    for name, linear in linears.items():
+        codes, scale, zero = rtn(linear.weight.data, config.spec)
+        install(model, name, linear, codes, scale, zero, config.spec)
+    if config.lm_head_bits is not None:
+        quantize_head(model, QuantSpec(config.lm_head_bits, config.group_size, symmetric=True))
+    return model

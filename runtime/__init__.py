@@ -1,0 +1,1 @@
+"""Runtime: loads exported artifacts and runs prefill and decode with a managed KV cache."""

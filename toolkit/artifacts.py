@@ -1,0 +1,180 @@
+"""Model artifacts on disk: a Hugging Face-style folder plus, for quantized models, packed weights.
+
+Float models are saved with ``save_pretrained`` (loadable by any transformers user). Quantized models
+keep the HF ``config.json`` and tokenizer files, store every tensor in ``model.safetensors`` (packed
+codes, float16 scales, uint8 zero points for each quantized linear) and describe the layout in
+``quantization.json``. Every folder gets a ``manifest.json`` with the sha256 and size of each file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.initialization import no_init_weights
+
+from toolkit import __version__
+from toolkit.errors import ToolkitError
+from toolkit.paths import sha256_file, sha256_json
+from toolkit.quantization import QuantEmbedding, QuantLinear, QuantSpec, quantized_modules, set_module
+
+QUANT_FILE = "quantization.json"
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+QUANT_FORMAT = "llm-toolkit-packed-v1"
+
+
+def library_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import safetensors
+    import transformers
+
+    return {
+        "toolkit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def file_table(folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def write_manifest(folder: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": library_versions(), **(extra or {})}
+    manifest["files"] = file_table(folder)
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ToolkitError(f"{folder} has no {MANIFEST}: it is not a toolkit artifact")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ToolkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); re-create the artifact") from None
+
+
+def weights_key(folder: Path) -> str:
+    """Content key of a model folder: from the manifest's hashes when present, else hashed now."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if manifest_path.is_file():
+        files = read_manifest(folder).get("files", {})
+        relevant = {k: v["sha256"] for k, v in files.items() if k.endswith((".safetensors", ".json"))}
+        if relevant:
+            return sha256_json(relevant)
+    names = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors",) or p.name in ("config.json", QUANT_FILE))
+    return sha256_json({n: sha256_file(folder / n) for n in names})
+
+
+def verify_weight_files(folder: Path) -> None:
+    """Refuse truncated or corrupt safetensors files before anything is built from them."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ToolkitError(f"{folder} has no .safetensors weights")
+    expected = read_manifest(folder).get("files", {}) if (Path(folder) / MANIFEST).is_file() else {}
+    for path in files:
+        want = expected.get(path.name, {}).get("bytes")
+        if want is not None and path.stat().st_size != want:
+            raise ToolkitError(
+                f"{path} is truncated or altered ({path.stat().st_size} bytes, manifest says {want}); re-create it"
+            )
+        try:
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        except SafetensorError as exc:
+            raise ToolkitError(f"{path} is truncated or corrupt ({exc}); re-create it") from None
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Write ``model`` and ``tokenizer`` into ``folder`` (which the caller makes atomic)."""
+    folder = Path(folder)
+    qmods = quantized_modules(model)
+    tokenizer.save_pretrained(folder)
+    if not qmods:
+        model.save_pretrained(folder)
+        return
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    embedding = model.get_input_embeddings()
+    tied = isinstance(embedding, QuantEmbedding)
+    save_file(state, str(folder / WEIGHTS), metadata={"format": QUANT_FORMAT})
+    spec_of = {
+        name: {"bits": m.spec.bits, "group_size": m.spec.group_size, "symmetric": m.spec.symmetric,
+               "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
+        for name, m in qmods.items()
+    }
+    head_name = next((n for n, m in qmods.items() if tied and m is embedding.weight_source), None)
+    info = {"format": QUANT_FORMAT, "modules": spec_of, "embedding_from": head_name}
+    (folder / QUANT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def _build_quantized(folder: Path, info: dict[str, Any]) -> PreTrainedModel:
+    if info.get("format") != QUANT_FORMAT:
+        raise ToolkitError(f"{folder / QUANT_FILE}: unknown format {info.get('format')!r}; expected {QUANT_FORMAT}")
+    config = AutoConfig.from_pretrained(folder)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, m in info["modules"].items():
+        spec = QuantSpec(bits=m["bits"], group_size=m["group_size"], symmetric=m["symmetric"])
+        set_module(model, name, QuantLinear(m["in_features"], m["out_features"], spec, bias=m["bias"]))
+    if info.get("embedding_from"):
+        head = model.get_submodule(info["embedding_from"])
+        old = model.get_input_embeddings()
+        model.set_input_embeddings(QuantEmbedding(head, getattr(old, "padding_idx", None)))
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except SafetensorError as exc:
+        raise ToolkitError(f"{folder / WEIGHTS} is truncated or corrupt ({exc}); re-create it") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ToolkitError(
+            f"{folder / WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model.eval()
+
+
+def load_model(folder: Path) -> PreTrainedModel:
+    """Rebuild a float or quantized model from an artifact folder."""
+    folder = Path(folder)
+    verify_weight_files(folder)
+    quant_path = folder / QUANT_FILE
+    if quant_path.is_file():
+        return _build_quantized(folder, json.loads(quant_path.read_text()))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ToolkitError(f"cannot load model from {folder}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ToolkitError(f"cannot load the tokenizer from {folder}: {str(exc).splitlines()[0]}") from None

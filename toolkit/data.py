@@ -1,0 +1,132 @@
+"""Calibration and evaluation text, split by document, tokenized into fixed-length windows.
+
+Sources: ``pydoc`` (built in: CPython's ``pydoc_data.topics``, 79 documents, no network), a local
+``.txt``/``.jsonl``/``.json``/``.parquet`` file or folder (through ``datasets``), or a hub dataset id
+when online. Documents are sorted by key and split alternately: odd positions (``keys[1::2]``) are
+the evaluation half, even positions the calibration half, so the two never share a document.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from toolkit.errors import ToolkitError
+
+LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SPLITS = ("calibration", "evaluation")
+SAMPLINGS = ("sequential", "random")
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Which windows: ``split`` half of ``source``, ``count`` windows of ``length`` tokens.
+
+    ``sequential``: non-overlapping windows from the start (evaluation protocol).
+    ``random``: windows at seeded random offsets, overlap allowed (GPTQ-style calibration sampling).
+    """
+
+    source: str = "pydoc"
+    split: str = "evaluation"
+    length: int = 512
+    count: int = 16
+    sampling: str = "sequential"
+    seed: int = 0
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.length < 2 or self.count < 1:
+            raise ValueError(f"windows need length >= 2 and count >= 1, got length={self.length} count={self.count}")
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pydoc_documents() -> list[str]:
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    return [topics[k] for k in sorted(topics)]
+
+
+def _local_documents(path: Path, text_field: str) -> list[str]:
+    from datasets import load_dataset
+
+    files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS) if path.is_dir() else [path]
+    if not files:
+        raise ToolkitError(f"{path} holds no {'/'.join(LOCAL_BUILDERS)} files")
+    builders = {LOCAL_BUILDERS.get(p.suffix) for p in files}
+    if None in builders or len(builders) != 1:
+        raise ToolkitError(f"{path}: data files must all be one of {', '.join(LOCAL_BUILDERS)}")
+    builder = builders.pop()
+    assert builder is not None
+    # ``sample_by="document"`` keeps each text file one document, like the pydoc topics.
+    kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+    ds = load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+    if text_field not in ds.column_names:
+        raise ToolkitError(f"{path}: no '{text_field}' column (has {ds.column_names}); set data.text_field")
+    return [t for t in ds[text_field] if t]
+
+
+def _hub_documents(name: str, text_field: str) -> list[str]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(name, split="train")
+    except (OSError, ConnectionError, ValueError) as exc:
+        raise ToolkitError(
+            f"cannot load dataset '{name}' (offline or unknown); use 'pydoc' or a local .txt/.jsonl/.parquet file"
+        ) from exc
+    if text_field not in ds.column_names:
+        raise ToolkitError(f"dataset '{name}' has no '{text_field}' column (has {ds.column_names})")
+    return [t for t in ds[text_field] if t]
+
+
+def documents(source: str, text_field: str = "text") -> list[str]:
+    if source == "pydoc":
+        return pydoc_documents()
+    path = Path(source).expanduser()
+    if path.exists():
+        return _local_documents(path, text_field)
+    if source.startswith((".", "/", "~")) or Path(source).suffix in LOCAL_BUILDERS:
+        raise ToolkitError(f"data file not found: {source}")
+    return _hub_documents(source, text_field)
+
+
+def split_text(docs: list[str], split: str) -> str:
+    """Evaluation: documents at odd positions; calibration: even positions. Joined by blank lines."""
+    if len(docs) < 2:
+        raise ToolkitError("the data source needs at least 2 documents to split into calibration and evaluation")
+    chosen = docs[1::2] if split == "evaluation" else docs[0::2]
+    return "\n\n".join(chosen)
+
+
+def token_windows(tokenizer: PreTrainedTokenizerBase, spec: WindowSpec) -> torch.Tensor:
+    """``[count, length]`` token ids from the chosen half, per ``spec``."""
+    text = split_text(documents(spec.source, spec.text_field), spec.split)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    available = ids.numel()
+    if spec.sampling == "sequential":
+        need = spec.count * spec.length
+        if available < need:
+            raise ToolkitError(
+                f"the {spec.split} half of '{spec.source}' has {available} tokens, fewer than "
+                f"{spec.count} windows x {spec.length} = {need}; lower count/length or add text"
+            )
+        return ids[:need].reshape(spec.count, spec.length)
+    if available < spec.length * 2:
+        raise ToolkitError(
+            f"the {spec.split} half of '{spec.source}' has {available} tokens, too few for random windows "
+            f"of {spec.length}; lower the window length or add text"
+        )
+    gen = torch.Generator().manual_seed(spec.seed)
+    starts = torch.randint(0, available - spec.length + 1, (spec.count,), generator=gen)
+    return torch.stack([ids[s : s + spec.length] for s in starts.tolist()])

@@ -1,0 +1,61 @@
+"""Evaluation under one fixed protocol.
+
+Perplexity: token-level mean negative log-likelihood over non-overlapping windows (default 16 x 512
+tokens of the evaluation half of ``pydoc``), each window scored independently, predicting tokens 1..L-1.
+Against a reference model on the same windows: mean KL(reference || candidate) per token and top-1
+agreement of the argmax predictions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from toolkit.data import WindowSpec
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    windows: WindowSpec = field(default_factory=WindowSpec)
+    batch_size: int = 1
+    kl: bool = True  # compare with the unoptimized model (costs one reference forward per window)
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch, use_cache=False).logits.float()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, windows: torch.Tensor, reference: nn.Module | None = None, batch_size: int = 1,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Perplexity of ``model`` on ``windows: [N, L]``; KL and top-1 agreement when ``reference`` is given."""
+    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    batches = list(windows.split(batch_size))
+    for batch in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
+        logits = _logits(model, batch)[:, :-1]  # [B, L-1, V]
+        targets = batch[:, 1:]
+        logp = F.log_softmax(logits, dim=-1)
+        nll_sum += float(-logp.gather(-1, targets.unsqueeze(-1)).sum())
+        count += targets.numel()
+        if reference is not None:
+            ref_logp = F.log_softmax(_logits(reference, batch)[:, :-1], dim=-1)
+            kl_sum += float((ref_logp.exp() * (ref_logp - logp)).sum())
+            agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+    nll = nll_sum / count
+    result = {"perplexity": math.exp(nll), "nll": nll, "tokens": float(count)}
+    if reference is not None:
+        result["kl_divergence"] = kl_sum / count
+        result["top1_agreement"] = agree / count
+    return result

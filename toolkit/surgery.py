@@ -1,0 +1,58 @@
+"""Replacing float linears with quantized ones, shared by every weight-quantization pass."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from toolkit.architectures import layout_of
+from toolkit.errors import ToolkitError
+from toolkit.quantization import QuantEmbedding, QuantLinear, QuantSpec, rtn, set_module, valid_group_sizes
+
+
+def target_linears(model: PreTrainedModel, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Float ``nn.Linear`` modules to quantize: all but the head and names matching a ``skip`` pattern."""
+    head = layout_of(model).head
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name != head and not any(fnmatch.fnmatch(name, p) for p in skip)
+    }
+
+
+def check_group_size(linears: dict[str, nn.Module], group_size: int) -> None:
+    if group_size == -1:
+        return
+    dims = sorted({m.in_features for m in linears.values()})  # type: ignore[attr-defined]
+    bad = [d for d in dims if d % group_size]
+    if bad:
+        valid = ", ".join(str(s) for s in valid_group_sizes(dims))
+        raise ToolkitError(
+            f"group_size {group_size} does not divide input dimension(s) {bad}; valid choices: {valid}, "
+            "or -1 (one group per row)"
+        )
+
+
+def install(model: nn.Module, name: str, linear: nn.Linear, codes: torch.Tensor,
+            scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> QuantLinear:
+    qlinear = QuantLinear.from_codes(codes, scale, zero, spec, linear.bias)
+    set_module(model, name, qlinear)
+    return qlinear
+
+
+def quantize_head(model: PreTrainedModel, spec: QuantSpec) -> None:
+    """Round-to-nearest on the lm_head; a tied input embedding then reads the same packed rows."""
+    layout = layout_of(model)
+    head = model.get_submodule(layout.head)
+    if not isinstance(head, nn.Linear):
+        return
+    check_group_size({layout.head: head}, spec.group_size)
+    tied = model.get_input_embeddings().weight is head.weight
+    codes, scale, zero = rtn(head.weight.data, spec)
+    qhead = install(model, layout.head, head, codes, scale, zero, spec)
+    if tied:
+        old = model.get_input_embeddings()
+        model.set_input_embeddings(QuantEmbedding(qhead, getattr(old, "padding_idx", None)))
