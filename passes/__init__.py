@@ -1,7 +1,10 @@
-"""The pass table: recipe name -> (frozen config class, apply function). Edit here to add a pass.
+"""The pass tables. Edit here to add a pass: one line each, no discovery magic.
 
-Every ``apply(model, config, calib) -> model`` takes the model, its frozen config and calibration
-token windows ``[N, L]`` (``None`` for passes that need no data).
+``PASSES``: model -> model. ``apply(model, config, ctx: PassContext) -> model``.
+``EXPORTS``: terminal steps that turn the model into a deployment artifact folder.
+``export(model, tokenizer, config, folder) -> dict`` writes into ``folder`` (already atomic: the pipeline
+renames it into place only on success) and returns metrics for the manifest; it raises ToolkitError
+when its self-validation fails.
 """
 
 from __future__ import annotations
@@ -15,5 +18,7 @@ PASSES: dict[str, tuple[type, Callable[..., Any]]] = {
     "rtn": (rtn.RTNConfig, rtn.apply),
 }
 
-# Passes whose output depends on calibration data (the cache key includes the windows then).
+EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {}
+
+# Passes whose output depends on calibration data (their cache key includes the calibration spec).
 NEEDS_CALIBRATION: frozenset[str] = frozenset()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from toolkit.context import PassContext
 from toolkit.quantization import QuantSpec, rtn
 from toolkit.surgery import check_group_size, install, quantize_head, target_linears
 
@@ -30,8 +31,8 @@ class RTNConfig:
 
 
 @torch.no_grad()
-def apply(model: PreTrainedModel, config: RTNConfig, calib: torch.Tensor | None = None) -> PreTrainedModel:
-    """Quantize every decoder linear in place; ``calib`` is unused (RTN needs no data)."""
+def apply(model: PreTrainedModel, config: RTNConfig, ctx: PassContext | None = None) -> PreTrainedModel:
+    """Quantize every decoder linear in place; RTN reads no calibration data."""
     linears = target_linears(model, config.skip)
     check_group_size(linears, config.group_size)
     for name, linear in linears.items():
