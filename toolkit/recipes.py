@@ -1,0 +1,137 @@
+"""Recipes: YAML -> strict schema -> frozen configs.
+
+    model: smollm2                      # 'smollm2', 'tiny-llama', a folder, a .gguf file, or a hub id
+    calibration: {source: pydoc, count: 128, length: 512, sampling: random, seed: 0}
+    evaluation: {source: pydoc, count: 16, length: 512}
+    passes:                             # run in order; each entry is {pass name: settings}
+      - rtn: {bits: 4, group_size: 32, symmetric: true}
+      - export_onnx: {target: ort}      # an export step, if any, comes last
+    output: runs/smollm2-int4-rtn       # relative paths resolve against the current directory
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from toolkit.data import WindowSpec
+from toolkit.errors import ToolkitError
+from toolkit.passes import EXPORTS, PASSES
+from toolkit.schema import build, record
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    source: str = "pydoc"
+    count: int = 128
+    length: int = 512
+    sampling: str = "random"  # the calibration half holds ~120 non-overlapping 512-token windows
+    seed: int = 0
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        self.windows()  # validates
+
+    def windows(self) -> WindowSpec:
+        return WindowSpec(self.source, "calibration", self.length, self.count, self.sampling, self.seed, self.text_field)
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    source: str = "pydoc"
+    count: int = 16
+    length: int = 512
+    batch_size: int = 1
+    kl: bool = True  # KL divergence and top-1 agreement against the unoptimized model
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        self.windows()
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def windows(self) -> WindowSpec:
+        return WindowSpec(self.source, "evaluation", self.length, self.count, "sequential", 0, self.text_field)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    config: Any
+    is_export: bool
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: str
+    output: str
+    passes: tuple[Step, ...] = ()
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    origin: str = "<recipe>"
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "output": self.output,
+            "calibration": record(self.calibration),
+            "evaluation": record(self.evaluation),
+            "passes": [{s.name: record(s.config)} for s in self.passes],
+        }
+
+
+TOP_KEYS = ("model", "calibration", "evaluation", "passes", "output")
+STEP_TABLES = {**PASSES, **EXPORTS}
+
+
+def _step(entry: Any, origin: str, index: int) -> Step:
+    path = f"passes[{index}]"
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise ToolkitError(f"{origin}: {path}: each pass is a one-key mapping like '- rtn: {{bits: 4}}', got {entry!r}")
+    (name, settings), = entry.items()
+    if name not in STEP_TABLES:
+        raise ToolkitError(f"{origin}: {path}: unknown pass '{name}'; available: {', '.join(sorted(STEP_TABLES))}")
+    config_cls = STEP_TABLES[name][0]
+    return Step(name, build(config_cls, settings, origin, f"{path}.{name}"), name in EXPORTS)
+
+
+def parse(data: Any, origin: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise ToolkitError(f"{origin}: a recipe is a mapping with keys {', '.join(TOP_KEYS)}")
+    unknown = [k for k in data if k not in TOP_KEYS]
+    if unknown:
+        raise ToolkitError(f"{origin}: unknown key '{unknown[0]}'; allowed keys: {', '.join(TOP_KEYS)}")
+    for required in ("model", "output"):
+        if not isinstance(data.get(required), str) or not data[required]:
+            raise ToolkitError(f"{origin}: '{required}' is required and must be a non-empty string")
+    raw_passes = data.get("passes") or []
+    if not isinstance(raw_passes, list):
+        raise ToolkitError(f"{origin}: 'passes' must be a list of one-key mappings")
+    steps = tuple(_step(e, origin, i) for i, e in enumerate(raw_passes))
+    for i, step in enumerate(steps[:-1]):
+        if step.is_export:
+            raise ToolkitError(f"{origin}: passes[{i}]: export step '{step.name}' must be the last pass")
+    return Recipe(
+        model=data["model"],
+        output=data["output"],
+        passes=steps,
+        calibration=build(CalibrationSpec, data.get("calibration"), origin, "calibration"),
+        evaluation=build(EvaluationSpec, data.get("evaluation"), origin, "evaluation"),
+        origin=origin,
+    )
+
+
+def load(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ToolkitError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse(data, str(path))

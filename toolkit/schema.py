@@ -1,0 +1,95 @@
+"""Strict construction of frozen dataclasses from YAML/JSON mappings.
+
+Unknown keys are errors naming the file, the key path and the allowed keys; values are checked
+against the dataclass field types (lists become tuples); ``__post_init__`` ValueErrors are reported
+with their key path. The same dataclasses drive the CLI options, so defaults are declared once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, TypeVar, Union
+
+from toolkit.errors import ToolkitError
+
+T = TypeVar("T")
+
+
+def _where(origin: str, path: str) -> str:
+    return f"{origin}: {path}" if path else origin
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, origin: str, path: str) -> Any:
+    base = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if base in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, origin, path)
+            except ToolkitError as exc:
+                errors.append(str(exc))
+        raise ToolkitError(errors[0] if errors else f"{_where(origin, path)}: invalid value {value!r}")
+    if base is tuple:
+        if not isinstance(value, list | tuple):
+            raise ToolkitError(f"{_where(origin, path)}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, origin, f"{path}[{i}]") for i, v in enumerate(value))
+    if base is typing.Literal:
+        if value not in args:
+            raise ToolkitError(f"{_where(origin, path)}: {value!r} is not one of {list(args)}")
+        return value
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, origin, path)  # type: ignore[arg-type]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ToolkitError(f"{_where(origin, path)}: expected true or false, got {value!r}")
+    if tp in (int, float) and isinstance(value, bool):
+        raise ToolkitError(f"{_where(origin, path)}: expected a number, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ToolkitError(f"{_where(origin, path)}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def build(cls: type[T], data: Any, origin: str, path: str = "") -> T:
+    """``cls(**data)`` with strict key and type checks; errors name ``origin`` and the key path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ToolkitError(f"{_where(origin, path)}: expected a mapping of settings, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            key_path = f"{path}.{key}" if path else str(key)
+            raise ToolkitError(
+                f"{origin}: unknown key '{key_path}'{hint}; allowed keys: {', '.join(fields) or 'none'}"
+            )
+    kwargs = {k: _coerce(v, hints[k], origin, f"{path}.{k}" if path else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ToolkitError(f"{_where(origin, path)}: {exc}") from None
+
+
+def record(obj: Any) -> Any:
+    """A JSON-ready dict of a (nested) dataclass, tuples as lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: record(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.name.startswith("_")}
+    if isinstance(obj, tuple | list):
+        return [record(v) for v in obj]
+    return obj
