@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from toolkit.passes import rtn
+from toolkit.passes import awq, gptq, rtn
 
 PASSES: dict[str, tuple[type, Callable[..., Any]]] = {
     "rtn": (rtn.RTNConfig, rtn.apply),
+    "gptq": (gptq.GPTQConfig, gptq.apply),
+    "awq": (awq.AWQConfig, awq.apply),
 }
 
 EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {}
 
 # Passes whose output depends on calibration data (their cache key includes the calibration spec).
-NEEDS_CALIBRATION: frozenset[str] = frozenset()
+NEEDS_CALIBRATION: frozenset[str] = frozenset({"gptq", "awq"})
