@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from toolkit.passes import awq, gptq, rtn
+from toolkit.passes import awq, export_hf_gptq, gptq, rtn
 
 PASSES: dict[str, tuple[type, Callable[..., Any]]] = {
     "rtn": (rtn.RTNConfig, rtn.apply),
@@ -20,7 +20,9 @@ PASSES: dict[str, tuple[type, Callable[..., Any]]] = {
     "awq": (awq.AWQConfig, awq.apply),
 }
 
-EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {}
+EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {
+    "hf_gptq": (export_hf_gptq.HFGPTQConfig, export_hf_gptq.export),
+}
 
 # Passes whose output depends on calibration data (their cache key includes the calibration spec).
 NEEDS_CALIBRATION: frozenset[str] = frozenset({"gptq", "awq"})

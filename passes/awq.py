@@ -131,7 +131,7 @@ def apply(model: PreTrainedModel, config: AWQConfig, ctx: PassContext) -> PreTra
         for mapping in AWQ_MAPPINGS[model_type]:
             report[f"{prefix}.{mapping.prev}"] = _scale_mapping(layer, prefix, inputs, mapping, targets, config)
 
-    walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, scale_layer)
+    walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, scale_layer, ctx.progress)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     (ctx.workdir / "awq.json").write_text(json.dumps(report, indent=2))
     if config.quantize:

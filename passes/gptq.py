@@ -114,7 +114,8 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
             for names in sweep:
                 report[names[0]] = _quantize_group(model, names, hs[names[0]], config)
 
-    walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, quantize_layer)
+    walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, quantize_layer,
+                ctx.progress)
     if config.lm_head_bits is not None:
         quantize_head(model, QuantSpec(config.lm_head_bits, config.group_size, symmetric=True))
     ctx.workdir.mkdir(parents=True, exist_ok=True)

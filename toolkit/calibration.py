@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from toolkit.architectures import decoder_layers
@@ -116,10 +117,11 @@ def advance(layer: nn.Module, inputs: LayerInputs, name: str) -> None:
 
 
 def walk_layers(model: PreTrainedModel, windows: torch.Tensor, batch_size: int, layers_path: str,
-                fn: Callable[[str, nn.Module, LayerInputs], None]) -> None:
+                fn: Callable[[str, nn.Module, LayerInputs], None], progress: bool = False) -> None:
     """``fn(prefix, layer, inputs)`` for each decoder layer in order, then advance through the (changed) layer."""
     inputs = capture_layer_inputs(model, windows, batch_size)
-    for i, layer in enumerate(decoder_layers(model)):
+    layers = decoder_layers(model)
+    for i, layer in enumerate(tqdm(layers, desc="layers", disable=not progress, leave=False)):
         prefix = f"{layers_path}.{i}"
         fn(prefix, layer, inputs)
         advance(layer, inputs, prefix)

@@ -7,6 +7,8 @@ concatenated matrix. Output codes, scales and zeros follow ``toolkit.quantizatio
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,18 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float = MAX_D
             frac = min(max(frac * 10, 1e-4), max_damp)
 
 
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """The column sweep is thousands of tiny ops: extra threads only add synchronisation (and stall
+    badly on a loaded machine); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _quant_dequant(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and dequantized values of ``col: [out]`` (same arithmetic as ``quantization.quantize``)."""
     z = zero.float()
@@ -90,13 +104,28 @@ def gptq_quantize(
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0  # an unused input: any value works, its weight is zeroed
     W[:, dead] = 0.0
-    static = act_order or spec.group_size == -1
     scales, zeros = compute_qparams(W, spec)  # static groups (and per-row params)
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(in_f)
     W, H = W[:, perm], H[perm][:, perm]
     U, used = inverse_hessian_factor(H, damp)
+    with _single_thread():
+        static = act_order or spec.group_size == -1
+        codes = _sweep(W, U, perm, (scales, zeros, static), spec, max(1, block_size // group) * group)
+    inv = torch.argsort(perm)
+    return GPTQResult(codes[:, inv], scales, zeros, used, int(dead.sum()))
+
+
+def _sweep(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, qparams: tuple[torch.Tensor, torch.Tensor, bool],
+           spec: QuantSpec, block: int) -> torch.Tensor:
+    """GPTQ's column loop on permuted ``W`` with upper factor ``U``.
+
+    ``qparams = (scales, zeros, static)``: with ``static`` false each group's entries are overwritten
+    in place at the group's first column.
+    """
+    scales, zeros, static = qparams
+    out_f, in_f = W.shape
+    group = spec.group(in_f)
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
-    block = max(1, block_size // group) * group
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         W1, err1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1)
@@ -113,5 +142,4 @@ def gptq_quantize(
             W1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)  # OBS update of the remaining columns
             err1[:, i] = err
         W[:, i2:] -= err1 @ U[i1:i2, i2:]  # lazy update of the later blocks
-    inv = torch.argsort(perm)
-    return GPTQResult(codes[:, inv], scales, zeros, used, int(dead.sum()))
+    return codes
