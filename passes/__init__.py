@@ -21,7 +21,7 @@ PASSES: dict[str, tuple[type, Callable[..., Any]]] = {
 }
 
 EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {
-    "hf_gptq": (export_hf_gptq.HFGPTQConfig, export_hf_gptq.export),
+    "export_hf_gptq": (export_hf_gptq.HFGPTQConfig, export_hf_gptq.export),
 }
 
 # Passes whose output depends on calibration data (their cache key includes the calibration spec).

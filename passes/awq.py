@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from toolkit.passes import rtn
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -27,7 +28,6 @@ from toolkit.architectures import AWQ_MAPPINGS, ScaleMapping, layout_of
 from toolkit.calibration import LayerInputs, check_finite, stream_inputs, walk_layers
 from toolkit.context import PassContext
 from toolkit.errors import ToolkitError
-from toolkit.passes import rtn
 from toolkit.quantization import QuantSpec
 from toolkit.surgery import check_group_size, target_linears
 
@@ -102,7 +102,7 @@ def _scale_mapping(layer: nn.Module, prefix: str, inputs: LayerInputs, mapping: 
     linears = [layer.get_submodule(n) for n in names]
     if not _mapping_applies(layer, mapping, linears):
         return {"skipped": f"{mapping.prev} outputs are not {names[0]}'s inputs (grouped-query attention)"}
-    for n, m in zip(names, linears):
+    for n, m in zip(names, linears, strict=False):
         check_finite(m.weight, f"the weight of {prefix}.{n}")
     act_mean, c = _input_stats(layer, inputs, f"{prefix}.{names[0]}", linears[0])
     w = torch.cat([m.weight.detach().float() for m in linears])  # type: ignore[misc]
@@ -110,7 +110,7 @@ def _scale_mapping(layer: nn.Module, prefix: str, inputs: LayerInputs, mapping: 
     fold_scales(layer.get_submodule(mapping.prev), linears, res.scales)  # type: ignore[arg-type]
     if config.clip:
         c_scaled = c / torch.outer(res.scales, res.scales)  # the input is now X / s
-        for n, m in zip(names, linears):
+        for n, m in zip(names, linears, strict=False):
             if not n.endswith(NO_CLIP):
                 ratio = search_clip(m.weight.data, c_scaled, config.spec, config.grid)  # type: ignore[arg-type]
                 m.weight.data.copy_(clip_weight(m.weight.data, ratio, config.spec))  # type: ignore[arg-type]

@@ -81,7 +81,7 @@ def _hessians(layer: nn.Module, prefix: str, inputs: LayerInputs, names: list[st
 def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, config: GPTQConfig) -> dict[str, Any]:
     """GPTQ on the row-concatenation of linears sharing one input, then install each QuantLinear."""
     linears = [model.get_submodule(n) for n in names]
-    for n, m in zip(names, linears):
+    for n, m in zip(names, linears, strict=False):
         check_finite(m.weight, f"the weight of {n}")
     w = torch.cat([m.weight.detach() for m in linears])  # type: ignore[misc]
     try:
@@ -91,7 +91,7 @@ def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, c
     if res.damp != config.damp:
         log.warning("GPTQ on %s needed dampening %g (asked %g)", names[0], res.damp, config.damp)
     row = 0
-    for n, m in zip(names, linears):
+    for n, m in zip(names, linears, strict=False):
         rows = slice(row, row + m.out_features)  # type: ignore[operator]
         install(model, n, m, res.codes[rows], res.scales[rows], res.zeros[rows], config.spec)  # type: ignore[arg-type]
         row = rows.stop

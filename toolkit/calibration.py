@@ -8,6 +8,7 @@ calibrated on the outputs of the already-quantized ones (GPTQ sec. 4, "sequentia
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -59,10 +60,8 @@ def capture_layer_inputs(model: PreTrainedModel, windows: torch.Tensor, batch_si
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for batch in windows.split(batch_size):
-            try:
+            with contextlib.suppress(_Stop):
                 model(input_ids=batch, use_cache=False)
-            except _Stop:
-                pass
     finally:
         handle.remove()
     inputs = LayerInputs(torch.cat(hidden), kwargs, batch_size)
@@ -99,10 +98,8 @@ def stream_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[str, nn.M
     try:
         for hidden, kw in inputs.batches():
             remaining.update(modules)
-            try:
+            with contextlib.suppress(_Stop):
                 _layer_out(layer, hidden, kw)
-            except _Stop:
-                pass
     finally:
         for h in handles:
             h.remove()
