@@ -22,7 +22,7 @@ from toolkit.architectures import layout_of
 from toolkit.calibration import LayerInputs, check_finite, stream_inputs, walk_layers
 from toolkit.context import PassContext
 from toolkit.errors import ToolkitError
-from toolkit.quantization import QuantSpec
+from toolkit.quantization import QuantSpec, dequantize
 from toolkit.surgery import check_group_size, install, quantize_head, target_linears
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,24 @@ def _hessians(layer: nn.Module, prefix: str, inputs: LayerInputs, names: list[st
     return {n: 2 * sums[n] / max(counts[n], 1) for n in names}
 
 
-def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, config: GPTQConfig) -> dict[str, Any]:
-    """GPTQ on the row-concatenation of linears sharing one input, then install each QuantLinear."""
+@dataclass
+class _Quantized:
+    name: str
+    linear: nn.Linear
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, config: GPTQConfig,
+                    done: list[_Quantized]) -> dict[str, Any]:
+    """GPTQ on the row-concatenation of linears sharing one input.
+
+    Each linear keeps computing in float with its dequantized weight (the same function as the
+    QuantLinear, without unpacking codes on every calibration batch) until ``done`` is installed.
+    """
     linears = [model.get_submodule(n) for n in names]
-    for n, m in zip(names, linears, strict=False):
+    for n, m in zip(names, linears, strict=True):
         check_finite(m.weight, f"the weight of {n}")
     w = torch.cat([m.weight.detach() for m in linears])  # type: ignore[misc]
     try:
@@ -91,9 +105,11 @@ def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, c
     if res.damp != config.damp:
         log.warning("GPTQ on %s needed dampening %g (asked %g)", names[0], res.damp, config.damp)
     row = 0
-    for n, m in zip(names, linears, strict=False):
+    for n, m in zip(names, linears, strict=True):
         rows = slice(row, row + m.out_features)  # type: ignore[operator]
-        install(model, n, m, res.codes[rows], res.scales[rows], res.zeros[rows], config.spec)  # type: ignore[arg-type]
+        q = _Quantized(n, m, res.codes[rows], res.scales[rows], res.zeros[rows])  # type: ignore[arg-type]
+        m.weight.data.copy_(dequantize(q.codes, q.scales, q.zeros, config.spec.group(q.codes.shape[1])))
+        done.append(q)
         row = rows.stop
     return {"damp": res.damp, "dead_columns": res.dead_columns}
 
@@ -104,6 +120,7 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
     targets = target_linears(model, config.skip)
     check_group_size(targets, config.group_size)
     report: dict[str, Any] = {}
+    done: list[_Quantized] = []
 
     def quantize_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> None:
         groups = _groups(model, prefix, targets)
@@ -112,10 +129,12 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
         for sweep in sweeps:
             hs = _hessians(layer, prefix, inputs, [g[0] for g in sweep])
             for names in sweep:
-                report[names[0]] = _quantize_group(model, names, hs[names[0]], config)
+                report[names[0]] = _quantize_group(model, names, hs[names[0]], config, done)
 
     walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, quantize_layer,
                 ctx.progress)
+    for q in done:
+        install(model, q.name, q.linear, q.codes, q.scales, q.zeros, config.spec)
     if config.lm_head_bits is not None:
         quantize_head(model, QuantSpec(config.lm_head_bits, config.group_size, symmetric=True))
     ctx.workdir.mkdir(parents=True, exist_ok=True)

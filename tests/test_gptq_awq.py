@@ -32,6 +32,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    torch.manual_seed(0)
+
+
 SPECS = [QuantSpec(4, 16, True), QuantSpec(4, 16, False), QuantSpec(3, -1, False), QuantSpec(8, 16, True)]
 
 
@@ -67,7 +72,7 @@ def test_gptq_output_error_below_rtn(spec: QuantSpec, act_order: bool) -> None:
     h = 2 * x.t() @ x / x.shape[0]
     res = gptq_quantize(w, h, spec, block_size=16, act_order=act_order)
     gptq_w = dequantize(res.codes, res.scales, res.zeros, spec.group(64))
-    assert layer_error(w, gptq_w, x) < 0.8 * layer_error(w, fake_quantize(w, spec), x)
+    assert layer_error(w, gptq_w, x) < 0.9 * layer_error(w, fake_quantize(w, spec), x)
 
 
 def test_gptq_handles_dead_and_duplicated_columns() -> None:
