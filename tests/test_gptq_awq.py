@@ -290,3 +290,28 @@ def test_export_refuses_a_float_model(tmp_path: Path) -> None:
     with pytest.raises(ToolkitError, match="every decoder linear quantized"):
         export_hf_gptq.export(tiny_llama(), tiny_tokenizer(), export_hf_gptq.HFGPTQConfig(), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_gptq_and_awq_beat_rtn_on_smollm2(tmp_path: Path) -> None:
+    """Small calibration (16 x 256) and evaluation (4 x 512) so the test stays around two minutes."""
+    from toolkit.data import WindowSpec, token_windows
+    from toolkit.evaluation import evaluate
+    from toolkit.models import load
+
+    torch.set_num_threads(2)
+    lm = load("smollm2")
+    evaluation = token_windows(lm.tokenizer, WindowSpec(count=4))
+    calib = token_windows(lm.tokenizer, WindowSpec(split="calibration", count=16, length=256, sampling="random"))
+    ctx = PassContext(lm.tokenizer, lambda: calib, lambda: load("smollm2").model, tmp_path)
+    ppl = {}
+    for name, (run, config) in {
+        "rtn": (rtn.apply, rtn.RTNConfig()),
+        "gptq": (gptq.apply, gptq.GPTQConfig()),
+        "awq": (awq.apply, awq.AWQConfig()),
+    }.items():
+        ppl[name] = evaluate(run(load("smollm2").model, config, ctx), evaluation)["perplexity"]
+    assert ppl["gptq"] < ppl["rtn"] and ppl["awq"] < ppl["rtn"], ppl
