@@ -12,13 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from toolkit.passes import rtn
+from toolkit.passes import awq, export_hf_gptq, gptq, rtn
 
 PASSES: dict[str, tuple[type, Callable[..., Any]]] = {
     "rtn": (rtn.RTNConfig, rtn.apply),
+    "gptq": (gptq.GPTQConfig, gptq.apply),
+    "awq": (awq.AWQConfig, awq.apply),
 }
 
-EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {}
+EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {
+    "export_hf_gptq": (export_hf_gptq.HFGPTQConfig, export_hf_gptq.export),
+}
 
 # Passes whose output depends on calibration data (their cache key includes the calibration spec).
-NEEDS_CALIBRATION: frozenset[str] = frozenset()
+NEEDS_CALIBRATION: frozenset[str] = frozenset({"gptq", "awq"})

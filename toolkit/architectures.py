@@ -57,6 +57,29 @@ LAYOUTS: dict[str, DecoderLayout] = {
 }
 
 
+@dataclass(frozen=True)
+class ScaleMapping:
+    """AWQ: ``prev``'s output is the shared input of ``linears`` (names relative to a decoder layer).
+
+    ``prev`` is a norm (1/s folds into its weight) or a linear (1/s folds into its output rows).
+    A linear ``prev`` is used only when its outputs are exactly the linears' inputs: with grouped-query
+    attention v_proj emits fewer channels than o_proj reads, and that mapping is skipped.
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+AWQ_MAPPINGS: dict[str, tuple[ScaleMapping, ...]] = {
+    "llama": (
+        ScaleMapping(LLAMA.input_norm, (LLAMA.q, LLAMA.k, LLAMA.v)),
+        ScaleMapping(LLAMA.v, (LLAMA.o,)),
+        ScaleMapping(LLAMA.post_attention_norm, (LLAMA.gate, LLAMA.up)),
+        ScaleMapping(LLAMA.up, (LLAMA.down,)),
+    ),
+}
+
+
 def layout_of(model: PreTrainedModel) -> DecoderLayout:
     model_type = getattr(model.config, "model_type", "?")
     try:

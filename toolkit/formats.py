@@ -58,3 +58,75 @@ def layout_for(bits: int) -> type[Int4] | type[Int8]:
         return LAYOUTS[bits]
     except KeyError:
         raise ValueError(f"no packed storage for {bits}-bit codes; supported: {sorted(LAYOUTS)}") from None
+
+
+def _to_int32(x: torch.Tensor) -> torch.Tensor:
+    """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def _pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[n, m]`` codes < 2^bits -> ``[n * bits / 32, m]`` int32, value ``j`` of each run at bit ``j * bits``."""
+    per = 32 // bits
+    runs = codes.to(torch.int64).reshape(codes.shape[0] // per, per, codes.shape[1])
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
+    return _to_int32((runs << shifts).sum(dim=1))
+
+
+def _unpack_int32(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    per = 32 // bits
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
+    codes = (words.unsqueeze(1) >> shifts) & (2**bits - 1)
+    return codes.reshape(packed.shape[0] * per, packed.shape[1]).to(torch.uint8)
+
+
+class GPTQInt32:
+    """The AutoGPTQ / GPTQModel checkpoint layout (``quant_method: gptq``), for ``bits`` in 2, 4, 8.
+
+    ``qweight`` int32 ``[in * bits / 32, out]``: codes packed along the input dimension, input ``i``
+    of word row ``i // (32/bits)`` at bit ``(i % (32/bits)) * bits``. ``qzeros`` int32
+    ``[G, out * bits / 32]``: zero points packed the same way along the output dimension.
+    ``scales`` float16 ``[G, out]``; ``g_idx`` int32 ``[in]`` = group of each input (``i // group``).
+    ``checkpoint_format`` ``"gptq"`` (v1, read by transformers/optimum, vLLM, TGI) stores ``zero - 1``
+    and kernels add the 1 back, so a zero point of 0 cannot be stored; ``"gptq_v2"`` stores ``zero``.
+    Dequantization: ``w[o, i] = (q[i, o] - zero[g_idx[i], o]) * scales[g_idx[i], o]``.
+    """
+
+    FORMATS = ("gptq", "gptq_v2")
+
+    def __init__(self, bits: int, checkpoint_format: str = "gptq") -> None:
+        if bits not in (2, 4, 8):
+            raise ValueError(f"the GPTQ int32 layout here supports 2, 4 or 8 bits, got {bits}")
+        if checkpoint_format not in self.FORMATS:
+            raise ValueError(f"checkpoint_format must be one of {self.FORMATS}, got {checkpoint_format!r}")
+        self.bits, self.offset = bits, 1 if checkpoint_format == "gptq" else 0
+
+    def pack(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Our ``codes [out, in]``, ``scales, zeros [out, G]`` -> the four checkpoint tensors."""
+        out_f, in_f = codes.shape
+        per = 32 // self.bits
+        if in_f % per or out_f % per:
+            raise ValueError(f"GPTQ int32 packing needs in and out features divisible by {per}, got [{out_f}, {in_f}]")
+        if self.offset and bool((zeros == 0).any()):
+            raise ValueError("a zero point of 0 cannot be stored in the v1 'gptq' format; use checkpoint_format gptq_v2")
+        group = in_f // scales.shape[1]
+        return {
+            "qweight": _pack_int32(codes.t(), self.bits),
+            "qzeros": _pack_int32(zeros.to(torch.int64) - self.offset, self.bits).t().contiguous(),
+            "scales": scales.t().to(torch.float16).contiguous(),
+            "g_idx": torch.arange(in_f, dtype=torch.int32) // group,
+        }
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The four checkpoint tensors -> our ``codes [out, in]``, ``scales [out, G]``, ``zeros [out, G]``."""
+        codes = _unpack_int32(tensors["qweight"], self.bits).t().contiguous()
+        zeros = _unpack_int32(tensors["qzeros"].t().contiguous(), self.bits).to(torch.int64) + self.offset
+        return codes, tensors["scales"].t().contiguous(), zeros.to(torch.uint8).contiguous()
+
+    def dequantize(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[out, in]`` float32 weight, computed from the checkpoint tensors alone (via ``g_idx``)."""
+        q = _unpack_int32(tensors["qweight"], self.bits).to(torch.float32)  # [in, out]
+        zeros = _unpack_int32(tensors["qzeros"].t().contiguous(), self.bits).t().to(torch.float32) + self.offset
+        g = tensors["g_idx"].long()
+        return ((q - zeros[g]) * tensors["scales"].to(torch.float32)[g]).t().contiguous()

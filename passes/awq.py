@@ -1,0 +1,140 @@
+"""AWQ activation-aware scaling (Lin et al. 2023), layer by layer on calibration windows.
+
+For each ``ScaleMapping`` of the architecture (which norm or linear feeds which linears), a per-input-
+channel scale ``s`` is searched on the quantization error of the linears' outputs, ``W·diag(s)`` is
+written into the linears and ``1/s`` folded into the producer (norm weight or linear output rows), so
+the float model computes the same function. Optional clipping then clamps each weight group to the
+range that minimises its output error.
+
+Composition: the pass always leaves a float model whose weights are easy to quantize. With
+``quantize: true`` it finishes with round-to-nearest (AWQ proper); with ``quantize: false`` a later
+``rtn`` or ``gptq`` pass with the same bits/group/symmetric quantizes (``awq`` then ``gptq``).
+The next layer is calibrated on the scaled float layer: scaling is exact, so this is the float model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from toolkit.passes import rtn
+from torch import nn
+from transformers import PreTrainedModel
+
+from toolkit.algorithms.awq import clip_weight, search_clip, search_scales
+from toolkit.architectures import AWQ_MAPPINGS, ScaleMapping, layout_of
+from toolkit.calibration import LayerInputs, check_finite, stream_inputs, walk_layers
+from toolkit.context import PassContext
+from toolkit.errors import ToolkitError
+from toolkit.quantization import QuantSpec
+from toolkit.surgery import check_group_size, target_linears
+
+# Query/key projections are not clipped: attention scores amplify their error (as AutoAWQ does).
+NO_CLIP = ("q_proj", "k_proj")
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    bits: int = 4
+    group_size: int = 32  # -1: one group per row
+    symmetric: bool = True
+    grid: int = 20  # alpha in {0, 1/grid, ..., (grid-1)/grid}
+    clip: bool = True  # search a per-group clipping range after scaling
+    quantize: bool = True  # finish with RTN; false: only scale (and clip) for a following rtn/gptq pass
+    skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float (and not scaled)
+    lm_head_bits: int | None = 8  # with quantize: RTN on the head (and a tied embedding); None keeps it float
+    batch_size: int = 8  # calibration windows per forward
+
+    def __post_init__(self) -> None:
+        QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
+        if self.grid < 1:
+            raise ValueError(f"grid must be >= 1 alpha values (20 is usual), got {self.grid}")
+        if self.lm_head_bits is not None and self.lm_head_bits not in (4, 8):
+            raise ValueError(f"lm_head_bits must be 4, 8 or null (keep float), got {self.lm_head_bits}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 window, got {self.batch_size}")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+
+def _input_stats(layer: nn.Module, inputs: LayerInputs, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean |x| per channel ``[in]`` and second moment ``XᵀX / n: [in, in]`` of ``module``'s input."""
+    d = module.in_features  # type: ignore[attr-defined]
+    abs_sum, c_sum, count = torch.zeros(d), torch.zeros(d, d), [0]
+
+    def add(_: str, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, d)
+        abs_sum.add_(x2.abs().sum(0))
+        c_sum.addmm_(x2.t(), x2)
+        count[0] += x2.shape[0]
+
+    stream_inputs(layer, inputs, {name: module}, add)
+    n = max(count[0], 1)
+    return abs_sum / n, c_sum / n
+
+
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+    """``W ← W·diag(s)`` for each linear and ``1/s`` into ``prev`` (norm weight or linear output rows)."""
+    prev.weight.data.div_(s.view(-1, *([1] * (prev.weight.dim() - 1))))  # type: ignore[union-attr,operator]
+    bias = getattr(prev, "bias", None)
+    if bias is not None:
+        bias.data.div_(s)
+    for m in linears:
+        m.weight.data.mul_(s)
+
+
+def _mapping_applies(layer: nn.Module, mapping: ScaleMapping, linears: list[nn.Linear]) -> bool:
+    prev = layer.get_submodule(mapping.prev)
+    if isinstance(prev, nn.Linear):  # e.g. v_proj -> o_proj: only without grouped-query attention
+        return prev.out_features == linears[0].in_features
+    return True
+
+
+def _scale_mapping(layer: nn.Module, prefix: str, inputs: LayerInputs, mapping: ScaleMapping,
+                   targets: dict[str, nn.Linear], config: AWQConfig) -> dict[str, Any]:
+    names = [n for n in mapping.linears if f"{prefix}.{n}" in targets]
+    if len(names) != len(mapping.linears):  # a skipped linear must keep its input: no fold
+        return {"skipped": "some linears are in skip"}
+    linears = [layer.get_submodule(n) for n in names]
+    if not _mapping_applies(layer, mapping, linears):
+        return {"skipped": f"{mapping.prev} outputs are not {names[0]}'s inputs (grouped-query attention)"}
+    for n, m in zip(names, linears, strict=False):
+        check_finite(m.weight, f"the weight of {prefix}.{n}")
+    act_mean, c = _input_stats(layer, inputs, f"{prefix}.{names[0]}", linears[0])
+    w = torch.cat([m.weight.detach().float() for m in linears])  # type: ignore[misc]
+    res = search_scales(w, act_mean, c, config.spec, config.grid)
+    fold_scales(layer.get_submodule(mapping.prev), linears, res.scales)  # type: ignore[arg-type]
+    if config.clip:
+        c_scaled = c / torch.outer(res.scales, res.scales)  # the input is now X / s
+        for n, m in zip(names, linears, strict=False):
+            if not n.endswith(NO_CLIP):
+                ratio = search_clip(m.weight.data, c_scaled, config.spec, config.grid)  # type: ignore[arg-type]
+                m.weight.data.copy_(clip_weight(m.weight.data, ratio, config.spec))  # type: ignore[arg-type]
+    return {"alpha": res.alpha, "error": res.error, "rtn_error": res.baseline}
+
+
+@torch.no_grad()
+def apply(model: PreTrainedModel, config: AWQConfig, ctx: PassContext) -> PreTrainedModel:
+    """Scale (and clip) every mapped decoder linear in place; with ``quantize`` also run RTN."""
+    targets = target_linears(model, config.skip)
+    check_group_size(targets, config.group_size)
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in AWQ_MAPPINGS:
+        raise ToolkitError(f"AWQ has no scale mappings for '{model_type}'; supported: {', '.join(sorted(AWQ_MAPPINGS))}")
+    report: dict[str, Any] = {}
+
+    def scale_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> None:
+        for mapping in AWQ_MAPPINGS[model_type]:
+            report[f"{prefix}.{mapping.prev}"] = _scale_mapping(layer, prefix, inputs, mapping, targets, config)
+
+    walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, scale_layer, ctx.progress)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    (ctx.workdir / "awq.json").write_text(json.dumps(report, indent=2))
+    if config.quantize:
+        rtn_config = rtn.RTNConfig(config.bits, config.group_size, config.symmetric, config.skip, config.lm_head_bits)
+        rtn.apply(model, rtn_config, ctx)
+    return model

@@ -1,0 +1,135 @@
+"""Export a GPTQ/AWQ/RTN-quantized model as a Hugging Face GPTQ checkpoint (``quant_method: gptq``).
+
+Layout per quantized linear: ``<name>.qweight/.qzeros/.scales/.g_idx`` (``toolkit.formats.GPTQInt32``),
+every other tensor float16. The lm_head (int8 in our models) is written dequantized in float16, as
+GPTQ checkpoints keep the head in float; with tied embeddings only ``model.embed_tokens.weight`` is
+stored. The export proves itself: the written file is dequantized independently of ``QuantLinear``
+into a plain float model whose logits must match the source model on two input shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
+
+from toolkit.architectures import layout_of
+from toolkit.errors import ToolkitError
+from toolkit.formats import GPTQInt32
+from toolkit.quantization import QuantEmbedding, QuantLinear, QuantSpec, quantized_modules
+
+WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class HFGPTQConfig:
+    checkpoint_format: str = "gptq"  # v1 (zeros stored minus one; widest support) or "gptq_v2"
+    tolerance: float = 2e-2  # max |Δlogit| / max |logit| between the export and the source model
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_format not in GPTQInt32.FORMATS:
+            raise ValueError(f"checkpoint_format must be one of {GPTQInt32.FORMATS}, got {self.checkpoint_format!r}")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
+
+
+def _decoder_spec(model: PreTrainedModel) -> tuple[dict[str, QuantLinear], QuantSpec]:
+    head = layout_of(model).head
+    linears = {n: m for n, m in quantized_modules(model).items() if n != head}
+    floats = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head]
+    if not linears or floats:
+        raise ToolkitError("the GPTQ export needs every decoder linear quantized (no skip); "
+                           f"float linears: {floats[:3]}; run a rtn/gptq/awq pass before export_hf_gptq")
+    specs = {m.spec for m in linears.values()}
+    if len(specs) != 1:
+        raise ToolkitError(f"the GPTQ format holds one bits/group setting, the model mixes {sorted(map(str, specs))}")
+    return linears, specs.pop()
+
+
+def _tensors(model: PreTrainedModel, linears: dict[str, QuantLinear], fmt: GPTQInt32) -> dict[str, torch.Tensor]:
+    layout = layout_of(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, m in linears.items():
+        try:
+            packed = fmt.pack(m.codes(), m.scales, m.qzeros)
+        except ValueError as exc:
+            raise ToolkitError(f"{name}: {exc}") from None
+        out.update({f"{name}.{k}": v for k, v in packed.items()})
+        if m.bias is not None:
+            out[f"{name}.bias"] = m.bias.detach().half()
+    head = model.get_submodule(layout.head)
+    head_w = head.dequantized_weight() if isinstance(head, QuantLinear) else head.weight.detach()
+    tied = isinstance(model.get_input_embeddings(), QuantEmbedding) or bool(model.config.tie_word_embeddings)
+    out[f"{layout.embed}.weight" if tied else f"{layout.head}.weight"] = head_w.half().contiguous()
+    for name, p in model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        if owner not in linears and owner != layout.head and name not in out and not (tied and owner == layout.embed):
+            out[name] = p.detach().half().contiguous()
+    return out
+
+
+def _config(model: PreTrainedModel, spec: QuantSpec, config: HFGPTQConfig) -> dict[str, Any]:
+    d = model.config.to_dict()
+    d["dtype"] = d["torch_dtype"] = "float16"  # transformers 5 reads dtype, older readers torch_dtype
+    d["quantization_config"] = {
+        "quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size, "desc_act": False,
+        "sym": spec.symmetric, "true_sequential": True, "static_groups": False,
+        "checkpoint_format": config.checkpoint_format, "damp_percent": 0.01,
+    }
+    return d
+
+
+def reload_float(folder: Path, config: HFGPTQConfig) -> PreTrainedModel:
+    """A plain float32 model dequantized from the written checkpoint (independent of ``QuantLinear``)."""
+    d = json.loads((folder / "config.json").read_text())
+    fmt = GPTQInt32(d.pop("quantization_config")["bits"], config.checkpoint_format)
+    state = load_file(str(folder / WEIGHTS))
+    floats = {k: v.float() for k, v in state.items() if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
+    for key in [k for k in state if k.endswith(".qweight")]:
+        base = key[: -len(".qweight")]
+        floats[f"{base}.weight"] = fmt.dequantize({s: state[f"{base}.{s}"] for s in ("qweight", "qzeros", "scales", "g_idx")})
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(floats, strict=False)
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ToolkitError(f"the exported checkpoint is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model.eval()
+
+
+@torch.no_grad()
+def _validate(model: PreTrainedModel, exported: PreTrainedModel, tolerance: float) -> float:
+    """Worst relative logit difference over two shapes; raises when above ``tolerance``."""
+    vocab = model.config.vocab_size
+    worst = 0.0
+    for shape in ((1, 7), (2, 33)):
+        ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(shape[1]))
+        ref = model(input_ids=ids, use_cache=False).logits.float()
+        got = exported(input_ids=ids, use_cache=False).logits.float()
+        worst = max(worst, float((ref - got).abs().max() / ref.abs().max()))
+    if worst > tolerance:
+        raise ToolkitError(f"the exported GPTQ checkpoint disagrees with the model (relative logit error {worst:.3g} "
+                           f"> {tolerance}); this is a bug in the exporter, please report it")
+    return worst
+
+
+def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: HFGPTQConfig, folder: Path) -> dict[str, Any]:
+    """Write the checkpoint into ``folder`` (made atomic by the caller) and return its metrics."""
+    folder = Path(folder)
+    linears, spec = _decoder_spec(model)
+    tensors = _tensors(model, linears, GPTQInt32(spec.bits, config.checkpoint_format))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(_config(model, spec, config), indent=2, sort_keys=True))
+    tokenizer.save_pretrained(folder)
+    error = _validate(model, reload_float(folder, config), config.tolerance)
+    return {"relative_logit_error": error, "bytes": (folder / WEIGHTS).stat().st_size,
+            "quantized_linears": len(linears), "checkpoint_format": config.checkpoint_format}

@@ -1,0 +1,142 @@
+"""GPTQ weight quantization (Frantar et al. 2022), layer by layer on calibration windows.
+
+Each decoder layer is calibrated on the outputs of the already-quantized layers before it. Inside a
+layer, true-sequential order (q/k/v, o, gate/up, down) lets later linears see the quantized earlier
+ones. Linears reading the same input share one Hessian and are quantized as one concatenated matrix.
+Per-layer results (the dampening actually used, dead input channels) go to ``<workdir>/gptq.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from toolkit.algorithms.gptq import MAX_DAMP, accumulate_hessian, gptq_quantize
+from toolkit.architectures import layout_of
+from toolkit.calibration import LayerInputs, check_finite, stream_inputs, walk_layers
+from toolkit.context import PassContext
+from toolkit.errors import ToolkitError
+from toolkit.quantization import QuantSpec, dequantize
+from toolkit.surgery import check_group_size, install, quantize_head, target_linears
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    bits: int = 4
+    group_size: int = 32  # -1: one group per row
+    symmetric: bool = True
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal; raised x10 automatically if needed
+    block_size: int = 128  # lazy-update block (GPTQ sec. 3, step 2); rounded to a multiple of the group
+    act_order: bool = True  # columns by descending diag H, static groups (ordinary packed layout)
+    true_sequential: bool = True  # later linears of a layer see the quantized earlier ones
+    skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
+    lm_head_bits: int | None = 8  # RTN on the head (and a tied embedding); None keeps it float
+    batch_size: int = 8  # calibration windows per forward
+
+    def __post_init__(self) -> None:
+        QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
+        if not 0 < self.damp <= MAX_DAMP:
+            raise ValueError(f"damp must be in (0, {MAX_DAMP}] (a fraction of mean(diag H); 0.01 is usual), got {self.damp}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be a positive number of columns (128 is usual), got {self.block_size}")
+        if self.lm_head_bits is not None and self.lm_head_bits not in (4, 8):
+            raise ValueError(f"lm_head_bits must be 4, 8 or null (keep float), got {self.lm_head_bits}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 window, got {self.batch_size}")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+
+def _groups(model: PreTrainedModel, prefix: str, targets: dict[str, nn.Linear]) -> list[list[str]]:
+    """Full names of the target linears of one layer, grouped by shared input, in execution order."""
+    groups = [[f"{prefix}.{rel}" for rel in group if f"{prefix}.{rel}" in targets]
+              for group in layout_of(model).sequential_groups()]
+    return [g for g in groups if g]
+
+
+def _hessians(layer: nn.Module, prefix: str, inputs: LayerInputs, names: list[str]) -> dict[str, torch.Tensor]:
+    """H = 2 X Xᵀ / n (GPTQ eq. 1) for the input of each named linear (relative to ``layer``)."""
+    modules = {n: layer.get_submodule(n[len(prefix) + 1 :]) for n in names}
+    dims = {n: m.in_features for n, m in modules.items()}  # type: ignore[misc]
+    sums = {n: torch.zeros(d, d) for n, d in dims.items()}
+    counts = dict.fromkeys(names, 0)
+
+    def add(name: str, x: torch.Tensor) -> None:
+        counts[name] += accumulate_hessian(sums[name], x)
+
+    stream_inputs(layer, inputs, modules, add)
+    return {n: 2 * sums[n] / max(counts[n], 1) for n in names}
+
+
+@dataclass
+class _Quantized:
+    name: str
+    linear: nn.Linear
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, config: GPTQConfig,
+                    done: list[_Quantized]) -> dict[str, Any]:
+    """GPTQ on the row-concatenation of linears sharing one input.
+
+    Each linear keeps computing in float with its dequantized weight (the same function as the
+    QuantLinear, without unpacking codes on every calibration batch) until ``done`` is installed.
+    """
+    linears = [model.get_submodule(n) for n in names]
+    for n, m in zip(names, linears, strict=True):
+        check_finite(m.weight, f"the weight of {n}")
+    w = torch.cat([m.weight.detach() for m in linears])  # type: ignore[misc]
+    try:
+        res = gptq_quantize(w, h, config.spec, config.damp, config.block_size, config.act_order)
+    except ToolkitError as exc:
+        raise ToolkitError(f"GPTQ failed on {', '.join(names)}: {exc}") from None
+    if res.damp != config.damp:
+        log.warning("GPTQ on %s needed dampening %g (asked %g)", names[0], res.damp, config.damp)
+    row = 0
+    for n, m in zip(names, linears, strict=True):
+        rows = slice(row, row + m.out_features)  # type: ignore[operator]
+        q = _Quantized(n, m, res.codes[rows], res.scales[rows], res.zeros[rows])  # type: ignore[arg-type]
+        m.weight.data.copy_(dequantize(q.codes, q.scales, q.zeros, config.spec.group(q.codes.shape[1])))
+        done.append(q)
+        row = rows.stop
+    return {"damp": res.damp, "dead_columns": res.dead_columns}
+
+
+@torch.no_grad()
+def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTrainedModel:
+    """Quantize every decoder linear in place with GPTQ on ``ctx.calibration()`` windows."""
+    targets = target_linears(model, config.skip)
+    check_group_size(targets, config.group_size)
+    report: dict[str, Any] = {}
+    done: list[_Quantized] = []
+
+    def quantize_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> None:
+        groups = _groups(model, prefix, targets)
+        # true-sequential: one calibration sweep per group; otherwise one sweep on the float layer
+        sweeps = [[g] for g in groups] if config.true_sequential else [groups]
+        for sweep in sweeps:
+            hs = _hessians(layer, prefix, inputs, [g[0] for g in sweep])
+            for names in sweep:
+                report[names[0]] = _quantize_group(model, names, hs[names[0]], config, done)
+
+    walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, quantize_layer,
+                ctx.progress)
+    for q in done:
+        install(model, q.name, q.linear, q.codes, q.scales, q.zeros, config.spec)
+    if config.lm_head_bits is not None:
+        quantize_head(model, QuantSpec(config.lm_head_bits, config.group_size, symmetric=True))
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    (ctx.workdir / "gptq.json").write_text(json.dumps(report, indent=2))
+    return model

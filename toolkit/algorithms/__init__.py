@@ -1,0 +1,1 @@
+"""Pure quantization algorithms on tensors (no model walking): GPTQ and AWQ."""

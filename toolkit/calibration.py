@@ -1,0 +1,125 @@
+"""Layer-by-layer calibration: capture the inputs of decoder layer 0, then walk the layers.
+
+Only one layer's activations live in memory at a time: ``hidden [N, L, H]`` float32 (128 x 512 x 576
+= 151 MB for SmolLM2) is replaced in place by each layer's output. A pass quantizes a layer, then
+``advance`` runs the *quantized* layer to produce the next layer's inputs, so every layer is
+calibrated on the outputs of the already-quantized ones (GPTQ sec. 4, "sequential").
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from toolkit.architectures import decoder_layers
+from toolkit.errors import ToolkitError
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward once the wanted activations are seen."""
+
+
+@dataclass
+class LayerInputs:
+    hidden: torch.Tensor  # [N, L, H] input hidden states of the current layer
+    kwargs: list[dict[str, Any]]  # per batch: what the model passes the layer (position embeddings, mask)
+    batch_size: int
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        for b, kw in enumerate(self.kwargs):
+            yield self.hidden[b * self.batch_size : (b + 1) * self.batch_size], kw
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    # the sum is finite iff every element is (a huge finite sum overflowing is an error worth reporting too)
+    if not torch.isfinite(t.sum()):
+        raise ToolkitError(f"{what} holds NaN or Inf values; the model or its calibration overflowed — "
+                           "check the input model (evaluate it in float) before quantizing")
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> LayerInputs:
+    """Run the embedding part of ``model`` on ``windows: [N, L]`` and keep what decoder layer 0 receives."""
+    first = decoder_layers(model)[0]
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+
+    def catch(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        kw = dict(kw)
+        hidden.append((args[0] if args else kw.pop("hidden_states")).detach().float())
+        kw.pop("past_key_values", None)
+        kwargs.append(kw)
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in windows.split(batch_size):
+            with contextlib.suppress(_Stop):
+                model(input_ids=batch, use_cache=False)
+    finally:
+        handle.remove()
+    inputs = LayerInputs(torch.cat(hidden), kwargs, batch_size)
+    check_finite(inputs.hidden, "the embedding output")
+    return inputs
+
+
+def _layer_out(layer: nn.Module, hidden: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+    out = layer(hidden, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def stream_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[str, nn.Module],
+                  fn: Callable[[str, torch.Tensor], None]) -> None:
+    """Call ``fn(name, x)`` with the input ``x: [B, L, in]`` of each of ``modules`` for every batch.
+
+    Each forward stops at the last of ``modules`` to run, so collecting statistics for the attention
+    projections costs only the input norm.
+    """
+    remaining: set[str] = set()
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            check_finite(x, f"the input of {name}")
+            fn(name, x.float())
+            remaining.discard(name)
+            if not remaining:
+                raise _Stop
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    try:
+        for hidden, kw in inputs.batches():
+            remaining.update(modules)
+            with contextlib.suppress(_Stop):
+                _layer_out(layer, hidden, kw)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def advance(layer: nn.Module, inputs: LayerInputs, name: str) -> None:
+    """Replace ``inputs.hidden`` by the output of ``layer`` (batch by batch, in place)."""
+    for hidden, kw in inputs.batches():
+        hidden.copy_(_layer_out(layer, hidden, kw))
+    check_finite(inputs.hidden, f"the output of {name}")
+
+
+def walk_layers(model: PreTrainedModel, windows: torch.Tensor, batch_size: int, layers_path: str,
+                fn: Callable[[str, nn.Module, LayerInputs], None], progress: bool = False) -> None:
+    """``fn(prefix, layer, inputs)`` for each decoder layer in order, then advance through the (changed) layer."""
+    inputs = capture_layer_inputs(model, windows, batch_size)
+    layers = decoder_layers(model)
+    for i, layer in enumerate(tqdm(layers, desc="layers", disable=not progress, leave=False)):
+        prefix = f"{layers_path}.{i}"
+        fn(prefix, layer, inputs)
+        advance(layer, inputs, prefix)
