@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from toolkit.passes import rtn
+from toolkit.passes import export_onnx, rtn
 
 PASSES: dict[str, tuple[type, Callable[..., Any]]] = {
     "rtn": (rtn.RTNConfig, rtn.apply),
 }
 
-EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {}
+EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {
+    "onnx": (export_onnx.ExportONNXConfig, export_onnx.export),
+}
 
 # Passes whose output depends on calibration data (their cache key includes the calibration spec).
 NEEDS_CALIBRATION: frozenset[str] = frozenset()

@@ -1,0 +1,142 @@
+"""Proving an ONNX export: onnxruntime CPU against the PyTorch model it came from, on several shapes.
+
+Checks (each records max |Δlogits| over the compared positions):
+- ``prefill_7``, ``prefill_13``: one sequence, empty past (odd lengths on purpose);
+- ``decode``: prefill 13 then 4 single-token steps feeding ``present`` back as ``past``;
+- ``left_pad_batch2``: lengths 13 and 8 left-padded into one batch, prefill then 2 decode steps, compared
+  only at real tokens, against each sequence run alone (no padding) in PyTorch;
+- ``shared_buffer`` (GroupQueryAttention only): past and present bound to one preallocated
+  ``[B, KVH, capacity, D]`` buffer through IO binding, attention_mask of the full capacity length.
+The reference is always a PyTorch forward over the whole sequence without a cache.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from transformers import PreTrainedModel
+
+from toolkit.onnx_decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
+from toolkit.onnx_graph import Dims
+
+SHARED_CAPACITY = 32
+
+
+@dataclass(frozen=True)
+class Probe:
+    dims: Dims
+    vocab_limit: int  # draw test tokens below this id (avoids special tokens of tiny vocabularies)
+    seed: int = 0
+
+
+def session(path: str, accuracy_level: int, threads: int = 2) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    # the standard target's DequantizeLinear->MatMul is fused into MatMulNBits at this accuracy level
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def op_census(proto: onnx.ModelProto) -> dict[str, int]:
+    return dict(sorted(Counter(n.op_type for n in proto.graph.node).items()))
+
+
+@torch.no_grad()
+def reference_logits(model: PreTrainedModel, ids: np.ndarray) -> np.ndarray:
+    return model(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
+
+
+def _feed(ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray], dims: Dims) -> dict[str, np.ndarray]:
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -ids.shape[1]:]
+    feed = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: positions.astype(np.int64)}
+    for i in range(dims.layers):
+        feed[PAST.format(i=i, kv="key")] = past[2 * i]
+        feed[PAST.format(i=i, kv="value")] = past[2 * i + 1]
+    return feed
+
+
+def _empty_past(batch: int, dims: Dims) -> list[np.ndarray]:
+    return [np.zeros((batch, dims.kv_heads, 0, dims.head_dim), np.float32) for _ in range(2 * dims.layers)]
+
+
+def run_steps(sess: ort.InferenceSession, chunks: list[np.ndarray], pads: np.ndarray, dims: Dims) -> list[np.ndarray]:
+    """Feed ``chunks`` ([B, S_j] each) one after another, present -> past; returns logits per chunk."""
+    batch = chunks[0].shape[0]
+    past, seen, out = _empty_past(batch, dims), 0, []
+    for chunk in chunks:
+        seen += chunk.shape[1]
+        mask = (np.arange(seen)[None, :] >= pads[:, None]).astype(np.int64)
+        results = sess.run(None, _feed(chunk, mask, past, dims))
+        out.append(results[0])
+        past = results[1:]
+    return out
+
+
+def run_shared_buffer(sess: ort.InferenceSession, chunks: list[np.ndarray], dims: Dims,
+                      capacity: int = SHARED_CAPACITY) -> list[np.ndarray]:
+    """One sequence, past and present bound to the same buffers; the mask spans the whole capacity."""
+    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, dims.kv_heads, capacity, dims.head_dim), np.float32))
+               for _ in range(2 * dims.layers)]
+    seen, out = 0, []
+    for chunk in chunks:
+        seen += chunk.shape[1]
+        mask = (np.arange(capacity)[None, :] < seen).astype(np.int64)
+        io = sess.io_binding()
+        io.bind_cpu_input(INPUT_IDS, chunk)
+        io.bind_cpu_input(ATTENTION_MASK, mask)
+        io.bind_cpu_input(POSITION_IDS, np.arange(seen - chunk.shape[1], seen, dtype=np.int64)[None])
+        io.bind_output(LOGITS)  # first, so it is output 0
+        for i in range(dims.layers):
+            for j, kv in enumerate(("key", "value")):
+                io.bind_ortvalue_input(PAST.format(i=i, kv=kv), buffers[2 * i + j])
+                io.bind_ortvalue_output(PRESENT.format(i=i, kv=kv), buffers[2 * i + j])
+        sess.run_with_iobinding(io)
+        out.append(io.copy_outputs_to_cpu()[0])
+    return out
+
+
+def _chunks(tokens: np.ndarray, prefill: int) -> list[np.ndarray]:
+    return [tokens[:, :prefill]] + [tokens[:, j:j + 1] for j in range(prefill, tokens.shape[1])]
+
+
+def _max_diff(got: list[np.ndarray], ref: np.ndarray) -> float:
+    return float(np.abs(np.concatenate(got, axis=1) - ref).max())
+
+
+def run_checks(sess: ort.InferenceSession, model: PreTrainedModel, probe: Probe,
+               shared_buffer: bool) -> dict[str, float]:
+    rng = np.random.default_rng(probe.seed)
+    d = probe.dims
+
+    def tokens(n: int) -> np.ndarray:
+        return rng.integers(0, probe.vocab_limit, (1, n), dtype=np.int64)
+
+    no_pad = np.zeros(1, np.int64)
+    diffs: dict[str, float] = {}
+    for n in (7, 13):
+        t = tokens(n)
+        diffs[f"prefill_{n}"] = _max_diff(run_steps(sess, [t], no_pad, d), reference_logits(model, t))
+    t = tokens(17)
+    diffs["decode"] = _max_diff(run_steps(sess, _chunks(t, 13), no_pad, d), reference_logits(model, t))
+    diffs["left_pad_batch2"] = _left_pad_check(sess, model, tokens(15), tokens(10), d)
+    if shared_buffer:
+        t = tokens(11)
+        diffs["shared_buffer"] = _max_diff(run_shared_buffer(sess, _chunks(t, 7), d), reference_logits(model, t))
+    return diffs
+
+
+def _left_pad_check(sess: ort.InferenceSession, model: PreTrainedModel, a: np.ndarray, b: np.ndarray,
+                    d: Dims) -> float:
+    """Two sequences (prompts 13 and 8 tokens, then 2 decode steps each), left-padded into one batch."""
+    steps = 2
+    pad = a.shape[1] - b.shape[1]
+    batch = np.concatenate([a, np.concatenate([np.zeros((1, pad), np.int64), b], axis=1)])
+    got = np.concatenate(run_steps(sess, _chunks(batch, a.shape[1] - steps), np.array([0, pad]), d), axis=1)
+    worst = float(np.abs(got[0] - reference_logits(model, a)[0]).max())
+    return max(worst, float(np.abs(got[1, pad:] - reference_logits(model, b)[0]).max()))
+
