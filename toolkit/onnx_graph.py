@@ -20,10 +20,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from transformers import PreTrainedModel
 
-from toolkit.architectures import decoder_layers, layout_of
+from toolkit.architectures import layout_of
 from toolkit.errors import ToolkitError
 from toolkit.formats import MatMulNBitsLayout, OnnxPacked4
-from toolkit.onnx_weights import LinearWeight, concat_rows, embedding_source, linear_weight
+from toolkit.onnx_weights import LinearWeight, embedding_source, linear_weight
 
 MS = "com.microsoft"
 IR_VERSION = 10  # the newest IR onnxruntime 1.31 loads
@@ -124,8 +124,12 @@ class Builder:
 
 # ---------------------------------------------------------------- linears
 
-def _block_ok(group: int) -> bool:
-    return group >= 16 and group & (group - 1) == 0
+def _require_block(group: int, what: str) -> None:
+    if group < 16 or group & (group - 1):
+        raise ToolkitError(
+            f"{what}: group size {group} cannot be a MatMulNBits/GatherBlockQuantized block (needs a power of two "
+            ">= 16); quantize with group_size 16, 32, 64 or 128, or export with target: standard"
+        )
 
 
 def linear(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -> str:
@@ -145,11 +149,7 @@ def _nbits_storage(w: LinearWeight) -> int:
 
 
 def _matmul_nbits(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -> str:
-    if not _block_ok(w.group):
-        raise ToolkitError(
-            f"{name}: group size {w.group} cannot be a MatMulNBits block (needs a power of two >= 16); "
-            "quantize with group_size 16, 32, 64 or 128, or export with target: standard"
-        )
+    _require_block(w.group, name)
     bits = _nbits_storage(w)
     inputs = [x, _nbits_weight(b, w, name), _nbits_scales(b, w, name)]
     zeros = torch.from_numpy(w.zeros)  # type: ignore[arg-type]
@@ -205,8 +205,7 @@ def _float_rows(b: Builder, w: LinearWeight, head: str) -> str:
 
 
 def _gather_block_quantized(b: Builder, ids: str, w: LinearWeight, head: str) -> str:
-    if not _block_ok(w.group):
-        raise ToolkitError(f"tied embedding: group size {w.group} must be a power of two >= 16 for the ort target")
+    _require_block(w.group, "tied embedding")
     bits = _nbits_storage(w)
     if bool((torch.from_numpy(w.zeros) != 2 ** (bits - 1)).any()):  # type: ignore[arg-type]
         raise ToolkitError("the ort export supports a tied quantized head only when it is symmetric "

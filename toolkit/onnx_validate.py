@@ -5,14 +5,16 @@ Checks (each records max |Δlogits| over the compared positions):
 - ``decode``: prefill 13 then 4 single-token steps feeding ``present`` back as ``past``;
 - ``left_pad_batch2``: lengths 13 and 8 left-padded into one batch, prefill then 2 decode steps, compared
   only at real tokens, against each sequence run alone (no padding) in PyTorch;
-- ``shared_buffer`` (GroupQueryAttention only): past and present bound to one preallocated
-  ``[B, KVH, capacity, D]`` buffer through IO binding, attention_mask of the full capacity length.
+- ``shared_buffer_*`` (GroupQueryAttention only): the left-padded batch again, past and present bound to one
+  preallocated ``[B, KVH, capacity, D]`` buffer through IO binding, the attention_mask either spanning the whole
+  capacity (``capacity_mask``) or only the ``P+S`` columns in use (``current_mask``).
 The reference is always a PyTorch forward over the whole sequence without a cache.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +27,7 @@ from toolkit.onnx_decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITI
 from toolkit.onnx_graph import Dims
 
 SHARED_CAPACITY = 32
+Runner = Callable[[ort.InferenceSession, list[np.ndarray], np.ndarray, Dims], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -77,19 +80,25 @@ def run_steps(sess: ort.InferenceSession, chunks: list[np.ndarray], pads: np.nda
     return out
 
 
-def run_shared_buffer(sess: ort.InferenceSession, chunks: list[np.ndarray], dims: Dims,
-                      capacity: int = SHARED_CAPACITY) -> list[np.ndarray]:
-    """One sequence, past and present bound to the same buffers; the mask spans the whole capacity."""
-    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, dims.kv_heads, capacity, dims.head_dim), np.float32))
+def run_shared_buffer(sess: ort.InferenceSession, chunks: list[np.ndarray], pads: np.ndarray, dims: Dims,
+                      capacity_mask: bool, capacity: int = SHARED_CAPACITY) -> list[np.ndarray]:
+    """Past and present bound to the same ``[B, KVH, capacity, D]`` buffers (GroupQueryAttention writes in place).
+
+    ``capacity_mask``: the mask spans the whole capacity (zeros after the last token), else only ``P+S`` columns.
+    """
+    batch = chunks[0].shape[0]
+    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, dims.kv_heads, capacity, dims.head_dim), np.float32))
                for _ in range(2 * dims.layers)]
     seen, out = 0, []
     for chunk in chunks:
         seen += chunk.shape[1]
-        mask = (np.arange(capacity)[None, :] < seen).astype(np.int64)
+        cols = np.arange(capacity if capacity_mask else seen)[None, :]
+        mask = ((cols >= pads[:, None]) & (cols < seen)).astype(np.int64)
         io = sess.io_binding()
         io.bind_cpu_input(INPUT_IDS, chunk)
         io.bind_cpu_input(ATTENTION_MASK, mask)
-        io.bind_cpu_input(POSITION_IDS, np.arange(seen - chunk.shape[1], seen, dtype=np.int64)[None])
+        positions = np.clip(np.cumsum(mask[:, :seen], axis=1) - 1, 0, None)[:, -chunk.shape[1]:]
+        io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(positions, dtype=np.int64))
         io.bind_output(LOGITS)  # first, so it is output 0
         for i in range(dims.layers):
             for j, kv in enumerate(("key", "value")):
@@ -123,20 +132,55 @@ def run_checks(sess: ort.InferenceSession, model: PreTrainedModel, probe: Probe,
         diffs[f"prefill_{n}"] = _max_diff(run_steps(sess, [t], no_pad, d), reference_logits(model, t))
     t = tokens(17)
     diffs["decode"] = _max_diff(run_steps(sess, _chunks(t, 13), no_pad, d), reference_logits(model, t))
-    diffs["left_pad_batch2"] = _left_pad_check(sess, model, tokens(15), tokens(10), d)
+    a, b = tokens(15), tokens(10)
+    diffs["left_pad_batch2"] = _left_pad_check(run_steps, sess, model, a, b, d)
     if shared_buffer:
-        t = tokens(11)
-        diffs["shared_buffer"] = _max_diff(run_shared_buffer(sess, _chunks(t, 7), d), reference_logits(model, t))
+        for capacity_mask in (True, False):
+            def shared(s: ort.InferenceSession, c: list[np.ndarray], p: np.ndarray, dd: Dims,
+                       cm: bool = capacity_mask) -> list[np.ndarray]:
+                return run_shared_buffer(s, c, p, dd, cm)
+            key = "shared_buffer_" + ("capacity_mask" if capacity_mask else "current_mask")
+            diffs[key] = _left_pad_check(shared, sess, model, a, b, d)
     return diffs
 
 
-def _left_pad_check(sess: ort.InferenceSession, model: PreTrainedModel, a: np.ndarray, b: np.ndarray,
-                    d: Dims) -> float:
+def _left_pad_check(runner: Runner, sess: ort.InferenceSession, model: PreTrainedModel, a: np.ndarray,
+                    b: np.ndarray, d: Dims) -> float:
     """Two sequences (prompts 13 and 8 tokens, then 2 decode steps each), left-padded into one batch."""
     steps = 2
     pad = a.shape[1] - b.shape[1]
     batch = np.concatenate([a, np.concatenate([np.zeros((1, pad), np.int64), b], axis=1)])
-    got = np.concatenate(run_steps(sess, _chunks(batch, a.shape[1] - steps), np.array([0, pad]), d), axis=1)
+    got = np.concatenate(runner(sess, _chunks(batch, a.shape[1] - steps), np.array([0, pad]), d), axis=1)
     worst = float(np.abs(got[0] - reference_logits(model, a)[0]).max())
     return max(worst, float(np.abs(got[1, pad:] - reference_logits(model, b)[0]).max()))
 
+
+
+def greedy_onnx(sess: ort.InferenceSession, contract: dict, prompt: np.ndarray, new_tokens: int) -> list[int]:
+    """Greedy continuation of ``prompt [1, L]``: prefill, then one token a step feeding present back as past."""
+    layers, kvh, hd = contract["num_layers"], contract["num_kv_heads"], contract["head_dim"]
+    past = [np.zeros((1, kvh, 0, hd), np.float32) for _ in range(2 * layers)]
+    ids, out, seen = prompt.astype(np.int64), [], 0
+    for _ in range(new_tokens):
+        seen += ids.shape[1]
+        feed = {INPUT_IDS: ids, ATTENTION_MASK: np.ones((1, seen), np.int64),
+                POSITION_IDS: np.arange(seen - ids.shape[1], seen, dtype=np.int64)[None]}
+        for i in range(layers):
+            feed[PAST.format(i=i, kv="key")], feed[PAST.format(i=i, kv="value")] = past[2 * i], past[2 * i + 1]
+        results = sess.run(None, feed)
+        past = results[1:]
+        out.append(int(results[0][0, -1].argmax()))
+        ids = np.array([[out[-1]]], np.int64)
+    return out
+
+
+@torch.no_grad()
+def greedy_torch(model: PreTrainedModel, prompt: np.ndarray, new_tokens: int) -> list[int]:
+    """The same greedy loop in PyTorch (full forward each step, no cache: the plainest reference)."""
+    ids = torch.from_numpy(prompt.astype(np.int64))
+    out: list[int] = []
+    for _ in range(new_tokens):
+        nxt = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
