@@ -10,7 +10,9 @@ Validation fails the export (ToolkitError), it never only warns. It runs twice:
   difference from PyTorch is float32 summation order: any copied code, scale or zero point that is wrong shows
   up far above ``tolerance``;
 - ``deployed`` (quantized models with accuracy_level > 0): the shipped setting, where level 4 quantizes
-  activations to int8 per block; judged against ``quantized_tolerance``.
+  activations to int8 per block. Its error is noise spread over every logit (max |Δ| reaches ~2.5 on SmolLM2
+  with random tokens, a few % of the logit range), so it is judged scale-free: RMS(Δ)/RMS(logits) <=
+  ``deployed_tolerance``; a broken kernel or layout gives ~1.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ class ExportONNXConfig:
     target: str = "ort"
     opset: int = 23
     accuracy_level: int = 4  # MatMulNBits: 0 float activations; 4 int8 activations (fastest on CPU)
-    tolerance: float = 1e-3  # max |Δlogits| in the strict check (exact weights, float activations)
-    quantized_tolerance: float = 0.5  # max |Δlogits| at accuracy_level 4 (int8 activations); see README
+    tolerance: float = 1e-3  # strict check: max |Δlogits| (exact weights, float activations)
+    deployed_tolerance: float = 0.05  # accuracy_level > 0: RMS(Δlogits) / RMS(logits) (int8 activation noise)
     threads: int = 2
 
     def __post_init__(self) -> None:
@@ -54,8 +56,8 @@ class ExportONNXConfig:
             raise ValueError(f"target '{self.target}' needs opset >= {MIN_OPSET[self.target]}, got {self.opset}")
         if self.accuracy_level not in range(5):
             raise ValueError(f"accuracy_level must be 0..4 (0 float, 4 int8 activations), got {self.accuracy_level}")
-        if not (self.tolerance > 0 and self.quantized_tolerance > 0):
-            raise ValueError("tolerance and quantized_tolerance must be positive")
+        if not (self.tolerance > 0 and self.deployed_tolerance > 0):
+            raise ValueError("tolerance and deployed_tolerance must be positive")
 
     def graph_options(self, accuracy_level: int | None = None) -> GraphOptions:
         level = self.accuracy_level if accuracy_level is None else accuracy_level
@@ -89,14 +91,16 @@ def _validate(model: PreTrainedModel, config: ExportONNXConfig, folder: Path, qu
     finally:
         strict_path.unlink()
     report: dict[str, Any] = {"strict": strict, "tolerance": config.tolerance}
-    failures = [f"strict {k}: {v:.3g} > {config.tolerance}" for k, v in strict.items() if not v <= config.tolerance]
+    failures = [f"strict {k}: max |Δ| {m['max_abs']:.3g} > {config.tolerance}"
+                for k, m in strict.items() if not m["max_abs"] <= config.tolerance]
     if quantized and config.accuracy_level > 0:
         sess = session(str(folder / MODEL_FILE), config.accuracy_level, config.threads)
         deployed = run_checks(sess, model, probe, shared)
         report["deployed"] = deployed
-        report["quantized_tolerance"] = config.quantized_tolerance
-        failures += [f"accuracy_level {config.accuracy_level} {k}: {v:.3g} > {config.quantized_tolerance}"
-                     for k, v in deployed.items() if not v <= config.quantized_tolerance]
+        report["deployed_tolerance"] = config.deployed_tolerance
+        failures += [f"accuracy_level {config.accuracy_level} {k}: relative RMS {m['rel_rms']:.3g} > "
+                     f"{config.deployed_tolerance}" for k, m in deployed.items()
+                     if not m["rel_rms"] <= config.deployed_tolerance]
     if failures:
         raise ToolkitError(
             "ONNX export does not match the PyTorch model (max |Δlogits|): " + "; ".join(failures)
@@ -188,5 +192,5 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
 
 
 def _all_diffs(validation: dict[str, Any]) -> list[float]:
-    values = [v for key in ("strict", "deployed") for v in validation.get(key, {}).values()]
+    values = [m["max_abs"] for key in ("strict", "deployed") for m in validation.get(key, {}).values()]
     return [v for v in values if math.isfinite(v)] or [0.0]

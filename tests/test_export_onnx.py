@@ -83,9 +83,9 @@ def test_export_matches_pytorch(tmp_path: Path, target: str, group: int | None) 
     if target == "ort":
         expected |= {"shared_buffer_capacity_mask", "shared_buffer_current_mask"}
     assert set(strict) == expected
-    assert max(strict.values()) <= 1e-3
+    assert max(m["max_abs"] for m in strict.values()) <= 1e-3
     if group is not None:  # the deployed accuracy level (int8 activations) is validated too
-        assert max(result["validation"]["deployed"].values()) <= 0.5
+        assert max(m["rel_rms"] for m in result["validation"]["deployed"].values()) <= 0.05
 
     census = result["op_census"]
     layers = loaded.model.config.num_hidden_layers
@@ -125,12 +125,12 @@ def test_standard_target_takes_any_group_size(tmp_path: Path) -> None:
         run_export(loaded, tmp_path / "ort", target="ort")
     assert not (tmp_path / "ort").exists()
     result = run_export(loaded, tmp_path / "std", target="standard")
-    assert max(result["validation"]["strict"].values()) <= 1e-3
+    assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
 
 
 def test_asymmetric_codes_export_with_zero_points(tmp_path: Path) -> None:
     result = run_export(tiny(16, symmetric=False), tmp_path / "out", target="ort")
-    assert max(result["validation"]["strict"].values()) <= 1e-3
+    assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
     proto = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False)
     assert any(t.name.endswith(".zero_points") for t in proto.graph.initializer)
 

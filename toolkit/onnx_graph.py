@@ -90,6 +90,7 @@ class Builder:
         self.inits: list[TensorProto] = []
         self.count = 0
         self.names: set[str] = set()
+        self.memo: dict[str, str] = {}  # values computed once and shared (cast scales of a tied head)
 
     def fresh(self, stem: str) -> str:
         self.count += 1
@@ -166,7 +167,11 @@ def _nbits_weight(b: Builder, w: LinearWeight, name: str) -> str:
 
 
 def _nbits_scales(b: Builder, w: LinearWeight, name: str) -> str:
-    return b.const(f"{name}.scales", w.scales.astype(np.float32))  # type: ignore[union-attr]
+    """Scales stored as the float16 our QuantLinear holds (exact), cast to float32 once (folded at load)."""
+    key = f"{name}.scales"
+    if key not in b.memo:
+        b.memo[key] = b.one("Cast", [b.const(key, w.scales.astype(np.float16))], to=TensorProto.FLOAT)  # type: ignore[union-attr]
+    return b.memo[key]
 
 
 def _dequantize_t(b: Builder, w: LinearWeight, name: str) -> str:
