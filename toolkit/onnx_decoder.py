@@ -1,16 +1,33 @@
 """The decoder graph: attention-mask arithmetic, rotary caches, decoder layers, and the IO contract.
 
-Masking (both targets), computed in the graph from ``attention_mask [B, M]`` (M = P+S, or the KV capacity):
+What a runtime feeds (both targets; ``P`` cached columns, ``S`` new tokens, rows left-padded):
+- ``input_ids [B,S] int64``; ``position_ids [B,S] int64`` = ``cumsum(attention_mask) - 1`` at the new columns
+  (read by the standard target's RotaryEmbedding; the ort graph ignores it, see below);
+- ``attention_mask [B,M] int64``: 1 for real tokens, 0 for left padding, one column per cache column.
+  Without buffer sharing ``M = P+S`` and ``past_key_values.{i}.key|value`` are ``[B,KVH,P,D]`` (P=0 for the
+  prefill: a zero-length tensor); ``present.{i}.*`` come back as ``[B,KVH,P+S,D]``.
+- ort target, shared buffer (onnxruntime-genai's ``past_present_share_buffer``): bind the SAME preallocated
+  ``[B,KVH,C,D]`` OrtValue as ``past_key_values.{i}.key`` and ``present.{i}.key`` (likewise value) through IO
+  binding; GroupQueryAttention sees equal pointers and writes the S new rows in place at columns ``[P, P+S)``.
+  The mask is then either ``[B, P+S]`` or ``[B, C]`` with zeros after column ``P+S-1``; both work, because the
+  graph derives everything from the index of the last 1. Requirements: every row's last real token is in
+  column ``P+S-1`` (left padding, rows aligned), ``P+S <= C <= max_positions``, and a step with ``S > 1``
+  after the prefill needs ``B = 1`` (GroupQueryAttention's rule for chunked prompts).
+The standard target has no buffer sharing: feed ``present`` back as ``past``.
+
+Masking, computed in the graph from ``attention_mask [B, M]``:
 ``last[b]`` = 1 + index of the last 1 in the row = the number of cache columns in use after this step.
 ``T = max_b last[b]``; key column ``t`` of row ``b`` is visible to query ``s`` (column ``T-S+s``) when
 ``mask[b,t] = 1`` (or ``t`` is the query's own column, so that a left-pad query never sees an empty row and
 turns into NaN) and ``t <= T-S+s`` (causal).
 
-GroupQueryAttention reads ``seqlens_k = last - 1`` (int32 [B]) and ``total_sequence_length = T`` (int32 scalar);
-it writes the new keys at columns ``[last-S, last)`` of present (in place when past and present share one
-buffer). Its fused rotary uses the cache column as position. Left padding shifts that by the pad count for a
-padded row; rotary attention depends only on position differences, and pad keys are masked, so the logits equal
-Hugging Face's (which uses ``position_ids = cumsum(mask) - 1``).
+GroupQueryAttention reads ``seqlens_k = last - 1`` (int32 [B]), ``total_sequence_length = T`` (int32 scalar) and
+``attention_bias [B,1,S,T]`` (0 or -1e9: the padding part; it applies the causal part itself); it writes the new
+keys at columns ``[last-S, last)`` of present. Its fused rotary uses the cache column as position. Left padding
+shifts that by the pad count for a padded row; rotary attention depends only on position differences, and pad
+keys are masked, so the logits equal Hugging Face's (which uses ``position_ids = cumsum(mask) - 1``).
+GQA's own ``position_ids`` input is not used: in a first prompt it reads only its first element, which cannot
+describe a left-padded batch.
 """
 
 from __future__ import annotations

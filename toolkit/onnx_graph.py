@@ -223,11 +223,16 @@ def _gather_block_quantized(b: Builder, ids: str, w: LinearWeight, head: str) ->
     return b.one("Reshape", [rows, b.ints([0, 0, w.k])])
 
 
+def _row_tables(b: Builder, w: LinearWeight, head: str) -> tuple[str, str, str]:
+    """Codes ``[V, H]``, scales and zero points ``[V, G]`` in row order, shared by embedding and head (standard)."""
+    return (b.const(f"{head}.codes_rows", w.codes.numpy()),  # type: ignore[union-attr]
+            b.const(f"{head}.scales_rows", w.scales.astype(np.float32)),  # type: ignore[union-attr]
+            b.const(f"{head}.zeros_rows", w.zeros))  # type: ignore[arg-type]
+
+
 def _gather_dequantize(b: Builder, ids: str, w: LinearWeight, head: str) -> str:
     """Standard ops: gather code rows, scales and zeros by id, then a blocked DequantizeLinear along the last axis."""
-    rows = b.one("Gather", [b.const(f"{head}.codes_rows", w.codes.numpy()), ids])  # type: ignore[union-attr]
-    scales = b.one("Gather", [b.const(f"{head}.scales_rows", w.scales.astype(np.float32)), ids])  # type: ignore[union-attr]
-    zeros = b.one("Gather", [b.const(f"{head}.zeros_rows", w.zeros), ids])
+    rows, scales, zeros = (b.one("Gather", [t, ids]) for t in _row_tables(b, w, head))
     return b.one("DequantizeLinear", [rows, scales, zeros], axis=-1, block_size=w.group)
 
 
@@ -236,7 +241,6 @@ def head_linear(b: Builder, x: str, model: PreTrainedModel, head: str, opts: Gra
     kind, _ = embedding_source(model, head)
     if opts.target == "standard" and w.quantized and kind == "tied":
         # the row-major codes gathered by the embedding serve the head too: dequantize [V, H] and multiply by its ᵀ
-        full = b.one("DequantizeLinear", [f"{head}.codes_rows", f"{head}.scales_rows", f"{head}.zeros_rows"],
-                     axis=1, block_size=w.group)
+        full = b.one("DequantizeLinear", list(_row_tables(b, w, head)), axis=1, block_size=w.group)
         return b.one("MatMul", [x, b.one("Transpose", [full], perm=[1, 0])])
     return linear(b, x, w, head, opts)
