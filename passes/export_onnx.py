@@ -47,6 +47,7 @@ class ExportONNXConfig:
     accuracy_level: int = 4  # MatMulNBits: 0 float activations; 4 int8 activations (fastest on CPU)
     tolerance: float = 1e-3  # strict check: max |Δlogits| (exact weights, float activations)
     deployed_tolerance: float = 0.05  # accuracy_level > 0: RMS(Δlogits) / RMS(logits) (int8 activation noise)
+    max_positions: int = 0  # longest context the export serves (rotary cache rows); 0: the model's own
     threads: int = 2
 
     def __post_init__(self) -> None:
@@ -56,12 +57,14 @@ class ExportONNXConfig:
             raise ValueError(f"target '{self.target}' needs opset >= {MIN_OPSET[self.target]}, got {self.opset}")
         if self.accuracy_level not in range(5):
             raise ValueError(f"accuracy_level must be 0..4 (0 float, 4 int8 activations), got {self.accuracy_level}")
+        if self.max_positions and self.max_positions < 64:
+            raise ValueError(f"max_positions must be 0 (the model's own) or >= 64, got {self.max_positions}")
         if not (self.tolerance > 0 and self.deployed_tolerance > 0):
             raise ValueError("tolerance and deployed_tolerance must be positive")
 
     def graph_options(self, accuracy_level: int | None = None) -> GraphOptions:
         level = self.accuracy_level if accuracy_level is None else accuracy_level
-        return GraphOptions(self.target, self.opset, level)
+        return GraphOptions(self.target, self.opset, level, self.max_positions)
 
 
 def _save(proto: onnx.ModelProto, folder: Path) -> None:
@@ -82,7 +85,7 @@ def _strict_twin(folder: Path) -> Path:
 
 
 def _validate(model: PreTrainedModel, config: ExportONNXConfig, folder: Path, quantized: bool) -> dict[str, Any]:
-    dims = dims_of(model)
+    dims = dims_of(model, config.max_positions)
     probe = Probe(dims, vocab_limit=min(dims.vocab, 256 if dims.vocab < 1000 else dims.vocab))
     shared = config.target == "ort"
     strict_path = _strict_twin(folder)
@@ -110,7 +113,7 @@ def _validate(model: PreTrainedModel, config: ExportONNXConfig, folder: Path, qu
 
 
 def _contract(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ExportONNXConfig) -> dict[str, Any]:
-    d = dims_of(model)
+    d = dims_of(model, config.max_positions)
     eos = model.config.eos_token_id
     return {
         "format": "llm-toolkit-onnx/1",

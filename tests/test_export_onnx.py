@@ -135,6 +135,14 @@ def test_asymmetric_codes_export_with_zero_points(tmp_path: Path) -> None:
     assert any(t.name.endswith(".zero_points") for t in proto.graph.initializer)
 
 
+def test_max_positions_caps_the_rotary_cache(tmp_path: Path) -> None:
+    run_export(tiny(), tmp_path / "out", max_positions=128)
+    proto = onnx.load(str(tmp_path / "out" / MODEL_FILE))
+    cos = next(t for t in proto.graph.initializer if t.name == "cos_cache")
+    assert list(cos.dims) == [128, 16]  # tiny head_dim 32
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["max_positions"] == 128
+
+
 # ---------------------------------------------------------------- failures
 
 def test_tampered_float_weight_fails_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -167,7 +167,7 @@ def _io(d: Dims) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
 
 def build_model(model: PreTrainedModel, opts: GraphOptions) -> onnx.ModelProto:
     """The whole decoder as one ONNX model (initializers inline; the caller saves them as external data)."""
-    layout, arch, d = layout_of(model), arch_graph(model), dims_of(model)
+    layout, arch, d = layout_of(model), arch_graph(model), dims_of(model, opts.max_positions)
     names = {"q": layout.q, "k": layout.k, "v": layout.v}
     b = Builder()
     cos, sin = rotary_caches(model, d)

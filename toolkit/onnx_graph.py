@@ -50,6 +50,7 @@ class GraphOptions:
     target: str  # "ort" | "standard"
     opset: int
     accuracy_level: int  # MatMulNBits: 4 quantizes activations to int8 per block
+    max_positions: int = 0  # rotary cache rows (longest context); 0: the model's max_position_embeddings
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,13 @@ def arch_graph(model: PreTrainedModel) -> ArchGraph:
     return ARCH_GRAPHS[model_type]
 
 
-def dims_of(model: PreTrainedModel) -> Dims:
+def dims_of(model: PreTrainedModel, max_positions: int = 0) -> Dims:
     c = model.config
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    positions = min(max_positions, c.max_position_embeddings) if max_positions else c.max_position_embeddings
     return Dims(c.num_hidden_layers, heads, getattr(c, "num_key_value_heads", heads), head_dim, c.hidden_size,
-                c.vocab_size, c.max_position_embeddings, float(getattr(c, arch_graph(model).norm_eps)))
+                c.vocab_size, positions, float(getattr(c, arch_graph(model).norm_eps)))
 
 
 class Builder:
