@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from toolkit.passes import awq, export_hf_gptq, gptq, rtn
+from toolkit.passes import awq, export_hf_gptq, export_onnx, gptq, rtn
 
 PASSES: dict[str, tuple[type, Callable[..., Any]]] = {
     "rtn": (rtn.RTNConfig, rtn.apply),
@@ -22,6 +22,7 @@ PASSES: dict[str, tuple[type, Callable[..., Any]]] = {
 
 EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {
     "export_hf_gptq": (export_hf_gptq.HFGPTQConfig, export_hf_gptq.export),
+    "onnx": (export_onnx.ExportONNXConfig, export_onnx.export),
 }
 
 # Passes whose output depends on calibration data (their cache key includes the calibration spec).

@@ -130,3 +130,59 @@ class GPTQInt32:
         zeros = _unpack_int32(tensors["qzeros"].t().contiguous(), self.bits).t().to(torch.float32) + self.offset
         g = tensors["g_idx"].long()
         return ((q - zeros[g]) * tensors["scales"].to(torch.float32)[g]).t().contiguous()
+
+
+class MatMulNBitsLayout:
+    """onnxruntime MatMulNBits weight ``B``: ``[N, K] codes -> [N, K/block, block*bits/8] uint8``.
+
+    Within each block the codes are bit-packed along K exactly like ``Int4``/``Int8`` (low nibble first),
+    so our ``QuantLinear.qweight [N, K/2]`` is the same bytes, only reshaped.
+    Zero points (input 3) are packed the same way along the block axis: ``[N, ceil(blocks*bits/8)]``.
+    """
+
+    @staticmethod
+    def pack(q: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+        n, k = q.shape
+        if k % block:
+            raise ValueError(f"MatMulNBits needs K ({k}) to be a multiple of the block size ({block})")
+        packed = layout_for(bits).pack(q)
+        return packed.reshape(n, k // block, block * bits // 8)
+
+    @staticmethod
+    def unpack(b: torch.Tensor, bits: int) -> torch.Tensor:
+        n = b.shape[0]
+        return layout_for(bits).unpack(b.reshape(n, -1))
+
+    @staticmethod
+    def pack_zero_points(zero: torch.Tensor, bits: int) -> torch.Tensor:
+        """``[N, blocks] uint8 -> [N, ceil(blocks*bits/8)]``; an odd block count gets a zero high nibble."""
+        if bits == 8:
+            return zero.clone()
+        n, blocks = zero.shape
+        padded = torch.zeros(n, blocks + blocks % 2, dtype=torch.uint8)
+        padded[:, :blocks] = zero
+        return Int4.pack(padded)
+
+    @staticmethod
+    def unpack_zero_points(packed: torch.Tensor, bits: int, blocks: int) -> torch.Tensor:
+        return packed.clone() if bits == 8 else Int4.unpack(packed)[:, :blocks]
+
+
+class OnnxPacked4:
+    """ONNX ``uint4`` tensor raw data: the flattened (row-major) codes two per byte, low nibble first,
+    a final odd element padded with a zero high nibble (ONNX IR spec, "4-bit integer types")."""
+
+    @staticmethod
+    def pack(q: torch.Tensor) -> bytes:
+        flat = q.reshape(-1)
+        if flat.numel() % 2:
+            flat = torch.cat((flat, torch.zeros(1, dtype=torch.uint8)))
+        return Int4.pack(flat).numpy().tobytes()
+
+    @staticmethod
+    def unpack(raw: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        count = 1
+        for d in shape:
+            count *= d
+        packed = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        return Int4.unpack(packed)[:count].reshape(shape)

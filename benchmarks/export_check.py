@@ -1,0 +1,107 @@
+"""SmolLM2 ONNX export check: logits, greedy continuations and perplexity against PyTorch; sizes; op census.
+
+    .venv/bin/python benchmarks/export_check.py --variant float --variant int4 --target ort
+    .venv/bin/python benchmarks/export_check.py --variant int4 --target standard --windows 4
+
+``float``: float32 SmolLM2. ``int4``: RTN int4 group 32 symmetric (lm_head int8, tied embedding), the
+toolkit default. Perplexity uses the default protocol (16 x 512 evaluation windows), the ONNX model running
+each window as one prefill with an empty past; PyTorch's figure comes from ``toolkit.evaluation.evaluate``.
+Exports go to ``runs/export_check/<variant>-<target>`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from toolkit.passes.export_onnx import MODEL_FILE, ExportONNXConfig, export
+from toolkit.passes.rtn import RTNConfig
+from toolkit.passes.rtn import apply as rtn_apply
+
+from toolkit import models
+from toolkit.data import WindowSpec, token_windows
+from toolkit.evaluation import evaluate
+from toolkit.onnx_validate import greedy_onnx, greedy_torch, session
+from toolkit.paths import atomic_dir
+
+PROMPTS = (
+    "What is the capital of France?",
+    "def fibonacci(n):",
+    "The three most important inventions of the twentieth century are",
+)
+
+
+def onnx_perplexity(sess, contract: dict, windows: torch.Tensor) -> float:  # type: ignore[no-untyped-def]
+    nll, count = 0.0, 0
+    layers, kvh, hd = contract["num_layers"], contract["num_kv_heads"], contract["head_dim"]
+    for window in windows:
+        ids = window[None].numpy().astype(np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
+        for i in range(layers):
+            for kv in ("key", "value"):
+                feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, kvh, 0, hd), np.float32)
+        logits = torch.from_numpy(sess.run(["logits"], feed)[0])[0, :-1]
+        targets = window[1:]
+        nll += float(-F.log_softmax(logits, -1).gather(-1, targets[:, None]).sum())
+        count += targets.numel()
+    return math.exp(nll / count)
+
+
+def check(variant: str, target: str, windows: int, new_tokens: int, out: Path) -> dict:
+    loaded = models.load("smollm2")
+    if variant == "int4":
+        rtn_apply(loaded.model, RTNConfig(bits=4, group_size=32, symmetric=True))
+    folder = out / f"{variant}-{target}"
+    start = time.perf_counter()
+    with atomic_dir(folder) as tmp:
+        result = export(loaded.model, loaded.tokenizer, ExportONNXConfig(target=target), tmp)["export"]
+    row: dict = {"variant": variant, "target": target, "export_s": round(time.perf_counter() - start, 1),
+                 "size_mb": result["size_mb"], "validation": result["validation"], "op_census": result["op_census"]}
+    contract = json.loads((folder / "export.json").read_text())
+    sess = session(str(folder / MODEL_FILE), contract["accuracy_level"])
+    same = []
+    for prompt in PROMPTS:
+        ids = loaded.tokenizer(prompt, return_tensors="np")["input_ids"]
+        a, b = greedy_onnx(sess, contract, ids, new_tokens), greedy_torch(loaded.model, ids, new_tokens)
+        same.append(a == b)
+        row.setdefault("continuations", []).append(loaded.tokenizer.decode(a))
+    row["greedy_identical"] = f"{sum(same)}/{len(same)} x {new_tokens} tokens"
+    if windows:
+        w = token_windows(loaded.tokenizer, WindowSpec(count=windows))
+        row["ppl_onnx"] = round(onnx_perplexity(sess, contract, w), 4)
+        row["ppl_torch"] = round(evaluate(loaded.model, w)["perplexity"], 4)
+        row["ppl_rel_diff_pct"] = round(100 * (row["ppl_onnx"] / row["ppl_torch"] - 1), 3)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", action="append", choices=["float", "int4"])
+    parser.add_argument("--target", action="append", choices=["ort", "standard"])
+    parser.add_argument("--windows", type=int, default=16, help="512-token evaluation windows (0: skip perplexity)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("runs/export_check"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = [check(v, t, args.windows, args.new_tokens, args.out)
+            for v in args.variant or ["float", "int4"] for t in args.target or ["ort"]]
+    print("| variant | target | size MB | max Δlogits strict | max Δlogits deployed | greedy identical "
+          "| ppl ONNX | ppl PyTorch | Δ% |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        v = r["validation"]
+        deployed = max(m["max_abs"] for m in v["deployed"].values()) if "deployed" in v else float("nan")
+        strict = max(m["max_abs"] for m in v["strict"].values())
+        print(f"| {r['variant']} | {r['target']} | {r['size_mb']} | {strict:.2e} | {deployed:.3f} | {r['greedy_identical']} | {r.get('ppl_onnx', '-')} | {r.get('ppl_torch', '-')} | "
+              f"{r.get('ppl_rel_diff_pct', '-')} |")
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

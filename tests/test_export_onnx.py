@@ -1,0 +1,212 @@
+"""ONNX export: packed layouts bit-exact, logits match PyTorch on both targets, fused-op census, hard failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from toolkit.passes import EXPORTS
+from toolkit.passes.export_onnx import DATA_FILE, MODEL_FILE, ExportONNXConfig, export
+from toolkit.passes.rtn import RTNConfig
+from toolkit.passes.rtn import apply as rtn_apply
+
+from toolkit import models
+from toolkit.errors import ToolkitError
+from toolkit.formats import MatMulNBitsLayout, OnnxPacked4
+from toolkit.paths import atomic_dir
+from toolkit.quantization import QuantLinear, QuantSpec, rtn
+
+ATTENTION_OPS = {"ort": "GroupQueryAttention", "standard": "Attention"}
+
+
+def tiny(group: int | None = None, symmetric: bool = True) -> models.LoadedModel:
+    loaded = models.load("tiny-llama")
+    if group is not None:
+        rtn_apply(loaded.model, RTNConfig(bits=4, group_size=group, symmetric=symmetric))
+    return loaded
+
+
+def run_export(loaded: models.LoadedModel, folder: Path, **config: object) -> dict:
+    with atomic_dir(folder) as tmp:
+        return export(loaded.model, loaded.tokenizer, ExportONNXConfig(**config), tmp)["export"]
+
+
+# ---------------------------------------------------------------- formats
+
+@pytest.mark.parametrize("bits,block", [(4, 16), (4, 32), (8, 32)])
+def test_matmulnbits_layout_round_trip(bits: int, block: int) -> None:
+    q = torch.randint(0, 2**bits, (5, 4 * block), dtype=torch.uint8)
+    b = MatMulNBitsLayout.pack(q, bits, block)
+    assert b.shape == (5, 4, block * bits // 8) and b.dtype == torch.uint8
+    assert torch.equal(MatMulNBitsLayout.unpack(b, bits), q)
+
+
+def test_matmulnbits_bytes_are_quantlinear_bytes() -> None:
+    """The exporter copies codes: MatMulNBits' B is our qweight reshaped, byte for byte."""
+    w = torch.randn(6, 64)
+    spec = QuantSpec(4, 32, symmetric=False)
+    layer = QuantLinear.from_codes(*rtn(w, spec), spec, None)
+    b = MatMulNBitsLayout.pack(layer.codes(), 4, 32)
+    assert torch.equal(b.reshape(6, 32), layer.qweight)
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 4])
+def test_zero_points_round_trip(blocks: int) -> None:
+    z = torch.randint(0, 16, (7, blocks), dtype=torch.uint8)
+    packed = MatMulNBitsLayout.pack_zero_points(z, 4)
+    assert packed.shape == (7, (blocks + 1) // 2)
+    assert torch.equal(MatMulNBitsLayout.unpack_zero_points(packed, 4, blocks), z)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (4, 6), (1,)])
+def test_onnx_uint4_round_trip_matches_onnx(shape: tuple[int, ...]) -> None:
+    q = torch.randint(0, 16, shape, dtype=torch.uint8)
+    raw = OnnxPacked4.pack(q)
+    assert torch.equal(OnnxPacked4.unpack(raw, shape), q)
+    tensor = onnx.helper.make_tensor("t", onnx.TensorProto.UINT4, shape, raw, raw=True)
+    assert np.array_equal(onnx.numpy_helper.to_array(tensor).astype(np.uint8), q.numpy())  # onnx reads our bytes
+
+
+# ---------------------------------------------------------------- exports on the tiny model
+
+@pytest.mark.parametrize("target", ["ort", "standard"])
+@pytest.mark.parametrize("group", [None, 16, 32])
+def test_export_matches_pytorch(tmp_path: Path, target: str, group: int | None) -> None:
+    loaded = tiny(group)
+    result = run_export(loaded, tmp_path / "out", target=target)
+    strict = result["validation"]["strict"]
+    expected = {"prefill_7", "prefill_13", "decode", "left_pad_batch2"}
+    if target == "ort":
+        expected |= {"shared_buffer_capacity_mask", "shared_buffer_current_mask"}
+    assert set(strict) == expected
+    assert max(m["max_abs"] for m in strict.values()) <= 1e-3
+    if group is not None:  # the deployed accuracy level (int8 activations) is validated too
+        assert max(m["rel_rms"] for m in result["validation"]["deployed"].values()) <= 0.05
+
+    census = result["op_census"]
+    layers = loaded.model.config.num_hidden_layers
+    assert census[ATTENTION_OPS[target]] == layers
+    assert census.get(ATTENTION_OPS["standard" if target == "ort" else "ort"], 0) == 0
+    assert "Softmax" not in census
+    if group is not None and target == "ort":
+        assert census.get("MatMul", 0) == 0  # every linear (head included) is a MatMulNBits
+        assert census["MatMulNBits"] == 5 * layers + 1 and census["GatherBlockQuantized"] == 1
+    if group is not None and target == "standard":
+        assert census["DequantizeLinear"] == census["MatMul"] + 1  # every MatMul reads dequantized codes (+ embedding)
+    _check_folder(tmp_path / "out", target)
+
+
+def _check_folder(folder: Path, target: str) -> None:
+    proto = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {DATA_FILE}  # relative, inside the folder
+    contract = json.loads((folder / "export.json").read_text())
+    assert contract["target"] == target and contract["num_layers"] == 2 and contract["num_kv_heads"] == 1
+    assert contract["inputs"]["past_key"] == "past_key_values.%d.key"
+    assert (folder / "tokenizer.json").is_file()
+    assert (folder / "genai_config.json").is_file() == (target == "ort")
+
+
+def test_int4_weights_are_stored_once_as_codes(tmp_path: Path) -> None:
+    """No float copy of a quantized weight: the data file is about the size of the packed codes and scales."""
+    float_size = run_export(tiny(), tmp_path / "f")["size_bytes"]
+    int4_size = run_export(tiny(32), tmp_path / "q")["size_bytes"]
+    assert int4_size < 0.4 * float_size
+
+
+def test_standard_target_takes_any_group_size(tmp_path: Path) -> None:
+    """Whole-row groups (96 / 160 inputs) are no MatMulNBits block: ort refuses clearly, standard exports."""
+    loaded = tiny(-1)
+    with pytest.raises(ToolkitError, match="target: standard"):
+        run_export(loaded, tmp_path / "ort", target="ort")
+    assert not (tmp_path / "ort").exists()
+    result = run_export(loaded, tmp_path / "std", target="standard")
+    assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
+
+
+def test_asymmetric_codes_export_with_zero_points(tmp_path: Path) -> None:
+    result = run_export(tiny(16, symmetric=False), tmp_path / "out", target="ort")
+    assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
+    proto = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False)
+    assert any(t.name.endswith(".zero_points") for t in proto.graph.initializer)
+
+
+def test_max_positions_caps_the_rotary_cache(tmp_path: Path) -> None:
+    run_export(tiny(), tmp_path / "out", max_positions=128)
+    proto = onnx.load(str(tmp_path / "out" / MODEL_FILE))
+    cos = next(t for t in proto.graph.initializer if t.name == "cos_cache")
+    assert list(cos.dims) == [128, 16]  # tiny head_dim 32
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["max_positions"] == 128
+
+
+# ---------------------------------------------------------------- failures
+
+def test_tampered_float_weight_fails_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import toolkit.onnx_graph as graph
+
+    real = graph.linear
+
+    def tampered(b, x, w, name, opts):  # type: ignore[no-untyped-def]
+        if name == "layers.1.down_proj" and w.weight is not None:
+            w.weight = w.weight * 1.01
+        return real(b, x, w, name, opts)
+
+    monkeypatch.setattr("toolkit.onnx_decoder.linear", tampered)
+    with pytest.raises(ToolkitError, match="does not match the PyTorch model"):
+        run_export(tiny(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_flipped_code_fails_the_strict_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single wrong int4 code hides inside int8-activation noise but not in the strict (float activation) check."""
+    real = MatMulNBitsLayout.pack
+
+    def flip(q: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+        b = real(q, bits, block).clone()
+        b.view(-1)[0] ^= 0x0F if bits == 4 else 0xFF
+        return b
+
+    monkeypatch.setattr(MatMulNBitsLayout, "pack", staticmethod(flip))
+    with pytest.raises(ToolkitError, match="strict"):
+        run_export(tiny(32), tmp_path / "out", target="ort")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
+    loaded = tiny()
+    loaded.model.config.model_type = "gpt_neox"
+    with pytest.raises(ToolkitError, match="supported: llama"):
+        run_export(loaded, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad", [{"target": "tensorrt"}, {"target": "standard", "opset": 21},
+                                 {"accuracy_level": 5}, {"tolerance": 0}])
+def test_config_rejects_bad_values(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        ExportONNXConfig(**bad)
+
+
+def test_export_is_registered() -> None:
+    assert EXPORTS["onnx"] == (ExportONNXConfig, export)
+
+
+# ---------------------------------------------------------------- the real model
+
+@pytest.mark.slow
+def test_smollm2_int4_ort_export_size_and_greedy(tmp_path: Path) -> None:
+    from toolkit.onnx_validate import greedy_onnx, greedy_torch, session
+
+    torch.set_num_threads(2)
+    loaded = models.load("smollm2")
+    rtn_apply(loaded.model, RTNConfig(bits=4, group_size=32, symmetric=True))
+    result = run_export(loaded, tmp_path / "out", target="ort")
+    assert result["size_bytes"] <= 100e6
+    prompt = loaded.tokenizer("The capital of France is", return_tensors="np")["input_ids"]
+    sess = session(str(tmp_path / "out" / MODEL_FILE), 4)
+    dims = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert greedy_onnx(sess, dims, prompt, 32) == greedy_torch(loaded.model, prompt, 32)

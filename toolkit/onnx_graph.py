@@ -1,0 +1,248 @@
+"""Building a decoder-only LLM as one ONNX graph with a KV cache, written node by node with ``onnx.helper``.
+
+Interface (the Optimum / onnxruntime-genai convention; ``P`` past length, ``S`` new tokens):
+inputs ``input_ids [B,S] int64``, ``attention_mask [B,P+S] int64``, ``position_ids [B,S] int64``,
+``past_key_values.{i}.key|value [B,KVH,P,D] float32``; outputs ``logits [B,S,V]``, ``present.{i}.key|value``.
+
+Two targets:
+- ``ort``: onnxruntime contrib ops (GroupQueryAttention with fused rotary, MatMulNBits carrying our exact codes,
+  GatherBlockQuantized for a tied quantized embedding, (Skip)SimplifiedLayerNormalization).
+- ``standard``: ONNX opset >= 23 only (Attention, RotaryEmbedding, RMSNormalization, blocked DequantizeLinear).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from transformers import PreTrainedModel
+
+from toolkit.architectures import layout_of
+from toolkit.errors import ToolkitError
+from toolkit.formats import MatMulNBitsLayout, OnnxPacked4
+from toolkit.onnx_weights import LinearWeight, embedding_source, linear_weight
+
+MS = "com.microsoft"
+IR_VERSION = 10  # the newest IR onnxruntime 1.31 loads
+MASK_NEG = -1e9  # additive bias of masked keys: finite, so a fully masked row cannot turn into NaN
+
+
+@dataclass(frozen=True)
+class ArchGraph:
+    """What the graph needs beyond ``DecoderLayout``: the pieces whose math differs between families."""
+
+    rotary: str  # module computing (cos, sin) from position ids, HF ``rotate_half`` (non-interleaved) layout
+    activation: str  # MLP gate activation: act(gate(x)) * up(x)
+    norm_eps: str  # config attribute holding the RMSNorm epsilon
+
+
+# One row per Hugging Face model_type, next to ``toolkit.architectures.LAYOUTS``.
+ARCH_GRAPHS: dict[str, ArchGraph] = {
+    "llama": ArchGraph(rotary="model.rotary_emb", activation="silu", norm_eps="rms_norm_eps"),
+}
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    target: str  # "ort" | "standard"
+    opset: int
+    accuracy_level: int  # MatMulNBits: 4 quantizes activations to int8 per block
+    max_positions: int = 0  # rotary cache rows (longest context); 0: the model's max_position_embeddings
+
+
+@dataclass(frozen=True)
+class Dims:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    vocab: int
+    max_positions: int
+    eps: float
+
+
+def arch_graph(model: PreTrainedModel) -> ArchGraph:
+    layout_of(model)  # raises the supported-architecture error first
+    model_type = model.config.model_type
+    if model_type not in ARCH_GRAPHS:
+        raise ToolkitError(
+            f"ONNX export does not support architecture '{model_type}'; supported: {', '.join(sorted(ARCH_GRAPHS))}"
+        )
+    return ARCH_GRAPHS[model_type]
+
+
+def dims_of(model: PreTrainedModel, max_positions: int = 0) -> Dims:
+    c = model.config
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    positions = min(max_positions, c.max_position_embeddings) if max_positions else c.max_position_embeddings
+    return Dims(c.num_hidden_layers, heads, getattr(c, "num_key_value_heads", heads), head_dim, c.hidden_size,
+                c.vocab_size, positions, float(getattr(c, arch_graph(model).norm_eps)))
+
+
+class Builder:
+    """Collects nodes and initializers; every value gets a unique name."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.count = 0
+        self.names: set[str] = set()
+        self.memo: dict[str, str] = {}  # values computed once and shared (cast scales of a tied head)
+
+    def fresh(self, stem: str) -> str:
+        self.count += 1
+        return f"{stem}_{self.count}"
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        """An initializer; a name already present is shared (tied weights are stored once)."""
+        if name not in self.names:
+            self.names.add(name)
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def raw(self, name: str, dtype: int, dims: tuple[int, ...], data: bytes) -> str:
+        if name not in self.names:
+            self.names.add(name)
+            self.inits.append(helper.make_tensor(name, dtype, dims, data, raw=True))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str = "",
+           outs: list[str] | None = None, **attrs: object) -> list[str]:
+        stem = name or op_type.lower()
+        outs = outs or [self.fresh(stem) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh(stem), domain=domain, **attrs))
+        return outs
+
+    def one(self, op_type: str, inputs: list[str], **kw: object) -> str:
+        return self.op(op_type, inputs, **kw)[0]  # type: ignore[arg-type]
+
+    def ints(self, values: list[int]) -> str:
+        return self.const(self.fresh("i64"), np.array(values, dtype=np.int64))
+
+
+# ---------------------------------------------------------------- linears
+
+def _require_block(group: int, what: str) -> None:
+    if group < 16 or group & (group - 1):
+        raise ToolkitError(
+            f"{what}: group size {group} cannot be a MatMulNBits/GatherBlockQuantized block (needs a power of two "
+            ">= 16); quantize with group_size 16, 32, 64 or 128, or export with target: standard"
+        )
+
+
+def linear(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -> str:
+    """``x [.., K] -> [.., N]``: MatMul on float weights, MatMulNBits (ort) or DequantizeLinear+MatMul (standard)."""
+    if not w.quantized:
+        y = b.one("MatMul", [x, b.const(f"{name}.weight_t", w.weight.T)])  # type: ignore[union-attr]
+    elif opts.target == "ort":
+        return _matmul_nbits(b, x, w, name, opts)
+    else:
+        y = b.one("MatMul", [x, _dequantize_t(b, w, name)])
+    return y if w.bias is None else b.one("Add", [y, b.const(f"{name}.bias", w.bias)])
+
+
+def _nbits_storage(w: LinearWeight) -> int:
+    # 2/3-bit codes live in the 4-bit layout (formats.LAYOUTS); MatMulNBits reads them as 4-bit with zero points.
+    return 8 if w.bits == 8 else 4
+
+
+def _matmul_nbits(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -> str:
+    _require_block(w.group, name)
+    bits = _nbits_storage(w)
+    inputs = [x, _nbits_weight(b, w, name), _nbits_scales(b, w, name)]
+    zeros = torch.from_numpy(w.zeros)  # type: ignore[arg-type]
+    if bool((zeros != 2 ** (bits - 1)).any()):  # MatMulNBits' default zero point is 2^(bits-1)
+        inputs.append(b.const(f"{name}.zero_points", MatMulNBitsLayout.pack_zero_points(zeros, bits).numpy()))
+    if w.bias is not None:
+        inputs += [""] * (5 - len(inputs)) + [b.const(f"{name}.bias", w.bias)]
+    return b.one("MatMulNBits", inputs, domain=MS, K=w.k, N=w.n, bits=bits, block_size=w.group,
+                 accuracy_level=opts.accuracy_level)
+
+
+def _nbits_weight(b: Builder, w: LinearWeight, name: str) -> str:
+    return b.const(f"{name}.qweight", MatMulNBitsLayout.pack(w.codes, _nbits_storage(w), w.group).numpy())  # type: ignore[arg-type]
+
+
+def _nbits_scales(b: Builder, w: LinearWeight, name: str) -> str:
+    """Scales stored as the float16 our QuantLinear holds (exact), cast to float32 once (folded at load)."""
+    key = f"{name}.scales"
+    if key not in b.memo:
+        b.memo[key] = b.one("Cast", [b.const(key, w.scales.astype(np.float16))], to=TensorProto.FLOAT)  # type: ignore[union-attr]
+    return b.memo[key]
+
+
+def _dequantize_t(b: Builder, w: LinearWeight, name: str) -> str:
+    """Blocked DequantizeLinear of ``Wᵀ [K, N]`` along axis 0 (the DQ->MatMul pattern onnxruntime fuses)."""
+    codes_t = w.codes.T.contiguous()  # type: ignore[union-attr]
+    zeros_t = torch.from_numpy(np.ascontiguousarray(w.zeros.T))  # type: ignore[union-attr]
+    groups = w.k // w.group
+    if w.bits == 8:
+        q = b.const(f"{name}.qweight_t", codes_t.numpy())
+        z = b.const(f"{name}.zero_points_t", zeros_t.numpy())
+    else:
+        q = b.raw(f"{name}.qweight_t", TensorProto.UINT4, (w.k, w.n), OnnxPacked4.pack(codes_t))
+        z = b.raw(f"{name}.zero_points_t", TensorProto.UINT4, (groups, w.n), OnnxPacked4.pack(zeros_t))
+    s = b.const(f"{name}.scales_t", np.ascontiguousarray(w.scales.T).astype(np.float32))  # type: ignore[union-attr]
+    return b.one("DequantizeLinear", [q, s, z], axis=0, block_size=w.group)
+
+
+# ---------------------------------------------------------------- embedding / head
+
+def embed(b: Builder, ids: str, model: PreTrainedModel, head: str, opts: GraphOptions) -> str:
+    """``input_ids [B,S] -> [B,S,H]``; a tied quantized embedding reads the head's bytes (stored once)."""
+    kind, src = embedding_source(model, head)
+    if kind == "table":
+        return b.one("Gather", [b.const("embed.weight", src), ids])  # type: ignore[arg-type]
+    w: LinearWeight = src  # type: ignore[assignment]
+    if not w.quantized:
+        return b.one("Gather", [_float_rows(b, w, head), ids])
+    if opts.target == "ort":
+        return _gather_block_quantized(b, ids, w, head)
+    return _gather_dequantize(b, ids, w, head)
+
+
+def _float_rows(b: Builder, w: LinearWeight, head: str) -> str:
+    """``W [V, H]`` as the Transpose of the head's ``Wᵀ`` initializer (folded by onnxruntime at load)."""
+    return b.one("Transpose", [b.const(f"{head}.weight_t", w.weight.T)], perm=[1, 0])  # type: ignore[union-attr]
+
+
+def _gather_block_quantized(b: Builder, ids: str, w: LinearWeight, head: str) -> str:
+    _require_block(w.group, "tied embedding")
+    bits = _nbits_storage(w)
+    if bool((torch.from_numpy(w.zeros) != 2 ** (bits - 1)).any()):  # type: ignore[arg-type]
+        raise ToolkitError("the ort export supports a tied quantized head only when it is symmetric "
+                           "(lm_head quantized with symmetric=True, as RTN's quantize_head does)")
+    data = _nbits_weight(b, w, head)  # [V, G, g*bits/8]: the head's MatMulNBits B, shared
+    # GatherBlockQuantized wants scales of data's rank: a reshape of the head's [V, G] scales (folded at load).
+    scales = b.one("Reshape", [_nbits_scales(b, w, head), b.ints([w.n, w.k // w.group, 1])])
+    rows = b.one("GatherBlockQuantized", [data, ids, scales], domain=MS, bits=bits, block_size=w.group,
+                 quantize_axis=2, gather_axis=0)  # [B, S, G, g]
+    return b.one("Reshape", [rows, b.ints([0, 0, w.k])])
+
+
+def _row_tables(b: Builder, w: LinearWeight, head: str) -> tuple[str, str, str]:
+    """Codes ``[V, H]``, scales and zero points ``[V, G]`` in row order, shared by embedding and head (standard)."""
+    return (b.const(f"{head}.codes_rows", w.codes.numpy()),  # type: ignore[union-attr]
+            b.const(f"{head}.scales_rows", w.scales.astype(np.float32)),  # type: ignore[union-attr]
+            b.const(f"{head}.zeros_rows", w.zeros))  # type: ignore[arg-type]
+
+
+def _gather_dequantize(b: Builder, ids: str, w: LinearWeight, head: str) -> str:
+    """Standard ops: gather code rows, scales and zeros by id, then a blocked DequantizeLinear along the last axis."""
+    rows, scales, zeros = (b.one("Gather", [t, ids]) for t in _row_tables(b, w, head))
+    return b.one("DequantizeLinear", [rows, scales, zeros], axis=-1, block_size=w.group)
+
+
+def head_linear(b: Builder, x: str, model: PreTrainedModel, head: str, opts: GraphOptions) -> str:
+    w = linear_weight(model.get_submodule(head))
+    kind, _ = embedding_source(model, head)
+    if opts.target == "standard" and w.quantized and kind == "tied":
+        # the row-major codes gathered by the embedding serve the head too: dequantize [V, H] and multiply by its ᵀ
+        full = b.one("DequantizeLinear", list(_row_tables(b, w, head)), axis=1, block_size=w.group)
+        return b.one("MatMul", [x, b.one("Transpose", [full], perm=[1, 0])])
+    return linear(b, x, w, head, opts)

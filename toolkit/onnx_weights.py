@@ -1,0 +1,80 @@
+"""Reading weights out of a (possibly quantized) PyTorch decoder as numpy arrays for the ONNX graph.
+
+A linear is either float (``weight [N, K]``) or quantized (our ``QuantLinear``: codes, scales, zero points).
+Nothing is re-quantized: codes are copied, scales widened from float16 to float32 exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolkit.errors import ToolkitError
+from toolkit.quantization import QuantEmbedding, QuantLinear
+
+
+@dataclass
+class LinearWeight:
+    """One linear ``y = x Wᵀ + b`` with ``W [N, K]``, float or quantized per group of ``group`` inputs."""
+
+    n: int
+    k: int
+    weight: np.ndarray | None = None  # float32 [N, K]
+    codes: torch.Tensor | None = None  # uint8 [N, K], unpacked codes in [0, 2^bits - 1]
+    scales: np.ndarray | None = None  # float32 [N, G]
+    zeros: np.ndarray | None = None  # uint8 [N, G]
+    bits: int = 0
+    group: int = 0
+    bias: np.ndarray | None = None  # float32 [N]
+
+    @property
+    def quantized(self) -> bool:
+        return self.codes is not None
+
+
+def linear_weight(module: nn.Module) -> LinearWeight:
+    bias = getattr(module, "bias", None)
+    b = None if bias is None else bias.detach().float().numpy()
+    if isinstance(module, QuantLinear):
+        return LinearWeight(
+            n=module.out_features, k=module.in_features, codes=module.codes(),
+            scales=module.scales.float().numpy(), zeros=module.qzeros.numpy().copy(),
+            bits=module.spec.bits, group=module.spec.group(module.in_features), bias=b,
+        )
+    if isinstance(module, nn.Linear):
+        w = module.weight.detach().float().numpy()
+        return LinearWeight(n=w.shape[0], k=w.shape[1], weight=w, bias=b)
+    raise ToolkitError(f"cannot export a {type(module).__name__} as a linear layer; only nn.Linear and QuantLinear")
+
+
+def concat_rows(parts: list[LinearWeight]) -> LinearWeight | None:
+    """Stack linears that read the same input (q, k, v) into one ``[sum N, K]`` linear, or None if formats differ."""
+    first = parts[0]
+    same = all(p.quantized == first.quantized and p.bits == first.bits and p.group == first.group for p in parts)
+    if not same or any((p.bias is None) != (first.bias is None) for p in parts):
+        return None
+    bias = None if first.bias is None else np.concatenate([p.bias for p in parts])  # type: ignore[misc]
+    n = sum(p.n for p in parts)
+    if not first.quantized:
+        return LinearWeight(n=n, k=first.k, weight=np.concatenate([p.weight for p in parts]), bias=bias)  # type: ignore[misc]
+    return LinearWeight(
+        n=n, k=first.k, codes=torch.cat([p.codes for p in parts]),  # type: ignore[misc]
+        scales=np.concatenate([p.scales for p in parts]), zeros=np.concatenate([p.zeros for p in parts]),  # type: ignore[misc]
+        bits=first.bits, group=first.group, bias=bias,
+    )
+
+
+def embedding_source(model: nn.Module, head_name: str) -> tuple[str, LinearWeight | np.ndarray]:
+    """``("tied", head weight)`` when the embedding reads the head's rows, else ``("table", float [V, H])``."""
+    embed = model.get_input_embeddings()
+    head = model.get_submodule(head_name)
+    if isinstance(embed, QuantEmbedding):
+        return "tied", linear_weight(embed.weight_source)
+    if isinstance(embed, nn.Embedding):
+        if isinstance(head, nn.Linear) and head.weight is embed.weight:
+            return "tied", linear_weight(head)
+        return "table", embed.weight.detach().float().numpy()
+    raise ToolkitError(f"cannot export input embedding of type {type(embed).__name__}")
