@@ -190,6 +190,7 @@ class Engine:
         self.spec = backend.spec
         self.max_batch, self.block_size = max_batch, block_size
         self.pool: BlockPool | None = None
+        self.last_timings: Timings | None = None  # of the last finished stream/generate call
 
     # --- prompts ---------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -285,12 +286,14 @@ class Engine:
         seq = self._new_sequence(prompt, config or GenerationConfig(), with_text=False)
         for _ in self._run([seq]):
             pass
+        self.last_timings = seq.timings
         return self._result(seq)
 
     def stream(self, prompt: Prompt | list[int], config: GenerationConfig | None = None) -> Iterator[StreamChunk]:
         seq = self._new_sequence(prompt, config or GenerationConfig(), with_text=True)
         for _, chunk in self._run([seq]):
             yield chunk
+        self.last_timings = seq.timings
 
     def generate_batch(self, prompts: Sequence[Prompt | list[int]],
                        config: GenerationConfig | None = None) -> list[GenerationResult]:
