@@ -13,6 +13,7 @@ from pathlib import Path
 from toolkit.runtime.artifact import ModelSpec, check_external_data, read_spec
 from toolkit.runtime.backend import Backend, OrtBackend
 from toolkit.runtime.generation import Engine, GenerationConfig, GenerationResult, StreamChunk, Timings
+
 from toolkit.artifacts import load_tokenizer
 
 __all__ = [

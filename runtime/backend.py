@@ -14,9 +14,15 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 import psutil
-
-from toolkit.runtime.artifact import ModelSpec, check_external_data, read_spec, resolve_model, uses_shared_buffer
+from toolkit.runtime.artifact import (
+    ModelSpec,
+    check_external_data,
+    read_spec,
+    resolve_model,
+    uses_shared_buffer,
+)
 from toolkit.runtime.kv_cache import KVCache
+
 from toolkit.errors import ToolkitError
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}

@@ -13,11 +13,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
-
 from toolkit.runtime import sampling
 from toolkit.runtime.backend import Backend
 from toolkit.runtime.kv_cache import BlockPool, blocks_for
+from transformers import PreTrainedTokenizerBase
+
 from toolkit.errors import ToolkitError
 
 Prompt = str | list[dict[str, str]]  # text, or chat messages [{"role": ..., "content": ...}]
