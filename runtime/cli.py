@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     seq = engine.last_timings
     if seq is not None:
         print(f"[{seq.prompt_tokens} prompt tokens, {tokens} generated; first token {seq.ttft_s * 1000:.0f} ms, "

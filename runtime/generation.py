@@ -98,7 +98,7 @@ class Detokenizer:
         self.text, self.emitted, self.stopped = "", 0, False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        return str(self.tok.decode(ids, skip_special_tokens=True))
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -259,7 +259,7 @@ class Engine:
     # --- scheduling ------------------------------------------------------------------------------
     def _run(self, seqs: list[SequenceState]) -> Iterator[tuple[SequenceState, StreamChunk]]:
         pool = self._admit_all(seqs)
-        pending, active = deque(seqs), []
+        pending, active = deque(seqs), list[SequenceState]()
         while pending or active:
             while pending and pool.has_free_slot():
                 seq = pending.popleft()
@@ -279,7 +279,7 @@ class Engine:
                 active.remove(seq)
 
     def _result(self, seq: SequenceState) -> GenerationResult:
-        text = seq.detok.text if seq.detok else self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        text = seq.detok.text if seq.detok else str(self.tokenizer.decode(seq.generated, skip_special_tokens=True))
         return GenerationResult(text, list(seq.generated), seq.finish_reason, seq.timings)
 
     def generate(self, prompt: Prompt | list[int], config: GenerationConfig | None = None) -> GenerationResult:

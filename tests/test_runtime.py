@@ -173,3 +173,31 @@ def test_refuses_external_data_outside_folder(graph, tmp_path):
     _rewrite_location(bad, "../weights.data")
     with pytest.raises(ToolkitError, match="outside the export folder"):
         load(bad)
+
+
+@pytest.mark.slow
+def test_smollm2_int4_matches_onnxruntime_genai(tmp_path):
+    """Same genai-built int4 graph: our runtime and og.Generator choose the same greedy tokens."""
+    import onnxruntime_genai as og
+
+    src = models.cached_gguf_checkpoint(models.smollm2_gguf_path())
+    out = tmp_path / "int4"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(src), "-o", str(out),
+           "-p", "int4", "-e", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    engine = load(out, threads=2)
+    result = engine.generate([{"role": "user", "content": "What is the capital of France?"}],
+                             GenerationConfig(max_new_tokens=24))
+    assert "Paris" in result.text
+    ids = engine.encode([{"role": "user", "content": "What is the capital of France?"}])
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 24, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([ids], np.int32))
+    theirs = []
+    while not gen.is_done() and len(theirs) < len(result.token_ids):
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    assert len(theirs) >= 8 and theirs == result.token_ids[: len(theirs)]
