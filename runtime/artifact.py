@@ -44,9 +44,8 @@ def _first(d: dict[str, Any], *keys: str) -> Any:
 
 
 def _spec_from(d: dict[str, Any], source: Path) -> ModelSpec:
-    # genai_config nests the decoder facts; export.json and config.json are flat (aliases cover both).
-    model = d.get("model", d)
-    dec = model.get("decoder", model)
+    # keys differ between export.json, genai_config.json (decoder facts flattened) and config.json
+    model = dec = d
     values = {
         "num_layers": _first(dec, "num_layers", "num_hidden_layers"),
         "num_kv_heads": _first(dec, "num_kv_heads", "num_key_value_heads"),
@@ -66,14 +65,24 @@ def _spec_from(d: dict[str, Any], source: Path) -> ModelSpec:
 
 
 def read_spec(folder: Path) -> ModelSpec:
-    for name in DESCRIPTIONS:
+    """Facts from the first description found; a fact it lacks is taken from the next one."""
+    merged: dict[str, Any] = {}
+    found = []
+    for name in reversed(DESCRIPTIONS):  # later files are fallbacks: apply them first, then override
         path = folder / name
-        if path.is_file():
-            try:
-                return _spec_from(json.loads(path.read_text()), path)
-            except json.JSONDecodeError as exc:
-                raise ToolkitError(f"{path} is not valid JSON ({exc.msg}); re-export the model") from None
-    raise ToolkitError(f"{folder} has none of {', '.join(DESCRIPTIONS)}: it is not an export folder")
+        if not path.is_file():
+            continue
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ToolkitError(f"{path} is not valid JSON ({exc.msg}); re-export the model") from None
+        model = d.get("model", d)
+        flat = {**model, **model.get("decoder", {})} if isinstance(model.get("decoder"), dict) else dict(model)
+        merged.update({k: v for k, v in flat.items() if v is not None})
+        found.append(path)
+    if not found:
+        raise ToolkitError(f"{folder} has none of {', '.join(DESCRIPTIONS)}: it is not an export folder")
+    return _spec_from(merged, found[-1])
 
 
 def check_external_data(folder: Path, model_path: Path) -> onnx.ModelProto:

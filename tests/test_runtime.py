@@ -5,6 +5,7 @@ The builder is an optional peer (``pip install onnxruntime-genai``); without it 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -147,6 +148,21 @@ def test_top_p_and_repetition_penalty():
     assert ids.tolist() == [0, 1, 2]
     pen = sampling.repetition_penalty(np.array([2.0, -2.0, 1.0]), np.array([0, 1]), 2.0)
     assert pen.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_export_json_describes_the_model(graph, tmp_path):
+    """Our exporter's folders carry export.json instead of genai_config.json."""
+    ours = tmp_path / "export"
+    shutil.copytree(graph, ours)
+    (ours / "genai_config.json").unlink()
+    facts = {"num_layers": 2, "num_kv_heads": 1, "head_dim": 32, "vocab": 259, "context_length": 64,
+             "eos_token_ids": [257, 5]}
+    (ours / "export.json").write_text(json.dumps(facts))
+    engine = load(ours, threads=1)
+    assert engine.spec.eos_token_ids == (257, 5) and engine.spec.context_length == 64
+    assert engine.generate("abc", GenerationConfig(max_new_tokens=4, min_new_tokens=4)).token_ids
+    with pytest.raises(ToolkitError, match="context is 64"):
+        engine.generate("abc", GenerationConfig(max_new_tokens=62))
 
 
 def _rewrite_location(folder: Path, location: str) -> None:
