@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from toolkit.runtime.artifact import ModelSpec, check_external_data, read_spec
@@ -32,4 +33,8 @@ def load(folder: str | Path, threads: int | None = None, max_batch: int = 8, pre
     """
     folder = Path(folder)
     backend = OrtBackend(folder, threads=threads, prefill_chunk=prefill_chunk, spin=spin)
+    if max_batch > 1 and not backend.supports_ragged_batch():
+        warnings.warn(f"{folder}: the graph cannot decode rows of different lengths together (its attention "
+                      "bias assumes aligned left padding); sequences run one at a time", stacklevel=2)
+        max_batch = 1
     return Engine(backend, load_tokenizer(folder), max_batch=max_batch)

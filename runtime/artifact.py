@@ -31,6 +31,16 @@ class ModelSpec:
     context_length: int
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
+    # printf templates of the cache tensor names (export.json / genai_config.json may rename them)
+    past_key: str = "past_key_values.%d.key"
+    past_value: str = "past_key_values.%d.value"
+    present_key: str = "present.%d.key"
+    present_value: str = "present.%d.value"
+
+    def cache_names(self) -> list[tuple[str, str]]:
+        """(past input, present output) per buffer: layer 0 key, layer 0 value, layer 1 key, ..."""
+        return [(past % i, present % i) for i in range(self.num_layers)
+                for past, present in ((self.past_key, self.present_key), (self.past_value, self.present_value))]
 
 
 def _as_ids(value: Any) -> tuple[int, ...]:
@@ -51,7 +61,7 @@ def _spec_from(d: dict[str, Any], source: Path) -> ModelSpec:
         "num_kv_heads": _first(dec, "num_kv_heads", "num_key_value_heads"),
         "head_dim": _first(dec, "head_dim", "head_size"),
         "vocab_size": _first(model, "vocab_size", "vocab"),
-        "context_length": _first(model, "context_length", "max_position_embeddings") or 2048,
+        "context_length": _first(model, "context_length", "max_positions", "max_position_embeddings") or 2048,
     }
     if values["head_dim"] is None and "hidden_size" in dec and "num_attention_heads" in dec:
         values["head_dim"] = dec["hidden_size"] // dec["num_attention_heads"]
@@ -60,8 +70,20 @@ def _spec_from(d: dict[str, Any], source: Path) -> ModelSpec:
         raise ToolkitError(f"{source} does not give {', '.join(missing)}: re-export the model")
     eos = _as_ids(_first(model, "eos_token_ids", "eos_token_id"))
     pad = _first(model, "pad_token_id")
-    return ModelSpec(**{k: int(v) for k, v in values.items()}, eos_token_ids=eos,
-                     pad_token_id=int(pad if pad is not None else (eos[0] if eos else 0)))
+    inputs, outputs = d.get("inputs") or {}, d.get("outputs") or {}
+    names = {
+        "past_key": _first(inputs, "past_key", "past_key_names"),
+        "past_value": _first(inputs, "past_value", "past_value_names"),
+        "present_key": _first(outputs, "present_key", "present_key_names"),
+        "present_value": _first(outputs, "present_value", "present_value_names"),
+    }
+    return ModelSpec(
+        num_layers=int(values["num_layers"]), num_kv_heads=int(values["num_kv_heads"]),
+        head_dim=int(values["head_dim"]), vocab_size=int(values["vocab_size"]),
+        context_length=int(values["context_length"]), eos_token_ids=eos,
+        pad_token_id=int(pad if pad is not None else (eos[0] if eos else 0)),
+        **{k: str(v) for k, v in names.items() if v},
+    )
 
 
 def read_spec(folder: Path) -> ModelSpec:

@@ -85,8 +85,7 @@ class OrtBackend:
     def _kv_names(self) -> list[tuple[str, str]]:
         names = {i.name for i in self.session.get_inputs()}
         outs = {o.name for o in self.session.get_outputs()}
-        pairs = [(f"past_key_values.{i}.{k}", f"present.{i}.{k}")
-                 for i in range(self.spec.num_layers) for k in ("key", "value")]
+        pairs = self.spec.cache_names()
         missing = [p for p, q in pairs if p not in names or q not in outs]
         if missing or "input_ids" not in names or "logits" not in outs:
             raise ToolkitError(
@@ -111,6 +110,38 @@ class OrtBackend:
 
     def reset(self) -> None:
         self._decode_bindings.clear()
+
+    def supports_ragged_batch(self) -> bool:
+        """Probe: do rows of different lengths decode together as they do alone?
+
+        GQA itself places each row's query by its own seqlens, but a graph whose attention bias assumes
+        left-padded, aligned rows (every row ending in the last column) lets a shorter row see a column
+        it never wrote. Two tiny rows (lengths 2 and 1) decoded together vs alone tell the difference.
+        """
+        cache = self.allocate(2, 16)
+        tokens, lengths = np.array([1, 2], np.int64), np.array([2, 1], np.int64)
+        for b in cache.buffers:  # a stale, non-zero column exposes a bias that lets it through
+            b[:] = 1.0
+        self.prefill(0, np.array([3, 4], np.int64), 0)
+        self.prefill(1, np.array([5], np.int64), 0)
+        snapshot = [b.copy() for b in cache.buffers]
+        together = self.decode(tokens, lengths)[1].copy()
+        for b, s in zip(cache.buffers, snapshot, strict=True):
+            b[:] = s
+        alone = self._decode_row(1, 2, 1)
+        self.cache, self._decode_bindings = None, {}  # the probe's cache is not a request's cache
+        return bool(np.allclose(together, alone, atol=1e-3))
+
+    def _decode_row(self, slot: int, token: int, length: int) -> np.ndarray:
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.array([[token]], np.int64))
+        io.bind_cpu_input("attention_mask", self._mask(np.array([length + 1])))
+        if self.has_positions:
+            io.bind_cpu_input("position_ids", np.array([[length]], np.int64))
+        io.bind_output("logits")
+        self._bind_cache(io, slot, slot + 1)
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()[0, -1]
 
     def _bind_cache(self, io: ort.IOBinding, start: int, stop: int) -> None:
         assert self.cache is not None

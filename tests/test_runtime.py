@@ -79,6 +79,17 @@ def test_batch_of_different_lengths_equals_each_alone(engine):
     assert engine.pool is not None and engine.pool.blocks_in_use == 0  # every row was given back
 
 
+def test_ragged_batch_probe_detects_misplaced_queries(graph, monkeypatch):
+    from toolkit.runtime.backend import OrtBackend
+
+    backend = OrtBackend(graph, threads=1)
+    assert backend.supports_ragged_batch()
+    honest = OrtBackend.decode
+    # a graph that places every row's query in the last column behaves like decoding with equal lengths
+    monkeypatch.setattr(OrtBackend, "decode", lambda self, t, n: honest(self, t, np.full_like(n, n.max())))
+    assert not backend.supports_ragged_batch()
+
+
 def test_chunked_prefill_equals_one_shot(graph):
     config = GenerationConfig(max_new_tokens=8, min_new_tokens=8)
     whole = load(graph, threads=1).generate(PROMPTS[2], config).token_ids
