@@ -1,0 +1,59 @@
+"""The CI gate on recorded reports (tests/fixtures/compare): baseline, a rerun, 3 % jitter, 10 % slower, +2 % ppl."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from toolkit import compare as gate
+from toolkit.errors import ToolkitError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "compare"
+BASE = FIXTURES / "baseline.json"
+
+
+def verdicts(candidate: str) -> dict[str, bool]:
+    result = gate.compare(BASE, FIXTURES / candidate)
+    return {r.metric: r.regressed for r in result.rows}
+
+
+def test_identical_runs_pass():
+    assert gate.compare(BASE, BASE).passed
+    assert gate.compare(BASE, FIXTURES / "identical.json").passed
+
+
+def test_three_percent_jitter_passes():
+    assert gate.compare(BASE, FIXTURES / "jitter3.json").passed
+
+
+def test_ten_percent_slowdown_fails():
+    v = verdicts("slow10.json")
+    assert v["decode_ms_per_token"] and not v["perplexity"]
+
+
+def test_two_percent_perplexity_increase_fails():
+    v = verdicts("ppl2.json")
+    assert v["perplexity"] and not v["decode_ms_per_token"]
+
+
+def test_cli_exit_codes_and_markdown(tmp_path):
+    parser = argparse.ArgumentParser()
+    gate.add_arguments(parser)
+    out = tmp_path / "report.md"
+    assert gate.run(parser.parse_args([str(BASE), str(FIXTURES / "identical.json"), "--output", str(out)])) == 0
+    assert "PASS" in out.read_text()
+    assert gate.run(parser.parse_args([str(BASE), str(FIXTURES / "slow10.json")])) == 1
+    # a looser threshold lets the 2 % perplexity increase through
+    assert gate.run(parser.parse_args([str(BASE), str(FIXTURES / "ppl2.json"), "--max-ppl-increase", "3%"])) == 0
+
+
+def test_refuses_wrong_schema(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"latency": {}}))
+    with pytest.raises(ToolkitError, match="schema"):
+        gate.compare(BASE, bad)
+    with pytest.raises(ToolkitError, match="not a fraction"):
+        gate.parse_fraction("ten")
