@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from toolkit.passes import rtn
+from toolkit.passes import distill, rtn
 
 PASSES: dict[str, tuple[type, Callable[..., Any]]] = {
     "rtn": (rtn.RTNConfig, rtn.apply),
+    "distill": (distill.DistillConfig, distill.apply),
 }
 
 EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {}
 
 # Passes whose output depends on calibration data (their cache key includes the calibration spec).
-NEEDS_CALIBRATION: frozenset[str] = frozenset()
+NEEDS_CALIBRATION: frozenset[str] = frozenset({"distill"})
