@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: 3e-4 shallow, 1e-3 quantized")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--divergence", default="forward_kl", choices=("forward_kl", "reverse_kl", "jsd"))
+    parser.add_argument("--heldout-windows", type=int, default=2, help="512-token calibration windows held out")
+    parser.add_argument("--teacher-ppl", type=float, default=None, help="skip measuring the float model (14.805)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("runs/distill_study"))
     args = parser.parse_args()
@@ -70,12 +72,13 @@ def main() -> None:
     loaded = models.load("smollm2")
     calib = calibration_windows(loaded.tokenizer)
     eval_windows = token_windows(loaded.tokenizer, WindowSpec())
-    teacher_ppl = evaluate(loaded.model, eval_windows)["perplexity"]
+    teacher_ppl = args.teacher_ppl or evaluate(loaded.model, eval_windows)["perplexity"]
     print(json.dumps({"teacher_perplexity": teacher_ppl, "calibration_windows": list(calib.shape)}), flush=True)
     base = distill.DistillConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
         temperature=args.temperature, divergence=args.divergence, warmup_steps=max(1, args.steps // 10),
-        eval_every=max(1, args.steps // 4), checkpoint_every=max(1, args.steps // 8),
+        eval_every=max(1, args.steps // 2), checkpoint_every=max(1, args.steps // 6),
+        heldout_windows=args.heldout_windows,
     )
     tag = f"s{args.steps}-b{args.batch_size}x{args.grad_accum}-l{args.seq_len}"
     if args.study == "shallow":

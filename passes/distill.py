@@ -218,13 +218,16 @@ def training_text(windows: torch.Tensor, teacher: PreTrainedModel, config: Disti
 # ----------------------------------------------------------------------------- loss
 
 
+LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # ids -> (loss, student logits)
+
+
 def make_loss(student: PreTrainedModel, teacher: PreTrainedModel, config: DistillConfig,
-              hidden_map: dict[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+              hidden_map: dict[int, int]) -> LossFn:
     needs_teacher = config.kd_weight > 0 or config.hidden_weight > 0
     hidden = config.hidden_weight > 0
     pairs = {i: hidden_map[i] for i in (config.hidden_layers or tuple(hidden_map))}
 
-    def loss_fn(ids: torch.Tensor) -> torch.Tensor:
+    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
         loss = torch.zeros((), device=ids.device)
         if needs_teacher:
@@ -239,20 +242,23 @@ def make_loss(student: PreTrainedModel, teacher: PreTrainedModel, config: Distil
                 loss = loss + config.hidden_weight * hidden_loss(s, t)
         if config.ce_weight:
             loss = loss + config.ce_weight * next_token_loss(out.logits, ids)
-        return loss
+        return loss, out.logits
 
     return loss_fn
 
 
-def make_evaluate(student: PreTrainedModel, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-                  heldout: torch.Tensor, batch_size: int) -> Callable[[], dict[str, float]]:
+def make_evaluate(student: PreTrainedModel, loss_fn: LossFn, heldout: torch.Tensor,
+                  batch_size: int) -> Callable[[], dict[str, float]]:
+    """Held-out training loss and next-token NLL (one student forward per batch serves both)."""
+
     def evaluate() -> dict[str, float]:
         device = next(student.parameters()).device
         losses, nlls = [], []
         for batch in heldout.split(batch_size):
             batch = batch.to(device)
-            losses.append(float(loss_fn(batch)))
-            nlls.append(float(next_token_loss(student(input_ids=batch, use_cache=False).logits, batch)))
+            loss, logits = loss_fn(batch)
+            losses.append(float(loss))
+            nlls.append(float(next_token_loss(logits, batch)))
         return {"loss": sum(losses) / len(losses), "nll": sum(nlls) / len(nlls)}
 
     return evaluate
@@ -295,7 +301,7 @@ def apply(model: PreTrainedModel, config: DistillConfig, ctx: PassContext) -> Pr
     fingerprint = sha256_json({"config": asdict(config), "data": data_hash})[:16]
     folder = Path(ctx.workdir) / "checkpoints" / fingerprint
     loss_fn = make_loss(student, teacher, config, hidden_map)
-    trainer = Trainer(student, loss_fn, train, config.train_config, folder)
+    trainer = Trainer(student, lambda ids: loss_fn(ids)[0], train, config.train_config, folder)
     result = trainer.run(make_evaluate(student, loss_fn, heldout, config.batch_size), progress=ctx.progress)
     (Path(ctx.workdir) / "distill-log.json").write_text(json.dumps(
         {"resumed_from": result.resumed_from, "train_windows": list(train.shape), "history": result.history},
