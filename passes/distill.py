@@ -293,6 +293,7 @@ def build_student(model: PreTrainedModel, config: DistillConfig) -> tuple[PreTra
 
 def apply(model: PreTrainedModel, config: DistillConfig, ctx: PassContext) -> PreTrainedModel:
     device = _device(config)
+    Path(ctx.workdir).mkdir(parents=True, exist_ok=True)
     teacher = ctx.original_model().to(device).eval().requires_grad_(False)
     student, hidden_map = build_student(model, config)
     student.to(device)

@@ -136,6 +136,11 @@ def test_quantized_student_trains_only_float_state(tmp_path):
     history = json.loads((tmp_path / "distill-log.json").read_text())["history"]
     evals = [h["heldout_loss"] for h in history if "heldout_loss" in h]
     assert evals[-1] < evals[0] or history[-1]["loss"] < history[0]["loss"]
+    artifacts.save_model(student, tiny_tokenizer(), tmp_path / "out")  # still a plain packed int4 artifact
+    loaded = artifacts.load_model(tmp_path / "out")
+    ids = calibration(1, 12)
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-5)
 
 
 def test_kd_loss_decreases(tmp_path):
