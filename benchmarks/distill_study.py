@@ -62,8 +62,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: 3e-4 shallow, 1e-3 quantized")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--divergence", default="forward_kl", choices=("forward_kl", "reverse_kl", "jsd"))
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="default: steps / 2 (a shallow "
+                        "student's checkpoint holds weights and AdamW moments, ~1 GB)")
     parser.add_argument("--heldout-windows", type=int, default=2, help="512-token calibration windows held out")
     parser.add_argument("--teacher-ppl", type=float, default=None, help="skip measuring the float model (14.805)")
+    parser.add_argument("--rtn-ppl", type=float, default=None, help="skip measuring the RTN model (19.867)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("runs/distill_study"))
     args = parser.parse_args()
@@ -77,7 +80,7 @@ def main() -> None:
     base = distill.DistillConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
         temperature=args.temperature, divergence=args.divergence, warmup_steps=max(1, args.steps // 10),
-        eval_every=max(1, args.steps // 2), checkpoint_every=max(1, args.steps // 6),
+        eval_every=max(1, args.steps // 2), checkpoint_every=args.checkpoint_every or max(1, args.steps // 2),
         heldout_windows=args.heldout_windows,
     )
     tag = f"s{args.steps}-b{args.batch_size}x{args.grad_accum}-l{args.seq_len}"
@@ -90,7 +93,7 @@ def main() -> None:
                           "kd_over_ce": kd["perplexity"] / ce["perplexity"]}))
         return
     quant = rtn.apply(models.load("smollm2").model, rtn.RTNConfig(bits=4, group_size=32, symmetric=True))
-    before = evaluate(quant, eval_windows)["perplexity"]
+    before = args.rtn_ppl or evaluate(quant, eval_windows)["perplexity"]
     print(json.dumps({"rtn_int4_g32_sym_perplexity": before}), flush=True)
     kd = run(f"quantized-kd-{tag}", quant, replace(base, student="quantized", lr=args.lr or 1e-3), calib,
              args.workdir, eval_windows, teacher_ppl)
