@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from toolkit.passes import awq, export_hf_gptq, export_onnx, gptq, rtn
+from toolkit.passes import awq, distill, export_hf_gptq, export_onnx, gptq, rtn
 
 PASSES: dict[str, tuple[type, Callable[..., Any]]] = {
     "rtn": (rtn.RTNConfig, rtn.apply),
     "gptq": (gptq.GPTQConfig, gptq.apply),
     "awq": (awq.AWQConfig, awq.apply),
+    "distill": (distill.DistillConfig, distill.apply),
 }
 
 EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {
@@ -26,4 +27,4 @@ EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {
 }
 
 # Passes whose output depends on calibration data (their cache key includes the calibration spec).
-NEEDS_CALIBRATION: frozenset[str] = frozenset({"gptq", "awq"})
+NEEDS_CALIBRATION: frozenset[str] = frozenset({"gptq", "awq", "distill"})

@@ -1,0 +1,312 @@
+"""Knowledge distillation from the recipe's input model (the teacher) into a shallow or quantized student.
+
+``student: shallow`` keeps a subset of the teacher's decoder layers (every ``keep_every``-th, or
+``layers``) and trains all of its weights. ``student: quantized`` trains only what stays floating
+point in a quantized model: the RMSNorm weights and, per QuantLinear, a float32 log-multiplier on its
+float16 scales (written back as float16 at the end); codes and zero points never change, so int4
+weights stay int4. Loss: a temperature-scaled logit divergence (forward KL, reverse KL or JSD), plus
+optional next-token cross-entropy and hidden-state matching. Training text: the calibration windows
+(the last ``heldout_windows`` held out for evaluation), plus optional teacher-sampled continuations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from transformers import PreTrainedModel
+
+from toolkit.architectures import decoder_layers, layout_of
+from toolkit.context import PassContext
+from toolkit.distillation import (
+    DIVERGENCES,
+    hidden_loss,
+    hidden_state_map,
+    kept_layers,
+    logit_divergence,
+    next_token_loss,
+)
+from toolkit.errors import ToolkitError
+from toolkit.paths import sha256_json
+from toolkit.quantization import fp16_representable, quantized_modules
+from toolkit.training import TrainConfig, Trainer
+
+STUDENTS = ("shallow", "quantized")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    student: str = "quantized"
+    layers: tuple[int, ...] = ()  # shallow: teacher layers to keep (ascending)
+    keep_every: int | None = None  # shallow: keep layers 0, k, 2k, ... (default 2 when layers is empty)
+    train_head: bool = False  # quantized: also train the (int8, tied) lm_head scales
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0  # next-token cross-entropy on the text (kd_weight 0 + ce_weight 1 = plain LM training)
+    hidden_weight: float = 0.0  # MSE on hidden states (student layer outputs vs the mapped teacher ones)
+    hidden_layers: tuple[int, ...] = ()  # student hidden_states indices to match; empty: all layer outputs
+    seq_len: int = 0  # cut calibration windows into chunks of this length; 0 keeps them whole
+    heldout_windows: int = 4  # last calibration windows, never trained on, for periodic evaluation
+    generated_windows: int = 0  # extra windows sampled from the teacher (cached in the workdir)
+    generate_prompt_tokens: int = 32
+    generate_temperature: float = 1.0
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 25
+    checkpoint_every: int = 25
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.student not in STUDENTS:
+            raise ValueError(f"student must be one of {STUDENTS}, got {self.student!r}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.layers and self.keep_every is not None:
+            raise ValueError("give either layers or keep_every, not both")
+        if self.student != "shallow" and (self.layers or self.keep_every is not None):
+            raise ValueError("layers/keep_every select layers of a shallow student; set student: shallow")
+        if self.layers and list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be ascending without repeats, got {list(self.layers)}")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ValueError(f"keep_every must be >= 1, got {self.keep_every}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if min(self.kd_weight, self.ce_weight, self.hidden_weight) < 0 or not (
+            self.kd_weight or self.ce_weight or self.hidden_weight
+        ):
+            raise ValueError("kd_weight, ce_weight and hidden_weight must be >= 0 and at least one > 0")
+        if self.seq_len < 0 or self.seq_len == 1 or self.heldout_windows < 1 or self.generated_windows < 0:
+            raise ValueError("seq_len must be 0 or >= 2, heldout_windows >= 1, generated_windows >= 0")
+        if self.generate_prompt_tokens < 1 or self.generate_temperature <= 0:
+            raise ValueError("generate_prompt_tokens must be >= 1 and generate_temperature > 0")
+        _ = self.train_config  # TrainConfig validates the training fields
+
+    @property
+    def train_config(self) -> TrainConfig:
+        fields = TrainConfig.__dataclass_fields__
+        return TrainConfig(**{k: v for k, v in asdict(self).items() if k in fields})
+
+
+# ----------------------------------------------------------------------------- students
+
+
+def shallow_student(model: PreTrainedModel, kept: tuple[int, ...]) -> PreTrainedModel:
+    """Keep only the decoder layers ``kept`` (in place); the config says how many, so it saves like any Llama."""
+    layers = decoder_layers(model)
+    new = nn.ModuleList([layers[i] for i in kept])
+    for index, layer in enumerate(new):
+        layer.self_attn.layer_idx = index  # the KV cache is indexed by position in the stack
+    parent, _, attr = layout_of(model).layers.rpartition(".")
+    setattr(model.get_submodule(parent), attr, new)
+    model.config.num_hidden_layers = len(kept)
+    return model
+
+
+class ScaleMultiplier(nn.Module):
+    """Parametrization of a float16 ``scales`` buffer: ``scales * exp(theta)``, theta float32 from 0."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, scales: torch.Tensor) -> torch.Tensor:
+        return scales.float() * self.theta.exp()
+
+
+def norm_modules(model: PreTrainedModel) -> list[nn.Module]:
+    layout = layout_of(model)
+    norms = [model.get_submodule(layout.final_norm)]
+    for layer in decoder_layers(model):
+        norms += [layer.get_submodule(layout.input_norm), layer.get_submodule(layout.post_attention_norm)]
+    return norms
+
+
+def quantized_student(model: PreTrainedModel, train_head: bool) -> PreTrainedModel:
+    """Freeze everything, then make the norms and a multiplier on every QuantLinear's scales trainable."""
+    head = layout_of(model).head
+    targets = {n: m for n, m in quantized_modules(model).items() if train_head or n != head}
+    if not targets:
+        raise ToolkitError("student: quantized needs a quantized model: put a quantization pass (rtn, gptq) "
+                           "before distill, or use student: shallow")
+    model.requires_grad_(False)
+    for norm in norm_modules(model):
+        norm.requires_grad_(True)
+    for module in targets.values():
+        parametrize.register_parametrization(module, "scales", ScaleMultiplier(module.scales.shape), unsafe=True)
+    return model
+
+
+@torch.no_grad()
+def bake_scales(model: nn.Module) -> None:
+    """Write trained scales back as float16 buffers and drop the parametrizations."""
+    for module in quantized_modules(model).values():
+        if parametrize.is_parametrized(module, "scales"):
+            trained = fp16_representable(module.scales).to(torch.float16)
+            parametrize.remove_parametrizations(module, "scales", leave_parametrized=False)
+            module.scales.copy_(trained)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def chunk_windows(windows: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``[N, L] -> [N * L / seq_len, seq_len]``; ``seq_len`` 0 keeps the windows."""
+    if not seq_len or seq_len == windows.shape[1]:
+        return windows
+    if windows.shape[1] % seq_len:
+        raise ToolkitError(f"seq_len {seq_len} must divide the calibration window length {windows.shape[1]}")
+    return windows.reshape(-1, seq_len)
+
+
+@torch.no_grad()
+def teacher_text(teacher: PreTrainedModel, prompts: torch.Tensor, length: int, config: DistillConfig,
+                 folder: Path) -> torch.Tensor:
+    """Continuations sampled from the teacher after ``prompts [N, P]`` -> ``[N, length]``, cached on disk."""
+    key = sha256_json({"prompts": prompts.tolist(), "length": length, "t": config.generate_temperature,
+                       "seed": config.seed})[:16]
+    path = folder / f"generated-{key}.pt"
+    if path.is_file():
+        return torch.load(path)
+    torch.manual_seed(config.seed)
+    new = length - prompts.shape[1]
+    out = [
+        teacher.generate(input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True,
+                         temperature=config.generate_temperature, top_k=0, top_p=1.0,
+                         max_new_tokens=new, min_new_tokens=new)
+        for batch in prompts.split(8)
+    ]
+    text = torch.cat(out)[:, :length].cpu()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(text, path)
+    return text
+
+
+def training_text(windows: torch.Tensor, teacher: PreTrainedModel, config: DistillConfig,
+                  workdir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, heldout) windows: the calibration windows minus the held-out tail, plus generated text."""
+    if windows.shape[0] <= config.heldout_windows:
+        raise ToolkitError(f"{windows.shape[0]} calibration windows leave none to train on after holding out "
+                           f"{config.heldout_windows}; raise calibration.count or lower heldout_windows")
+    train = chunk_windows(windows[: -config.heldout_windows], config.seq_len)
+    heldout = chunk_windows(windows[-config.heldout_windows :], config.seq_len)
+    if config.generated_windows:
+        if config.generate_prompt_tokens >= train.shape[1]:
+            raise ToolkitError("generate_prompt_tokens must be shorter than the training windows")
+        picks = torch.arange(config.generated_windows) % train.shape[0]
+        prompts = train[picks, : config.generate_prompt_tokens].to(next(teacher.parameters()).device)
+        train = torch.cat([train, teacher_text(teacher, prompts, train.shape[1], config, workdir)])
+    return train, heldout
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # ids -> (loss, student logits)
+
+
+def make_loss(student: PreTrainedModel, teacher: PreTrainedModel, config: DistillConfig,
+              hidden_map: dict[int, int]) -> LossFn:
+    needs_teacher = config.kd_weight > 0 or config.hidden_weight > 0
+    hidden = config.hidden_weight > 0
+    pairs = {i: hidden_map[i] for i in (config.hidden_layers or tuple(hidden_map))}
+
+    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+        loss = torch.zeros((), device=ids.device)
+        if needs_teacher:
+            with torch.no_grad():
+                ref = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            if config.kd_weight:
+                loss = loss + config.kd_weight * logit_divergence(out.logits, ref.logits, config.divergence,
+                                                                  config.temperature)
+            if hidden:
+                s = [out.hidden_states[i] for i in pairs]
+                t = [ref.hidden_states[j] for j in pairs.values()]
+                loss = loss + config.hidden_weight * hidden_loss(s, t)
+        if config.ce_weight:
+            loss = loss + config.ce_weight * next_token_loss(out.logits, ids)
+        return loss, out.logits
+
+    return loss_fn
+
+
+def make_evaluate(student: PreTrainedModel, loss_fn: LossFn, heldout: torch.Tensor,
+                  batch_size: int) -> Callable[[], dict[str, float]]:
+    """Held-out training loss and next-token NLL (one student forward per batch serves both)."""
+
+    def evaluate() -> dict[str, float]:
+        device = next(student.parameters()).device
+        losses, nlls = [], []
+        for batch in heldout.split(batch_size):
+            batch = batch.to(device)
+            loss, logits = loss_fn(batch)
+            losses.append(float(loss))
+            nlls.append(float(next_token_loss(logits, batch)))
+        return {"loss": sum(losses) / len(losses), "nll": sum(nlls) / len(nlls)}
+
+    return evaluate
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def _device(config: DistillConfig) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ToolkitError("device: cuda was asked for but no CUDA device is visible; use device: auto or cpu")
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def build_student(model: PreTrainedModel, config: DistillConfig) -> tuple[PreTrainedModel, dict[int, int]]:
+    """The student and its hidden-state map (student ``hidden_states`` index -> teacher's)."""
+    n = model.config.num_hidden_layers
+    if config.student == "quantized":
+        return quantized_student(model, config.train_head), {i: i for i in range(1, n + 1)}
+    if quantized_modules(model):
+        raise ToolkitError("student: shallow needs a float model; put distill before quantization passes")
+    try:
+        kept = kept_layers(n, config.layers, config.keep_every)
+    except ValueError as exc:
+        raise ToolkitError(f"distill: {exc}") from None
+    bad = [i for i in config.hidden_layers if not 1 <= i <= len(kept)]
+    if bad:
+        raise ToolkitError(f"hidden_layers {bad} are outside the student's 1..{len(kept)}")
+    return shallow_student(model, kept), hidden_state_map(kept, n)
+
+
+def apply(model: PreTrainedModel, config: DistillConfig, ctx: PassContext) -> PreTrainedModel:
+    device = _device(config)
+    Path(ctx.workdir).mkdir(parents=True, exist_ok=True)
+    teacher = ctx.original_model().to(device).eval().requires_grad_(False)
+    student, hidden_map = build_student(model, config)
+    student.to(device)
+    train, heldout = training_text(ctx.calibration(), teacher, config, Path(ctx.workdir))
+    data_hash = hashlib.sha256(train.numpy().tobytes()).hexdigest()
+    fingerprint = sha256_json({"config": asdict(config), "data": data_hash})[:16]
+    folder = Path(ctx.workdir) / "checkpoints" / fingerprint
+    loss_fn = make_loss(student, teacher, config, hidden_map)
+    trainer = Trainer(student, lambda ids: loss_fn(ids)[0], train, config.train_config, folder)
+    result = trainer.run(make_evaluate(student, loss_fn, heldout, config.batch_size), progress=ctx.progress)
+    (Path(ctx.workdir) / "distill-log.json").write_text(json.dumps(
+        {"resumed_from": result.resumed_from, "train_windows": list(train.shape), "history": result.history},
+        indent=1))
+    bake_scales(student)
+    del teacher
+    return student.cpu().eval()
