@@ -11,9 +11,11 @@ DEFAULTS = GenerationConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("artifact", help="export folder (model.onnx + model.onnx.data + tokenizer)")
-    parser.add_argument("--prompt", required=True, help="text to continue, or the user message with --chat")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("artifact", help="export folder (model.onnx + model.onnx.data + tokenizer), a run's output "
+                        "folder, or any model `toolkit run` accepts (then generated with PyTorch)")
+    parser.add_argument("--prompt", required=True, help="the user message (raw text to continue with --no-chat)")
+    parser.add_argument("--system", default=None, help="system message for the chat template")
+    parser.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, no chat template")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature)
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     """Stream the answer to stdout and the timings to stderr. ToolkitError propagates to the caller."""
     config = config_from(args)
     engine = load(args.artifact, threads=args.threads)
-    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    prompt = args.prompt if args.no_chat else [*system, {"role": "user", "content": args.prompt}]
     tokens = 0
     for chunk in engine.stream(prompt, config):
         tokens += 1

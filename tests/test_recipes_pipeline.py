@@ -153,3 +153,23 @@ def test_cli_inspect_and_eval(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["windows"]["count"] == 2
     assert run_cli("inspect", str(tmp_path / "nothing")).returncode == 2
+
+
+def test_recipe_with_onnx_export_and_generate_from_the_output(tmp_path):
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["passes"].append({"onnx": {"target": "ort"}})
+    assert main(["run", str(write_recipe(tmp_path, recipe)), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    assert (out / "export" / "model.onnx").is_file() and (out / "model" / "quantization.json").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["steps"]] == ["rtn", "onnx"]
+    proc = run_cli("generate", str(out), "--prompt", "hi", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "4 generated" in proc.stderr
+
+
+def test_export_must_be_last(tmp_path):
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["passes"].insert(0, {"onnx": {"target": "ort"}})
+    with pytest.raises(ToolkitError, match=r"export step 'onnx' must be the last pass"):
+        recipes.load(write_recipe(tmp_path, recipe))

@@ -74,13 +74,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _onnx_folder(target: str) -> Path | None:
+    """An export folder, or the export inside a run's output folder; None for PyTorch models."""
+    path = Path(target)
+    for folder in (path, path / "export"):
+        if (folder / "model.onnx").is_file():
+            return folder
+    return None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from toolkit.generate import generate_text
+    from toolkit.runtime import cli as runtime_cli
 
-    for chunk in generate_text(args.model, args.prompt, args.max_new_tokens, args.system, args.no_chat):
+    onnx_folder = _onnx_folder(args.artifact)
+    if onnx_folder is not None:
+        args.artifact = str(onnx_folder)
+        return runtime_cli.run(args)
+    source = args.artifact
+    if (Path(source) / "model" / "config.json").is_file():  # a run's output folder
+        source = str(Path(source) / "model")
+    for chunk in generate_text(source, args.prompt, args.max_new_tokens, args.system, args.no_chat):
         print(chunk, end="", flush=True)
     print()
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from toolkit import compare
+
+    return compare.run(args)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -114,13 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_options(ev, EvaluationSpec)
     ev.set_defaults(func=cmd_eval)
 
-    gen = sub.add_parser("generate", help="generate text with a model (uses its chat template)")
-    gen.add_argument("model")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--system", default=None)
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, no chat template")
+    from toolkit import compare
+    from toolkit.runtime import cli as runtime_cli
+
+    gen = sub.add_parser("generate", help="generate text from an ONNX export (runtime) or a model (uses the chat template)")
+    runtime_cli.add_arguments(gen)
     gen.set_defaults(func=cmd_generate)
+
+    cmp = sub.add_parser("compare", help="CI gate: fail when the candidate report regressed against the baseline")
+    compare.add_arguments(cmp)
+    cmp.set_defaults(func=cmd_compare)
 
     ins = sub.add_parser("inspect", help="show an artifact's manifest")
     ins.add_argument("artifact")
