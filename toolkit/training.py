@@ -126,7 +126,8 @@ class Trainer:
             raise ToolkitError("the student has no trainable parameters; check the distillation config")
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
-        self.step, self.history = 0, []
+        self.step = 0
+        self.history: list[dict[str, float]] = []
         self.device = next(iter(self.params.values())).device
 
     def _autocast(self) -> torch.autocast:
