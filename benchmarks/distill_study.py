@@ -17,7 +17,7 @@ Measured 2026-11-21 on the shared 2-core machine (load 10-17, --threads 1; walls
   shallow --steps 16 --batch-size 2 --seq-len 256 (8,192 tokens each; lr 3e-4):
       KD 2472 (167x teacher, 593 s) vs next-token CE 3251 (220x, 359 s): KD/CE = 0.76
   Far too few tokens to heal a 15-of-30-layer student; rerun with a real budget (e.g. --steps 600
-  --batch-size 4 --grad-accum 2, ~2.5 M tokens) to judge the shallow student itself.
+  --batch-size 4 --grad-accum 2, ~1.2 M tokens) to judge the shallow student itself.
 """
 
 from __future__ import annotations
