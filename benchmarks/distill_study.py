@@ -9,6 +9,15 @@ the default protocol (16 x 512 evaluation windows); training text is the calibra
 
     python benchmarks/distill_study.py shallow --steps 80 --batch-size 4 --seq-len 256
     python benchmarks/distill_study.py quantized --steps 60 --batch-size 4 --seq-len 256
+
+Measured 2026-11-21 on the shared 2-core machine (load 10-17, --threads 1; walls inflated), eval 16 x 512:
+  quantized --steps 16 --batch-size 2 --seq-len 256 --lr 3e-3 (8,192 tokens, 772 s):
+      RTN int4 g32 sym 19.867 -> 16.614; 64 % of the gap to float (14.805) recovered
+  quantized --steps 32 ... (16,384 tokens, 550 s): 19.867 -> 16.271; 71 % recovered
+  shallow --steps 16 --batch-size 2 --seq-len 256 (8,192 tokens each; lr 3e-4):
+      KD 2472 (167x teacher, 593 s) vs next-token CE 3251 (220x, 359 s): KD/CE = 0.76
+  Far too few tokens to heal a 15-of-30-layer student; rerun with a real budget (e.g. --steps 600
+  --batch-size 4 --grad-accum 2, ~1.2 M tokens) to judge the shallow student itself.
 """
 
 from __future__ import annotations

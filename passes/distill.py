@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -112,7 +113,7 @@ def shallow_student(model: PreTrainedModel, kept: tuple[int, ...]) -> PreTrained
     layers = decoder_layers(model)
     new = nn.ModuleList([layers[i] for i in kept])
     for index, layer in enumerate(new):
-        layer.self_attn.layer_idx = index  # the KV cache is indexed by position in the stack
+        layer.get_submodule("self_attn").layer_idx = index  # type: ignore[assignment]  # KV cache slot
     parent, _, attr = layout_of(model).layers.rpartition(".")
     setattr(model.get_submodule(parent), attr, new)
     model.config.num_hidden_layers = len(kept)
@@ -149,8 +150,12 @@ def quantized_student(model: PreTrainedModel, train_head: bool) -> PreTrainedMod
     for norm in norm_modules(model):
         norm.requires_grad_(True)
     for module in targets.values():
-        parametrize.register_parametrization(module, "scales", ScaleMultiplier(module.scales.shape), unsafe=True)
+        parametrize.register_parametrization(module, "scales", ScaleMultiplier(_scales(module).shape), unsafe=True)
     return model
+
+
+def _scales(module: nn.Module) -> torch.Tensor:
+    return cast(torch.Tensor, module.scales)
 
 
 @torch.no_grad()
@@ -158,9 +163,9 @@ def bake_scales(model: nn.Module) -> None:
     """Write trained scales back as float16 buffers and drop the parametrizations."""
     for module in quantized_modules(model).values():
         if parametrize.is_parametrized(module, "scales"):
-            trained = fp16_representable(module.scales).to(torch.float16)
+            trained = fp16_representable(_scales(module)).to(torch.float16)
             parametrize.remove_parametrizations(module, "scales", leave_parametrized=False)
-            module.scales.copy_(trained)
+            _scales(module).copy_(trained)
 
 
 # ----------------------------------------------------------------------------- data
@@ -187,7 +192,8 @@ def teacher_text(teacher: PreTrainedModel, prompts: torch.Tensor, length: int, c
     torch.manual_seed(config.seed)
     new = length - prompts.shape[1]
     out = [
-        teacher.generate(input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True,
+        teacher.generate(  # type: ignore[operator]
+            input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True,
                          temperature=config.generate_temperature, top_k=0, top_p=1.0,
                          max_new_tokens=new, min_new_tokens=new)
         for batch in prompts.split(8)
@@ -294,9 +300,9 @@ def build_student(model: PreTrainedModel, config: DistillConfig) -> tuple[PreTra
 def apply(model: PreTrainedModel, config: DistillConfig, ctx: PassContext) -> PreTrainedModel:
     device = _device(config)
     Path(ctx.workdir).mkdir(parents=True, exist_ok=True)
-    teacher = ctx.original_model().to(device).eval().requires_grad_(False)
+    teacher = ctx.original_model().to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
     student, hidden_map = build_student(model, config)
-    student.to(device)
+    student.to(device)  # type: ignore[arg-type]
     train, heldout = training_text(ctx.calibration(), teacher, config, Path(ctx.workdir))
     data_hash = hashlib.sha256(train.numpy().tobytes()).hexdigest()
     fingerprint = sha256_json({"config": asdict(config), "data": data_hash})[:16]

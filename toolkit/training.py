@@ -126,8 +126,7 @@ class Trainer:
             raise ToolkitError("the student has no trainable parameters; check the distillation config")
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
-        self.step = 0
-        self.history: list[dict[str, float]] = []
+        self.step, self.history = 0, list[dict[str, float]]()
         self.device = next(iter(self.params.values())).device
 
     def _autocast(self) -> torch.autocast:
@@ -198,7 +197,7 @@ class Trainer:
         bar = tqdm(total=self.config.steps, initial=self.step, desc="distill", disable=not progress)
         while self.step < self.config.steps:
             loss = self.train_step()
-            record: dict[str, float] = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+            record: dict[str, float] = {"step": self.step, "loss": loss, "lr": float(self.scheduler.get_last_lr()[0])}
             every = self.config.eval_every
             if evaluate is not None and ((every and self.step % every == 0) or self.step == self.config.steps):
                 self.model.eval()
