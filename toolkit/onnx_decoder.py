@@ -94,7 +94,11 @@ def mask_values(b: Builder, opts: GraphOptions) -> MaskValues:
     seqlens_k = b.one("Cast", [b.one("Sub", [last, one])], to=TensorProto.INT32)
     visible = b.one("Slice", [ATTENTION_MASK, b.ints([0]), b.one("Unsqueeze", [total, b.ints([0])]), b.ints([1])])
     visible = b.one("Unsqueeze", [b.one("Cast", [visible], to=TensorProto.BOOL), b.ints([1, 2])])  # [B,1,1,T]
-    q_col = b.one("Unsqueeze", [b.one("Range", [b.one("Sub", [total, new]), total, one]), b.ints([1])])  # [S,1]
+    # Each row's queries sit at its own last columns (last[b]-S .. last[b]-1): rows of different lengths
+    # share one cache buffer, each written from column 0, so the query column is per row, not T-S.
+    offsets = b.one("Range", [zero, new, one])  # [S]
+    start = b.one("Unsqueeze", [b.one("Sub", [last, new]), b.ints([1])])  # [B,1]
+    q_col = b.one("Unsqueeze", [b.one("Add", [start, offsets]), b.ints([1, 3])])  # [B,1,S,1]
     k_col = b.one("Unsqueeze", [b.one("Range", [zero, total, one]), b.ints([0])])  # [1,T]
     allowed = b.one("Or", [visible, b.one("Equal", [q_col, k_col])])  # [B,1,S,T]
     if opts.target == "ort":  # GroupQueryAttention applies the causal part itself
