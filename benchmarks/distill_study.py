@@ -16,6 +16,7 @@ Measured 2026-11-21 on the shared 2-core machine (load 10-17, --threads 1; walls
   quantized --steps 32 ... (16,384 tokens, 550 s): 19.867 -> 16.271; 71 % recovered
   shallow --steps 16 --batch-size 2 --seq-len 256 (8,192 tokens each; lr 3e-4):
       KD 2472 (167x teacher, 593 s) vs next-token CE 3251 (220x, 359 s): KD/CE = 0.76
+  shallow --steps 40 ... (20,480 tokens each): KD 577 (39x, 528 s) vs CE 616 (42x, 238 s): KD/CE = 0.94
   Far too few tokens to heal a 15-of-30-layer student; rerun with a real budget (e.g. --steps 600
   --batch-size 4 --grad-accum 2, ~1.2 M tokens) to judge the shallow student itself.
 """
