@@ -89,8 +89,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/export_check"))
     args = parser.parse_args()
     torch.set_num_threads(2)
-    rows = [check(v, t, args.windows, args.new_tokens, args.out)
-            for v in args.variant or ["float", "int4"] for t in args.target or ["ort"]]
+    rows = []
+    for variant in args.variant or ["float", "int4"]:
+        for target in args.target or ["ort"]:
+            rows.append(check(variant, target, args.windows, args.new_tokens, args.out))
+            print(json.dumps(rows[-1]), flush=True)  # progress: the slow part is minutes per row
     print("| variant | target | size MB | max Δlogits strict | max Δlogits deployed | greedy identical "
           "| ppl ONNX | ppl PyTorch | Δ% |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -100,7 +103,6 @@ def main() -> None:
         strict = max(m["max_abs"] for m in v["strict"].values())
         print(f"| {r['variant']} | {r['target']} | {r['size_mb']} | {strict:.2e} | {deployed:.3f} | {r['greedy_identical']} | {r.get('ppl_onnx', '-')} | {r.get('ppl_torch', '-')} | "
               f"{r.get('ppl_rel_diff_pct', '-')} |")
-    print(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

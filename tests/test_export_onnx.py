@@ -204,9 +204,11 @@ def test_smollm2_int4_ort_export_size_and_greedy(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     loaded = models.load("smollm2")
     rtn_apply(loaded.model, RTNConfig(bits=4, group_size=32, symmetric=True))
-    result = run_export(loaded, tmp_path / "out", target="ort")
+    # accuracy_level 0: float activations, so greedy decoding must agree exactly (level 4's int8 activation
+    # noise can flip a near-tie after a few dozen tokens: 2/3 prompts x 64 tokens agree in benchmarks/export_check.py)
+    result = run_export(loaded, tmp_path / "out", target="ort", accuracy_level=0)
     assert result["size_bytes"] <= 100e6
     prompt = loaded.tokenizer("The capital of France is", return_tensors="np")["input_ids"]
-    sess = session(str(tmp_path / "out" / MODEL_FILE), 4)
+    sess = session(str(tmp_path / "out" / MODEL_FILE), 0)
     dims = json.loads((tmp_path / "out" / "export.json").read_text())
     assert greedy_onnx(sess, dims, prompt, 32) == greedy_torch(loaded.model, prompt, 32)
