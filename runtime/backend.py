@@ -115,7 +115,8 @@ class OrtBackend:
         """Probe: do rows of different lengths decode together as they do alone?
 
         GQA itself places each row's query by its own seqlens, but a graph whose attention bias assumes
-        left-padded, aligned rows (every row ending in the last column) lets a shorter row see a column
+        left-padded, aligned rows (every row ending in the last column; our exports before the per-row
+        query columns, and possibly other exporters' graphs) lets a shorter row see a column
         it never wrote. Two tiny rows (lengths 2 and 1) decoded together vs alone tell the difference.
         """
         cache = self.allocate(2, 16)

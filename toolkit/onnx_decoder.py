@@ -10,16 +10,17 @@ What a runtime feeds (both targets; ``P`` cached columns, ``S`` new tokens, rows
   ``[B,KVH,C,D]`` OrtValue as ``past_key_values.{i}.key`` and ``present.{i}.key`` (likewise value) through IO
   binding; GroupQueryAttention sees equal pointers and writes the S new rows in place at columns ``[P, P+S)``.
   The mask is then either ``[B, P+S]`` or ``[B, C]`` with zeros after column ``P+S-1``; both work, because the
-  graph derives everything from the index of the last 1. Requirements: every row's last real token is in
-  column ``P+S-1`` (left padding, rows aligned), ``P+S <= C <= max_positions``, and a step with ``S > 1``
-  after the prefill needs ``B = 1`` (GroupQueryAttention's rule for chunked prompts).
+  graph derives everything from the index of the last 1, per row. Rows may have different lengths (each
+  written from column 0, its mask ``1`` up to its own last column): the runtime decodes ragged batches this
+  way. Requirements: ``P+S <= C <= max_positions``, and a step with ``S > 1`` after the prefill needs
+  ``B = 1`` (GroupQueryAttention's rule for chunked prompts).
 The standard target has no buffer sharing: feed ``present`` back as ``past``.
 
 Masking, computed in the graph from ``attention_mask [B, M]``:
 ``last[b]`` = 1 + index of the last 1 in the row = the number of cache columns in use after this step.
-``T = max_b last[b]``; key column ``t`` of row ``b`` is visible to query ``s`` (column ``T-S+s``) when
+``T = max_b last[b]``; key column ``t`` of row ``b`` is visible to query ``s`` (column ``last[b]-S+s``) when
 ``mask[b,t] = 1`` (or ``t`` is the query's own column, so that a left-pad query never sees an empty row and
-turns into NaN) and ``t <= T-S+s`` (causal).
+turns into NaN) and ``t <= last[b]-S+s`` (causal).
 
 GroupQueryAttention reads ``seqlens_k = last - 1`` (int32 [B]), ``total_sequence_length = T`` (int32 scalar) and
 ``attention_bias [B,1,S,T]`` (0 or -1e9: the padding part; it applies the causal part itself); it writes the new
