@@ -13,6 +13,7 @@ RTN rows from the reference protocol, float 14.805):
 |---|---|---|---|
 | rtn | g32sym | 19.87 | - |
 | gptq | g32sym | 16.551 | 1230 |
+| awq | g32sym | 17.001 | 2326 |
 | rtn | g64asym | 19.27 | - |
 | gptq | g64asym | 16.609 | 947 |
 """
