@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import genai_folder, prompt_ids  # noqa: E402
+
 from toolkit.runtime import GenerationConfig, load  # noqa: E402
 
 

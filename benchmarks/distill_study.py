@@ -30,12 +30,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from toolkit.passes import distill, rtn
 
 from toolkit import models
 from toolkit.context import PassContext
 from toolkit.data import WindowSpec, documents, split_text, token_windows
 from toolkit.evaluation import evaluate
+from toolkit.passes import distill, rtn
 
 WINDOW = 512
 

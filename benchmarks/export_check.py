@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from toolkit.passes.export_onnx import MODEL_FILE, ExportONNXConfig, export
-from toolkit.passes.rtn import RTNConfig
-from toolkit.passes.rtn import apply as rtn_apply
 
 from toolkit import models
 from toolkit.data import WindowSpec, token_windows
 from toolkit.evaluation import evaluate
 from toolkit.onnx_validate import greedy_onnx, greedy_torch, session
+from toolkit.passes.export_onnx import MODEL_FILE, ExportONNXConfig, export
+from toolkit.passes.rtn import RTNConfig
+from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
 
 PROMPTS = (

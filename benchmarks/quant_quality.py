@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-from toolkit.passes import awq, gptq, rtn
 
 from toolkit.context import PassContext
 from toolkit.data import WindowSpec, token_windows
 from toolkit.evaluation import evaluate
 from toolkit.models import load
+from toolkit.passes import awq, gptq, rtn
 
 SETTINGS = {"g32sym": dict(bits=4, group_size=32, symmetric=True), "g64asym": dict(bits=4, group_size=64, symmetric=False)}
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")

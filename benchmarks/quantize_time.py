@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from toolkit.passes import awq, gptq
 
 from toolkit.context import PassContext
 from toolkit.data import WindowSpec, token_windows
 from toolkit.models import load
+from toolkit.passes import awq, gptq
 
 
 def peak_rss_mb() -> float:

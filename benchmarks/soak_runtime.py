@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import psutil
+
 from toolkit.runtime import GenerationConfig, load
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from toolkit.passes import rtn
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -28,6 +27,7 @@ from toolkit.architectures import AWQ_MAPPINGS, ScaleMapping, layout_of
 from toolkit.calibration import LayerInputs, check_finite, stream_inputs, walk_layers
 from toolkit.context import PassContext
 from toolkit.errors import ToolkitError
+from toolkit.passes import rtn
 from toolkit.quantization import QuantSpec
 from toolkit.surgery import check_group_size, target_linears
 

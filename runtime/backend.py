@@ -14,6 +14,8 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 import psutil
+
+from toolkit.errors import ToolkitError
 from toolkit.runtime.artifact import (
     ModelSpec,
     check_external_data,
@@ -22,8 +24,6 @@ from toolkit.runtime.artifact import (
     uses_shared_buffer,
 )
 from toolkit.runtime.kv_cache import KVCache
-
-from toolkit.errors import ToolkitError
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 

@@ -13,12 +13,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from toolkit.runtime import sampling
-from toolkit.runtime.backend import Backend
-from toolkit.runtime.kv_cache import BlockPool, blocks_for
 from transformers import PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
+from toolkit.runtime import sampling
+from toolkit.runtime.backend import Backend
+from toolkit.runtime.kv_cache import BlockPool, blocks_for
 
 Prompt = str | list[dict[str, str]]  # text, or chat messages [{"role": ..., "content": ...}]
 

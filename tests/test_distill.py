@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from toolkit.passes import PASSES, distill, rtn
 
 from toolkit import artifacts
 from toolkit.context import PassContext
 from toolkit.distillation import hidden_state_map, kept_layers, logit_divergence
 from toolkit.errors import ToolkitError
+from toolkit.passes import PASSES, distill, rtn
 from toolkit.quantization import quantized_modules
 from toolkit.tiny import tiny_llama, tiny_tokenizer
 from toolkit.training import TrainConfig, Trainer, batch_indices, checkpoints, lr_factor

@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from toolkit.passes import EXPORTS
-from toolkit.passes.export_onnx import DATA_FILE, MODEL_FILE, ExportONNXConfig, export
-from toolkit.passes.rtn import RTNConfig
-from toolkit.passes.rtn import apply as rtn_apply
 
 from toolkit import models
 from toolkit.errors import ToolkitError
 from toolkit.formats import MatMulNBitsLayout, OnnxPacked4
+from toolkit.passes import EXPORTS
+from toolkit.passes.export_onnx import DATA_FILE, MODEL_FILE, ExportONNXConfig, export
+from toolkit.passes.rtn import RTNConfig
+from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
 from toolkit.quantization import QuantLinear, QuantSpec, rtn
 

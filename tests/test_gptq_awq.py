@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from toolkit.passes import awq, export_hf_gptq, gptq, rtn
 
 from toolkit.algorithms.awq import clip_weight, fake_quantize, output_error, search_clip, search_scales
 from toolkit.algorithms.gptq import SingularHessianError, gptq_quantize, inverse_hessian_factor
@@ -18,6 +17,7 @@ from toolkit.calibration import capture_layer_inputs
 from toolkit.context import PassContext
 from toolkit.errors import ToolkitError
 from toolkit.formats import GPTQInt32
+from toolkit.passes import awq, export_hf_gptq, gptq, rtn
 from toolkit.quantization import QuantLinear, QuantSpec, dequantize, quantized_modules
 from toolkit.quantization import rtn as rtn_math
 from toolkit.tiny import tiny_llama, tiny_tokenizer

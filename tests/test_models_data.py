@@ -1,9 +1,9 @@
 import pytest
 import torch
-from toolkit.passes import rtn
 
 from toolkit import artifacts, data, evaluation, models
 from toolkit.errors import ToolkitError
+from toolkit.passes import rtn
 from toolkit.paths import atomic_dir
 from toolkit.quantization import QuantEmbedding, QuantLinear
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from toolkit.passes import rtn
 
 from toolkit import pipeline, recipes
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
+from toolkit.passes import rtn
 from toolkit.paths import sha256_file
 
 TINY_RECIPE = {

@@ -15,11 +15,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from toolkit.runtime import GenerationConfig, load, sampling
-from toolkit.runtime.kv_cache import BlockPool
 
 from toolkit import artifacts, models
 from toolkit.errors import ToolkitError
+from toolkit.runtime import GenerationConfig, load, sampling
+from toolkit.runtime.kv_cache import BlockPool
 
 pytest.importorskip("onnxruntime_genai", reason="the tiny test graphs are built with onnxruntime-genai's builder")
 
