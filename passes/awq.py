@@ -29,7 +29,7 @@ from toolkit.context import PassContext
 from toolkit.errors import ToolkitError
 from toolkit.passes import rtn
 from toolkit.quantization import QuantSpec
-from toolkit.surgery import check_group_size, target_linears
+from toolkit.surgery import check_group_size, check_head_bits, target_linears
 
 # Query/key projections are not clipped: attention scores amplify their error (as AutoAWQ does).
 NO_CLIP = ("q_proj", "k_proj")
@@ -51,8 +51,7 @@ class AWQConfig:
         QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
         if self.grid < 1:
             raise ValueError(f"grid must be >= 1 alpha values (20 is usual), got {self.grid}")
-        if self.lm_head_bits is not None and self.lm_head_bits not in (4, 8):
-            raise ValueError(f"lm_head_bits must be 4, 8 or null (keep float), got {self.lm_head_bits}")
+        check_head_bits(self.lm_head_bits)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 window, got {self.batch_size}")
 

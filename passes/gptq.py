@@ -23,7 +23,7 @@ from toolkit.calibration import LayerInputs, check_finite, stream_inputs, walk_l
 from toolkit.context import PassContext
 from toolkit.errors import ToolkitError
 from toolkit.quantization import QuantSpec, dequantize
-from toolkit.surgery import check_group_size, install, quantize_head, target_linears
+from toolkit.surgery import check_group_size, check_head_bits, install, quantize_head, target_linears
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ class GPTQConfig:
             raise ValueError(f"damp must be in (0, {MAX_DAMP}] (a fraction of mean(diag H); 0.01 is usual), got {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be a positive number of columns (128 is usual), got {self.block_size}")
-        if self.lm_head_bits is not None and self.lm_head_bits not in (4, 8):
-            raise ValueError(f"lm_head_bits must be 4, 8 or null (keep float), got {self.lm_head_bits}")
+        check_head_bits(self.lm_head_bits)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 window, got {self.batch_size}")
 

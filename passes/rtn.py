@@ -9,7 +9,7 @@ from transformers import PreTrainedModel
 
 from toolkit.context import PassContext
 from toolkit.quantization import QuantSpec, rtn
-from toolkit.surgery import check_group_size, install, quantize_head, target_linears
+from toolkit.surgery import check_group_size, check_head_bits, install, quantize_head, target_linears
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,7 @@ class RTNConfig:
 
     def __post_init__(self) -> None:
         QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
-        if self.lm_head_bits is not None and self.lm_head_bits not in (4, 8):
-            raise ValueError(f"lm_head_bits must be 4, 8 or null (keep float), got {self.lm_head_bits}")
+        check_head_bits(self.lm_head_bits)
 
     @property
     def spec(self) -> QuantSpec:

@@ -12,6 +12,14 @@ from toolkit.architectures import layout_of
 from toolkit.errors import ToolkitError
 from toolkit.quantization import QuantEmbedding, QuantLinear, QuantSpec, rtn, set_module, valid_group_sizes
 
+HEAD_BITS = (4, 8)
+
+
+def check_head_bits(bits: int | None) -> None:
+    """The head's precision setting, shared by every weight-quantization pass config."""
+    if bits is not None and bits not in HEAD_BITS:
+        raise ValueError(f"lm_head_bits must be 4, 8 or null (keep float), got {bits}")
+
 
 def target_linears(model: PreTrainedModel, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
     """Float ``nn.Linear`` modules to quantize: all but the head and names matching a ``skip`` pattern."""
