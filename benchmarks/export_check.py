@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/export_check.py --variant float --variant int4 --target ort
     .venv/bin/python benchmarks/export_check.py --variant int4 --target standard --windows 4
+    .venv/bin/python benchmarks/export_check.py --variant runs/smollm2-int4-gptq/model --new-tokens 32
 
 ``float``: float32 SmolLM2. ``int4``: RTN int4 group 32 symmetric (lm_head int8, tied embedding), the
 toolkit default. Perplexity uses the default protocol (16 x 512 evaluation windows), the ONNX model running
@@ -54,10 +55,11 @@ def onnx_perplexity(sess, contract: dict, windows: torch.Tensor) -> float:  # ty
 
 
 def check(variant: str, target: str, windows: int, new_tokens: int, out: Path) -> dict:
-    loaded = models.load("smollm2")
+    """``variant``: 'float', 'int4' (RTN g32 sym), or the path of a quantized artifact (e.g. a GPTQ run's model/)."""
+    loaded = models.load("smollm2" if variant in ("float", "int4") else variant)
     if variant == "int4":
         rtn_apply(loaded.model, RTNConfig(bits=4, group_size=32, symmetric=True))
-    folder = out / f"{variant}-{target}"
+    folder = out / f"{Path(variant).parent.name or variant}-{target}"
     start = time.perf_counter()
     with atomic_dir(folder) as tmp:
         result = export(loaded.model, loaded.tokenizer, ExportONNXConfig(target=target), tmp)["export"]
@@ -82,7 +84,8 @@ def check(variant: str, target: str, windows: int, new_tokens: int, out: Path) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", action="append", choices=["float", "int4"])
+    parser.add_argument("--variant", action="append",
+                        help="'float', 'int4' (RTN g32 sym) or a quantized artifact folder such as RUN/model (repeatable)")
     parser.add_argument("--target", action="append", choices=["ort", "standard"])
     parser.add_argument("--windows", type=int, default=16, help="512-token evaluation windows (0: skip perplexity)")
     parser.add_argument("--new-tokens", type=int, default=64)
