@@ -2,9 +2,9 @@
 
 Runs alternate in one process (ours, genai, ours, genai, ...) so that load on a shared machine hits
 both alike; the figures are medians of the per-pair ratios. Same prompt (256 tokens), 128 new
-tokens, greedy, same thread count; ``--spin`` matches genai's spinning thread pool.
+tokens, greedy, same thread count; spinning threads like genai's unless ``--no-spin``.
 
-    .venv/bin/python benchmarks/ab_genai.py out/smol-int4 --pairs 5 --spin
+    .venv/bin/python benchmarks/ab_genai.py out/smol-int4 --pairs 5
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--spin", action="store_true")
+    p.add_argument("--no-spin", dest="spin", action="store_false")
     a = p.parse_args(argv)
     import onnxruntime_genai as og
 

@@ -232,7 +232,7 @@ WORKERS = {"ours": run_ours, "transformers": run_transformers, "genai": run_gena
 def spawn(kind: str, path: str, a: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     cmd = [sys.executable, str(HERE), "--worker", kind, "--path", str(path), "--threads", str(a.threads),
            "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
-           "--repeats", str(a.repeats), "--warmup", str(a.warmup)] + (["--spin"] if a.spin else [])
+           "--repeats", str(a.repeats), "--warmup", str(a.warmup)] + ([] if a.spin else ["--no-spin"])
     for k, v in extra.items():
         cmd += [f"--{k}", str(v)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -365,7 +365,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--spin", action="store_true", help="let ORT threads spin (ours; genai always spins)")
+    p.add_argument("--no-spin", dest="spin", action="store_false",
+                   help="keep ORT threads from spinning (ours; genai always spins)")
     p.add_argument("--out", type=Path, default=Path("out/bench"))
     p.add_argument("--report", type=Path, default=None, help="write the first system as a toolkit-report/1")
     p.add_argument("--perplexity", type=float, default=None, help="perplexity to record in --report")

@@ -12,7 +12,9 @@ Validation fails the export (ToolkitError), it never only warns. It runs twice:
 - ``deployed`` (quantized models with accuracy_level > 0): the shipped setting, where level 4 quantizes
   activations to int8 per block. Its error is noise spread over every logit (max |Δ| reaches ~2.5 on SmolLM2
   with random tokens, a few % of the logit range), so it is judged scale-free: RMS(Δ)/RMS(logits) <=
-  ``deployed_tolerance``; a broken kernel or layout gives ~1.
+  ``deployed_tolerance``; a broken kernel or layout gives ~1. Measured on SmolLM2 int4 g32: RTN 0.033, GPTQ
+  0.053 (a left-padded batch of 2), so the bound is 0.1: an order of magnitude below a broken graph, with room
+  for calibrated models. Correctness itself is the strict check above (exact weights, float activations).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class ExportONNXConfig:
     opset: int = 23
     accuracy_level: int = 4  # MatMulNBits: 0 float activations; 4 int8 activations (fastest on CPU)
     tolerance: float = 1e-3  # strict check: max |Δlogits| (exact weights, float activations)
-    deployed_tolerance: float = 0.05  # accuracy_level > 0: RMS(Δlogits) / RMS(logits) (int8 activation noise)
+    deployed_tolerance: float = 0.1  # accuracy_level > 0: RMS(Δlogits) / RMS(logits) (int8 activation noise)
     max_positions: int = 0  # longest context the export serves (rotary cache rows); 0: the model's own
     threads: int = 2
 

@@ -55,7 +55,7 @@ def physical_cores() -> int:
 class OrtBackend:
     """GroupQueryAttention graphs with past and present bound to one preallocated buffer (IO binding)."""
 
-    def __init__(self, folder: Path, threads: int | None = None, prefill_chunk: int = 256, spin: bool = False) -> None:
+    def __init__(self, folder: Path, threads: int | None = None, prefill_chunk: int = 256, spin: bool = True) -> None:
         folder = Path(folder)
         model_path = resolve_model(folder)
         proto = check_external_data(folder, model_path)
@@ -70,8 +70,8 @@ class OrtBackend:
         options.intra_op_num_threads = threads or physical_cores()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning workers cut wake-up latency on an idle machine but burn the cores other processes
-        # need; on the shared 2-core box it halved decode speed, so it is opt-in.
+        # Spinning workers cut wake-up latency (decode 118 -> 164 tok/s for SmolLM2 int4 on an idle 2-core
+        # machine) but burn the cores other processes need (it halved decode on a loaded box): opt-out.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self._names = self._kv_names()

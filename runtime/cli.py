@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--threads", type=int, default=None, help="ORT threads (default: physical cores)")
+    parser.add_argument("--no-spin", dest="spin", action="store_false",
+                        help="keep ORT threads from spinning (for machines where other processes need the cores)")
 
 
 def config_from(args: argparse.Namespace) -> GenerationConfig:
@@ -38,7 +40,7 @@ def config_from(args: argparse.Namespace) -> GenerationConfig:
 def run(args: argparse.Namespace) -> int:
     """Stream the answer to stdout and the timings to stderr. ToolkitError propagates to the caller."""
     config = config_from(args)
-    engine = load(args.artifact, threads=args.threads)
+    engine = load(args.artifact, threads=args.threads, spin=args.spin)
     system = [{"role": "system", "content": args.system}] if args.system else []
     prompt = args.prompt if args.no_chat else [*system, {"role": "user", "content": args.prompt}]
     tokens = 0
