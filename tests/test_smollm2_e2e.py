@@ -14,7 +14,15 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.mark.slow
 @requires_smollm2
-def test_default_recipe_on_smollm2(tmp_path):
+def test_default_recipe_on_smollm2(tmp_path, monkeypatch, isolated_cache):
+    # A fresh cache, so the pass and both evaluations really run; only the GGUF conversion is reused.
+    from toolkit import models
+
+    models.cached_gguf_checkpoint(models.smollm2_gguf_path())
+    fresh = tmp_path / "cache"
+    fresh.mkdir()
+    (fresh / "models").symlink_to(isolated_cache / "models")
+    monkeypatch.setenv("TOOLKIT_CACHE", str(fresh))
     out = tmp_path / "run"
     assert main(["run", str(ROOT / "recipes" / "smollm2-int4-rtn.yaml"), "--output", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -24,6 +32,7 @@ def test_default_recipe_on_smollm2(tmp_path):
     assert after["bytes"] <= 0.25 * before["bytes"]
     assert after["top1_agreement"] > 0.6
     assert (out / "model" / "quantization.json").is_file()
+    assert not any(step["cache_hit"] for step in json.loads((out / "manifest.json").read_text())["steps"])
     shutil.rmtree(out)
 
 
