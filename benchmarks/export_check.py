@@ -54,7 +54,7 @@ def onnx_perplexity(sess, contract: dict, windows: torch.Tensor) -> float:  # ty
     return math.exp(nll / count)
 
 
-def check(variant: str, target: str, windows: int, new_tokens: int, out: Path) -> dict:
+def check(variant: str, target: str, windows: int, new_tokens: int, out: Path, level: int = 4) -> dict:
     """``variant``: 'float', 'int4' (RTN g32 sym), or the path of a quantized artifact (e.g. a GPTQ run's model/)."""
     loaded = models.load("smollm2" if variant in ("float", "int4") else variant)
     if variant == "int4":
@@ -62,8 +62,8 @@ def check(variant: str, target: str, windows: int, new_tokens: int, out: Path) -
     folder = out / f"{Path(variant).parent.name or variant}-{target}"
     start = time.perf_counter()
     with atomic_dir(folder) as tmp:
-        result = export(loaded.model, loaded.tokenizer, ExportONNXConfig(target=target), tmp)["export"]
-    row: dict = {"variant": variant, "target": target, "export_s": round(time.perf_counter() - start, 1),
+        result = export(loaded.model, loaded.tokenizer, ExportONNXConfig(target=target, accuracy_level=level), tmp)["export"]
+    row: dict = {"variant": variant, "target": target, "accuracy_level": level, "export_s": round(time.perf_counter() - start, 1),
                  "size_mb": result["size_mb"], "validation": result["validation"], "op_census": result["op_census"]}
     contract = json.loads((folder / "export.json").read_text())
     sess = session(str(folder / MODEL_FILE), contract["accuracy_level"])
@@ -89,22 +89,23 @@ def main() -> None:
     parser.add_argument("--target", action="append", choices=["ort", "standard"])
     parser.add_argument("--windows", type=int, default=16, help="512-token evaluation windows (0: skip perplexity)")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (0: float activations)")
     parser.add_argument("--out", type=Path, default=Path("runs/export_check"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
     for variant in args.variant or ["float", "int4"]:
         for target in args.target or ["ort"]:
-            rows.append(check(variant, target, args.windows, args.new_tokens, args.out))
+            rows.append(check(variant, target, args.windows, args.new_tokens, args.out, args.accuracy_level))
             print(json.dumps(rows[-1]), flush=True)  # progress: the slow part is minutes per row
-    print("| variant | target | size MB | max Δlogits strict | max Δlogits deployed | greedy identical "
+    print("| variant | target | level | size MB | max Δlogits strict | max Δlogits deployed | greedy identical "
           "| ppl ONNX | ppl PyTorch | Δ% |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         v = r["validation"]
         deployed = max(m["max_abs"] for m in v["deployed"].values()) if "deployed" in v else float("nan")
         strict = max(m["max_abs"] for m in v["strict"].values())
-        print(f"| {r['variant']} | {r['target']} | {r['size_mb']} | {strict:.2e} | {deployed:.3f} | {r['greedy_identical']} | {r.get('ppl_onnx', '-')} | {r.get('ppl_torch', '-')} | "
+        print(f"| {r['variant']} | {r['target']} | {r['accuracy_level']} | {r['size_mb']} | {strict:.2e} | {deployed:.3f} | {r['greedy_identical']} | {r.get('ppl_onnx', '-')} | {r.get('ppl_torch', '-')} | "
               f"{r.get('ppl_rel_diff_pct', '-')} |")
 
 
