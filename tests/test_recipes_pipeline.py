@@ -173,3 +173,16 @@ def test_export_must_be_last(tmp_path):
     recipe["passes"].insert(0, {"onnx": {"target": "ort"}})
     with pytest.raises(ToolkitError, match=r"export step 'onnx' must be the last pass"):
         recipes.load(write_recipe(tmp_path, recipe))
+
+
+def test_recipe_quantize_then_distill_through_the_pipeline(tmp_path):
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["calibration"] = {"count": 8, "length": 64, "sampling": "sequential"}
+    recipe["passes"].append({"distill": {"student": "quantized", "steps": 3, "batch_size": 2, "heldout_windows": 2,
+                                         "lr": 0.01, "warmup_steps": 1, "eval_every": 2, "checkpoint_every": 2}})
+    result = pipeline.run(recipes.load(write_recipe(tmp_path, recipe)), progress=False, log=lambda m: None)
+    assert [s.name for s in result.steps] == ["rtn", "distill"]
+    assert (result.output / "model" / "quantization.json").is_file()  # the student stays packed int4
+    rtn_only = pipeline.run(recipes.load(write_recipe(tmp_path, TINY_RECIPE, "rtn.yaml")), progress=False,
+                            log=lambda m: None)
+    assert result.after["perplexity"] != rtn_only.after["perplexity"]  # training changed the student
