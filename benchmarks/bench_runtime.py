@@ -37,8 +37,11 @@ def peak_rss_mb() -> float:
 
 
 def folder_bytes(path: Path) -> int:
+    """Bytes of an export folder, or of a single file (the GGUF peer)."""
+    from toolkit.paths import dir_bytes
+
     path = Path(path)
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.is_file() else dir_bytes(path)
 
 
 def prompt_ids(tokenizer: Any, n: int) -> list[int]:
