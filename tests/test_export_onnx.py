@@ -111,6 +111,40 @@ def _check_folder(folder: Path, target: str) -> None:
     assert (folder / "genai_config.json").is_file() == (target == "ort")
 
 
+def test_nibble_planes_reconstruct_int8_weights_exactly() -> None:
+    from toolkit.onnx_weights import LinearWeight, nibble_planes
+
+    rng = np.random.default_rng(0)
+    codes = torch.from_numpy(rng.integers(0, 256, (6, 64)).astype(np.uint8))
+    zeros = rng.integers(0, 256, (6, 2)).astype(np.uint8)
+    scales = rng.random((6, 2)).astype(np.float16).astype(np.float32)
+    w = LinearWeight(n=6, k=64, codes=codes, scales=scales, zeros=zeros, bits=8, group=32)
+
+    def dequant(p: LinearWeight) -> np.ndarray:
+        q = p.codes.numpy().reshape(6, 2, 32).astype(np.float32)  # type: ignore[union-attr]
+        return ((q - p.zeros[..., None]) * p.scales[..., None]).reshape(6, 64)  # type: ignore[index]
+
+    hi, lo = nibble_planes(w)
+    assert hi.bits == lo.bits == 4 and int(hi.codes.max()) <= 15 and int(lo.codes.max()) <= 15  # type: ignore[union-attr]
+    assert np.array_equal(dequant(hi) + dequant(lo), dequant(w))  # bit-exact, not merely close
+    assert np.array_equal(hi.scales.astype(np.float16).astype(np.float32), hi.scales)  # 16 s is exact in float16
+
+
+def test_float_activation_export_runs_the_int8_head_as_two_4bit_planes(tmp_path: Path) -> None:
+    """accuracy_level 0: no 8-bit MatMulNBits (onnxruntime's CPU has no float-activation kernel for it)."""
+    loaded = tiny(32)
+    result = run_export(loaded, tmp_path / "out", accuracy_level=0)
+    assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
+    census, layers = result["op_census"], loaded.model.config.num_hidden_layers
+    assert census["MatMulNBits"] == 5 * layers + 2 and census["GatherBlockQuantized"] == 2
+    proto = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False)
+    bits = {a.i for n in proto.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+            for a in n.attribute if a.name == "bits"}
+    assert bits == {4}
+    level4 = run_export(tiny(32), tmp_path / "l4")
+    assert result["size_bytes"] < 1.1 * level4["size_bytes"]  # the same bytes, split; plus the planes' zero points
+
+
 def test_int4_weights_are_stored_once_as_codes(tmp_path: Path) -> None:
     """No float copy of a quantized weight: the data file is about the size of the packed codes and scales."""
     float_size = run_export(tiny(), tmp_path / "f")["size_bytes"]

@@ -9,6 +9,9 @@ Report schema (``toolkit-report/1``; ``benchmarks/bench_runtime.py --report`` wr
       "latency": {                                      # repeated samples, milliseconds, lower is better
         "decode_ms_per_token": [5.6, 5.4, ...],         # every decode step of every repeat
         "ttft_ms": [370.1, 365.2, ...]                  # one per repeat
+      },
+      "latency_groups": {                               # optional: the same samples split by process
+        "decode_ms_per_token": [[5.6, ...], [5.9, ...]]
       }
     }
 
@@ -19,6 +22,11 @@ a bootstrap 95% confidence interval. A metric regresses when the interval's lowe
 jitter have a lower end near 1 and pass; a true slowdown of the threshold's size fails. Noisy
 samples widen the interval and pass: the markdown shows the interval so a reviewer sees it. Perplexity is one deterministic
 number: the relative increase is compared with its threshold directly.
+
+When both reports split their samples by process (``latency_groups``, two or more each), the bootstrap
+resamples processes first and samples within them second: on shared machines a process's speed can differ from
+the next one's by more than a token's from the next token's, and resampling tokens alone would call that
+difference a regression.
 """
 
 from __future__ import annotations
@@ -87,24 +95,48 @@ def load_report(source: Path | dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-def ratio_interval(base: np.ndarray, cand: np.ndarray, confidence: float, seed: int = 0) -> tuple[float, float]:
+Groups = list[np.ndarray]
+
+
+def _medians(groups: Groups, rng: np.random.Generator) -> np.ndarray:
+    """BOOTSTRAP_ROUNDS medians: pick groups with replacement, then samples with replacement among theirs."""
+    if len(groups) == 1:
+        x = groups[0]
+        return np.median(rng.choice(x, (BOOTSTRAP_ROUNDS, len(x))), axis=1)
+    out = np.empty(BOOTSTRAP_ROUNDS)
+    for i in range(BOOTSTRAP_ROUNDS):
+        pooled = np.concatenate([groups[j] for j in rng.integers(0, len(groups), len(groups))])
+        out[i] = np.median(rng.choice(pooled, len(pooled)))
+    return out
+
+
+def ratio_interval(base: Groups, cand: Groups, confidence: float, seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval of median(cand) / median(base), resampling each side independently."""
     rng = np.random.default_rng(seed)
-    b = np.median(rng.choice(base, (BOOTSTRAP_ROUNDS, len(base))), axis=1)
-    c = np.median(rng.choice(cand, (BOOTSTRAP_ROUNDS, len(cand))), axis=1)
+    ratios = _medians(cand, rng) / _medians(base, rng)
     tail = (1 - confidence) / 2 * 100
-    lo, hi = np.percentile(c / b, [tail, 100 - tail])
+    lo, hi = np.percentile(ratios, [tail, 100 - tail])
     return float(lo), float(hi)
 
 
-def latency_row(name: str, base: list[float], cand: list[float], t: Thresholds) -> Row:
-    a, b = np.asarray(base, float), np.asarray(cand, float)
-    if len(a) < 3 or len(b) < 3:
+def _groups(report: dict[str, Any], name: str) -> Groups:
+    """The metric's samples split by process when the report has them (and they match the flat list)."""
+    flat = np.asarray(report["latency"][name], float)
+    groups = report.get("latency_groups", {}).get(name)
+    if groups and len(groups) >= 2 and sum(len(g) for g in groups) == len(flat):
+        return [np.asarray(g, float) for g in groups]
+    return [flat]
+
+
+def latency_row(name: str, base: Groups, cand: Groups, t: Thresholds) -> Row:
+    if sum(map(len, base)) < 3 or sum(map(len, cand)) < 3:
         raise ToolkitError(f"latency '{name}' needs at least 3 samples per report (repeat the benchmark)")
-    lo, hi = ratio_interval(a, b, t.confidence)
+    if (len(base) > 1) != (len(cand) > 1):  # judge both sides the same way
+        base, cand = [np.concatenate(base)], [np.concatenate(cand)]
+    lo, hi = ratio_interval(base, cand, t.confidence)
     # the slowdown is surely at least half the threshold, and the threshold itself is plausible
     regressed = lo >= 1.0 + t.max_latency_regression / 2 and hi >= 1.0 + t.max_latency_regression
-    ma, mb = float(np.median(a)), float(np.median(b))
+    ma, mb = float(np.median(np.concatenate(base))), float(np.median(np.concatenate(cand)))
     return Row(name, ma, mb, mb / ma - 1, (lo - 1, hi - 1), regressed)
 
 
@@ -118,7 +150,7 @@ def compare(baseline: Path | dict[str, Any], candidate: Path | dict[str, Any],
         change = ppl_b / ppl_a - 1
         rows.append(Row("perplexity", ppl_a, ppl_b, change, None, change > t.max_ppl_increase))
     shared = [k for k in base.get("latency", {}) if k in cand.get("latency", {})]
-    rows += [latency_row(k, base["latency"][k], cand["latency"][k], t) for k in shared]
+    rows += [latency_row(k, _groups(base, k), _groups(cand, k), t) for k in shared]
     if not rows:
         raise ToolkitError("the reports share no metric (perplexity or latency): nothing to compare")
     return CompareResult(rows, to_markdown(rows, t, base.get("name", "baseline"), cand.get("name", "candidate")))

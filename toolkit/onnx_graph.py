@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from toolkit.architectures import layout_of
 from toolkit.errors import ToolkitError
 from toolkit.formats import MatMulNBitsLayout, OnnxPacked4
-from toolkit.onnx_weights import LinearWeight, embedding_source, linear_weight
+from toolkit.onnx_weights import LinearWeight, embedding_source, linear_weight, nibble_planes
 
 MS = "com.microsoft"
 IR_VERSION = 10  # the newest IR onnxruntime 1.31 loads
@@ -49,7 +49,12 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
 class GraphOptions:
     target: str  # "ort" | "standard"
     opset: int
-    accuracy_level: int  # MatMulNBits: 4 quantizes activations to int8 per block
+    accuracy_level: int  # MatMulNBits: 4 quantizes activations to int8 per block; 0-3 keep them float
+
+    @property
+    def split_int8(self) -> bool:
+        """Float activations: 8-bit weights run as two exact 4-bit planes (see ``nibble_planes``)."""
+        return self.target == "ort" and self.accuracy_level < 4
     max_positions: int = 0  # rotary cache rows (longest context); 0: the model's max_position_embeddings
 
 
@@ -153,6 +158,9 @@ def _nbits_storage(w: LinearWeight) -> int:
 
 def _matmul_nbits(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -> str:
     _require_block(w.group, name)
+    if w.bits == 8 and opts.split_int8:
+        hi, lo = nibble_planes(w)
+        return b.one("Add", [_matmul_nbits(b, x, hi, f"{name}.hi", opts), _matmul_nbits(b, x, lo, f"{name}.lo", opts)])
     bits = _nbits_storage(w)
     inputs = [x, _nbits_weight(b, w, name), _nbits_scales(b, w, name)]
     zeros = torch.from_numpy(w.zeros)  # type: ignore[arg-type]
@@ -201,9 +209,13 @@ def embed(b: Builder, ids: str, model: PreTrainedModel, head: str, opts: GraphOp
     w: LinearWeight = src  # type: ignore[assignment]
     if not w.quantized:
         return b.one("Gather", [_float_rows(b, w, head), ids])
-    if opts.target == "ort":
-        return _gather_block_quantized(b, ids, w, head)
-    return _gather_dequantize(b, ids, w, head)
+    if opts.target != "ort":
+        return _gather_dequantize(b, ids, w, head)
+    if w.bits == 8 and opts.split_int8:  # the head is stored as two 4-bit planes: gather both and add (exact)
+        hi, lo = nibble_planes(w)
+        return b.one("Add", [_gather_block_quantized(b, ids, hi, f"{head}.hi"),
+                             _gather_block_quantized(b, ids, lo, f"{head}.lo", zero_points=True)])
+    return _gather_block_quantized(b, ids, w, head)
 
 
 def _float_rows(b: Builder, w: LinearWeight, head: str) -> str:
@@ -211,16 +223,20 @@ def _float_rows(b: Builder, w: LinearWeight, head: str) -> str:
     return b.one("Transpose", [b.const(f"{head}.weight_t", w.weight.T)], perm=[1, 0])  # type: ignore[union-attr]
 
 
-def _gather_block_quantized(b: Builder, ids: str, w: LinearWeight, head: str) -> str:
+def _gather_block_quantized(b: Builder, ids: str, w: LinearWeight, head: str, zero_points: bool = False) -> str:
+    """Rows of the head's MatMulNBits bytes. ``zero_points``: pass the head's zero points (a nibble plane's)."""
     _require_block(w.group, "tied embedding")
     bits = _nbits_storage(w)
-    if bool((torch.from_numpy(w.zeros) != 2 ** (bits - 1)).any()):  # type: ignore[arg-type]
+    if not zero_points and bool((torch.from_numpy(w.zeros) != 2 ** (bits - 1)).any()):  # type: ignore[arg-type]
         raise ToolkitError("the ort export supports a tied quantized head only when it is symmetric "
                            "(lm_head quantized with symmetric=True, as RTN's quantize_head does)")
     data = _nbits_weight(b, w, head)  # [V, G, g*bits/8]: the head's MatMulNBits B, shared
-    # GatherBlockQuantized wants scales of data's rank: a reshape of the head's [V, G] scales (folded at load).
-    scales = b.one("Reshape", [_nbits_scales(b, w, head), b.ints([w.n, w.k // w.group, 1])])
-    rows = b.one("GatherBlockQuantized", [data, ids, scales], domain=MS, bits=bits, block_size=w.group,
+    # GatherBlockQuantized wants scales (and zero points, one a byte) of data's rank: [V, G, 1]
+    shape = [w.n, w.k // w.group, 1]
+    inputs = [data, ids, b.one("Reshape", [_nbits_scales(b, w, head), b.ints(shape)])]
+    if zero_points:
+        inputs.append(b.const(f"{head}.zero_points_rows", w.zeros.reshape(shape)))  # type: ignore[union-attr]
+    rows = b.one("GatherBlockQuantized", inputs, domain=MS, bits=bits, block_size=w.group,
                  quantize_axis=2, gather_axis=0)  # [B, S, G, g]
     return b.one("Reshape", [rows, b.ints([0, 0, w.k])])
 

@@ -78,3 +78,19 @@ def embedding_source(model: nn.Module, head_name: str) -> tuple[str, LinearWeigh
             return "tied", linear_weight(head)
         return "table", embed.weight.detach().float().numpy()
     raise ToolkitError(f"cannot export input embedding of type {type(embed).__name__}")
+
+
+def nibble_planes(w: LinearWeight) -> tuple[LinearWeight, LinearWeight]:
+    """An 8-bit linear as two exact 4-bit ones: ``s(q - z) = 16s(q_hi - z_hi) + s(q_lo - z_lo)``.
+
+    With ``q = 16 q_hi + q_lo`` and ``z = 16 z_hi + z_lo`` the identity holds term by term, and ``16 s`` is exact in
+    float16. onnxruntime's CPU MatMulNBits has a float-activation kernel for 4 bits but not for 8 (it dequantizes the
+    whole matrix on every call), so an exact export of an int8 head runs as these two planes: the same bytes, and
+    logits equal to the int8 product up to float summation order.
+    """
+    if w.bits != 8 or w.codes is None or w.zeros is None or w.scales is None:
+        raise ToolkitError("nibble_planes splits an 8-bit quantized linear")
+    q, z = w.codes, w.zeros
+    hi = LinearWeight(n=w.n, k=w.k, codes=q >> 4, scales=w.scales * 16, zeros=z >> 4, bits=4, group=w.group, bias=w.bias)
+    lo = LinearWeight(n=w.n, k=w.k, codes=q & 15, scales=w.scales.copy(), zeros=z & 15, bits=4, group=w.group)
+    return hi, lo
