@@ -78,10 +78,30 @@ def repeat(fn: Any, warmup: int, repeats: int) -> list[dict[str, Any]]:
 
 
 # --- systems -----------------------------------------------------------------------------------------
+def inject_slowdown(backend: Any, fraction: float) -> None:
+    """Make every prefill and decode call really take ``1 + fraction`` times as long (busy wait, not sleep:
+    sub-millisecond sleeps overshoot). For checking that the CI gate catches a slowdown of a known size."""
+
+    def slowed(fn: Any) -> Any:
+        def call(*args: Any) -> Any:
+            t0 = time.perf_counter()
+            out = fn(*args)
+            until = time.perf_counter() + fraction * (time.perf_counter() - t0)
+            while time.perf_counter() < until:
+                pass
+            return out
+
+        return call
+
+    backend.prefill, backend.decode = slowed(backend.prefill), slowed(backend.decode)
+
+
 def run_ours(a: argparse.Namespace) -> dict[str, Any]:
     from toolkit.runtime import GenerationConfig, load
 
     engine = load(a.path, threads=a.threads, spin=a.spin)
+    if a.slowdown:
+        inject_slowdown(engine.backend, a.slowdown)
     ids = prompt_ids(engine.tokenizer, a.prompt_tokens)
     config = GenerationConfig(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens)
 
@@ -235,7 +255,8 @@ WORKERS = {"ours": run_ours, "transformers": run_transformers, "genai": run_gena
 def spawn(kind: str, path: str, a: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     cmd = [sys.executable, str(HERE), "--worker", kind, "--path", str(path), "--threads", str(a.threads),
            "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
-           "--repeats", str(a.repeats), "--warmup", str(a.warmup)] + ([] if a.spin else ["--no-spin"])
+           "--repeats", str(a.repeats), "--warmup", str(a.warmup), "--slowdown", str(a.slowdown)]
+    cmd += [] if a.spin else ["--no-spin"]
     for k, v in extra.items():
         cmd += [f"--{k}", str(v)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -265,23 +286,46 @@ PEER_MODULES = {"genai": "onnxruntime_genai", "llamacpp": "llama_cpp"}
 
 
 def benchmark(a: argparse.Namespace) -> dict[str, Any]:
+    """Every system once per round, each in a fresh process, the order rotated between rounds.
+
+    A process is its own sample: on a shared virtual machine decode speed varies by up to ~20 % from one process
+    to the next (memory placement, neighbours) while staying steady inside one, so figures pool the repeats of
+    all rounds and ratios against a peer are taken round by round (same minutes) before the median.
+    """
     report: dict[str, Any] = {"settings": {k: getattr(a, k) for k in ("prompt_tokens", "new_tokens", "threads",
-                                                                       "repeats", "warmup", "spin")},
+                                                                       "repeats", "warmup", "spin", "rounds",
+                                                                       "slowdown")},
                               "systems": [], "notes": []}
+    todo = []
     for label, kind, path in systems(a):
         module = PEER_MODULES.get(kind)
         if module and not installed(module):
             report["notes"].append(f"{label}: skipped, `{module}` is not installed")
+        else:
+            todo.append((label, kind, path))
+    raws: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in todo}
+    for r in range(a.rounds):
+        for label, kind, path in todo[r % len(todo):] + todo[: r % len(todo)] if todo else []:
+            print(f"round {r + 1}/{a.rounds}: measuring {label} ...", file=sys.stderr)
+            raw = spawn(kind, path, a)
+            if "error" in raw:
+                report["notes"].append(f"{label}: failed in round {r + 1}: {raw['error']}")
+            else:
+                raws[label].append(raw)
+    for label, kind, path in todo:
+        if not raws[label]:
             continue
-        print(f"measuring {label} ...", file=sys.stderr)
-        raw = spawn(kind, path, a)
-        if "error" in raw:
-            report["notes"].append(f"{label}: failed: {raw['error']}")
-            continue
-        row = {"system": label, "path": str(path), "artifact_bytes": raw["bytes"], "peak_rss_mb": raw["peak_rss_mb"],
-               **summarize(raw["runs"], a.prompt_tokens)}
+        runs = [run for raw in raws[label] for run in raw["runs"]]
+        row = {"system": label, "kind": kind, "path": str(path), "artifact_bytes": raws[label][0]["bytes"],
+               "peak_rss_mb": max(raw["peak_rss_mb"] for raw in raws[label]), "processes": len(raws[label]),
+               **summarize(runs, a.prompt_tokens)}
+        per = [summarize(raw["runs"], a.prompt_tokens) for raw in raws[label]]
+        row["per_process_decode_tok_s"] = [x["decode_tok_s"] for x in per]
+        row["per_process_prefill_tok_s"] = [x["prefill_tok_s"] for x in per]
+        row["samples_by_process"] = {k: [x["samples"][k] for x in per] for k in per[0]["samples"]}
         row["weight_gb_s"] = row["artifact_bytes"] * row["decode_tok_s"] / 1e9  # bytes read per token x tok/s
         report["systems"].append(row)
+    report["ratios"] = peer_ratios(report["systems"])
     if a.concurrency:
         print("measuring concurrency ...", file=sys.stderr)
         report["concurrency"] = spawn("concurrency", a.concurrency, a, batch=8)
@@ -291,16 +335,38 @@ def benchmark(a: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def peer_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each of our systems against each peer: the median over rounds of (ours / peer) in that round."""
+    ours = [r for r in rows if r["kind"] == "ours"]
+    peers = [r for r in rows if r["kind"] != "ours"]
+    out = []
+    for o in ours:
+        for p in peers:
+            pairs = list(zip(o["per_process_decode_tok_s"], p["per_process_decode_tok_s"], strict=False))
+            pre = list(zip(o["per_process_prefill_tok_s"], p["per_process_prefill_tok_s"], strict=False))
+            if pairs:
+                out.append({"ours": o["system"], "peer": p["system"], "rounds": len(pairs),
+                            "decode_ratio": float(np.median([x / y for x, y in pairs])),
+                            "decode_ratio_per_round": [x / y for x, y in pairs],
+                            "prefill_ratio": float(np.median([x / y for x, y in pre]))})
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [f"Prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new tokens, greedy, {s['threads']} threads, "
-             f"{s['warmup']} warm-up + {s['repeats']} repeats (medians).", "",
+             f"{s['warmup']} warm-up + {s['repeats']} repeats in each of {s['rounds']} fresh processes (medians)"
+             + (f", ours slowed down by {s['slowdown']:.0%} on purpose" if s.get("slowdown") else "") + ".", "",
              "| system | TTFT ms | prefill tok/s | decode tok/s | ITL p50 ms | ITL p90 ms | peak RSS MB | "
              "artifact MB | weights GB/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["systems"]:
         lines.append(f"| {r['system']} | {r['ttft_ms']:.0f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
                      f"{r['itl_p50_ms']:.2f} | {r['itl_p90_ms']:.2f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['artifact_bytes'] / 1e6:.1f} | {r['weight_gb_s']:.1f} |")
+    for q in report.get("ratios", []):
+        per_round = ", ".join(f"{x:.2f}" for x in q["decode_ratio_per_round"])
+        lines.append(f"\n{q['ours']} / {q['peer']}: decode {q['decode_ratio']:.3f}x (per round {per_round}), "
+                     f"prefill {q['prefill_ratio']:.3f}x, median over {q['rounds']} rounds.")
     c = report.get("concurrency")
     if c and "error" in c:
         lines.append(f"Concurrency: failed: {c['error']}")
@@ -343,7 +409,7 @@ def gate_report(report: dict[str, Any], perplexity: float | None) -> dict[str, A
     first = report["systems"][0]
     return {"schema": "toolkit-report/1", "name": first["system"],
             "metrics": {"perplexity": perplexity} if perplexity is not None else {},
-            "latency": first["samples"]}
+            "latency": first["samples"], "latency_groups": first["samples_by_process"]}
 
 
 def default_gguf() -> str | None:
@@ -368,6 +434,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3, help="fresh processes per system, interleaved (default 3)")
+    p.add_argument("--slowdown", type=float, default=0.0,
+                   help="make our runtime this fraction slower on purpose (0.1: 10%%), to check the CI gate")
     p.add_argument("--no-spin", dest="spin", action="store_false",
                    help="keep ORT threads from spinning (ours; genai always spins)")
     p.add_argument("--out", type=Path, default=Path("out/bench"))
