@@ -79,7 +79,7 @@ def test_export_matches_pytorch(tmp_path: Path, target: str, group: int | None) 
     loaded = tiny(group)
     result = run_export(loaded, tmp_path / "out", target=target)
     strict = result["validation"]["strict"]
-    expected = {"prefill_7", "prefill_13", "decode", "left_pad_batch2"}
+    expected = {"prefill_7", "prefill_13", "decode", "right_pad_batch2" if target == "ort" else "left_pad_batch2"}
     if target == "ort":
         expected |= {"shared_buffer_capacity_mask", "shared_buffer_current_mask"}
     assert set(strict) == expected
@@ -94,7 +94,7 @@ def test_export_matches_pytorch(tmp_path: Path, target: str, group: int | None) 
     assert "Softmax" not in census
     if group is not None and target == "ort":
         assert census.get("MatMul", 0) == 0  # every linear (head included) is a MatMulNBits
-        assert census["MatMulNBits"] == 5 * layers + 1 and census["GatherBlockQuantized"] == 1
+        assert census["MatMulNBits"] == 4 * layers + 1 and census["GatherBlockQuantized"] == 1
     if group is not None and target == "standard":
         assert census["DequantizeLinear"] == census["MatMul"] + 1  # every MatMul reads dequantized codes (+ embedding)
     _check_folder(tmp_path / "out", target)
@@ -136,13 +136,34 @@ def test_float_activation_export_runs_the_int8_head_as_two_4bit_planes(tmp_path:
     result = run_export(loaded, tmp_path / "out", accuracy_level=0)
     assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
     census, layers = result["op_census"], loaded.model.config.num_hidden_layers
-    assert census["MatMulNBits"] == 5 * layers + 2 and census["GatherBlockQuantized"] == 2
+    assert census["MatMulNBits"] == 4 * layers + 2 and census["GatherBlockQuantized"] == 2
     proto = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False)
     bits = {a.i for n in proto.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
             for a in n.attribute if a.name == "bits"}
     assert bits == {4}
     level4 = run_export(tiny(32), tmp_path / "l4")
     assert result["size_bytes"] < 1.1 * level4["size_bytes"]  # the same bytes, split; plus the planes' zero points
+
+
+def test_left_padding_is_opt_in_for_the_ort_target(tmp_path: Path) -> None:
+    """Default ort graphs serve right-padded batches (no attention bias: faster decode); left_padding adds it."""
+    from toolkit.onnx_graph import dims_of
+    from toolkit.onnx_validate import Probe, run_checks, session
+
+    loaded = tiny(32)
+    left = run_export(loaded, tmp_path / "left", left_padding=True)["validation"]["strict"]
+    assert {"left_pad_batch2", "shared_buffer_current_mask"} <= set(left)
+    assert max(m["max_abs"] for m in left.values()) <= 1e-3
+    assert json.loads((tmp_path / "left" / "export.json").read_text())["padding"] == "left or right"
+    run_export(loaded, tmp_path / "right")
+    assert json.loads((tmp_path / "right" / "export.json").read_text())["padding"] == "right"
+    proto = onnx.load(str(tmp_path / "right" / MODEL_FILE), load_external_data=False)
+    gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(len(n.input) < 11 or n.input[10] == "" for n in gqa)  # no attention_bias
+    # the right-padded graph really cannot serve a left-padded batch: the check exists for a reason
+    d = dims_of(loaded.model)
+    wrong = run_checks(session(str(tmp_path / "right" / MODEL_FILE), 0), loaded.model, Probe(d, 256), True, True)
+    assert wrong["left_pad_batch2"]["max_abs"] > 1e-2
 
 
 def test_int4_weights_are_stored_once_as_codes(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ import torch
 from onnx import TensorProto, helper
 from transformers import PreTrainedModel
 
-from toolkit.architectures import decoder_layers, layout_of
+from toolkit.architectures import DecoderLayout, decoder_layers, layout_of
 from toolkit.onnx_graph import (
     IR_VERSION,
     MASK_NEG,
@@ -66,7 +66,7 @@ PRESENT = "present.{i}.{kv}"
 class MaskValues:
     seqlens_k: str  # int32 [B]: columns in use after this step, minus one
     total: str  # int32 scalar T
-    bias: str  # ort: float [B,1,S,T] additive; standard: bool [B,1,S,T] (True = attend, causal included)
+    bias: str  # ort: float [B,1,S,T] additive or "" (right padding only); standard: bool [B,1,S,T] (True = attend)
 
 
 def _activation(b: Builder, x: str, kind: str) -> str:
@@ -93,6 +93,8 @@ def mask_values(b: Builder, opts: GraphOptions) -> MaskValues:
     last = b.one("ReduceMax", [b.one("Mul", [ATTENTION_MASK, col1]), b.ints([1])], keepdims=0)  # [B]
     total = b.one("ReduceMax", [last], keepdims=0)  # scalar T
     seqlens_k = b.one("Cast", [b.one("Sub", [last, one])], to=TensorProto.INT32)
+    if opts.target == "ort" and not opts.left_padding:  # GQA masks by seqlens_k: right-padded rows need nothing more
+        return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), "")
     visible = b.one("Slice", [ATTENTION_MASK, b.ints([0]), b.one("Unsqueeze", [total, b.ints([0])]), b.ints([1])])
     visible = b.one("Unsqueeze", [b.one("Cast", [visible], to=TensorProto.BOOL), b.ints([1, 2])])  # [B,1,1,T]
     # Each row's queries sit at its own last columns (last[b]-S .. last[b]-1): rows of different lengths
@@ -146,12 +148,26 @@ def _norm(b: Builder, delta: str | None, residual: str, weight: np.ndarray, name
     The first norm has no add: standard RMSNormalization (onnx's checker rejects the contrib
     SimplifiedLayerNormalization, which onnxruntime registers in the default domain)."""
     w = b.const(f"{name}.weight", weight)
-    if opts.target == "ort" and delta is not None:
-        out = b.op("SkipSimplifiedLayerNormalization", [delta, residual, w], n_out=4, domain=MS, epsilon=d.eps)
-        return out[0], out[3]
+    if opts.target == "ort" and delta is not None:  # outputs: normed, (mean, inv_std: unused), residual + delta
+        normed, total = b.fresh("norm"), b.fresh("residual")
+        b.op("SkipSimplifiedLayerNormalization", [delta, residual, w], domain=MS, outs=[normed, "", "", total],
+             epsilon=d.eps)
+        return normed, total
     if delta is not None:
         residual = b.one("Add", [residual, delta])
     return b.one("RMSNormalization", [residual, w], epsilon=d.eps, axis=-1), residual
+
+
+def _gate_up(b: Builder, h: str, layer: torch.nn.Module, layout: DecoderLayout, i: int,
+             opts: GraphOptions) -> tuple[str, str]:
+    """Gate and up projections read the same input: one MatMulNBits of both (ort), then a Split."""
+    gate_w, up_w = (linear_weight(layer.get_submodule(n)) for n in (layout.gate, layout.up))
+    fused = concat_rows([gate_w, up_w]) if opts.target == "ort" else None
+    if fused is None:
+        return (linear(b, h, gate_w, f"layers.{i}.gate_proj", opts), linear(b, h, up_w, f"layers.{i}.up_proj", opts))
+    both = linear(b, h, fused, f"layers.{i}.gate_up_proj", opts)
+    gate, up = b.op("Split", [both, b.ints([gate_w.n, up_w.n])], n_out=2, axis=-1)
+    return gate, up
 
 
 def _io(d: Dims) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
@@ -189,8 +205,7 @@ def build_model(model: PreTrainedModel, opts: GraphOptions) -> onnx.ModelProto:
                        linear_weight(layer.get_submodule(layout.o)), f"layers.{i}.o_proj", opts)
         norm_post = layer.get_submodule(layout.post_attention_norm).weight.detach().float().numpy()
         h, residual = _norm(b, delta, residual, norm_post, f"layers.{i}.post_attention_norm", d, opts)
-        gate = linear(b, h, linear_weight(layer.get_submodule(layout.gate)), f"layers.{i}.gate_proj", opts)
-        up = linear(b, h, linear_weight(layer.get_submodule(layout.up)), f"layers.{i}.up_proj", opts)
+        gate, up = _gate_up(b, h, layer, layout, i, opts)
         act = b.one("Mul", [_activation(b, gate, arch.activation), up])
         delta = linear(b, act, linear_weight(layer.get_submodule(layout.down)), f"layers.{i}.down_proj", opts)
     final = model.get_submodule(layout.final_norm).weight.detach().float().numpy()

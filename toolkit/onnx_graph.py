@@ -56,6 +56,7 @@ class GraphOptions:
         """Float activations: 8-bit weights run as two exact 4-bit planes (see ``nibble_planes``)."""
         return self.target == "ort" and self.accuracy_level < 4
     max_positions: int = 0  # rotary cache rows (longest context); 0: the model's max_position_embeddings
+    left_padding: bool = True  # ort: an attention bias masks left-pad columns (GQA alone handles right padding)
 
 
 @dataclass(frozen=True)

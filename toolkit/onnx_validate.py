@@ -3,9 +3,11 @@
 Checks (each records max |Δlogits| over the compared positions):
 - ``prefill_7``, ``prefill_13``: one sequence, empty past (odd lengths on purpose);
 - ``decode``: prefill 13 then 4 single-token steps feeding ``present`` back as ``past``;
-- ``left_pad_batch2``: lengths 13 and 8 left-padded into one batch, prefill then 2 decode steps, compared
-  only at real tokens, against each sequence run alone (no padding) in PyTorch;
-- ``shared_buffer_*`` (GroupQueryAttention only): the left-padded batch again, past and present bound to one
+- ``left_pad_batch2`` / ``right_pad_batch2``: lengths 13 and 8 padded into one batch, prefill then 2 decode
+  steps, compared only at real tokens, against each sequence run alone (no padding) in PyTorch (right padding:
+  every row writes from column 0 and GroupQueryAttention places its queries by ``seqlens_k``; left padding needs
+  the export's attention bias, ``left_padding: true``);
+- ``shared_buffer_*`` (GroupQueryAttention only): the padded batch again, past and present bound to one
   preallocated ``[B, KVH, capacity, D]`` buffer through IO binding, the attention_mask either spanning the whole
   capacity (``capacity_mask``) or only the ``P+S`` columns in use (``current_mask``).
 The reference is always a PyTorch forward over the whole sequence without a cache.
@@ -27,7 +29,19 @@ from toolkit.onnx_decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITI
 from toolkit.onnx_graph import Dims
 
 SHARED_CAPACITY = 32
-Runner = Callable[[ort.InferenceSession, list[np.ndarray], np.ndarray, Dims], list[np.ndarray]]
+MaskFn = Callable[[int, int], np.ndarray]  # (columns written so far, mask width) -> attention_mask [B, width]
+Runner = Callable[[ort.InferenceSession, list[np.ndarray], MaskFn, Dims], list[np.ndarray]]
+
+
+def left_padded(pads: np.ndarray) -> MaskFn:
+    """Row r starts at column pads[r]; every row ends at the last column written."""
+    return lambda seen, width: ((np.arange(width)[None, :] >= pads[:, None])
+                                & (np.arange(width)[None, :] < seen)).astype(np.int64)
+
+
+def right_padded(lengths: np.ndarray, first: int) -> MaskFn:
+    """Row r holds lengths[r] tokens once ``first`` columns are written, then one more per later step."""
+    return lambda seen, width: (np.arange(width)[None, :] < (lengths + seen - first)[:, None]).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -67,20 +81,20 @@ def _empty_past(batch: int, dims: Dims) -> list[np.ndarray]:
     return [np.zeros((batch, dims.kv_heads, 0, dims.head_dim), np.float32) for _ in range(2 * dims.layers)]
 
 
-def run_steps(sess: ort.InferenceSession, chunks: list[np.ndarray], pads: np.ndarray, dims: Dims) -> list[np.ndarray]:
+def run_steps(sess: ort.InferenceSession, chunks: list[np.ndarray], mask_at: MaskFn, dims: Dims) -> list[np.ndarray]:
     """Feed ``chunks`` ([B, S_j] each) one after another, present -> past; returns logits per chunk."""
     batch = chunks[0].shape[0]
     past, seen, out = _empty_past(batch, dims), 0, []
     for chunk in chunks:
         seen += chunk.shape[1]
-        mask = (np.arange(seen)[None, :] >= pads[:, None]).astype(np.int64)
+        mask = mask_at(seen, seen)
         results = sess.run(None, _feed(chunk, mask, past, dims))
         out.append(results[0])
         past = results[1:]
     return out
 
 
-def run_shared_buffer(sess: ort.InferenceSession, chunks: list[np.ndarray], pads: np.ndarray, dims: Dims,
+def run_shared_buffer(sess: ort.InferenceSession, chunks: list[np.ndarray], mask_at: MaskFn, dims: Dims,
                       capacity_mask: bool, capacity: int = SHARED_CAPACITY) -> list[np.ndarray]:
     """Past and present bound to the same ``[B, KVH, capacity, D]`` buffers (GroupQueryAttention writes in place).
 
@@ -92,8 +106,7 @@ def run_shared_buffer(sess: ort.InferenceSession, chunks: list[np.ndarray], pads
     seen, out = 0, []
     for chunk in chunks:
         seen += chunk.shape[1]
-        cols = np.arange(capacity if capacity_mask else seen)[None, :]
-        mask = ((cols >= pads[:, None]) & (cols < seen)).astype(np.int64)
+        mask = mask_at(seen, capacity if capacity_mask else seen)
         io = sess.io_binding()
         io.bind_cpu_input(INPUT_IDS, chunk)
         io.bind_cpu_input(ATTENTION_MASK, mask)
@@ -129,14 +142,14 @@ def metrics(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 
 def run_checks(sess: ort.InferenceSession, model: PreTrainedModel, probe: Probe,
-               shared_buffer: bool) -> dict[str, dict[str, float]]:
+               shared_buffer: bool, left_padding: bool = True) -> dict[str, dict[str, float]]:
     rng = np.random.default_rng(probe.seed)
     d = probe.dims
 
     def tokens(n: int) -> np.ndarray:
         return rng.integers(0, probe.vocab_limit, (1, n), dtype=np.int64)
 
-    no_pad = np.zeros(1, np.int64)
+    no_pad = left_padded(np.zeros(1, np.int64))
     results: dict[str, dict[str, float]] = {}
     for n in (7, 13):
         t = tokens(n)
@@ -144,27 +157,36 @@ def run_checks(sess: ort.InferenceSession, model: PreTrainedModel, probe: Probe,
     t = tokens(17)
     results["decode"] = metrics(*_rows(run_steps(sess, _chunks(t, 13), no_pad, d), reference_logits(model, t)))
     a, b = tokens(15), tokens(10)
-    results["left_pad_batch2"] = metrics(*_left_pad_rows(run_steps, sess, model, a, b, d))
+    side = "left" if left_padding else "right"
+    results[f"{side}_pad_batch2"] = metrics(*_padded_rows(run_steps, sess, model, a, b, d, left_padding))
     if shared_buffer:
         for capacity_mask in (True, False):
-            def shared(s: ort.InferenceSession, c: list[np.ndarray], p: np.ndarray, dd: Dims,
+            def shared(s: ort.InferenceSession, c: list[np.ndarray], m: MaskFn, dd: Dims,
                        cm: bool = capacity_mask) -> list[np.ndarray]:
-                return run_shared_buffer(s, c, p, dd, cm)
+                return run_shared_buffer(s, c, m, dd, cm)
             key = "shared_buffer_" + ("capacity_mask" if capacity_mask else "current_mask")
-            results[key] = metrics(*_left_pad_rows(shared, sess, model, a, b, d))
+            results[key] = metrics(*_padded_rows(shared, sess, model, a, b, d, left_padding))
     return results
 
 
-def _left_pad_rows(runner: Runner, sess: ort.InferenceSession, model: PreTrainedModel, a: np.ndarray,
-                   b: np.ndarray, d: Dims) -> tuple[np.ndarray, np.ndarray]:
-    """Two sequences (prompts 13 and 8 tokens, then 2 decode steps each), left-padded into one batch;
+def _padded_rows(runner: Runner, sess: ort.InferenceSession, model: PreTrainedModel, a: np.ndarray,
+                 b: np.ndarray, d: Dims, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Two sequences (15 and 10 tokens: prompts 13 and 8, then 2 decode steps each) padded into one batch;
     the real positions of both rows against each sequence run alone."""
-    steps = 2
-    pad = a.shape[1] - b.shape[1]
-    batch = np.concatenate([a, np.concatenate([np.zeros((1, pad), np.int64), b], axis=1)])
-    got = np.concatenate(runner(sess, _chunks(batch, a.shape[1] - steps), np.array([0, pad]), d), axis=1)
+    steps, pad = 2, a.shape[1] - b.shape[1]
+    prompt = a.shape[1] - steps
+    if left:
+        batch = np.concatenate([a, np.concatenate([np.zeros((1, pad), np.int64), b], axis=1)])
+        got = np.concatenate(runner(sess, _chunks(batch, prompt), left_padded(np.array([0, pad])), d), axis=1)
+        rows = [got[0], got[1, pad:]]
+    else:  # row b: prompt, pad, then its decode tokens where row a's are (the pad columns are overwritten)
+        b_prompt = b.shape[1] - steps
+        row_b = np.concatenate([b[:, :b_prompt], np.zeros((1, pad), np.int64), b[:, b_prompt:]], axis=1)
+        mask_at = right_padded(np.array([prompt, b_prompt]), prompt)
+        got = np.concatenate(runner(sess, _chunks(np.concatenate([a, row_b]), prompt), mask_at, d), axis=1)
+        rows = [got[0], np.concatenate([got[1, :b_prompt], got[1, prompt:]])]
     ref = np.concatenate([reference_logits(model, a)[0], reference_logits(model, b)[0]])
-    return np.concatenate([got[0], got[1, pad:]]), ref
+    return np.concatenate(rows), ref
 
 
 def greedy_onnx(sess: ort.InferenceSession, contract: dict, prompt: np.ndarray, new_tokens: int) -> list[int]:
