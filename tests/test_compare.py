@@ -84,3 +84,13 @@ def test_uniform_ten_percent_slowdown_fails_with_process_groups():
     cand = grouped_report([6.6, 6.71, 6.49], rng)
     result = gate.compare(base, cand)
     assert not result.passed and result.rows[0].interval[0] > 0.05
+
+
+def test_real_runs_recorded_on_the_dev_machine():
+    """Three real benchmark runs of the SmolLM2 int4 export (3 fresh processes x 3 repeats each): a rerun of the
+    same code passes; a run slowed by 10 % on purpose (bench_runtime.py --slowdown 0.1) fails on decode."""
+    base = FIXTURES / "real-baseline.json"
+    assert gate.compare(base, FIXTURES / "real-rerun.json").passed
+    slow = gate.compare(base, FIXTURES / "real-slow10.json")
+    assert {r.metric for r in slow.rows if r.regressed} == {"decode_ms_per_token"}
+    assert len(json.loads(base.read_text())["latency_groups"]["decode_ms_per_token"]) == 3
