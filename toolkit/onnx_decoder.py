@@ -86,15 +86,16 @@ def rotary_caches(model: PreTrainedModel, dims: Dims) -> tuple[np.ndarray, np.nd
 
 
 def mask_values(b: Builder, opts: GraphOptions) -> MaskValues:
-    one, zero = b.const("one_i64", np.array(1, np.int64)), b.const("zero_i64", np.array(0, np.int64))
+    one = b.const("one_i64", np.array(1, np.int64))
     width = b.one("Squeeze", [b.one("Shape", [ATTENTION_MASK], start=1, end=2)])
-    new = b.one("Squeeze", [b.one("Shape", [INPUT_IDS], start=1, end=2)])
     col1 = b.one("Range", [one, b.one("Add", [width, one]), one])  # [M]: 1..M
     last = b.one("ReduceMax", [b.one("Mul", [ATTENTION_MASK, col1]), b.ints([1])], keepdims=0)  # [B]
     total = b.one("ReduceMax", [last], keepdims=0)  # scalar T
     seqlens_k = b.one("Cast", [b.one("Sub", [last, one])], to=TensorProto.INT32)
     if opts.target == "ort" and not opts.left_padding:  # GQA masks by seqlens_k: right-padded rows need nothing more
         return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), "")
+    zero = b.const("zero_i64", np.array(0, np.int64))
+    new = b.one("Squeeze", [b.one("Shape", [INPUT_IDS], start=1, end=2)])
     visible = b.one("Slice", [ATTENTION_MASK, b.ints([0]), b.one("Unsqueeze", [total, b.ints([0])]), b.ints([1])])
     visible = b.one("Unsqueeze", [b.one("Cast", [visible], to=TensorProto.BOOL), b.ints([1, 2])])  # [B,1,1,T]
     # Each row's queries sit at its own last columns (last[b]-S .. last[b]-1): rows of different lengths
