@@ -311,7 +311,7 @@ def benchmark(a: argparse.Namespace) -> dict[str, Any]:
             if "error" in raw:
                 report["notes"].append(f"{label}: failed in round {r + 1}: {raw['error']}")
             else:
-                raws[label].append(raw)
+                raws[label].append({**raw, "round": r})
     for label, kind, path in todo:
         if not raws[label]:
             continue
@@ -322,6 +322,7 @@ def benchmark(a: argparse.Namespace) -> dict[str, Any]:
         per = [summarize(raw["runs"], a.prompt_tokens) for raw in raws[label]]
         row["per_process_decode_tok_s"] = [x["decode_tok_s"] for x in per]
         row["per_process_prefill_tok_s"] = [x["prefill_tok_s"] for x in per]
+        row["rounds"] = [raw["round"] for raw in raws[label]]  # a failed round leaves a gap: pair by round, not index
         row["samples_by_process"] = {k: [x["samples"][k] for x in per] for k in per[0]["samples"]}
         row["weight_gb_s"] = row["artifact_bytes"] * row["decode_tok_s"] / 1e9  # bytes read per token x tok/s
         report["systems"].append(row)
@@ -342,8 +343,15 @@ def peer_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for o in ours:
         for p in peers:
-            pairs = list(zip(o["per_process_decode_tok_s"], p["per_process_decode_tok_s"], strict=False))
-            pre = list(zip(o["per_process_prefill_tok_s"], p["per_process_prefill_tok_s"], strict=False))
+            shared = sorted(set(o["rounds"]) & set(p["rounds"]))
+
+            def by_round(row: dict[str, Any], key: str, rounds: list[int] = shared) -> list[float]:
+                return [row[key][row["rounds"].index(r)] for r in rounds]
+
+            pairs = list(zip(by_round(o, "per_process_decode_tok_s"), by_round(p, "per_process_decode_tok_s"),
+                             strict=True))
+            pre = list(zip(by_round(o, "per_process_prefill_tok_s"), by_round(p, "per_process_prefill_tok_s"),
+                           strict=True))
             if pairs:
                 out.append({"ours": o["system"], "peer": p["system"], "rounds": len(pairs),
                             "decode_ratio": float(np.median([x / y for x, y in pairs])),
