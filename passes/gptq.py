@@ -3,7 +3,9 @@
 Each decoder layer is calibrated on the outputs of the already-quantized layers before it. Inside a
 layer, true-sequential order (q/k/v, o, gate/up, down) lets later linears see the quantized earlier
 ones. Linears reading the same input share one Hessian and are quantized as one concatenated matrix.
-Per-layer results (the dampening actually used, dead input channels) go to ``<workdir>/gptq.json``.
+The head is RTN (8 bits: near-lossless) or, with ``lm_head_method: gptq``, GPTQ calibrated on the final
+norm's output. Per-layer results (the dampening actually used, dead input channels) go to
+``<workdir>/gptq.json``.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from transformers import PreTrainedModel
 
 from toolkit.algorithms.gptq import MAX_DAMP, accumulate_hessian, gptq_quantize
 from toolkit.architectures import layout_of
-from toolkit.calibration import LayerInputs, check_finite, stream_inputs, walk_layers
+from toolkit.calibration import LayerInputs, check_finite, stream_inputs, stream_module_inputs, walk_layers
 from toolkit.context import PassContext
 from toolkit.errors import ToolkitError
 from toolkit.quantization import QuantSpec, dequantize
 from toolkit.surgery import check_group_size, check_head_bits, install, quantize_head, target_linears
 
 log = logging.getLogger(__name__)
+
+
+HEAD_METHODS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,10 @@ class GPTQConfig:
     act_order: bool = True  # columns by descending diag H, static groups (ordinary packed layout)
     true_sequential: bool = True  # later linears of a layer see the quantized earlier ones
     skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
-    lm_head_bits: int | None = 8  # RTN on the head (and a tied embedding); None keeps it float
+    lm_head_bits: int | None = 8  # the head (and a tied embedding); None keeps it float
+    # "rtn": symmetric round-to-nearest (near-lossless at 8 bits); "gptq": GPTQ on the head's input (the final
+    # norm's output under the quantized body), with this config's symmetry: what makes a 4-bit head usable
+    lm_head_method: str = "rtn"
     batch_size: int = 8  # calibration windows per forward
 
     def __post_init__(self) -> None:
@@ -48,6 +56,10 @@ class GPTQConfig:
         if self.block_size < 1:
             raise ValueError(f"block_size must be a positive number of columns (128 is usual), got {self.block_size}")
         check_head_bits(self.lm_head_bits)
+        if self.lm_head_method not in HEAD_METHODS:
+            raise ValueError(f"lm_head_method must be one of {', '.join(HEAD_METHODS)}, got {self.lm_head_method!r}")
+        if self.lm_head_method == "gptq" and self.lm_head_bits is None:
+            raise ValueError("lm_head_method 'gptq' needs lm_head_bits (4 or 8): a float head is not quantized")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 window, got {self.batch_size}")
 
@@ -113,6 +125,33 @@ def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, c
     return {"damp": res.damp, "dead_columns": res.dead_columns}
 
 
+def _quantize_head_gptq(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> dict[str, Any]:
+    """GPTQ on the lm_head, calibrated on what it reads once the body is quantized (a tied embedding
+    then reads the same codes)."""
+    assert config.lm_head_bits is not None
+    head = model.get_submodule(layout_of(model).head)
+    h_sum = torch.zeros(head.in_features, head.in_features)  # type: ignore[arg-type]
+    count = 0
+
+    def add(x: torch.Tensor) -> None:
+        nonlocal count
+        count += accumulate_hessian(h_sum, x)
+
+    stream_module_inputs(model, head, ctx.calibration(), config.batch_size, add)
+    found: dict[str, Any] = {}
+
+    def quantizer(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        try:
+            res = gptq_quantize(w, 2 * h_sum / max(count, 1), spec, config.damp, config.block_size, config.act_order)
+        except ToolkitError as exc:
+            raise ToolkitError(f"GPTQ failed on the lm_head: {exc}") from None
+        found.update(damp=res.damp, dead_columns=res.dead_columns)
+        return res.codes, res.scales, res.zeros
+
+    quantize_head(model, QuantSpec(config.lm_head_bits, config.group_size, config.symmetric), quantizer)
+    return found
+
+
 @torch.no_grad()
 def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTrainedModel:
     """Quantize every decoder linear in place with GPTQ on ``ctx.calibration()`` windows."""
@@ -134,7 +173,9 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
                 ctx.progress)
     for q in done:
         install(model, q.name, q.linear, q.codes, q.scales, q.zeros, config.spec)
-    if config.lm_head_bits is not None:
+    if config.lm_head_method == "gptq":
+        report["lm_head"] = _quantize_head_gptq(model, config, ctx)
+    elif config.lm_head_bits is not None:
         quantize_head(model, QuantSpec(config.lm_head_bits, config.group_size, symmetric=True))
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     (ctx.workdir / "gptq.json").write_text(json.dumps(report, indent=2))

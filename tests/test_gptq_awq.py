@@ -201,6 +201,27 @@ def test_awq_then_gptq_composes(outlier_model, windows, tmp_path: Path) -> None:
     assert first_layer_error(outlier_model, model, windows["eval"]) < first_layer_error(outlier_model, rtn_model, windows["eval"])
 
 
+def head_output_error(reference: torch.nn.Module, candidate: torch.nn.Module, windows: torch.Tensor) -> float:
+    """Mean squared logit error of the candidate's head on the reference's final hidden states."""
+    with torch.no_grad():
+        hidden = reference.model(input_ids=windows).last_hidden_state
+        return float(((reference.lm_head(hidden) - candidate.lm_head(hidden)) ** 2).mean())
+
+
+def test_gptq_head_beats_rtn_head_and_stays_tied(outlier_model, windows, tmp_path: Path) -> None:
+    ctx = tiny_ctx(tmp_path, windows["calib"])
+    errors = {}
+    for method in ("rtn", "gptq"):
+        config = gptq.GPTQConfig(group_size=16, symmetric=False, lm_head_bits=4, lm_head_method=method)
+        model = gptq.apply(copy.deepcopy(outlier_model), config, ctx)
+        head = model.lm_head
+        assert isinstance(head, QuantLinear) and head.spec.bits == 4
+        assert model.get_input_embeddings().weight_source is head  # the tied embedding reads the same codes
+        errors[method] = head_output_error(outlier_model, model, windows["eval"])
+    assert errors["gptq"] < errors["rtn"], errors
+    assert json.loads((ctx.workdir / "gptq.json").read_text())["lm_head"]["damp"] == 0.01
+
+
 def test_nan_weight_is_reported_with_its_layer(windows, tmp_path: Path) -> None:
     model = tiny_llama()
     with torch.no_grad():
@@ -234,6 +255,7 @@ def test_config_round_trip(config: object) -> None:
 @pytest.mark.parametrize("make", [
     lambda: gptq.GPTQConfig(bits=5), lambda: gptq.GPTQConfig(damp=0), lambda: gptq.GPTQConfig(damp=2.0),
     lambda: gptq.GPTQConfig(block_size=0), lambda: gptq.GPTQConfig(group_size=7), lambda: gptq.GPTQConfig(lm_head_bits=3),
+    lambda: gptq.GPTQConfig(lm_head_method="awq"), lambda: gptq.GPTQConfig(lm_head_bits=None, lm_head_method="gptq"),
     lambda: awq.AWQConfig(grid=0), lambda: awq.AWQConfig(bits=1), lambda: export_hf_gptq.HFGPTQConfig("awq"),
 ])
 def test_invalid_config_values_are_refused(make) -> None:

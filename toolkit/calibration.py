@@ -70,6 +70,29 @@ def capture_layer_inputs(model: PreTrainedModel, windows: torch.Tensor, batch_si
     return inputs
 
 
+@torch.no_grad()
+def stream_module_inputs(model: PreTrainedModel, module: nn.Module, windows: torch.Tensor, batch_size: int,
+                         fn: Callable[[torch.Tensor], None]) -> None:
+    """Call ``fn(x)`` with what ``module`` receives when ``model`` runs ``windows: [N, L]``, batch by batch.
+
+    Each forward stops at ``module`` (for the lm_head: the whole body runs, the 49152-wide matmul does not).
+    """
+
+    def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        check_finite(x, "the calibration input of the head")
+        fn(x.float())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for batch in windows.split(batch_size):
+            with contextlib.suppress(_Stop):
+                model(input_ids=batch, use_cache=False)
+    finally:
+        handle.remove()
+
+
 def _layer_out(layer: nn.Module, hidden: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
     out = layer(hidden, **kw)
     return out[0] if isinstance(out, tuple) else out

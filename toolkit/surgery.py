@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -51,15 +52,19 @@ def install(model: nn.Module, name: str, linear: nn.Linear, codes: torch.Tensor,
     return qlinear
 
 
-def quantize_head(model: PreTrainedModel, spec: QuantSpec) -> None:
-    """Round-to-nearest on the lm_head; a tied input embedding then reads the same packed rows."""
+Quantizer = Callable[[torch.Tensor, QuantSpec], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def quantize_head(model: PreTrainedModel, spec: QuantSpec, quantizer: Quantizer = rtn) -> None:
+    """Quantize the lm_head (round-to-nearest unless ``quantizer`` says otherwise: ``w, spec -> codes,
+    scales, zeros``); a tied input embedding then reads the same packed rows."""
     layout = layout_of(model)
     head = model.get_submodule(layout.head)
     if not isinstance(head, nn.Linear):
         return
     check_group_size({layout.head: head}, spec.group_size)
     tied = model.get_input_embeddings().weight is head.weight
-    codes, scale, zero = rtn(head.weight.data, spec)
+    codes, scale, zero = quantizer(head.weight.data, spec)
     qhead = install(model, layout.head, head, codes, scale, zero, spec)
     if tied:
         old = model.get_input_embeddings()
