@@ -11,10 +11,14 @@ Validation fails the export (ToolkitError), it never only warns. It runs twice:
   up far above ``tolerance``;
 - ``deployed`` (quantized models with accuracy_level > 0): the shipped setting, where level 4 quantizes
   activations to int8 per block. Its error is noise spread over every logit (max |Δ| reaches ~2.5 on SmolLM2
-  with random tokens, a few % of the logit range), so it is judged scale-free: RMS(Δ)/RMS(logits) <=
-  ``deployed_tolerance``; a broken kernel or layout gives ~1. Measured on SmolLM2 int4 g32: RTN 0.033, GPTQ
-  0.053 (a left-padded batch of 2), so the bound is 0.1: an order of magnitude below a broken graph, with room
-  for calibrated models. Correctness itself is the strict check above (exact weights, float activations).
+  with random tokens, a few % of the logit range), so it is judged scale-free, per position:
+  median over positions of RMS(Δ)/RMS(logits) <= ``deployed_tolerance``; a broken kernel or layout gives ~1 at
+  every position. The median, because random-token prompts sometimes produce one atypical hidden state whose
+  int8-activation error is huge (3.6 at one of 7 positions on SmolLM2 GPTQ g64, the same with the head at
+  float activations; text positions stay <= 0.2), which would otherwise decide the check alone. ``decode``
+  compares the one-token steps only, so a broken single-row kernel cannot hide behind prefill rows. Measured
+  on SmolLM2 int4 (pooled RMS): RTN g32 0.033, GPTQ g32 0.053, so the bound is 0.1: an order of magnitude
+  below a broken graph. Correctness itself is the strict check above (exact weights, float activations).
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ class ExportONNXConfig:
     target: str = "ort"
     opset: int = 23
     accuracy_level: int = 4  # MatMulNBits: 0 float activations; 4 int8 activations (fastest on CPU)
-    tolerance: float = 1e-3  # strict check: max |Δlogits| (exact weights, float activations)
+    # strict check: max |Δlogits| (exact weights, float activations). Summation order alone gives ~1e-4 on
+    # SmolLM2 and up to 1.9e-3 (GPTQ g64 asymmetric, one 7-token prefill); a wrong code or scale gives >> 1e-2
+    tolerance: float = 5e-3
     deployed_tolerance: float = 0.1  # accuracy_level > 0: RMS(Δlogits) / RMS(logits) (int8 activation noise)
     max_positions: int = 0  # longest context the export serves (rotary cache rows); 0: the model's own
     # ort: batches are right-padded (each row from column 0, as our runtime and onnxruntime-genai feed them) unless
@@ -111,9 +117,9 @@ def _validate(model: PreTrainedModel, config: ExportONNXConfig, folder: Path, qu
         deployed = run_checks(sess, model, probe, shared, config.pads_left)
         report["deployed"] = deployed
         report["deployed_tolerance"] = config.deployed_tolerance
-        failures += [f"accuracy_level {config.accuracy_level} {k}: relative RMS {m['rel_rms']:.3g} > "
+        failures += [f"accuracy_level {config.accuracy_level} {k}: median relative RMS {m['rel_rms_median']:.3g} > "
                      f"{config.deployed_tolerance}" for k, m in deployed.items()
-                     if not m["rel_rms"] <= config.deployed_tolerance]
+                     if not m["rel_rms_median"] <= config.deployed_tolerance]
     if failures:
         raise ToolkitError(
             "ONNX export does not match the PyTorch model (max |Δlogits|): " + "; ".join(failures)

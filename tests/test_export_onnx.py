@@ -13,12 +13,14 @@ import torch
 from toolkit import models
 from toolkit.errors import ToolkitError
 from toolkit.formats import MatMulNBitsLayout, OnnxPacked4
+from toolkit.onnx_validate import metrics
 from toolkit.passes import EXPORTS
 from toolkit.passes.export_onnx import DATA_FILE, MODEL_FILE, ExportONNXConfig, export
 from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
-from toolkit.quantization import QuantLinear, QuantSpec, rtn
+from toolkit.quantization import QuantEmbedding, QuantLinear, QuantSpec, rtn
+from toolkit.surgery import install
 
 ATTENTION_OPS = {"ort": "GroupQueryAttention", "standard": "Attention"}
 
@@ -188,6 +190,37 @@ def test_asymmetric_codes_export_with_zero_points(tmp_path: Path) -> None:
     assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
     proto = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False)
     assert any(t.name.endswith(".zero_points") for t in proto.graph.initializer)
+
+
+@pytest.mark.parametrize("target", ["ort", "standard"])
+def test_asymmetric_4bit_tied_head_exports(tmp_path: Path, target: str) -> None:
+    """An asymmetric int4 head (GPTQ's lm_head_method) is shared with the embedding, zero points included."""
+    loaded = tiny(16, symmetric=False)
+    head = loaded.model.lm_head
+    w = head.dequantized_weight()
+    codes, scale, zero = rtn(w, QuantSpec(4, 16, symmetric=False))
+    assert bool((zero != 8).any())
+    qhead = install(loaded.model, "lm_head", torch.nn.Linear(w.shape[1], w.shape[0], bias=False), codes, scale, zero,
+                    QuantSpec(4, 16, symmetric=False))
+    loaded.model.set_input_embeddings(QuantEmbedding(qhead))
+    result = run_export(loaded, tmp_path / "out", target=target)
+    assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
+    if target == "ort":
+        proto = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False)
+        gbq = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
+        assert len(gbq.input) == 4  # data, ids, scales, zero points
+
+
+def test_deployed_metric_is_a_per_position_median() -> None:
+    """One atypical position (int8 activations on a random-token state) cannot fail the deployed check alone;
+    a graph wrong at every position still does."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((7, 64)).astype(np.float32) * 10
+    noisy = ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.3
+    noisy[1] = ref[1] + 40 * rng.standard_normal(64).astype(np.float32)
+    m = metrics(noisy, ref)
+    assert m["rel_rms"] > 0.5 and m["rel_rms_median"] < 0.05
+    assert metrics(rng.standard_normal(ref.shape).astype(np.float32) * 10, ref)["rel_rms_median"] > 0.5
 
 
 def test_max_positions_caps_the_rotary_cache(tmp_path: Path) -> None:

@@ -225,14 +225,14 @@ def _float_rows(b: Builder, w: LinearWeight, head: str) -> str:
 
 
 def _gather_block_quantized(b: Builder, ids: str, w: LinearWeight, head: str, zero_points: bool = False) -> str:
-    """Rows of the head's MatMulNBits bytes. ``zero_points``: pass the head's zero points (a nibble plane's)."""
+    """Rows of the head's MatMulNBits bytes, with its zero points when they are not the default 2^(bits-1)
+    (always for ``zero_points``: a nibble plane's)."""
     _require_block(w.group, "tied embedding")
     bits = _nbits_storage(w)
-    if not zero_points and bool((torch.from_numpy(w.zeros) != 2 ** (bits - 1)).any()):  # type: ignore[arg-type]
-        raise ToolkitError("the ort export supports a tied quantized head only when it is symmetric "
-                           "(lm_head quantized with symmetric=True, as RTN's quantize_head does)")
+    zero_points = zero_points or bool((torch.from_numpy(w.zeros) != 2 ** (bits - 1)).any())  # type: ignore[arg-type]
     data = _nbits_weight(b, w, head)  # [V, G, g*bits/8]: the head's MatMulNBits B, shared
-    # GatherBlockQuantized wants scales (and zero points, one a byte) of data's rank: [V, G, 1]
+    # GatherBlockQuantized wants scales and zero points (one a byte, even at 4 bits: checked against
+    # onnxruntime 1.31, packed ones fail its shape inference) of data's rank: [V, G, 1]
     shape = [w.n, w.k // w.group, 1]
     inputs = [data, ids, b.one("Reshape", [_nbits_scales(b, w, head), b.ints(shape)])]
     if zero_points:
