@@ -131,7 +131,11 @@ class OrtBackend:
             b[:] = s
         alone = self._decode_row(1, 2, 1)
         self.cache, self._decode_bindings = None, {}  # the probe's cache is not a request's cache
-        return bool(np.allclose(together, alone, atol=1e-3))
+        # Judged relative to the logits: int8-activation kernels (accuracy_level 4) may take another path for two
+        # rows than for one (SmolLM2 GPTQ g64: relative RMS 0.008, max |Δ| 0.37), while a row that sees the stale
+        # column is off by a relative RMS of 0.6-0.9.
+        rel = np.sqrt(np.mean((together - alone) ** 2) / max(float(np.mean(alone**2)), 1e-30))
+        return bool(rel < 0.1)
 
     def _decode_row(self, slot: int, token: int, length: int) -> np.ndarray:
         io = self.session.io_binding()
