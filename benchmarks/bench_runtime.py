@@ -197,6 +197,7 @@ def run_llamacpp(a: argparse.Namespace) -> dict[str, Any]:
 
     def once() -> dict[str, Any]:
         stamps = []
+        llm.reset()  # else generate() reuses the previous repeat's KV prefix and skips the prefill
         t0 = time.perf_counter()
         for _ in llm.generate(ids, top_k=1, temp=0.0, reset=True):
             stamps.append(time.perf_counter())
