@@ -137,7 +137,7 @@ def _quantize_head_gptq(model: PreTrainedModel, config: GPTQConfig, ctx: PassCon
         nonlocal count
         count += accumulate_hessian(h_sum, x)
 
-    stream_module_inputs(model, head, ctx.calibration(), config.batch_size, add)
+    stream_module_inputs(model, head, ctx.calibration(), config.batch_size, add, "the lm_head")
     found: dict[str, Any] = {}
 
     def quantizer(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
@@ -58,39 +59,36 @@ def capture_layer_inputs(model: PreTrainedModel, windows: torch.Tensor, batch_si
         kwargs.append(kw)
         raise _Stop
 
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for batch in windows.split(batch_size):
-            with contextlib.suppress(_Stop):
-                model(input_ids=batch, use_cache=False)
-    finally:
-        handle.remove()
+    _run_until(model, first.register_forward_pre_hook(catch, with_kwargs=True), windows, batch_size)
     inputs = LayerInputs(torch.cat(hidden), kwargs, batch_size)
     check_finite(inputs.hidden, "the embedding output")
     return inputs
 
 
-@torch.no_grad()
-def stream_module_inputs(model: PreTrainedModel, module: nn.Module, windows: torch.Tensor, batch_size: int,
-                         fn: Callable[[torch.Tensor], None]) -> None:
-    """Call ``fn(x)`` with what ``module`` receives when ``model`` runs ``windows: [N, L]``, batch by batch.
-
-    Each forward stops at ``module`` (for the lm_head: the whole body runs, the 49152-wide matmul does not).
-    """
-
-    def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach()
-        check_finite(x, "the calibration input of the head")
-        fn(x.float())
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(hook)
+def _run_until(model: PreTrainedModel, handle: RemovableHandle, windows: torch.Tensor, batch_size: int) -> None:
+    """Run ``model`` on ``windows`` batch by batch; the hook behind ``handle`` ends each forward with ``_Stop``."""
     try:
         for batch in windows.split(batch_size):
             with contextlib.suppress(_Stop):
                 model(input_ids=batch, use_cache=False)
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def stream_module_inputs(model: PreTrainedModel, module: nn.Module, windows: torch.Tensor, batch_size: int,
+                         fn: Callable[[torch.Tensor], None], what: str) -> None:
+    """Call ``fn(x)`` with what ``module`` (named ``what`` in errors) receives when ``model`` runs
+    ``windows: [N, L]``, batch by batch. Each forward stops at ``module`` (for the lm_head: the whole body
+    runs, the 49152-wide matmul does not)."""
+
+    def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        check_finite(x, f"the input of {what}")
+        fn(x.float())
+        raise _Stop
+
+    _run_until(model, module.register_forward_pre_hook(hook), windows, batch_size)
 
 
 def _layer_out(layer: nn.Module, hidden: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
