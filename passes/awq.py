@@ -28,36 +28,27 @@ from toolkit.calibration import LayerInputs, check_finite, stream_inputs, walk_l
 from toolkit.context import PassContext
 from toolkit.errors import ToolkitError
 from toolkit.passes import rtn
-from toolkit.quantization import QuantSpec
-from toolkit.surgery import check_group_size, check_head_bits, target_linears
+from toolkit.surgery import WeightQuantConfig, check_group_size, target_linears
 
 # Query/key projections are not clipped: attention scores amplify their error (as AutoAWQ does).
 NO_CLIP = ("q_proj", "k_proj")
 
 
 @dataclass(frozen=True)
-class AWQConfig:
-    bits: int = 4
-    group_size: int = 32  # -1: one group per row
-    symmetric: bool = True
+class AWQConfig(WeightQuantConfig):
+    """Shared settings; skip also keeps a module unscaled, lm_head_bits applies with ``quantize``."""
+
     grid: int = 20  # alpha in {0, 1/grid, ..., (grid-1)/grid}
     clip: bool = True  # search a per-group clipping range after scaling
     quantize: bool = True  # finish with RTN; false: only scale (and clip) for a following rtn/gptq pass
-    skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float (and not scaled)
-    lm_head_bits: int | None = 8  # with quantize: RTN on the head (and a tied embedding); None keeps it float
     batch_size: int = 8  # calibration windows per forward
 
     def __post_init__(self) -> None:
-        QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
+        super().__post_init__()
         if self.grid < 1:
             raise ValueError(f"grid must be >= 1 alpha values (20 is usual), got {self.grid}")
-        check_head_bits(self.lm_head_bits)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 window, got {self.batch_size}")
-
-    @property
-    def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.symmetric)
 
 
 def _input_stats(layer: nn.Module, inputs: LayerInputs, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from toolkit.calibration import LayerInputs, check_finite, stream_inputs, stream
 from toolkit.context import PassContext
 from toolkit.errors import ToolkitError
 from toolkit.quantization import QuantSpec, dequantize
-from toolkit.surgery import check_group_size, check_head_bits, install, quantize_head, target_linears
+from toolkit.surgery import WeightQuantConfig, check_group_size, install, quantize_head, target_linears
 
 log = logging.getLogger(__name__)
 
@@ -34,38 +34,28 @@ HEAD_METHODS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
-    bits: int = 4
-    group_size: int = 32  # -1: one group per row
-    symmetric: bool = True
+class GPTQConfig(WeightQuantConfig):
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal; raised x10 automatically if needed
     block_size: int = 128  # lazy-update block (GPTQ sec. 3, step 2); rounded to a multiple of the group
     act_order: bool = True  # columns by descending diag H, static groups (ordinary packed layout)
     true_sequential: bool = True  # later linears of a layer see the quantized earlier ones
-    skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
-    lm_head_bits: int | None = 8  # the head (and a tied embedding); None keeps it float
-    # "rtn": symmetric round-to-nearest (near-lossless at 8 bits); "gptq": GPTQ on the head's input (the final
-    # norm's output under the quantized body), with this config's symmetry: what makes a 4-bit head usable
+    # how the head (at lm_head_bits) is quantized: "rtn": symmetric round-to-nearest (near-lossless at 8 bits);
+    # "gptq": GPTQ on its input (the final norm's output under the quantized body), with this config's symmetry
     lm_head_method: str = "rtn"
     batch_size: int = 8  # calibration windows per forward
 
     def __post_init__(self) -> None:
-        QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
+        super().__post_init__()
         if not 0 < self.damp <= MAX_DAMP:
             raise ValueError(f"damp must be in (0, {MAX_DAMP}] (a fraction of mean(diag H); 0.01 is usual), got {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be a positive number of columns (128 is usual), got {self.block_size}")
-        check_head_bits(self.lm_head_bits)
         if self.lm_head_method not in HEAD_METHODS:
             raise ValueError(f"lm_head_method must be one of {', '.join(HEAD_METHODS)}, got {self.lm_head_method!r}")
         if self.lm_head_method == "gptq" and self.lm_head_bits is None:
             raise ValueError("lm_head_method 'gptq' needs lm_head_bits (4 or 8): a float head is not quantized")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 window, got {self.batch_size}")
-
-    @property
-    def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.symmetric)
 
 
 def _groups(model: PreTrainedModel, prefix: str, targets: dict[str, nn.Linear]) -> list[list[str]]:

@@ -9,24 +9,12 @@ from transformers import PreTrainedModel
 
 from toolkit.context import PassContext
 from toolkit.quantization import QuantSpec, rtn
-from toolkit.surgery import check_group_size, check_head_bits, install, quantize_head, target_linears
+from toolkit.surgery import WeightQuantConfig, check_group_size, install, quantize_head, target_linears
 
 
 @dataclass(frozen=True)
-class RTNConfig:
-    bits: int = 4
-    group_size: int = 32  # -1: one group per row
-    symmetric: bool = True
-    skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
-    lm_head_bits: int | None = 8  # the head (and a tied embedding) at higher precision; None keeps it float
-
-    def __post_init__(self) -> None:
-        QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
-        check_head_bits(self.lm_head_bits)
-
-    @property
-    def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.symmetric)
+class RTNConfig(WeightQuantConfig):
+    """Round-to-nearest needs nothing beyond the shared settings (bits, group, symmetry, skip, head bits)."""
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,6 +21,25 @@ def check_head_bits(bits: int | None) -> None:
     """The head's precision setting, shared by every weight-quantization pass config."""
     if bits is not None and bits not in HEAD_BITS:
         raise ValueError(f"lm_head_bits must be 4, 8 or null (keep float), got {bits}")
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig:
+    """The settings every weight-quantization pass shares; each pass's frozen config extends it."""
+
+    bits: int = 4
+    group_size: int = 32  # -1: one group per row
+    symmetric: bool = True
+    skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
+    lm_head_bits: int | None = 8  # the head (and a tied embedding) at higher precision; None keeps it float
+
+    def __post_init__(self) -> None:
+        QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
+        check_head_bits(self.lm_head_bits)
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
 
 
 def target_linears(model: PreTrainedModel, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
