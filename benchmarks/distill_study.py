@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 from toolkit import models
-from toolkit.context import PassContext
 from toolkit.data import WindowSpec, documents, split_text, token_windows
-from toolkit.evaluation import evaluate
+from toolkit.evaluation.perplexity import evaluate
 from toolkit.passes import distill, rtn
+from toolkit.pipeline.context import PassContext
 
 WINDOW = 512
 

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from toolkit import models
 from toolkit.data import WindowSpec, token_windows
-from toolkit.evaluation import evaluate
-from toolkit.onnx_validate import greedy_onnx, greedy_torch, session
-from toolkit.passes.export_onnx import MODEL_FILE, ExportONNXConfig, export
+from toolkit.evaluation.perplexity import evaluate
+from toolkit.onnx.validate import greedy_onnx, greedy_torch, session
+from toolkit.passes.onnx import MODEL_FILE, ONNXConfig, export
 from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
@@ -62,7 +62,7 @@ def check(variant: str, target: str, windows: int, new_tokens: int, out: Path, l
     folder = out / f"{Path(variant).parent.name or variant}-{target}"
     start = time.perf_counter()
     with atomic_dir(folder) as tmp:
-        result = export(loaded.model, loaded.tokenizer, ExportONNXConfig(target=target, accuracy_level=level), tmp)["export"]
+        result = export(loaded.model, loaded.tokenizer, ONNXConfig(target=target, accuracy_level=level), tmp)["export"]
     row: dict = {"variant": variant, "target": target, "accuracy_level": level, "export_s": round(time.perf_counter() - start, 1),
                  "size_mb": result["size_mb"], "validation": result["validation"], "op_census": result["op_census"]}
     contract = json.loads((folder / "export.json").read_text())

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from toolkit.context import PassContext
 from toolkit.data import WindowSpec, token_windows
-from toolkit.evaluation import evaluate
+from toolkit.evaluation.perplexity import evaluate
 from toolkit.models import load
 from toolkit.passes import awq, gptq, rtn
+from toolkit.pipeline.context import PassContext
 
 SETTINGS = {"g32sym": dict(bits=4, group_size=32, symmetric=True), "g64asym": dict(bits=4, group_size=64, symmetric=False)}
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")

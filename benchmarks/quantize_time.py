@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from toolkit.context import PassContext
 from toolkit.data import WindowSpec, token_windows
 from toolkit.models import load
 from toolkit.passes import awq, gptq
+from toolkit.pipeline.context import PassContext
 
 
 def peak_rss_mb() -> float:

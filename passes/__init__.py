@@ -1,10 +1,14 @@
-"""The pass tables. Edit here to add a pass: one line each, no discovery magic.
+"""The pass registry, keyed by config type (as torchao's ``quantize_`` dispatches on ``type(config)``).
 
-``PASSES``: model -> model. ``apply(model, config, ctx: PassContext) -> model``.
-``EXPORTS``: terminal steps that turn the model into a deployment artifact folder.
-``export(model, tokenizer, config, folder) -> dict`` writes into ``folder`` (already atomic: the pipeline
-renames it into place only on success) and returns metrics for the manifest; it raises ToolkitError
-when its self-validation fails.
+Each config class says its recipe name (``name``) and whether its output depends on calibration data
+(``reads_calibration``), so the recipe keys, the cache keys and the handlers cannot drift apart. Add a pass
+by writing one file (a frozen config and one function) and one line here.
+
+``PASSES``: model -> model, ``apply(model, config, ctx: PassContext) -> model``.
+``EXPORTS``: terminal steps that turn the model into a deployment folder,
+``export(model, tokenizer, config, folder) -> dict``: writes into ``folder`` (already atomic: the pipeline
+renames it into place only on success), returns metrics for the manifest, raises ToolkitError when its
+self-validation fails.
 """
 
 from __future__ import annotations
@@ -12,19 +16,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from toolkit.passes import awq, distill, export_hf_gptq, export_onnx, gptq, rtn
+from toolkit.passes import awq, distill, export_hf_gptq, gptq, onnx, rtn
 
-PASSES: dict[str, tuple[type, Callable[..., Any]]] = {
-    "rtn": (rtn.RTNConfig, rtn.apply),
-    "gptq": (gptq.GPTQConfig, gptq.apply),
-    "awq": (awq.AWQConfig, awq.apply),
-    "distill": (distill.DistillConfig, distill.apply),
+PASSES: dict[type, Callable[..., Any]] = {
+    rtn.RTNConfig: rtn.apply,
+    gptq.GPTQConfig: gptq.apply,
+    awq.AWQConfig: awq.apply,
+    distill.DistillConfig: distill.apply,
 }
 
-EXPORTS: dict[str, tuple[type, Callable[..., Any]]] = {
-    "export_hf_gptq": (export_hf_gptq.HFGPTQConfig, export_hf_gptq.export),
-    "onnx": (export_onnx.ExportONNXConfig, export_onnx.export),
+EXPORTS: dict[type, Callable[..., Any]] = {
+    onnx.ONNXConfig: onnx.export,
+    export_hf_gptq.ExportHFGPTQConfig: export_hf_gptq.export,
 }
 
-# Passes whose output depends on calibration data (their cache key includes the calibration spec).
-NEEDS_CALIBRATION: frozenset[str] = frozenset({"gptq", "awq", "distill"})
+# recipe name -> config class, derived from the classes themselves
+CONFIGS: dict[str, type] = {cls.name: cls for cls in (*PASSES, *EXPORTS)}  # type: ignore[attr-defined]
+
+
+def is_export(config: Any) -> bool:
+    return type(config) in EXPORTS
+
+
+def handler(config: Any) -> Callable[..., Any]:
+    """The function registered for ``type(config)``."""
+    return EXPORTS[type(config)] if is_export(config) else PASSES[type(config)]

@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from toolkit.algorithms.awq import clip_weight, search_clip, search_scales
-from toolkit.architectures import AWQ_MAPPINGS, ScaleMapping, layout_of
-from toolkit.calibration import LayerInputs, check_finite, stream_inputs, walk_layers
-from toolkit.context import PassContext
 from toolkit.errors import ToolkitError
+from toolkit.models.architectures import AWQ_MAPPINGS, ScaleMapping, layout_of
 from toolkit.passes import rtn
-from toolkit.surgery import WeightQuantConfig, check_group_size, target_linears
+from toolkit.pipeline.context import PassContext
+from toolkit.quant.calibration import LayerInputs, check_finite, stream_inputs, walk_layers
+from toolkit.quant.surgery import WeightQuantConfig, check_group_size, target_linears
 
 # Query/key projections are not clipped: attention scores amplify their error (as AutoAWQ does).
 NO_CLIP = ("q_proj", "k_proj")
@@ -37,6 +37,8 @@ NO_CLIP = ("q_proj", "k_proj")
 @dataclass(frozen=True)
 class AWQConfig(WeightQuantConfig):
     """Shared settings; skip also keeps a module unscaled, lm_head_bits applies with ``quantize``."""
+    name: ClassVar[str] = "awq"
+    reads_calibration: ClassVar[bool] = True
 
     grid: int = 20  # alpha in {0, 1/grid, ..., (grid-1)/grid}
     clip: bool = True  # search a per-group clipping range after scaling

@@ -16,16 +16,14 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import cast
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
-from toolkit.architectures import decoder_layers, layout_of
-from toolkit.context import PassContext
-from toolkit.distillation import (
+from toolkit.algorithms.distillation import (
     DIVERGENCES,
     hidden_loss,
     hidden_state_map,
@@ -33,10 +31,13 @@ from toolkit.distillation import (
     logit_divergence,
     next_token_loss,
 )
+from toolkit.algorithms.rtn import fp16_representable
 from toolkit.errors import ToolkitError
+from toolkit.models.architectures import decoder_layers, layout_of
 from toolkit.paths import sha256_json
-from toolkit.quantization import fp16_representable, quantized_modules
-from toolkit.training import TrainConfig, Trainer
+from toolkit.pipeline.context import PassContext
+from toolkit.quant.modules import quantized_modules
+from toolkit.training.trainer import TrainConfig, Trainer
 
 STUDENTS = ("shallow", "quantized")
 DEVICES = ("auto", "cpu", "cuda")
@@ -44,6 +45,9 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class DistillConfig:
+    name: ClassVar[str] = "distill"
+    reads_calibration: ClassVar[bool] = True
+
     student: str = "quantized"
     layers: tuple[int, ...] = ()  # shallow: teacher layers to keep (ascending)
     keep_every: int | None = None  # shallow: keep layers 0, k, 2k, ... (default 2 when layers is empty)

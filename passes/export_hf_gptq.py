@@ -1,6 +1,6 @@
 """Export a GPTQ/AWQ/RTN-quantized model as a Hugging Face GPTQ checkpoint (``quant_method: gptq``).
 
-Layout per quantized linear: ``<name>.qweight/.qzeros/.scales/.g_idx`` (``toolkit.formats.GPTQInt32``),
+Layout per quantized linear: ``<name>.qweight/.qzeros/.scales/.g_idx`` (``toolkit.quant.formats.GPTQInt32``),
 every other tensor float16. The lm_head (int8 in our models) is written dequantized in float16, as
 GPTQ checkpoints keep the head in float; with tied embeddings only ``model.embed_tokens.weight`` is
 stored. The export proves itself: the written file is dequantized independently of ``QuantLinear``
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,16 +20,20 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from toolkit.architectures import layout_of
 from toolkit.errors import ToolkitError
-from toolkit.formats import GPTQInt32
-from toolkit.quantization import QuantEmbedding, QuantLinear, QuantSpec, quantized_modules
+from toolkit.models.architectures import layout_of
+from toolkit.quant.formats import GPTQInt32
+from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
+from toolkit.quant.spec import QuantSpec
 
 WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
-class HFGPTQConfig:
+class ExportHFGPTQConfig:
+    name: ClassVar[str] = "export_hf_gptq"
+    reads_calibration: ClassVar[bool] = False
+
     checkpoint_format: str = "gptq"  # v1 (zeros stored minus one; widest support) or "gptq_v2"
     tolerance: float = 2e-2  # max |Δlogit| / max |logit| between the export and the source model
 
@@ -75,7 +79,7 @@ def _tensors(model: PreTrainedModel, linears: dict[str, QuantLinear], fmt: GPTQI
     return out
 
 
-def _config(model: PreTrainedModel, spec: QuantSpec, config: HFGPTQConfig) -> dict[str, Any]:
+def _config(model: PreTrainedModel, spec: QuantSpec, config: ExportHFGPTQConfig) -> dict[str, Any]:
     d = model.config.to_dict()
     d["dtype"] = d["torch_dtype"] = "float16"  # transformers 5 reads dtype, older readers torch_dtype
     d["quantization_config"] = {
@@ -86,7 +90,7 @@ def _config(model: PreTrainedModel, spec: QuantSpec, config: HFGPTQConfig) -> di
     return d
 
 
-def reload_float(folder: Path, config: HFGPTQConfig) -> PreTrainedModel:
+def reload_float(folder: Path, config: ExportHFGPTQConfig) -> PreTrainedModel:
     """A plain float32 model dequantized from the written checkpoint (independent of ``QuantLinear``)."""
     d = json.loads((folder / "config.json").read_text())
     fmt = GPTQInt32(d.pop("quantization_config")["bits"], config.checkpoint_format)
@@ -121,7 +125,7 @@ def _validate(model: PreTrainedModel, exported: PreTrainedModel, tolerance: floa
     return worst
 
 
-def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: HFGPTQConfig, folder: Path) -> dict[str, Any]:
+def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ExportHFGPTQConfig, folder: Path) -> dict[str, Any]:
     """Write the checkpoint into ``folder`` (made atomic by the caller) and return its metrics."""
     folder = Path(folder)
     linears, spec = _decoder_spec(model)

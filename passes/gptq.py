@@ -13,19 +13,26 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from toolkit.algorithms.gptq import MAX_DAMP, accumulate_hessian, gptq_quantize
-from toolkit.architectures import layout_of
-from toolkit.calibration import LayerInputs, check_finite, stream_inputs, stream_module_inputs, walk_layers
-from toolkit.context import PassContext
+from toolkit.algorithms.rtn import dequantize
 from toolkit.errors import ToolkitError
-from toolkit.quantization import QuantSpec, dequantize
-from toolkit.surgery import WeightQuantConfig, check_group_size, install, quantize_head, target_linears
+from toolkit.models.architectures import layout_of
+from toolkit.pipeline.context import PassContext
+from toolkit.quant.calibration import (
+    LayerInputs,
+    check_finite,
+    stream_inputs,
+    stream_module_inputs,
+    walk_layers,
+)
+from toolkit.quant.spec import QuantSpec
+from toolkit.quant.surgery import WeightQuantConfig, check_group_size, install, quantize_head, target_linears
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,9 @@ HEAD_METHODS = ("rtn", "gptq")
 
 @dataclass(frozen=True)
 class GPTQConfig(WeightQuantConfig):
+    name: ClassVar[str] = "gptq"
+    reads_calibration: ClassVar[bool] = True
+
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal; raised x10 automatically if needed
     block_size: int = 128  # lazy-update block (GPTQ sec. 3, step 2); rounded to a multiple of the group
     act_order: bool = True  # columns by descending diag H, static groups (ordinary packed layout)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
-from toolkit.context import PassContext
-from toolkit.quantization import QuantSpec, rtn
-from toolkit.surgery import WeightQuantConfig, check_group_size, install, quantize_head, target_linears
+from toolkit.algorithms.rtn import rtn_quantize
+from toolkit.pipeline.context import PassContext
+from toolkit.quant.spec import QuantSpec
+from toolkit.quant.surgery import WeightQuantConfig, check_group_size, install, quantize_head, target_linears
 
 
 @dataclass(frozen=True)
 class RTNConfig(WeightQuantConfig):
     """Round-to-nearest needs nothing beyond the shared settings (bits, group, symmetry, skip, head bits)."""
+    name: ClassVar[str] = "rtn"
+    reads_calibration: ClassVar[bool] = False
 
 
 @torch.no_grad()
@@ -23,7 +27,7 @@ def apply(model: PreTrainedModel, config: RTNConfig, ctx: PassContext | None = N
     linears = target_linears(model, config.skip)
     check_group_size(linears, config.group_size)
     for name, linear in linears.items():
-        codes, scale, zero = rtn(linear.weight.data, config.spec)
+        codes, scale, zero = rtn_quantize(linear.weight.data, config.spec)
         install(model, name, linear, codes, scale, zero, config.spec)
     if config.lm_head_bits is not None:
         quantize_head(model, QuantSpec(config.lm_head_bits, config.group_size, symmetric=True))

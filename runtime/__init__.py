@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from toolkit.artifacts import load_tokenizer
+from toolkit.models.checkpoint import load_tokenizer
 from toolkit.runtime.artifact import ModelSpec, check_external_data, read_spec
 from toolkit.runtime.backend import Backend, OrtBackend
 from toolkit.runtime.generation import Engine, GenerationConfig, GenerationResult, StreamChunk, Timings

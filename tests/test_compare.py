@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolkit import compare as gate
 from toolkit.errors import ToolkitError
+from toolkit.evaluation import compare as gate
 
 FIXTURES = Path(__file__).parent / "fixtures" / "compare"
 BASE = FIXTURES / "baseline.json"

@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toolkit import artifacts
-from toolkit.context import PassContext
-from toolkit.distillation import hidden_state_map, kept_layers, logit_divergence
+from toolkit.algorithms.distillation import hidden_state_map, kept_layers, logit_divergence
 from toolkit.errors import ToolkitError
-from toolkit.passes import PASSES, distill, rtn
-from toolkit.quantization import quantized_modules
-from toolkit.tiny import tiny_llama, tiny_tokenizer
-from toolkit.training import TrainConfig, Trainer, batch_indices, checkpoints, lr_factor
+from toolkit.models import checkpoint
+from toolkit.models.tiny import tiny_llama, tiny_tokenizer
+from toolkit.passes import CONFIGS, PASSES, distill, rtn
+from toolkit.pipeline.context import PassContext
+from toolkit.quant.modules import quantized_modules
+from toolkit.training.trainer import TrainConfig, Trainer, batch_indices, checkpoints, lr_factor
 
 torch.set_num_threads(2)
 
@@ -50,7 +50,7 @@ def test_config_round_trip_and_registration():
     cfg = distill.DistillConfig(student="shallow", layers=(0, 2), divergence="jsd", steps=7, lr=5e-4)
     assert distill.DistillConfig(**asdict(cfg)) == cfg
     assert cfg.train_config == TrainConfig(steps=7, lr=5e-4, batch_size=4, warmup_steps=10)
-    assert PASSES["distill"] == (distill.DistillConfig, distill.apply)
+    assert PASSES[distill.DistillConfig] is distill.apply and CONFIGS["distill"] is distill.DistillConfig
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -112,8 +112,8 @@ def test_shallow_student_keeps_layers_and_saves_like_llama(tmp_path):
     with torch.no_grad():
         logits = student(input_ids=ids).logits
     assert torch.isfinite(logits).all()
-    artifacts.save_model(student, tiny_tokenizer(), tmp_path / "out")
-    loaded = artifacts.load_model(tmp_path / "out")
+    checkpoint.save_model(student, tiny_tokenizer(), tmp_path / "out")
+    loaded = checkpoint.load_model(tmp_path / "out")
     assert loaded.config.num_hidden_layers == 2
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, logits, atol=1e-5)
@@ -136,8 +136,8 @@ def test_quantized_student_trains_only_float_state(tmp_path):
     history = json.loads((tmp_path / "distill-log.json").read_text())["history"]
     evals = [h["heldout_loss"] for h in history if "heldout_loss" in h]
     assert evals[-1] < evals[0] or history[-1]["loss"] < history[0]["loss"]
-    artifacts.save_model(student, tiny_tokenizer(), tmp_path / "out")  # still a plain packed int4 artifact
-    loaded = artifacts.load_model(tmp_path / "out")
+    checkpoint.save_model(student, tiny_tokenizer(), tmp_path / "out")  # still a plain packed int4 artifact
+    loaded = checkpoint.load_model(tmp_path / "out")
     ids = calibration(1, 12)
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-5)

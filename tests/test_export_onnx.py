@@ -11,16 +11,18 @@ import pytest
 import torch
 
 from toolkit import models
+from toolkit.algorithms.rtn import rtn_quantize
 from toolkit.errors import ToolkitError
-from toolkit.formats import MatMulNBitsLayout, OnnxPacked4
-from toolkit.onnx_validate import metrics
-from toolkit.passes import EXPORTS
-from toolkit.passes.export_onnx import DATA_FILE, MODEL_FILE, ExportONNXConfig, export
+from toolkit.onnx.validate import metrics
+from toolkit.passes import CONFIGS, EXPORTS
+from toolkit.passes.onnx import DATA_FILE, MODEL_FILE, ONNXConfig, export
 from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
-from toolkit.quantization import QuantEmbedding, QuantLinear, QuantSpec, rtn
-from toolkit.surgery import install
+from toolkit.quant.formats import MatMulNBitsLayout, OnnxPacked4
+from toolkit.quant.modules import QuantEmbedding, QuantLinear
+from toolkit.quant.spec import QuantSpec
+from toolkit.quant.surgery import install
 
 ATTENTION_OPS = {"ort": "GroupQueryAttention", "standard": "Attention"}
 
@@ -34,7 +36,7 @@ def tiny(group: int | None = None, symmetric: bool = True) -> models.LoadedModel
 
 def run_export(loaded: models.LoadedModel, folder: Path, **config: object) -> dict:
     with atomic_dir(folder) as tmp:
-        return export(loaded.model, loaded.tokenizer, ExportONNXConfig(**config), tmp)["export"]
+        return export(loaded.model, loaded.tokenizer, ONNXConfig(**config), tmp)["export"]
 
 
 # ---------------------------------------------------------------- formats
@@ -51,7 +53,7 @@ def test_matmulnbits_bytes_are_quantlinear_bytes() -> None:
     """The exporter copies codes: MatMulNBits' B is our qweight reshaped, byte for byte."""
     w = torch.randn(6, 64)
     spec = QuantSpec(4, 32, symmetric=False)
-    layer = QuantLinear.from_codes(*rtn(w, spec), spec, None)
+    layer = QuantLinear.from_codes(*rtn_quantize(w, spec), spec, None)
     b = MatMulNBitsLayout.pack(layer.codes(), 4, 32)
     assert torch.equal(b.reshape(6, 32), layer.qweight)
 
@@ -114,7 +116,7 @@ def _check_folder(folder: Path, target: str) -> None:
 
 
 def test_nibble_planes_reconstruct_int8_weights_exactly() -> None:
-    from toolkit.onnx_weights import LinearWeight, nibble_planes
+    from toolkit.onnx.weights import LinearWeight, nibble_planes
 
     rng = np.random.default_rng(0)
     codes = torch.from_numpy(rng.integers(0, 256, (6, 64)).astype(np.uint8))
@@ -149,8 +151,8 @@ def test_float_activation_export_runs_the_int8_head_as_two_4bit_planes(tmp_path:
 
 def test_left_padding_is_opt_in_for_the_ort_target(tmp_path: Path) -> None:
     """Default ort graphs serve right-padded batches (no attention bias: faster decode); left_padding adds it."""
-    from toolkit.onnx_graph import dims_of
-    from toolkit.onnx_validate import Probe, run_checks, session
+    from toolkit.onnx.graph import dims_of
+    from toolkit.onnx.validate import Probe, run_checks, session
 
     loaded = tiny(32)
     left = run_export(loaded, tmp_path / "left", left_padding=True)["validation"]["strict"]
@@ -198,7 +200,7 @@ def test_asymmetric_4bit_tied_head_exports(tmp_path: Path, target: str) -> None:
     loaded = tiny(16, symmetric=False)
     head = loaded.model.lm_head
     w = head.dequantized_weight()
-    codes, scale, zero = rtn(w, QuantSpec(4, 16, symmetric=False))
+    codes, scale, zero = rtn_quantize(w, QuantSpec(4, 16, symmetric=False))
     assert bool((zero != 8).any())
     qhead = install(loaded.model, "lm_head", torch.nn.Linear(w.shape[1], w.shape[0], bias=False), codes, scale, zero,
                     QuantSpec(4, 16, symmetric=False))
@@ -234,7 +236,7 @@ def test_max_positions_caps_the_rotary_cache(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- failures
 
 def test_tampered_float_weight_fails_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import toolkit.onnx_graph as graph
+    import toolkit.onnx.graph as graph
 
     real = graph.linear
 
@@ -243,7 +245,7 @@ def test_tampered_float_weight_fails_export(tmp_path: Path, monkeypatch: pytest.
             w.weight = w.weight * 1.01
         return real(b, x, w, name, opts)
 
-    monkeypatch.setattr("toolkit.onnx_decoder.linear", tampered)
+    monkeypatch.setattr("toolkit.onnx.decoder.linear", tampered)
     with pytest.raises(ToolkitError, match="does not match the PyTorch model"):
         run_export(tiny(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -276,18 +278,18 @@ def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
                                  {"accuracy_level": 5}, {"tolerance": 0}])
 def test_config_rejects_bad_values(bad: dict) -> None:
     with pytest.raises(ValueError):
-        ExportONNXConfig(**bad)
+        ONNXConfig(**bad)
 
 
 def test_export_is_registered() -> None:
-    assert EXPORTS["onnx"] == (ExportONNXConfig, export)
+    assert EXPORTS[ONNXConfig] is export and CONFIGS["onnx"] is ONNXConfig
 
 
 # ---------------------------------------------------------------- the real model
 
 @pytest.mark.slow
 def test_smollm2_int4_ort_export_size_and_greedy(tmp_path: Path) -> None:
-    from toolkit.onnx_validate import greedy_onnx, greedy_torch, session
+    from toolkit.onnx.validate import greedy_onnx, greedy_torch, session
 
     torch.set_num_threads(2)
     loaded = models.load("smollm2")

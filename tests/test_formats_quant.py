@@ -2,10 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from toolkit.algorithms.rtn import dequantize, rtn_quantize
 from toolkit.errors import ToolkitError
-from toolkit.formats import Int4, Int8
-from toolkit.quantization import QuantLinear, QuantSpec, dequantize, rtn, valid_group_sizes
-from toolkit.surgery import check_group_size
+from toolkit.quant.formats import Int4, Int8
+from toolkit.quant.modules import QuantLinear
+from toolkit.quant.spec import QuantSpec, valid_group_sizes
+from toolkit.quant.surgery import check_group_size
 
 
 def test_int4_pack_round_trip_is_bit_exact():
@@ -36,7 +38,7 @@ def test_rtn_error_is_at_most_half_a_step(bits, symmetric):
     torch.manual_seed(0)
     w = torch.randn(5, 64)
     spec = QuantSpec(bits, 16, symmetric)
-    q, scale, zero = rtn(w, spec)
+    q, scale, zero = rtn_quantize(w, spec)
     assert int(q.max()) <= spec.qmax
     err = (dequantize(q, scale, zero, 16) - w).abs().reshape(5, 4, 16)
     assert torch.all(err <= scale.unsqueeze(-1) / 2 + 1e-6)
@@ -45,14 +47,14 @@ def test_rtn_error_is_at_most_half_a_step(bits, symmetric):
 def test_int8_beats_int4():
     torch.manual_seed(1)
     w = torch.randn(16, 64)
-    e4 = (dequantize(*rtn(w, QuantSpec(4, 32)), 32) - w).pow(2).mean()
-    e8 = (dequantize(*rtn(w, QuantSpec(8, 32)), 32) - w).pow(2).mean()
+    e4 = (dequantize(*rtn_quantize(w, QuantSpec(4, 32)), 32) - w).pow(2).mean()
+    e8 = (dequantize(*rtn_quantize(w, QuantSpec(8, 32)), 32) - w).pow(2).mean()
     assert e8 < e4 / 100
 
 
 def test_symmetric_int4_uses_onnxruntime_convention():
     w = torch.tensor([[-7.0, 3.5, 7.0, 0.0]])
-    q, scale, zero = rtn(w, QuantSpec(4, 4, True))
+    q, scale, zero = rtn_quantize(w, QuantSpec(4, 4, True))
     assert float(scale) == pytest.approx(1.0) and int(zero) == 8
     assert q.tolist() == [[1, 12, 15, 8]]
 
@@ -61,7 +63,7 @@ def test_quant_linear_computes_from_packed_weights():
     torch.manual_seed(2)
     linear = torch.nn.Linear(32, 6, bias=True)
     spec = QuantSpec(4, 16, False)
-    q, scale, zero = rtn(linear.weight.data, spec)
+    q, scale, zero = rtn_quantize(linear.weight.data, spec)
     layer = QuantLinear.from_codes(q, scale, zero, spec, linear.bias)
     x = torch.randn(3, 32)
     expected = F.linear(x, dequantize(q, scale.half().float(), zero, 16), linear.bias)

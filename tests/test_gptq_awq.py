@@ -13,14 +13,15 @@ from safetensors.torch import load_file
 
 from toolkit.algorithms.awq import clip_weight, fake_quantize, output_error, search_clip, search_scales
 from toolkit.algorithms.gptq import SingularHessianError, gptq_quantize, inverse_hessian_factor
-from toolkit.calibration import capture_layer_inputs
-from toolkit.context import PassContext
+from toolkit.algorithms.rtn import dequantize, rtn_quantize
 from toolkit.errors import ToolkitError
-from toolkit.formats import GPTQInt32
+from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes import awq, export_hf_gptq, gptq, rtn
-from toolkit.quantization import QuantLinear, QuantSpec, dequantize, quantized_modules
-from toolkit.quantization import rtn as rtn_math
-from toolkit.tiny import tiny_llama, tiny_tokenizer
+from toolkit.pipeline.context import PassContext
+from toolkit.quant.calibration import capture_layer_inputs
+from toolkit.quant.formats import GPTQInt32
+from toolkit.quant.modules import QuantLinear, quantized_modules
+from toolkit.quant.spec import QuantSpec
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,7 +61,7 @@ def layer_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:
 def test_gptq_with_identity_hessian_is_rtn(spec: QuantSpec, act_order: bool) -> None:
     w = torch.randn(5, 32)
     res = gptq_quantize(w, torch.eye(32), spec, act_order=act_order)
-    codes, scales, zeros = rtn_math(w, spec)
+    codes, scales, zeros = rtn_quantize(w, spec)
     assert torch.equal(res.codes, codes) and torch.equal(res.scales, scales) and torch.equal(res.zeros, zeros)
 
 
@@ -247,7 +248,7 @@ def test_group_size_not_dividing_is_refused(windows, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("config", [gptq.GPTQConfig(bits=3, group_size=-1, skip=("*.down_proj",)),
-                                    awq.AWQConfig(group_size=64, quantize=False), export_hf_gptq.HFGPTQConfig("gptq_v2")])
+                                    awq.AWQConfig(group_size=64, quantize=False), export_hf_gptq.ExportHFGPTQConfig("gptq_v2")])
 def test_config_round_trip(config: object) -> None:
     assert type(config)(**dataclasses.asdict(config)) == config  # type: ignore[arg-type]
 
@@ -256,7 +257,7 @@ def test_config_round_trip(config: object) -> None:
     lambda: gptq.GPTQConfig(bits=5), lambda: gptq.GPTQConfig(damp=0), lambda: gptq.GPTQConfig(damp=2.0),
     lambda: gptq.GPTQConfig(block_size=0), lambda: gptq.GPTQConfig(group_size=7), lambda: gptq.GPTQConfig(lm_head_bits=3),
     lambda: gptq.GPTQConfig(lm_head_method="awq"), lambda: gptq.GPTQConfig(lm_head_bits=None, lm_head_method="gptq"),
-    lambda: awq.AWQConfig(grid=0), lambda: awq.AWQConfig(bits=1), lambda: export_hf_gptq.HFGPTQConfig("awq"),
+    lambda: awq.AWQConfig(grid=0), lambda: awq.AWQConfig(bits=1), lambda: export_hf_gptq.ExportHFGPTQConfig("awq"),
 ])
 def test_invalid_config_values_are_refused(make) -> None:
     with pytest.raises(ValueError):
@@ -271,7 +272,7 @@ def test_invalid_config_values_are_refused(make) -> None:
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gptq_int32_round_trip_is_bit_exact(bits: int, checkpoint_format: str, symmetric: bool) -> None:
     spec = QuantSpec(bits, 16, symmetric)
-    codes, scales, zeros = rtn_math(torch.randn(32, 64), spec)
+    codes, scales, zeros = rtn_quantize(torch.randn(32, 64), spec)
     if checkpoint_format == "gptq":
         zeros = zeros.clamp(min=1)  # v1 cannot store a zero point of 0 (tested below)
     fmt = GPTQInt32(bits, checkpoint_format)
@@ -285,7 +286,7 @@ def test_gptq_int32_round_trip_is_bit_exact(bits: int, checkpoint_format: str, s
 
 
 def test_gptq_v1_symmetric_int4_zeros_are_stored_minus_one() -> None:
-    codes, scales, zeros = rtn_math(torch.randn(8, 16), QuantSpec(4, 16, True))
+    codes, scales, zeros = rtn_quantize(torch.randn(8, 16), QuantSpec(4, 16, True))
     assert int(GPTQInt32(4).pack(codes, scales, zeros)["qzeros"][0, 0]) == 0x77777777
     with pytest.raises(ValueError, match="gptq_v2"):
         GPTQInt32(4).pack(codes, scales, torch.zeros_like(zeros))
@@ -294,7 +295,7 @@ def test_gptq_v1_symmetric_int4_zeros_are_stored_minus_one() -> None:
 def test_export_hf_gptq_checkpoint(windows, tmp_path: Path) -> None:
     model = gptq.apply(tiny_llama(), gptq.GPTQConfig(), tiny_ctx(tmp_path, windows["calib"]))
     folder = tmp_path / "export"
-    metrics = export_hf_gptq.export(model, tiny_tokenizer(), export_hf_gptq.HFGPTQConfig(), folder)
+    metrics = export_hf_gptq.export(model, tiny_tokenizer(), export_hf_gptq.ExportHFGPTQConfig(), folder)
     assert metrics["relative_logit_error"] < 2e-2 and metrics["quantized_linears"] == 14
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qc == {**qc, "quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_act": False,
@@ -310,7 +311,7 @@ def test_export_hf_gptq_checkpoint(windows, tmp_path: Path) -> None:
 
 def test_export_refuses_a_float_model(tmp_path: Path) -> None:
     with pytest.raises(ToolkitError, match="every decoder linear quantized"):
-        export_hf_gptq.export(tiny_llama(), tiny_tokenizer(), export_hf_gptq.HFGPTQConfig(), tmp_path / "x")
+        export_hf_gptq.export(tiny_llama(), tiny_tokenizer(), export_hf_gptq.ExportHFGPTQConfig(), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
@@ -321,7 +322,7 @@ def test_export_refuses_a_float_model(tmp_path: Path) -> None:
 def test_gptq_and_awq_beat_rtn_on_smollm2(tmp_path: Path) -> None:
     """Small calibration (16 x 256) and evaluation (4 x 512) so the test stays around two minutes."""
     from toolkit.data import WindowSpec, token_windows
-    from toolkit.evaluation import evaluate
+    from toolkit.evaluation.perplexity import evaluate
     from toolkit.models import load
 
     torch.set_num_threads(2)

@@ -1,11 +1,13 @@
 import pytest
 import torch
 
-from toolkit import artifacts, data, evaluation, models
+from toolkit import data, models
 from toolkit.errors import ToolkitError
+from toolkit.evaluation import perplexity
+from toolkit.models import checkpoint
 from toolkit.passes import rtn
 from toolkit.paths import atomic_dir
-from toolkit.quantization import QuantEmbedding, QuantLinear
+from toolkit.quant.modules import QuantEmbedding, QuantLinear
 
 
 def test_calibration_and_evaluation_halves_never_share_a_document():
@@ -45,7 +47,7 @@ def test_missing_data_file_is_refused(tiny):
 
 def test_model_against_itself_has_zero_kl(tiny):
     windows = data.token_windows(tiny.tokenizer, data.WindowSpec(length=32, count=2))
-    m = evaluation.evaluate(tiny.model, windows, reference=tiny.model)
+    m = perplexity.evaluate(tiny.model, windows, reference=tiny.model)
     assert m["kl_divergence"] == pytest.approx(0.0, abs=1e-6)
     assert m["top1_agreement"] == 1.0 and m["perplexity"] > 1
 
@@ -55,8 +57,8 @@ def test_quantized_artifact_round_trip_is_exact(tiny, tmp_path):
     assert isinstance(model.get_input_embeddings(), QuantEmbedding)
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.spec.bits == 8
     with atomic_dir(tmp_path / "art") as tmp:
-        artifacts.save_model(model, tiny.tokenizer, tmp)
-        artifacts.write_manifest(tmp)
+        checkpoint.save_model(model, tiny.tokenizer, tmp)
+        checkpoint.write_manifest(tmp)
     loaded = models.load(str(tmp_path / "art"))
     ids = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
@@ -67,7 +69,7 @@ def test_quantized_artifact_round_trip_is_exact(tiny, tmp_path):
 def test_truncated_weights_are_refused(tiny, tmp_path):
     folder = tmp_path / "art"
     with atomic_dir(folder) as tmp:
-        artifacts.save_model(rtn.apply(tiny.model, rtn.RTNConfig()), tiny.tokenizer, tmp)
+        checkpoint.save_model(rtn.apply(tiny.model, rtn.RTNConfig()), tiny.tokenizer, tmp)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ToolkitError, match="truncated or corrupt"):

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from toolkit import pipeline, recipes
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
-from toolkit.passes import rtn
+from toolkit.passes import PASSES, rtn
 from toolkit.paths import sha256_file
+from toolkit.pipeline import recipes, runner
 
 TINY_RECIPE = {
     "model": "tiny-llama",
@@ -59,22 +59,22 @@ def test_shipped_recipes_parse():
 
 def test_rerun_is_served_from_cache_and_changes_recompute(tmp_path, monkeypatch):
     path = write_recipe(tmp_path, TINY_RECIPE)
-    first = pipeline.run(recipes.load(path), progress=False, log=lambda m: None)
+    first = runner.run(recipes.load(path), progress=False, log=lambda m: None)
     assert [s.cache_hit for s in first.steps] == [False]
     assert first.after["perplexity"] > 0 and first.after["bytes"] < first.before["bytes"]
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the pass ran although its output was cached")
 
-    monkeypatch.setitem(pipeline.PASSES, "rtn", (rtn.RTNConfig, must_not_run))
-    second = pipeline.run(recipes.load(path), progress=False, log=lambda m: None)
+    monkeypatch.setitem(PASSES, rtn.RTNConfig, must_not_run)
+    second = runner.run(recipes.load(path), progress=False, log=lambda m: None)
     assert [s.cache_hit for s in second.steps] == [True]
     assert second.after["cache_hit"] and second.after["perplexity"] == first.after["perplexity"]
 
-    monkeypatch.setitem(pipeline.PASSES, "rtn", (rtn.RTNConfig, rtn.apply))
+    monkeypatch.setitem(PASSES, rtn.RTNConfig, rtn.apply)
     changed = json.loads(json.dumps(TINY_RECIPE))
     changed["passes"][0]["rtn"]["group_size"] = 16
-    third = pipeline.run(recipes.load(write_recipe(tmp_path, changed, "r2.yaml")), progress=False, log=lambda m: None)
+    third = runner.run(recipes.load(write_recipe(tmp_path, changed, "r2.yaml")), progress=False, log=lambda m: None)
     assert [s.cache_hit for s in third.steps] == [False]
     assert third.after["perplexity"] != first.after["perplexity"]
 
@@ -82,14 +82,14 @@ def test_rerun_is_served_from_cache_and_changes_recompute(tmp_path, monkeypatch)
 def test_second_pass_change_recomputes_only_from_there(tmp_path):
     two = json.loads(json.dumps(TINY_RECIPE))
     two["passes"] = [{"rtn": {"bits": 8, "group_size": 32}}, {"rtn": {"bits": 4, "group_size": 32}}]
-    pipeline.run(recipes.load(write_recipe(tmp_path, two)), progress=False, log=lambda m: None)
+    runner.run(recipes.load(write_recipe(tmp_path, two)), progress=False, log=lambda m: None)
     two["passes"][1]["rtn"]["symmetric"] = False
-    result = pipeline.run(recipes.load(write_recipe(tmp_path, two, "r2.yaml")), progress=False, log=lambda m: None)
+    result = runner.run(recipes.load(write_recipe(tmp_path, two, "r2.yaml")), progress=False, log=lambda m: None)
     assert [s.cache_hit for s in result.steps] == [True, False]
 
 
 def test_manifest_hashes_every_file(tmp_path):
-    result = pipeline.run(recipes.load(write_recipe(tmp_path, TINY_RECIPE)), progress=False, log=lambda m: None)
+    result = runner.run(recipes.load(write_recipe(tmp_path, TINY_RECIPE)), progress=False, log=lambda m: None)
     manifest = json.loads((result.output / "manifest.json").read_text())
     # the manifest records every setting, defaults included
     assert manifest["recipe"]["passes"] == [{"rtn": {"bits": 4, "group_size": 32, "symmetric": True,
@@ -106,9 +106,9 @@ def test_failed_pass_leaves_no_output(tmp_path, monkeypatch):
     def explode(model, config, ctx):
         raise RuntimeError("interrupted mid-pass")
 
-    monkeypatch.setitem(pipeline.PASSES, "rtn", (rtn.RTNConfig, explode))
+    monkeypatch.setitem(PASSES, rtn.RTNConfig, explode)
     with pytest.raises(RuntimeError):
-        pipeline.run(recipes.load(write_recipe(tmp_path, TINY_RECIPE)), progress=False, log=lambda m: None)
+        runner.run(recipes.load(write_recipe(tmp_path, TINY_RECIPE)), progress=False, log=lambda m: None)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -180,9 +180,9 @@ def test_recipe_quantize_then_distill_through_the_pipeline(tmp_path):
     recipe["calibration"] = {"count": 8, "length": 64, "sampling": "sequential"}
     recipe["passes"].append({"distill": {"student": "quantized", "steps": 3, "batch_size": 2, "heldout_windows": 2,
                                          "lr": 0.01, "warmup_steps": 1, "eval_every": 2, "checkpoint_every": 2}})
-    result = pipeline.run(recipes.load(write_recipe(tmp_path, recipe)), progress=False, log=lambda m: None)
+    result = runner.run(recipes.load(write_recipe(tmp_path, recipe)), progress=False, log=lambda m: None)
     assert [s.name for s in result.steps] == ["rtn", "distill"]
     assert (result.output / "model" / "quantization.json").is_file()  # the student stays packed int4
-    rtn_only = pipeline.run(recipes.load(write_recipe(tmp_path, TINY_RECIPE, "rtn.yaml")), progress=False,
+    rtn_only = runner.run(recipes.load(write_recipe(tmp_path, TINY_RECIPE, "rtn.yaml")), progress=False,
                             log=lambda m: None)
     assert result.after["perplexity"] != rtn_only.after["perplexity"]  # training changed the student

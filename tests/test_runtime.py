@@ -16,8 +16,9 @@ import onnx
 import pytest
 import torch
 
-from toolkit import artifacts, models
+from toolkit import models
 from toolkit.errors import ToolkitError
+from toolkit.models import checkpoint
 from toolkit.runtime import GenerationConfig, load, sampling
 from toolkit.runtime.kv_cache import BlockPool
 
@@ -34,7 +35,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory, tiny) -> Path:
     root = tmp_path_factory.mktemp("tiny")
-    artifacts.save_model(tiny.model, tiny.tokenizer, root / "hf")
+    checkpoint.save_model(tiny.model, tiny.tokenizer, root / "hf")
     out = root / "fp32"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(root / "hf"), "-o", str(out),
            "-p", "fp32", "-e", "cpu"]

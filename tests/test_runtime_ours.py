@@ -8,7 +8,7 @@ import torch
 from tests.conftest import requires_smollm2
 from toolkit import models
 from toolkit.passes import rtn
-from toolkit.passes.export_onnx import ExportONNXConfig, export
+from toolkit.passes.onnx import ONNXConfig, export
 from toolkit.paths import atomic_dir
 from toolkit.runtime import GenerationConfig, load
 
@@ -17,7 +17,7 @@ PROMPTS = ["Hello tiny world, this is a prompt", "a", "The quick brown fox jumps
 
 def _export(loaded: models.LoadedModel, folder, **config: object) -> None:
     with atomic_dir(folder) as tmp:
-        export(loaded.model, loaded.tokenizer, ExportONNXConfig(**config), tmp)
+        export(loaded.model, loaded.tokenizer, ONNXConfig(**config), tmp)
 
 
 def _hf_greedy(model, ids: list[int], n: int) -> list[int]:

@@ -36,12 +36,12 @@ def _from_options(cls: type, args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from toolkit import pipeline, recipes
-    from toolkit.report import before_after_table
+    from toolkit.evaluation.report import before_after_table
+    from toolkit.pipeline import recipes, runner
 
     recipe = recipes.load(args.recipe)
-    pipeline.require_model_steps(recipe)
-    result = pipeline.run(recipe, output=args.output, progress=not args.no_progress, log=_log)
+    runner.require_model_steps(recipe)
+    result = runner.run(recipe, output=args.output, progress=not args.no_progress, log=_log)
     print()
     print(before_after_table(result.before, result.after))
     print()
@@ -53,15 +53,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from toolkit import data, evaluation, models
+    from toolkit import data, models
+    from toolkit.evaluation import perplexity
     from toolkit.paths import dir_bytes
-    from toolkit.recipes import EvaluationSpec
+    from toolkit.pipeline.recipes import EvaluationSpec
 
     spec = _from_options(EvaluationSpec, args)
     loaded = models.load(args.model)
     windows = data.token_windows(loaded.tokenizer, spec.windows())
     reference = models.load(args.reference).model if args.reference else None
-    metrics: dict[str, Any] = evaluation.evaluate(loaded.model, windows, reference, spec.batch_size, progress=True)
+    metrics: dict[str, Any] = perplexity.evaluate(loaded.model, windows, reference, spec.batch_size, progress=True)
     ref = models.resolve(args.model)
     metrics["bytes"] = dir_bytes(ref.folder) if ref.folder else None
     metrics["load_seconds"] = loaded.load_seconds
@@ -84,7 +85,7 @@ def _onnx_folder(target: str) -> Path | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from toolkit.generate import generate_text
+    from toolkit.models.torch_generate import generate_text
     from toolkit.runtime import cli as runtime_cli
 
     onnx_folder = _onnx_folder(args.artifact)
@@ -101,24 +102,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from toolkit import compare
+    from toolkit.evaluation import compare
 
     return compare.run(args)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from toolkit import artifacts
-    from toolkit.report import describe_manifest
+    from toolkit.evaluation.report import describe_manifest
+    from toolkit.models import checkpoint
 
     folder = Path(args.artifact)
     if not folder.is_dir():
         raise ToolkitError(f"artifact folder not found: {folder}")
-    print(describe_manifest(artifacts.read_manifest(folder)))
+    print(describe_manifest(checkpoint.read_manifest(folder)))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from toolkit.recipes import EvaluationSpec
+    from toolkit.pipeline.recipes import EvaluationSpec
 
     parser = argparse.ArgumentParser(prog="toolkit", description="Quantize, distill, export and evaluate LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_options(ev, EvaluationSpec)
     ev.set_defaults(func=cmd_eval)
 
-    from toolkit import compare
+    from toolkit.evaluation import compare
     from toolkit.runtime import cli as runtime_cli
 
     gen = sub.add_parser("generate", help="generate text from an ONNX export (runtime) or a model (uses the chat template)")

@@ -1,1 +1,1 @@
-"""Pure quantization algorithms on tensors (no model walking): GPTQ and AWQ."""
+"""Pure math on tensors: round-to-nearest, GPTQ, AWQ, second-moment accumulation, distillation losses."""

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from toolkit.quantization import QuantSpec, compute_qparams, dequantize, quantize
+from toolkit.algorithms.rtn import compute_qparams, dequantize, quantize
+from toolkit.quant.spec import QuantSpec
 
 
 @dataclass(frozen=True)

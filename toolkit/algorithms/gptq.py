@@ -2,7 +2,7 @@
 
 Pure functions on one weight ``w: [out, in]`` and its Hessian ``h = 2 X Xᵀ / n: [in, in]``. Rows are
 independent given ``h``, so linears that read the same input (q, k, v) can be quantized as one
-concatenated matrix. Output codes, scales and zeros follow ``toolkit.quantization`` exactly.
+concatenated matrix. Output codes, scales and zeros follow ``toolkit.quant.spec`` exactly.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from toolkit.algorithms.rtn import compute_qparams
 from toolkit.errors import ToolkitError
-from toolkit.quantization import QuantSpec, compute_qparams
+from toolkit.quant.spec import QuantSpec
 
 MAX_DAMP = 1.0  # dampening is raised x10 per failed Cholesky up to this fraction of mean(diag H)
 

@@ -27,17 +27,17 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import onnx
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
-from toolkit.onnx_decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT, build_model
-from toolkit.onnx_graph import GraphOptions, dims_of
-from toolkit.onnx_validate import Probe, op_census, run_checks, session
-from toolkit.quantization import quantized_modules
+from toolkit.onnx.decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT, build_model
+from toolkit.onnx.graph import GraphOptions, dims_of
+from toolkit.onnx.validate import Probe, op_census, run_checks, session
+from toolkit.quant.modules import quantized_modules
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -47,7 +47,10 @@ MIN_OPSET = {"ort": 23, "standard": 23}  # RMSNormalization, RotaryEmbedding, At
 
 
 @dataclass(frozen=True)
-class ExportONNXConfig:
+class ONNXConfig:
+    name: ClassVar[str] = "onnx"
+    reads_calibration: ClassVar[bool] = False
+
     target: str = "ort"
     opset: int = 23
     accuracy_level: int = 4  # MatMulNBits: 0 float activations; 4 int8 activations (fastest on CPU)
@@ -100,7 +103,7 @@ def _strict_twin(folder: Path) -> Path:
     return path
 
 
-def _validate(model: PreTrainedModel, config: ExportONNXConfig, folder: Path, quantized: bool) -> dict[str, Any]:
+def _validate(model: PreTrainedModel, config: ONNXConfig, folder: Path, quantized: bool) -> dict[str, Any]:
     dims = dims_of(model, config.max_positions)
     probe = Probe(dims, vocab_limit=min(dims.vocab, 256 if dims.vocab < 1000 else dims.vocab))
     shared = config.target == "ort"
@@ -128,7 +131,7 @@ def _validate(model: PreTrainedModel, config: ExportONNXConfig, folder: Path, qu
     return report
 
 
-def _contract(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ExportONNXConfig) -> dict[str, Any]:
+def _contract(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ONNXConfig) -> dict[str, Any]:
     d = dims_of(model, config.max_positions)
     eos = model.config.eos_token_id
     return {
@@ -188,7 +191,7 @@ def _genai_config(contract: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ExportONNXConfig,
+def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ONNXConfig,
            folder: Path) -> dict[str, Any]:
     """Write the ONNX export into ``folder`` (a fresh temp dir) and prove it; returns manifest metrics."""
     folder = Path(folder)

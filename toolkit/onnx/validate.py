@@ -25,8 +25,8 @@ import onnxruntime as ort
 import torch
 from transformers import PreTrainedModel
 
-from toolkit.onnx_decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
-from toolkit.onnx_graph import Dims
+from toolkit.onnx.decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
+from toolkit.onnx.graph import Dims
 
 SHARED_CAPACITY = 32
 MaskFn = Callable[[int, int], np.ndarray]  # (columns written so far, mask width) -> attention_mask [B, width]

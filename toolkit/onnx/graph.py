@@ -20,10 +20,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from transformers import PreTrainedModel
 
-from toolkit.architectures import layout_of
 from toolkit.errors import ToolkitError
-from toolkit.formats import MatMulNBitsLayout, OnnxPacked4
-from toolkit.onnx_weights import LinearWeight, embedding_source, linear_weight, nibble_planes
+from toolkit.models.architectures import layout_of
+from toolkit.onnx.weights import LinearWeight, embedding_source, linear_weight, nibble_planes
+from toolkit.quant.formats import MatMulNBitsLayout, OnnxPacked4
 
 MS = "com.microsoft"
 IR_VERSION = 10  # the newest IR onnxruntime 1.31 loads
@@ -39,7 +39,7 @@ class ArchGraph:
     norm_eps: str  # config attribute holding the RMSNorm epsilon
 
 
-# One row per Hugging Face model_type, next to ``toolkit.architectures.LAYOUTS``.
+# One row per Hugging Face model_type, next to ``toolkit.models.architectures.LAYOUTS``.
 ARCH_GRAPHS: dict[str, ArchGraph] = {
     "llama": ArchGraph(rotary="model.rotary_emb", activation="silu", norm_eps="rms_norm_eps"),
 }

@@ -28,7 +28,8 @@ from transformers.initialization import no_init_weights
 from toolkit import __version__
 from toolkit.errors import ToolkitError
 from toolkit.paths import sha256_file, sha256_json
-from toolkit.quantization import QuantEmbedding, QuantLinear, QuantSpec, quantized_modules, set_module
+from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules, set_module
+from toolkit.quant.spec import QuantSpec
 
 QUANT_FILE = "quantization.json"
 MANIFEST = "manifest.json"

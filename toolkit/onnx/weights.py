@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import ToolkitError
-from toolkit.quantization import QuantEmbedding, QuantLinear
+from toolkit.quant.modules import QuantEmbedding, QuantLinear
 
 
 @dataclass

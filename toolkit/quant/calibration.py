@@ -19,8 +19,8 @@ from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from toolkit.architectures import decoder_layers
 from toolkit.errors import ToolkitError
+from toolkit.models.architectures import decoder_layers
 
 
 class _Stop(Exception):

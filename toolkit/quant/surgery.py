@@ -10,9 +10,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from toolkit.architectures import layout_of
+from toolkit.algorithms.rtn import rtn_quantize
 from toolkit.errors import ToolkitError
-from toolkit.quantization import QuantEmbedding, QuantLinear, QuantSpec, rtn, set_module, valid_group_sizes
+from toolkit.models.architectures import layout_of
+from toolkit.quant.modules import QuantEmbedding, QuantLinear, set_module
+from toolkit.quant.spec import QuantSpec, valid_group_sizes
 
 HEAD_BITS = (4, 8)
 
@@ -75,7 +77,7 @@ def install(model: nn.Module, name: str, linear: nn.Linear, codes: torch.Tensor,
 Quantizer = Callable[[torch.Tensor, QuantSpec], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def quantize_head(model: PreTrainedModel, spec: QuantSpec, quantizer: Quantizer = rtn) -> None:
+def quantize_head(model: PreTrainedModel, spec: QuantSpec, quantizer: Quantizer = rtn_quantize) -> None:
     """Quantize the lm_head (round-to-nearest unless ``quantizer`` says otherwise: ``w, spec -> codes,
     scales, zeros``); a tied input embedding then reads the same packed rows."""
     layout = layout_of(model)

@@ -5,7 +5,7 @@
     evaluation: {source: pydoc, count: 16, length: 512}
     passes:                             # run in order; each entry is {pass name: settings}
       - rtn: {bits: 4, group_size: 32, symmetric: true}
-      - export_onnx: {target: ort}      # an export step, if any, comes last
+      - onnx: {target: ort}             # an export step, if any, comes last
     output: runs/smollm2-int4-rtn       # relative paths resolve against the current directory
 """
 
@@ -19,7 +19,7 @@ import yaml
 
 from toolkit.data import WindowSpec
 from toolkit.errors import ToolkitError
-from toolkit.passes import EXPORTS, PASSES
+from toolkit.passes import CONFIGS, is_export
 from toolkit.schema import build, record
 
 
@@ -59,9 +59,19 @@ class EvaluationSpec:
 
 @dataclass(frozen=True)
 class Step:
-    name: str
-    config: Any
-    is_export: bool
+    config: Any  # a registered pass config (toolkit.passes)
+
+    @property
+    def name(self) -> str:
+        return str(self.config.name)
+
+    @property
+    def is_export(self) -> bool:
+        return is_export(self.config)
+
+    @property
+    def reads_calibration(self) -> bool:
+        return bool(self.config.reads_calibration)
 
 
 @dataclass(frozen=True)
@@ -84,7 +94,6 @@ class Recipe:
 
 
 TOP_KEYS = ("model", "calibration", "evaluation", "passes", "output")
-STEP_TABLES = {**PASSES, **EXPORTS}
 
 
 def _step(entry: Any, origin: str, index: int) -> Step:
@@ -92,10 +101,9 @@ def _step(entry: Any, origin: str, index: int) -> Step:
     if not isinstance(entry, dict) or len(entry) != 1:
         raise ToolkitError(f"{origin}: {path}: each pass is a one-key mapping like '- rtn: {{bits: 4}}', got {entry!r}")
     (name, settings), = entry.items()
-    if name not in STEP_TABLES:
-        raise ToolkitError(f"{origin}: {path}: unknown pass '{name}'; available: {', '.join(sorted(STEP_TABLES))}")
-    config_cls = STEP_TABLES[name][0]
-    return Step(name, build(config_cls, settings, origin, f"{path}.{name}"), name in EXPORTS)
+    if name not in CONFIGS:
+        raise ToolkitError(f"{origin}: {path}: unknown pass '{name}'; available: {', '.join(sorted(CONFIGS))}")
+    return Step(build(CONFIGS[name], settings, origin, f"{path}.{name}"))
 
 
 def parse(data: Any, origin: str) -> Recipe:

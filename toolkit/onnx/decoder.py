@@ -41,8 +41,8 @@ import torch
 from onnx import TensorProto, helper
 from transformers import PreTrainedModel
 
-from toolkit.architectures import DecoderLayout, decoder_layers, layout_of
-from toolkit.onnx_graph import (
+from toolkit.models.architectures import DecoderLayout, decoder_layers, layout_of
+from toolkit.onnx.graph import (
     IR_VERSION,
     MASK_NEG,
     MS,
@@ -55,7 +55,7 @@ from toolkit.onnx_graph import (
     head_linear,
     linear,
 )
-from toolkit.onnx_weights import concat_rows, linear_weight
+from toolkit.onnx.weights import concat_rows, linear_weight
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 PAST = "past_key_values.{i}.{kv}"

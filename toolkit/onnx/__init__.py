@@ -1,0 +1,1 @@
+"""The ONNX decoder builder: graph helpers, weight encodings, the decoder graph, validation against PyTorch."""

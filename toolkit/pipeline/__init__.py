@@ -1,0 +1,1 @@
+"""Running a recipe: the strict recipe schema, what a pass receives, the cached step runner, resource monitor."""

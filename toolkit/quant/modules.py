@@ -1,0 +1,88 @@
+"""Quantized modules that compute from packed storage (``QuantLinear``, a tied ``QuantEmbedding``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit.algorithms.rtn import dequantize
+from toolkit.quant.formats import layout_for
+from toolkit.quant.spec import QuantSpec
+
+
+class QuantLinear(nn.Module):
+    """A linear layer computing from packed integer weights.
+
+    Buffers: ``qweight`` (packed codes, ``[out, in/2]`` for <=4 bits, ``[out, in]`` for 8),
+    ``scales`` (float16 ``[out, G]``), ``qzeros`` (uint8 ``[out, G]``), optional ``bias``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        groups = spec.groups(in_features)
+        packed_in = in_features // 2 if spec.bits <= 4 else in_features
+        self.register_buffer("qweight", torch.zeros(out_features, packed_in, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
+        self.register_buffer("qzeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_codes(
+        cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None
+    ) -> QuantLinear:
+        out_f, in_f = q.shape
+        layer = cls(in_f, out_f, spec, bias=bias is not None)
+        layer.qweight.copy_(layout_for(spec.bits).pack(q))
+        layer.scales.copy_(scale.to(torch.float16))
+        layer.qzeros.copy_(zero.to(torch.uint8))
+        if bias is not None and layer.bias is not None:
+            layer.bias.data.copy_(bias.detach().float())
+        return layer
+
+    def codes(self) -> torch.Tensor:
+        return layout_for(self.spec.bits).unpack(self.qweight)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.codes(), self.scales, self.qzeros, self.spec.group(self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.spec.bits}, "
+            f"group={self.spec.group_size}, symmetric={self.spec.symmetric}"
+        )
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding that reads rows of a (tied) ``QuantLinear`` lm_head: weights stored once."""
+
+    def __init__(self, head: QuantLinear, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.head = [head]  # a list keeps the head out of this module's state dict (it is saved once)
+        self.padding_idx = padding_idx
+
+    @property
+    def weight_source(self) -> QuantLinear:
+        return self.head[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self.weight_source
+        flat = ids.reshape(-1)
+        q = layout_for(head.spec.bits).unpack(head.qweight[flat])
+        rows = dequantize(q, head.scales[flat], head.qzeros[flat], head.spec.group(head.in_features))
+        return rows.reshape(*ids.shape, head.in_features)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

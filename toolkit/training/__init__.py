@@ -1,0 +1,1 @@
+"""Training students: a small resumable loop (optimizer, schedule, checkpoints)."""
