@@ -33,7 +33,7 @@ from toolkit.algorithms.distillation import (
 )
 from toolkit.algorithms.rtn import fp16_representable
 from toolkit.errors import ToolkitError
-from toolkit.models.architectures import decoder_layers, layout_of
+from toolkit.models.architectures import decoder_layers, layer_types, layout_of
 from toolkit.paths import sha256_json
 from toolkit.pipeline.context import PassContext
 from toolkit.quant.modules import quantized_modules
@@ -120,7 +120,10 @@ def shallow_student(model: PreTrainedModel, kept: tuple[int, ...]) -> PreTrained
         layer.get_submodule("self_attn").layer_idx = index  # type: ignore[assignment]  # KV cache slot
     parent, _, attr = layout_of(model).layers.rpartition(".")
     setattr(model.get_submodule(parent), attr, new)
+    types = layer_types(model.config)
     model.config.num_hidden_layers = len(kept)
+    if getattr(model.config, "layer_types", None):  # each kept layer keeps its attention (sliding or full)
+        model.config.layer_types = [types[i] for i in kept]
     return model
 
 
@@ -139,7 +142,7 @@ def norm_modules(model: PreTrainedModel) -> list[nn.Module]:
     layout = layout_of(model)
     norms = [model.get_submodule(layout.final_norm)]
     for layer in decoder_layers(model):
-        norms += [layer.get_submodule(layout.input_norm), layer.get_submodule(layout.post_attention_norm)]
+        norms += [layer.get_submodule(name) for name in layout.layer_norms()]
     return norms
 
 

@@ -34,6 +34,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
+from toolkit.models.architectures import layout_of
 from toolkit.onnx.decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT, build_model
 from toolkit.onnx.graph import GraphOptions, dims_of
 from toolkit.onnx.validate import Probe, op_census, run_checks, session
@@ -160,15 +161,16 @@ def _contract(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config
     }
 
 
-def _genai_config(contract: dict[str, Any]) -> dict[str, Any]:
-    """onnxruntime-genai's genai_config.json (decoder-only, past/present shared buffer, greedy defaults)."""
+def _genai_config(contract: dict[str, Any], genai_type: str) -> dict[str, Any]:
+    """onnxruntime-genai's genai_config.json (decoder-only, past/present shared buffer, greedy defaults);
+    ``genai_type`` is the model type its builder writes for the family."""
     inputs, outputs = contract["inputs"], contract["outputs"]
     return {
         "model": {
             "bos_token_id": contract["bos_token_id"], "eos_token_id": contract["eos_token_id"],
             "pad_token_id": contract["pad_token_id"] if contract["pad_token_id"] is not None
             else contract["eos_token_id"],
-            "context_length": contract["max_positions"], "type": contract["model_type"],
+            "context_length": contract["max_positions"], "type": genai_type,
             "vocab_size": contract["vocab_size"],
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -207,7 +209,7 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: O
     contract = _contract(model, tokenizer, config)
     (folder / "export.json").write_text(json.dumps(contract, indent=2) + "\n")
     if config.target == "ort":
-        (folder / "genai_config.json").write_text(json.dumps(_genai_config(contract), indent=2) + "\n")
+        (folder / "genai_config.json").write_text(json.dumps(_genai_config(contract, layout_of(model).genai_type), indent=2) + "\n")
     size = sum(p.stat().st_size for p in (folder / MODEL_FILE, folder / DATA_FILE))
     return {"export": {"config": asdict(config), "op_census": census, "validation": validation,
                        "size_bytes": size, "size_mb": round(size / 1e6, 2),

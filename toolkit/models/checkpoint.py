@@ -123,6 +123,9 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
         model.generation_config.save_pretrained(folder)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear) and head.weight is getattr(embedding, "weight", None):
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}  # a float tied head: once
     tied = isinstance(embedding, QuantEmbedding)
     save_file(state, str(folder / WEIGHTS), metadata={"format": QUANT_FORMAT})
     spec_of = {
@@ -146,17 +149,19 @@ def _build_quantized(folder: Path, info: dict[str, Any]) -> PreTrainedModel:
         set_module(model, name, QuantLinear(m["in_features"], m["out_features"], spec, bias=m["bias"]))
     if info.get("embedding_from"):
         head = model.get_submodule(info["embedding_from"])
-        old = model.get_input_embeddings()
-        model.set_input_embeddings(QuantEmbedding(head, getattr(old, "padding_idx", None)))
+        model.set_input_embeddings(QuantEmbedding.replacing(model.get_input_embeddings(), head))
     try:
         state = load_file(str(folder / WEIGHTS))
     except SafetensorError as exc:
         raise ToolkitError(f"{folder / WEIGHTS} is truncated or corrupt ({exc}); re-create it") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
     if missing or unexpected:
         raise ToolkitError(
             f"{folder / WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+    if not info.get("embedding_from"):
+        model.tie_weights()
     return model.eval()
 
 

