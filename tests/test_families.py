@@ -130,3 +130,59 @@ def test_float_export_matches_transformers(family: str, target: str, tmp_path: P
     worst = max(m["max_abs"] for m in result["validation"]["strict"].values())
     print(f"{family} {target} float32 max|dlogits| {worst:.2e}")
     assert worst <= 1e-3
+
+
+@pytest.mark.parametrize("target", ["ort", "standard"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int4_exact_exports_match_pytorch(family: str, target: str, tmp_path: Path) -> None:
+    """RTN and GPTQ int4 (head int8), exported at accuracy_level 0: only summation order differs."""
+    for name, model in {"rtn": rtn.apply(tiny_model(family), rtn.RTNConfig()),
+                        "gptq": gptq.apply(tiny_model(family), gptq.GPTQConfig(), ctx(family, tmp_path))}.items():
+        result = export_onnx(model, tmp_path / name, target=target, accuracy_level=0)
+        worst = max(m["max_abs"] for m in result["validation"]["strict"].values())
+        print(f"{family} {target} {name} int4 max|dlogits| {worst:.2e}")
+        assert worst <= 1e-3
+
+
+# ---------------------------------------------------------------- runtime and onnxruntime-genai
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog", "Sliding windows forget the start",
+           "0123456789abcdefghij"]  # 44, 33 and 20 tokens: beyond every tiny window (8-12)
+NEW_TOKENS = 32
+
+
+def hf_greedy(model: torch.nn.Module, ids: list[int], n: int = NEW_TOKENS) -> list[int]:
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def genai_greedy(folder: Path, ids: list[int], n: int = NEW_TOKENS) -> list[int]:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([ids], np.int32))
+    tokens: list[int] = []
+    while len(tokens) < n:
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runtime_and_genai_greedy_equal_transformers(family: str, tmp_path: Path) -> None:
+    from toolkit.runtime import GenerationConfig, load
+
+    model = tiny_model(family)
+    export_onnx(model, tmp_path / "fp32", target="ort")
+    engine = load(tmp_path / "fp32", threads=1)
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)  # eos masked, as in HF
+    prompts = [engine.encode(p) for p in PROMPTS]
+    ours = [engine.generate(ids, config).token_ids for ids in prompts]
+    assert ours == [hf_greedy(model, ids) for ids in prompts]
+    assert [r.token_ids for r in engine.generate_batch(prompts, config)] == ours  # ragged rows together
+    assert [genai_greedy(tmp_path / "fp32", ids) for ids in prompts] == ours
