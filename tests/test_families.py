@@ -50,6 +50,25 @@ def test_every_family_has_a_tiny_model_with_its_quirks() -> None:
     assert not tiny_model("mistral").config.tie_word_embeddings
 
 
+QUIRKS_OFF = {  # config overrides that switch one quirk off; each must move the logits
+    "llama3": [dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0))],
+    "qwen2": [dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0))],
+    "mistral": [dict(sliding_window=None)],
+    "phi3": [dict(sliding_window=None)],
+    "gemma2": [dict(sliding_window=4096), dict(attn_logit_softcapping=None), dict(final_logit_softcapping=None),
+               dict(query_pre_attn_scalar=16)],
+    "gemma3": [dict(sliding_window=4096), dict(rope_parameters={
+        "sliding_attention": dict(rope_type="default", rope_theta=1e6),
+        "full_attention": dict(rope_type="default", rope_theta=1e6)})],
+}
+
+
+@pytest.mark.parametrize("family,override", [(f, o) for f, os in QUIRKS_OFF.items() for o in os], ids=str)
+def test_quirks_are_sized_to_matter(family: str, override: dict) -> None:
+    on, off = logits(tiny_model(family), CALIB[:1]), logits(tiny_model(family, **override), CALIB[:1])
+    assert float((on - off).abs().max()) > 1e-2
+
+
 @pytest.mark.parametrize("source", ["gpt2", "falcon", "mamba"])
 def test_unsupported_family_is_refused_in_one_place(source: str) -> None:
     config = tiny_model("llama").config
