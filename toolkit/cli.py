@@ -53,20 +53,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from toolkit import data, models
-    from toolkit.evaluation import perplexity
-    from toolkit.paths import dir_bytes
+    from toolkit import models
     from toolkit.pipeline.recipes import EvaluationSpec
+    from toolkit.pipeline.runner import measure
 
     spec = _from_options(EvaluationSpec, args)
-    loaded = models.load(args.model)
-    windows = data.token_windows(loaded.tokenizer, spec.windows())
-    reference = models.load(args.reference).model if args.reference else None
-    metrics: dict[str, Any] = perplexity.evaluate(loaded.model, windows, reference, spec.batch_size, progress=True)
     ref = models.resolve(args.model)
-    metrics["bytes"] = dir_bytes(ref.folder) if ref.folder else None
-    metrics["load_seconds"] = loaded.load_seconds
-    metrics["windows"] = spec.windows().record()
+    metrics = measure(spec, ref, models.load_tokenizer(ref), args.reference, progress=True)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -159,8 +152,15 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def quiet_libraries() -> None:
+    """One progress bar per long step of ours: the libraries' own bars (transformers' "Loading weights" and
+    "Writing model shards", the GGUF conversion, hub downloads) are off; their warnings still show."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -74,14 +74,6 @@ def cached_gguf_checkpoint(gguf: Path) -> Path:
     return folder
 
 
-def _check_supported(model: PreTrainedModel, source: str) -> None:
-    model_type = getattr(model.config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ToolkitError(
-            f"{source}: model type '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-
-
 @dataclass(frozen=True)
 class ModelRef:
     """A model source resolved without loading weights: enough to key caches."""

@@ -113,6 +113,24 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
     return result
 
 
+def measure(spec: EvaluationSpec, model: models.ModelRef, tokenizer: PreTrainedTokenizerBase,
+            reference: str | None, progress: bool) -> dict[str, Any]:
+    """Perplexity (and KL/top-1 against ``reference``) of ``model`` under ``spec``, with its size on disk and
+    load time: what every evaluation reports, cached (``_evaluate``) or not (``toolkit eval``)."""
+    start = time.perf_counter()
+    folder = model.folder
+    loaded = checkpoint.load_model(folder) if folder else models.load(model.source).model
+    load_seconds = time.perf_counter() - start
+    windows = data.token_windows(tokenizer, spec.windows())
+    ref_model = models.load(reference).model if reference else None
+    metrics: dict[str, Any] = perplexity.evaluate(loaded, windows, ref_model, spec.batch_size, progress)
+    metrics["bytes"] = (dir_bytes(folder) if folder
+                        else sum(p.numel() * p.element_size() for p in loaded.parameters()))
+    metrics["load_seconds"] = load_seconds
+    metrics["windows"] = spec.windows().record()
+    return metrics
+
+
 def _evaluate(spec: EvaluationSpec, ref: models.ModelRef, folder: Path | None, key: str,
               tokenizer: PreTrainedTokenizerBase, reference: bool, progress: bool) -> dict[str, Any]:
     versions = checkpoint.library_versions()
@@ -122,15 +140,8 @@ def _evaluate(spec: EvaluationSpec, ref: models.ModelRef, folder: Path | None, k
     path = cache_dir() / "evals" / f"{eval_key[:32]}.json"
     if path.is_file():
         return {**json.loads(path.read_text()), "cache_hit": True}
-    start = time.perf_counter()
-    model = checkpoint.load_model(folder) if folder else models.load(ref.source).model
-    load_seconds = time.perf_counter() - start
-    windows = data.token_windows(tokenizer, spec.windows())
-    ref_model = models.load(ref.source).model if use_kl else None
-    metrics: dict[str, Any] = perplexity.evaluate(model, windows, ref_model, spec.batch_size, progress)
-    metrics["bytes"] = dir_bytes(folder) if folder else sum(p.numel() * p.element_size() for p in model.parameters())
-    metrics["load_seconds"] = load_seconds
-    metrics["windows"] = spec.windows().record()
+    target = ref if folder is None else models.ModelRef(str(folder), key, folder)
+    metrics = measure(spec, target, tokenizer, ref.source if use_kl else None, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(metrics, indent=2))
