@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from toolkit.algorithms.awq import clip_weight, search_clip, search_scales
+from toolkit.algorithms.moments import InputMoments
 from toolkit.models.architectures import ScaleMapping, layout_of
 from toolkit.passes import rtn
 from toolkit.pipeline.context import PassContext
@@ -54,18 +55,9 @@ class AWQConfig(WeightQuantConfig):
 
 def _input_stats(layer: nn.Module, inputs: LayerInputs, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean |x| per channel ``[in]`` and second moment ``XᵀX / n: [in, in]`` of ``module``'s input."""
-    d = module.in_features  # type: ignore[attr-defined]
-    abs_sum, c_sum, count = torch.zeros(d), torch.zeros(d, d), [0]
-
-    def add(_: str, x: torch.Tensor) -> None:
-        x2 = x.reshape(-1, d)
-        abs_sum.add_(x2.abs().sum(0))
-        c_sum.addmm_(x2.t(), x2)
-        count[0] += x2.shape[0]
-
-    stream_inputs(layer, inputs, {name: module}, add)
-    n = max(count[0], 1)
-    return abs_sum / n, c_sum / n
+    moments = InputMoments(module.in_features, track_abs=True)  # type: ignore[arg-type]
+    stream_inputs(layer, inputs, {name: module}, lambda _, x: moments.add(x))
+    return moments.abs_mean(), moments.second_moment()
 
 
 def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm_offset: float = 0.0,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -195,7 +197,12 @@ def teacher_text(teacher: PreTrainedModel, prompts: torch.Tensor, length: int, c
                        "seed": config.seed})[:16]
     path = folder / f"generated-{key}.pt"
     if path.is_file():
-        return torch.load(path)
+        try:  # tensors only: a planted pickle is refused, not run
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError):  # truncated or foreign: generate again
+            cached = None
+        if isinstance(cached, torch.Tensor) and cached.shape == (prompts.shape[0], length):
+            return cached
     torch.manual_seed(config.seed)
     new = length - prompts.shape[1]
     out = [
@@ -207,7 +214,9 @@ def teacher_text(teacher: PreTrainedModel, prompts: torch.Tensor, length: int, c
     ]
     text = torch.cat(out)[:, :length].cpu()
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(text, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(text, tmp)
+    os.replace(tmp, path)
     return text
 
 

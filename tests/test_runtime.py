@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 
+from tests.conftest import load_tiny
 from toolkit import models
 from toolkit.errors import ToolkitError
 from toolkit.models import checkpoint
@@ -29,7 +30,7 @@ PROMPTS = ["Hello tiny world, this is a prompt", "a", "The quick brown fox jumps
 
 @pytest.fixture(scope="module")
 def tiny():
-    return models.load("tiny-llama")
+    return load_tiny()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """Command line: ``toolkit run | eval | generate | inspect | compare``.
 
 Options of ``eval`` are generated from ``EvaluationSpec`` so CLI and recipe defaults cannot drift.
-Every failure prints one line and exits non-zero: 2 for bad input, 1 for an internal error.
+Every failure prints one line (at most ``MESSAGE_LIMIT`` characters) and exits non-zero: 2 for bad
+input (argparse's own errors included), 1 for an internal error.
 """
 
 from __future__ import annotations
@@ -32,7 +33,25 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def _from_options(cls: type, args: argparse.Namespace) -> Any:
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    from toolkit.schema import build
+
+    return build(cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}, "command line")
+
+
+MESSAGE_LIMIT = 400
+
+
+def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """The first line of ``text``, cut to ``limit`` characters: an error is read, not scrolled."""
+    first = text.splitlines()[0] if text else ""
+    return first if len(first) <= limit else first[: limit - 25] + f"... ({len(first)} characters)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error:`` line with exit 2, like every other refusal."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {self.prog}: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -41,7 +60,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = recipes.load(args.recipe)
     runner.require_model_steps(recipe)
-    result = runner.run(recipe, output=args.output, progress=not args.no_progress, log=_log)
+    result = runner.run(recipe, output=args.output, progress=not args.no_progress, log=_log,
+                        overwrite=args.overwrite)
     print()
     print(before_after_table(result.before, result.after))
     print()
@@ -53,20 +73,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from toolkit import data, models
-    from toolkit.evaluation import perplexity
-    from toolkit.paths import dir_bytes
+    from toolkit import models
     from toolkit.pipeline.recipes import EvaluationSpec
+    from toolkit.pipeline.runner import measure
 
     spec = _from_options(EvaluationSpec, args)
-    loaded = models.load(args.model)
-    windows = data.token_windows(loaded.tokenizer, spec.windows())
-    reference = models.load(args.reference).model if args.reference else None
-    metrics: dict[str, Any] = perplexity.evaluate(loaded.model, windows, reference, spec.batch_size, progress=True)
     ref = models.resolve(args.model)
-    metrics["bytes"] = dir_bytes(ref.folder) if ref.folder else None
-    metrics["load_seconds"] = loaded.load_seconds
-    metrics["windows"] = spec.windows().record()
+    models.check_lengths(ref, {"--length": spec.length})
+    metrics = measure(spec, ref, models.load_tokenizer(ref), args.reference, progress=True)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -115,20 +129,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise ToolkitError(f"artifact folder not found: {folder}")
     print(describe_manifest(checkpoint.read_manifest(folder)))
+    if args.verify:
+        checked, problems = checkpoint.verify_tree(folder)
+        if problems:
+            raise ToolkitError(f"{folder}: {len(problems)} problem(s) in {checked} manifest(s): {'; '.join(problems[:5])}")
+        print(f"\nverified: every file of {checked} manifest(s) matches its size and sha256")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from toolkit.pipeline.recipes import EvaluationSpec
 
-    parser = argparse.ArgumentParser(prog="toolkit", description="Quantize, distill, export and evaluate LLMs.")
+    parser = _Parser(prog="toolkit", description="Quantize, distill, export and evaluate LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a recipe and print the before/after table")
     run.add_argument("recipe")
     run.add_argument("--output", type=Path, default=None, help="override the recipe's output folder")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--overwrite", action="store_true", help="replace a previous output of the toolkit at the output path")
     run.set_defaults(func=cmd_run)
 
     ev = sub.add_parser("eval", help="perplexity (and KL against --reference) of a model")
@@ -151,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="show an artifact's manifest")
     ins.add_argument("artifact")
+    ins.add_argument("--verify", action="store_true", help="check every file against the sha256 of its manifest")
     ins.set_defaults(func=cmd_inspect)
     return parser
 
@@ -159,8 +180,15 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def quiet_libraries() -> None:
+    """One progress bar per long step of ours: the libraries' own bars (transformers' "Loading weights" and
+    "Writing model shards", the GGUF conversion, hub downloads) are off; their warnings still show."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -171,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ToolkitError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was left half-written", file=sys.stderr)
@@ -179,8 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the last resort: one line, the traceback behind --debug
         if args.debug:
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"internal error: {type(exc).__name__}: {one_line(str(exc))} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return 1
 
 

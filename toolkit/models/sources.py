@@ -7,6 +7,8 @@ pipeline cache can key pass outputs on their input.
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,17 +60,31 @@ def gguf_to_checkpoint(gguf: Path, folder: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, replace=True) as tmp:
         checkpoint.save_model(model, tokenizer, tmp)
         checkpoint.write_manifest(tmp, {"source": {"gguf": str(gguf), "converted_by": "transformers gguf loader"}})
 
 
 def cached_gguf_checkpoint(gguf: Path) -> Path:
-    """Convert once per GGUF content hash; later runs load the cached safetensors in seconds."""
-    digest = sha256_file(gguf)[:16]
+    """Convert once per GGUF content hash and converting libraries; later runs load the cached safetensors.
+
+    The cached folder is served only when every file matches its manifest; a damaged one is converted again.
+    """
+    import importlib.metadata
+
+    import transformers
+
+    digest = sha256_json({"gguf": sha256_file(gguf), "torch": torch.__version__,
+                          "transformers": transformers.__version__,
+                          "gguf_lib": importlib.metadata.version("gguf")})[:16]
     folder = cache_dir() / "models" / f"{gguf.stem}-{digest}"
-    if not (folder / "config.json").is_file():
-        gguf_to_checkpoint(gguf, folder)
+    if folder.exists():
+        problems = checkpoint.verify_files(folder)
+        if not problems:
+            return folder
+        print(f"warning: cached conversion {folder} is damaged ({'; '.join(problems[:3])}); converting again",
+              file=sys.stderr)
+    gguf_to_checkpoint(gguf, folder)
     return folder
 
 
@@ -117,6 +133,27 @@ def resolve(source: str) -> ModelRef:
     else:
         return ModelRef(source, sha256_json({"hub": source}), None)
     return ModelRef(source, checkpoint.weights_key(folder), folder)
+
+
+def context_length(ref: ModelRef) -> int | None:
+    """The model's real context (``max_position_embeddings`` of its config); None when unknown (hub ids)."""
+    if ref.folder is None:
+        tiny = _tiny(ref.source)
+        return int(family_config(tiny[0]).max_position_embeddings) if tiny is not None else None
+    try:
+        value = json.loads((ref.folder / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        raise ToolkitError(f"{ref.folder / 'config.json'} is not valid JSON; re-create the checkpoint") from None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_lengths(ref: ModelRef, lengths: dict[str, int]) -> None:
+    """Refuse windows longer than the model's context before anything is computed on them."""
+    limit = context_length(ref)
+    for name, length in lengths.items():
+        if limit is not None and length > limit:
+            raise ToolkitError(f"{name} {length} exceeds the context of {ref.source} "
+                               f"(max_position_embeddings {limit}); use {limit} or less")
 
 
 def load(source: str) -> LoadedModel:
