@@ -58,6 +58,20 @@ LAYOUTS: dict[str, DecoderLayout] = {
 
 
 @dataclass(frozen=True)
+class GGUFArch:
+    """How llama.cpp names the architecture (``general.architecture``) and whether it wants the q/k rows
+    in its interleaved rope order (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``)."""
+
+    arch: str
+    permute_rope: bool
+
+
+GGUF_ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch("llama", permute_rope=True),
+}
+
+
+@dataclass(frozen=True)
 class ScaleMapping:
     """AWQ: ``prev``'s output is the shared input of ``linears`` (names relative to a decoder layer).
 
