@@ -18,6 +18,15 @@ from toolkit.errors import ToolkitError
 
 
 @dataclass(frozen=True)
+class GGUFArch:
+    """How llama.cpp names the architecture (``general.architecture``) and whether it wants the q/k rows
+    in its interleaved rope order (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``)."""
+
+    arch: str
+    permute_rope: bool
+
+
+@dataclass(frozen=True)
 class ScaleMapping:
     """AWQ: ``prev``'s output is the shared input of ``linears`` (names relative to a decoder layer).
 
@@ -70,6 +79,7 @@ class Architecture:
     final_softcap_attr: str | None = None  # logits -> c·tanh(logits / c) (Gemma 2)
     rotary_by_layer_type: bool = False  # one rotary per layer type (Gemma 3: local layers use another base)
     rope_types: tuple[str, ...] = ("default", "linear", "llama3", "yarn")  # scalings a static cache reproduces
+    gguf: GGUFArch | None = None  # the GGUF export's naming (llama only so far)
 
     def attention_projections(self) -> tuple[str, ...]:
         return (self.qkv,) if self.qkv else (self.q, self.k, self.v)  # type: ignore[return-value]
@@ -110,7 +120,7 @@ def _gemma_row(model_type: str, **extra: object) -> Architecture:
 
 # One row per Hugging Face model_type; the order is the order of the "supported:" list.
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    Architecture("llama", "llama", _llama_mappings()),
+    Architecture("llama", "llama", _llama_mappings(), gguf=GGUFArch("llama", permute_rope=True)),
     Architecture("qwen2", "qwen2", _llama_mappings(),
                  biased=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     Architecture("qwen3", "qwen3", _llama_mappings(), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),

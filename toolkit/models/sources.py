@@ -51,6 +51,9 @@ def smollm2_gguf_path() -> Path:
 
 def gguf_to_checkpoint(gguf: Path, folder: Path) -> None:
     """Dequantize a GGUF to float32 through transformers and save a plain HF checkpoint in ``folder``."""
+    from toolkit.interop import gguf_file  # a truncated or inconsistent file is refused here in one line
+
+    gguf_file.read(gguf)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
