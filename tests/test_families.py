@@ -46,7 +46,13 @@ def layer_errors(reference: torch.nn.Module, candidate: torch.nn.Module) -> list
 def test_every_family_has_a_tiny_model_with_its_quirks() -> None:
     assert {layout_of(tiny_model(f).config).model_type for f in FAMILIES} == set(ARCHITECTURES)
     assert any(w is not None for w in sliding_windows(tiny_model("gemma2").config))
-    assert tiny_model("qwen2").model.layers[0].self_attn.q_proj.bias is not None
+    for family in FAMILIES:
+        model = tiny_model(family)
+        layer, arch = decoder_layers(model)[0], layout_of(model)
+        for name in (arch.q, arch.k, arch.v, arch.qkv, arch.o, arch.gate, arch.up, arch.gate_up, arch.down):
+            if name:  # the record's bias list is what the checkpoint holds
+                assert (layer.get_submodule(name).bias is not None) == (name in arch.biased), (family, name)
+    assert layout_of(tiny_model("qwen2")).biased
     assert not tiny_model("mistral").config.tie_word_embeddings
 
 
