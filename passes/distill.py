@@ -35,7 +35,7 @@ from toolkit.algorithms.distillation import (
 )
 from toolkit.algorithms.rtn import fp16_representable
 from toolkit.errors import ToolkitError
-from toolkit.models.architectures import decoder_layers, layer_types, layout_of
+from toolkit.models.architectures import decoder_layers, layout_of, per_layer_attrs
 from toolkit.paths import sha256_json
 from toolkit.pipeline.context import PassContext
 from toolkit.quant.modules import quantized_modules
@@ -122,10 +122,10 @@ def shallow_student(model: PreTrainedModel, kept: tuple[int, ...]) -> PreTrained
         layer.get_submodule("self_attn").layer_idx = index  # type: ignore[assignment]  # KV cache slot
     parent, _, attr = layout_of(model).layers.rpartition(".")
     setattr(model.get_submodule(parent), attr, new)
-    types = layer_types(model.config)
+    lists = {attr: list(getattr(model.config, attr)) for attr in per_layer_attrs(model.config)}
     model.config.num_hidden_layers = len(kept)
-    if getattr(model.config, "layer_types", None):  # each kept layer keeps its attention (sliding or full)
-        model.config.layer_types = [types[i] for i in kept]
+    for attr, values in lists.items():  # each kept layer keeps its attention (sliding or full, rotary or not)
+        setattr(model.config, attr, [values[i] for i in kept])
     return model
 
 

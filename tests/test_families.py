@@ -61,6 +61,7 @@ QUIRKS_OFF = {  # config overrides that switch one quirk off; each must move the
     "qwen2": [dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0))],
     "mistral": [dict(sliding_window=None)],
     "phi3": [dict(sliding_window=None)],
+    "smollm3": [dict(no_rope_layers=[1, 1])],
     "gemma2": [dict(sliding_window=4096), dict(attn_logit_softcapping=None), dict(final_logit_softcapping=None),
                dict(query_pre_attn_scalar=16)],
     "gemma3": [dict(sliding_window=4096), dict(rope_parameters={

@@ -78,6 +78,7 @@ class Architecture:
     attn_softcap_attr: str | None = None  # scores -> c·tanh(scores / c) (Gemma 2)
     final_softcap_attr: str | None = None  # logits -> c·tanh(logits / c) (Gemma 2)
     rotary_by_layer_type: bool = False  # one rotary per layer type (Gemma 3: local layers use another base)
+    rope_layers_attr: str | None = None  # config list, per layer 1 = rotary, 0 = none (SmolLM3's NoPE layers)
     rope_types: tuple[str, ...] = ("default", "linear", "llama3", "yarn")  # scalings a static cache reproduces
     gguf: GGUFArch | None = None  # the GGUF export's naming (llama only so far)
 
@@ -133,6 +134,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     ), q=None, k=None, v=None, qkv="self_attn.qkv_proj", gate=None, up=None, gate_up="mlp.gate_up_proj",
         rope_types=("default", "longrope")),
     _gemma_row("gemma2", attn_softcap_attr="attn_logit_softcapping", final_softcap_attr="final_logit_softcapping"),
+    Architecture("smollm3", "smollm3", _llama_mappings(), rope_layers_attr="no_rope_layers"),
     _gemma_row("gemma3_text", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
                final_softcap_attr="final_logit_softcapping", rotary_by_layer_type=True),
 )}
@@ -175,6 +177,19 @@ def sliding_windows(config: PretrainedConfig) -> list[int | None]:
     """Per layer: how many keys (the query's own included) a query sees, or None for full attention."""
     window = getattr(config, "sliding_window", None)
     return [window if t == "sliding_attention" else None for t in layer_types(config)]
+
+
+def rotary_layers(config: PretrainedConfig) -> list[bool]:
+    """Per layer: does attention rotate queries and keys (False in SmolLM3's NoPE layers)?"""
+    attr = layout_of(config).rope_layers_attr
+    flags = getattr(config, attr) if attr else None
+    return [bool(f) for f in flags] if flags else [True] * config.num_hidden_layers
+
+
+def per_layer_attrs(config: PretrainedConfig) -> tuple[str, ...]:
+    """Config lists with one entry per decoder layer (kept in step when layers are dropped)."""
+    attr = layout_of(config).rope_layers_attr
+    return tuple(a for a in ("layer_types", attr) if a and getattr(config, a, None))
 
 
 def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> dict:

@@ -52,6 +52,7 @@ from toolkit.models.architectures import (
     final_softcap,
     layer_types,
     layout_of,
+    rotary_layers,
     sliding_windows,
 )
 from toolkit.onnx.graph import (
@@ -98,7 +99,7 @@ class MaskValues:
 class LayerAttention:
     """What one layer's attention needs beyond its weights: rotary caches, window, scale, soft-cap, q/k norms."""
 
-    cos: str
+    cos: str  # "" in a layer without rotary (SmolLM3's NoPE layers)
     sin: str
     rotary_dim: int
     window: int | None  # keys a query sees (its own included), or None
@@ -203,16 +204,17 @@ def _attention_ort(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskVa
         extra["softcap"] = la.softcap
     out = b.op("GroupQueryAttention", [*qkv, *past, m.seqlens_k, m.total, la.cos, la.sin, "", m.bias],
                domain=MS, outs=[b.fresh("attn"), *present], num_heads=d.heads, kv_num_heads=d.kv_heads,
-               do_rotary=1, rotary_interleaved=0, **extra)
+               do_rotary=int(bool(la.cos)), rotary_interleaved=0, **extra)
     return out[0]
 
 
 def _attention_standard(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskValues, arch: Architecture,
                         la: LayerAttention, d: Dims, opts: GraphOptions) -> str:
     q, k, v = _qkv(b, h, i, layer, arch, la, d, opts)
-    partial = {"rotary_embedding_dim": la.rotary_dim} if la.rotary_dim < d.head_dim else {}
-    q = b.one("RotaryEmbedding", [q, la.cos, la.sin, POSITION_IDS], num_heads=d.heads, **partial)
-    k = b.one("RotaryEmbedding", [k, la.cos, la.sin, POSITION_IDS], num_heads=d.kv_heads, **partial)
+    if la.cos:
+        partial = {"rotary_embedding_dim": la.rotary_dim} if la.rotary_dim < d.head_dim else {}
+        q = b.one("RotaryEmbedding", [q, la.cos, la.sin, POSITION_IDS], num_heads=d.heads, **partial)
+        k = b.one("RotaryEmbedding", [k, la.cos, la.sin, POSITION_IDS], num_heads=d.kv_heads, **partial)
     past = [PAST.format(i=i, kv=kv) for kv in ("key", "value")]
     present = [PRESENT.format(i=i, kv=kv) for kv in ("key", "value")]
     extra: dict[str, Any] = {"scale": la.scale} if abs(la.scale - d.head_dim ** -0.5) > 1e-12 else {}
@@ -285,8 +287,9 @@ def _layer_attention(model: PreTrainedModel, d: Dims, b: Builder) -> list[LayerA
         caches[lt] = (b.const(f"cos_cache{suffix}", cos_np), b.const(f"sin_cache{suffix}", sin_np),
                       2 * cos_np.shape[1])
     out = []
-    for layer, lt, window in zip(decoder_layers(model), types, sliding_windows(c), strict=True):
-        cos, sin, rotary_dim = caches[lt if arch.rotary_by_layer_type else None]
+    for layer, lt, window, rotary in zip(decoder_layers(model), types, sliding_windows(c), rotary_layers(c),
+                                         strict=True):
+        cos, sin, rotary_dim = caches[lt if arch.rotary_by_layer_type else None] if rotary else ("", "", 0)
         norms = None
         if arch.q_norm and arch.k_norm:
             norms = (_norm_weight(layer.get_submodule(arch.q_norm), arch),
