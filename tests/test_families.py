@@ -62,6 +62,8 @@ QUIRKS_OFF = {  # config overrides that switch one quirk off; each must move the
     "mistral": [dict(sliding_window=None)],
     "phi3": [dict(sliding_window=None)],
     "smollm3": [dict(no_rope_layers=[1, 1])],
+    "granite": [dict(embedding_multiplier=1.0), dict(residual_multiplier=1.0), dict(attention_multiplier=0.25),
+                dict(logits_scaling=1.0)],
     "gemma2": [dict(sliding_window=4096), dict(attn_logit_softcapping=None), dict(final_logit_softcapping=None),
                dict(query_pre_attn_scalar=16)],
     "gemma3": [dict(sliding_window=4096), dict(rope_parameters={

@@ -74,7 +74,11 @@ class Architecture:
     norm_offset: float = 0.0  # every RMSNorm scales by (offset + w): Gemma stores w - 1
     activation_attr: str = "hidden_act"  # config attribute naming the MLP gate activation
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
+    embed_multiplier_attr: str | None = None  # embeddings multiplied by config.<attr> (Granite)
+    residual_multiplier_attr: str | None = None  # each sublayer's output multiplied by config.<attr> (Granite)
     attn_scale_attr: str | None = None  # scores scaled by config.<attr> ** -0.5 instead of head_dim ** -0.5
+    attn_multiplier_attr: str | None = None  # scores scaled by config.<attr> itself (Granite)
+    logits_divisor_attr: str | None = None  # logits divided by config.<attr> (Granite)
     attn_softcap_attr: str | None = None  # scores -> c·tanh(scores / c) (Gemma 2)
     final_softcap_attr: str | None = None  # logits -> c·tanh(logits / c) (Gemma 2)
     rotary_by_layer_type: bool = False  # one rotary per layer type (Gemma 3: local layers use another base)
@@ -135,6 +139,9 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
         rope_types=("default", "longrope")),
     _gemma_row("gemma2", attn_softcap_attr="attn_logit_softcapping", final_softcap_attr="final_logit_softcapping"),
     Architecture("smollm3", "smollm3", _llama_mappings(), rope_layers_attr="no_rope_layers"),
+    Architecture("granite", "granite", _llama_mappings(), embed_multiplier_attr="embedding_multiplier",
+                 residual_multiplier_attr="residual_multiplier", attn_multiplier_attr="attention_multiplier",
+                 logits_divisor_attr="logits_scaling"),
     _gemma_row("gemma3_text", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
                final_softcap_attr="final_logit_softcapping", rotary_by_layer_type=True),
 )}
@@ -220,8 +227,29 @@ def attention_softcap(config: PretrainedConfig) -> float | None:
 
 
 def attention_scale(config: PretrainedConfig, head_dim: int) -> float:
-    attr = layout_of(config).attn_scale_attr
-    return float(getattr(config, attr) if attr else head_dim) ** -0.5
+    arch = layout_of(config)
+    if arch.attn_multiplier_attr:
+        return float(getattr(config, arch.attn_multiplier_attr))
+    return float(getattr(config, arch.attn_scale_attr) if arch.attn_scale_attr else head_dim) ** -0.5
+
+
+def _config_value(config: PretrainedConfig, attr: str | None) -> float | None:
+    value = getattr(config, attr, None) if attr else None
+    return None if value is None or float(value) == 1.0 else float(value)
+
+
+def embed_multiplier(config: PretrainedConfig) -> float | None:
+    """What the embedding rows are multiplied by (Gemma: sqrt(hidden); Granite: its config), or None."""
+    arch = layout_of(config)
+    return config.hidden_size ** 0.5 if arch.embed_scale else _config_value(config, arch.embed_multiplier_attr)
+
+
+def residual_multiplier(config: PretrainedConfig) -> float | None:
+    return _config_value(config, layout_of(config).residual_multiplier_attr)
+
+
+def logits_divisor(config: PretrainedConfig) -> float | None:
+    return _config_value(config, layout_of(config).logits_divisor_attr)
 
 
 def activation(config: PretrainedConfig) -> str:

@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
+    GraniteConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -113,6 +114,9 @@ FAMILY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
                                                    original_max_position_embeddings=128))),
     "smollm3": (SmolLM3Config, dict(SMALL, vocab_size=600, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
                                     no_rope_layer_interval=2, tie_word_embeddings=True)),  # layer 1 without rotary
+    "granite": (GraniteConfig, dict(SMALL, vocab_size=700, num_hidden_layers=2, num_key_value_heads=2,
+                                    embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                                    logits_scaling=2.5, tie_word_embeddings=True)),
     "gemma2": (Gemma2Config, dict(SMALL, vocab_size=384, num_hidden_layers=4, num_key_value_heads=2, head_dim=16,
                                   query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=5.0,
                                   final_logit_softcapping=3.0, tie_word_embeddings=True)),

@@ -49,9 +49,12 @@ from toolkit.models.architectures import (
     attention_scale,
     attention_softcap,
     decoder_layers,
+    embed_multiplier,
     final_softcap,
     layer_types,
     layout_of,
+    logits_divisor,
+    residual_multiplier,
     rotary_layers,
     sliding_windows,
 )
@@ -324,23 +327,30 @@ def build_model(model: PreTrainedModel, opts: GraphOptions) -> onnx.ModelProto:
     m = mask_values(b, opts)
     attention = _attention_ort if opts.target == "ort" else _attention_standard
     residual = embed(b, INPUT_IDS, model, arch.head, opts)
-    if arch.embed_scale:  # Gemma: embeddings x sqrt(hidden), rounded to float32 as the model does
-        residual = b.one("Mul", [residual, b.const("embed.scale", np.array(d.hidden ** 0.5, np.float32))])
+    scale = embed_multiplier(model.config)
+    if scale is not None:  # Gemma: x sqrt(hidden), Granite: x embedding_multiplier (float32, as the model rounds it)
+        residual = b.one("Mul", [residual, b.const("embed.scale", np.array(scale, np.float32))])
+    r = residual_multiplier(model.config)
+    rescale = (lambda x: x) if r is None else (  # Granite: residual + r * sublayer(x)
+        lambda x: b.one("Mul", [x, b.const("residual.multiplier", np.array(r, np.float32))]))
     delta: str | None = None
     for i, layer in enumerate(decoder_layers(model)):
         h, residual = _norm(b, delta, residual, _norm_weight(layer.get_submodule(arch.input_norm), arch),
                             f"layers.{i}.input_norm", d, opts)
         delta = linear(b, attention(b, h, i, layer, m, arch, attn_of[i], d, opts),
                        linear_weight(layer.get_submodule(arch.o)), f"layers.{i}.o_proj", opts)
-        delta = _sandwich(b, delta, layer, arch.attn_out_norm, arch, f"layers.{i}.attn_out_norm", d)
+        delta = rescale(_sandwich(b, delta, layer, arch.attn_out_norm, arch, f"layers.{i}.attn_out_norm", d))
         h, residual = _norm(b, delta, residual, _norm_weight(layer.get_submodule(arch.mlp_norm), arch),
                             f"layers.{i}.post_attention_norm", d, opts)
         gate, up = _gate_up(b, h, layer, arch, i, opts)
         hidden = b.one("Mul", [_activation(b, gate, act), up])
         delta = linear(b, hidden, linear_weight(layer.get_submodule(arch.down)), f"layers.{i}.down_proj", opts)
-        delta = _sandwich(b, delta, layer, arch.mlp_out_norm, arch, f"layers.{i}.mlp_out_norm", d)
+        delta = rescale(_sandwich(b, delta, layer, arch.mlp_out_norm, arch, f"layers.{i}.mlp_out_norm", d))
     h, _ = _norm(b, delta, residual, _norm_weight(model.get_submodule(arch.final_norm), arch), "final_norm", d, opts)
     logits = head_linear(b, h, model, arch.head, opts)
+    divisor = logits_divisor(model.config)
+    if divisor is not None:
+        logits = b.one("Div", [logits, b.const("logits.divisor", np.array(divisor, np.float32))])
     cap = final_softcap(model.config)
     if cap:
         logits = _softcap(b, logits, cap, "logits")
