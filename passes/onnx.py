@@ -208,8 +208,9 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: O
     tokenizer.save_pretrained(str(folder))
     contract = _contract(model, tokenizer, config)
     (folder / "export.json").write_text(json.dumps(contract, indent=2) + "\n")
-    if config.target == "ort":
-        (folder / "genai_config.json").write_text(json.dumps(_genai_config(contract, layout_of(model).genai_type), indent=2) + "\n")
+    genai_type = layout_of(model).genai_type
+    if config.target == "ort" and genai_type is not None:
+        (folder / "genai_config.json").write_text(json.dumps(_genai_config(contract, genai_type), indent=2) + "\n")
     size = sum(p.stat().st_size for p in (folder / MODEL_FILE, folder / DATA_FILE))
     return {"export": {"config": asdict(config), "op_census": census, "validation": validation,
                        "size_bytes": size, "size_mb": round(size / 1e6, 2),

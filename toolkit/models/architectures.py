@@ -47,7 +47,9 @@ class Architecture:
     """Where the modules of one decoder family live and how its math differs from Llama's."""
 
     model_type: str
-    genai_type: str  # onnxruntime-genai's model "type" (its builder: architecture name before "For", lowercased)
+    # onnxruntime-genai's model "type" (its builder: architecture name before "For", lowercased); None where
+    # onnxruntime-genai has no such model (OLMo 2 in 0.18: "Unsupported model_type"), so no genai_config.json
+    genai_type: str | None
     awq: tuple[ScaleMapping, ...]
     layers: str = "model.layers"  # attribute path of the ModuleList of decoder layers
     embed: str = "model.embed_tokens"
@@ -55,8 +57,8 @@ class Architecture:
     head: str = "lm_head"
     rotary: str = "model.rotary_emb"  # module computing (cos, sin), HF rotate_half layout
     # within one decoder layer
-    input_norm: str = "input_layernorm"  # before attention
-    mlp_norm: str = "post_attention_layernorm"  # before the MLP (Llama's name; Gemma 2/3: pre_feedforward_layernorm)
+    input_norm: str | None = "input_layernorm"  # before attention (None: OLMo 2 norms only the outputs)
+    mlp_norm: str | None = "post_attention_layernorm"  # before the MLP (Gemma 2/3: pre_feedforward_layernorm)
     attn_out_norm: str | None = None  # sandwich norm on the attention output, before the residual add
     mlp_out_norm: str | None = None  # sandwich norm on the MLP output
     q: str | None = "self_attn.q_proj"
@@ -68,7 +70,8 @@ class Architecture:
     up: str | None = "mlp.up_proj"
     gate_up: str | None = None  # fused [gate; up] rows (Phi-3), instead of gate/up
     down: str = "mlp.down_proj"
-    q_norm: str | None = None  # per-head RMSNorm of queries/keys before rotary (Qwen3, Gemma 3)
+    # RMSNorm of queries/keys before rotary: per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
+    q_norm: str | None = None
     k_norm: str | None = None
     biased: tuple[str, ...] = ()  # linears whose checkpoints carry a bias (Qwen2's q/k/v)
     norm_offset: float = 0.0  # every RMSNorm scales by (offset + w): Gemma stores w - 1
@@ -139,6 +142,10 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
         rope_types=("default", "longrope")),
     _gemma_row("gemma2", attn_softcap_attr="attn_logit_softcapping", final_softcap_attr="final_logit_softcapping"),
     Architecture("smollm3", "smollm3", _llama_mappings(), rope_layers_attr="no_rope_layers"),
+    Architecture("olmo2", None, (ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",)),
+                                    ScaleMapping("mlp.up_proj", ("mlp.down_proj",))),
+                 input_norm=None, mlp_norm=None, attn_out_norm="post_attention_layernorm",
+                 mlp_out_norm="post_feedforward_layernorm", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
     Architecture("granite", "granite", _llama_mappings(), embed_multiplier_attr="embedding_multiplier",
                  residual_multiplier_attr="residual_multiplier", attn_multiplier_attr="attention_multiplier",
                  logits_divisor_attr="logits_scaling"),

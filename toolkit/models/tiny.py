@@ -17,6 +17,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
+    Olmo2Config,
     Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
@@ -114,6 +115,8 @@ FAMILY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
                                                    original_max_position_embeddings=128))),
     "smollm3": (SmolLM3Config, dict(SMALL, vocab_size=600, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
                                     no_rope_layer_interval=2, tie_word_embeddings=True)),  # layer 1 without rotary
+    "olmo2": (Olmo2Config, dict(SMALL, vocab_size=520, num_hidden_layers=2, num_key_value_heads=2,
+                                tie_word_embeddings=False)),
     "granite": (GraniteConfig, dict(SMALL, vocab_size=700, num_hidden_layers=2, num_key_value_heads=2,
                                     embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.2,
                                     logits_scaling=2.5, tie_word_embeddings=True)),

@@ -167,7 +167,10 @@ def mask_values(b: Builder, opts: GraphOptions) -> MaskValues:
 
 
 def _qk_norm(b: Builder, x: str, weight: np.ndarray, heads: int, name: str, d: Dims) -> str:
-    """Per-head RMSNorm of ``x [B,S,heads*D]`` (Qwen3, Gemma 3), before rotary: normalised over each head's D."""
+    """RMSNorm of ``x [B,S,heads*D]`` before rotary: over each head's D (Qwen3, Gemma 3) or, for a weight
+    of the projection's width, over all of it (OLMo 2)."""
+    if weight.shape[0] == heads * d.head_dim:
+        return b.one("RMSNormalization", [x, b.const(f"{name}.weight", weight)], epsilon=d.eps, axis=-1)
     per_head = b.one("Reshape", [x, b.ints([0, 0, heads, d.head_dim])])
     normed = b.one("RMSNormalization", [per_head, b.const(f"{name}.weight", weight)], epsilon=d.eps, axis=-1)
     return b.one("Reshape", [normed, b.ints([0, 0, heads * d.head_dim])])
@@ -226,6 +229,16 @@ def _attention_standard(b: Builder, h: str, i: int, layer: torch.nn.Module, m: M
     out = b.op("Attention", [q, k, v, m.standard_bias(b, la.window), *past], outs=[b.fresh("attn"), *present],
                q_num_heads=d.heads, kv_num_heads=d.kv_heads, is_causal=0, **extra)
     return out[0]
+
+
+def _pre_norm(b: Builder, delta: str | None, residual: str, layer: torch.nn.Module, norm: str | None,
+              arch: Architecture, name: str, d: Dims, opts: GraphOptions) -> tuple[str, str]:
+    """The sublayer's input and the new residual: a (skip-)norm, or for a family without pre-norms (OLMo 2)
+    the residual sum itself."""
+    if norm is not None:
+        return _norm(b, delta, residual, _norm_weight(layer.get_submodule(norm), arch), name, d, opts)
+    residual = residual if delta is None else b.one("Add", [residual, delta])
+    return residual, residual
 
 
 def _norm(b: Builder, delta: str | None, residual: str, weight: np.ndarray, name: str,
@@ -335,13 +348,12 @@ def build_model(model: PreTrainedModel, opts: GraphOptions) -> onnx.ModelProto:
         lambda x: b.one("Mul", [x, b.const("residual.multiplier", np.array(r, np.float32))]))
     delta: str | None = None
     for i, layer in enumerate(decoder_layers(model)):
-        h, residual = _norm(b, delta, residual, _norm_weight(layer.get_submodule(arch.input_norm), arch),
-                            f"layers.{i}.input_norm", d, opts)
+        h, residual = _pre_norm(b, delta, residual, layer, arch.input_norm, arch, f"layers.{i}.input_norm", d, opts)
         delta = linear(b, attention(b, h, i, layer, m, arch, attn_of[i], d, opts),
                        linear_weight(layer.get_submodule(arch.o)), f"layers.{i}.o_proj", opts)
         delta = rescale(_sandwich(b, delta, layer, arch.attn_out_norm, arch, f"layers.{i}.attn_out_norm", d))
-        h, residual = _norm(b, delta, residual, _norm_weight(layer.get_submodule(arch.mlp_norm), arch),
-                            f"layers.{i}.post_attention_norm", d, opts)
+        h, residual = _pre_norm(b, delta, residual, layer, arch.mlp_norm, arch, f"layers.{i}.post_attention_norm",
+                                d, opts)
         gate, up = _gate_up(b, h, layer, arch, i, opts)
         hidden = b.one("Mul", [_activation(b, gate, act), up])
         delta = linear(b, hidden, linear_weight(layer.get_submodule(arch.down)), f"layers.{i}.down_proj", opts)
