@@ -141,6 +141,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     ), q=None, k=None, v=None, qkv="self_attn.qkv_proj", gate=None, up=None, gate_up="mlp.gate_up_proj",
         rope_types=("default", "longrope")),
     _gemma_row("gemma2", attn_softcap_attr="attn_logit_softcapping", final_softcap_attr="final_logit_softcapping"),
+    _gemma_row("gemma3_text", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+               final_softcap_attr="final_logit_softcapping", rotary_by_layer_type=True),
     Architecture("smollm3", "smollm3", _llama_mappings(), rope_layers_attr="no_rope_layers"),
     Architecture("olmo2", None, (ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",)),
                                     ScaleMapping("mlp.up_proj", ("mlp.down_proj",))),
@@ -149,8 +151,6 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("granite", "granite", _llama_mappings(), embed_multiplier_attr="embedding_multiplier",
                  residual_multiplier_attr="residual_multiplier", attn_multiplier_attr="attention_multiplier",
                  logits_divisor_attr="logits_scaling"),
-    _gemma_row("gemma3_text", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
-               final_softcap_attr="final_logit_softcapping", rotary_by_layer_type=True),
 )}
 
 

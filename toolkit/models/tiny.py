@@ -113,13 +113,6 @@ FAMILY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
                                                    short_factor=[1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0],
                                                    long_factor=[2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0],
                                                    original_max_position_embeddings=128))),
-    "smollm3": (SmolLM3Config, dict(SMALL, vocab_size=600, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
-                                    no_rope_layer_interval=2, tie_word_embeddings=True)),  # layer 1 without rotary
-    "olmo2": (Olmo2Config, dict(SMALL, vocab_size=520, num_hidden_layers=2, num_key_value_heads=2,
-                                tie_word_embeddings=False)),
-    "granite": (GraniteConfig, dict(SMALL, vocab_size=700, num_hidden_layers=2, num_key_value_heads=2,
-                                    embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.2,
-                                    logits_scaling=2.5, tie_word_embeddings=True)),
     "gemma2": (Gemma2Config, dict(SMALL, vocab_size=384, num_hidden_layers=4, num_key_value_heads=2, head_dim=16,
                                   query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=5.0,
                                   final_logit_softcapping=3.0, tie_word_embeddings=True)),
@@ -129,6 +122,13 @@ FAMILY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
                                       rope_parameters={
                                           "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
                                           "full_attention": dict(rope_type="linear", rope_theta=1e6, factor=2.0)})),
+    "smollm3": (SmolLM3Config, dict(SMALL, vocab_size=600, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
+                                    no_rope_layer_interval=2, tie_word_embeddings=True)),  # layer 1 without rotary
+    "olmo2": (Olmo2Config, dict(SMALL, vocab_size=520, num_hidden_layers=2, num_key_value_heads=2,
+                                tie_word_embeddings=False)),
+    "granite": (GraniteConfig, dict(SMALL, vocab_size=700, num_hidden_layers=2, num_key_value_heads=2,
+                                    embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                                    logits_scaling=2.5, tie_word_embeddings=True)),
 }
 FAMILIES = ("llama", *FAMILY_CONFIGS)  # the names of ``tiny-<family>[:seed]`` sources
 
