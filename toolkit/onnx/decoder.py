@@ -1,13 +1,14 @@
-"""The decoder graph: attention-mask arithmetic, rotary caches, decoder layers, and the IO contract.
+"""The decoder graph: attention-mask arithmetic, rotary caches, decoder layers; tensor names from the contract.
 
-What a runtime feeds (both targets; ``P`` cached columns, ``S`` new tokens, rows left-padded):
-- ``input_ids [B,S] int64``; ``position_ids [B,S] int64`` = ``cumsum(attention_mask) - 1`` at the new columns
+What a runtime feeds (both targets; ``P`` cached columns, ``S`` new tokens, rows left-padded; the names are
+``TensorNames`` of ``toolkit.runtime.contract``):
+- input ids ``[B,S] int64``; position ids ``[B,S] int64`` = ``cumsum(attention_mask) - 1`` at the new columns
   (read by the standard target's RotaryEmbedding; the ort graph ignores it, see below);
-- ``attention_mask [B,M] int64``: 1 for real tokens, 0 for left padding, one column per cache column.
-  Without buffer sharing ``M = P+S`` and ``past_key_values.{i}.key|value`` are ``[B,KVH,P,D]`` (P=0 for the
-  prefill: a zero-length tensor); ``present.{i}.*`` come back as ``[B,KVH,P+S,D]``.
+- attention mask ``[B,M] int64``: 1 for real tokens, 0 for left padding, one column per cache column.
+  Without buffer sharing ``M = P+S`` and each layer's past key and value are ``[B,KVH,P,D]`` (P=0 for the
+  prefill: a zero-length tensor); its present key and value come back as ``[B,KVH,P+S,D]``.
 - ort target, shared buffer (onnxruntime-genai's ``past_present_share_buffer``): bind the SAME preallocated
-  ``[B,KVH,C,D]`` OrtValue as ``past_key_values.{i}.key`` and ``present.{i}.key`` (likewise value) through IO
+  ``[B,KVH,C,D]`` OrtValue as a layer's past key and its present key (likewise value) through IO
   binding; GroupQueryAttention sees equal pointers and writes the S new rows in place at columns ``[P, P+S)``.
   The mask is then either ``[B, P+S]`` or ``[B, C]`` with zeros after column ``P+S-1``; both work, because the
   graph derives everything from the index of the last 1, per row. Rows may have different lengths (each
@@ -41,6 +42,7 @@ import torch
 from onnx import TensorProto, helper
 from transformers import PreTrainedModel
 
+from toolkit.errors import ToolkitError
 from toolkit.models.architectures import DecoderLayout, decoder_layers, layout_of
 from toolkit.onnx.graph import (
     IR_VERSION,
@@ -56,10 +58,7 @@ from toolkit.onnx.graph import (
     linear,
 )
 from toolkit.onnx.weights import concat_rows, linear_weight
-
-INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
-PAST = "past_key_values.{i}.{kv}"
-PRESENT = "present.{i}.{kv}"
+from toolkit.runtime.contract import KINDS, TensorNames
 
 
 @dataclass
@@ -85,18 +84,19 @@ def rotary_caches(model: PreTrainedModel, dims: Dims) -> tuple[np.ndarray, np.nd
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
-def mask_values(b: Builder, opts: GraphOptions) -> MaskValues:
+def mask_values(b: Builder, opts: GraphOptions, names: TensorNames) -> MaskValues:
+    mask = names.attention_mask
     one = b.const("one_i64", np.array(1, np.int64))
-    width = b.one("Squeeze", [b.one("Shape", [ATTENTION_MASK], start=1, end=2)])
+    width = b.one("Squeeze", [b.one("Shape", [mask], start=1, end=2)])
     col1 = b.one("Range", [one, b.one("Add", [width, one]), one])  # [M]: 1..M
-    last = b.one("ReduceMax", [b.one("Mul", [ATTENTION_MASK, col1]), b.ints([1])], keepdims=0)  # [B]
+    last = b.one("ReduceMax", [b.one("Mul", [mask, col1]), b.ints([1])], keepdims=0)  # [B]
     total = b.one("ReduceMax", [last], keepdims=0)  # scalar T
     seqlens_k = b.one("Cast", [b.one("Sub", [last, one])], to=TensorProto.INT32)
     if opts.target == "ort" and not opts.left_padding:  # GQA masks by seqlens_k: right-padded rows need nothing more
         return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), "")
     zero = b.const("zero_i64", np.array(0, np.int64))
-    new = b.one("Squeeze", [b.one("Shape", [INPUT_IDS], start=1, end=2)])
-    visible = b.one("Slice", [ATTENTION_MASK, b.ints([0]), b.one("Unsqueeze", [total, b.ints([0])]), b.ints([1])])
+    new = b.one("Squeeze", [b.one("Shape", [names.input_ids], start=1, end=2)])
+    visible = b.one("Slice", [mask, b.ints([0]), b.one("Unsqueeze", [total, b.ints([0])]), b.ints([1])])
     visible = b.one("Unsqueeze", [b.one("Cast", [visible], to=TensorProto.BOOL), b.ints([1, 2])])  # [B,1,1,T]
     # Each row's queries sit at its own last columns (last[b]-S .. last[b]-1): rows of different lengths
     # share one cache buffer, each written from column 0, so the query column is per row, not T-S.
@@ -114,15 +114,15 @@ def mask_values(b: Builder, opts: GraphOptions) -> MaskValues:
 
 
 def _attention_ort(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskValues,
-                   d: Dims, names: dict[str, str], opts: GraphOptions) -> str:
-    parts = [linear_weight(layer.get_submodule(names[r])) for r in ("q", "k", "v")]
+                   d: Dims, modules: dict[str, str], names: TensorNames, opts: GraphOptions) -> str:
+    parts = [linear_weight(layer.get_submodule(modules[r])) for r in ("q", "k", "v")]
     fused = concat_rows(parts)
     if fused is not None:  # one MatMulNBits for q,k,v; GQA takes the packed [B,S,(H+2KVH)*D] input
         qkv = [linear(b, h, fused, f"layers.{i}.qkv_proj", opts), "", ""]
     else:
         qkv = [linear(b, h, w, f"layers.{i}.{r}_proj", opts) for w, r in zip(parts, "qkv", strict=True)]
-    past = [PAST.format(i=i, kv=kv) for kv in ("key", "value")]
-    present = [PRESENT.format(i=i, kv=kv) for kv in ("key", "value")]
+    past = [names.past(i, kind) for kind in KINDS]
+    present = [names.present(i, kind) for kind in KINDS]
     out = b.op("GroupQueryAttention", [*qkv, *past, m.seqlens_k, m.total, "cos_cache", "sin_cache", "", m.bias],
                domain=MS, outs=[b.fresh("attn"), *present], num_heads=d.heads, kv_num_heads=d.kv_heads,
                do_rotary=1, rotary_interleaved=0)
@@ -130,13 +130,13 @@ def _attention_ort(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskVa
 
 
 def _attention_standard(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskValues,
-                        d: Dims, names: dict[str, str], opts: GraphOptions) -> str:
-    q, k, v = (linear(b, h, linear_weight(layer.get_submodule(names[r])), f"layers.{i}.{r}_proj", opts)
+                        d: Dims, modules: dict[str, str], names: TensorNames, opts: GraphOptions) -> str:
+    q, k, v = (linear(b, h, linear_weight(layer.get_submodule(modules[r])), f"layers.{i}.{r}_proj", opts)
                for r in ("q", "k", "v"))
-    q = b.one("RotaryEmbedding", [q, "cos_cache", "sin_cache", POSITION_IDS], num_heads=d.heads)
-    k = b.one("RotaryEmbedding", [k, "cos_cache", "sin_cache", POSITION_IDS], num_heads=d.kv_heads)
-    past = [PAST.format(i=i, kv=kv) for kv in ("key", "value")]
-    present = [PRESENT.format(i=i, kv=kv) for kv in ("key", "value")]
+    q = b.one("RotaryEmbedding", [q, "cos_cache", "sin_cache", names.position_ids], num_heads=d.heads)
+    k = b.one("RotaryEmbedding", [k, "cos_cache", "sin_cache", names.position_ids], num_heads=d.kv_heads)
+    past = [names.past(i, kind) for kind in KINDS]
+    present = [names.present(i, kind) for kind in KINDS]
     out = b.op("Attention", [q, k, v, m.bias, *past], outs=[b.fresh("attn"), *present],
                q_num_heads=d.heads, kv_num_heads=d.kv_heads, is_causal=0)
     return out[0]
@@ -171,38 +171,41 @@ def _gate_up(b: Builder, h: str, layer: torch.nn.Module, layout: DecoderLayout, 
     return gate, up
 
 
-def _io(d: Dims) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+def _io(d: Dims, names: TensorNames) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
     kv_in = ["batch_size", d.kv_heads, "past_sequence_length", d.head_dim]
     kv_out = ["batch_size", d.kv_heads, "present_sequence_length", d.head_dim]
     inputs = [
-        helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "mask_length"]),
-        helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(names.input_ids, TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(names.attention_mask, TensorProto.INT64, ["batch_size", "mask_length"]),
+        helper.make_tensor_value_info(names.position_ids, TensorProto.INT64, ["batch_size", "sequence_length"]),
     ]
-    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch_size", "sequence_length", d.vocab])]
+    outputs = [helper.make_tensor_value_info(names.logits, TensorProto.FLOAT,
+                                             ["batch_size", "sequence_length", d.vocab])]
     for i in range(d.layers):
-        for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(PAST.format(i=i, kv=kv), TensorProto.FLOAT, kv_in))
-            outputs.append(helper.make_tensor_value_info(PRESENT.format(i=i, kv=kv), TensorProto.FLOAT, kv_out))
+        for kind in KINDS:
+            inputs.append(helper.make_tensor_value_info(names.past(i, kind), TensorProto.FLOAT, kv_in))
+            outputs.append(helper.make_tensor_value_info(names.present(i, kind), TensorProto.FLOAT, kv_out))
     return inputs, outputs
 
 
-def build_model(model: PreTrainedModel, opts: GraphOptions) -> onnx.ModelProto:
+def build_model(model: PreTrainedModel, opts: GraphOptions, names: TensorNames) -> onnx.ModelProto:
     """The whole decoder as one ONNX model (initializers inline; the caller saves them as external data)."""
+    if not names.position_ids:
+        raise ToolkitError("the exporter's graphs take position ids: give TensorNames a position_ids name")
     layout, arch, d = layout_of(model), arch_graph(model), dims_of(model, opts.max_positions)
-    names = {"q": layout.q, "k": layout.k, "v": layout.v}
+    modules = {"q": layout.q, "k": layout.k, "v": layout.v}
     b = Builder()
     cos, sin = rotary_caches(model, d)
     b.const("cos_cache", cos)
     b.const("sin_cache", sin)
-    m = mask_values(b, opts)
+    m = mask_values(b, opts, names)
     attention = _attention_ort if opts.target == "ort" else _attention_standard
-    residual = embed(b, INPUT_IDS, model, layout.head, opts)
+    residual = embed(b, names.input_ids, model, layout.head, opts)
     delta: str | None = None
     for i, layer in enumerate(decoder_layers(model)):
         norm_in = layer.get_submodule(layout.input_norm).weight.detach().float().numpy()
         h, residual = _norm(b, delta, residual, norm_in, f"layers.{i}.input_norm", d, opts)
-        delta = linear(b, attention(b, h, i, layer, m, d, names, opts),
+        delta = linear(b, attention(b, h, i, layer, m, d, modules, names, opts),
                        linear_weight(layer.get_submodule(layout.o)), f"layers.{i}.o_proj", opts)
         norm_post = layer.get_submodule(layout.post_attention_norm).weight.detach().float().numpy()
         h, residual = _norm(b, delta, residual, norm_post, f"layers.{i}.post_attention_norm", d, opts)
@@ -212,8 +215,8 @@ def build_model(model: PreTrainedModel, opts: GraphOptions) -> onnx.ModelProto:
     final = model.get_submodule(layout.final_norm).weight.detach().float().numpy()
     h, _ = _norm(b, delta, residual, final, "final_norm", d, opts)
     logits = head_linear(b, h, model, layout.head, opts)
-    b.nodes.append(helper.make_node("Identity", [logits], [LOGITS], name="logits_out"))
-    inputs, outputs = _io(d)
+    b.nodes.append(helper.make_node("Identity", [logits], [names.logits], name="logits_out"))
+    inputs, outputs = _io(d, names)
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
     opsets = [helper.make_opsetid("", opts.opset), helper.make_opsetid(MS, 1)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="llm-toolkit")
