@@ -305,7 +305,9 @@ def test_smollm2_int4_matches_onnxruntime_genai(tmp_path):
     """Same genai-built int4 graph: our runtime and og.Generator choose the same greedy tokens."""
     import onnxruntime_genai as og
 
-    src = models.cached_gguf_checkpoint(models.smollm2_gguf_path())
+    from toolkit.models.sources import cached_gguf_checkpoint, smollm2_gguf_path
+
+    src = cached_gguf_checkpoint(smollm2_gguf_path())
     out = tmp_path / "int4"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(src), "-o", str(out),
            "-p", "int4", "-e", "cpu"]
