@@ -110,3 +110,14 @@ def test_contract_refuses_what_it_cannot_describe(tmp_path: Path) -> None:
     (tmp_path / EXPORT_FILE).unlink()
     with pytest.raises(ToolkitError, match="neither export.json nor genai_config.json"):
         read_contract(tmp_path)
+
+
+@pytest.mark.parametrize("max_new_tokens,message", [("0", "max_new_tokens must be >= 1"),
+                                                    ("1000000000", "context is 1024")])
+def test_pytorch_generate_refuses_requests_that_do_not_fit(capsys, max_new_tokens: str, message: str) -> None:
+    """The PyTorch path (any model `toolkit run` accepts) refuses them too, with one line, instead of hanging."""
+    from toolkit.cli import main
+
+    assert main(["generate", "tiny-llama", "--prompt", "hi", "--max-new-tokens", max_new_tokens]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]

@@ -9,6 +9,7 @@ import torch
 from transformers import TextIteratorStreamer
 
 from toolkit import models
+from toolkit.errors import ToolkitError
 
 
 def chat_ids(tokenizer, prompt: str, system: str | None, raw: bool) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -22,8 +23,14 @@ def chat_ids(tokenizer, prompt: str, system: str | None, raw: bool) -> torch.Ten
 def generate_text(source: str, prompt: str, max_new_tokens: int = 128, system: str | None = None,
                   raw: bool = False) -> Iterator[str]:
     """Stream a greedy continuation of ``prompt`` (chat-formatted unless ``raw``)."""
+    if max_new_tokens < 1:  # generate() would return at once and leave the streamer waiting forever
+        raise ToolkitError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
     loaded = models.load(source)
     ids = chat_ids(loaded.tokenizer, prompt, system, raw)
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if context and ids.shape[1] + max_new_tokens > context:
+        raise ToolkitError(f"request needs {ids.shape[1] + max_new_tokens} positions (prompt + max_new_tokens) but "
+                           f"the model's context is {context}: shorten the prompt or lower max_new_tokens")
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                   do_sample=False, streamer=streamer, pad_token_id=loaded.tokenizer.pad_token_id)
