@@ -113,7 +113,7 @@ def test_contract_refuses_what_it_cannot_describe(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("max_new_tokens,message", [("0", "max_new_tokens must be >= 1"),
-                                                    ("1000000000", "context is 1024")])
+                                                    ("1000000000", "context of 1024")])
 def test_pytorch_generate_refuses_requests_that_do_not_fit(capsys, max_new_tokens: str, message: str) -> None:
     """The PyTorch path (any model `toolkit run` accepts) refuses them too, with one line, instead of hanging."""
     from toolkit.cli import main
