@@ -94,7 +94,7 @@ def _save(proto: onnx.ModelProto, folder: Path, contract: ExportContract) -> Non
 
 def _validate(model: PreTrainedModel, config: ONNXConfig, folder: Path, quantized: bool) -> dict[str, Any]:
     dims = dims_of(model, config.max_positions)
-    probe = Probe(dims, vocab_limit=min(dims.vocab, 256 if dims.vocab < 1000 else dims.vocab))
+    probe = Probe(vocab_limit=min(dims.vocab, 256 if dims.vocab < 1000 else dims.vocab))
 
     def checks(level: int) -> dict[str, dict[str, float]]:
         backend = OrtBackend(folder, BackendOptions(threads=config.threads, accuracy_level=level))

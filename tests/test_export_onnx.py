@@ -145,7 +145,6 @@ def test_float_activation_export_runs_the_int8_head_as_two_4bit_planes(tmp_path:
 
 def test_left_padding_is_opt_in_for_the_ort_target(tmp_path: Path) -> None:
     """Default ort graphs serve right-padded batches (no attention bias: faster decode); left_padding adds it."""
-    from toolkit.onnx.graph import dims_of
     from toolkit.onnx.validate import Probe, run_checks
     from toolkit.runtime import BackendOptions, OrtBackend
 
@@ -160,9 +159,8 @@ def test_left_padding_is_opt_in_for_the_ort_target(tmp_path: Path) -> None:
     gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
     assert all(len(n.input) < 11 or n.input[10] == "" for n in gqa)  # no attention_bias
     # the right-padded graph really cannot serve a left-padded batch: the check exists for a reason
-    d = dims_of(loaded.model)
     backend = OrtBackend(tmp_path / "right", BackendOptions(threads=2, accuracy_level=0))
-    wrong = run_checks(backend, loaded.model, Probe(d, 256), left_padding=True)
+    wrong = run_checks(backend, loaded.model, Probe(256), left_padding=True)
     assert wrong["left_pad_batch2"]["max_abs"] > 1e-2
 
 

@@ -27,7 +27,6 @@ import onnx
 import torch
 from transformers import PreTrainedModel
 
-from toolkit.onnx.graph import Dims
 from toolkit.runtime.backend import OrtBackend
 
 SHARED_CAPACITY = 32
@@ -48,7 +47,6 @@ def right_padded(lengths: np.ndarray, first: int) -> MaskFn:
 
 @dataclass(frozen=True)
 class Probe:
-    dims: Dims
     vocab_limit: int  # draw test tokens below this id (avoids special tokens of tiny vocabularies)
     seed: int = 0
 
