@@ -201,6 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment, not the toolkit: a name too long, a permission, a full disk
+        if args.debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {one_line(f'{exc.strerror or exc}{where}; check the path and the disk')}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was left half-written", file=sys.stderr)
         return 130
