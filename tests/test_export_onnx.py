@@ -145,8 +145,8 @@ def test_float_activation_export_runs_the_int8_head_as_two_4bit_planes(tmp_path:
 
 def test_left_padding_is_opt_in_for_the_ort_target(tmp_path: Path) -> None:
     """Default ort graphs serve right-padded batches (no attention bias: faster decode); left_padding adds it."""
-    from toolkit.onnx.graph import dims_of
-    from toolkit.onnx.validate import Probe, run_checks, session
+    from toolkit.onnx.validate import Probe, run_checks
+    from toolkit.runtime import BackendOptions, OrtBackend
 
     loaded = load_tiny(32)
     left = run_export(loaded, tmp_path / "left", left_padding=True)["validation"]["strict"]
@@ -159,8 +159,8 @@ def test_left_padding_is_opt_in_for_the_ort_target(tmp_path: Path) -> None:
     gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
     assert all(len(n.input) < 11 or n.input[10] == "" for n in gqa)  # no attention_bias
     # the right-padded graph really cannot serve a left-padded batch: the check exists for a reason
-    d = dims_of(loaded.model)
-    wrong = run_checks(session(str(tmp_path / "right" / MODEL_FILE), 0), loaded.model, Probe(d, 256), True, True)
+    backend = OrtBackend(tmp_path / "right", BackendOptions(threads=2, accuracy_level=0))
+    wrong = run_checks(backend, loaded.model, Probe(256), left_padding=True)
     assert wrong["left_pad_batch2"]["max_abs"] > 1e-2
 
 
@@ -283,7 +283,8 @@ def test_export_is_registered() -> None:
 
 @pytest.mark.slow
 def test_smollm2_int4_ort_export_size_and_greedy(tmp_path: Path) -> None:
-    from toolkit.onnx.validate import greedy_onnx, greedy_torch, session
+    from toolkit.onnx.validate import greedy_torch
+    from toolkit.runtime import GenerationConfig, load
 
     torch.set_num_threads(2)
     loaded = models.load("smollm2")
@@ -293,6 +294,6 @@ def test_smollm2_int4_ort_export_size_and_greedy(tmp_path: Path) -> None:
     result = run_export(loaded, tmp_path / "out", target="ort", accuracy_level=0)
     assert result["size_bytes"] <= 100e6
     prompt = loaded.tokenizer("The capital of France is", return_tensors="np")["input_ids"]
-    sess = session(str(tmp_path / "out" / MODEL_FILE), 0)
-    dims = json.loads((tmp_path / "out" / "export.json").read_text())
-    assert greedy_onnx(sess, dims, prompt, 32) == greedy_torch(loaded.model, prompt, 32)
+    engine = load(tmp_path / "out", threads=2)
+    ours = engine.generate(prompt[0].tolist(), GenerationConfig(max_new_tokens=32, stop_token_ids=())).token_ids
+    assert ours == greedy_torch(loaded.model, prompt, 32)

@@ -98,27 +98,64 @@ def _onnx_folder(target: str) -> Path | None:
     return None
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from toolkit.models.torch_generate import generate_text
-    from toolkit.runtime import cli as runtime_cli
+def _generation_config(args: argparse.Namespace) -> Any:
+    from toolkit.runtime import GenerationConfig
 
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        stop_strings=tuple(args.stop),
+    )
+
+
+def _stream_onnx(folder: Path, args: argparse.Namespace, config: Any) -> int:
+    """Stream the answer to stdout and the timings to stderr."""
+    from toolkit.runtime import load
+
+    engine = load(folder, threads=args.threads, spin=args.spin)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    prompt = args.prompt if args.no_chat else [*system, {"role": "user", "content": args.prompt}]
+    tokens = 0
+    for chunk in engine.stream(prompt, config):
+        tokens += 1
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    seq = engine.last_timings
+    if seq is not None:
+        print(f"[{seq.prompt_tokens} prompt tokens, {tokens} generated; first token {seq.ttft_s * 1000:.0f} ms, "
+              f"decode {seq.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = _generation_config(args)  # refuses max_new_tokens <= 0 and other bad settings before any work
     onnx_folder = _onnx_folder(args.artifact)
     if onnx_folder is not None:
-        args.artifact = str(onnx_folder)
-        return runtime_cli.run(args)
+        return _stream_onnx(onnx_folder, args, config)
+    from toolkit.models.torch_generate import generate_text
+
     source = args.artifact
     if (Path(source) / "model" / "config.json").is_file():  # a run's output folder
         source = str(Path(source) / "model")
-    for chunk in generate_text(source, args.prompt, args.max_new_tokens, args.system, args.no_chat):
+    for chunk in generate_text(source, args.prompt, config.max_new_tokens, args.system, args.no_chat):
         print(chunk, end="", flush=True)
     print()
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Print (and optionally write) the markdown report; 0 when nothing regressed, 1 otherwise."""
     from toolkit.evaluation import compare
+    from toolkit.paths import write_text_atomic
 
-    return compare.run(args)
+    thresholds = compare.Thresholds(args.max_ppl_increase, args.max_latency_regression)
+    result = compare.compare(args.baseline, args.candidate, thresholds, args.allow_different_models)
+    print(result.markdown)
+    if args.output:
+        write_text_atomic(args.output, result.markdown)
+    return 0 if result.passed else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -135,6 +172,52 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             raise ToolkitError(f"{folder}: {len(problems)} problem(s) in {checked} manifest(s): {'; '.join(problems[:5])}")
         print(f"\nverified: every file of {checked} manifest(s) matches its size and sha256")
     return 0
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from toolkit.runtime import GenerationConfig
+
+    d = GenerationConfig()
+    parser.add_argument("artifact", help="export folder (model.onnx + model.onnx.data + tokenizer), a run's output "
+                        "folder, or any model `toolkit run` accepts (then generated with PyTorch)")
+    parser.add_argument("--prompt", required=True, help="the user message (raw text to continue with --no-chat)")
+    parser.add_argument("--system", default=None, help="system message for the chat template")
+    parser.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, no chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=d.temperature)
+    parser.add_argument("--top-k", type=int, default=d.top_k)
+    parser.add_argument("--top-p", type=float, default=d.top_p)
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--threads", type=int, default=None, help="ORT threads (default: physical cores)")
+    parser.add_argument("--no-spin", dest="spin", action="store_false",
+                        help="keep ORT threads from spinning (for machines where other processes need the cores)")
+
+
+def _fraction_option(text: str) -> float:
+    """``parse_fraction`` for argparse, whose parser turns the message into one ``error:`` line."""
+    from toolkit.evaluation.compare import parse_fraction
+
+    try:
+        return parse_fraction(text)
+    except ToolkitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    from toolkit.evaluation.compare import SCHEMA, Thresholds
+
+    d = Thresholds()
+    parser.add_argument("baseline", type=Path, help=f"baseline report ({SCHEMA} JSON)")
+    parser.add_argument("candidate", type=Path, help="candidate report")
+    parser.add_argument("--max-ppl-increase", type=_fraction_option, default=d.max_ppl_increase, help="e.g. 1%%")
+    parser.add_argument("--max-latency-regression", type=_fraction_option, default=d.max_latency_regression,
+                        help="e.g. 10%%")
+    parser.add_argument("--allow-different-models", action="store_true",
+                        help="compare reports whose source hash or recipe differ (refused otherwise)")
+    parser.add_argument("--output", type=Path, default=None, help="write the markdown report here")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,15 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_options(ev, EvaluationSpec)
     ev.set_defaults(func=cmd_eval)
 
-    from toolkit.evaluation import compare
-    from toolkit.runtime import cli as runtime_cli
-
     gen = sub.add_parser("generate", help="generate text from an ONNX export (runtime) or a model (uses the chat template)")
-    runtime_cli.add_arguments(gen)
+    _add_generate_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     cmp = sub.add_parser("compare", help="CI gate: fail when the candidate report regressed against the baseline")
-    compare.add_arguments(cmp)
+    _add_compare_arguments(cmp)
     cmp.set_defaults(func=cmd_compare)
 
     ins = sub.add_parser("inspect", help="show an artifact's manifest")
@@ -200,6 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment, not the toolkit: a name too long, a permission, a full disk
+        if args.debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {one_line(f'{exc.strerror or exc}{where}; check the path and the disk')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was left half-written", file=sys.stderr)

@@ -1,6 +1,7 @@
-"""The decoder graph: attention-mask arithmetic, rotary caches, decoder layers, and the IO contract.
+"""The decoder graph: attention-mask arithmetic, rotary caches, decoder layers; tensor names from the contract.
 
-What a runtime feeds (both targets; ``P`` cached columns, ``S`` new tokens, rows left-padded):
+What a runtime feeds (both targets; ``P`` cached columns, ``S`` new tokens, rows left-padded; the names are
+``TensorNames`` of ``toolkit.runtime.contract``):
 - ``input_ids [B,S] int64``; ``position_ids [B,S] int64`` = ``cumsum(attention_mask) - 1`` at the new columns
   (read by the standard target's RotaryEmbedding; the ort graph ignores it, see below);
 - ``attention_mask [B,M] int64``: 1 for real tokens, 0 for left padding, one column per cache column.
@@ -71,10 +72,7 @@ from toolkit.onnx.graph import (
     linear,
 )
 from toolkit.onnx.weights import concat_rows, linear_weight
-
-INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
-PAST = "past_key_values.{i}.{kv}"
-PRESENT = "present.{i}.{kv}"
+from toolkit.runtime.contract import KINDS, TensorNames
 
 
 @dataclass
@@ -137,18 +135,18 @@ def rotary_caches(model: PreTrainedModel, dims: Dims, layer_type: str | None = N
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
-def mask_values(b: Builder, opts: GraphOptions) -> MaskValues:
+def mask_values(b: Builder, opts: GraphOptions, names: TensorNames) -> MaskValues:
     one = b.const("one_i64", np.array(1, np.int64))
-    width = b.one("Squeeze", [b.one("Shape", [ATTENTION_MASK], start=1, end=2)])
+    width = b.one("Squeeze", [b.one("Shape", [names.attention_mask], start=1, end=2)])
     col1 = b.one("Range", [one, b.one("Add", [width, one]), one])  # [M]: 1..M
-    last = b.one("ReduceMax", [b.one("Mul", [ATTENTION_MASK, col1]), b.ints([1])], keepdims=0)  # [B]
+    last = b.one("ReduceMax", [b.one("Mul", [names.attention_mask, col1]), b.ints([1])], keepdims=0)  # [B]
     total = b.one("ReduceMax", [last], keepdims=0)  # scalar T
     seqlens_k = b.one("Cast", [b.one("Sub", [last, one])], to=TensorProto.INT32)
     if opts.target == "ort" and not opts.left_padding:  # GQA masks by seqlens_k: right-padded rows need nothing more
         return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), "")
     zero = b.const("zero_i64", np.array(0, np.int64))
-    new = b.one("Squeeze", [b.one("Shape", [INPUT_IDS], start=1, end=2)])
-    visible = b.one("Slice", [ATTENTION_MASK, b.ints([0]), b.one("Unsqueeze", [total, b.ints([0])]), b.ints([1])])
+    new = b.one("Squeeze", [b.one("Shape", [names.input_ids], start=1, end=2)])
+    visible = b.one("Slice", [names.attention_mask, b.ints([0]), b.one("Unsqueeze", [total, b.ints([0])]), b.ints([1])])
     visible = b.one("Unsqueeze", [b.one("Cast", [visible], to=TensorProto.BOOL), b.ints([1, 2])])  # [B,1,1,T]
     # Each row's queries sit at its own last columns (last[b]-S .. last[b]-1): rows of different lengths
     # share one cache buffer, each written from column 0, so the query column is per row, not T-S.
@@ -199,10 +197,10 @@ def _qkv(b: Builder, h: str, i: int, layer: torch.nn.Module, arch: Architecture,
 
 
 def _attention_ort(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskValues, arch: Architecture,
-                   la: LayerAttention, d: Dims, opts: GraphOptions) -> str:
+                   la: LayerAttention, d: Dims, opts: GraphOptions, names: TensorNames) -> str:
     qkv = _qkv(b, h, i, layer, arch, la, d, opts)  # GQA takes a packed [B,S,(H+2KVH)*D] input too
-    past = [PAST.format(i=i, kv=kv) for kv in ("key", "value")]
-    present = [PRESENT.format(i=i, kv=kv) for kv in ("key", "value")]
+    past = [names.past(i, kind) for kind in KINDS]
+    present = [names.present(i, kind) for kind in KINDS]
     extra: dict[str, Any] = {"scale": la.scale} if abs(la.scale - d.head_dim ** -0.5) > 1e-12 else {}
     if la.window is not None:
         extra["local_window_size"] = la.window
@@ -215,14 +213,14 @@ def _attention_ort(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskVa
 
 
 def _attention_standard(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskValues, arch: Architecture,
-                        la: LayerAttention, d: Dims, opts: GraphOptions) -> str:
+                        la: LayerAttention, d: Dims, opts: GraphOptions, names: TensorNames) -> str:
     q, k, v = _qkv(b, h, i, layer, arch, la, d, opts)
     if la.cos:
         partial = {"rotary_embedding_dim": la.rotary_dim} if la.rotary_dim < d.head_dim else {}
-        q = b.one("RotaryEmbedding", [q, la.cos, la.sin, POSITION_IDS], num_heads=d.heads, **partial)
-        k = b.one("RotaryEmbedding", [k, la.cos, la.sin, POSITION_IDS], num_heads=d.kv_heads, **partial)
-    past = [PAST.format(i=i, kv=kv) for kv in ("key", "value")]
-    present = [PRESENT.format(i=i, kv=kv) for kv in ("key", "value")]
+        q = b.one("RotaryEmbedding", [q, la.cos, la.sin, names.position_ids], num_heads=d.heads, **partial)
+        k = b.one("RotaryEmbedding", [k, la.cos, la.sin, names.position_ids], num_heads=d.kv_heads, **partial)
+    past = [names.past(i, kind) for kind in KINDS]
+    present = [names.present(i, kind) for kind in KINDS]
     extra: dict[str, Any] = {"scale": la.scale} if abs(la.scale - d.head_dim ** -0.5) > 1e-12 else {}
     if la.softcap:
         extra["softcap"] = la.softcap
@@ -315,31 +313,33 @@ def _layer_attention(model: PreTrainedModel, d: Dims, b: Builder) -> list[LayerA
     return out
 
 
-def _io(d: Dims) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+def _io(d: Dims, names: TensorNames) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
     kv_in = ["batch_size", d.kv_heads, "past_sequence_length", d.head_dim]
     kv_out = ["batch_size", d.kv_heads, "present_sequence_length", d.head_dim]
     inputs = [
-        helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "mask_length"]),
-        helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(names.input_ids, TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(names.attention_mask, TensorProto.INT64, ["batch_size", "mask_length"]),
+        helper.make_tensor_value_info(names.position_ids, TensorProto.INT64, ["batch_size", "sequence_length"]),
     ]
-    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch_size", "sequence_length", d.vocab])]
+    outputs = [helper.make_tensor_value_info(names.logits, TensorProto.FLOAT, ["batch_size", "sequence_length", d.vocab])]
     for i in range(d.layers):
-        for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(PAST.format(i=i, kv=kv), TensorProto.FLOAT, kv_in))
-            outputs.append(helper.make_tensor_value_info(PRESENT.format(i=i, kv=kv), TensorProto.FLOAT, kv_out))
+        for kv in KINDS:
+            inputs.append(helper.make_tensor_value_info(names.past(i, kv), TensorProto.FLOAT, kv_in))
+            outputs.append(helper.make_tensor_value_info(names.present(i, kv), TensorProto.FLOAT, kv_out))
     return inputs, outputs
 
 
-def build_model(model: PreTrainedModel, opts: GraphOptions) -> onnx.ModelProto:
+def build_model(model: PreTrainedModel, opts: GraphOptions, names: TensorNames) -> onnx.ModelProto:
     """The whole decoder as one ONNX model (initializers inline; the caller saves them as external data)."""
+    if not names.position_ids:
+        raise ToolkitError("the exporter's graphs take position ids: give TensorNames a position_ids name")
     arch, d = layout_of(model), dims_of(model, opts.max_positions)
     b = Builder()
     attn_of = _layer_attention(model, d, b)
     act = activation(model.config)
-    m = mask_values(b, opts)
+    m = mask_values(b, opts, names)
     attention = _attention_ort if opts.target == "ort" else _attention_standard
-    residual = embed(b, INPUT_IDS, model, arch.head, opts)
+    residual = embed(b, names.input_ids, model, arch.head, opts)
     scale = embed_multiplier(model.config)
     if scale is not None:  # Gemma: x sqrt(hidden), Granite: x embedding_multiplier (float32, as the model rounds it)
         residual = b.one("Mul", [residual, b.const("embed.scale", np.array(scale, np.float32))])
@@ -349,7 +349,7 @@ def build_model(model: PreTrainedModel, opts: GraphOptions) -> onnx.ModelProto:
     delta: str | None = None
     for i, layer in enumerate(decoder_layers(model)):
         h, residual = _pre_norm(b, delta, residual, layer, arch.input_norm, arch, f"layers.{i}.input_norm", d, opts)
-        delta = linear(b, attention(b, h, i, layer, m, arch, attn_of[i], d, opts),
+        delta = linear(b, attention(b, h, i, layer, m, arch, attn_of[i], d, opts, names),
                        linear_weight(layer.get_submodule(arch.o)), f"layers.{i}.o_proj", opts)
         delta = rescale(_sandwich(b, delta, layer, arch.attn_out_norm, arch, f"layers.{i}.attn_out_norm", d))
         h, residual = _pre_norm(b, delta, residual, layer, arch.mlp_norm, arch, f"layers.{i}.post_attention_norm",
@@ -366,8 +366,8 @@ def build_model(model: PreTrainedModel, opts: GraphOptions) -> onnx.ModelProto:
     cap = final_softcap(model.config)
     if cap:
         logits = _softcap(b, logits, cap, "logits")
-    b.nodes.append(helper.make_node("Identity", [logits], [LOGITS], name="logits_out"))
-    inputs, outputs = _io(d)
+    b.nodes.append(helper.make_node("Identity", [logits], [names.logits], name="logits_out"))
+    inputs, outputs = _io(d, names)
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
     opsets = [helper.make_opsetid("", opts.opset), helper.make_opsetid(MS, 1)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="llm-toolkit")

@@ -1,8 +1,9 @@
 """Building a decoder-only LLM as one ONNX graph with a KV cache, written node by node with ``onnx.helper``.
 
-Interface (the Optimum / onnxruntime-genai convention; ``P`` past length, ``S`` new tokens):
-inputs ``input_ids [B,S] int64``, ``attention_mask [B,P+S] int64``, ``position_ids [B,S] int64``,
-``past_key_values.{i}.key|value [B,KVH,P,D] float32``; outputs ``logits [B,S,V]``, ``present.{i}.key|value``.
+Interface (the Optimum / onnxruntime-genai convention, names from ``toolkit.runtime.contract.TensorNames``;
+``P`` past length, ``S`` new tokens): inputs ids ``[B,S] int64``, attention mask ``[B,P+S] int64``, position ids
+``[B,S] int64``, each layer's past key and value ``[B,KVH,P,D] float32``; outputs logits ``[B,S,V]`` and each
+layer's present key and value.
 
 Two targets:
 - ``ort``: onnxruntime contrib ops (GroupQueryAttention with fused rotary, MatMulNBits carrying our exact codes,
