@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
-from toolkit.models.architectures import GGUF_ARCHS, GGUFArch, layout_of
+from toolkit.models.architectures import ARCHITECTURES, GGUFArch, layout_of
 
 # convert_hf_to_gguf.py identifies the pre-tokenizer by hashing the encoding of this text
 # (``get_vocab_base_pre``); the table keeps the entries for the tokenizers this toolkit meets.
@@ -51,10 +51,12 @@ FILE_TYPES = {
 
 
 def arch_of(model: PreTrainedModel) -> GGUFArch:
-    model_type = getattr(model.config, "model_type", "?")
-    if model_type not in GGUF_ARCHS:
-        raise ToolkitError(f"no GGUF architecture for model type '{model_type}'; supported: {', '.join(sorted(GGUF_ARCHS))}")
-    return GGUF_ARCHS[model_type]
+    arch = layout_of(model).gguf
+    if arch is None:
+        with_gguf = [t for t, a in ARCHITECTURES.items() if a.gguf is not None]
+        raise ToolkitError(f"no GGUF architecture for model type '{model.config.model_type}'; "
+                           f"supported: {', '.join(with_gguf)}")
+    return arch
 
 
 @functools.lru_cache(maxsize=8)
@@ -76,9 +78,9 @@ def rope_heads(model: PreTrainedModel, module_name: str) -> int | None:
     arch, layout = arch_of(model), layout_of(model)
     if not arch.permute_rope:
         return None
-    if module_name.endswith("." + layout.q):
+    if layout.q and module_name.endswith("." + layout.q):
         return int(model.config.num_attention_heads)
-    if module_name.endswith("." + layout.k):
+    if layout.k and module_name.endswith("." + layout.k):
         return int(model.config.num_key_value_heads)
     return None
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from toolkit.errors import ToolkitError
-from toolkit.models.architectures import decoder_layers
+from toolkit.models.architectures import decoder_layers, layer_types
 
 
 class _Stop(Exception):
@@ -30,8 +30,16 @@ class _Stop(Exception):
 @dataclass
 class LayerInputs:
     hidden: torch.Tensor  # [N, L, H] input hidden states of the current layer
-    kwargs: list[dict[str, Any]]  # per batch: what the model passes the layer (position embeddings, mask)
+    # per layer type, per batch: what the model passes a layer (position embeddings, mask); sliding-window
+    # layers get another mask, Gemma 3's local layers other rotary embeddings
+    kwargs_by_type: dict[str, list[dict[str, Any]]]
+    types: list[str]  # layer type of each decoder layer
     batch_size: int
+    layer: int = 0  # the layer ``hidden`` feeds (``walk_layers`` moves it)
+
+    @property
+    def kwargs(self) -> list[dict[str, Any]]:
+        return self.kwargs_by_type[self.types[self.layer]]
 
     def batches(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         for b, kw in enumerate(self.kwargs):
@@ -45,22 +53,45 @@ def check_finite(t: torch.Tensor, what: str) -> None:
                            "check the input model (evaluate it in float) before quantizing")
 
 
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: keeps what it is given, passes the hidden states on."""
+
+    def __init__(self, store: list[tuple[torch.Tensor, dict[str, Any]]] | None, last: bool) -> None:
+        super().__init__()
+        self.store, self.last = store, last
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        if self.store is not None:
+            kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "cache")}
+            self.store.append((hidden_states.detach().float(), kw))
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> LayerInputs:
-    """Run the embedding part of ``model`` on ``windows: [N, L]`` and keep what decoder layer 0 receives."""
-    first = decoder_layers(model)[0]
-    hidden: list[torch.Tensor] = []
-    kwargs: list[dict[str, Any]] = []
+    """Run the embedding part of ``model`` on ``windows: [N, L]``; keep what decoder layer 0 receives and the
+    keyword arguments (mask, rotary embeddings) the first layer of every layer type receives.
 
-    def catch(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-        kw = dict(kw)
-        hidden.append((args[0] if args else kw.pop("hidden_states")).detach().float())
-        kw.pop("past_key_values", None)
-        kwargs.append(kw)
-        raise _Stop
-
-    _run_until(model, first.register_forward_pre_hook(catch, with_kwargs=True), windows, batch_size)
-    inputs = LayerInputs(torch.cat(hidden), kwargs, batch_size)
+    The layers are swapped for recorders while this runs, so a forward costs the embedding alone."""
+    layers = decoder_layers(model)
+    types = layer_types(model.config)
+    firsts = {t: types.index(t) for t in dict.fromkeys(types)}  # layer type -> first layer of that type
+    stores: dict[int, list[tuple[torch.Tensor, dict[str, Any]]]] = {i: [] for i in firsts.values()}
+    originals = list(layers)
+    last = max(firsts.values())
+    for i in range(last + 1):
+        layers[i] = _Recorder(stores.get(i), last=i == last)
+    try:
+        for batch in windows.split(batch_size):
+            with contextlib.suppress(_Stop):
+                model(input_ids=batch, use_cache=False)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    inputs = LayerInputs(torch.cat([h for h, _ in stores[0]]),
+                         {t: [kw for _, kw in stores[i]] for t, i in firsts.items()}, types, batch_size)
     check_finite(inputs.hidden, "the embedding output")
     return inputs
 
@@ -142,5 +173,6 @@ def walk_layers(model: PreTrainedModel, windows: torch.Tensor, batch_size: int, 
     layers = decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc="layers", disable=not progress, leave=False)):
         prefix = f"{layers_path}.{i}"
+        inputs.layer = i
         fn(prefix, layer, inputs)
         advance(layer, inputs, prefix)
