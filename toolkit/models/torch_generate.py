@@ -26,7 +26,7 @@ def chat_ids(tokenizer, prompt: str, system: str | None, raw: bool) -> torch.Ten
 def check_budget(prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
     """Refuse a request that cannot run: no new tokens, or more than the model's context holds."""
     if max_new_tokens < 1:
-        raise ToolkitError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        raise ToolkitError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
     if context is not None and prompt_tokens + max_new_tokens > context:
         raise ToolkitError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
                            f"model's context of {context} tokens; lower --max-new-tokens to "

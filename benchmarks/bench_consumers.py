@@ -1,0 +1,191 @@
+"""Each deployment artifact in the engine that serves it: perplexity under the default protocol and decode speed.
+
+GGUF files run in llama.cpp (llama-cpp-python), compressed-tensors folders in transformers (with the
+compressed-tensors package installed), toolkit models in PyTorch (the reference perplexity). Perplexity
+uses the toolkit's windows (``toolkit.data``: 16 x 512 tokens of the pydoc evaluation half, tokenized once
+by the model's tokenizer, so every engine scores the same ids) and its formula (mean NLL of tokens 1..L-1,
+each window alone). Decode: prompt 256 tokens, 128 new tokens, greedy, 2 threads; systems interleaved
+in ``--rounds`` rounds, each round loading every GGUF afresh; medians, and the per-round ratio of the first
+two GGUFs (processes on shared machines vary by 10-20 %, so compare ratios from one run).
+
+    .venv/bin/python benchmarks/bench_consumers.py \
+        --gguf ours=runs/smollm2-int4-gptq-gguf/export/model.gguf \
+        --quantize-q4_0 llama.cpp-Q4_0=runs/smollm2-fp32-gguf/export/model.gguf \
+        --compressed-tensors ct=runs/smollm2-int4-gptq-compressed-tensors/export \
+        --torch toolkit=runs/smollm2-int4-gptq/model --report out/consumers.json
+
+``--quantize-q4_0 LABEL=F32_GGUF`` makes llama.cpp's own Q4_0 (``llama_model_quantize``, its round-to-nearest;
+it keeps a tied embedding at Q8_0, its default) from a float GGUF (recipe ``smollm2-fp32-gguf.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+QUESTION = "What is the capital of France?"
+
+
+def labelled(values: list[str]) -> list[tuple[str, Path]]:
+    out = []
+    for v in values:
+        label, sep, path = v.partition("=")
+        if not sep:
+            raise SystemExit(f"expected LABEL=PATH, got {v!r}")
+        out.append((label, Path(path)))
+    return out
+
+
+def windows(tokenizer_source: str, count: int, length: int) -> torch.Tensor:
+    from toolkit import data, models
+    from toolkit.data import WindowSpec
+
+    tokenizer = models.load_tokenizer(models.resolve(tokenizer_source))
+    return data.token_windows(tokenizer, WindowSpec("pydoc", "evaluation", length, count, "sequential", 0))
+
+
+def nll_of(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of tokens 1..L-1 from ``logits [L, V]`` (the toolkit's formula)."""
+    logp = torch.log_softmax(logits[:-1].double(), dim=-1)
+    return float(-logp.gather(-1, ids[1:].unsqueeze(-1)).sum()), ids.numel() - 1
+
+
+def gguf_perplexity(path: Path, wins: torch.Tensor, threads: int) -> float:
+    from llama_cpp import Llama
+
+    length = wins.shape[1]
+    llm = Llama(model_path=str(path), n_ctx=length, n_batch=length, n_ubatch=length, logits_all=True,
+                n_threads=threads, verbose=False)
+    total, count = 0.0, 0
+    for w in wins:
+        llm.reset()
+        llm.eval(w.tolist())
+        s, n = nll_of(torch.from_numpy(np.array(llm.scores[:length], dtype=np.float32)), w)
+        total, count = total + s, count + n
+    llm.close()
+    return math.exp(total / count)
+
+
+def gguf_speed(path: Path, prompt: list[int], new_tokens: int, threads: int) -> dict[str, float]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens + 8, n_batch=len(prompt), n_threads=threads,
+                verbose=False)
+    llm.eval(prompt[:8])  # warm-up
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    decode = time.perf_counter() - start
+    llm.close()
+    return {"prefill_ms": prefill * 1000, "decode_tok_s": new_tokens / decode}
+
+
+def gguf_answer(path: Path, threads: int) -> str:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=256, n_threads=threads, verbose=False)
+    reply = llm.create_chat_completion([{"role": "user", "content": QUESTION}], max_tokens=24, temperature=0.0)
+    llm.close()
+    return str(reply["choices"][0]["message"]["content"]).strip()
+
+
+def quantize_q4_0(source: Path, out: Path, threads: int) -> Path:
+    import llama_cpp
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
+        raise SystemExit(f"llama_model_quantize failed on {source}")
+    return out
+
+
+def hf_perplexity(folder: Path, wins: torch.Tensor, compressed: bool) -> dict[str, Any]:
+    from toolkit.evaluation import perplexity
+
+    if compressed:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    else:
+        from toolkit.models import checkpoint
+
+        model = checkpoint.load_model(folder)
+    return {"perplexity": perplexity.evaluate(model, wins)["perplexity"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gguf", action="append", default=[], help="LABEL=FILE.gguf (llama.cpp)")
+    p.add_argument("--quantize-q4_0", action="append", default=[], help="LABEL=F32.gguf: llama.cpp's own Q4_0 of it")
+    p.add_argument("--compressed-tensors", action="append", default=[], help="LABEL=FOLDER (transformers)")
+    p.add_argument("--torch", action="append", default=[], help="LABEL=MODEL_FOLDER (the toolkit's PyTorch model)")
+    p.add_argument("--tokenizer", default="smollm2", help="model source whose tokenizer makes the windows")
+    p.add_argument("--count", type=int, default=16)
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", type=Path, default=Path("out/bench-consumers"))
+    p.add_argument("--report", type=Path)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    ggufs = labelled(a.gguf)
+    for label, src in labelled(a.quantize_q4_0):
+        ggufs.append((label, quantize_q4_0(src, a.workdir / f"{label}.gguf", a.threads)))
+    wins = windows(a.tokenizer, a.count, a.length)
+    results: dict[str, dict[str, Any]] = {}
+    for label, folder in labelled(a.torch):
+        results[label] = {"engine": "toolkit PyTorch", **hf_perplexity(folder, wins, compressed=False)}
+    for label, folder in labelled(a.compressed_tensors):
+        results[label] = {"engine": "transformers + compressed-tensors", **hf_perplexity(folder, wins, compressed=True)}
+    for label, path in ggufs:
+        results[label] = {"engine": "llama.cpp", "perplexity": gguf_perplexity(path, wins, a.threads),
+                          "answer": gguf_answer(path, a.threads), "bytes": path.stat().st_size, "rounds": []}
+    prompt = wins.reshape(-1)[: a.prompt_tokens].tolist()
+    for _ in range(a.rounds):  # interleaved, so a slow spell of the machine hits every system alike
+        for label, path in ggufs:
+            results[label]["rounds"].append(gguf_speed(path, prompt, a.new_tokens, a.threads))
+    for label, _ in ggufs:
+        r = results[label]
+        r["decode_tok_s"] = statistics.median(x["decode_tok_s"] for x in r["rounds"])
+        r["prefill_ms"] = statistics.median(x["prefill_ms"] for x in r["rounds"])
+        r["read_gb_s"] = r["bytes"] * r["decode_tok_s"] / 1e9  # upper bound: every weight byte read once a token
+    report: dict[str, Any] = {"windows": f"{a.count} x {a.length} pydoc evaluation", "threads": a.threads,
+                              "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "systems": results}
+    if len(ggufs) >= 2:
+        first, second = (results[label]["rounds"] for label, _ in ggufs[:2])
+        report["decode_ratio_per_round"] = [x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(first, second, strict=True)]
+    print("| system | engine | perplexity | decode tok/s | prefill ms | MB | GB/s read |")
+    print("|---|---|---|---|---|---|---|")
+    for label, r in results.items():
+        speed = (f"{r['decode_tok_s']:.1f} | {r['prefill_ms']:.0f} | {r['bytes'] / 1e6:.1f} | {r['read_gb_s']:.1f}"
+                 if "decode_tok_s" in r else " | | | ")
+        print(f"| {label} | {r['engine']} | {r['perplexity']:.3f} | {speed} |")
+    for label, r in results.items():
+        if "answer" in r:
+            print(f"{label}: {QUESTION!r} -> {r['answer']!r}")
+    if "decode_ratio_per_round" in report:
+        ratios = ", ".join(f"{x:.3f}" for x in report["decode_ratio_per_round"])
+        print(f"decode ratio {ggufs[0][0]} / {ggufs[1][0]} per round: {ratios}")
+    if a.report:
+        a.report.parent.mkdir(parents=True, exist_ok=True)
+        a.report.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
