@@ -12,6 +12,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # Where the CPU wheel of torch is not on a local find-links path, add:
 #   --extra-index-url https://download.pytorch.org/whl/cpu
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}"  # llama.cpp: -march=native turns on AMX kernels that segfault on quantized GGUFs on the dev VM
 .venv/bin/python -m pip install -q --no-deps -r requirements.lock
 .venv/bin/python -m pip install -q --no-deps -e .
 echo "installed into $(pwd)/.venv"

@@ -77,8 +77,8 @@ def gguf_perplexity(path: Path, wins: torch.Tensor, threads: int) -> float:
 def gguf_speed(path: Path, prompt: list[int], new_tokens: int, threads: int) -> dict[str, float]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens + 8, n_batch=len(prompt), n_threads=threads,
-                verbose=False)
+    n_ctx = len(prompt) + new_tokens + 8  # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of scores
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, verbose=False)
     llm.eval(prompt[:8])  # warm-up
     llm.reset()
     start = time.perf_counter()
@@ -108,9 +108,10 @@ def quantize_q4_0(source: Path, out: Path, threads: int) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
     params.nthread = threads
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
+    tmp = out.with_suffix(".partial")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
         raise SystemExit(f"llama_model_quantize failed on {source}")
-    return out
+    return tmp.replace(out)
 
 
 def hf_perplexity(folder: Path, wins: torch.Tensor, compressed: bool) -> dict[str, Any]:
@@ -146,16 +147,20 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     ggufs = labelled(a.gguf)
     for label, src in labelled(a.quantize_q4_0):
-        ggufs.append((label, quantize_q4_0(src, a.workdir / f"{label}.gguf", a.threads)))
+        out = a.workdir / f"{label}.gguf"
+        ggufs.append((label, out if out.is_file() else quantize_q4_0(src, out, a.threads)))
     wins = windows(a.tokenizer, a.count, a.length)
     results: dict[str, dict[str, Any]] = {}
-    for label, folder in labelled(a.torch):
-        results[label] = {"engine": "toolkit PyTorch", **hf_perplexity(folder, wins, compressed=False)}
-    for label, folder in labelled(a.compressed_tensors):
-        results[label] = {"engine": "transformers + compressed-tensors", **hf_perplexity(folder, wins, compressed=True)}
     for label, path in ggufs:
         results[label] = {"engine": "llama.cpp", "perplexity": gguf_perplexity(path, wins, a.threads),
                           "answer": gguf_answer(path, a.threads), "bytes": path.stat().st_size, "rounds": []}
+        print(f"{label}: perplexity {results[label]['perplexity']:.3f}", flush=True)
+    for label, folder in labelled(a.compressed_tensors):
+        results[label] = {"engine": "transformers + compressed-tensors", **hf_perplexity(folder, wins, compressed=True)}
+        print(f"{label}: perplexity {results[label]['perplexity']:.3f}", flush=True)
+    for label, folder in labelled(a.torch):
+        results[label] = {"engine": "toolkit PyTorch", **hf_perplexity(folder, wins, compressed=False)}
+        print(f"{label}: perplexity {results[label]['perplexity']:.3f}", flush=True)
     prompt = wins.reshape(-1)[: a.prompt_tokens].tolist()
     for _ in range(a.rounds):  # interleaved, so a slow spell of the machine hits every system alike
         for label, path in ggufs:

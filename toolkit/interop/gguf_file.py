@@ -9,6 +9,7 @@ mapping, and the q/k row permutation of ``LlamaModel.permute`` (llama.cpp's rope
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tempfile
 from pathlib import Path
@@ -58,10 +59,14 @@ def arch_of(model: PreTrainedModel) -> GGUFArch:
     return arch
 
 
+@functools.lru_cache(maxsize=8)
+def _name_map(arch: str, blocks: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), blocks)  # ~30 ms to build
+
+
 def tensor_name(model: PreTrainedModel, hf_name: str) -> str:
     """The GGUF name of a Hugging Face parameter (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``)."""
-    arch = getattr(gguf.MODEL_ARCH, arch_of(model).arch.upper())
-    names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
+    names = _name_map(arch_of(model).arch, model.config.num_hidden_layers)
     name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise ToolkitError(f"gguf's tensor mapping has no name for '{hf_name}'; this exporter covers {arch_of(model).arch} only")
