@@ -1,0 +1,165 @@
+"""Sharded safetensors on disk, one tensor at a time in both directions.
+
+Reading: ``ShardedWeights`` maps tensor names to shard files (``model.safetensors.index.json`` as the hub
+writes it, or a single ``model.safetensors``) and opens the file for each read, so only the tensor asked
+for is ever resident. Writing: ``ShardWriter`` buffers tensors up to ``max_shard_bytes`` and writes a shard
+whenever the next tensor would overflow it, then the index; ``write_planned_shard`` streams a shard whose
+shapes are known in advance (the header first, then each tensor's bytes), so not even one shard is buffered.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from toolkit.errors import ToolkitError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
+    torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
+}
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class ShardedWeights:
+    """Tensor names -> shard files of a checkpoint folder; ``get`` reads one tensor, ``meta`` its shape and dtype."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise ToolkitError(f"{index} is not a safetensors index ({exc}); re-create the checkpoint") from None
+        elif (self.folder / SINGLE).is_file():
+            with self._open(SINGLE) as f:
+                self.weight_map = dict.fromkeys(f.keys(), SINGLE)
+        else:
+            raise ToolkitError(f"{self.folder} has neither {INDEX} nor {SINGLE}: not a safetensors checkpoint")
+
+    def _open(self, file: str):  # type: ignore[no-untyped-def]
+        path = self.folder / file
+        if not path.is_file():
+            raise ToolkitError(f"{path} is missing (named by {INDEX}); re-create or re-download the checkpoint")
+        try:
+            return safe_open(str(path), "pt")
+        except SafetensorError as exc:
+            raise ToolkitError(f"{path} is truncated or corrupt ({exc}); re-create it") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.weight_map if n.startswith(prefix)]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor in its stored dtype; the file is mapped only while it is copied out."""
+        if name not in self.weight_map:
+            raise ToolkitError(f"{self.folder}: tensor '{name}' is not in the checkpoint")
+        with self._open(self.weight_map[name]) as f:
+            return f.get_tensor(name)
+
+    def meta(self, name: str) -> tuple[list[int], str]:
+        with self._open(self.weight_map[name]) as f:
+            sl = f.get_slice(name)
+            return list(sl.get_shape()), str(sl.get_dtype())
+
+    def files(self) -> list[Path]:
+        return [self.folder / f for f in sorted(set(self.weight_map.values()))]
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
+
+
+class ShardWriter:
+    """Collect tensors in order and write ``model-0000x-of-0000y.safetensors`` shards plus the index.
+
+    Shards are first written under provisional names (the count is known only at the end), then renamed.
+    Resident memory is at most one shard's buffer (``max_shard_bytes``) beyond the caller's own.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None) -> None:
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = metadata or {}
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffered = 0
+        self._shards: list[list[str]] = []
+        self.bytes_written = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor_bytes(tensor)
+        if self._buffer and self._buffered + size > self.max_shard_bytes:
+            self._flush()
+        self._buffer[name] = tensor.detach().contiguous()
+        self._buffered += size
+
+    def _flush(self) -> None:
+        path = self.folder / f"shard-{len(self._shards):05d}.tmp"
+        save_file(self._buffer, str(path), metadata=self.metadata)
+        self.bytes_written += path.stat().st_size
+        self._shards.append(list(self._buffer))
+        self._buffer, self._buffered = {}, 0
+
+    def close(self) -> dict[str, str]:
+        """Write the last shard and the index; returns the weight map."""
+        if self._buffer or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for i, names in enumerate(self._shards):
+            final = shard_name(i, count)
+            (self.folder / f"shard-{i:05d}.tmp").rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.bytes_written, **self.metadata}, "weight_map": weight_map}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2))
+        return weight_map
+
+
+def write_planned_shard(path: Path, plan: Iterable[tuple[str, list[int], torch.dtype]],
+                        produce: Callable[[str], Iterable[torch.Tensor]], metadata: dict[str, str]) -> int:
+    """Write one safetensors file whose tensors ``(name, shape, dtype)`` are known in advance.
+
+    The header goes first; ``produce(name)`` then yields the tensor in contiguous row chunks that are
+    written and dropped, so resident memory is one chunk. Returns the bytes written.
+    """
+    plan = list(plan)
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, shape, dtype in plan:
+        size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to an 8-byte boundary
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype in plan:
+            written = 0
+            for chunk in produce(name):
+                if chunk.dtype != dtype:
+                    raise ValueError(f"{name}: produced {chunk.dtype}, planned {dtype}")
+                f.write(chunk.contiguous().view(torch.uint8).numpy().tobytes())
+                written += tensor_bytes(chunk)
+            expected = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            if written != expected:
+                raise ValueError(f"{name}: produced {written} bytes, planned {expected}")
+    return 8 + len(raw) + offset
