@@ -79,7 +79,8 @@ def _hessians(layer: nn.Module, prefix: str, inputs: LayerInputs, names: list[st
     """H = 2 X Xᵀ / n (GPTQ eq. 1) for the input of each named linear (relative to ``layer``)."""
     modules = {n: layer.get_submodule(n[len(prefix) + 1 :]) for n in names}
     dims = {n: m.in_features for n, m in modules.items()}  # type: ignore[misc]
-    sums = {n: torch.zeros(d, d) for n, d in dims.items()}
+    device = next(iter(modules.values())).weight.device
+    sums = {n: torch.zeros(d, d, device=device) for n, d in dims.items()}
     counts = dict.fromkeys(names, 0)
 
     def add(name: str, x: torch.Tensor) -> None:
@@ -152,6 +153,21 @@ def _quantize_head_gptq(model: PreTrainedModel, config: GPTQConfig, ctx: PassCon
     return found
 
 
+def quantize_layer(model: PreTrainedModel, prefix: str, layer: nn.Module, inputs: LayerInputs,
+                   targets: dict[str, nn.Linear], config: GPTQConfig, report: dict[str, Any]) -> list[_Quantized]:
+    """GPTQ on the target linears of one decoder layer; their float weights become the dequantized
+    result (for the next layers' calibration), the packed results are returned."""
+    done: list[_Quantized] = []
+    groups = _groups(model, prefix, targets)
+    # true-sequential: one calibration sweep per group; otherwise one sweep on the float layer
+    sweeps = [[g] for g in groups] if config.true_sequential else [groups]
+    for sweep in sweeps:
+        hs = _hessians(layer, prefix, inputs, [g[0] for g in sweep])
+        for names in sweep:
+            report[names[0]] = _quantize_group(model, names, hs[names[0]], config, done)
+    return done
+
+
 @torch.no_grad()
 def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTrainedModel:
     """Quantize every decoder linear in place with GPTQ on ``ctx.calibration()`` windows."""
@@ -160,17 +176,10 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
     report: dict[str, Any] = {}
     done: list[_Quantized] = []
 
-    def quantize_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> None:
-        groups = _groups(model, prefix, targets)
-        # true-sequential: one calibration sweep per group; otherwise one sweep on the float layer
-        sweeps = [[g] for g in groups] if config.true_sequential else [groups]
-        for sweep in sweeps:
-            hs = _hessians(layer, prefix, inputs, [g[0] for g in sweep])
-            for names in sweep:
-                report[names[0]] = _quantize_group(model, names, hs[names[0]], config, done)
+    def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> None:
+        done.extend(quantize_layer(model, prefix, layer, inputs, targets, config, report))
 
-    walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, quantize_layer,
-                ctx.progress)
+    walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, one_layer, ctx.progress)
     for q in done:
         install(model, q.name, q.linear, q.codes, q.scales, q.zeros, config.spec)
     if config.lm_head_method == "gptq":

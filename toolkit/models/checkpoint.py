@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -23,10 +24,12 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.initialization import no_init_weights
 
 from toolkit import __version__
 from toolkit.errors import ToolkitError
+from toolkit.models.architectures import layout_of
+from toolkit.models.shards import ShardedWeights
+from toolkit.models.streaming import empty_model, set_tensor
 from toolkit.paths import sha256_file, sha256_json
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules, set_module
 from toolkit.quant.spec import QuantSpec
@@ -135,40 +138,48 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
     (folder / QUANT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
-def _build_quantized(folder: Path, info: dict[str, Any]) -> PreTrainedModel:
+def _build_quantized(folder: Path, info: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
+    """The packed model, built on meta and filled tensor by tensor from one file or from shards, so
+    loading holds the packed bytes once and never a float copy of the quantized weights. Float tensors
+    (embedding, norms, a float head) take ``dtype``; packed codes, scales and zeros keep their own."""
     if info.get("format") != QUANT_FORMAT:
         raise ToolkitError(f"{folder / QUANT_FILE}: unknown format {info.get('format')!r}; expected {QUANT_FORMAT}")
-    config = AutoConfig.from_pretrained(folder)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for name, m in info["modules"].items():
-        spec = QuantSpec(bits=m["bits"], group_size=m["group_size"], symmetric=m["symmetric"])
-        set_module(model, name, QuantLinear(m["in_features"], m["out_features"], spec, bias=m["bias"]))
+    model = empty_model(AutoConfig.from_pretrained(folder), dtype)
+    with torch.device("meta"):
+        for name, m in info["modules"].items():
+            spec = QuantSpec(bits=m["bits"], group_size=m["group_size"], symmetric=m["symmetric"])
+            set_module(model, name, QuantLinear(m["in_features"], m["out_features"], spec, bias=m["bias"]))
+    weights = ShardedWeights(folder)
+    expected = dict(model.state_dict(keep_vars=True))
+    unexpected = [n for n in weights.names() if n not in expected]
+    for name in weights.names():
+        if name in expected:
+            set_tensor(model, name, weights.get(name).to(expected[name].dtype))
+    layout = layout_of(model)
+    head, embed = model.get_submodule(layout.head), model.get_submodule(layout.embed)
+    if isinstance(head, nn.Linear) and head.weight.is_meta and getattr(model.config, "tie_word_embeddings", False):
+        head.weight = embed.weight  # a tied float head is stored once, under the embedding's name
     if info.get("embedding_from"):
-        head = model.get_submodule(info["embedding_from"])
         old = model.get_input_embeddings()
-        model.set_input_embeddings(QuantEmbedding(head, getattr(old, "padding_idx", None)))
-    try:
-        state = load_file(str(folder / WEIGHTS))
-    except SafetensorError as exc:
-        raise ToolkitError(f"{folder / WEIGHTS} is truncated or corrupt ({exc}); re-create it") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        model.set_input_embeddings(QuantEmbedding(model.get_submodule(info["embedding_from"]),
+                                                  getattr(old, "padding_idx", None)))
+    missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if missing or unexpected:
         raise ToolkitError(
-            f"{folder / WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"{folder} weights do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return model.eval()
 
 
-def load_model(folder: Path) -> PreTrainedModel:
-    """Rebuild a float or quantized model from an artifact folder."""
+def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Rebuild a float or quantized model from an artifact folder, computing in ``dtype``."""
     folder = Path(folder)
     verify_weight_files(folder)
     quant_path = folder / QUANT_FILE
     if quant_path.is_file():
-        return _build_quantized(folder, json.loads(quant_path.read_text()))
+        return _build_quantized(folder, json.loads(quant_path.read_text()), dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ToolkitError(f"cannot load model from {folder}: {str(exc).splitlines()[0]}") from None
     return model.eval()

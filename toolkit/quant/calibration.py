@@ -1,7 +1,8 @@
 """Layer-by-layer calibration: capture the inputs of decoder layer 0, then walk the layers.
 
-Only one layer's activations live in memory at a time: ``hidden [N, L, H]`` float32 (128 x 512 x 576
-= 151 MB for SmolLM2) is replaced in place by each layer's output. A pass quantizes a layer, then
+Only one layer's activations are kept at a time: ``hidden [N, L, H]`` float32 (128 x 512 x 576
+= 151 MB for SmolLM2), held as batches in an ``ActivationBuffer`` (in memory up to its budget, the rest
+spilled to disk), each batch replaced by the layer's output. A pass quantizes a layer, then
 ``advance`` runs the *quantized* layer to produce the next layer's inputs, so every layer is
 calibrated on the outputs of the already-quantized ones (GPTQ sec. 4, "sequential").
 """
@@ -21,6 +22,7 @@ from transformers import PreTrainedModel
 
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import decoder_layers
+from toolkit.quant.activations import ActivationBuffer
 
 
 class _Stop(Exception):
@@ -29,13 +31,13 @@ class _Stop(Exception):
 
 @dataclass
 class LayerInputs:
-    hidden: torch.Tensor  # [N, L, H] input hidden states of the current layer
+    hidden: ActivationBuffer  # batches [B, L, H] of the input hidden states of the current layer
     kwargs: list[dict[str, Any]]  # per batch: what the model passes the layer (position embeddings, mask)
     batch_size: int
 
     def batches(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         for b, kw in enumerate(self.kwargs):
-            yield self.hidden[b * self.batch_size : (b + 1) * self.batch_size], kw
+            yield self.hidden.get(b), kw
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -46,23 +48,25 @@ def check_finite(t: torch.Tensor, what: str) -> None:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> LayerInputs:
-    """Run the embedding part of ``model`` on ``windows: [N, L]`` and keep what decoder layer 0 receives."""
+def capture_layer_inputs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int,
+                         buffer: ActivationBuffer | None = None) -> LayerInputs:
+    """Run the embedding part of ``model`` on ``windows: [N, L]`` and keep what decoder layer 0 receives
+    (in ``buffer``; by default an unbounded in-memory one)."""
     first = decoder_layers(model)[0]
-    hidden: list[torch.Tensor] = []
+    hidden = ActivationBuffer() if buffer is None else buffer
     kwargs: list[dict[str, Any]] = []
 
     def catch(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
         kw = dict(kw)
-        hidden.append((args[0] if args else kw.pop("hidden_states")).detach().float())
+        x = (args[0] if args else kw.pop("hidden_states")).detach().float()
+        check_finite(x, "the embedding output")
+        hidden.append(x)
         kw.pop("past_key_values", None)
         kwargs.append(kw)
         raise _Stop
 
     _run_until(model, first.register_forward_pre_hook(catch, with_kwargs=True), windows, batch_size)
-    inputs = LayerInputs(torch.cat(hidden), kwargs, batch_size)
-    check_finite(inputs.hidden, "the embedding output")
-    return inputs
+    return LayerInputs(hidden, kwargs, batch_size)
 
 
 def _run_until(model: PreTrainedModel, handle: RemovableHandle, windows: torch.Tensor, batch_size: int) -> None:
@@ -129,10 +133,11 @@ def stream_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[str, nn.M
 
 @torch.no_grad()
 def advance(layer: nn.Module, inputs: LayerInputs, name: str) -> None:
-    """Replace ``inputs.hidden`` by the output of ``layer`` (batch by batch, in place)."""
-    for hidden, kw in inputs.batches():
-        hidden.copy_(_layer_out(layer, hidden, kw))
-    check_finite(inputs.hidden, f"the output of {name}")
+    """Replace ``inputs.hidden`` by the output of ``layer``, batch by batch."""
+    for b, (hidden, kw) in enumerate(inputs.batches()):
+        out = _layer_out(layer, hidden, kw)
+        check_finite(out, f"the output of {name}")
+        inputs.hidden.put(b, out)
 
 
 def walk_layers(model: PreTrainedModel, windows: torch.Tensor, batch_size: int, layers_path: str,
