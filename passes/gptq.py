@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +24,7 @@ from toolkit.algorithms.gptq import MAX_DAMP, accumulate_hessian, gptq_quantize
 from toolkit.algorithms.rtn import dequantize
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import layout_of
+from toolkit.models.streaming import SkeletonModel
 from toolkit.pipeline.context import PassContext
 from toolkit.quant.calibration import (
     LayerInputs,
@@ -32,6 +34,13 @@ from toolkit.quant.calibration import (
     walk_layers,
 )
 from toolkit.quant.spec import QuantSpec
+from toolkit.quant.streaming import (
+    PackedWriter,
+    StreamOptions,
+    head_bias,
+    head_inputs_hessian,
+    stream_calibrated,
+)
 from toolkit.quant.surgery import WeightQuantConfig, check_group_size, install, quantize_head, target_linears
 
 log = logging.getLogger(__name__)
@@ -189,3 +198,32 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     (ctx.workdir / "gptq.json").write_text(json.dumps(report, indent=2))
     return model
+
+
+def stream(src: SkeletonModel, out: Path, config: GPTQConfig, ctx: PassContext, options: StreamOptions) -> dict[str, Any]:
+    """GPTQ with one decoder layer resident at a time (``toolkit.quant.streaming``); the same per-layer
+    function as ``apply``, so the packed result is the same."""
+    targets = target_linears(src.model, config.skip)
+    report: dict[str, Any] = {}
+
+    def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> list[Any]:
+        return quantize_layer(src.model, prefix, layer, inputs, targets, config, report)
+
+    def gptq_head(src: SkeletonModel, inputs: LayerInputs, writer: PackedWriter) -> None:
+        assert config.lm_head_bits is not None
+        head = src.layout.head
+        check_group_size({head: src.model.get_submodule(head)}, config.group_size)
+        spec = QuantSpec(config.lm_head_bits, config.group_size, config.symmetric)
+        h = head_inputs_hessian(src, inputs)
+        try:
+            res = gptq_quantize(src.read(f"{head}.weight"), h, spec, config.damp, config.block_size, config.act_order)
+        except ToolkitError as exc:
+            raise ToolkitError(f"GPTQ failed on the lm_head: {exc}") from None
+        report["lm_head"] = {"damp": res.damp, "dead_columns": res.dead_columns}
+        writer.linear(head, res.codes, res.scales, res.zeros, spec, head_bias(src))
+
+    head_fn = gptq_head if config.lm_head_method == "gptq" else None
+    stats = stream_calibrated(src, out, config, ctx.calibration(), options, one_layer, head_fn, config.batch_size)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    (ctx.workdir / "gptq.json").write_text(json.dumps(report, indent=2))
+    return stats

@@ -15,7 +15,7 @@ from toolkit.passes import gptq, rtn
 from toolkit.pipeline.context import PassContext
 from toolkit.quant.activations import ActivationBuffer
 from toolkit.quant.modules import quantized_modules
-from toolkit.quant.streaming import StreamOptions, stream_gptq, stream_rtn
+from toolkit.quant.streaming import StreamOptions, stream_rtn
 
 
 def write_sharded(model: torch.nn.Module, folder: Path, dtype: torch.dtype, shard_bytes: int = 40_000) -> Path:
@@ -93,7 +93,7 @@ def test_streaming_gptq_equals_in_memory(source: Path, tmp_path: Path, budget: i
     out = tmp_path / "out"
     out.mkdir()
     options = StreamOptions(activation_budget_bytes=budget, spill_dir=tmp_path / "spill")
-    stats = stream_gptq(SkeletonModel(source), out, config, windows, options, {})
+    stats = gptq.stream(SkeletonModel(source), out, config, _ctx(tmp_path, windows), options)
     assert (stats["spilled_bytes"] > 0) == (budget == 0)
     assert not list((tmp_path / "spill").glob("*/*")), "spilled activations are removed"
     assert_same_packed(expected, checkpoint.load_model(out))

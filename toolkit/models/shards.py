@@ -2,21 +2,22 @@
 
 Reading: ``ShardedWeights`` maps tensor names to shard files (``model.safetensors.index.json`` as the hub
 writes it, or a single ``model.safetensors``) and opens the file for each read, so only the tensor asked
-for is ever resident. Writing: ``ShardWriter`` buffers tensors up to ``max_shard_bytes`` and writes a shard
-whenever the next tensor would overflow it, then the index; ``write_planned_shard`` streams a shard whose
+for is ever resident. Writing: ``ShardWriter`` streams each tensor's bytes to disk as it is added, starts a new
+shard whenever the next tensor would overflow ``max_shard_bytes``, then writes the index; ``write_planned_shard`` streams a shard whose
 shapes are known in advance (the header first, then each tensor's bytes), so not even one shard is buffered.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from toolkit.errors import ToolkitError
 
@@ -76,6 +77,11 @@ class ShardedWeights:
         with self._open(self.weight_map[name]) as f:
             return f.get_tensor(name)
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (only those bytes are read)."""
+        with self._open(self.weight_map[name]) as f:
+            return f.get_slice(name)[start:stop]
+
     def meta(self, name: str) -> tuple[list[int], str]:
         with self._open(self.weight_map[name]) as f:
             sl = f.get_slice(name)
@@ -89,38 +95,73 @@ class ShardedWeights:
 
 
 class ShardWriter:
-    """Collect tensors in order and write ``model-0000x-of-0000y.safetensors`` shards plus the index.
+    """Write tensors in order into ``model-0000x-of-0000y.safetensors`` shards plus the index.
 
-    Shards are first written under provisional names (the count is known only at the end), then renamed.
-    Resident memory is at most one shard's buffer (``max_shard_bytes``) beyond the caller's own.
+    Each tensor's bytes go to disk as soon as it is added (a shard's data file; the header is written in
+    front of it when the shard closes), so the writer holds no tensor: a shard is opened whenever the
+    next tensor would overflow ``max_shard_bytes``. Shards get their final names once the count is known.
     """
 
     def __init__(self, folder: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None) -> None:
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = metadata or {}
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffered = 0
+        self._header: dict[str, dict[str, object]] = {}
+        self._data: BinaryIO | None = None
+        self._offset = 0
         self._shards: list[list[str]] = []
         self.bytes_written = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor_bytes(tensor)
-        if self._buffer and self._buffered + size > self.max_shard_bytes:
+    def _data_path(self, i: int) -> Path:
+        return self.folder / f"shard-{i:05d}.data.tmp"
+
+    def _begin(self, nbytes: int) -> BinaryIO:
+        if self._data is not None and self._offset and self._offset + nbytes > self.max_shard_bytes:
             self._flush()
-        self._buffer[name] = tensor.detach().contiguous()
-        self._buffered += size
+        if self._data is None:
+            self._data = open(self._data_path(len(self._shards)), "wb")  # noqa: SIM115 (closed in _flush)
+        return self._data
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.add_chunks(name, list(tensor.shape), tensor.dtype, [tensor])
+
+    def add_chunks(self, name: str, shape: list[int], dtype: torch.dtype, chunks: Iterable[torch.Tensor]) -> None:
+        """Add tensor ``name`` given as consecutive row chunks (written as they come)."""
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        data = self._begin(nbytes)
+        written = 0
+        for chunk in chunks:
+            if chunk.dtype != dtype:
+                raise ValueError(f"{name}: chunk of {chunk.dtype}, declared {dtype}")
+            data.write(chunk.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            written += tensor_bytes(chunk)
+        if written != nbytes:
+            raise ValueError(f"{name}: {written} bytes written, shape {shape} needs {nbytes}")
+        self._header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": shape,
+                              "data_offsets": [self._offset, self._offset + nbytes]}
+        self._offset += nbytes
 
     def _flush(self) -> None:
-        path = self.folder / f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._buffer, str(path), metadata=self.metadata)
+        assert self._data is not None
+        self._data.close()
+        i = len(self._shards)
+        raw = json.dumps({"__metadata__": self.metadata, **self._header}, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to an 8-byte boundary
+        path = self.folder / f"shard-{i:05d}.tmp"
+        with open(path, "wb") as out, open(self._data_path(i), "rb") as data:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        self._data_path(i).unlink()
         self.bytes_written += path.stat().st_size
-        self._shards.append(list(self._buffer))
-        self._buffer, self._buffered = {}, 0
+        self._shards.append(list(self._header))
+        self._header, self._data, self._offset = {}, None, 0
 
     def close(self) -> dict[str, str]:
         """Write the last shard and the index; returns the weight map."""
-        if self._buffer or not self._shards:
+        if self._data is None and not self._shards:
+            self._begin(0)
+        if self._data is not None:
             self._flush()
         count = len(self._shards)
         weight_map: dict[str, str] = {}

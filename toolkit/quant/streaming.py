@@ -4,8 +4,8 @@ The source is a ``SkeletonModel`` (parameters on meta, read from the shards on d
 written as it is produced into a quantized folder (``checkpoint``'s packed format, sharded). RTN reads
 each weight in its stored dtype and quantizes it in float32 row chunks. GPTQ captures the inputs of layer
 0 once into an ``ActivationBuffer`` (bounded, spilled to disk beyond its budget), then for each layer:
-load it in float32, quantize it with the same per-layer function as the in-memory pass, run it to get the
-next layer's inputs, write its packed tensors, free it. The embedding is resident only while layer 0's
+load it in float32, quantize it with the pass's own per-layer function (the one its in-memory version
+uses), run it to get the next layer's inputs, write its packed tensors, free it. The embedding is resident only while layer 0's
 inputs are captured, the head only while it is quantized.
 """
 
@@ -13,28 +13,26 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from toolkit.algorithms.gptq import accumulate_hessian, gptq_quantize
+from toolkit.algorithms.gptq import accumulate_hessian
 from toolkit.algorithms.rtn import rtn_quantize
-from toolkit.errors import ToolkitError
 from toolkit.models.checkpoint import QUANT_FILE, QUANT_FORMAT
 from toolkit.models.shards import ShardWriter
 from toolkit.models.streaming import SkeletonModel
-from toolkit.passes.gptq import quantize_layer
 from toolkit.quant.activations import ActivationBuffer
 from toolkit.quant.calibration import LayerInputs, advance, capture_layer_inputs
-from toolkit.quant.modules import QuantLinear
+from toolkit.quant.formats import layout_for
 from toolkit.quant.spec import QuantSpec
 from toolkit.quant.surgery import WeightQuantConfig, check_group_size, target_linears
 
-CHUNK_ELEMENTS = 1 << 24  # RTN quantizes 16 M weights (64 MB in float32) at a time
+CHUNK_ELEMENTS = 1 << 23  # RTN quantizes 8 M weights (32 MB in float32) at a time
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "generation_config.json", "tokenizer.model")
 
@@ -61,11 +59,31 @@ class PackedWriter:
 
     def linear(self, name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec,
                bias: torch.Tensor | None) -> None:
-        q = QuantLinear.from_codes(codes.cpu(), scales.cpu(), zeros.cpu(), spec, None if bias is None else bias.cpu())
-        for leaf, t in q.state_dict().items():
-            self.tensor(f"{name}.{leaf}", t)
+        self.linear_rows(name, list(codes.shape), spec, iter([(codes, scales, zeros)]), bias)
+
+    def linear_rows(self, name: str, shape: list[int], spec: QuantSpec,
+                    parts: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bias: torch.Tensor | None) -> None:
+        """A quantized linear ``shape = [out, in]`` given as row blocks ``(codes, scales, zeros)``: packed codes
+        are written block by block, so neither the codes nor the float weight of a large head are ever whole.
+        The tensors are exactly ``QuantLinear.from_codes``'s buffers."""
+        out_f, in_f = shape
+        packed_in = in_f // 2 if spec.bits <= 4 else in_f
+        scales: list[torch.Tensor] = []
+        zeros: list[torch.Tensor] = []
+
+        def packed() -> Iterator[torch.Tensor]:
+            for codes, s, z in parts:
+                scales.append(s.to("cpu", torch.float16))
+                zeros.append(z.to("cpu", torch.uint8))
+                yield layout_for(spec.bits).pack(codes.cpu())
+
+        self.shards.add_chunks(f"{name}.qweight", [out_f, packed_in], torch.uint8, packed())
+        self.tensor(f"{name}.scales", torch.cat(scales))
+        self.tensor(f"{name}.qzeros", torch.cat(zeros))
+        if bias is not None:
+            self.tensor(f"{name}.bias", bias.detach().float())
         self.modules[name] = {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
-                              "in_features": q.in_features, "out_features": q.out_features, "bias": bias is not None}
+                              "in_features": in_f, "out_features": out_f, "bias": bias is not None}
 
     def close(self, source: SkeletonModel, embedding_from: str | None) -> int:
         """Write the index, config, tokenizer and ``quantization.json``; returns the weight bytes written."""
@@ -79,11 +97,20 @@ class PackedWriter:
         return self.shards.bytes_written
 
 
-def chunked_rtn(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``rtn_quantize`` in row chunks (rows are independent: bit-identical, bounded float32 temporaries)."""
-    rows = max(1, CHUNK_ELEMENTS // w.shape[1])
-    parts = [rtn_quantize(chunk, spec) for chunk in w.split(rows)]
-    return tuple(torch.cat([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+def rtn_rows(src: SkeletonModel, name: str, spec: QuantSpec) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``rtn_quantize`` of stored weight ``name`` in row blocks read one at a time from the shards (rows
+    are independent: bit-identical to the whole matrix, with bounded float32 temporaries)."""
+    stored = src.stored_name(name)
+    out_f, in_f = src.weights.meta(stored)[0]
+    step = max(1, CHUNK_ELEMENTS // in_f)
+    for start in range(0, out_f, step):
+        yield rtn_quantize(src.weights.rows(stored, start, min(start + step, out_f)).to(src.device), spec)
+
+
+def _rtn_linear(src: SkeletonModel, writer: PackedWriter, module: str, spec: QuantSpec) -> None:
+    shape = src.weights.meta(src.stored_name(f"{module}.weight"))[0]
+    bias = src.read(f"{module}.bias") if f"{module}.bias" in src.weights else None
+    writer.linear_rows(module, shape, spec, rtn_rows(src, f"{module}.weight", spec), bias)
 
 
 def _module_of(param: str) -> str:
@@ -110,17 +137,6 @@ def _head_and_rest(src: SkeletonModel, config: WeightQuantConfig, writer: Packed
     return src.layout.head if tied_to_quantized else None
 
 
-def _head_spec(src: SkeletonModel, bits: int, config: WeightQuantConfig, symmetric: bool) -> QuantSpec:
-    head = src.model.get_submodule(src.layout.head)
-    check_group_size({src.layout.head: head}, config.group_size)
-    return QuantSpec(bits, config.group_size, symmetric)
-
-
-def _head_bias(src: SkeletonModel) -> torch.Tensor | None:
-    name = f"{src.layout.head}.bias"
-    return src.read(name) if name in src.weights else None
-
-
 def _layer_targets(src: SkeletonModel, prefix: str, targets: dict[str, nn.Linear]) -> list[str]:
     return [n for n in targets if n.startswith(prefix + ".")]
 
@@ -137,17 +153,12 @@ def stream_rtn(src: SkeletonModel, out: Path, config: WeightQuantConfig, options
         for name in src.param_names(prefix):
             module = _module_of(name)
             if module in quantized and name.endswith(".weight"):
-                codes, scales, zeros = chunked_rtn(src.read(name, src.source_dtype(name)), config.spec)
-                bias = src.read(f"{module}.bias") if f"{module}.bias" in src.weights else None
-                writer.linear(module, codes, scales, zeros, config.spec, bias)
+                _rtn_linear(src, writer, module, config.spec)
             elif not (module in quantized and name.endswith(".bias")):
                 writer.tensor(name, src.read(name))
     embedding_from = _head_and_rest(src, config, writer, config.lm_head_bits is not None)
     if config.lm_head_bits is not None:
-        spec = _head_spec(src, config.lm_head_bits, config, symmetric=True)
-        head_w = f"{src.layout.head}.weight"
-        codes, scales, zeros = chunked_rtn(src.read(head_w, src.source_dtype(head_w)), spec)
-        writer.linear(src.layout.head, codes, scales, zeros, spec, _head_bias(src))
+        rtn_head(src, writer, config.lm_head_bits, config.group_size)
     written = writer.close(src, embedding_from)
     return {"bytes_written": written, "layers": src.num_layers}
 
@@ -168,19 +179,37 @@ def capture(src: SkeletonModel, windows: torch.Tensor, batch_size: int, options:
         src.release(src.layout.embed)
 
 
+class Packed(Protocol):
+    """One linear's quantization result as a layer function returns it (``passes.gptq._Quantized``)."""
+
+    name: str
+    linear: nn.Linear
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+LayerFn = Callable[[str, nn.Module, LayerInputs], list[Any]]  # -> list of Packed
+HeadFn = Callable[[SkeletonModel, LayerInputs, PackedWriter], None]
+
+
 @torch.no_grad()
-def stream_gptq(src: SkeletonModel, out: Path, config: Any, windows: torch.Tensor, options: StreamOptions,
-                report: dict[str, Any]) -> dict[str, Any]:
-    """GPTQ layer by layer (``config``: a ``GPTQConfig``); ``report`` receives the per-linear results."""
+def stream_calibrated(src: SkeletonModel, out: Path, config: WeightQuantConfig, windows: torch.Tensor,
+                      options: StreamOptions, layer_fn: LayerFn, head_fn: HeadFn | None = None,
+                      batch_size: int = 8) -> dict[str, Any]:
+    """Calibrated quantization layer by layer: ``layer_fn(prefix, layer, inputs)`` quantizes the loaded
+    layer (leaving the dequantized weights in its float linears) and returns the packed results; the layer
+    then produces the next layer's inputs, is written and freed. ``head_fn(src, inputs, writer)`` writes
+    the head from the final hidden states (default: symmetric RTN at ``lm_head_bits``)."""
     targets = target_linears(src.model, config.skip)
     check_group_size(targets, config.group_size)
     writer = PackedWriter(out, options.max_shard_bytes)
-    inputs = capture(src, windows, config.batch_size, options)
+    inputs = capture(src, windows, batch_size, options)
     try:
         for i in _layers(src, options):
             prefix = src.layer_prefix(i)
             layer = src.load(prefix)
-            done = quantize_layer(src.model, prefix, layer, inputs, targets, config, report)
+            done: list[Packed] = layer_fn(prefix, layer, inputs)
             advance(layer, inputs, prefix)
             quantized = {q.name for q in done}
             for q in done:
@@ -190,34 +219,34 @@ def stream_gptq(src: SkeletonModel, out: Path, config: Any, windows: torch.Tenso
                     writer.tensor(f"{prefix}.{name}", p.detach())
             src.release(prefix)
         embedding_from = _head_and_rest(src, config, writer, config.lm_head_bits is not None)
-        if config.lm_head_bits is not None:
-            _stream_head(src, config, inputs, writer, report)
+        if head_fn is not None:
+            head_fn(src, inputs, writer)
+        elif config.lm_head_bits is not None:
+            rtn_head(src, writer, config.lm_head_bits, config.group_size)
     finally:
         inputs.hidden.close()
     written = writer.close(src, embedding_from)
     return {"bytes_written": written, "layers": src.num_layers, "spilled_bytes": inputs.hidden.spilled_bytes}
 
 
-def _stream_head(src: SkeletonModel, config: Any, inputs: LayerInputs, writer: PackedWriter,
-                 report: dict[str, Any]) -> None:
-    """The head: RTN (symmetric), or GPTQ on the final norm's output of the carried activations."""
-    head_w = f"{src.layout.head}.weight"
-    if config.lm_head_method != "gptq":
-        spec = _head_spec(src, config.lm_head_bits, config, symmetric=True)
-        codes, scales, zeros = chunked_rtn(src.read(head_w, src.source_dtype(head_w)), spec)
-        writer.linear(src.layout.head, codes, scales, zeros, spec, _head_bias(src))
-        return
-    spec = _head_spec(src, config.lm_head_bits, config, config.symmetric)
+def rtn_head(src: SkeletonModel, writer: PackedWriter, bits: int, group_size: int) -> None:
+    """The head by symmetric round-to-nearest, as ``surgery.quantize_head`` does in memory."""
+    head = src.model.get_submodule(src.layout.head)
+    check_group_size({src.layout.head: head}, group_size)
+    _rtn_linear(src, writer, src.layout.head, QuantSpec(bits, group_size, symmetric=True))
+
+
+def head_inputs_hessian(src: SkeletonModel, inputs: LayerInputs) -> torch.Tensor:
+    """``H = 2 X Xᵀ / n`` of the head's input: the final norm applied to the carried hidden states."""
     norm = src.load(src.layout.final_norm)
     dim = int(src.config.hidden_size)
     h_sum, count = torch.zeros(dim, dim, device=src.device), 0
     for hidden, _ in inputs.batches():
         count += accumulate_hessian(h_sum, norm(hidden).float())
     src.release(src.layout.final_norm)
-    try:
-        res = gptq_quantize(src.read(head_w), 2 * h_sum / max(count, 1), spec, config.damp, config.block_size,
-                            config.act_order)
-    except ToolkitError as exc:
-        raise ToolkitError(f"GPTQ failed on the lm_head: {exc}") from None
-    report["lm_head"] = {"damp": res.damp, "dead_columns": res.dead_columns}
-    writer.linear(src.layout.head, res.codes, res.scales, res.zeros, spec, _head_bias(src))
+    return 2 * h_sum / max(count, 1)
+
+
+def head_bias(src: SkeletonModel) -> torch.Tensor | None:
+    name = f"{src.layout.head}.bias"
+    return src.read(name) if name in src.weights else None
