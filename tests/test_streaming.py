@@ -109,3 +109,98 @@ def test_activation_buffer_spills_beyond_budget(tmp_path: Path) -> None:
     assert torch.equal(buf.get(4), batches[4] * 2) and torch.equal(buf.get(0), batches[0])
     buf.close()
     assert not list(tmp_path.glob("*/*"))
+
+
+def _recipe(tmp_path: Path, model: str, passes: list, **extra: object) -> Path:
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": model, "calibration": {"count": 4, "length": 24},
+                                    "evaluation": {"count": 2, "length": 32}, "passes": passes,
+                                    "output": str(tmp_path / "out"), **extra}))
+    return path
+
+
+@pytest.mark.parametrize("name", ["rtn", "gptq"])
+def test_pipeline_streams_a_checkpoint_folder(tmp_path: Path, name: str) -> None:
+    from toolkit.pipeline import recipes, runner
+
+    folder = write_sharded(tiny_llama(seed=3), tmp_path / "src", torch.bfloat16)
+    recipe = recipes.load(_recipe(tmp_path, str(folder), [{name: {"group_size": 32}}],
+                                  memory={"activations_mb": 0}))
+    result = runner.run(recipe, progress=False, log=lambda _: None)
+    assert "streaming" in result.steps[0].metrics and result.steps[0].measure["peak_rss_mb"] > 0
+    packed = checkpoint.load_model(result.output / "model")
+    if name == "rtn":
+        assert_same_packed(rtn.apply(in_memory(folder), rtn.RTNConfig(group_size=32)), packed)
+    assert result.after["perplexity"] > 1 and result.before["perplexity"] > 1
+
+
+def test_baseline_evaluation_can_be_turned_off(tmp_path: Path) -> None:
+    from toolkit.pipeline import recipes, runner
+
+    recipe = recipes.load(_recipe(tmp_path, "tiny-llama", [{"rtn": {"group_size": 32}}],
+                                  evaluation={"count": 2, "length": 32, "baseline": False}))
+    result = runner.run(recipe, progress=False, log=lambda _: None)
+    assert result.before == {} and result.after["perplexity"] > 1
+    assert "baseline not evaluated" in (result.output / "report.md").read_text()
+
+
+def test_run_over_its_memory_budget_is_refused_before_it_starts(tmp_path: Path) -> None:
+    from toolkit.errors import ToolkitError
+    from toolkit.pipeline import recipes, runner
+
+    folder = write_sharded(tiny_llama(seed=3), tmp_path / "src", torch.bfloat16)
+    recipe = recipes.load(_recipe(tmp_path, str(folder), [{"gptq": {"group_size": 32}}],
+                                  memory={"budget_gb": 0.5}))
+    with pytest.raises(ToolkitError, match=r"estimated \d+\.\d GB .*above the memory budget of 0\.5 GB"):
+        runner.run(recipe, progress=False, log=lambda _: None)
+    assert not (tmp_path / "out").exists()
+    ok = recipes.load(_recipe(tmp_path, str(folder), [{"gptq": {"group_size": 32}}], memory={"budget_gb": 4}))
+    assert runner.check_memory(ok, runner.models.resolve(str(folder)), runner.stream_options(ok.memory, "cpu", False))
+
+
+def test_memory_estimate_streams_a_large_model_within_budget() -> None:
+    """The 8B shape: in memory it needs > 64 GB, streamed RTN with the baseline off fits 4 GB."""
+    from transformers import LlamaConfig
+
+    from toolkit.pipeline import budget, recipes
+
+    shape = budget.ModelShape.of_config(LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False))
+    assert 8.0e9 < shape.parameters < 8.1e9
+    recipe = recipes.parse({"model": "x", "output": "o", "passes": [{"rtn": {}}],
+                            "evaluation": {"baseline": False, "kl": False}}, "r")
+    streamed = budget.estimate_run(recipe, shape, [True], 512 * 2**20, 2**30).phases
+    in_memory = budget.estimate_run(recipe, shape, [False], 512 * 2**20, 2**30).phases
+    assert streamed["pass rtn (streaming)"] < 4e9 < 64e9 < in_memory["pass rtn"]
+
+
+def test_cuda_without_a_device_is_refused(tmp_path: Path) -> None:
+    from toolkit.errors import ToolkitError
+    from toolkit.pipeline import recipes, runner
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    recipe = recipes.load(_recipe(tmp_path, "tiny-llama", [{"rtn": {}}], device="cuda"))
+    with pytest.raises(ToolkitError, match="device: cuda"):
+        runner.run(recipe, progress=False, log=lambda _: None)
+    assert runner.resolve_device("auto") == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_streaming_gptq_on_cuda_matches_cpu(source: Path, tmp_path: Path) -> None:
+    windows = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(1))
+    config = gptq.GPTQConfig(bits=4, group_size=32, batch_size=4, lm_head_bits=8)
+    models = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        out.mkdir()
+        gptq.stream(SkeletonModel(source, device=device), out, config, _ctx(tmp_path, windows), StreamOptions(device))
+        models[device] = checkpoint.load_model(out)
+    ids = windows[:2]
+    with torch.no_grad():
+        cpu, cuda = models["cpu"](ids).logits, models["cuda"](ids).logits
+    assert float((cpu - cuda).abs().max()) < 0.05 * float(cpu.abs().max())

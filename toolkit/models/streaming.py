@@ -50,6 +50,8 @@ class SkeletonModel:
         self.weights = ShardedWeights(self.folder)
         self.dtype, self.device = dtype, torch.device(device)
         self.model = empty_model(self.config, dtype)
+        for name, buf in list(self.model.named_buffers()):  # rotary frequencies: computed, needed on the device
+            set_tensor(self.model, name, buf.to(self.device))
         self.layout: DecoderLayout = layout_of(self.model)
 
     @property
