@@ -58,6 +58,14 @@ MODELS: dict[str, dict[str, Any]] = {
                    "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
                    "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0, "factor": 8.0}},
     },
+    # not a public model: a few-MB Llama for quick checks of the scripts themselves
+    "llama-tiny": {
+        "shard_bytes": 4 * 2**20,
+        "config": {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 49152,
+                   "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    },
     "qwen2.5-3b": {
         "shard_bytes": 4 * GB,
         "config": {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,

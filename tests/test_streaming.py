@@ -127,9 +127,11 @@ def test_pipeline_streams_a_checkpoint_folder(tmp_path: Path, name: str) -> None
 
     folder = write_sharded(tiny_llama(seed=3), tmp_path / "src", torch.bfloat16)
     recipe = recipes.load(_recipe(tmp_path, str(folder), [{name: {"group_size": 32}}],
-                                  memory={"activations_mb": 0}))
+                                  memory={"activations_mb": 0},
+                                  evaluation={"count": 2, "length": 32, "streaming": True, "kl": False}))
     result = runner.run(recipe, progress=False, log=lambda _: None)
     assert "streaming" in result.steps[0].metrics and result.steps[0].measure["peak_rss_mb"] > 0
+    assert result.before["streamed"] == 1.0
     packed = checkpoint.load_model(result.output / "model")
     if name == "rtn":
         assert_same_packed(rtn.apply(in_memory(folder), rtn.RTNConfig(group_size=32)), packed)
@@ -204,3 +206,13 @@ def test_streaming_gptq_on_cuda_matches_cpu(source: Path, tmp_path: Path) -> Non
     with torch.no_grad():
         cpu, cuda = models["cpu"](ids).logits, models["cuda"](ids).logits
     assert float((cpu - cuda).abs().max()) < 0.05 * float(cpu.abs().max())
+
+
+def test_streaming_perplexity_equals_in_memory(source: Path) -> None:
+    from toolkit.evaluation import perplexity
+    from toolkit.evaluation.streaming import stream_perplexity
+
+    windows = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
+    expected = perplexity.evaluate(in_memory(source), windows, batch_size=2)["perplexity"]
+    got = stream_perplexity(SkeletonModel(source), windows, 2, StreamOptions(activation_budget_bytes=0))["perplexity"]
+    assert got == pytest.approx(expected, rel=1e-5)

@@ -116,7 +116,10 @@ def estimate_run(recipe: Any, shape: ModelShape, streams: list[bool], activation
     est = Estimate()
     ev = recipe.evaluation
     float_model = 4 * shape.parameters
-    if ev.baseline:
+    if ev.baseline and ev.streaming:  # one float32 layer, the head in bf16 or float, the activations
+        est.add("baseline evaluation (streaming)", 4 * shape.layer_parameters + 4 * shape.embedding_parameters
+                + 2 * 4 * ev.count * ev.length * shape.hidden + eval_bytes(shape, ev.length, ev.batch_size))
+    elif ev.baseline:
         est.add("baseline evaluation", float_model + eval_bytes(shape, ev.length, ev.batch_size))
     last: Any = None
     model_steps = [s for s in recipe.passes if not s.is_export]

@@ -50,11 +50,16 @@ class EvaluationSpec:
     kl: bool = True  # KL divergence and top-1 agreement against the unoptimized model
     text_field: str = "text"
     baseline: bool = True  # evaluate the input model too (off: only the result is evaluated)
+    # the baseline (a float checkpoint folder) evaluated one decoder layer at a time: for models larger
+    # than memory; perplexity only, so it needs kl: false
+    streaming: bool = False
 
     def __post_init__(self) -> None:
         self.windows()
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.streaming and self.kl:
+            raise ValueError("streaming evaluation computes perplexity only: set kl: false with streaming: true")
 
     def windows(self) -> WindowSpec:
         return WindowSpec(self.source, "evaluation", self.length, self.count, "sequential", 0, self.text_field)

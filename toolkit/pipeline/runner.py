@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from toolkit import data, models
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import perplexity
+from toolkit.evaluation.streaming import stream_perplexity
 from toolkit.models import checkpoint
 from toolkit.models.streaming import SkeletonModel
 from toolkit.passes import STREAMING, handler
@@ -184,7 +185,8 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
 
 
 def _evaluate(spec: EvaluationSpec, ref: models.ModelRef, folder: Path | None, key: str,
-              tokenizer: PreTrainedTokenizerBase, reference: bool, progress: bool) -> dict[str, Any]:
+              tokenizer: PreTrainedTokenizerBase, reference: bool, progress: bool,
+              options: StreamOptions) -> dict[str, Any]:
     versions = checkpoint.library_versions()
     use_kl = reference and spec.kl
     eval_key = sha256_json({"model": key, "eval": record(spec), "reference": ref.key if use_kl else None,
@@ -193,12 +195,18 @@ def _evaluate(spec: EvaluationSpec, ref: models.ModelRef, folder: Path | None, k
     if path.is_file():
         return {**json.loads(path.read_text()), "cache_hit": True}
     start = time.perf_counter()
-    model = checkpoint.load_model(folder) if folder else models.load(ref.source).model
-    load_seconds = time.perf_counter() - start
     windows = data.token_windows(tokenizer, spec.windows())
-    ref_model = models.load(ref.source).model if use_kl else None
-    metrics: dict[str, Any] = perplexity.evaluate(model, windows, ref_model, spec.batch_size, progress)
-    metrics["bytes"] = dir_bytes(folder) if folder else sum(p.numel() * p.element_size() for p in model.parameters())
+    if spec.streaming and folder is not None and not (folder / checkpoint.QUANT_FILE).is_file():
+        src = SkeletonModel(folder, device=options.device)
+        load_seconds = time.perf_counter() - start
+        metrics: dict[str, Any] = stream_perplexity(src, windows, spec.batch_size, options)
+        metrics["bytes"] = dir_bytes(folder)
+    else:
+        model = checkpoint.load_model(folder) if folder else models.load(ref.source).model
+        load_seconds = time.perf_counter() - start
+        ref_model = models.load(ref.source).model if use_kl else None
+        metrics = perplexity.evaluate(model, windows, ref_model, spec.batch_size, progress)
+        metrics["bytes"] = dir_bytes(folder) if folder else sum(p.numel() * p.element_size() for p in model.parameters())
     metrics["load_seconds"] = load_seconds
     metrics["windows"] = spec.windows().record()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,7 +255,8 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
     log(f"model {recipe.model} ({ref.key[:12]}), device {device}")
     before: dict[str, Any] = {}
     if recipe.evaluation.baseline:
-        before = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, reference=False, progress=progress)
+        before = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, reference=False, progress=progress,
+                           options=options)
         log(f"  baseline perplexity {before['perplexity']:.3f}{' (cached)' if before['cache_hit'] else ''}")
     results: list[StepResult] = []
     for step in recipe.passes:
@@ -261,11 +270,13 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
         )
         results.append(_run_step(step, state, ctx, key, log, options))
     if any(not r.is_export for r in results):
-        after = _evaluate(recipe.evaluation, ref, state.folder, state.key, tokenizer, reference=True, progress=progress)
+        after = _evaluate(recipe.evaluation, ref, state.folder, state.key, tokenizer, reference=True, progress=progress,
+                          options=options)
     elif before:
         after = before
     else:  # export steps only and no baseline: the model itself is what is evaluated
-        after = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, reference=False, progress=progress)
+        after = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, reference=False, progress=progress,
+                           options=options)
     seconds = time.perf_counter() - start
     _assemble(output, recipe, state, results, before, after, seconds)
     return RunResult(output, before, after, results, seconds)
