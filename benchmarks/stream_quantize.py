@@ -87,16 +87,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--generate", type=int, default=4, help="greedy tokens after reloading (0: no reload)")
     parser.add_argument("--keep", action="store_true", help="keep the output folder")
+    parser.add_argument("--reload-only", action="store_true", help="only reload OUTPUT (kept by --keep) and generate")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.output.exists():
+    if args.reload_only:
+        report: dict[str, object] = {"output": str(args.output),
+                                     "bytes": sum(p.stat().st_size for p in args.output.glob("*.safetensors"))}
+    elif args.output.exists():
         raise SystemExit(f"error: {args.output} exists; remove it or choose another folder")
-    report = quantize(args)
+    else:
+        report = quantize(args)
     print(json.dumps(report), flush=True)
     if args.generate:
         report.update(reload_and_generate(args.output, args.generate))
     print(json.dumps(report))
-    if not args.keep:
+    if not (args.keep or args.reload_only):
         shutil.rmtree(args.output)
 
 

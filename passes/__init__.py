@@ -31,6 +31,7 @@ PASSES: dict[type, Callable[..., Any]] = {
 STREAMING: dict[type, Callable[..., Any]] = {
     rtn.RTNConfig: rtn.stream,
     gptq.GPTQConfig: gptq.stream,
+    awq.AWQConfig: awq.stream,
 }
 
 EXPORTS: dict[type, Callable[..., Any]] = {

@@ -15,7 +15,8 @@ The next layer is calibrated on the scaled float layer: scaling is exact, so thi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,11 +24,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from toolkit.algorithms.awq import clip_weight, search_clip, search_scales
+from toolkit.algorithms.rtn import rtn_quantize
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import AWQ_MAPPINGS, ScaleMapping, layout_of
+from toolkit.models.streaming import SkeletonModel
 from toolkit.passes import rtn
 from toolkit.pipeline.context import PassContext
 from toolkit.quant.calibration import LayerInputs, check_finite, stream_inputs, walk_layers
+from toolkit.quant.streaming import StreamOptions, stream_calibrated
 from toolkit.quant.surgery import WeightQuantConfig, check_group_size, target_linears
 
 # Query/key projections are not clipped: attention scores amplify their error (as AutoAWQ does).
@@ -109,19 +113,61 @@ def _scale_mapping(layer: nn.Module, prefix: str, inputs: LayerInputs, mapping: 
     return {"alpha": res.alpha, "error": res.error, "rtn_error": res.baseline}
 
 
+def _scale_layer(model_type: str, prefix: str, layer: nn.Module, inputs: LayerInputs, targets: dict[str, nn.Linear],
+                 config: AWQConfig, report: dict[str, Any]) -> None:
+    for mapping in AWQ_MAPPINGS[model_type]:
+        report[f"{prefix}.{mapping.prev}"] = _scale_mapping(layer, prefix, inputs, mapping, targets, config)
+
+
+def _check_mappings(model_type: str) -> None:
+    if model_type not in AWQ_MAPPINGS:
+        raise ToolkitError(f"AWQ has no scale mappings for '{model_type}'; supported: {', '.join(sorted(AWQ_MAPPINGS))}")
+
+
+@dataclass
+class _Packed:
+    name: str
+    linear: nn.Linear
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+def stream(src: SkeletonModel, out: Path, config: AWQConfig, ctx: PassContext, options: StreamOptions) -> dict[str, Any]:
+    """AWQ with one decoder layer resident at a time: each layer is scaled (the same function as
+    ``apply``), its scaled float outputs feed the next layer, and with ``quantize`` its linears are
+    rounded to nearest as they are written (the order ``apply`` then ``rtn`` gives the same codes)."""
+    model_type = getattr(src.config, "model_type", "?")
+    _check_mappings(model_type)
+    targets = target_linears(src.model, config.skip)
+    report: dict[str, Any] = {}
+
+    def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> list[Any]:
+        _scale_layer(model_type, prefix, layer, inputs, targets, config, report)
+        if not config.quantize:
+            return []
+        names = [n for n in targets if n.startswith(prefix + ".")]
+        linears = {n: src.model.get_submodule(n) for n in names}
+        return [_Packed(n, m, *rtn_quantize(m.weight.data, config.spec)) for n, m in linears.items()]
+
+    written = config if config.quantize else replace(config, lm_head_bits=None)
+    stats = stream_calibrated(src, out, written, ctx.calibration(), options, one_layer, None, config.batch_size)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    (ctx.workdir / "awq.json").write_text(json.dumps(report, indent=2))
+    return stats
+
+
 @torch.no_grad()
 def apply(model: PreTrainedModel, config: AWQConfig, ctx: PassContext) -> PreTrainedModel:
     """Scale (and clip) every mapped decoder linear in place; with ``quantize`` also run RTN."""
     targets = target_linears(model, config.skip)
     check_group_size(targets, config.group_size)
     model_type = getattr(model.config, "model_type", "?")
-    if model_type not in AWQ_MAPPINGS:
-        raise ToolkitError(f"AWQ has no scale mappings for '{model_type}'; supported: {', '.join(sorted(AWQ_MAPPINGS))}")
+    _check_mappings(model_type)
     report: dict[str, Any] = {}
 
     def scale_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> None:
-        for mapping in AWQ_MAPPINGS[model_type]:
-            report[f"{prefix}.{mapping.prev}"] = _scale_mapping(layer, prefix, inputs, mapping, targets, config)
+        _scale_layer(model_type, prefix, layer, inputs, targets, config, report)
 
     walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, scale_layer, ctx.progress)
     ctx.workdir.mkdir(parents=True, exist_ok=True)

@@ -216,3 +216,21 @@ def test_streaming_perplexity_equals_in_memory(source: Path) -> None:
     expected = perplexity.evaluate(in_memory(source), windows, batch_size=2)["perplexity"]
     got = stream_perplexity(SkeletonModel(source), windows, 2, StreamOptions(activation_budget_bytes=0))["perplexity"]
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_streaming_awq_equals_in_memory(source: Path, tmp_path: Path, quantize: bool) -> None:
+    from toolkit.passes import awq
+
+    windows = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(1))
+    config = awq.AWQConfig(bits=4, group_size=32, batch_size=4, grid=5, quantize=quantize)
+    expected = awq.apply(in_memory(source), config, _ctx(tmp_path, windows))
+    out = tmp_path / "out"
+    out.mkdir()
+    awq.stream(SkeletonModel(source), out, config, _ctx(tmp_path, windows), StreamOptions())
+    got = checkpoint.load_model(out)
+    if quantize:
+        assert_same_packed(expected, got)
+    else:
+        for (name, a), (_, b) in zip(expected.state_dict().items(), got.state_dict().items(), strict=True):
+            assert torch.equal(a, b.to(a.dtype)), name

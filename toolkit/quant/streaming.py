@@ -92,8 +92,9 @@ class PackedWriter:
         for file in TOKENIZER_FILES:
             if (source.folder / file).is_file():
                 shutil.copy(source.folder / file, self.folder / file)
-        info = {"format": QUANT_FORMAT, "modules": self.modules, "embedding_from": embedding_from}
-        (self.folder / QUANT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        if self.modules:  # otherwise (AWQ without quantize) a plain float checkpoint, which streams again
+            info = {"format": QUANT_FORMAT, "modules": self.modules, "embedding_from": embedding_from}
+            (self.folder / QUANT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
         return self.shards.bytes_written
 
 
