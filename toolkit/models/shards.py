@@ -133,7 +133,7 @@ class ShardWriter:
         for chunk in chunks:
             if chunk.dtype != dtype:
                 raise ValueError(f"{name}: chunk of {chunk.dtype}, declared {dtype}")
-            data.write(chunk.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            data.write(chunk.detach().cpu().contiguous().view(torch.uint8).numpy())  # no bytes copy
             written += tensor_bytes(chunk)
         if written != nbytes:
             raise ValueError(f"{name}: {written} bytes written, shape {shape} needs {nbytes}")
@@ -198,7 +198,7 @@ def write_planned_shard(path: Path, plan: Iterable[tuple[str, list[int], torch.d
             for chunk in produce(name):
                 if chunk.dtype != dtype:
                     raise ValueError(f"{name}: produced {chunk.dtype}, planned {dtype}")
-                f.write(chunk.contiguous().view(torch.uint8).numpy().tobytes())
+                f.write(chunk.contiguous().view(torch.uint8).numpy())
                 written += tensor_bytes(chunk)
             expected = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
             if written != expected:

@@ -119,9 +119,14 @@ def _module_of(param: str) -> str:
 
 
 def _write_float(writer: PackedWriter, src: SkeletonModel, names: list[str]) -> None:
-    """Tensors kept as they are, in their stored dtype."""
+    """Tensors kept as they are, in their stored dtype, copied in row blocks (a 128k-row embedding is
+    never whole in memory)."""
     for name in names:
-        writer.tensor(name, src.read(name, src.source_dtype(name)))
+        stored = src.stored_name(name)
+        shape = src.weights.meta(stored)[0]
+        step = max(1, CHUNK_ELEMENTS // max(1, int(torch.Size(shape[1:]).numel())))
+        blocks = (src.weights.rows(stored, r, min(r + step, shape[0])) for r in range(0, shape[0], step))
+        writer.shards.add_chunks(name, shape, src.source_dtype(name), blocks)
 
 
 def _head_and_rest(src: SkeletonModel, config: WeightQuantConfig, writer: PackedWriter,
