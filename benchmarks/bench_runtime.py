@@ -48,7 +48,7 @@ def prompt_ids(tokenizer: Any, n: int) -> list[int]:
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[k] for k in sorted(topics)[1::2])  # evaluation half of the corpus
-    ids = tokenizer(text[: n * 12])["input_ids"][:n]
+    ids = tokenizer.encode(text[: n * 12])[:n]  # ours or a transformers tokenizer: both encode to a list
     if len(ids) < n:
         raise SystemExit(f"could not build a {n}-token prompt")
     return list(ids)

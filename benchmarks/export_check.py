@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from toolkit import models
 from toolkit.data import WindowSpec, token_windows
 from toolkit.evaluation.perplexity import evaluate
-from toolkit.onnx.validate import greedy_onnx, greedy_torch, session
-from toolkit.passes.onnx import MODEL_FILE, ONNXConfig, export
+from toolkit.onnx.validate import greedy_torch
+from toolkit.passes.onnx import ONNXConfig, export
 from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
+from toolkit.runtime import GenerationConfig, OrtBackend, load
 
 PROMPTS = (
     "What is the capital of France?",
@@ -38,16 +39,12 @@ PROMPTS = (
 )
 
 
-def onnx_perplexity(sess, contract: dict, windows: torch.Tensor) -> float:  # type: ignore[no-untyped-def]
+def onnx_perplexity(backend: OrtBackend, windows: torch.Tensor) -> float:
+    """Each window as one prefill of an empty cache row, scored at every position (as PyTorch's figure is)."""
     nll, count = 0.0, 0
-    layers, kvh, hd = contract["num_layers"], contract["num_kv_heads"], contract["head_dim"]
+    backend.allocate(1, windows.shape[1])
     for window in windows:
-        ids = window[None].numpy().astype(np.int64)
-        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
-        for i in range(layers):
-            for kv in ("key", "value"):
-                feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, kvh, 0, hd), np.float32)
-        logits = torch.from_numpy(sess.run(["logits"], feed)[0])[0, :-1]
+        logits = torch.from_numpy(backend.prefill(0, window.numpy().astype(np.int64), 0, all_logits=True))[:-1]
         targets = window[1:]
         nll += float(-F.log_softmax(logits, -1).gather(-1, targets[:, None]).sum())
         count += targets.numel()
@@ -65,18 +62,19 @@ def check(variant: str, target: str, windows: int, new_tokens: int, out: Path, l
         result = export(loaded.model, loaded.tokenizer, ONNXConfig(target=target, accuracy_level=level), tmp)["export"]
     row: dict = {"variant": variant, "target": target, "accuracy_level": level, "export_s": round(time.perf_counter() - start, 1),
                  "size_mb": result["size_mb"], "validation": result["validation"], "op_census": result["op_census"]}
-    contract = json.loads((folder / "export.json").read_text())
-    sess = session(str(folder / MODEL_FILE), contract["accuracy_level"])
+    spec = WindowSpec(count=windows or 1)
+    engine = load(folder, threads=2, prefill_chunk=spec.length)  # a window is one prefill, as in PyTorch
+    greedy = GenerationConfig(max_new_tokens=new_tokens, stop_token_ids=())
     same = []
     for prompt in PROMPTS:
         ids = loaded.tokenizer(prompt, return_tensors="np")["input_ids"]
-        a, b = greedy_onnx(sess, contract, ids, new_tokens), greedy_torch(loaded.model, ids, new_tokens)
+        a, b = engine.generate(ids[0].tolist(), greedy).token_ids, greedy_torch(loaded.model, ids, new_tokens)
         same.append(a == b)
         row.setdefault("continuations", []).append(loaded.tokenizer.decode(a))
     row["greedy_identical"] = f"{sum(same)}/{len(same)} x {new_tokens} tokens"
     if windows:
-        w = token_windows(loaded.tokenizer, WindowSpec(count=windows))
-        row["ppl_onnx"] = round(onnx_perplexity(sess, contract, w), 4)
+        w = token_windows(loaded.tokenizer, spec)
+        row["ppl_onnx"] = round(onnx_perplexity(engine.backend, w), 4)  # type: ignore[arg-type]
         row["ppl_torch"] = round(evaluate(loaded.model, w)["perplexity"], 4)
         row["ppl_rel_diff_pct"] = round(100 * (row["ppl_onnx"] / row["ppl_torch"] - 1), 3)
     return row

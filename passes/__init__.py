@@ -16,7 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from toolkit.passes import awq, distill, export_hf_gptq, gptq, onnx, rtn
+from toolkit.passes import (
+    awq,
+    distill,
+    export_compressed_tensors,
+    export_gguf,
+    export_hf_gptq,
+    gptq,
+    onnx,
+    rtn,
+)
 
 PASSES: dict[type, Callable[..., Any]] = {
     rtn.RTNConfig: rtn.apply,
@@ -37,6 +46,8 @@ STREAMING: dict[type, Callable[..., Any]] = {
 EXPORTS: dict[type, Callable[..., Any]] = {
     onnx.ONNXConfig: onnx.export,
     export_hf_gptq.ExportHFGPTQConfig: export_hf_gptq.export,
+    export_gguf.ExportGGUFConfig: export_gguf.export,
+    export_compressed_tensors.ExportCompressedTensorsConfig: export_compressed_tensors.export,
 }
 
 # recipe name -> config class, derived from the classes themselves

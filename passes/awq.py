@@ -24,9 +24,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from toolkit.algorithms.awq import clip_weight, search_clip, search_scales
+from toolkit.algorithms.moments import InputMoments
 from toolkit.algorithms.rtn import rtn_quantize
-from toolkit.errors import ToolkitError
-from toolkit.models.architectures import AWQ_MAPPINGS, ScaleMapping, layout_of
+from toolkit.models.architectures import Architecture, ScaleMapping, layout_of
 from toolkit.models.streaming import SkeletonModel
 from toolkit.passes import rtn
 from toolkit.pipeline.context import PassContext
@@ -59,51 +59,53 @@ class AWQConfig(WeightQuantConfig):
 
 def _input_stats(layer: nn.Module, inputs: LayerInputs, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean |x| per channel ``[in]`` and second moment ``XᵀX / n: [in, in]`` of ``module``'s input."""
-    d = module.in_features  # type: ignore[attr-defined]
-    abs_sum, c_sum, count = torch.zeros(d), torch.zeros(d, d), [0]
-
-    def add(_: str, x: torch.Tensor) -> None:
-        x2 = x.reshape(-1, d)
-        abs_sum.add_(x2.abs().sum(0))
-        c_sum.addmm_(x2.t(), x2)
-        count[0] += x2.shape[0]
-
-    stream_inputs(layer, inputs, {name: module}, add)
-    n = max(count[0], 1)
-    return abs_sum / n, c_sum / n
+    moments = InputMoments(module.in_features, track_abs=True)  # type: ignore[arg-type]
+    stream_inputs(layer, inputs, {name: module}, lambda _, x: moments.add(x))
+    return moments.abs_mean(), moments.second_moment()
 
 
-def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """``W ← W·diag(s)`` for each linear and ``1/s`` into ``prev`` (norm weight or linear output rows)."""
-    prev.weight.data.div_(s.view(-1, *([1] * (prev.weight.dim() - 1))))  # type: ignore[union-attr,operator]
-    bias = getattr(prev, "bias", None)
-    if bias is not None:
-        bias.data.div_(s)
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm_offset: float = 0.0,
+                rows: slice = slice(None)) -> None:
+    """``W ← W·diag(s)`` for each linear and ``1/s`` into ``prev``: a norm weight, or the output ``rows`` of a
+    linear. A norm computing ``x̂·(offset + w)`` (Gemma's offset 1) needs ``w ← (offset + w)/s - offset``."""
+    w = prev.weight.data  # type: ignore[union-attr]
+    if isinstance(prev, nn.Linear):
+        w[rows].div_(s.view(-1, 1))
+        if prev.bias is not None:
+            prev.bias.data[rows].div_(s)
+    else:
+        w.copy_((w + norm_offset) / s - norm_offset)  # type: ignore[operator]
     for m in linears:
         m.weight.data.mul_(s)
 
 
-def _mapping_applies(layer: nn.Module, mapping: ScaleMapping, linears: list[nn.Linear]) -> bool:
+def _prev_rows(layer: nn.Module, mapping: ScaleMapping, linears: list[nn.Linear]) -> slice | None:
+    """The output rows of a linear ``prev`` that are the linears' inputs; None when they are not
+    (grouped-query attention: v_proj emits fewer channels than o_proj reads)."""
     prev = layer.get_submodule(mapping.prev)
-    if isinstance(prev, nn.Linear):  # e.g. v_proj -> o_proj: only without grouped-query attention
-        return prev.out_features == linears[0].in_features
-    return True
+    if not isinstance(prev, nn.Linear):
+        return slice(None)
+    size, rest = divmod(prev.out_features, mapping.chunks)
+    if rest or size != linears[0].in_features:
+        return None
+    return slice(mapping.chunk * size, (mapping.chunk + 1) * size)
 
 
 def _scale_mapping(layer: nn.Module, prefix: str, inputs: LayerInputs, mapping: ScaleMapping,
-                   targets: dict[str, nn.Linear], config: AWQConfig) -> dict[str, Any]:
+                   targets: dict[str, nn.Linear], config: AWQConfig, norm_offset: float) -> dict[str, Any]:
     names = [n for n in mapping.linears if f"{prefix}.{n}" in targets]
     if len(names) != len(mapping.linears):  # a skipped linear must keep its input: no fold
         return {"skipped": "some linears are in skip"}
     linears = [layer.get_submodule(n) for n in names]
-    if not _mapping_applies(layer, mapping, linears):
+    rows = _prev_rows(layer, mapping, linears)  # type: ignore[arg-type]
+    if rows is None:
         return {"skipped": f"{mapping.prev} outputs are not {names[0]}'s inputs (grouped-query attention)"}
     for n, m in zip(names, linears, strict=False):
         check_finite(m.weight, f"the weight of {prefix}.{n}")
     act_mean, c = _input_stats(layer, inputs, f"{prefix}.{names[0]}", linears[0])
     w = torch.cat([m.weight.detach().float() for m in linears])  # type: ignore[misc]
     res = search_scales(w, act_mean, c, config.spec, config.grid)
-    fold_scales(layer.get_submodule(mapping.prev), linears, res.scales)  # type: ignore[arg-type]
+    fold_scales(layer.get_submodule(mapping.prev), linears, res.scales, norm_offset, rows)  # type: ignore[arg-type]
     if config.clip:
         c_scaled = c / torch.outer(res.scales, res.scales)  # the input is now X / s
         for n, m in zip(names, linears, strict=False):
@@ -113,15 +115,11 @@ def _scale_mapping(layer: nn.Module, prefix: str, inputs: LayerInputs, mapping: 
     return {"alpha": res.alpha, "error": res.error, "rtn_error": res.baseline}
 
 
-def _scale_layer(model_type: str, prefix: str, layer: nn.Module, inputs: LayerInputs, targets: dict[str, nn.Linear],
-                 config: AWQConfig, report: dict[str, Any]) -> None:
-    for mapping in AWQ_MAPPINGS[model_type]:
-        report[f"{prefix}.{mapping.prev}"] = _scale_mapping(layer, prefix, inputs, mapping, targets, config)
-
-
-def _check_mappings(model_type: str) -> None:
-    if model_type not in AWQ_MAPPINGS:
-        raise ToolkitError(f"AWQ has no scale mappings for '{model_type}'; supported: {', '.join(sorted(AWQ_MAPPINGS))}")
+def _scale_layer(arch: Architecture, prefix: str, layer: nn.Module, inputs: LayerInputs,
+                 targets: dict[str, nn.Linear], config: AWQConfig, report: dict[str, Any]) -> None:
+    for mapping in arch.awq:
+        report[f"{prefix}.{mapping.prev}"] = _scale_mapping(layer, prefix, inputs, mapping, targets, config,
+                                                            arch.norm_offset)
 
 
 @dataclass
@@ -137,13 +135,12 @@ def stream(src: SkeletonModel, out: Path, config: AWQConfig, ctx: PassContext, o
     """AWQ with one decoder layer resident at a time: each layer is scaled (the same function as
     ``apply``), its scaled float outputs feed the next layer, and with ``quantize`` its linears are
     rounded to nearest as they are written (the order ``apply`` then ``rtn`` gives the same codes)."""
-    model_type = getattr(src.config, "model_type", "?")
-    _check_mappings(model_type)
+    arch = src.layout
     targets = target_linears(src.model, config.skip)
     report: dict[str, Any] = {}
 
     def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> list[Any]:
-        _scale_layer(model_type, prefix, layer, inputs, targets, config, report)
+        _scale_layer(arch, prefix, layer, inputs, targets, config, report)
         if not config.quantize:
             return []
         names = [n for n in targets if n.startswith(prefix + ".")]
@@ -162,12 +159,11 @@ def apply(model: PreTrainedModel, config: AWQConfig, ctx: PassContext) -> PreTra
     """Scale (and clip) every mapped decoder linear in place; with ``quantize`` also run RTN."""
     targets = target_linears(model, config.skip)
     check_group_size(targets, config.group_size)
-    model_type = getattr(model.config, "model_type", "?")
-    _check_mappings(model_type)
+    arch = layout_of(model)
     report: dict[str, Any] = {}
 
     def scale_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> None:
-        _scale_layer(model_type, prefix, layer, inputs, targets, config, report)
+        _scale_layer(arch, prefix, layer, inputs, targets, config, report)
 
     walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, scale_layer, ctx.progress)
     ctx.workdir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from toolkit.algorithms.distillation import (
 )
 from toolkit.algorithms.rtn import fp16_representable
 from toolkit.errors import ToolkitError
-from toolkit.models.architectures import decoder_layers, layout_of
+from toolkit.models.architectures import decoder_layers, layer_types, layout_of
 from toolkit.paths import sha256_json
 from toolkit.pipeline.context import PassContext
 from toolkit.quant.modules import quantized_modules
@@ -120,7 +122,10 @@ def shallow_student(model: PreTrainedModel, kept: tuple[int, ...]) -> PreTrained
         layer.get_submodule("self_attn").layer_idx = index  # type: ignore[assignment]  # KV cache slot
     parent, _, attr = layout_of(model).layers.rpartition(".")
     setattr(model.get_submodule(parent), attr, new)
+    types = layer_types(model.config)
     model.config.num_hidden_layers = len(kept)
+    if getattr(model.config, "layer_types", None):  # each kept layer keeps its attention (sliding or full)
+        model.config.layer_types = [types[i] for i in kept]
     return model
 
 
@@ -139,7 +144,7 @@ def norm_modules(model: PreTrainedModel) -> list[nn.Module]:
     layout = layout_of(model)
     norms = [model.get_submodule(layout.final_norm)]
     for layer in decoder_layers(model):
-        norms += [layer.get_submodule(layout.input_norm), layer.get_submodule(layout.post_attention_norm)]
+        norms += [layer.get_submodule(name) for name in layout.layer_norms()]
     return norms
 
 
@@ -192,7 +197,12 @@ def teacher_text(teacher: PreTrainedModel, prompts: torch.Tensor, length: int, c
                        "seed": config.seed})[:16]
     path = folder / f"generated-{key}.pt"
     if path.is_file():
-        return torch.load(path)
+        try:  # tensors only: a planted pickle is refused, not run
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError):  # truncated or foreign: generate again
+            cached = None
+        if isinstance(cached, torch.Tensor) and cached.shape == (prompts.shape[0], length):
+            return cached
     torch.manual_seed(config.seed)
     new = length - prompts.shape[1]
     out = [
@@ -204,7 +214,9 @@ def teacher_text(teacher: PreTrainedModel, prompts: torch.Tensor, length: int, c
     ]
     text = torch.cat(out)[:, :length].cpu()
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(text, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(text, tmp)
+    os.replace(tmp, path)
     return text
 
 

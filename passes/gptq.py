@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from toolkit.algorithms.gptq import MAX_DAMP, accumulate_hessian, gptq_quantize
+from toolkit.algorithms.gptq import MAX_DAMP, gptq_quantize
+from toolkit.algorithms.moments import InputMoments
 from toolkit.algorithms.rtn import dequantize
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import layout_of
@@ -87,16 +88,10 @@ def _groups(model: PreTrainedModel, prefix: str, targets: dict[str, nn.Linear]) 
 def _hessians(layer: nn.Module, prefix: str, inputs: LayerInputs, names: list[str]) -> dict[str, torch.Tensor]:
     """H = 2 X Xᵀ / n (GPTQ eq. 1) for the input of each named linear (relative to ``layer``)."""
     modules = {n: layer.get_submodule(n[len(prefix) + 1 :]) for n in names}
-    dims = {n: m.in_features for n, m in modules.items()}  # type: ignore[misc]
     device = next(iter(modules.values())).weight.device
-    sums = {n: torch.zeros(d, d, device=device) for n, d in dims.items()}
-    counts = dict.fromkeys(names, 0)
-
-    def add(name: str, x: torch.Tensor) -> None:
-        counts[name] += accumulate_hessian(sums[name], x)
-
-    stream_inputs(layer, inputs, modules, add)
-    return {n: 2 * sums[n] / max(counts[n], 1) for n in names}
+    moments = {n: InputMoments(m.in_features, device=device) for n, m in modules.items()}  # type: ignore[arg-type]
+    stream_inputs(layer, inputs, modules, lambda name, x: moments[name].add(x))
+    return {n: moments[n].hessian() for n in names}
 
 
 @dataclass
@@ -140,19 +135,13 @@ def _quantize_head_gptq(model: PreTrainedModel, config: GPTQConfig, ctx: PassCon
     then reads the same codes)."""
     assert config.lm_head_bits is not None
     head = model.get_submodule(layout_of(model).head)
-    h_sum = torch.zeros(head.in_features, head.in_features)  # type: ignore[arg-type]
-    count = 0
-
-    def add(x: torch.Tensor) -> None:
-        nonlocal count
-        count += accumulate_hessian(h_sum, x)
-
-    stream_module_inputs(model, head, ctx.calibration(), config.batch_size, add, "the lm_head")
+    moments = InputMoments(head.in_features)  # type: ignore[arg-type]
+    stream_module_inputs(model, head, ctx.calibration(), config.batch_size, moments.add, "the lm_head")
     found: dict[str, Any] = {}
 
     def quantizer(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         try:
-            res = gptq_quantize(w, 2 * h_sum / max(count, 1), spec, config.damp, config.block_size, config.act_order)
+            res = gptq_quantize(w, moments.hessian(), spec, config.damp, config.block_size, config.act_order)
         except ToolkitError as exc:
             raise ToolkitError(f"GPTQ failed on the lm_head: {exc}") from None
         found.update(damp=res.damp, dead_columns=res.dead_columns)

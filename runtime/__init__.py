@@ -4,6 +4,8 @@
     engine = load("runs/smollm2-int4/export")
     result = engine.generate("What is the capital of France?", GenerationConfig(max_new_tokens=32))
     for chunk in engine.stream([{"role": "user", "content": "Hi"}]): print(chunk.text, end="")
+
+What a deployment imports: onnxruntime, onnx (graph checks), numpy, tokenizers and jinja2; never torch.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from toolkit.models.checkpoint import load_tokenizer
-from toolkit.runtime.artifact import ModelSpec, check_external_data, read_spec
-from toolkit.runtime.backend import Backend, OrtBackend
+from toolkit.runtime.artifact import check_external_data, open_export
+from toolkit.runtime.backend import Backend, BackendOptions, OrtBackend
+from toolkit.runtime.contract import ExportContract, TensorNames, read_contract
 from toolkit.runtime.generation import Engine, GenerationConfig, GenerationResult, StreamChunk, Timings
+from toolkit.runtime.tokenizer import Tokenizer
 
 __all__ = [
-    "Backend", "Engine", "GenerationConfig", "GenerationResult", "ModelSpec", "OrtBackend", "StreamChunk",
-    "Timings", "check_external_data", "load", "read_spec",
+    "Backend", "BackendOptions", "Engine", "ExportContract", "GenerationConfig", "GenerationResult", "OrtBackend",
+    "StreamChunk", "TensorNames", "Timings", "Tokenizer", "check_external_data", "load", "open_export",
+    "read_contract",
 ]
 
 
@@ -28,13 +32,13 @@ def load(folder: str | Path, threads: int | None = None, max_batch: int = 8, pre
 
     threads: ORT intra-op threads (default: physical cores); max_batch: cache rows decoded together;
     prefill_chunk: prompt tokens per prefill call (bounds the logits buffer, [1, chunk, vocab]);
-    spin: let ORT worker threads spin between ops (onnxruntime's and onnxruntime-genai's default: 1.4x
-    faster decode on an idle machine; turn it off where other processes compete for the cores).
+    spin: let ORT worker threads spin between ops (faster decode on an idle machine; turn it off where
+    other processes compete for the cores).
     """
     folder = Path(folder)
-    backend = OrtBackend(folder, threads=threads, prefill_chunk=prefill_chunk, spin=spin)
+    backend = OrtBackend(folder, BackendOptions(threads=threads, prefill_chunk=prefill_chunk, spin=spin))
     if max_batch > 1 and not backend.supports_ragged_batch():
         warnings.warn(f"{folder}: the graph cannot decode rows of different lengths together (its attention "
                       "bias assumes aligned left padding); sequences run one at a time", stacklevel=2)
         max_batch = 1
-    return Engine(backend, load_tokenizer(folder), max_batch=max_batch)
+    return Engine(backend, Tokenizer.from_folder(folder), max_batch=max_batch)

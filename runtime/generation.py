@@ -13,12 +13,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
 from toolkit.runtime import sampling
 from toolkit.runtime.backend import Backend
 from toolkit.runtime.kv_cache import BlockPool, blocks_for
+from toolkit.runtime.tokenizer import Tokenizer
 
 Prompt = str | list[dict[str, str]]  # text, or chat messages [{"role": ..., "content": ...}]
 
@@ -91,7 +91,7 @@ class Detokenizer:
     Text that could still be the start of a stop string is held back until it is resolved.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop_strings: tuple[str, ...]) -> None:
         self.tok, self.stops = tokenizer, stop_strings
         self.ids: list[int] = []
         self.prefix = self.read = 0
@@ -184,10 +184,10 @@ class SequenceState:
 class Engine:
     """Tokenizer + backend + scheduler. ``generate``/``stream``/``generate_batch`` are the public API."""
 
-    def __init__(self, backend: Backend, tokenizer: PreTrainedTokenizerBase, max_batch: int = 8,
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, max_batch: int = 8,
                  block_size: int = 16) -> None:
         self.backend, self.tokenizer = backend, tokenizer
-        self.spec = backend.spec
+        self.contract = backend.contract
         self.max_batch, self.block_size = max_batch, block_size
         self.pool: BlockPool | None = None
         self.last_timings: Timings | None = None  # of the last finished stream/generate call
@@ -195,12 +195,10 @@ class Engine:
     # --- prompts ---------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokenizer(prompt)["input_ids"]
+            ids = self.tokenizer.encode(prompt)
         else:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ToolkitError("this model's tokenizer has no chat template: pass the prompt as plain text")
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
         if not ids:
             raise ToolkitError("the prompt is empty after tokenization: give at least one token of text")
         return list(ids)
@@ -208,18 +206,18 @@ class Engine:
     def _new_sequence(self, prompt: Prompt | list[int], config: GenerationConfig, with_text: bool) -> SequenceState:
         ids = list(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) else None
         ids = ids or self.encode(prompt)  # type: ignore[arg-type]
-        stop_ids = config.stop_token_ids if config.stop_token_ids is not None else self.spec.eos_token_ids
+        stop_ids = config.stop_token_ids if config.stop_token_ids is not None else self.contract.eos_token_ids
         detok = Detokenizer(self.tokenizer, config.stop_strings) if with_text or config.stop_strings else None
-        return SequenceState(ids, config, tuple(stop_ids), detok, self.spec.vocab_size)
+        return SequenceState(ids, config, tuple(stop_ids), detok, self.contract.vocab_size)
 
     # --- admission -------------------------------------------------------------------------------
     def _admit_all(self, seqs: Sequence[SequenceState]) -> BlockPool:
         """Size the cache for this job's largest budget and refuse what cannot fit, before any compute."""
         longest = max(s.budget for s in seqs)
-        if longest > self.spec.context_length:
+        if longest > self.contract.context_length:
             raise ToolkitError(
                 f"request needs {longest} positions (prompt + max_new_tokens) but the model's context is "
-                f"{self.spec.context_length}: shorten the prompt or lower max_new_tokens"
+                f"{self.contract.context_length}: shorten the prompt or lower max_new_tokens"
             )
         capacity = blocks_for(longest, self.block_size) * self.block_size
         slots = min(self.max_batch, len(seqs))
@@ -243,7 +241,8 @@ class Engine:
 
     def decode_one_token(self, active: list[SequenceState]) -> list[int]:
         """Advance every active sequence by one token in one batched call (rows 0..max slot)."""
-        assert self.pool is not None
+        if self.pool is None:
+            raise ToolkitError("decode_one_token before admission: run requests through generate/stream")
         n = self.pool.highest_in_use() + 1
         tokens = np.zeros(n, np.int64)  # rows without a sequence compute a throwaway token at position 0
         lengths = np.zeros(n, np.int64)

@@ -2,9 +2,9 @@
 
 Layout (what GroupQueryAttention reads and writes in shared-buffer mode):
     # k, v: [SLOTS, KVH, CAP, D]; row r holds sequence r's keys at positions 0..len_r-1
-The same buffer is bound as ``past_key_values.i.*`` and ``present.i.*``; GQA writes the new
+A shared cache binds the same buffer as a layer's past input and present output; GQA writes the new
 positions in place (seqlens come from the attention mask), so nothing is copied or reallocated
-per step.
+per step. Graphs without GQA keep the same layout; the backend copies their present back into it.
 
 Paging, honestly: GQA needs each sequence contiguous in its row, so memory cannot be scattered
 in pages the way vLLM's PagedAttention kernel does. What we keep from paging is the accounting:
@@ -85,9 +85,10 @@ class KVCache:
     """Preallocated key/value buffers and the OrtValues that alias them (made once per row range)."""
 
     def __init__(self, names: list[tuple[str, str]], slots: int, capacity: int, kv_heads: int, head_dim: int,
-                 dtype: np.dtype) -> None:
+                 dtype: np.dtype, shared: bool = True) -> None:
         self.names = names  # (past input name, present output name) per buffer
         self.slots, self.capacity = slots, capacity
+        self.shared = shared  # bound as both past and present (else present is copied back)
         # one buffer per (layer, key|value): [SLOTS, KVH, CAP, D]; zeroed so no stale data is ever read
         self.buffers = [np.zeros((slots, kv_heads, capacity, head_dim), dtype) for _ in names]
         self._views: dict[tuple[int, int], list[ort.OrtValue]] = {}

@@ -27,11 +27,20 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     return cache
 
 
+def load_tiny(group: int | None = None, symmetric: bool = True):  # -> toolkit.models.LoadedModel
+    """A fresh tiny seeded Llama and its tokenizer; with ``group``, RTN int4 at that group size (in place)."""
+    from toolkit import models
+    from toolkit.passes.rtn import RTNConfig, apply
+
+    loaded = models.load("tiny-llama")
+    if group is not None:
+        apply(loaded.model, RTNConfig(bits=4, group_size=group, symmetric=symmetric))
+    return loaded
+
+
 @pytest.fixture
 def tiny():
-    from toolkit import models
-
-    return models.load("tiny-llama")
+    return load_tiny()
 
 
 def smollm2_available() -> bool:

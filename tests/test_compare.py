@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from toolkit.cli import main
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import compare as gate
 
@@ -41,14 +41,12 @@ def test_two_percent_perplexity_increase_fails():
 
 
 def test_cli_exit_codes_and_markdown(tmp_path):
-    parser = argparse.ArgumentParser()
-    gate.add_arguments(parser)
     out = tmp_path / "report.md"
-    assert gate.run(parser.parse_args([str(BASE), str(FIXTURES / "identical.json"), "--output", str(out)])) == 0
+    assert main(["compare", str(BASE), str(FIXTURES / "identical.json"), "--output", str(out)]) == 0
     assert "PASS" in out.read_text()
-    assert gate.run(parser.parse_args([str(BASE), str(FIXTURES / "slow10.json")])) == 1
+    assert main(["compare", str(BASE), str(FIXTURES / "slow10.json")]) == 1
     # a looser threshold lets the 2 % perplexity increase through
-    assert gate.run(parser.parse_args([str(BASE), str(FIXTURES / "ppl2.json"), "--max-ppl-increase", "3%"])) == 0
+    assert main(["compare", str(BASE), str(FIXTURES / "ppl2.json"), "--max-ppl-increase", "3%"]) == 0
 
 
 def test_refuses_wrong_schema(tmp_path):

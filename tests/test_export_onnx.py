@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 
+from tests.conftest import load_tiny
 from toolkit import models
 from toolkit.algorithms.rtn import rtn_quantize
 from toolkit.errors import ToolkitError
@@ -25,13 +26,6 @@ from toolkit.quant.spec import QuantSpec
 from toolkit.quant.surgery import install
 
 ATTENTION_OPS = {"ort": "GroupQueryAttention", "standard": "Attention"}
-
-
-def tiny(group: int | None = None, symmetric: bool = True) -> models.LoadedModel:
-    loaded = models.load("tiny-llama")
-    if group is not None:
-        rtn_apply(loaded.model, RTNConfig(bits=4, group_size=group, symmetric=symmetric))
-    return loaded
 
 
 def run_export(loaded: models.LoadedModel, folder: Path, **config: object) -> dict:
@@ -80,7 +74,7 @@ def test_onnx_uint4_round_trip_matches_onnx(shape: tuple[int, ...]) -> None:
 @pytest.mark.parametrize("target", ["ort", "standard"])
 @pytest.mark.parametrize("group", [None, 16, 32])
 def test_export_matches_pytorch(tmp_path: Path, target: str, group: int | None) -> None:
-    loaded = tiny(group)
+    loaded = load_tiny(group)
     result = run_export(loaded, tmp_path / "out", target=target)
     strict = result["validation"]["strict"]
     expected = {"prefill_7", "prefill_13", "decode", "right_pad_batch2" if target == "ort" else "left_pad_batch2"}
@@ -136,7 +130,7 @@ def test_nibble_planes_reconstruct_int8_weights_exactly() -> None:
 
 def test_float_activation_export_runs_the_int8_head_as_two_4bit_planes(tmp_path: Path) -> None:
     """accuracy_level 0: no 8-bit MatMulNBits (onnxruntime's CPU has no float-activation kernel for it)."""
-    loaded = tiny(32)
+    loaded = load_tiny(32)
     result = run_export(loaded, tmp_path / "out", accuracy_level=0)
     assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
     census, layers = result["op_census"], loaded.model.config.num_hidden_layers
@@ -145,16 +139,16 @@ def test_float_activation_export_runs_the_int8_head_as_two_4bit_planes(tmp_path:
     bits = {a.i for n in proto.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
             for a in n.attribute if a.name == "bits"}
     assert bits == {4}
-    level4 = run_export(tiny(32), tmp_path / "l4")
+    level4 = run_export(load_tiny(32), tmp_path / "l4")
     assert result["size_bytes"] < 1.1 * level4["size_bytes"]  # the same bytes, split; plus the planes' zero points
 
 
 def test_left_padding_is_opt_in_for_the_ort_target(tmp_path: Path) -> None:
     """Default ort graphs serve right-padded batches (no attention bias: faster decode); left_padding adds it."""
-    from toolkit.onnx.graph import dims_of
-    from toolkit.onnx.validate import Probe, run_checks, session
+    from toolkit.onnx.validate import Probe, run_checks
+    from toolkit.runtime import BackendOptions, OrtBackend
 
-    loaded = tiny(32)
+    loaded = load_tiny(32)
     left = run_export(loaded, tmp_path / "left", left_padding=True)["validation"]["strict"]
     assert {"left_pad_batch2", "shared_buffer_current_mask"} <= set(left)
     assert max(m["max_abs"] for m in left.values()) <= 1e-3
@@ -165,21 +159,21 @@ def test_left_padding_is_opt_in_for_the_ort_target(tmp_path: Path) -> None:
     gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
     assert all(len(n.input) < 11 or n.input[10] == "" for n in gqa)  # no attention_bias
     # the right-padded graph really cannot serve a left-padded batch: the check exists for a reason
-    d = dims_of(loaded.model)
-    wrong = run_checks(session(str(tmp_path / "right" / MODEL_FILE), 0), loaded.model, Probe(d, 256), True, True)
+    backend = OrtBackend(tmp_path / "right", BackendOptions(threads=2, accuracy_level=0))
+    wrong = run_checks(backend, loaded.model, Probe(256), left_padding=True)
     assert wrong["left_pad_batch2"]["max_abs"] > 1e-2
 
 
 def test_int4_weights_are_stored_once_as_codes(tmp_path: Path) -> None:
     """No float copy of a quantized weight: the data file is about the size of the packed codes and scales."""
-    float_size = run_export(tiny(), tmp_path / "f")["size_bytes"]
-    int4_size = run_export(tiny(32), tmp_path / "q")["size_bytes"]
+    float_size = run_export(load_tiny(), tmp_path / "f")["size_bytes"]
+    int4_size = run_export(load_tiny(32), tmp_path / "q")["size_bytes"]
     assert int4_size < 0.4 * float_size
 
 
 def test_standard_target_takes_any_group_size(tmp_path: Path) -> None:
     """Whole-row groups (96 / 160 inputs) are no MatMulNBits block: ort refuses clearly, standard exports."""
-    loaded = tiny(-1)
+    loaded = load_tiny(-1)
     with pytest.raises(ToolkitError, match="target: standard"):
         run_export(loaded, tmp_path / "ort", target="ort")
     assert not (tmp_path / "ort").exists()
@@ -188,7 +182,7 @@ def test_standard_target_takes_any_group_size(tmp_path: Path) -> None:
 
 
 def test_asymmetric_codes_export_with_zero_points(tmp_path: Path) -> None:
-    result = run_export(tiny(16, symmetric=False), tmp_path / "out", target="ort")
+    result = run_export(load_tiny(16, symmetric=False), tmp_path / "out", target="ort")
     assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
     proto = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False)
     assert any(t.name.endswith(".zero_points") for t in proto.graph.initializer)
@@ -197,7 +191,7 @@ def test_asymmetric_codes_export_with_zero_points(tmp_path: Path) -> None:
 @pytest.mark.parametrize("target", ["ort", "standard"])
 def test_asymmetric_4bit_tied_head_exports(tmp_path: Path, target: str) -> None:
     """An asymmetric int4 head (GPTQ's lm_head_method) is shared with the embedding, zero points included."""
-    loaded = tiny(16, symmetric=False)
+    loaded = load_tiny(16, symmetric=False)
     head = loaded.model.lm_head
     w = head.dequantized_weight()
     codes, scale, zero = rtn_quantize(w, QuantSpec(4, 16, symmetric=False))
@@ -226,7 +220,7 @@ def test_deployed_metric_is_a_per_position_median() -> None:
 
 
 def test_max_positions_caps_the_rotary_cache(tmp_path: Path) -> None:
-    run_export(tiny(), tmp_path / "out", max_positions=128)
+    run_export(load_tiny(), tmp_path / "out", max_positions=128)
     proto = onnx.load(str(tmp_path / "out" / MODEL_FILE))
     cos = next(t for t in proto.graph.initializer if t.name == "cos_cache")
     assert list(cos.dims) == [128, 16]  # tiny head_dim 32
@@ -247,7 +241,7 @@ def test_tampered_float_weight_fails_export(tmp_path: Path, monkeypatch: pytest.
 
     monkeypatch.setattr("toolkit.onnx.decoder.linear", tampered)
     with pytest.raises(ToolkitError, match="does not match the PyTorch model"):
-        run_export(tiny(), tmp_path / "out")
+        run_export(load_tiny(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -262,12 +256,12 @@ def test_one_flipped_code_fails_the_strict_check(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(MatMulNBitsLayout, "pack", staticmethod(flip))
     with pytest.raises(ToolkitError, match="strict"):
-        run_export(tiny(32), tmp_path / "out", target="ort")
+        run_export(load_tiny(32), tmp_path / "out", target="ort")
     assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
-    loaded = tiny()
+    loaded = load_tiny()
     loaded.model.config.model_type = "gpt_neox"
     with pytest.raises(ToolkitError, match="supported: llama"):
         run_export(loaded, tmp_path / "out")
@@ -289,7 +283,8 @@ def test_export_is_registered() -> None:
 
 @pytest.mark.slow
 def test_smollm2_int4_ort_export_size_and_greedy(tmp_path: Path) -> None:
-    from toolkit.onnx.validate import greedy_onnx, greedy_torch, session
+    from toolkit.onnx.validate import greedy_torch
+    from toolkit.runtime import GenerationConfig, load
 
     torch.set_num_threads(2)
     loaded = models.load("smollm2")
@@ -299,6 +294,6 @@ def test_smollm2_int4_ort_export_size_and_greedy(tmp_path: Path) -> None:
     result = run_export(loaded, tmp_path / "out", target="ort", accuracy_level=0)
     assert result["size_bytes"] <= 100e6
     prompt = loaded.tokenizer("The capital of France is", return_tensors="np")["input_ids"]
-    sess = session(str(tmp_path / "out" / MODEL_FILE), 0)
-    dims = json.loads((tmp_path / "out" / "export.json").read_text())
-    assert greedy_onnx(sess, dims, prompt, 32) == greedy_torch(loaded.model, prompt, 32)
+    engine = load(tmp_path / "out", threads=2)
+    ours = engine.generate(prompt[0].tolist(), GenerationConfig(max_new_tokens=32, stop_token_ids=())).token_ids
+    assert ours == greedy_torch(loaded.model, prompt, 32)

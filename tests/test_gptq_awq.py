@@ -338,3 +338,19 @@ def test_gptq_and_awq_beat_rtn_on_smollm2(tmp_path: Path) -> None:
     }.items():
         ppl[name] = evaluate(run(load("smollm2").model, config, ctx), evaluation)["perplexity"]
     assert ppl["gptq"] < ppl["rtn"] and ppl["awq"] < ppl["rtn"], ppl
+
+
+def test_input_moments_match_direct_statistics():
+    from toolkit.algorithms.moments import InputMoments
+
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 5, 7), torch.randn(3, 7)]
+    moments = InputMoments(7, track_abs=True)
+    for x in xs:
+        moments.add(x)
+    flat = torch.cat([x.reshape(-1, 7) for x in xs])
+    assert moments.count == 13
+    torch.testing.assert_close(moments.hessian(), 2 * flat.t() @ flat / 13)
+    torch.testing.assert_close(moments.abs_mean(), flat.abs().mean(0))
+    with pytest.raises(ValueError, match="track_abs"):
+        InputMoments(7).abs_mean()

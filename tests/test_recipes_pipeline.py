@@ -67,14 +67,15 @@ def test_rerun_is_served_from_cache_and_changes_recompute(tmp_path, monkeypatch)
         raise AssertionError("the pass ran although its output was cached")
 
     monkeypatch.setitem(PASSES, rtn.RTNConfig, must_not_run)
-    second = runner.run(recipes.load(path), progress=False, log=lambda m: None)
+    second = runner.run(recipes.load(path), progress=False, log=lambda m: None, overwrite=True)
     assert [s.cache_hit for s in second.steps] == [True]
     assert second.after["cache_hit"] and second.after["perplexity"] == first.after["perplexity"]
 
     monkeypatch.setitem(PASSES, rtn.RTNConfig, rtn.apply)
     changed = json.loads(json.dumps(TINY_RECIPE))
     changed["passes"][0]["rtn"]["group_size"] = 16
-    third = runner.run(recipes.load(write_recipe(tmp_path, changed, "r2.yaml")), progress=False, log=lambda m: None)
+    third = runner.run(recipes.load(write_recipe(tmp_path, changed, "r2.yaml")), progress=False, log=lambda m: None,
+                       overwrite=True)
     assert [s.cache_hit for s in third.steps] == [False]
     assert third.after["perplexity"] != first.after["perplexity"]
 
@@ -84,7 +85,8 @@ def test_second_pass_change_recomputes_only_from_there(tmp_path):
     two["passes"] = [{"rtn": {"bits": 8, "group_size": 32}}, {"rtn": {"bits": 4, "group_size": 32}}]
     runner.run(recipes.load(write_recipe(tmp_path, two)), progress=False, log=lambda m: None)
     two["passes"][1]["rtn"]["symmetric"] = False
-    result = runner.run(recipes.load(write_recipe(tmp_path, two, "r2.yaml")), progress=False, log=lambda m: None)
+    result = runner.run(recipes.load(write_recipe(tmp_path, two, "r2.yaml")), progress=False, log=lambda m: None,
+                        overwrite=True)
     assert [s.cache_hit for s in result.steps] == [True, False]
 
 
@@ -184,5 +186,5 @@ def test_recipe_quantize_then_distill_through_the_pipeline(tmp_path):
     assert [s.name for s in result.steps] == ["rtn", "distill"]
     assert (result.output / "model" / "quantization.json").is_file()  # the student stays packed int4
     rtn_only = runner.run(recipes.load(write_recipe(tmp_path, TINY_RECIPE, "rtn.yaml")), progress=False,
-                            log=lambda m: None)
+                            log=lambda m: None, overwrite=True)
     assert result.after["perplexity"] != rtn_only.after["perplexity"]  # training changed the student

@@ -5,6 +5,7 @@ The builder is an optional peer (``pip install onnxruntime-genai``); without it 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -16,10 +17,10 @@ import onnx
 import pytest
 import torch
 
-from toolkit import models
+from tests.conftest import load_tiny
 from toolkit.errors import ToolkitError
 from toolkit.models import checkpoint
-from toolkit.runtime import GenerationConfig, load, sampling
+from toolkit.runtime import ExportContract, GenerationConfig, load, read_contract, sampling
 from toolkit.runtime.kv_cache import BlockPool
 
 pytest.importorskip("onnxruntime_genai", reason="the tiny test graphs are built with onnxruntime-genai's builder")
@@ -29,7 +30,7 @@ PROMPTS = ["Hello tiny world, this is a prompt", "a", "The quick brown fox jumps
 
 @pytest.fixture(scope="module")
 def tiny():
-    return models.load("tiny-llama")
+    return load_tiny()
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +82,9 @@ def test_batch_of_different_lengths_equals_each_alone(engine):
 
 
 def test_ragged_batch_probe_detects_misplaced_queries(graph, monkeypatch):
-    from toolkit.runtime.backend import OrtBackend
+    from toolkit.runtime import BackendOptions, OrtBackend
 
-    backend = OrtBackend(graph, threads=1)
+    backend = OrtBackend(graph, BackendOptions(threads=1))
     assert backend.supports_ragged_batch()
     honest = OrtBackend.decode
     # a graph that places every row's query in the last column behaves like decoding with equal lengths
@@ -162,19 +163,115 @@ def test_top_p_and_repetition_penalty():
     assert pen.tolist() == [1.0, -4.0, 1.0]
 
 
+def _copy(graph: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "export"
+    shutil.copytree(graph, folder)
+    return folder
+
+
 def test_export_json_describes_the_model(graph, tmp_path):
     """Our exporter's folders carry export.json instead of genai_config.json."""
-    ours = tmp_path / "export"
-    shutil.copytree(graph, ours)
+    ours = _copy(graph, tmp_path)
     (ours / "genai_config.json").unlink()
-    facts = {"num_layers": 2, "num_kv_heads": 1, "head_dim": 32, "vocab": 259, "context_length": 64,
-             "eos_token_ids": [257, 5]}
-    (ours / "export.json").write_text(json.dumps(facts))
+    contract = dataclasses.replace(read_contract(graph), context_length=64, eos_token_ids=(257, 5))
+    (ours / "export.json").write_text(json.dumps(contract.to_json()))
     engine = load(ours, threads=1)
-    assert engine.spec.eos_token_ids == (257, 5) and engine.spec.context_length == 64
+    assert engine.contract.eos_token_ids == (257, 5) and engine.contract.context_length == 64
     assert engine.generate("abc", GenerationConfig(max_new_tokens=4, min_new_tokens=4)).token_ids
     with pytest.raises(ToolkitError, match="context is 64"):
         engine.generate("abc", GenerationConfig(max_new_tokens=62))
+
+
+def test_genai_config_reads_into_the_same_contract(graph):
+    contract = read_contract(graph)
+    assert (contract.num_layers, contract.num_kv_heads, contract.head_dim, contract.vocab_size) == (2, 1, 32, 259)
+    assert contract.names.past(1, "value") == "past_key_values.1.value" and contract.target == "ort"
+    assert ExportContract.from_json(contract.to_json(), "round trip") == contract
+
+
+@pytest.mark.parametrize("version", ["llm-toolkit-onnx/0", "llm-toolkit-onnx/2", None])
+def test_unknown_or_missing_format_version_is_refused(graph, tmp_path, version):
+    folder = _copy(graph, tmp_path)
+    facts = read_contract(graph).to_json()
+    if version is None:
+        del facts["format"]
+    else:
+        facts["format"] = version
+    (folder / "export.json").write_text(json.dumps(facts))
+    with pytest.raises(ToolkitError, match="re-export the model with this toolkit"):
+        load(folder, threads=1)
+
+
+def test_context_length_comes_from_the_graph(graph, tmp_path):
+    """A description that claims more context than the rotary cache holds (1024 rows) is not trusted."""
+    folder = _copy(graph, tmp_path)
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["context_length"] = 4096
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="rotary cache has 1024 rows"):
+        engine = load(folder, threads=1, max_batch=1)
+    assert engine.contract.context_length == 1024
+    with pytest.raises(ToolkitError, match="context is 1024"):
+        engine.generate("abc", GenerationConfig(max_new_tokens=1100))
+    assert engine.backend.cache is None  # refused before any cache was allocated or any token computed
+
+
+def _generate_cli(folder: Path, capsys, *extra: str) -> tuple[int, list[str]]:
+    from toolkit.cli import main
+
+    code = main(["generate", str(folder), "--prompt", "hi", "--threads", "1", *extra])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("extra,message", [(("--max-new-tokens", "0"), "max_new_tokens must be >= 1"),
+                                           (("--max-new-tokens", "-3"), "max_new_tokens must be >= 1"),
+                                           (("--max-new-tokens", "5000"), "context is 1024")])
+def test_cli_refuses_requests_that_do_not_fit_with_one_line(graph, capsys, extra, message):
+    code, err = _generate_cli(graph, capsys, *extra)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def _rewrite_external(folder: Path, name: str, **entries: str) -> None:
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    init = next(t for t in proto.graph.initializer if t.name == name)
+    for entry in init.external_data:
+        if entry.key in entries:
+            entry.value = entries[entry.key]
+    onnx.save(proto, str(folder / "model.onnx"))
+
+
+def _largest_external(folder: Path) -> tuple[str, int, int]:
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    rows = [(t.name, {e.key: e.value for e in t.external_data}) for t in proto.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL]
+    name, entries = max(rows, key=lambda r: int(r[1]["length"]))
+    return name, int(entries.get("offset", 0)), int(entries["length"])
+
+
+def test_refuses_external_data_offset_past_the_end(graph, tmp_path):
+    folder = _copy(graph, tmp_path)
+    name, _, _ = _largest_external(folder)
+    size = (folder / "model.onnx.data").stat().st_size
+    _rewrite_external(folder, name, offset=str(size))
+    with pytest.raises(ToolkitError, match="truncated or belongs to another model"):
+        load(folder, threads=1)
+
+
+def test_refuses_external_data_length_that_does_not_match_the_shape(graph, tmp_path):
+    folder = _copy(graph, tmp_path)
+    name, _, length = _largest_external(folder)
+    _rewrite_external(folder, name, length=str(length - 4))
+    with pytest.raises(ToolkitError, match="shape needs"):
+        load(folder, threads=1)
+
+
+def test_refuses_truncated_data_file(graph, tmp_path):
+    folder = _copy(graph, tmp_path)
+    _, offset, length = _largest_external(folder)
+    with open(folder / "model.onnx.data", "r+b") as f:
+        f.truncate(offset + length // 2)
+    with pytest.raises(ToolkitError, match="reads bytes"):
+        load(folder, threads=1)
 
 
 def _rewrite_location(folder: Path, location: str) -> None:
@@ -208,7 +305,9 @@ def test_smollm2_int4_matches_onnxruntime_genai(tmp_path):
     """Same genai-built int4 graph: our runtime and og.Generator choose the same greedy tokens."""
     import onnxruntime_genai as og
 
-    src = models.cached_gguf_checkpoint(models.smollm2_gguf_path())
+    from toolkit.models.sources import cached_gguf_checkpoint, smollm2_gguf_path
+
+    src = cached_gguf_checkpoint(smollm2_gguf_path())
     out = tmp_path / "int4"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(src), "-o", str(out),
            "-p", "int4", "-e", "cpu"]

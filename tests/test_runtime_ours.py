@@ -39,6 +39,34 @@ def test_our_tiny_export_greedy_equals_transformers_and_batches_ragged_rows(tmp_
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
 
 
+def test_loading_and_generating_imports_no_torch(tmp_path):
+    from tests.test_runtime_light import loaded_heavy_modules
+
+    _export(models.load("tiny-llama"), tmp_path / "fp32", target="ort")
+    code = ("from toolkit.runtime import GenerationConfig, load\n"
+            f"engine = load({str(tmp_path / 'fp32')!r}, threads=1)\n"
+            "assert len(engine.generate('abc', GenerationConfig(max_new_tokens=3, stop_token_ids=())).token_ids) == 3")
+    assert loaded_heavy_modules(code) == []
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_standard_target_export_runs_in_the_runtime(tmp_path, group):
+    """Past and present are separate tensors there: the backend copies present back into its cache rows."""
+    loaded = models.load("tiny-llama")
+    if group:
+        rtn.apply(loaded.model, rtn.RTNConfig(bits=4, group_size=group))
+    _export(loaded, tmp_path / "std", target="standard", accuracy_level=0)
+    engine = load(tmp_path / "std", threads=1)
+    assert not engine.backend.can_share_buffer and engine.max_batch > 1
+    config = GenerationConfig(max_new_tokens=12, stop_token_ids=())
+    alone = [engine.generate(p, config) for p in PROMPTS]
+    for prompt, result in zip(PROMPTS, alone, strict=True):
+        assert result.token_ids == _hf_greedy(loaded.model, engine.encode(prompt), 12)
+    assert [r.token_ids for r in engine.generate_batch(PROMPTS, config)] == [r.token_ids for r in alone]
+    chunked = load(tmp_path / "std", threads=1, prefill_chunk=5).generate(PROMPTS[2], config).token_ids
+    assert chunked == alone[2].token_ids
+
+
 def test_our_int4_export_runs_in_the_runtime(tmp_path):
     loaded = models.load("tiny-llama")
     rtn.apply(loaded.model, rtn.RTNConfig(bits=4, group_size=32))

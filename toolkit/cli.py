@@ -1,7 +1,8 @@
 """Command line: ``toolkit run | eval | generate | inspect | compare``.
 
 Options of ``eval`` are generated from ``EvaluationSpec`` so CLI and recipe defaults cannot drift.
-Every failure prints one line and exits non-zero: 2 for bad input, 1 for an internal error.
+Every failure prints one line (at most ``MESSAGE_LIMIT`` characters) and exits non-zero: 2 for bad
+input (argparse's own errors included), 1 for an internal error.
 """
 
 from __future__ import annotations
@@ -32,7 +33,25 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def _from_options(cls: type, args: argparse.Namespace) -> Any:
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    from toolkit.schema import build
+
+    return build(cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}, "command line")
+
+
+MESSAGE_LIMIT = 400
+
+
+def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """The first line of ``text``, cut to ``limit`` characters: an error is read, not scrolled."""
+    first = text.splitlines()[0] if text else ""
+    return first if len(first) <= limit else first[: limit - 25] + f"... ({len(first)} characters)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error:`` line with exit 2, like every other refusal."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {self.prog}: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -41,7 +60,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = recipes.load(args.recipe)
     runner.require_model_steps(recipe)
-    result = runner.run(recipe, output=args.output, progress=not args.no_progress, log=_log)
+    result = runner.run(recipe, output=args.output, progress=not args.no_progress, log=_log,
+                        overwrite=args.overwrite)
     print()
     print(before_after_table(result.before, result.after))
     print()
@@ -53,20 +73,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from toolkit import data, models
-    from toolkit.evaluation import perplexity
-    from toolkit.paths import dir_bytes
+    from toolkit import models
     from toolkit.pipeline.recipes import EvaluationSpec
+    from toolkit.pipeline.runner import measure
 
     spec = _from_options(EvaluationSpec, args)
-    loaded = models.load(args.model)
-    windows = data.token_windows(loaded.tokenizer, spec.windows())
-    reference = models.load(args.reference).model if args.reference else None
-    metrics: dict[str, Any] = perplexity.evaluate(loaded.model, windows, reference, spec.batch_size, progress=True)
     ref = models.resolve(args.model)
-    metrics["bytes"] = dir_bytes(ref.folder) if ref.folder else None
-    metrics["load_seconds"] = loaded.load_seconds
-    metrics["windows"] = spec.windows().record()
+    models.check_lengths(ref, {"--length": spec.length})
+    metrics = measure(spec, ref, models.load_tokenizer(ref), args.reference, progress=True)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -84,27 +98,63 @@ def _onnx_folder(target: str) -> Path | None:
     return None
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from toolkit.models.torch_generate import generate_text
-    from toolkit.runtime import cli as runtime_cli
+def _generation_config(args: argparse.Namespace) -> Any:
+    from toolkit.runtime import GenerationConfig
 
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        stop_strings=tuple(args.stop),
+    )
+
+
+def _stream_onnx(folder: Path, args: argparse.Namespace, config: Any) -> int:
+    """Stream the answer to stdout and the timings to stderr."""
+    from toolkit.runtime import load
+
+    engine = load(folder, threads=args.threads, spin=args.spin)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    prompt = args.prompt if args.no_chat else [*system, {"role": "user", "content": args.prompt}]
+    tokens = 0
+    for chunk in engine.stream(prompt, config):
+        tokens += 1
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    seq = engine.last_timings
+    if seq is not None:
+        print(f"[{seq.prompt_tokens} prompt tokens, {tokens} generated; first token {seq.ttft_s * 1000:.0f} ms, "
+              f"decode {seq.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = _generation_config(args)  # refuses max_new_tokens <= 0 and other bad settings before any work
     onnx_folder = _onnx_folder(args.artifact)
     if onnx_folder is not None:
-        args.artifact = str(onnx_folder)
-        return runtime_cli.run(args)
+        return _stream_onnx(onnx_folder, args, config)
+    from toolkit.models.torch_generate import generate_text
+
     source = args.artifact
     if (Path(source) / "model" / "config.json").is_file():  # a run's output folder
         source = str(Path(source) / "model")
-    for chunk in generate_text(source, args.prompt, args.max_new_tokens, args.system, args.no_chat):
+    for chunk in generate_text(source, args.prompt, config.max_new_tokens, args.system, args.no_chat):
         print(chunk, end="", flush=True)
     print()
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Print (and optionally write) the markdown report; 0 when nothing regressed, 1 otherwise."""
     from toolkit.evaluation import compare
 
-    return compare.run(args)
+    thresholds = compare.Thresholds(args.max_ppl_increase, args.max_latency_regression)
+    result = compare.compare(args.baseline, args.candidate, thresholds)
+    print(result.markdown)
+    if args.output:
+        args.output.write_text(result.markdown)
+    return 0 if result.passed else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -115,20 +165,60 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise ToolkitError(f"artifact folder not found: {folder}")
     print(describe_manifest(checkpoint.read_manifest(folder)))
+    if args.verify:
+        checked, problems = checkpoint.verify_tree(folder)
+        if problems:
+            raise ToolkitError(f"{folder}: {len(problems)} problem(s) in {checked} manifest(s): {'; '.join(problems[:5])}")
+        print(f"\nverified: every file of {checked} manifest(s) matches its size and sha256")
     return 0
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from toolkit.runtime import GenerationConfig
+
+    d = GenerationConfig()
+    parser.add_argument("artifact", help="export folder (model.onnx + model.onnx.data + tokenizer), a run's output "
+                        "folder, or any model `toolkit run` accepts (then generated with PyTorch)")
+    parser.add_argument("--prompt", required=True, help="the user message (raw text to continue with --no-chat)")
+    parser.add_argument("--system", default=None, help="system message for the chat template")
+    parser.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, no chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=d.temperature)
+    parser.add_argument("--top-k", type=int, default=d.top_k)
+    parser.add_argument("--top-p", type=float, default=d.top_p)
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--threads", type=int, default=None, help="ORT threads (default: physical cores)")
+    parser.add_argument("--no-spin", dest="spin", action="store_false",
+                        help="keep ORT threads from spinning (for machines where other processes need the cores)")
+
+
+def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    from toolkit.evaluation.compare import SCHEMA, Thresholds, parse_fraction
+
+    d = Thresholds()
+    parser.add_argument("baseline", type=Path, help=f"baseline report ({SCHEMA} JSON)")
+    parser.add_argument("candidate", type=Path, help="candidate report")
+    parser.add_argument("--max-ppl-increase", type=parse_fraction, default=d.max_ppl_increase, help="e.g. 1%%")
+    parser.add_argument("--max-latency-regression", type=parse_fraction, default=d.max_latency_regression,
+                        help="e.g. 10%%")
+    parser.add_argument("--output", type=Path, default=None, help="write the markdown report here")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from toolkit.pipeline.recipes import EvaluationSpec
 
-    parser = argparse.ArgumentParser(prog="toolkit", description="Quantize, distill, export and evaluate LLMs.")
+    parser = _Parser(prog="toolkit", description="Quantize, distill, export and evaluate LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a recipe and print the before/after table")
     run.add_argument("recipe")
     run.add_argument("--output", type=Path, default=None, help="override the recipe's output folder")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--overwrite", action="store_true", help="replace a previous output of the toolkit at the output path")
     run.set_defaults(func=cmd_run)
 
     ev = sub.add_parser("eval", help="perplexity (and KL against --reference) of a model")
@@ -138,19 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_options(ev, EvaluationSpec)
     ev.set_defaults(func=cmd_eval)
 
-    from toolkit.evaluation import compare
-    from toolkit.runtime import cli as runtime_cli
-
     gen = sub.add_parser("generate", help="generate text from an ONNX export (runtime) or a model (uses the chat template)")
-    runtime_cli.add_arguments(gen)
+    _add_generate_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     cmp = sub.add_parser("compare", help="CI gate: fail when the candidate report regressed against the baseline")
-    compare.add_arguments(cmp)
+    _add_compare_arguments(cmp)
     cmp.set_defaults(func=cmd_compare)
 
     ins = sub.add_parser("inspect", help="show an artifact's manifest")
     ins.add_argument("artifact")
+    ins.add_argument("--verify", action="store_true", help="check every file against the sha256 of its manifest")
     ins.set_defaults(func=cmd_inspect)
     return parser
 
@@ -159,8 +247,15 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def quiet_libraries() -> None:
+    """One progress bar per long step of ours: the libraries' own bars (transformers' "Loading weights" and
+    "Writing model shards", the GGUF conversion, hub downloads) are off; their warnings still show."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -171,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ToolkitError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was left half-written", file=sys.stderr)
@@ -179,8 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the last resort: one line, the traceback behind --debug
         if args.debug:
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"internal error: {type(exc).__name__}: {one_line(str(exc))} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return 1
 
 

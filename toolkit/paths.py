@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -12,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from toolkit.errors import ToolkitError
 
 
 def cache_dir() -> Path:
@@ -23,28 +27,60 @@ def cache_dir() -> Path:
     return Path(base) / "llm-toolkit"
 
 
+_HASHED: dict[tuple[str, int, int, int, int], str] = {}
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes; remembered per process while its size, inode and timestamps are unchanged."""
+    st = os.stat(path)
+    stamp = (str(Path(path).resolve()), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    if stamp in _HASHED:
+        return _HASHED[stamp]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    _HASHED[stamp] = h.hexdigest()
+    return _HASHED[stamp]
 
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also when a library (safetensors, shutil.copytree) wraps it in its own exception."""
+    return getattr(exc, "errno", None) in DISK_FULL or "No space left on device" in str(exc) or "os error 28" in str(exc)
+
+
+def disk_error(where: Path) -> ToolkitError:
+    """A full disk or quota as one line that says where the write failed and what to do."""
+    return ToolkitError(f"no space left on the device while writing {where}; "
+                        "free some space (or point TOOLKIT_CACHE elsewhere) and run again")
+
+
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to ``final`` only if the block succeeds.
 
     A failure or interruption removes the temporary folder, so ``final`` is either absent, the
-    previous complete version, or the new complete version: never half-written.
+    previous complete version, or the new complete version: never half-written. An existing
+    ``final`` is replaced only when the caller says so (``replace``), after checking that it is
+    the toolkit's own; otherwise it is an error and nothing is touched.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    if final.exists() and not replace:
+        raise ToolkitError(f"{final} already exists; refusing to replace it")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    except OSError as exc:
+        if disk_full(exc):
+            raise disk_error(final) from None
+        raise ToolkitError(f"cannot create the folder {final}: {exc.strerror}") from None
     try:
         yield tmp
         if final.exists():
@@ -54,9 +90,53 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):
+            raise disk_error(final) from None
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a unique temporary sibling and a rename: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if disk_full(exc):
+            raise disk_error(path) from None
+        raise
+
+
+CODE_PACKAGES = ("toolkit", "toolkit.passes", "toolkit.runtime")
+
+
+@functools.lru_cache(maxsize=1)
+def code_identity() -> str:
+    """sha256 over the toolkit's own source files (``toolkit/``, ``passes/``, ``runtime/``).
+
+    Part of every cache key and manifest: a changed pass (or anything it calls) is never served from
+    a cache entry that older code wrote, whatever ``__version__`` says.
+    """
+    import importlib
+
+    h = hashlib.sha256()
+    for name in CODE_PACKAGES:
+        root = Path(importlib.import_module(name).__file__ or "").parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(f"{name}/{path.relative_to(root).as_posix()}\0".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def is_within(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or lies inside it (both resolved, symlinks followed)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
 
 
 def dir_bytes(folder: Path) -> int:

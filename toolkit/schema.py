@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import reprlib
 import types
 import typing
 from typing import Any, TypeVar, Union
@@ -16,6 +17,14 @@ from typing import Any, TypeVar, Union
 from toolkit.errors import ToolkitError
 
 T = TypeVar("T")
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother = 2, 4, 4, 60, 60
+
+
+def brief(value: Any) -> str:
+    """A short repr for messages: a YAML alias bomb expands to millions of items, its message must not."""
+    return _BRIEF.repr(value)
 
 
 def _where(origin: str, path: str) -> str:
@@ -38,15 +47,15 @@ def _coerce(value: Any, tp: Any, origin: str, path: str) -> Any:
                 return _coerce(value, arg, origin, path)
             except ToolkitError as exc:
                 errors.append(str(exc))
-        raise ToolkitError(errors[0] if errors else f"{_where(origin, path)}: invalid value {value!r}")
+        raise ToolkitError(errors[0] if errors else f"{_where(origin, path)}: invalid value {brief(value)}")
     if base is tuple:
         if not isinstance(value, list | tuple):
-            raise ToolkitError(f"{_where(origin, path)}: expected a list, got {value!r}")
+            raise ToolkitError(f"{_where(origin, path)}: expected a list, got {brief(value)}")
         item = args[0] if args else Any
         return tuple(_coerce(v, item, origin, f"{path}[{i}]") for i, v in enumerate(value))
     if base is typing.Literal:
         if value not in args:
-            raise ToolkitError(f"{_where(origin, path)}: {value!r} is not one of {list(args)}")
+            raise ToolkitError(f"{_where(origin, path)}: {brief(value)} is not one of {list(args)}")
         return value
     if tp is Any:
         return value
@@ -55,11 +64,11 @@ def _coerce(value: Any, tp: Any, origin: str, path: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool):
-        raise ToolkitError(f"{_where(origin, path)}: expected true or false, got {value!r}")
+        raise ToolkitError(f"{_where(origin, path)}: expected true or false, got {brief(value)}")
     if tp in (int, float) and isinstance(value, bool):
-        raise ToolkitError(f"{_where(origin, path)}: expected a number, got {value!r}")
+        raise ToolkitError(f"{_where(origin, path)}: expected a number, got {brief(value)}")
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise ToolkitError(f"{_where(origin, path)}: expected {_type_name(tp)}, got {value!r}")
+        raise ToolkitError(f"{_where(origin, path)}: expected {_type_name(tp)}, got {brief(value)}")
     return value
 
 
@@ -68,7 +77,7 @@ def build(cls: type[T], data: Any, origin: str, path: str = "") -> T:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ToolkitError(f"{_where(origin, path)}: expected a mapping of settings, got {data!r}")
+        raise ToolkitError(f"{_where(origin, path)}: expected a mapping of settings, got {brief(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
     for key in data:

@@ -33,13 +33,6 @@ class GPTQResult:
     dead_columns: int  # inputs never activated (diag H == 0), quantized as zero weights
 
 
-def accumulate_hessian(h_sum: torch.Tensor, x: torch.Tensor) -> int:
-    """Add ``xᵀx`` of ``x: [..., in]`` to ``h_sum: [in, in]`` in place; returns the token count."""
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    h_sum.addmm_(x2.t(), x2)
-    return x2.shape[0]
-
-
 def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float = MAX_DAMP) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹ = UᵀU`` (GPTQ sec. 3, step 3), λ = damp · mean(diag H).
 

@@ -31,7 +31,6 @@ difference a regression.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,22 +174,3 @@ def parse_fraction(text: str) -> float:
         return float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise ToolkitError(f"'{text}' is not a fraction: write e.g. 10% or 0.1") from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = Thresholds()
-    parser.add_argument("baseline", type=Path, help=f"baseline report ({SCHEMA} JSON)")
-    parser.add_argument("candidate", type=Path, help="candidate report")
-    parser.add_argument("--max-ppl-increase", type=parse_fraction, default=d.max_ppl_increase, help="e.g. 1%%")
-    parser.add_argument("--max-latency-regression", type=parse_fraction, default=d.max_latency_regression,
-                        help="e.g. 10%%")
-    parser.add_argument("--output", type=Path, default=None, help="write the markdown report here")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Print (and optionally write) the markdown report; 0 when nothing regressed, 1 otherwise."""
-    result = compare(args.baseline, args.candidate, Thresholds(args.max_ppl_increase, args.max_latency_regression))
-    print(result.markdown)
-    if args.output:
-        args.output.write_text(result.markdown)
-    return 0 if result.passed else 1

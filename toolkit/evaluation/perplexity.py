@@ -9,25 +9,11 @@ agreement of the argmax predictions.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
-
-from toolkit.data import WindowSpec
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    windows: WindowSpec = field(default_factory=WindowSpec)
-    batch_size: int = 1
-    kl: bool = True  # compare with the unoptimized model (costs one reference forward per window)
-
-    def record(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ def stream_perplexity(src: SkeletonModel, windows: torch.Tensor, batch_size: int
     try:
         for i in range(src.num_layers):
             prefix = src.layer_prefix(i)
+            inputs.layer = i
             advance(src.load(prefix), inputs, prefix)
             src.release(prefix)
         norm = src.load(src.layout.final_norm)

@@ -30,7 +30,7 @@ from toolkit.errors import ToolkitError
 from toolkit.models.architectures import layout_of
 from toolkit.models.shards import ShardedWeights
 from toolkit.models.streaming import empty_model, set_tensor
-from toolkit.paths import sha256_file, sha256_json
+from toolkit.paths import code_identity, sha256_file, sha256_json, write_text_atomic
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules, set_module
 from toolkit.quant.spec import QuantSpec
 
@@ -41,16 +41,25 @@ QUANT_FORMAT = "llm-toolkit-packed-v1"
 
 
 def library_versions() -> dict[str, str]:
+    """What a result depends on besides its inputs: library versions and the toolkit's own source hash."""
+    import platform
+
+    import numpy
     import onnx
     import onnxruntime
     import safetensors
+    import tokenizers
     import transformers
 
     return {
         "toolkit": __version__,
+        "toolkit_code": code_identity()[:16],
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
         "safetensors": safetensors.__version__,
+        "numpy": numpy.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
@@ -67,7 +76,7 @@ def file_table(folder: Path) -> dict[str, dict[str, Any]]:
 def write_manifest(folder: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": library_versions(), **(extra or {})}
     manifest["files"] = file_table(folder)
-    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    write_text_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))
     return manifest
 
 
@@ -76,21 +85,63 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ToolkitError(f"{folder} has no {MANIFEST}: it is not a toolkit artifact")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ToolkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); re-create the artifact") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ToolkitError(f"{path} cannot be read ({type(exc).__name__}); re-create the artifact") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise ToolkitError(f"{path} is not a toolkit manifest (no file table); re-create the artifact")
+    return manifest
+
+
+def verify_files(folder: Path, hashes: bool = True) -> list[str]:
+    """Problems with ``folder`` against its manifest: missing, extra, resized or (``hashes``) altered files."""
+    folder = Path(folder)
+    try:
+        files = read_manifest(folder).get("files", {})
+    except ToolkitError as exc:
+        return [str(exc)]
+    if not files:
+        return [f"{folder / MANIFEST} lists no files"]
+    problems = []
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    for name in sorted(present - set(files)):
+        problems.append(f"{name}: not in the manifest")
+    for name, entry in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != entry.get("bytes"):
+            problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry.get('bytes')}")
+        elif hashes and sha256_file(path) != entry.get("sha256"):
+            problems.append(f"{name}: sha256 differs from the manifest")
+    return problems
+
+
+def verify_tree(folder: Path) -> tuple[int, list[str]]:
+    """Check every manifest under ``folder`` (an output holds its own, its model's and its export's)."""
+    manifests = sorted(Path(folder).rglob(MANIFEST))
+    if not manifests:
+        return 0, [f"{folder} has no {MANIFEST}: it is not a toolkit artifact"]
+    problems = []
+    for manifest in manifests:
+        where = manifest.parent.relative_to(folder)
+        problems += [f"{where / p if str(where) != '.' else p}" for p in verify_files(manifest.parent)]
+    return len(manifests), problems
+
+
+KEY_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja")
 
 
 def weights_key(folder: Path) -> str:
-    """Content key of a model folder: from the manifest's hashes when present, else hashed now."""
+    """Content key of a model folder: the sha256 of every file a load reads (weights, config, tokenizer).
+
+    Hashed from the bytes, never taken from the manifest: an edited file changes the key.
+    """
     folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    if manifest_path.is_file():
-        files = read_manifest(folder).get("files", {})
-        relevant = {k: v["sha256"] for k, v in files.items() if k.endswith((".safetensors", ".json"))}
-        if relevant:
-            return sha256_json(relevant)
-    names = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors",) or p.name in ("config.json", QUANT_FILE))
+    names = sorted(p.name for p in folder.iterdir()
+                   if p.is_file() and p.suffix in KEY_SUFFIXES and p.name != MANIFEST)
     return sha256_json({n: sha256_file(folder / n) for n in names})
 
 
@@ -113,6 +164,20 @@ def verify_weight_files(folder: Path) -> None:
             raise ToolkitError(f"{path} is truncated or corrupt ({exc}); re-create it") from None
 
 
+def _names(names: list[str] | set[str]) -> str:
+    listed = sorted(names)
+    return ", ".join(listed[:5]) + (f" and {len(listed) - 5} more" if len(listed) > 5 else "")
+
+
+def check_finite(model: PreTrainedModel, folder: Path) -> None:
+    """Refuse NaN or Inf weights, naming the tensors, before any figure is computed from them."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ToolkitError(f"{folder}: non-finite (NaN or Inf) values in {len(bad)} tensor(s): {_names(bad)}; "
+                           "the checkpoint is corrupt, re-create it")
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """Write ``model`` and ``tokenizer`` into ``folder`` (which the caller makes atomic)."""
     folder = Path(folder)
@@ -126,6 +191,9 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
         model.generation_config.save_pretrained(folder)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear) and head.weight is getattr(embedding, "weight", None):
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}  # a float tied head: once
     tied = isinstance(embedding, QuantEmbedding)
     save_file(state, str(folder / WEIGHTS), metadata={"format": QUANT_FORMAT})
     spec_of = {
@@ -138,50 +206,88 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
     (folder / QUANT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
+def _quant_info(folder: Path) -> dict[str, Any]:
+    """``quantization.json``, checked for the fields the loader reads."""
+    path = folder / QUANT_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise ToolkitError(f"{path} is not valid JSON ({type(exc).__name__}); re-create the artifact") from None
+    if not isinstance(info, dict) or info.get("format") != QUANT_FORMAT:
+        found = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise ToolkitError(f"{path}: unknown format {found!r}; expected {QUANT_FORMAT}")
+    modules = info.get("modules")
+    fields = {"bits": int, "group_size": int, "symmetric": bool, "in_features": int, "out_features": int, "bias": bool}
+    if not isinstance(modules, dict) or not all(
+        isinstance(m, dict) and all(isinstance(m.get(k), t) for k, t in fields.items()) for m in modules.values()
+    ):
+        raise ToolkitError(f"{path}: 'modules' must map module names to {{{', '.join(fields)}}}; re-create the artifact")
+    return info
+
+
 def _build_quantized(folder: Path, info: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
     """The packed model, built on meta and filled tensor by tensor from one file or from shards, so
     loading holds the packed bytes once and never a float copy of the quantized weights. Float tensors
     (embedding, norms, a float head) take ``dtype``; packed codes, scales and zeros keep their own."""
-    if info.get("format") != QUANT_FORMAT:
-        raise ToolkitError(f"{folder / QUANT_FILE}: unknown format {info.get('format')!r}; expected {QUANT_FORMAT}")
-    model = empty_model(AutoConfig.from_pretrained(folder), dtype)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ToolkitError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0][:200]}") from None
+    model = empty_model(config, dtype)
     with torch.device("meta"):
         for name, m in info["modules"].items():
-            spec = QuantSpec(bits=m["bits"], group_size=m["group_size"], symmetric=m["symmetric"])
-            set_module(model, name, QuantLinear(m["in_features"], m["out_features"], spec, bias=m["bias"]))
+            try:
+                spec = QuantSpec(bits=m["bits"], group_size=m["group_size"], symmetric=m["symmetric"])
+                set_module(model, name, QuantLinear(m["in_features"], m["out_features"], spec, bias=m["bias"]))
+            except (ValueError, AttributeError, KeyError) as exc:
+                raise ToolkitError(f"{folder / QUANT_FILE}: module {name!r} does not fit the model ({exc}); "
+                                   "re-create the artifact") from None
     weights = ShardedWeights(folder)
+    where = folder / WEIGHTS if (folder / WEIGHTS).is_file() else folder
     expected = dict(model.state_dict(keep_vars=True))
     unexpected = [n for n in weights.names() if n not in expected]
     for name in weights.names():
         if name in expected:
-            set_tensor(model, name, weights.get(name).to(expected[name].dtype))
-    layout = layout_of(model)
-    head, embed = model.get_submodule(layout.head), model.get_submodule(layout.embed)
-    if isinstance(head, nn.Linear) and head.weight.is_meta and getattr(model.config, "tie_word_embeddings", False):
+            t = weights.get(name)
+            if t.shape != expected[name].shape:
+                raise ToolkitError(f"{where} does not match its config: {name} has shape {list(t.shape)}, "
+                                   f"the model expects {list(expected[name].shape)}")
+            set_tensor(model, name, t.to(expected[name].dtype))
+    arch = layout_of(model)
+    head, embed = model.get_submodule(arch.head), model.get_submodule(arch.embed)
+    if isinstance(head, nn.Linear) and head.weight.is_meta and config.tie_word_embeddings:
         head.weight = embed.weight  # a tied float head is stored once, under the embedding's name
     if info.get("embedding_from"):
-        old = model.get_input_embeddings()
-        model.set_input_embeddings(QuantEmbedding(model.get_submodule(info["embedding_from"]),
-                                                  getattr(old, "padding_idx", None)))
+        head = model.get_submodule(info["embedding_from"])
+        model.set_input_embeddings(QuantEmbedding.replacing(model.get_input_embeddings(), head))
     missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if missing or unexpected:
         raise ToolkitError(
-            f"{folder} weights do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"{where} does not match its config: missing {_names(missing) or 'none'}; "
+            f"unexpected {_names(unexpected) or 'none'}"
         )
     return model.eval()
 
 
 def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Rebuild a float or quantized model from an artifact folder, computing in ``dtype``."""
+    """Rebuild a float or quantized model from an artifact folder (one file or shards), computing in
+    ``dtype``; refuse missing, unexpected or non-finite tensors."""
     folder = Path(folder)
     verify_weight_files(folder)
-    quant_path = folder / QUANT_FILE
-    if quant_path.is_file():
-        return _build_quantized(folder, json.loads(quant_path.read_text()), dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ToolkitError(f"cannot load model from {folder}: {str(exc).splitlines()[0]}") from None
+    if (folder / QUANT_FILE).is_file():
+        model = _build_quantized(folder, _quant_info(folder), dtype)
+    else:
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ToolkitError(f"cannot load model from {folder}: {str(exc).splitlines()[0][:300]}") from None
+        missing, unexpected = set(info.get("missing_keys", ())), set(info.get("unexpected_keys", ()))
+        mismatched = {str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", ())}
+        if missing or unexpected or mismatched:
+            raise ToolkitError(f"{folder}: the weights do not match config.json: missing {_names(missing) or 'none'}; "
+                               f"unexpected {_names(unexpected) or 'none'}; wrong shape {_names(mismatched) or 'none'}. "
+                               "Re-create the checkpoint (missing tensors would run as random weights)")
+    check_finite(model, folder)
     return model.eval()
 
 

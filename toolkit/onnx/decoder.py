@@ -1,6 +1,7 @@
-"""The decoder graph: attention-mask arithmetic, rotary caches, decoder layers, and the IO contract.
+"""The decoder graph: attention-mask arithmetic, rotary caches, decoder layers; tensor names from the contract.
 
-What a runtime feeds (both targets; ``P`` cached columns, ``S`` new tokens, rows left-padded):
+What a runtime feeds (both targets; ``P`` cached columns, ``S`` new tokens, rows left-padded; the names are
+``TensorNames`` of ``toolkit.runtime.contract``):
 - ``input_ids [B,S] int64``; ``position_ids [B,S] int64`` = ``cumsum(attention_mask) - 1`` at the new columns
   (read by the standard target's RotaryEmbedding; the ort graph ignores it, see below);
 - ``attention_mask [B,M] int64``: 1 for real tokens, 0 for left padding, one column per cache column.
@@ -34,6 +35,7 @@ describe a left-padded batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -41,7 +43,18 @@ import torch
 from onnx import TensorProto, helper
 from transformers import PreTrainedModel
 
-from toolkit.models.architectures import DecoderLayout, decoder_layers, layout_of
+from toolkit.errors import ToolkitError
+from toolkit.models.architectures import (
+    Architecture,
+    activation,
+    attention_scale,
+    attention_softcap,
+    decoder_layers,
+    final_softcap,
+    layer_types,
+    layout_of,
+    sliding_windows,
+)
 from toolkit.onnx.graph import (
     IR_VERSION,
     MASK_NEG,
@@ -49,17 +62,13 @@ from toolkit.onnx.graph import (
     Builder,
     Dims,
     GraphOptions,
-    arch_graph,
     dims_of,
     embed,
     head_linear,
     linear,
 )
 from toolkit.onnx.weights import concat_rows, linear_weight
-
-INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
-PAST = "past_key_values.{i}.{kv}"
-PRESENT = "present.{i}.{kv}"
+from toolkit.runtime.contract import KINDS, TensorNames
 
 
 @dataclass
@@ -67,36 +76,73 @@ class MaskValues:
     seqlens_k: str  # int32 [B]: columns in use after this step, minus one
     total: str  # int32 scalar T
     bias: str  # ort: float [B,1,S,T] additive or "" (right padding only); standard: bool [B,1,S,T] (True = attend)
+    q_col: str = ""  # standard: int64 [B,1,S,1] cache column of each query
+    k_col: str = ""  # standard: int64 [1,T] key columns
+    windowed: dict[int, str] | None = None  # standard: bias of sliding-window layers, by window (built on demand)
+
+    def standard_bias(self, b: Builder, window: int | None) -> str:
+        """The boolean mask of a layer: a sliding window also hides keys ``window`` or more columns back."""
+        if window is None:
+            return self.bias
+        self.windowed = self.windowed if self.windowed is not None else {}
+        if window not in self.windowed:
+            near = b.one("Less", [b.one("Sub", [self.q_col, self.k_col]), b.const(f"window_{window}",
+                                                                                 np.array(window, np.int64))])
+            self.windowed[window] = b.one("And", [self.bias, near])
+        return self.windowed[window]
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What one layer's attention needs beyond its weights: rotary caches, window, scale, soft-cap, q/k norms."""
+
+    cos: str
+    sin: str
+    rotary_dim: int
+    window: int | None  # keys a query sees (its own included), or None
+    scale: float
+    softcap: float | None
+    qk_norms: tuple[np.ndarray, np.ndarray] | None  # per-head RMSNorm weights (offset folded in)
 
 
 def _activation(b: Builder, x: str, kind: str) -> str:
     if kind == "silu":
         return b.one("Mul", [x, b.one("Sigmoid", [x])])
-    raise ValueError(f"activation {kind} has no graph form")
+    if kind in ("gelu_pytorch_tanh", "gelu_tanh"):
+        return b.one("Gelu", [x], approximate="tanh")  # opset 20
+    raise ToolkitError(f"MLP activation '{kind}' has no ONNX form here; supported: silu, gelu_pytorch_tanh")
 
 
-def rotary_caches(model: PreTrainedModel, dims: Dims) -> tuple[np.ndarray, np.ndarray]:
-    """``cos, sin [max_positions, rotary_dim/2]`` from the model's own rotary module (its scaling included)."""
-    rot = model.get_submodule(arch_graph(model).rotary)
+def _softcap(b: Builder, x: str, cap: float, name: str) -> str:
+    """``cap · tanh(x / cap)`` (Gemma 2's final-logit soft-capping)."""
+    c = b.const(f"{name}.softcap", np.array(cap, np.float32))
+    return b.one("Mul", [b.one("Tanh", [b.one("Div", [x, c])]), c])
+
+
+def rotary_caches(model: PreTrainedModel, dims: Dims, layer_type: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``cos, sin [max_positions, rotary_dim/2]`` from the model's own rotary module (its scaling and
+    attention factor included; ``layer_type`` picks Gemma 3's local or global rotary)."""
+    rot = model.get_submodule(layout_of(model).rotary)
     pos = torch.arange(dims.max_positions).unsqueeze(0)
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
     with torch.no_grad():
-        cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos)  # [1, P, D]; HF duplicates the two halves
+        cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos, **kwargs)  # [1, P, R]; HF duplicates the halves
     half = cos.shape[-1] // 2
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
-def mask_values(b: Builder, opts: GraphOptions) -> MaskValues:
+def mask_values(b: Builder, opts: GraphOptions, names: TensorNames) -> MaskValues:
     one = b.const("one_i64", np.array(1, np.int64))
-    width = b.one("Squeeze", [b.one("Shape", [ATTENTION_MASK], start=1, end=2)])
+    width = b.one("Squeeze", [b.one("Shape", [names.attention_mask], start=1, end=2)])
     col1 = b.one("Range", [one, b.one("Add", [width, one]), one])  # [M]: 1..M
-    last = b.one("ReduceMax", [b.one("Mul", [ATTENTION_MASK, col1]), b.ints([1])], keepdims=0)  # [B]
+    last = b.one("ReduceMax", [b.one("Mul", [names.attention_mask, col1]), b.ints([1])], keepdims=0)  # [B]
     total = b.one("ReduceMax", [last], keepdims=0)  # scalar T
     seqlens_k = b.one("Cast", [b.one("Sub", [last, one])], to=TensorProto.INT32)
     if opts.target == "ort" and not opts.left_padding:  # GQA masks by seqlens_k: right-padded rows need nothing more
         return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), "")
     zero = b.const("zero_i64", np.array(0, np.int64))
-    new = b.one("Squeeze", [b.one("Shape", [INPUT_IDS], start=1, end=2)])
-    visible = b.one("Slice", [ATTENTION_MASK, b.ints([0]), b.one("Unsqueeze", [total, b.ints([0])]), b.ints([1])])
+    new = b.one("Squeeze", [b.one("Shape", [names.input_ids], start=1, end=2)])
+    visible = b.one("Slice", [names.attention_mask, b.ints([0]), b.one("Unsqueeze", [total, b.ints([0])]), b.ints([1])])
     visible = b.one("Unsqueeze", [b.one("Cast", [visible], to=TensorProto.BOOL), b.ints([1, 2])])  # [B,1,1,T]
     # Each row's queries sit at its own last columns (last[b]-S .. last[b]-1): rows of different lengths
     # share one cache buffer, each written from column 0, so the query column is per row, not T-S.
@@ -110,35 +156,68 @@ def mask_values(b: Builder, opts: GraphOptions) -> MaskValues:
                                b.const("mask_neg", np.array(MASK_NEG, np.float32))])
     else:
         bias = b.one("And", [allowed, b.one("LessOrEqual", [k_col, q_col])])
+        return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), bias, q_col, k_col)
     return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), bias)
 
 
-def _attention_ort(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskValues,
-                   d: Dims, names: dict[str, str], opts: GraphOptions) -> str:
-    parts = [linear_weight(layer.get_submodule(names[r])) for r in ("q", "k", "v")]
-    fused = concat_rows(parts)
-    if fused is not None:  # one MatMulNBits for q,k,v; GQA takes the packed [B,S,(H+2KVH)*D] input
-        qkv = [linear(b, h, fused, f"layers.{i}.qkv_proj", opts), "", ""]
+def _qk_norm(b: Builder, x: str, weight: np.ndarray, heads: int, name: str, d: Dims) -> str:
+    """Per-head RMSNorm of ``x [B,S,heads*D]`` (Qwen3, Gemma 3), before rotary: normalised over each head's D."""
+    per_head = b.one("Reshape", [x, b.ints([0, 0, heads, d.head_dim])])
+    normed = b.one("RMSNormalization", [per_head, b.const(f"{name}.weight", weight)], epsilon=d.eps, axis=-1)
+    return b.one("Reshape", [normed, b.ints([0, 0, heads * d.head_dim])])
+
+
+def _qkv(b: Builder, h: str, i: int, layer: torch.nn.Module, arch: Architecture, la: LayerAttention,
+         d: Dims, opts: GraphOptions) -> list[str]:
+    """[q, k, v], or [packed qkv, "", ""] (ort, no q/k norm): one MatMulNBits for the three when formats agree."""
+    if arch.qkv:
+        parts = [linear_weight(layer.get_submodule(arch.qkv))]
     else:
-        qkv = [linear(b, h, w, f"layers.{i}.{r}_proj", opts) for w, r in zip(parts, "qkv", strict=True)]
-    past = [PAST.format(i=i, kv=kv) for kv in ("key", "value")]
-    present = [PRESENT.format(i=i, kv=kv) for kv in ("key", "value")]
-    out = b.op("GroupQueryAttention", [*qkv, *past, m.seqlens_k, m.total, "cos_cache", "sin_cache", "", m.bias],
+        parts = [linear_weight(layer.get_submodule(n)) for n in (arch.q, arch.k, arch.v)]  # type: ignore[arg-type]
+    fused = parts[0] if len(parts) == 1 else concat_rows(parts) if opts.target == "ort" else None
+    if fused is not None:
+        qkv = linear(b, h, fused, f"layers.{i}.qkv_proj", opts)
+        if opts.target == "ort" and la.qk_norms is None:
+            return [qkv, "", ""]
+        sizes = [d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim]
+        q, k, v = b.op("Split", [qkv, b.ints(sizes)], n_out=3, axis=-1)
+    else:
+        q, k, v = (linear(b, h, w, f"layers.{i}.{r}_proj", opts) for w, r in zip(parts, "qkv", strict=True))
+    if la.qk_norms is not None:
+        q = _qk_norm(b, q, la.qk_norms[0], d.heads, f"layers.{i}.q_norm", d)
+        k = _qk_norm(b, k, la.qk_norms[1], d.kv_heads, f"layers.{i}.k_norm", d)
+    return [q, k, v]
+
+
+def _attention_ort(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskValues, arch: Architecture,
+                   la: LayerAttention, d: Dims, opts: GraphOptions, names: TensorNames) -> str:
+    qkv = _qkv(b, h, i, layer, arch, la, d, opts)  # GQA takes a packed [B,S,(H+2KVH)*D] input too
+    past = [names.past(i, kind) for kind in KINDS]
+    present = [names.present(i, kind) for kind in KINDS]
+    extra: dict[str, Any] = {"scale": la.scale} if abs(la.scale - d.head_dim ** -0.5) > 1e-12 else {}
+    if la.window is not None:
+        extra["local_window_size"] = la.window
+    if la.softcap:
+        extra["softcap"] = la.softcap
+    out = b.op("GroupQueryAttention", [*qkv, *past, m.seqlens_k, m.total, la.cos, la.sin, "", m.bias],
                domain=MS, outs=[b.fresh("attn"), *present], num_heads=d.heads, kv_num_heads=d.kv_heads,
-               do_rotary=1, rotary_interleaved=0)
+               do_rotary=1, rotary_interleaved=0, **extra)
     return out[0]
 
 
-def _attention_standard(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskValues,
-                        d: Dims, names: dict[str, str], opts: GraphOptions) -> str:
-    q, k, v = (linear(b, h, linear_weight(layer.get_submodule(names[r])), f"layers.{i}.{r}_proj", opts)
-               for r in ("q", "k", "v"))
-    q = b.one("RotaryEmbedding", [q, "cos_cache", "sin_cache", POSITION_IDS], num_heads=d.heads)
-    k = b.one("RotaryEmbedding", [k, "cos_cache", "sin_cache", POSITION_IDS], num_heads=d.kv_heads)
-    past = [PAST.format(i=i, kv=kv) for kv in ("key", "value")]
-    present = [PRESENT.format(i=i, kv=kv) for kv in ("key", "value")]
-    out = b.op("Attention", [q, k, v, m.bias, *past], outs=[b.fresh("attn"), *present],
-               q_num_heads=d.heads, kv_num_heads=d.kv_heads, is_causal=0)
+def _attention_standard(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskValues, arch: Architecture,
+                        la: LayerAttention, d: Dims, opts: GraphOptions, names: TensorNames) -> str:
+    q, k, v = _qkv(b, h, i, layer, arch, la, d, opts)
+    partial = {"rotary_embedding_dim": la.rotary_dim} if la.rotary_dim < d.head_dim else {}
+    q = b.one("RotaryEmbedding", [q, la.cos, la.sin, names.position_ids], num_heads=d.heads, **partial)
+    k = b.one("RotaryEmbedding", [k, la.cos, la.sin, names.position_ids], num_heads=d.kv_heads, **partial)
+    past = [names.past(i, kind) for kind in KINDS]
+    present = [names.present(i, kind) for kind in KINDS]
+    extra: dict[str, Any] = {"scale": la.scale} if abs(la.scale - d.head_dim ** -0.5) > 1e-12 else {}
+    if la.softcap:
+        extra["softcap"] = la.softcap
+    out = b.op("Attention", [q, k, v, m.standard_bias(b, la.window), *past], outs=[b.fresh("attn"), *present],
+               q_num_heads=d.heads, kv_num_heads=d.kv_heads, is_causal=0, **extra)
     return out[0]
 
 
@@ -159,61 +238,111 @@ def _norm(b: Builder, delta: str | None, residual: str, weight: np.ndarray, name
     return b.one("RMSNormalization", [residual, w], epsilon=d.eps, axis=-1), residual
 
 
-def _gate_up(b: Builder, h: str, layer: torch.nn.Module, layout: DecoderLayout, i: int,
+def _sandwich(b: Builder, x: str, layer: torch.nn.Module, norm: str | None, arch: Architecture, name: str,
+              d: Dims) -> str:
+    """Gemma 2/3's norm on a sublayer's output, before the residual add (identity for other families)."""
+    if norm is None:
+        return x
+    w = b.const(f"{name}.weight", _norm_weight(layer.get_submodule(norm), arch))
+    return b.one("RMSNormalization", [x, w], epsilon=d.eps, axis=-1)
+
+
+def _norm_weight(module: torch.nn.Module, arch: Architecture) -> np.ndarray:
+    """The RMSNorm's effective scale: Gemma's ``(1 + w)`` folded into the exported weight."""
+    return (module.weight.detach().float() + arch.norm_offset).numpy()
+
+
+def _gate_up(b: Builder, h: str, layer: torch.nn.Module, arch: Architecture, i: int,
              opts: GraphOptions) -> tuple[str, str]:
-    """Gate and up projections read the same input: one MatMulNBits of both (ort), then a Split."""
-    gate_w, up_w = (linear_weight(layer.get_submodule(n)) for n in (layout.gate, layout.up))
-    fused = concat_rows([gate_w, up_w]) if opts.target == "ort" else None
-    if fused is None:
-        return (linear(b, h, gate_w, f"layers.{i}.gate_proj", opts), linear(b, h, up_w, f"layers.{i}.up_proj", opts))
+    """Gate and up projections read the same input: one MatMulNBits of both (ort; Phi-3 stores them fused),
+    then a Split."""
+    if arch.gate_up:
+        fused = linear_weight(layer.get_submodule(arch.gate_up))
+        sizes = [fused.n // 2, fused.n // 2]
+    else:
+        gate_w, up_w = (linear_weight(layer.get_submodule(n)) for n in (arch.gate, arch.up))  # type: ignore[arg-type]
+        fused = concat_rows([gate_w, up_w]) if opts.target == "ort" else None  # type: ignore[assignment]
+        if fused is None:
+            return (linear(b, h, gate_w, f"layers.{i}.gate_proj", opts),
+                    linear(b, h, up_w, f"layers.{i}.up_proj", opts))
+        sizes = [gate_w.n, up_w.n]
     both = linear(b, h, fused, f"layers.{i}.gate_up_proj", opts)
-    gate, up = b.op("Split", [both, b.ints([gate_w.n, up_w.n])], n_out=2, axis=-1)
+    gate, up = b.op("Split", [both, b.ints(sizes)], n_out=2, axis=-1)
     return gate, up
 
 
-def _io(d: Dims) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+def _layer_attention(model: PreTrainedModel, d: Dims, b: Builder) -> list[LayerAttention]:
+    """Per layer: rotary cache names (one pair per layer type when the family has several), window, scale,
+    soft-cap and q/k norm weights."""
+    arch, c = layout_of(model), model.config
+    types = layer_types(c)
+    caches: dict[str | None, tuple[str, str, int]] = {}
+    for lt in dict.fromkeys(types) if arch.rotary_by_layer_type else [None]:
+        cos_np, sin_np = rotary_caches(model, d, lt)
+        suffix = "" if lt is None else f".{lt}"
+        caches[lt] = (b.const(f"cos_cache{suffix}", cos_np), b.const(f"sin_cache{suffix}", sin_np),
+                      2 * cos_np.shape[1])
+    out = []
+    for layer, lt, window in zip(decoder_layers(model), types, sliding_windows(c), strict=True):
+        cos, sin, rotary_dim = caches[lt if arch.rotary_by_layer_type else None]
+        norms = None
+        if arch.q_norm and arch.k_norm:
+            norms = (_norm_weight(layer.get_submodule(arch.q_norm), arch),
+                     _norm_weight(layer.get_submodule(arch.k_norm), arch))
+        out.append(LayerAttention(cos, sin, rotary_dim, window, attention_scale(c, d.head_dim),
+                                  attention_softcap(c), norms))
+    return out
+
+
+def _io(d: Dims, names: TensorNames) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
     kv_in = ["batch_size", d.kv_heads, "past_sequence_length", d.head_dim]
     kv_out = ["batch_size", d.kv_heads, "present_sequence_length", d.head_dim]
     inputs = [
-        helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "mask_length"]),
-        helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(names.input_ids, TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(names.attention_mask, TensorProto.INT64, ["batch_size", "mask_length"]),
+        helper.make_tensor_value_info(names.position_ids, TensorProto.INT64, ["batch_size", "sequence_length"]),
     ]
-    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch_size", "sequence_length", d.vocab])]
+    outputs = [helper.make_tensor_value_info(names.logits, TensorProto.FLOAT, ["batch_size", "sequence_length", d.vocab])]
     for i in range(d.layers):
-        for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(PAST.format(i=i, kv=kv), TensorProto.FLOAT, kv_in))
-            outputs.append(helper.make_tensor_value_info(PRESENT.format(i=i, kv=kv), TensorProto.FLOAT, kv_out))
+        for kv in KINDS:
+            inputs.append(helper.make_tensor_value_info(names.past(i, kv), TensorProto.FLOAT, kv_in))
+            outputs.append(helper.make_tensor_value_info(names.present(i, kv), TensorProto.FLOAT, kv_out))
     return inputs, outputs
 
 
-def build_model(model: PreTrainedModel, opts: GraphOptions) -> onnx.ModelProto:
+def build_model(model: PreTrainedModel, opts: GraphOptions, names: TensorNames) -> onnx.ModelProto:
     """The whole decoder as one ONNX model (initializers inline; the caller saves them as external data)."""
-    layout, arch, d = layout_of(model), arch_graph(model), dims_of(model, opts.max_positions)
-    names = {"q": layout.q, "k": layout.k, "v": layout.v}
+    if not names.position_ids:
+        raise ToolkitError("the exporter's graphs take position ids: give TensorNames a position_ids name")
+    arch, d = layout_of(model), dims_of(model, opts.max_positions)
     b = Builder()
-    cos, sin = rotary_caches(model, d)
-    b.const("cos_cache", cos)
-    b.const("sin_cache", sin)
-    m = mask_values(b, opts)
+    attn_of = _layer_attention(model, d, b)
+    act = activation(model.config)
+    m = mask_values(b, opts, names)
     attention = _attention_ort if opts.target == "ort" else _attention_standard
-    residual = embed(b, INPUT_IDS, model, layout.head, opts)
+    residual = embed(b, names.input_ids, model, arch.head, opts)
+    if arch.embed_scale:  # Gemma: embeddings x sqrt(hidden), rounded to float32 as the model does
+        residual = b.one("Mul", [residual, b.const("embed.scale", np.array(d.hidden ** 0.5, np.float32))])
     delta: str | None = None
     for i, layer in enumerate(decoder_layers(model)):
-        norm_in = layer.get_submodule(layout.input_norm).weight.detach().float().numpy()
-        h, residual = _norm(b, delta, residual, norm_in, f"layers.{i}.input_norm", d, opts)
-        delta = linear(b, attention(b, h, i, layer, m, d, names, opts),
-                       linear_weight(layer.get_submodule(layout.o)), f"layers.{i}.o_proj", opts)
-        norm_post = layer.get_submodule(layout.post_attention_norm).weight.detach().float().numpy()
-        h, residual = _norm(b, delta, residual, norm_post, f"layers.{i}.post_attention_norm", d, opts)
-        gate, up = _gate_up(b, h, layer, layout, i, opts)
-        act = b.one("Mul", [_activation(b, gate, arch.activation), up])
-        delta = linear(b, act, linear_weight(layer.get_submodule(layout.down)), f"layers.{i}.down_proj", opts)
-    final = model.get_submodule(layout.final_norm).weight.detach().float().numpy()
-    h, _ = _norm(b, delta, residual, final, "final_norm", d, opts)
-    logits = head_linear(b, h, model, layout.head, opts)
-    b.nodes.append(helper.make_node("Identity", [logits], [LOGITS], name="logits_out"))
-    inputs, outputs = _io(d)
+        h, residual = _norm(b, delta, residual, _norm_weight(layer.get_submodule(arch.input_norm), arch),
+                            f"layers.{i}.input_norm", d, opts)
+        delta = linear(b, attention(b, h, i, layer, m, arch, attn_of[i], d, opts, names),
+                       linear_weight(layer.get_submodule(arch.o)), f"layers.{i}.o_proj", opts)
+        delta = _sandwich(b, delta, layer, arch.attn_out_norm, arch, f"layers.{i}.attn_out_norm", d)
+        h, residual = _norm(b, delta, residual, _norm_weight(layer.get_submodule(arch.mlp_norm), arch),
+                            f"layers.{i}.post_attention_norm", d, opts)
+        gate, up = _gate_up(b, h, layer, arch, i, opts)
+        hidden = b.one("Mul", [_activation(b, gate, act), up])
+        delta = linear(b, hidden, linear_weight(layer.get_submodule(arch.down)), f"layers.{i}.down_proj", opts)
+        delta = _sandwich(b, delta, layer, arch.mlp_out_norm, arch, f"layers.{i}.mlp_out_norm", d)
+    h, _ = _norm(b, delta, residual, _norm_weight(model.get_submodule(arch.final_norm), arch), "final_norm", d, opts)
+    logits = head_linear(b, h, model, arch.head, opts)
+    cap = final_softcap(model.config)
+    if cap:
+        logits = _softcap(b, logits, cap, "logits")
+    b.nodes.append(helper.make_node("Identity", [logits], [names.logits], name="logits_out"))
+    inputs, outputs = _io(d, names)
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
     opsets = [helper.make_opsetid("", opts.opset), helper.make_opsetid(MS, 1)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="llm-toolkit")

@@ -1,8 +1,9 @@
 """Building a decoder-only LLM as one ONNX graph with a KV cache, written node by node with ``onnx.helper``.
 
-Interface (the Optimum / onnxruntime-genai convention; ``P`` past length, ``S`` new tokens):
-inputs ``input_ids [B,S] int64``, ``attention_mask [B,P+S] int64``, ``position_ids [B,S] int64``,
-``past_key_values.{i}.key|value [B,KVH,P,D] float32``; outputs ``logits [B,S,V]``, ``present.{i}.key|value``.
+Interface (the Optimum / onnxruntime-genai convention, names from ``toolkit.runtime.contract.TensorNames``;
+``P`` past length, ``S`` new tokens): inputs ids ``[B,S] int64``, attention mask ``[B,P+S] int64``, position ids
+``[B,S] int64``, each layer's past key and value ``[B,KVH,P,D] float32``; outputs logits ``[B,S,V]`` and each
+layer's present key and value.
 
 Two targets:
 - ``ort``: onnxruntime contrib ops (GroupQueryAttention with fused rotary, MatMulNBits carrying our exact codes,
@@ -21,28 +22,13 @@ from onnx import TensorProto, helper, numpy_helper
 from transformers import PreTrainedModel
 
 from toolkit.errors import ToolkitError
-from toolkit.models.architectures import layout_of
+from toolkit.models.architectures import check_rope, layout_of, rope_parameters
 from toolkit.onnx.weights import LinearWeight, embedding_source, linear_weight, nibble_planes
 from toolkit.quant.formats import MatMulNBitsLayout, OnnxPacked4
 
 MS = "com.microsoft"
 IR_VERSION = 10  # the newest IR onnxruntime 1.31 loads
 MASK_NEG = -1e9  # additive bias of masked keys: finite, so a fully masked row cannot turn into NaN
-
-
-@dataclass(frozen=True)
-class ArchGraph:
-    """What the graph needs beyond ``DecoderLayout``: the pieces whose math differs between families."""
-
-    rotary: str  # module computing (cos, sin) from position ids, HF ``rotate_half`` (non-interleaved) layout
-    activation: str  # MLP gate activation: act(gate(x)) * up(x)
-    norm_eps: str  # config attribute holding the RMSNorm epsilon
-
-
-# One row per Hugging Face model_type, next to ``toolkit.models.architectures.LAYOUTS``.
-ARCH_GRAPHS: dict[str, ArchGraph] = {
-    "llama": ArchGraph(rotary="model.rotary_emb", activation="silu", norm_eps="rms_norm_eps"),
-}
 
 
 @dataclass(frozen=True)
@@ -71,23 +57,20 @@ class Dims:
     eps: float
 
 
-def arch_graph(model: PreTrainedModel) -> ArchGraph:
-    layout_of(model)  # raises the supported-architecture error first
-    model_type = model.config.model_type
-    if model_type not in ARCH_GRAPHS:
-        raise ToolkitError(
-            f"ONNX export does not support architecture '{model_type}'; supported: {', '.join(sorted(ARCH_GRAPHS))}"
-        )
-    return ARCH_GRAPHS[model_type]
-
-
 def dims_of(model: PreTrainedModel, max_positions: int = 0) -> Dims:
     c = model.config
+    layout_of(model)  # raises the supported-architecture error first
+    check_rope(c)
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    positions = min(max_positions, c.max_position_embeddings) if max_positions else c.max_position_embeddings
+    longest = c.max_position_embeddings
+    if rope_parameters(c).get("rope_type") == "longrope":
+        # longrope switches every position to its long factors once a sequence passes the original context;
+        # one static cache holds the short factors, so the export serves up to that length
+        longest = int(rope_parameters(c).get("original_max_position_embeddings") or c.original_max_position_embeddings)
+    positions = min(max_positions, longest) if max_positions else longest
     return Dims(c.num_hidden_layers, heads, getattr(c, "num_key_value_heads", heads), head_dim, c.hidden_size,
-                c.vocab_size, positions, float(getattr(c, arch_graph(model).norm_eps)))
+                c.vocab_size, positions, float(c.rms_norm_eps))
 
 
 class Builder:

@@ -22,7 +22,7 @@ import yaml
 from toolkit.data import WindowSpec
 from toolkit.errors import ToolkitError
 from toolkit.passes import CONFIGS, is_export
-from toolkit.schema import build, record
+from toolkit.schema import brief, build, record
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ TOP_KEYS = ("model", "calibration", "evaluation", "passes", "output", "device", 
 def _step(entry: Any, origin: str, index: int) -> Step:
     path = f"passes[{index}]"
     if not isinstance(entry, dict) or len(entry) != 1:
-        raise ToolkitError(f"{origin}: {path}: each pass is a one-key mapping like '- rtn: {{bits: 4}}', got {entry!r}")
+        raise ToolkitError(f"{origin}: {path}: each pass is a one-key mapping like '- rtn: {{bits: 4}}', got {brief(entry)}")
     (name, settings), = entry.items()
     if name not in CONFIGS:
         raise ToolkitError(f"{origin}: {path}: unknown pass '{name}'; available: {', '.join(sorted(CONFIGS))}")
@@ -173,7 +173,13 @@ def load(path: str | Path) -> Recipe:
     if not path.is_file():
         raise ToolkitError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ToolkitError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8 YAML") from None
+    except OSError as exc:
+        raise ToolkitError(f"cannot read recipe {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

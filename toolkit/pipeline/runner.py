@@ -1,14 +1,19 @@
 """Run a recipe: passes in order, each output cached by content, then evaluation and a manifest.
 
-Cache keys hash the input artifact's key, the pass name and config, the calibration spec (for passes
-that read it) and the library versions. An unchanged recipe is served entirely from cache; changing
-one pass recomputes from that pass on. The output folder is assembled in a temporary sibling and
-renamed into place only when everything succeeded.
+Cache keys hash the input artifact's key (the model's file contents, or the previous step's key), the
+pass name and config, the calibration spec (for passes that read it), the library versions and the
+toolkit's own source hash. An unchanged recipe is served entirely from cache; changing one pass (or the
+code) recomputes from that pass on. A cache entry is served only after every file it holds matches the
+sizes and sha256 of its manifest; one that does not (truncated, altered, half-deleted) is recomputed with
+a warning, as is an unreadable evaluation entry. The output folder is checked before any work
+(``outputs.check_output``), assembled in a temporary sibling and renamed into place only when everything
+succeeded.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -26,10 +31,11 @@ from toolkit.evaluation.streaming import stream_perplexity
 from toolkit.models import checkpoint
 from toolkit.models.streaming import SkeletonModel
 from toolkit.passes import STREAMING, handler
-from toolkit.paths import atomic_dir, cache_dir, dir_bytes, sha256_json
+from toolkit.paths import atomic_dir, cache_dir, dir_bytes, sha256_json, write_text_atomic
 from toolkit.pipeline import budget
 from toolkit.pipeline.context import PassContext
 from toolkit.pipeline.monitor import Measure
+from toolkit.pipeline.outputs import check_output
 from toolkit.pipeline.recipes import EvaluationSpec, MemorySpec, Recipe, Step
 from toolkit.quant.streaming import StreamOptions
 from toolkit.schema import record
@@ -113,7 +119,7 @@ def _model_shape(ref: models.ModelRef) -> budget.ModelShape | None:
         return budget.ModelShape.of_config(AutoConfig.from_pretrained(ref.folder))
     if ref.source.startswith("tiny-llama"):
         return budget.ModelShape.of_config(LlamaConfig(**TINY_CONFIG))
-    return None  # a hub id: its config is not fetched just to estimate
+    return None  # a hub id or another tiny family: its config is not built just to estimate
 
 
 def check_memory(recipe: Recipe, ref: models.ModelRef, options: StreamOptions) -> budget.Estimate | None:
@@ -131,15 +137,23 @@ def check_memory(recipe: Recipe, ref: models.ModelRef, options: StreamOptions) -
     return estimate
 
 
-def _complete(folder: Path) -> bool:
-    return (folder / checkpoint.MANIFEST).is_file()
+def _servable(folder: Path, key: str, log: Callable[[str], None]) -> bool:
+    """A cache entry is served only when its manifest matches its key and every file's size and sha256."""
+    if not folder.exists():
+        return False
+    problems = checkpoint.verify_files(folder)
+    if not problems and checkpoint.read_manifest(folder).get("key") != key:
+        problems = ["its manifest records another key"]
+    if problems:
+        log(f"  warning: cache entry {folder} is damaged ({'; '.join(problems[:3])}); recomputing it")
+    return not problems
 
 
 def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callable[[str], None],
               options: StreamOptions) -> StepResult:
     kind = "exports" if step.is_export else "artifacts"
     folder = cache_dir() / kind / key[:32]
-    if _complete(folder):
+    if _servable(folder, key, log):
         log(f"  {step.name}: cached ({folder})")
         meta = checkpoint.read_manifest(folder).get("step", {})
         result = StepResult(step.name, key, True, folder, meta.get("measure", {}), meta.get("metrics", {}),
@@ -147,7 +161,7 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
     elif state.can_stream(step):
         assert state.folder is not None
         log(f"  {step.name}: running layer by layer from {state.folder}")
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, replace=True) as tmp:
             with Measure() as m:
                 src = SkeletonModel(state.folder, device=options.device)
                 metrics = {"streaming": STREAMING[type(step.config)](src, tmp, step.config, ctx, options)}
@@ -162,7 +176,7 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
         log(f"  {step.name}: running")
         model = state.materialize()
         fn = handler(step.config)
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, replace=True) as tmp:
             with Measure() as m:
                 if step.is_export:
                     metrics = fn(model, ctx.tokenizer, step.config, tmp) or {}
@@ -184,43 +198,70 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
     return result
 
 
-def _evaluate(spec: EvaluationSpec, ref: models.ModelRef, folder: Path | None, key: str,
-              tokenizer: PreTrainedTokenizerBase, reference: bool, progress: bool,
-              options: StreamOptions) -> dict[str, Any]:
-    versions = checkpoint.library_versions()
-    use_kl = reference and spec.kl
-    eval_key = sha256_json({"model": key, "eval": record(spec), "reference": ref.key if use_kl else None,
-                            "versions": versions})
-    path = cache_dir() / "evals" / f"{eval_key[:32]}.json"
-    if path.is_file():
-        return {**json.loads(path.read_text()), "cache_hit": True}
+def measure(spec: EvaluationSpec, model: models.ModelRef, tokenizer: PreTrainedTokenizerBase,
+            reference: str | None, progress: bool, options: StreamOptions | None = None) -> dict[str, Any]:
+    """Perplexity (and KL/top-1 against ``reference``) of ``model`` under ``spec``, with its size on disk and
+    load time: what every evaluation reports, cached (``_evaluate``) or not (``toolkit eval``). With
+    ``spec.streaming`` a float checkpoint folder is evaluated one decoder layer at a time."""
     start = time.perf_counter()
+    folder = model.folder
     windows = data.token_windows(tokenizer, spec.windows())
     if spec.streaming and folder is not None and not (folder / checkpoint.QUANT_FILE).is_file():
+        options = options or StreamOptions()
         src = SkeletonModel(folder, device=options.device)
         load_seconds = time.perf_counter() - start
         metrics: dict[str, Any] = stream_perplexity(src, windows, spec.batch_size, options)
         metrics["bytes"] = dir_bytes(folder)
     else:
-        model = checkpoint.load_model(folder) if folder else models.load(ref.source).model
+        loaded = checkpoint.load_model(folder) if folder else models.load(model.source).model
         load_seconds = time.perf_counter() - start
-        ref_model = models.load(ref.source).model if use_kl else None
-        metrics = perplexity.evaluate(model, windows, ref_model, spec.batch_size, progress)
-        metrics["bytes"] = dir_bytes(folder) if folder else sum(p.numel() * p.element_size() for p in model.parameters())
+        ref_model = models.load(reference).model if reference else None
+        metrics = perplexity.evaluate(loaded, windows, ref_model, spec.batch_size, progress)
+        metrics["bytes"] = (dir_bytes(folder) if folder
+                            else sum(p.numel() * p.element_size() for p in loaded.parameters()))
     metrics["load_seconds"] = load_seconds
     metrics["windows"] = spec.windows().record()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(path)
+    return metrics
+
+
+def _cached_metrics(path: Path) -> dict[str, Any] | None:
+    """A cached evaluation, or None when it is missing, truncated or lacks a finite perplexity."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict):
+        return None
+    ppl = metrics.get("perplexity")
+    finite = isinstance(ppl, int | float) and math.isfinite(ppl) and ppl > 0
+    return metrics if finite and isinstance(metrics.get("bytes"), int) and "windows" in metrics else None
+
+
+def _evaluate(spec: EvaluationSpec, ref: models.ModelRef, folder: Path | None, key: str,
+              tokenizer: PreTrainedTokenizerBase, reference: bool, progress: bool,
+              log: Callable[[str], None], options: StreamOptions | None = None) -> dict[str, Any]:
+    versions = checkpoint.library_versions()
+    use_kl = reference and spec.kl
+    eval_key = sha256_json({"model": key, "eval": record(spec), "reference": ref.key if use_kl else None,
+                            "versions": versions})
+    path = cache_dir() / "evals" / f"{eval_key[:32]}.json"
+    cached = _cached_metrics(path)
+    if cached is not None:
+        return {**cached, "cache_hit": True}
+    if path.exists():
+        log(f"  warning: evaluation cache entry {path} is unreadable or incomplete; recomputing it")
+    target = ref if folder is None else models.ModelRef(str(folder), key, folder)
+    metrics = measure(spec, target, tokenizer, ref.source if use_kl else None, progress, options)
+    write_text_atomic(path, json.dumps(metrics, indent=2))
     return {**metrics, "cache_hit": False}
 
 
 def _assemble(output: Path, recipe: Recipe, state: _State, results: list[StepResult],
-              before: dict[str, Any], after: dict[str, Any], seconds: float) -> None:
+              before: dict[str, Any], after: dict[str, Any], seconds: float, overwrite: bool) -> None:
     from toolkit.evaluation.report import before_after_table
 
-    with atomic_dir(output) as tmp:
+    check_output(output, _reads(recipe), overwrite)  # again: the folder may have appeared during the run
+    with atomic_dir(output, replace=overwrite) as tmp:
         model_steps = [r for r in results if not r.is_export]
         if model_steps and state.folder is not None:
             shutil.copytree(state.folder, tmp / "model")
@@ -233,19 +274,34 @@ def _assemble(output: Path, recipe: Recipe, state: _State, results: list[StepRes
         checkpoint.write_manifest(tmp, {
             "recipe": recipe.record(),
             "recipe_file": recipe.origin,
-            "model": {"source": recipe.model, "key": state.ref.key},
+            "model": {"source": recipe.model, "key": state.ref.key, "output_key": state.key},
             "steps": [r.record() for r in results],
             "metrics": metrics,
             "seconds": round(seconds, 3),
         })
 
 
+def _reads(recipe: Recipe) -> list[Path]:
+    """What the run reads and its output must never replace: the recipe file and a local model."""
+    reads = [Path(recipe.origin)] if Path(recipe.origin).is_file() else []
+    model = Path(recipe.model).expanduser()
+    if model.exists():
+        reads.append(model)
+    elif recipe.model == "smollm2":
+        reads.append(models.smollm2_gguf_path())
+    return reads
+
+
 def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
-        log: Callable[[str], None] = print) -> RunResult:
+        log: Callable[[str], None] = print, overwrite: bool = False) -> RunResult:
+    """Run ``recipe``; ``overwrite`` allows replacing a previous toolkit output at ``output``."""
     start = time.perf_counter()
     torch.manual_seed(0)
-    output = Path(output or recipe.output)
+    output = check_output(Path(output or recipe.output), _reads(recipe), overwrite)
     ref = models.resolve(recipe.model)
+    models.check_lengths(ref, {"evaluation.length": recipe.evaluation.length,
+                               **({"calibration.length": recipe.calibration.length}
+                                  if any(s.reads_calibration for s in recipe.passes) else {})})
     device = resolve_device(recipe.device)
     options = stream_options(recipe.memory, device, progress)
     check_memory(recipe, ref, options)
@@ -255,8 +311,7 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
     log(f"model {recipe.model} ({ref.key[:12]}), device {device}")
     before: dict[str, Any] = {}
     if recipe.evaluation.baseline:
-        before = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, reference=False, progress=progress,
-                           options=options)
+        before = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, False, progress, log, options)
         log(f"  baseline perplexity {before['perplexity']:.3f}{' (cached)' if before['cache_hit'] else ''}")
     results: list[StepResult] = []
     for step in recipe.passes:
@@ -270,15 +325,13 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
         )
         results.append(_run_step(step, state, ctx, key, log, options))
     if any(not r.is_export for r in results):
-        after = _evaluate(recipe.evaluation, ref, state.folder, state.key, tokenizer, reference=True, progress=progress,
-                          options=options)
+        after = _evaluate(recipe.evaluation, ref, state.folder, state.key, tokenizer, True, progress, log, options)
     elif before:
         after = before
     else:  # export steps only and no baseline: the model itself is what is evaluated
-        after = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, reference=False, progress=progress,
-                           options=options)
+        after = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, False, progress, log, options)
     seconds = time.perf_counter() - start
-    _assemble(output, recipe, state, results, before, after, seconds)
+    _assemble(output, recipe, state, results, before, after, seconds, overwrite)
     return RunResult(output, before, after, results, seconds)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,14 @@ class ActivationBuffer:
         self._count = 0
         self.resident_bytes = 0
         self.spilled_bytes = 0
+
+    @classmethod
+    def of(cls, batches: Iterable[torch.Tensor]) -> ActivationBuffer:
+        """An in-memory buffer holding ``batches``."""
+        buf = cls()
+        for b in batches:
+            buf.append(b)
+        return buf
 
     def __len__(self) -> int:
         return self._count

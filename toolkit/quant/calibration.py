@@ -21,7 +21,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from toolkit.errors import ToolkitError
-from toolkit.models.architectures import decoder_layers
+from toolkit.models.architectures import decoder_layers, layer_types
 from toolkit.quant.activations import ActivationBuffer
 
 
@@ -32,8 +32,16 @@ class _Stop(Exception):
 @dataclass
 class LayerInputs:
     hidden: ActivationBuffer  # batches [B, L, H] of the input hidden states of the current layer
-    kwargs: list[dict[str, Any]]  # per batch: what the model passes the layer (position embeddings, mask)
+    # per layer type, per batch: what the model passes a layer (position embeddings, mask); sliding-window
+    # layers get another mask, Gemma 3's local layers other rotary embeddings
+    kwargs_by_type: dict[str, list[dict[str, Any]]]
+    types: list[str]  # layer type of each decoder layer
     batch_size: int
+    layer: int = 0  # the layer ``hidden`` feeds (``walk_layers`` moves it)
+
+    @property
+    def kwargs(self) -> list[dict[str, Any]]:
+        return self.kwargs_by_type[self.types[self.layer]]
 
     def batches(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         for b, kw in enumerate(self.kwargs):
@@ -47,26 +55,57 @@ def check_finite(t: torch.Tensor, what: str) -> None:
                            "check the input model (evaluate it in float) before quantizing")
 
 
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: keeps what it is given, passes the hidden states on."""
+
+    def __init__(self, store: Callable[[torch.Tensor, dict[str, Any]], None] | None, last: bool) -> None:
+        super().__init__()
+        self.store, self.last = store, last
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        if self.store is not None:
+            kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "cache")}
+            self.store(hidden_states.detach().float(), kw)
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int,
                          buffer: ActivationBuffer | None = None) -> LayerInputs:
-    """Run the embedding part of ``model`` on ``windows: [N, L]`` and keep what decoder layer 0 receives
-    (in ``buffer``; by default an unbounded in-memory one)."""
-    first = decoder_layers(model)[0]
+    """Run the embedding part of ``model`` on ``windows: [N, L]``; keep what decoder layer 0 receives (in
+    ``buffer``; by default an unbounded in-memory one) and the keyword arguments (mask, rotary embeddings)
+    the first layer of every layer type receives.
+
+    The layers are swapped for recorders while this runs, so a forward costs the embedding alone (and
+    works on a skeleton whose decoder layers are still on the meta device)."""
+    layers = decoder_layers(model)
+    types = layer_types(model.config)
+    firsts = {t: types.index(t) for t in dict.fromkeys(types)}  # layer type -> first layer of that type
+    kwargs: dict[int, list[dict[str, Any]]] = {i: [] for i in firsts.values()}
     hidden = ActivationBuffer() if buffer is None else buffer
-    kwargs: list[dict[str, Any]] = []
 
-    def catch(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-        kw = dict(kw)
-        x = (args[0] if args else kw.pop("hidden_states")).detach().float()
-        check_finite(x, "the embedding output")
-        hidden.append(x)
-        kw.pop("past_key_values", None)
-        kwargs.append(kw)
-        raise _Stop
+    def keep(i: int) -> Callable[[torch.Tensor, dict[str, Any]], None]:
+        def store(h: torch.Tensor, kw: dict[str, Any]) -> None:
+            kwargs[i].append(kw)
+            if i == 0:
+                check_finite(h, "the embedding output")
+                hidden.append(h)
+        return store
 
-    _run_until(model, first.register_forward_pre_hook(catch, with_kwargs=True), windows, batch_size)
-    return LayerInputs(hidden, kwargs, batch_size)
+    originals = list(layers)
+    last = max(firsts.values())
+    for i in range(last + 1):
+        layers[i] = _Recorder(keep(i) if i in kwargs else None, last=i == last)
+    try:
+        for batch in windows.split(batch_size):
+            with contextlib.suppress(_Stop):
+                model(input_ids=batch, use_cache=False)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return LayerInputs(hidden, {t: kwargs[i] for t, i in firsts.items()}, types, batch_size)
 
 
 def _run_until(model: PreTrainedModel, handle: RemovableHandle, windows: torch.Tensor, batch_size: int) -> None:
@@ -147,5 +186,6 @@ def walk_layers(model: PreTrainedModel, windows: torch.Tensor, batch_size: int, 
     layers = decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc="layers", disable=not progress, leave=False)):
         prefix = f"{layers_path}.{i}"
+        inputs.layer = i
         fn(prefix, layer, inputs)
         advance(layer, inputs, prefix)

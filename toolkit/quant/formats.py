@@ -186,3 +186,169 @@ class OnnxPacked4:
             count *= d
         packed = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         return Int4.unpack(packed)[:count].reshape(shape)
+
+
+def _split_blocks(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``codes [out, in]``, ``scales, zeros [out, in/block]`` -> ``[out, G, block]``, ``[out, G]``, ``[out, G]``."""
+    out_f, in_f = codes.shape
+    if in_f % block or scales.shape != (out_f, in_f // block) or zeros.shape != scales.shape:
+        raise ValueError(f"GGUF blocks hold {block} weights each: codes {list(codes.shape)} need scales and "
+                         f"zeros of shape [{out_f}, {in_f // block}], got {list(scales.shape)}, {list(zeros.shape)}")
+    return codes.reshape(out_f, in_f // block, block), scales.to(torch.float16), zeros
+
+
+def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """``[out, G]`` float16 -> ``[out, G, 2]`` uint8, little endian (GGUF is little endian)."""
+    return x.to(torch.float16).contiguous().view(torch.uint8).reshape(*x.shape, 2)
+
+
+def _fp16_from(raw: torch.Tensor) -> torch.Tensor:
+    return raw.contiguous().view(torch.float16).reshape(raw.shape[:-1])
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """``[..., 32]`` codes -> ``[..., 16]`` bytes: element j in the low nibble, j + 16 in the high one."""
+    return q[..., :16] | (q[..., 16:] << 4)
+
+
+def _from_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    return torch.cat((qs & 0x0F, qs >> 4), dim=-1)
+
+
+class GGUFQ4_0:
+    """ggml ``block_q4_0`` (ggml-common.h): fp16 ``d``, then 16 bytes of codes; value ``d * (q - 8)``.
+
+    Exactly our symmetric int4 group 32 (zero point 8): ``d`` is our float16 scale, ``q`` our code.
+    Rows are ``[out, in/32 * 18]`` bytes, blocks along the input dimension.
+    """
+
+    block, block_bytes = 32, 18
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        q, d, z = _split_blocks(codes, scales, zeros, cls.block)
+        if bool((z != 8).any()):
+            raise ValueError("Q4_0 stores symmetric int4 (zero point 8 in every block); use Q4_1 for asymmetric codes")
+        raw = torch.cat((_fp16_bytes(d), _nibbles(q)), dim=-1)
+        return raw.reshape(q.shape[0], -1)
+
+    @classmethod
+    def unpack(cls, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        blocks = raw.reshape(raw.shape[0], -1, cls.block_bytes)
+        d = _fp16_from(blocks[..., :2])
+        codes = _from_nibbles(blocks[..., 2:]).reshape(raw.shape[0], -1)
+        return codes, d, torch.full(d.shape, 8, dtype=torch.uint8)
+
+
+class GGUFQ4_1:
+    """ggml ``block_q4_1``: fp16 ``d``, fp16 ``m``, 16 bytes of codes; value ``d * q + m``.
+
+    Our asymmetric int4 group 32 is ``scale * (q - zero)``, so ``d = scale`` and ``m = -scale * zero``
+    rounded to float16. ``scale * zero`` needs up to 15 significant bits and float16 has 11, so ``m``
+    is exact only for some blocks: ``offset_error`` says how far off the rest are.
+    """
+
+    block, block_bytes = 32, 20
+
+    @staticmethod
+    def offset(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        return (-scales.to(torch.float32) * zeros.to(torch.float32)).to(torch.float16)
+
+    @classmethod
+    def offset_error(cls, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        """``|m - (-scale * zero)|`` per block (0 where the offset is exact in float16)."""
+        exact = -scales.to(torch.float64) * zeros.to(torch.float64)
+        return (cls.offset(scales, zeros).to(torch.float64) - exact).abs()
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        q, d, z = _split_blocks(codes, scales, zeros, cls.block)
+        if q.numel() and int(q.max()) > 15:
+            raise ValueError("Q4_1 holds 4-bit codes; got a code above 15")
+        raw = torch.cat((_fp16_bytes(d), _fp16_bytes(cls.offset(d, z)), _nibbles(q)), dim=-1)
+        return raw.reshape(q.shape[0], -1)
+
+    @classmethod
+    def unpack(cls, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> codes, ``d``, and the zero point recovered as ``round(-m / d)``."""
+        blocks = raw.reshape(raw.shape[0], -1, cls.block_bytes)
+        d, m = _fp16_from(blocks[..., :2]), _fp16_from(blocks[..., 2:4])
+        codes = _from_nibbles(blocks[..., 4:]).reshape(raw.shape[0], -1)
+        zeros = torch.round(-m.to(torch.float32) / d.to(torch.float32)).clamp(0, 15).to(torch.uint8)
+        return codes, d, zeros
+
+
+class GGUFQ8_0:
+    """ggml ``block_q8_0``: fp16 ``d``, then 32 int8; value ``d * q``.
+
+    Exactly our symmetric int8 group 32 (zero point 128): the int8 is ``code - 128``.
+    """
+
+    block, block_bytes = 32, 34
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        q, d, z = _split_blocks(codes, scales, zeros, cls.block)
+        if bool((z != 128).any()):
+            raise ValueError("Q8_0 stores symmetric int8 (zero point 128 in every block)")
+        signed = (q.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
+        raw = torch.cat((_fp16_bytes(d), signed), dim=-1)
+        return raw.reshape(q.shape[0], -1)
+
+    @classmethod
+    def unpack(cls, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        blocks = raw.reshape(raw.shape[0], -1, cls.block_bytes)
+        d = _fp16_from(blocks[..., :2])
+        signed = blocks[..., 2:].contiguous().view(torch.int8).to(torch.int16)
+        codes = (signed + 128).to(torch.uint8).reshape(raw.shape[0], -1)
+        return codes, d, torch.full(d.shape, 128, dtype=torch.uint8)
+
+
+class CompressedTensorsPacked:
+    """compressed-tensors ``pack-quantized`` (``pack_to_int32``): ``bits``-bit values packed densely into
+    int32, value ``i`` of a row at global bit ``i * bits`` (little endian, so 4-bit rows are the same
+    bytes as ``Int4``). compressed-tensors holds signed values ``v`` in ``[-2^(b-1), 2^(b-1) - 1]`` and
+    packs ``v + 2^(b-1)``; with ``v = q - 2^(b-1)`` and ``zero_point = zero - 2^(b-1)`` its
+    ``(v - zero_point) * scale`` is our ``(q - zero) * scale``, and the packed words are our unsigned codes.
+    Weights pack along the input dimension (``[out, ceil(in*b/32)]``), zero points along the output one
+    (``[ceil(out*b/32), G]``).
+    """
+
+    def __init__(self, bits: int) -> None:
+        if not 1 <= bits <= 8:
+            raise ValueError(f"pack-quantized holds 1 to 8 bits, got {bits}")
+        self.bits = bits
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[rows, cols]`` unsigned codes -> ``[rows, ceil(cols * bits / 32)]`` int32."""
+        if codes.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 codes, got {codes.dtype}")
+        if codes.numel() and int(codes.max()) >= 2**self.bits:
+            raise ValueError(f"a code does not fit in {self.bits} bits")
+        rows, cols = codes.shape
+        bits = (codes.unsqueeze(-1) >> torch.arange(self.bits, dtype=torch.uint8)) & 1  # [rows, cols, b], LSB first
+        stream = bits.reshape(rows, cols * self.bits)
+        words = -(-cols * self.bits // 32)
+        stream = torch.nn.functional.pad(stream, (0, words * 32 - stream.shape[1]))
+        weights = torch.ones(32, dtype=torch.int64) << torch.arange(32, dtype=torch.int64)
+        return _to_int32((stream.reshape(rows, words, 32).to(torch.int64) * weights).sum(-1))
+
+    def unpack(self, packed: torch.Tensor, cols: int) -> torch.Tensor:
+        """``[rows, words]`` int32 -> ``[rows, cols]`` unsigned codes."""
+        if packed.dtype != torch.int32:
+            raise TypeError(f"expected int32 words, got {packed.dtype}")
+        rows = packed.shape[0]
+        if packed.shape[1] != -(-cols * self.bits // 32):
+            raise ValueError(f"{packed.shape[1]} int32 words cannot hold {cols} values of {self.bits} bits")
+        words = packed.to(torch.int64) & 0xFFFFFFFF
+        stream = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1
+        bits = stream.reshape(rows, -1)[:, : cols * self.bits].reshape(rows, cols, self.bits)
+        return (bits << torch.arange(self.bits, dtype=torch.int64)).sum(-1).to(torch.uint8)
+
+    def pack_zeros(self, zeros: torch.Tensor) -> torch.Tensor:
+        """``[out, G]`` zero points -> ``[ceil(out * bits / 32), G]`` int32 (packed along the output dimension)."""
+        return self.pack(zeros.t().contiguous()).t().contiguous()
+
+    def unpack_zeros(self, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+        return self.unpack(packed.t().contiguous(), out_features).t().contiguous()

@@ -70,10 +70,16 @@ class QuantLinear(nn.Module):
 class QuantEmbedding(nn.Module):
     """Token embedding that reads rows of a (tied) ``QuantLinear`` lm_head: weights stored once."""
 
-    def __init__(self, head: QuantLinear, padding_idx: int | None = None) -> None:
+    def __init__(self, head: QuantLinear, padding_idx: int | None = None, scale: float = 1.0) -> None:
         super().__init__()
         self.head = [head]  # a list keeps the head out of this module's state dict (it is saved once)
         self.padding_idx = padding_idx
+        self.scale = scale  # rows are multiplied by it (Gemma's sqrt(hidden), kept from the replaced embedding)
+
+    @classmethod
+    def replacing(cls, old: nn.Module, head: QuantLinear) -> QuantEmbedding:
+        """The quantized stand-in for the input embedding ``old`` (its padding index and output scale kept)."""
+        return cls(head, getattr(old, "padding_idx", None), float(getattr(old, "scalar_embed_scale", 1.0)))
 
     @property
     def weight_source(self) -> QuantLinear:
@@ -84,7 +90,8 @@ class QuantEmbedding(nn.Module):
         flat = ids.reshape(-1)
         q = layout_for(head.spec.bits).unpack(head.qweight[flat])
         rows = dequantize(q, head.scales[flat], head.qzeros[flat], head.spec.group(head.in_features))
-        return rows.reshape(*ids.shape, head.in_features)
+        rows = rows.reshape(*ids.shape, head.in_features)
+        return rows * self.scale if self.scale != 1.0 else rows
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from toolkit.algorithms.gptq import accumulate_hessian
+from toolkit.algorithms.moments import InputMoments
 from toolkit.algorithms.rtn import rtn_quantize
 from toolkit.models.checkpoint import QUANT_FILE, QUANT_FORMAT
 from toolkit.models.shards import ShardWriter
@@ -215,6 +215,7 @@ def stream_calibrated(src: SkeletonModel, out: Path, config: WeightQuantConfig, 
         for i in _layers(src, options):
             prefix = src.layer_prefix(i)
             layer = src.load(prefix)
+            inputs.layer = i  # the mask and rotary embeddings of this layer's type
             done: list[Packed] = layer_fn(prefix, layer, inputs)
             advance(layer, inputs, prefix)
             quantized = {q.name for q in done}
@@ -245,12 +246,11 @@ def rtn_head(src: SkeletonModel, writer: PackedWriter, bits: int, group_size: in
 def head_inputs_hessian(src: SkeletonModel, inputs: LayerInputs) -> torch.Tensor:
     """``H = 2 X Xᵀ / n`` of the head's input: the final norm applied to the carried hidden states."""
     norm = src.load(src.layout.final_norm)
-    dim = int(src.config.hidden_size)
-    h_sum, count = torch.zeros(dim, dim, device=src.device), 0
+    moments = InputMoments(int(src.config.hidden_size), device=src.device)
     for hidden, _ in inputs.batches():
-        count += accumulate_hessian(h_sum, norm(hidden).float())
+        moments.add(norm(hidden).float())
     src.release(src.layout.final_norm)
-    return 2 * h_sum / max(count, 1)
+    return moments.hessian()
 
 
 def head_bias(src: SkeletonModel) -> torch.Tensor | None:

@@ -89,5 +89,4 @@ def quantize_head(model: PreTrainedModel, spec: QuantSpec, quantizer: Quantizer 
     codes, scale, zero = quantizer(head.weight.data, spec)
     qhead = install(model, layout.head, head, codes, scale, zero, spec)
     if tied:
-        old = model.get_input_embeddings()
-        model.set_input_embeddings(QuantEmbedding(qhead, getattr(old, "padding_idx", None)))
+        model.set_input_embeddings(QuantEmbedding.replacing(model.get_input_embeddings(), qhead))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,6 +116,26 @@ def _save(folder: Path, state: dict[str, Any], keep: int) -> Path:
     return path
 
 
+STATE_KEYS = {"step": int, "trainable": dict, "optimizer": dict, "scheduler": dict, "rng": dict, "history": list}
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by ``_save``, read without executing anything it holds.
+
+    ``weights_only=True`` admits tensors and plain containers only, with no extra allowed globals: a
+    planted file whose pickle names a class or function (``__reduce__``) is refused before it can run.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as exc:  # foreign or truncated
+        raise ToolkitError(f"checkpoint {path} is not a training checkpoint of this toolkit or is truncated "
+                           f"({type(exc).__name__}); delete it to start over") from None
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in STATE_KEYS.items()):
+        raise ToolkitError(f"checkpoint {path} lacks the training state ({', '.join(STATE_KEYS)}); "
+                           "delete it to start over")
+    return state
+
+
 class Trainer:
     """Holds the optimizer state of one run; ``run()`` trains to ``config.steps`` (resuming if it can)."""
 
@@ -161,7 +182,7 @@ class Trainer:
         found = checkpoints(self.folder) if self.folder is not None else []
         if not found:
             return 0
-        self.load(torch.load(found[-1], map_location="cpu", weights_only=False))
+        self.load(read_checkpoint(found[-1]))
         return self.step
 
     def _last_good(self) -> str:

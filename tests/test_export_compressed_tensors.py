@@ -1,0 +1,211 @@
+"""compressed-tensors pack-quantized export: packing equal to compressed-tensors' own, codes bit-exact, and the
+folder loaded by transformers (with compressed-tensors installed) giving the model's logits."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import requires_smollm2
+from toolkit import models
+from toolkit.errors import ToolkitError
+from toolkit.interop import compressed_tensors as ct
+from toolkit.passes import CONFIGS
+from toolkit.passes.export_compressed_tensors import ExportCompressedTensorsConfig, export
+from toolkit.passes.rtn import RTNConfig
+from toolkit.passes.rtn import apply as rtn_apply
+from toolkit.paths import atomic_dir
+from toolkit.quant.formats import CompressedTensorsPacked, Int4
+
+HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
+requires_ct = pytest.mark.skipif(not HAS_CT, reason="compressed-tensors is not installed "
+                                 "(pip install compressed-tensors, or the 'consumers' extra)")
+
+
+def tiny(bits: int = 4, group: int = 32, symmetric: bool = True) -> models.LoadedModel:
+    loaded = models.load("tiny-llama")
+    rtn_apply(loaded.model, RTNConfig(bits=bits, group_size=group, symmetric=symmetric, lm_head_bits=8))
+    return loaded
+
+
+def run_export(loaded: models.LoadedModel, folder: Path, **config: object) -> dict:
+    with atomic_dir(folder) as tmp:
+        return export(loaded.model, loaded.tokenizer, ExportCompressedTensorsConfig(**config), tmp)  # type: ignore[arg-type]
+
+
+def ids(shape: tuple[int, int] = (2, 19)) -> torch.Tensor:
+    return torch.randint(0, 259, shape, generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------- packing
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_round_trips(bits: int) -> None:
+    fmt = CompressedTensorsPacked(bits)
+    q = torch.randint(0, 2**bits, (7, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    assert torch.equal(fmt.unpack(fmt.pack(q), 40), q)
+    assert torch.equal(fmt.unpack_zeros(fmt.pack_zeros(q), 7), q)
+
+
+def test_4bit_words_are_our_int4_bytes() -> None:
+    q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    assert torch.equal(CompressedTensorsPacked(4).pack(q).view(torch.uint8), Int4.pack(q))
+
+
+@requires_ct
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_equals_compressed_tensors_pack_to_int32(bits: int) -> None:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    fmt = CompressedTensorsPacked(bits)
+    q = torch.randint(0, 2**bits, (37, 72), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    signed = (q.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)  # compressed-tensors' signed convention
+    assert torch.equal(fmt.pack(q), pack_to_int32(signed, bits))
+    assert torch.equal(fmt.pack_zeros(q), pack_to_int32(signed, bits, packed_dim=0))
+
+
+# ---------------------------------------------------------------- the export
+
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 32, False), (3, 16, False), (8, -1, True)])
+def test_export_round_trips_the_codes(tmp_path: Path, bits: int, group: int, symmetric: bool) -> None:
+    loaded = tiny(bits, group, symmetric)
+    metrics = run_export(loaded, tmp_path / "out")
+    assert metrics["bit_exact_codes"] and metrics["quantized_linears"] == 14
+    config, packed, _ = ct.read(tmp_path / "out")
+    (group_cfg,) = config["quantization_config"]["config_groups"].values()
+    assert group_cfg["weights"]["strategy"] == ("channel" if group == -1 else "group")
+    assert config["quantization_config"]["ignore"] == ["lm_head"]
+    q = loaded.model.model.layers[1].mlp.down_proj
+    assert torch.equal(packed["model.layers.1.mlp.down_proj"].codes, q.codes())
+    assert torch.equal(packed["model.layers.1.mlp.down_proj"].zeros, q.qzeros)
+    state = load_file(str(tmp_path / "out" / ct.WEIGHTS))
+    assert ("model.layers.0.mlp.up_proj.weight_zero_point" in state) == (not symmetric)
+
+
+@requires_ct
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (3, 16, False), (4, 32, True)])
+def test_compressed_tensors_decompresses_our_weights_exactly(tmp_path: Path, bits: int, group: int, symmetric: bool) -> None:
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    loaded = tiny(bits, group, symmetric)
+    run_export(loaded, tmp_path / "out", dtype="float32")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    (group_cfg,) = config["quantization_config"]["config_groups"].values()
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**group_cfg["weights"]))
+    state = load_file(str(tmp_path / "out" / ct.WEIGHTS))
+    prefix = "model.layers.0.self_attn.q_proj."
+    local = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    weight = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+    assert torch.equal(weight, loaded.model.model.layers[0].self_attn.q_proj.dequantized_weight())
+
+
+@requires_ct
+def test_quantization_config_is_what_compressed_tensors_parses() -> None:
+    from compressed_tensors import QuantizationConfig
+
+    from toolkit.quant.spec import QuantSpec
+
+    qc = ct.quantization_config({QuantSpec(4, 32, True): ["a"]}, ["lm_head"])
+    parsed = QuantizationConfig.model_validate(qc)
+    assert parsed.format == "pack-quantized" and parsed.config_groups["group_0"].weights.group_size == 32
+
+
+@requires_ct
+@pytest.mark.parametrize("bits,group,dtype,tol", [(4, 32, "float32", 1e-6), (8, -1, "float32", 1e-6),
+                                                   (4, 32, "float16", 2e-2)])
+def test_transformers_loads_the_export_with_the_models_logits(tmp_path: Path, bits: int, group: int, dtype: str,
+                                                             tol: float) -> None:
+    from transformers import AutoModelForCausalLM
+
+    loaded = tiny(bits, group, True)
+    run_export(loaded, tmp_path / "out", dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref, got = loaded.model(input_ids=ids()).logits, hf(input_ids=ids()).logits
+    assert float((ref - got).abs().max() / ref.abs().max()) <= tol
+
+
+def test_bfloat16_is_refused_since_it_cannot_hold_the_scales() -> None:
+    assert CONFIGS["export_compressed_tensors"] is ExportCompressedTensorsConfig
+    with pytest.raises(ValueError, match="bfloat16"):
+        ExportCompressedTensorsConfig(dtype="bfloat16")
+
+
+def test_float_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ToolkitError, match="run rtn, gptq or awq"):
+        run_export(models.load("tiny-llama"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- refusing broken folders
+
+@pytest.fixture
+def exported(tmp_path: Path) -> Path:
+    run_export(tiny(4, 32, False), tmp_path / "out")
+    return tmp_path / "out"
+
+
+def one_line_refusal(folder: Path, match: str) -> None:
+    with pytest.raises(ToolkitError, match=match) as err:
+        ct.read(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_weights_are_refused(exported: Path) -> None:
+    path = exported / ct.WEIGHTS
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    one_line_refusal(exported, "truncated or corrupt")
+
+
+def test_missing_files_are_refused(exported: Path) -> None:
+    (exported / "config.json").unlink()
+    one_line_refusal(exported, "config.json is missing")
+
+
+@pytest.mark.parametrize("edit,match", [
+    ("drop_zero_point", "weight_zero_point is missing"),
+    ("wrong_scale_shape", "weight_scale has shape"),
+    ("wrong_packed_width", "int32 words cannot hold"),
+])
+def test_inconsistent_tensors_are_refused(exported: Path, edit: str, match: str) -> None:
+    state = load_file(str(exported / ct.WEIGHTS))
+    name = "model.layers.0.mlp.gate_proj"
+    if edit == "drop_zero_point":
+        del state[f"{name}.weight_zero_point"]
+    elif edit == "wrong_scale_shape":
+        state[f"{name}.weight_scale"] = state[f"{name}.weight_scale"][:, :-1].contiguous()
+    else:
+        state[f"{name}.weight_packed"] = state[f"{name}.weight_packed"][:, :-1].contiguous()
+    save_file(state, str(exported / ct.WEIGHTS))
+    one_line_refusal(exported, match)
+
+
+def test_a_foreign_quantization_config_is_refused(exported: Path) -> None:
+    config = json.loads((exported / "config.json").read_text())
+    config["quantization_config"]["format"] = "naive-quantized"
+    (exported / "config.json").write_text(json.dumps(config))
+    one_line_refusal(exported, "not compressed-tensors pack-quantized")
+
+
+@pytest.mark.slow
+@requires_smollm2
+@requires_ct
+def test_smollm2_export_loads_in_transformers(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    loaded = models.load("smollm2")
+    rtn_apply(loaded.model, RTNConfig(bits=4, group_size=32, symmetric=True, lm_head_bits=8))
+    metrics = run_export(loaded, tmp_path / "out", dtype="float32")
+    assert metrics["quantized_linears"] == 210
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    text = loaded.tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt")
+    with torch.no_grad():
+        ref, got = loaded.model(**text).logits, hf(**text).logits
+    assert float((ref - got).abs().max() / ref.abs().max()) < 1e-5
+    assert torch.equal(ref.argmax(-1), got.argmax(-1))

@@ -1,0 +1,244 @@
+"""GGUF export: block formats bit-exact against gguf-py, the file checked by its own reader, llama.cpp when installed."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import requires_smollm2
+from toolkit import models
+from toolkit.algorithms.rtn import dequantize
+from toolkit.errors import ToolkitError
+from toolkit.interop import gguf_file
+from toolkit.passes import CONFIGS
+from toolkit.passes.export_gguf import FILE, ExportGGUFConfig, export
+from toolkit.passes.rtn import RTNConfig
+from toolkit.passes.rtn import apply as rtn_apply
+from toolkit.paths import atomic_dir
+from toolkit.quant.formats import GGUFQ4_0, GGUFQ4_1, GGUFQ8_0
+
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+requires_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed "
+                                        "(pip install llama-cpp-python, or the 'consumers' extra)")
+Q = gguf.GGMLQuantizationType
+
+
+def codes(rows: int, cols: int, bits: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (rows, cols), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(rows, cols // 32, generator=g) * 0.05 + 1e-3).half()
+    return q, scales
+
+
+def tiny(bits: int | None = 4, group: int = 32, symmetric: bool = True, head_bits: int | None = 8) -> models.LoadedModel:
+    loaded = models.load("tiny-llama")
+    if bits is not None:
+        rtn_apply(loaded.model, RTNConfig(bits=bits, group_size=group, symmetric=symmetric, lm_head_bits=head_bits))
+    return loaded
+
+
+def run_export(loaded: models.LoadedModel, folder: Path, **config: object) -> dict:
+    with atomic_dir(folder) as tmp:
+        return export(loaded.model, loaded.tokenizer, ExportGGUFConfig(**{"pre_tokenizer": "default", **config}), tmp)
+
+
+# ---------------------------------------------------------------- block formats
+
+@pytest.mark.parametrize("fmt,qtype,bits,zero", [(GGUFQ4_0, Q.Q4_0, 4, 8), (GGUFQ8_0, Q.Q8_0, 8, 128)])
+def test_symmetric_blocks_equal_gguf_dequantization(fmt, qtype, bits, zero) -> None:
+    q, s = codes(5, 96, bits)
+    z = torch.full(s.shape, zero, dtype=torch.uint8)
+    raw = fmt.pack(q, s, z)
+    assert raw.shape == (5, 3 * fmt.block_bytes) and raw.dtype == torch.uint8
+    assert np.array_equal(gguf.quants.dequantize(raw.numpy(), qtype), dequantize(q, s, z, 32).numpy())
+    back = fmt.unpack(raw)
+    assert all(torch.equal(a, b) for a, b in zip(back, (q, s, z), strict=True))
+
+
+def test_q4_0_layout_is_low_nibbles_first_half() -> None:
+    q = torch.arange(32, dtype=torch.uint8).remainder(16).reshape(1, 32)
+    raw = GGUFQ4_0.pack(q, torch.ones(1, 1).half(), torch.full((1, 1), 8, dtype=torch.uint8))
+    assert raw[0, :2].tolist() == list(np.float16(1.0).tobytes())
+    assert int(raw[0, 2]) == int(q[0, 0]) | int(q[0, 16]) << 4  # element j low, j + 16 high (ggml-common.h)
+
+
+def test_q4_0_refuses_asymmetric_codes() -> None:
+    q, s = codes(2, 32, 4)
+    with pytest.raises(ValueError, match="Q4_1"):
+        GGUFQ4_0.pack(q, s, torch.full(s.shape, 7, dtype=torch.uint8))
+
+
+def test_q4_1_is_exact_when_the_offset_fits_float16_and_says_how_far_off_otherwise() -> None:
+    q, _ = codes(2, 64, 4)
+    s = torch.tensor([[0.5, 0.0999755859375], [0.25, 0.0999755859375]]).half()  # 0.0999.. * 7 needs 14 bits
+    z = torch.tensor([[3, 7], [12, 1]], dtype=torch.uint8)
+    raw = GGUFQ4_1.pack(q, s, z)
+    got = gguf.quants.dequantize(raw.numpy(), Q.Q4_1).reshape(2, 2, 32)
+    ref = dequantize(q, s, z, 32).numpy().reshape(2, 2, 32)
+    err = GGUFQ4_1.offset_error(s, z)
+    assert float(err[0, 0]) == 0 and float(err[1, 0]) == 0 and float(err[1, 1]) == 0 and float(err[0, 1]) > 0
+    assert np.array_equal(got[0, 0], ref[0, 0]) and np.array_equal(got[1], ref[1])
+    assert np.abs(got[0, 1] - ref[0, 1]).max() == pytest.approx(float(err[0, 1]), rel=1e-3)
+    back_q, back_s, back_z = GGUFQ4_1.unpack(raw)
+    assert torch.equal(back_q, q) and torch.equal(back_s, s) and torch.equal(back_z, z)
+
+
+def test_rope_permutation_is_the_one_transformers_undoes() -> None:
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = torch.randn(3 * 32, 8)
+    permuted = gguf_file.permute(w, 3)
+    assert not torch.equal(permuted, w) and torch.equal(gguf_file.unpermute(permuted, 3), w)
+    undo = LlamaTensorProcessor()._reverse_permute_weights  # what transformers applies when it reads a GGUF
+    assert np.array_equal(undo(permuted.numpy(), 3, 3), w.numpy())
+
+
+# ---------------------------------------------------------------- the export
+
+@pytest.mark.parametrize("bits,symmetric,main", [(4, True, "Q4_0"), (4, False, "Q4_1"), (8, True, "Q8_0")])
+def test_export_carries_the_codes_bit_exactly(tmp_path: Path, bits: int, symmetric: bool, main: str) -> None:
+    loaded = tiny(bits, 32, symmetric)
+    metrics = run_export(loaded, tmp_path / "out")
+    assert metrics["tensor_types"][main] == 14 + (main == "Q8_0")  # 14 decoder linears; the int8 head is Q8_0
+    reader = gguf_file.read(tmp_path / "out" / FILE)
+    names = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in names  # tied: llama.cpp reads token_embd as the head
+    assert names["token_embd.weight"].tensor_type == Q.Q8_0
+    # independent of the export's own check: one linear dequantized by gguf-py equals the QuantLinear
+    k = loaded.model.model.layers[1].self_attn.k_proj
+    got = torch.from_numpy(gguf_file.dequantized_tensor(names["blk.1.attn_k.weight"]))
+    assert torch.equal(gguf_file.unpermute(got, 1), k.dequantized_weight()) == (main != "Q4_1" or metrics["q4_1_max_offset_error"] == 0)
+    v = loaded.model.model.layers[0].self_attn.v_proj
+    if main != "Q4_1":
+        assert torch.equal(torch.from_numpy(gguf_file.dequantized_tensor(names["blk.0.attn_v.weight"])), v.dequantized_weight())
+
+
+def test_export_writes_the_metadata_llama_cpp_reads(tmp_path: Path) -> None:
+    loaded = tiny()
+    run_export(loaded, tmp_path / "out")
+    reader = gguf_file.read(tmp_path / "out" / FILE)
+    meta = gguf_file.metadata(reader, ["general.architecture", "llama.block_count", "llama.attention.head_count_kv",
+                                       "llama.rope.freq_base", "llama.context_length", "tokenizer.ggml.model",
+                                       "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id",
+                                       "tokenizer.chat_template", "general.file_type"])
+    c = loaded.model.config
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == c.num_hidden_layers
+    assert meta["llama.attention.head_count_kv"] == 1 and meta["llama.context_length"] == c.max_position_embeddings
+    assert meta["llama.rope.freq_base"] == pytest.approx(10000.0)
+    assert meta["tokenizer.ggml.eos_token_id"] == 257 and meta["tokenizer.ggml.bos_token_id"] == 256
+    assert meta["tokenizer.chat_template"] == loaded.tokenizer.chat_template
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == c.vocab_size
+
+
+@pytest.mark.parametrize("float_type,qtype", [("f32", Q.F32), ("f16", Q.F16)])
+def test_float_model_exports_at_the_float_type(tmp_path: Path, float_type: str, qtype) -> None:
+    metrics = run_export(tiny(None), tmp_path / "out", float_type=float_type)
+    reader = gguf_file.read(tmp_path / "out" / FILE)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == qtype and types["blk.0.attn_norm.weight"] == Q.F32
+    assert metrics["bit_exact_tensors"] == len(types)
+
+
+def test_a_format_without_a_block_type_is_refused_naming_those_that_have_one(tmp_path: Path) -> None:
+    with pytest.raises(ToolkitError, match=r"int4 group 16 symmetric has no GGUF block type.*Q4_0.*Q4_1.*Q8_0"):
+        run_export(tiny(4, 16), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_pre_tokenizer_asks_for_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(ToolkitError, match="pre_tokenizer"):
+        run_export(tiny(), tmp_path / "out", pre_tokenizer="auto")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tampered_bytes_fail_the_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = GGUFQ4_0.pack
+
+    def flip(q, s, z):  # type: ignore[no-untyped-def]
+        raw = real(q, s, z).clone()
+        raw[0, 2] ^= 0x01
+        return raw
+
+    monkeypatch.setattr(GGUFQ4_0, "pack", classmethod(lambda cls, q, s, z: flip(q, s, z)))
+    with pytest.raises(ToolkitError, match="exactly"):
+        run_export(tiny(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_key_is_registered() -> None:
+    assert CONFIGS["export_gguf"] is ExportGGUFConfig
+    with pytest.raises(ValueError, match="float_type"):
+        ExportGGUFConfig(float_type="bf16")
+
+
+# ---------------------------------------------------------------- refusing broken files
+
+def test_truncated_gguf_is_refused_with_one_line(tmp_path: Path) -> None:
+    run_export(tiny(), tmp_path / "out")
+    data = (tmp_path / "out" / FILE).read_bytes()
+    for cut in (len(data) // 2, 100):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ToolkitError) as err:
+            gguf_file.read(bad)
+        assert "\n" not in str(err.value) and ("truncated" in str(err.value) or "inconsistent" in str(err.value))
+    with pytest.raises(ToolkitError, match="truncated or corrupt"):  # the model loader checks first, too
+        models.resolve(str(tmp_path / f"cut{len(data) // 2}.gguf"))
+
+
+def test_inconsistent_gguf_is_refused_with_one_line(tmp_path: Path) -> None:
+    loaded = tiny()
+    run_export(loaded, tmp_path / "out")
+    reader = gguf_file.read(tmp_path / "out" / FILE)
+    bad = tmp_path / "bad.gguf"
+    writer = gguf.GGUFWriter(bad, "llama")
+    for field in reader.fields.values():  # copy every key but claim one more layer than the file holds
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = field.contents()
+        if field.name == "llama.block_count":
+            value = 3
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, vtype, sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ToolkitError, match=r"block_count is 3 but tensor 'blk\.2\..*' is missing"):
+        gguf_file.read(bad)
+
+
+# ---------------------------------------------------------------- llama.cpp
+
+@requires_llama_cpp
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (None, True)])
+def test_llama_cpp_reads_the_export_and_agrees_with_pytorch(tmp_path: Path, bits, symmetric: bool) -> None:
+    metrics = run_export(tiny(bits, 32, symmetric), tmp_path / "out", float_type="f32")
+    assert metrics["llama_cpp_relative_logit_error"] < 0.1
+    assert metrics["llama_cpp_top1_agreement"] > 0.9
+
+
+@pytest.mark.slow
+@requires_smollm2
+@requires_llama_cpp
+def test_smollm2_q4_0_answers_in_llama_cpp(tmp_path: Path) -> None:
+    import llama_cpp
+
+    loaded = models.load("smollm2")
+    rtn_apply(loaded.model, RTNConfig(bits=4, group_size=32, symmetric=True, lm_head_bits=8))
+    with atomic_dir(tmp_path / "out") as tmp:
+        metrics = export(loaded.model, loaded.tokenizer, ExportGGUFConfig(), tmp)
+    assert metrics["tensor_types"]["Q4_0"] == 210 and metrics["llama_cpp_top1_agreement"] > 0.9
+    llm = llama_cpp.Llama(str(tmp_path / "out" / FILE), n_ctx=256, n_threads=2, verbose=False)
+    reply = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
+                                       max_tokens=16, temperature=0.0)
+    assert "Paris" in reply["choices"][0]["message"]["content"]

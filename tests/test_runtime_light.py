@@ -1,0 +1,123 @@
+"""What a deployment imports: the runtime without torch, its tokenizer and chat template equal to transformers'."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import requires_smollm2
+from toolkit.errors import ToolkitError
+from toolkit.runtime import ExportContract, Tokenizer, read_contract
+from toolkit.runtime.contract import EXPORT_FILE, FORMAT
+
+TEXTS = ["Hello tiny world, this is a prompt", "", "  spaces\tand\nnewlines ", "ünïcödé ✓ 漢字", "<s>inline</s>"]
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "and now?"}],
+]
+HEAVY = ("torch", "transformers")
+
+
+def loaded_heavy_modules(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; the torch / transformers modules it left in sys.modules."""
+    probe = f"{code}\nimport sys\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return list(json.loads(done.stdout.strip().splitlines()[-1].replace("'", '"')))
+
+
+def test_importing_the_runtime_loads_no_torch() -> None:
+    assert loaded_heavy_modules("import toolkit.runtime") == []
+
+
+def assert_same_as_transformers(hf, folder: Path) -> None:  # type: ignore[no-untyped-def]
+    ours = Tokenizer.from_folder(folder)
+    for text in TEXTS:
+        ids = hf(text)["input_ids"]
+        assert ours.encode(text) == ids
+        assert ours.encode(text, add_special_tokens=False) == hf(text, add_special_tokens=False)["input_ids"]
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+    for chat in CHATS:
+        for prompt in (False, True):
+            expected = hf.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=False)
+            assert ours.apply_chat_template(chat, add_generation_prompt=prompt) == expected
+
+
+def test_tokenizer_and_chat_template_equal_transformers_on_the_tiny_tokenizer(tmp_path: Path) -> None:
+    from toolkit.models.tiny import tiny_tokenizer
+
+    hf = tiny_tokenizer()
+    hf.save_pretrained(str(tmp_path))
+    assert_same_as_transformers(hf, tmp_path)
+
+
+def test_tokenizer_without_chat_template_refuses_messages(tmp_path: Path) -> None:
+    from toolkit.models.tiny import tiny_tokenizer
+
+    hf = tiny_tokenizer()
+    hf.chat_template = None
+    hf.save_pretrained(str(tmp_path))
+    with pytest.raises(ToolkitError, match="no chat template"):
+        Tokenizer.from_folder(tmp_path).apply_chat_template(CHATS[0])
+
+
+@pytest.mark.slow
+@requires_smollm2
+def test_tokenizer_and_chat_template_equal_transformers_on_smollm2(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from toolkit.models.sources import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    hf = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf.save_pretrained(str(tmp_path))
+    assert_same_as_transformers(hf, tmp_path)
+
+
+def contract(**changes: object) -> ExportContract:
+    base = ExportContract(target="ort", model_type="llama", num_layers=2, num_heads=3, num_kv_heads=1, head_dim=32,
+                          hidden_size=96, vocab_size=259, context_length=1024, eos_token_ids=(257,), pad_token_id=258)
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_contract_round_trips_through_export_json(tmp_path: Path) -> None:
+    for c in (contract(), contract(eos_token_ids=(2, 7), target="standard", share_buffer=False, padding="left")):
+        (tmp_path / EXPORT_FILE).write_text(json.dumps(c.to_json()))
+        assert read_contract(tmp_path) == c
+    assert contract().to_json()["format"] == FORMAT
+
+
+def test_contract_refuses_what_it_cannot_describe(tmp_path: Path) -> None:
+    with pytest.raises(ToolkitError, match="target"):
+        contract(target="tensorrt")
+    with pytest.raises(ToolkitError, match="num_layers"):
+        contract(num_layers=0)
+    facts = contract().to_json()
+    del facts["num_kv_heads"]
+    (tmp_path / EXPORT_FILE).write_text(json.dumps(facts))
+    with pytest.raises(ToolkitError, match="does not give 'num_kv_heads'"):
+        read_contract(tmp_path)
+    (tmp_path / EXPORT_FILE).write_text("{not json")
+    with pytest.raises(ToolkitError, match="not valid JSON"):
+        read_contract(tmp_path)
+    (tmp_path / EXPORT_FILE).unlink()
+    with pytest.raises(ToolkitError, match="neither export.json nor genai_config.json"):
+        read_contract(tmp_path)
+
+
+@pytest.mark.parametrize("max_new_tokens,message", [("0", "max_new_tokens must be >= 1"),
+                                                    ("1000000000", "context of 1024")])
+def test_pytorch_generate_refuses_requests_that_do_not_fit(capsys, max_new_tokens: str, message: str) -> None:
+    """The PyTorch path (any model `toolkit run` accepts) refuses them too, with one line, instead of hanging."""
+    from toolkit.cli import main
+
+    assert main(["generate", "tiny-llama", "--prompt", "hi", "--max-new-tokens", max_new_tokens]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]

@@ -1,0 +1,35 @@
+"""Running second moments of a linear layer's inputs: the one accumulator GPTQ, AWQ and head calibration share."""
+
+from __future__ import annotations
+
+import torch
+
+
+class InputMoments:
+    """Accumulates ``XᵀX`` (and optionally ``Σ|x|``) over batches of inputs ``x: [..., d]``, in float32."""
+
+    def __init__(self, dim: int, track_abs: bool = False, device: torch.device | str | None = None) -> None:
+        self.gram = torch.zeros(dim, dim, device=device)  # Σ xᵀx: [d, d]
+        self.abs_sum = torch.zeros(dim, device=device) if track_abs else None  # Σ |x| per channel: [d]
+        self.count = 0  # tokens seen
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        self.gram.addmm_(x2.t(), x2)
+        if self.abs_sum is not None:
+            self.abs_sum.add_(x2.abs().sum(0))
+        self.count += x2.shape[0]
+
+    def second_moment(self) -> torch.Tensor:
+        """``XᵀX / n``: the output-error metric of AWQ's scale and clip search."""
+        return self.gram / max(self.count, 1)
+
+    def hessian(self) -> torch.Tensor:
+        """``H = 2 XᵀX / n`` (GPTQ eq. 1)."""
+        return 2 * self.second_moment()
+
+    def abs_mean(self) -> torch.Tensor:
+        """Mean ``|x|`` per input channel (AWQ's activation salience)."""
+        if self.abs_sum is None:
+            raise ValueError("InputMoments(track_abs=False) does not keep |x|; create it with track_abs=True")
+        return self.abs_sum / max(self.count, 1)

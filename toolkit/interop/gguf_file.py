@@ -1,0 +1,220 @@
+"""GGUF for llama.cpp through the ``gguf`` library: tensor names, the tokenizer metadata, and a checked reader.
+
+What is written mirrors llama.cpp's ``convert_hf_to_gguf.py`` for ``LlamaForCausalLM``: the hyperparameters
+of ``TextModel.set_gguf_parameters``, the vocabulary of ``_set_vocab_gpt2`` (tokens, token types, merges,
+special token ids, chat template through ``gguf.SpecialVocab``), tensor names through gguf's own tensor
+mapping, and the q/k row permutation of ``LlamaModel.permute`` (llama.cpp's rope pairs dimensions
+``(i, i + 1)`` where Hugging Face pairs ``(i, i + d/2)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from toolkit.errors import ToolkitError
+from toolkit.models.architectures import ARCHITECTURES, GGUFArch, layout_of
+
+# convert_hf_to_gguf.py identifies the pre-tokenizer by hashing the encoding of this text
+# (``get_vocab_base_pre``); the table keeps the entries for the tokenizers this toolkit meets.
+CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 "
+    "333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на "
+    "Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
+    "'D you like some tea? We'Ve a'lL"
+)
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM(2)
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+}
+# placeholder for a BPE vocabulary without merges (every byte a token): llama.cpp refuses a gpt2 vocabulary
+# without a merges key and gguf cannot write an empty array; "<s> </s>" never applies, since BPE symbols
+# start as single characters
+NO_MERGES = ["<s> </s>"]
+FLOAT_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}
+FILE_TYPES = {
+    gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
+    gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
+    gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+
+
+def arch_of(model: PreTrainedModel) -> GGUFArch:
+    arch = layout_of(model).gguf
+    if arch is None:
+        with_gguf = [t for t, a in ARCHITECTURES.items() if a.gguf is not None]
+        raise ToolkitError(f"no GGUF architecture for model type '{model.config.model_type}'; "
+                           f"supported: {', '.join(with_gguf)}")
+    return arch
+
+
+def tensor_name(model: PreTrainedModel, hf_name: str) -> str:
+    """The GGUF name of a Hugging Face parameter (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``)."""
+    arch = getattr(gguf.MODEL_ARCH, arch_of(model).arch.upper())
+    names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
+    name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise ToolkitError(f"gguf's tensor mapping has no name for '{hf_name}'; this exporter covers {arch_of(model).arch} only")
+    return name
+
+
+def rope_heads(model: PreTrainedModel, module_name: str) -> int | None:
+    """Heads whose rows llama.cpp wants permuted (q: attention heads, k: KV heads), None for other linears."""
+    arch, layout = arch_of(model), layout_of(model)
+    if not arch.permute_rope:
+        return None
+    if layout.q and module_name.endswith("." + layout.q):
+        return int(model.config.num_attention_heads)
+    if layout.k and module_name.endswith("." + layout.k):
+        return int(model.config.num_key_value_heads)
+    return None
+
+
+def permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """``LlamaModel.permute``: within each head, rows ``[0..d/2) , [d/2..d)`` interleaved. Any row tensor
+    (weights, codes, per-row scales) permutes alike, so quantized rows move bit-exactly."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def unpermute(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    return rows.reshape(heads, rows.shape[0] // heads // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def pre_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str:
+    digest = hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    if digest not in PRE_TOKENIZERS:
+        raise ToolkitError(f"llama.cpp's pre-tokenizer for this tokenizer is not known here (hash {digest[:12]}); "
+                           "set export_gguf: {pre_tokenizer: NAME} (e.g. 'default', 'llama-bpe', 'smollm')")
+    return PRE_TOKENIZERS[digest]
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> tuple[list[str], list[gguf.TokenType]]:
+    """Token strings and types as ``get_vocab_base`` makes them (ids the tokenizer lacks become UNUSED)."""
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    if max(reverse) >= vocab_size:
+        raise ToolkitError(f"the tokenizer has ids up to {max(reverse)} but the model's vocabulary is {vocab_size}")
+    tokens: list[str] = []
+    types: list[gguf.TokenType] = []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(reverse[i])
+            looks_special = reverse[i].startswith("<|") and reverse[i].endswith("|>")
+            types.append(gguf.TokenType.CONTROL if added[i].special or looks_special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def write_vocab(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, vocab_size: int, pre: str) -> None:
+    tokens, types = _tokens(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as tmp:  # SpecialVocab reads the files save_pretrained writes
+        tokenizer.save_pretrained(tmp)
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        special.merges = NO_MERGES
+    probe = tokenizer("a")["input_ids"]
+    special.add_special_token["bos"] = bool(probe) and probe[0] == tokenizer.bos_token_id
+    special.add_to_gguf(writer, quiet=True)
+    if special.chat_template is None and tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        raise ToolkitError(f"rope type '{rope_type}' is not written by this GGUF exporter; only the default rope is")
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def write_hparams(writer: gguf.GGUFWriter, model: PreTrainedModel, file_type: gguf.LlamaFileType) -> None:
+    """The keys ``TextModel.set_gguf_parameters`` and ``LlamaModel.set_gguf_parameters`` write."""
+    c = model.config
+    head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    writer.add_name(str(getattr(c, "_name_or_path", "") or "model"))
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(_rope_theta(c))
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_file_type(file_type)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+REQUIRED_KEYS = ("general.architecture", "{arch}.block_count", "{arch}.embedding_length", "{arch}.attention.head_count",
+                 "tokenizer.ggml.model", "tokenizer.ggml.tokens")
+
+
+def _value(reader: gguf.GGUFReader, key: str) -> Any:
+    return reader.fields[key].contents()
+
+
+def read(path: Path) -> gguf.GGUFReader:
+    """Open a GGUF and check it is whole: the header parses, the required keys exist, every layer has its
+    tensors and every tensor's bytes fit its shape. Raises ToolkitError with one line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError, EOFError) as exc:
+        raise ToolkitError(f"{path}: not a readable GGUF (truncated or corrupt): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    arch = str(_value(reader, "general.architecture")) if "general.architecture" in reader.fields else "?"
+    missing = [k.format(arch=arch) for k in REQUIRED_KEYS if k.format(arch=arch) not in reader.fields]
+    if missing:
+        raise ToolkitError(f"{path}: incomplete GGUF: metadata key '{missing[0]}' is missing")
+    names = {t.name for t in reader.tensors}
+    blocks = int(_value(reader, f"{arch}.block_count"))
+    expected = ["token_embd.weight", "output_norm.weight"] + [
+        f"blk.{i}.{n}.weight" for i in range(blocks)
+        for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
+    absent = [n for n in expected if n not in names]
+    if absent:
+        raise ToolkitError(f"{path}: inconsistent GGUF: {arch}.block_count is {blocks} but tensor '{absent[0]}' is missing")
+    for t in reader.tensors:
+        block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        if int(t.n_elements) // block * type_size != int(t.n_bytes) or t.data.nbytes != int(t.n_bytes):
+            raise ToolkitError(f"{path}: inconsistent GGUF: tensor '{t.name}' holds {t.data.nbytes} bytes, "
+                               f"its shape {list(map(int, t.shape))} as {t.tensor_type.name} needs {t.n_bytes}")
+    tokens = len(reader.fields["tokenizer.ggml.tokens"].data)
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    if int(embd.shape[-1]) != tokens:
+        raise ToolkitError(f"{path}: inconsistent GGUF: {tokens} tokens but token_embd.weight has {int(embd.shape[-1])} rows")
+    return reader
+
+
+def dequantized_tensor(t: Any) -> np.ndarray:
+    """A ``ReaderTensor`` as float32 ``[rows, cols]`` (numpy order), dequantized by gguf-py's own ``quants``."""
+    shape = tuple(reversed([int(d) for d in t.shape]))
+    return gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(shape)
+
+
+def metadata(reader: gguf.GGUFReader, keys: list[str]) -> dict[str, Any]:
+    return {k: _value(reader, k) for k in keys if k in reader.fields}
+

@@ -1,0 +1,59 @@
+"""Where a run may write: every check happens before the first pass, so a refused output costs nothing.
+
+An output folder is replaced only when it is a previous output of the toolkit (its ``manifest.json``
+lists every file in it, nothing else is there) and the user asked for it (``--overwrite``). It may not
+be, contain or lie inside what the run reads (the model, the recipe) or the cache it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from toolkit.errors import ToolkitError
+from toolkit.paths import cache_dir, is_within
+
+MANIFEST = "manifest.json"
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    """Files in ``folder`` that its manifest does not list (all of them when there is no valid manifest)."""
+    present = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        listed = set(manifest["files"]) if "toolkit" in manifest.get("versions", {}) else set()
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return present or ["(no manifest.json)"]
+    return [p for p in present if Path(p).name != MANIFEST and p not in listed]
+
+
+def check_output(output: Path, reads: list[Path], overwrite: bool) -> Path:
+    """Refuse an output that would destroy anything the toolkit did not write; return it resolved."""
+    output = Path(output).expanduser().absolute()
+    protected = [(p, "input") for p in reads] + [(cache_dir(), "cache")]
+    for path, role in protected:
+        if not path.exists():
+            continue
+        if is_within(output, path) or is_within(path, output):
+            raise ToolkitError(f"output {output} would overwrite the {role} {path}: "
+                               "choose an output folder outside it (e.g. --output runs/NAME)")
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        raise ToolkitError(f"output {output} exists and is not a folder; choose another --output")
+    if output.exists():
+        foreign = _foreign_files(output)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ToolkitError(f"output {output} exists and is not a toolkit output ({shown} not in its manifest); "
+                               "choose another --output or move it away")
+        if not overwrite:
+            raise ToolkitError(f"output {output} holds a previous run; pass --overwrite to replace it")
+    ancestor = output.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ToolkitError(f"output {output} lies under {ancestor}, which is a file, not a folder; "
+                           "choose another --output")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ToolkitError(f"output {output}: {ancestor} is not writable; choose another --output")
+    return output
