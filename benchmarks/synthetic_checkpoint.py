@@ -133,11 +133,16 @@ def split_shards(plan: list[tuple[str, list[int], torch.dtype]], max_bytes: int)
     return shards
 
 
-def write_checkpoint(name: str, folder: Path, seed: int = 0, shard_bytes: int | None = None) -> dict[str, Any]:
-    """Write the synthetic checkpoint ``name`` into ``folder`` (created); returns sizes and time."""
+def write_checkpoint(name: str, folder: Path, seed: int = 0, shard_bytes: int | None = None,
+                     layers: int | None = None) -> dict[str, Any]:
+    """Write the synthetic checkpoint ``name`` into ``folder`` (created); returns sizes and time.
+    ``layers`` keeps every shape but the number of decoder layers (a quick proxy: per-layer costs and the
+    peak memory of layer-at-a-time passes do not depend on it)."""
     start = time.perf_counter()
     tok_dir = tokenizer_folder()
     config = make_config(name, tok_dir)
+    if layers is not None:
+        config.num_hidden_layers = layers
     plan = tensor_plan(config)  # also sets config.architectures
     folder.mkdir(parents=True, exist_ok=False)
     config.save_pretrained(folder)
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", nargs="?", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-bytes", type=int, default=None, help="override the hub's shard size")
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers, same shapes otherwise")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args(argv)
     if args.list or args.model is None:
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.folder.exists():
         print(f"error: {args.folder} exists; remove it or choose another folder", file=sys.stderr)
         return 2
-    print(json.dumps(write_checkpoint(args.model, args.folder, args.seed, args.shard_bytes)))
+    print(json.dumps(write_checkpoint(args.model, args.folder, args.seed, args.shard_bytes, args.layers)))
     return 0
 
 
