@@ -278,8 +278,9 @@ def systems(a: argparse.Namespace) -> list[tuple[str, str, str]]:
         out.append(("transformers eager fp32", "transformers", a.transformers))
     if a.genai:
         out.append(("onnxruntime-genai " + Path(a.genai).name, "genai", a.genai))
-    if a.gguf:
-        out.append(("llama.cpp " + Path(a.gguf).name, "llamacpp", a.gguf))
+    gguf = default_gguf() if a.gguf is None else a.gguf
+    if gguf:
+        out.append(("llama.cpp " + Path(gguf).name, "llamacpp", gguf))
     return out
 
 
@@ -442,7 +443,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--artifact", action="append", default=[], metavar="NAME=FOLDER", help="our export (repeatable)")
     p.add_argument("--transformers", default="smollm2", help="model source for transformers eager ('' skips)")
     p.add_argument("--genai", default=None, help="onnxruntime-genai folder (genai_config.json)")
-    p.add_argument("--gguf", default=default_gguf(), help="GGUF for llama.cpp ('' skips)")
+    # resolved by the driver only: finding the bundled GGUF imports toolkit.models (torch), which would inflate
+    # the peak RSS measured in every worker process
+    p.add_argument("--gguf", default=None, help="GGUF for llama.cpp (default: the bundled SmolLM2's; '' skips)")
     p.add_argument("--concurrency", default=None, metavar="FOLDER", help="export for the 8-vs-1 sequence benchmark")
     p.add_argument("--memory", default=None, metavar="FOLDER", help="export for the budget 512 vs 4096 check")
     p.add_argument("--prompt-tokens", type=int, default=256)

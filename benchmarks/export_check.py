@@ -58,7 +58,7 @@ def check(variant: str, target: str, windows: int, new_tokens: int, out: Path, l
         rtn_apply(loaded.model, RTNConfig(bits=4, group_size=32, symmetric=True))
     folder = out / f"{Path(variant).parent.name or variant}-{target}"
     start = time.perf_counter()
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, replace=(folder / "export.json").is_file()) as tmp:  # only a previous export of ours
         result = export(loaded.model, loaded.tokenizer, ONNXConfig(target=target, accuracy_level=level), tmp)["export"]
     row: dict = {"variant": variant, "target": target, "accuracy_level": level, "export_s": round(time.perf_counter() - start, 1),
                  "size_mb": result["size_mb"], "validation": result["validation"], "op_census": result["op_census"]}

@@ -34,6 +34,15 @@ PASSES: dict[type, Callable[..., Any]] = {
     distill.DistillConfig: distill.apply,
 }
 
+# passes that also run with one decoder layer resident at a time, reading the input checkpoint's shards:
+# ``stream(src: SkeletonModel, folder, config, ctx, options: StreamOptions) -> dict`` writes the packed
+# artifact into ``folder`` (the same tensors ``apply`` then ``save_model`` would write)
+STREAMING: dict[type, Callable[..., Any]] = {
+    rtn.RTNConfig: rtn.stream,
+    gptq.GPTQConfig: gptq.stream,
+    awq.AWQConfig: awq.stream,
+}
+
 EXPORTS: dict[type, Callable[..., Any]] = {
     onnx.ONNXConfig: onnx.export,
     export_hf_gptq.ExportHFGPTQConfig: export_hf_gptq.export,

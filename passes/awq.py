@@ -15,7 +15,8 @@ The next layer is calibrated on the scaled float layer: scaling is exact, so thi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -24,10 +25,13 @@ from transformers import PreTrainedModel
 
 from toolkit.algorithms.awq import clip_weight, search_clip, search_scales
 from toolkit.algorithms.moments import InputMoments
-from toolkit.models.architectures import ScaleMapping, layout_of
+from toolkit.algorithms.rtn import rtn_quantize
+from toolkit.models.architectures import Architecture, ScaleMapping, layout_of
+from toolkit.models.streaming import SkeletonModel
 from toolkit.passes import rtn
 from toolkit.pipeline.context import PassContext
 from toolkit.quant.calibration import LayerInputs, check_finite, stream_inputs, walk_layers
+from toolkit.quant.streaming import StreamOptions, stream_calibrated
 from toolkit.quant.surgery import WeightQuantConfig, check_group_size, target_linears
 
 # Query/key projections are not clipped: attention scores amplify their error (as AutoAWQ does).
@@ -111,6 +115,45 @@ def _scale_mapping(layer: nn.Module, prefix: str, inputs: LayerInputs, mapping: 
     return {"alpha": res.alpha, "error": res.error, "rtn_error": res.baseline}
 
 
+def _scale_layer(arch: Architecture, prefix: str, layer: nn.Module, inputs: LayerInputs,
+                 targets: dict[str, nn.Linear], config: AWQConfig, report: dict[str, Any]) -> None:
+    for mapping in arch.awq:
+        report[f"{prefix}.{mapping.prev}"] = _scale_mapping(layer, prefix, inputs, mapping, targets, config,
+                                                            arch.norm_offset)
+
+
+@dataclass
+class _Packed:
+    name: str
+    linear: nn.Linear
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+def stream(src: SkeletonModel, out: Path, config: AWQConfig, ctx: PassContext, options: StreamOptions) -> dict[str, Any]:
+    """AWQ with one decoder layer resident at a time: each layer is scaled (the same function as
+    ``apply``), its scaled float outputs feed the next layer, and with ``quantize`` its linears are
+    rounded to nearest as they are written (the order ``apply`` then ``rtn`` gives the same codes)."""
+    arch = src.layout
+    targets = target_linears(src.model, config.skip)
+    report: dict[str, Any] = {}
+
+    def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> list[Any]:
+        _scale_layer(arch, prefix, layer, inputs, targets, config, report)
+        if not config.quantize:
+            return []
+        names = [n for n in targets if n.startswith(prefix + ".")]
+        linears = {n: src.model.get_submodule(n) for n in names}
+        return [_Packed(n, m, *rtn_quantize(m.weight.data, config.spec)) for n, m in linears.items()]
+
+    written = config if config.quantize else replace(config, lm_head_bits=None)
+    stats = stream_calibrated(src, out, written, ctx.calibration(), options, one_layer, None, config.batch_size)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    (ctx.workdir / "awq.json").write_text(json.dumps(report, indent=2))
+    return stats
+
+
 @torch.no_grad()
 def apply(model: PreTrainedModel, config: AWQConfig, ctx: PassContext) -> PreTrainedModel:
     """Scale (and clip) every mapped decoder linear in place; with ``quantize`` also run RTN."""
@@ -120,9 +163,7 @@ def apply(model: PreTrainedModel, config: AWQConfig, ctx: PassContext) -> PreTra
     report: dict[str, Any] = {}
 
     def scale_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> None:
-        for mapping in arch.awq:
-            report[f"{prefix}.{mapping.prev}"] = _scale_mapping(layer, prefix, inputs, mapping, targets, config,
-                                                                arch.norm_offset)
+        _scale_layer(arch, prefix, layer, inputs, targets, config, report)
 
     walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, scale_layer, ctx.progress)
     ctx.workdir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +25,7 @@ from toolkit.algorithms.moments import InputMoments
 from toolkit.algorithms.rtn import dequantize
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import layout_of
+from toolkit.models.streaming import SkeletonModel
 from toolkit.pipeline.context import PassContext
 from toolkit.quant.calibration import (
     LayerInputs,
@@ -33,6 +35,13 @@ from toolkit.quant.calibration import (
     walk_layers,
 )
 from toolkit.quant.spec import QuantSpec
+from toolkit.quant.streaming import (
+    PackedWriter,
+    StreamOptions,
+    head_bias,
+    head_inputs_hessian,
+    stream_calibrated,
+)
 from toolkit.quant.surgery import WeightQuantConfig, check_group_size, install, quantize_head, target_linears
 
 log = logging.getLogger(__name__)
@@ -79,7 +88,8 @@ def _groups(model: PreTrainedModel, prefix: str, targets: dict[str, nn.Linear]) 
 def _hessians(layer: nn.Module, prefix: str, inputs: LayerInputs, names: list[str]) -> dict[str, torch.Tensor]:
     """H = 2 X Xᵀ / n (GPTQ eq. 1) for the input of each named linear (relative to ``layer``)."""
     modules = {n: layer.get_submodule(n[len(prefix) + 1 :]) for n in names}
-    moments = {n: InputMoments(m.in_features) for n, m in modules.items()}  # type: ignore[arg-type]
+    device = next(iter(modules.values())).weight.device
+    moments = {n: InputMoments(m.in_features, device=device) for n, m in modules.items()}  # type: ignore[arg-type]
     stream_inputs(layer, inputs, modules, lambda name, x: moments[name].add(x))
     return {n: moments[n].hessian() for n in names}
 
@@ -141,6 +151,21 @@ def _quantize_head_gptq(model: PreTrainedModel, config: GPTQConfig, ctx: PassCon
     return found
 
 
+def quantize_layer(model: PreTrainedModel, prefix: str, layer: nn.Module, inputs: LayerInputs,
+                   targets: dict[str, nn.Linear], config: GPTQConfig, report: dict[str, Any]) -> list[_Quantized]:
+    """GPTQ on the target linears of one decoder layer; their float weights become the dequantized
+    result (for the next layers' calibration), the packed results are returned."""
+    done: list[_Quantized] = []
+    groups = _groups(model, prefix, targets)
+    # true-sequential: one calibration sweep per group; otherwise one sweep on the float layer
+    sweeps = [[g] for g in groups] if config.true_sequential else [groups]
+    for sweep in sweeps:
+        hs = _hessians(layer, prefix, inputs, [g[0] for g in sweep])
+        for names in sweep:
+            report[names[0]] = _quantize_group(model, names, hs[names[0]], config, done)
+    return done
+
+
 @torch.no_grad()
 def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTrainedModel:
     """Quantize every decoder linear in place with GPTQ on ``ctx.calibration()`` windows."""
@@ -149,17 +174,10 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
     report: dict[str, Any] = {}
     done: list[_Quantized] = []
 
-    def quantize_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> None:
-        groups = _groups(model, prefix, targets)
-        # true-sequential: one calibration sweep per group; otherwise one sweep on the float layer
-        sweeps = [[g] for g in groups] if config.true_sequential else [groups]
-        for sweep in sweeps:
-            hs = _hessians(layer, prefix, inputs, [g[0] for g in sweep])
-            for names in sweep:
-                report[names[0]] = _quantize_group(model, names, hs[names[0]], config, done)
+    def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> None:
+        done.extend(quantize_layer(model, prefix, layer, inputs, targets, config, report))
 
-    walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, quantize_layer,
-                ctx.progress)
+    walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, one_layer, ctx.progress)
     for q in done:
         install(model, q.name, q.linear, q.codes, q.scales, q.zeros, config.spec)
     if config.lm_head_method == "gptq":
@@ -169,3 +187,32 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     (ctx.workdir / "gptq.json").write_text(json.dumps(report, indent=2))
     return model
+
+
+def stream(src: SkeletonModel, out: Path, config: GPTQConfig, ctx: PassContext, options: StreamOptions) -> dict[str, Any]:
+    """GPTQ with one decoder layer resident at a time (``toolkit.quant.streaming``); the same per-layer
+    function as ``apply``, so the packed result is the same."""
+    targets = target_linears(src.model, config.skip)
+    report: dict[str, Any] = {}
+
+    def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> list[Any]:
+        return quantize_layer(src.model, prefix, layer, inputs, targets, config, report)
+
+    def gptq_head(src: SkeletonModel, inputs: LayerInputs, writer: PackedWriter) -> None:
+        assert config.lm_head_bits is not None
+        head = src.layout.head
+        check_group_size({head: src.model.get_submodule(head)}, config.group_size)
+        spec = QuantSpec(config.lm_head_bits, config.group_size, config.symmetric)
+        h = head_inputs_hessian(src, inputs)
+        try:
+            res = gptq_quantize(src.read(f"{head}.weight"), h, spec, config.damp, config.block_size, config.act_order)
+        except ToolkitError as exc:
+            raise ToolkitError(f"GPTQ failed on the lm_head: {exc}") from None
+        report["lm_head"] = {"damp": res.damp, "dead_columns": res.dead_columns}
+        writer.linear(head, res.codes, res.scales, res.zeros, spec, head_bias(src))
+
+    head_fn = gptq_head if config.lm_head_method == "gptq" else None
+    stats = stream_calibrated(src, out, config, ctx.calibration(), options, one_layer, head_fn, config.batch_size)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    (ctx.workdir / "gptq.json").write_text(json.dumps(report, indent=2))
+    return stats

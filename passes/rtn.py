@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
 from toolkit.algorithms.rtn import rtn_quantize
+from toolkit.models.streaming import SkeletonModel
 from toolkit.pipeline.context import PassContext
 from toolkit.quant.spec import QuantSpec
+from toolkit.quant.streaming import StreamOptions, stream_rtn
 from toolkit.quant.surgery import WeightQuantConfig, check_group_size, install, quantize_head, target_linears
 
 
@@ -32,3 +35,9 @@ def apply(model: PreTrainedModel, config: RTNConfig, ctx: PassContext | None = N
     if config.lm_head_bits is not None:
         quantize_head(model, QuantSpec(config.lm_head_bits, config.group_size, symmetric=True))
     return model
+
+
+def stream(src: SkeletonModel, out: Path, config: RTNConfig, ctx: PassContext | None,
+           options: StreamOptions) -> dict[str, Any]:
+    """RTN one tensor at a time from the shards into a sharded packed folder (bit-identical to ``apply``)."""
+    return stream_rtn(src, out, config, options)

@@ -14,6 +14,7 @@ from toolkit.models.architectures import ARCHITECTURES, decoder_layers, layout_o
 from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import awq, distill, export_hf_gptq, gptq, rtn
 from toolkit.pipeline.context import PassContext
+from toolkit.quant.activations import ActivationBuffer
 from toolkit.quant.calibration import capture_layer_inputs
 from toolkit.quant.modules import QuantLinear, quantized_modules
 
@@ -38,7 +39,7 @@ def layer_errors(reference: torch.nn.Module, candidate: torch.nn.Module) -> list
     hidden = reference(input_ids=CALIB, use_cache=False, output_hidden_states=True).hidden_states
     errors = []
     for i, (ref_layer, layer) in enumerate(zip(decoder_layers(reference), decoder_layers(candidate), strict=True)):
-        inputs.layer, inputs.hidden = i, hidden[i].float()
+        inputs.layer, inputs.hidden = i, ActivationBuffer.of(hidden[i].float().split(4))
         errors.append(sum(float(((ref_layer(h, **kw) - layer(h, **kw)) ** 2).mean()) for h, kw in inputs.batches()))
     return errors
 

@@ -41,10 +41,10 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float = MAX_D
     Raises the dampening x10 while the factorisation fails; float64 keeps near-singular H usable.
     """
     n = h.shape[0]
-    rev = torch.arange(n - 1, -1, -1)
+    rev = torch.arange(n - 1, -1, -1, device=h.device)
     h64 = h.double()[rev][:, rev]
     mean_diag = float(torch.diagonal(h64).mean())
-    eye = torch.eye(n, dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64, device=h.device)
     frac = damp
     while True:
         lower, info = torch.linalg.cholesky_ex(h64 + frac * mean_diag * eye)
@@ -102,7 +102,7 @@ def gptq_quantize(
     H[dead, dead] = 1.0  # an unused input: any value works, its weight is zeroed
     W[:, dead] = 0.0
     scales, zeros = compute_qparams(W, spec)  # static groups (and per-row params)
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(in_f)
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     U, used = inverse_hessian_factor(H, damp)
     with _single_thread():
@@ -122,10 +122,10 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, qparams: tuple[
     scales, zeros, static = qparams
     out_f, in_f = W.shape
     group = spec.group(in_f)
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
-        W1, err1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1)
+        W1, err1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, device=W.device)
         u1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i

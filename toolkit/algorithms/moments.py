@@ -8,9 +8,9 @@ import torch
 class InputMoments:
     """Accumulates ``XᵀX`` (and optionally ``Σ|x|``) over batches of inputs ``x: [..., d]``, in float32."""
 
-    def __init__(self, dim: int, track_abs: bool = False) -> None:
-        self.gram = torch.zeros(dim, dim)  # Σ xᵀx: [d, d]
-        self.abs_sum = torch.zeros(dim) if track_abs else None  # Σ |x| per channel: [d]
+    def __init__(self, dim: int, track_abs: bool = False, device: torch.device | str | None = None) -> None:
+        self.gram = torch.zeros(dim, dim, device=device)  # Σ xᵀx: [d, d]
+        self.abs_sum = torch.zeros(dim, device=device) if track_abs else None  # Σ |x| per channel: [d]
         self.count = 0  # tokens seen
 
     def add(self, x: torch.Tensor) -> None:

@@ -10,6 +10,8 @@ def _mb(n: float) -> str:
 
 
 def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    if not before:  # the baseline evaluation was turned off
+        return after_table(after)
     rows = [
         ("perplexity", f"{before['perplexity']:.3f}", f"{after['perplexity']:.3f}",
          f"{100 * (after['perplexity'] / before['perplexity'] - 1):+.1f} %"),
@@ -22,6 +24,16 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     lines = ["| metric | before | after | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
+
+
+def after_table(after: dict[str, Any]) -> str:
+    rows = [("perplexity", f"{after['perplexity']:.3f}"), ("size on disk", _mb(after["bytes"])),
+            ("load time", f"{after['load_seconds']:.2f} s")]
+    if "kl_divergence" in after:
+        rows += [("KL vs original", f"{after['kl_divergence']:.4f}"),
+                 ("top-1 agreement", f"{100 * after['top1_agreement']:.1f} %")]
+    lines = ["| metric | after (baseline not evaluated) |", "|---|---|"]
+    return "\n".join(lines + [f"| {a} | {b} |" for a, b in rows])
 
 
 def describe_manifest(manifest: dict[str, Any]) -> str:

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -23,10 +24,12 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.initialization import no_init_weights
 
 from toolkit import __version__
 from toolkit.errors import ToolkitError
+from toolkit.models.architectures import layout_of
+from toolkit.models.shards import ShardedWeights
+from toolkit.models.streaming import empty_model, set_tensor
 from toolkit.paths import code_identity, sha256_file, sha256_json, write_text_atomic
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules, set_module
 from toolkit.quant.spec import QuantSpec
@@ -222,51 +225,60 @@ def _quant_info(folder: Path) -> dict[str, Any]:
     return info
 
 
-def _build_quantized(folder: Path, info: dict[str, Any]) -> PreTrainedModel:
+def _build_quantized(folder: Path, info: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
+    """The packed model, built on meta and filled tensor by tensor from one file or from shards, so
+    loading holds the packed bytes once and never a float copy of the quantized weights. Float tensors
+    (embedding, norms, a float head) take ``dtype``; packed codes, scales and zeros keep their own."""
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise ToolkitError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0][:200]}") from None
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for name, m in info["modules"].items():
-        try:
-            spec = QuantSpec(bits=m["bits"], group_size=m["group_size"], symmetric=m["symmetric"])
-            set_module(model, name, QuantLinear(m["in_features"], m["out_features"], spec, bias=m["bias"]))
-        except (ValueError, AttributeError, KeyError) as exc:
-            raise ToolkitError(f"{folder / QUANT_FILE}: module {name!r} does not fit the model ({exc}); "
-                               "re-create the artifact") from None
+    model = empty_model(config, dtype)
+    with torch.device("meta"):
+        for name, m in info["modules"].items():
+            try:
+                spec = QuantSpec(bits=m["bits"], group_size=m["group_size"], symmetric=m["symmetric"])
+                set_module(model, name, QuantLinear(m["in_features"], m["out_features"], spec, bias=m["bias"]))
+            except (ValueError, AttributeError, KeyError) as exc:
+                raise ToolkitError(f"{folder / QUANT_FILE}: module {name!r} does not fit the model ({exc}); "
+                                   "re-create the artifact") from None
+    weights = ShardedWeights(folder)
+    where = folder / WEIGHTS if (folder / WEIGHTS).is_file() else folder
+    expected = dict(model.state_dict(keep_vars=True))
+    unexpected = [n for n in weights.names() if n not in expected]
+    for name in weights.names():
+        if name in expected:
+            t = weights.get(name)
+            if t.shape != expected[name].shape:
+                raise ToolkitError(f"{where} does not match its config: {name} has shape {list(t.shape)}, "
+                                   f"the model expects {list(expected[name].shape)}")
+            set_tensor(model, name, t.to(expected[name].dtype))
+    arch = layout_of(model)
+    head, embed = model.get_submodule(arch.head), model.get_submodule(arch.embed)
+    if isinstance(head, nn.Linear) and head.weight.is_meta and config.tie_word_embeddings:
+        head.weight = embed.weight  # a tied float head is stored once, under the embedding's name
     if info.get("embedding_from"):
         head = model.get_submodule(info["embedding_from"])
         model.set_input_embeddings(QuantEmbedding.replacing(model.get_input_embeddings(), head))
-    try:
-        state = load_file(str(folder / WEIGHTS))
-    except SafetensorError as exc:
-        raise ToolkitError(f"{folder / WEIGHTS} is truncated or corrupt ({exc}); re-create it") from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise ToolkitError(f"{folder / WEIGHTS} does not match its config: {str(exc).splitlines()[-1][:300]}") from None
-    missing = [k for k in missing if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
+    missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if missing or unexpected:
         raise ToolkitError(
-            f"{folder / WEIGHTS} does not match its config: missing {_names(missing) or 'none'}; "
+            f"{where} does not match its config: missing {_names(missing) or 'none'}; "
             f"unexpected {_names(unexpected) or 'none'}"
         )
-    if not info.get("embedding_from"):
-        model.tie_weights()
     return model.eval()
 
 
-def load_model(folder: Path) -> PreTrainedModel:
-    """Rebuild a float or quantized model from an artifact folder; refuse missing, unexpected or non-finite tensors."""
+def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Rebuild a float or quantized model from an artifact folder (one file or shards), computing in
+    ``dtype``; refuse missing, unexpected or non-finite tensors."""
     folder = Path(folder)
     verify_weight_files(folder)
     if (folder / QUANT_FILE).is_file():
-        model = _build_quantized(folder, _quant_info(folder))
+        model = _build_quantized(folder, _quant_info(folder), dtype)
     else:
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+            model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as exc:
             raise ToolkitError(f"cannot load model from {folder}: {str(exc).splitlines()[0][:300]}") from None
         missing, unexpected = set(info.get("missing_keys", ())), set(info.get("unexpected_keys", ()))

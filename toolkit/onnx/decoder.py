@@ -2,13 +2,13 @@
 
 What a runtime feeds (both targets; ``P`` cached columns, ``S`` new tokens, rows left-padded; the names are
 ``TensorNames`` of ``toolkit.runtime.contract``):
-- ``input_ids [B,S] int64``; ``position_ids [B,S] int64`` = ``cumsum(attention_mask) - 1`` at the new columns
+- input ids ``[B,S] int64``; position ids ``[B,S] int64`` = ``cumsum(attention_mask) - 1`` at the new columns
   (read by the standard target's RotaryEmbedding; the ort graph ignores it, see below);
-- ``attention_mask [B,M] int64``: 1 for real tokens, 0 for left padding, one column per cache column.
-  Without buffer sharing ``M = P+S`` and ``past_key_values.{i}.key|value`` are ``[B,KVH,P,D]`` (P=0 for the
-  prefill: a zero-length tensor); ``present.{i}.*`` come back as ``[B,KVH,P+S,D]``.
+- attention mask ``[B,M] int64``: 1 for real tokens, 0 for left padding, one column per cache column.
+  Without buffer sharing ``M = P+S`` and each layer's past key and value are ``[B,KVH,P,D]`` (P=0 for the
+  prefill: a zero-length tensor); its present key and value come back as ``[B,KVH,P+S,D]``.
 - ort target, shared buffer (onnxruntime-genai's ``past_present_share_buffer``): bind the SAME preallocated
-  ``[B,KVH,C,D]`` OrtValue as ``past_key_values.{i}.key`` and ``present.{i}.key`` (likewise value) through IO
+  ``[B,KVH,C,D]`` OrtValue as a layer's past key and its present key (likewise value) through IO
   binding; GroupQueryAttention sees equal pointers and writes the S new rows in place at columns ``[P, P+S)``.
   The mask is then either ``[B, P+S]`` or ``[B, C]`` with zeros after column ``P+S-1``; both work, because the
   graph derives everything from the index of the last 1, per row. Rows may have different lengths (each

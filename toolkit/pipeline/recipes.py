@@ -7,6 +7,8 @@
       - rtn: {bits: 4, group_size: 32, symmetric: true}
       - onnx: {target: ort}             # an export step, if any, comes last
     output: runs/smollm2-int4-rtn       # relative paths resolve against the current directory
+    device: auto                        # auto (CUDA when present), cpu, cuda
+    memory: {budget_gb: null, activations_mb: 512}   # refuse runs estimated above the budget
 """
 
 from __future__ import annotations
@@ -47,14 +49,39 @@ class EvaluationSpec:
     batch_size: int = 1
     kl: bool = True  # KL divergence and top-1 agreement against the unoptimized model
     text_field: str = "text"
+    baseline: bool = True  # evaluate the input model too (off: only the result is evaluated)
+    # the baseline (a float checkpoint folder) evaluated one decoder layer at a time: for models larger
+    # than memory; perplexity only, so it needs kl: false
+    streaming: bool = False
 
     def __post_init__(self) -> None:
         self.windows()
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.streaming and self.kl:
+            raise ValueError("streaming evaluation computes perplexity only: set kl: false with streaming: true")
 
     def windows(self) -> WindowSpec:
         return WindowSpec(self.source, "evaluation", self.length, self.count, "sequential", 0, self.text_field)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    budget_gb: float | None = None  # a run whose estimate exceeds it is refused; None: the memory available at start
+    activations_mb: int = 512  # calibration activations kept in memory by streaming passes; the rest spill to disk
+    shard_mb: int = 1024  # output shard size of streaming passes
+    spill_dir: str | None = None  # where activations spill (default: the system temporary folder)
+
+    def __post_init__(self) -> None:
+        if self.budget_gb is not None and self.budget_gb <= 0:
+            raise ValueError(f"budget_gb must be a positive number of GB (or null: the available memory), got {self.budget_gb}")
+        if self.activations_mb < 0:
+            raise ValueError(f"activations_mb must be >= 0 (0 spills every batch), got {self.activations_mb}")
+        if self.shard_mb < 1:
+            raise ValueError(f"shard_mb must be >= 1, got {self.shard_mb}")
 
 
 @dataclass(frozen=True)
@@ -81,6 +108,8 @@ class Recipe:
     passes: tuple[Step, ...] = ()
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    device: str = "auto"  # where passes compute: auto (CUDA when present), cpu, cuda
+    memory: MemorySpec = field(default_factory=MemorySpec)
     origin: str = "<recipe>"
 
     def record(self) -> dict[str, Any]:
@@ -90,10 +119,12 @@ class Recipe:
             "calibration": record(self.calibration),
             "evaluation": record(self.evaluation),
             "passes": [{s.name: record(s.config)} for s in self.passes],
+            "device": self.device,
+            "memory": record(self.memory),
         }
 
 
-TOP_KEYS = ("model", "calibration", "evaluation", "passes", "output")
+TOP_KEYS = ("model", "calibration", "evaluation", "passes", "output", "device", "memory")
 
 
 def _step(entry: Any, origin: str, index: int) -> Step:
@@ -119,6 +150,9 @@ def parse(data: Any, origin: str) -> Recipe:
     if not isinstance(raw_passes, list):
         raise ToolkitError(f"{origin}: 'passes' must be a list of one-key mappings")
     steps = tuple(_step(e, origin, i) for i, e in enumerate(raw_passes))
+    device = data.get("device", "auto")
+    if device not in DEVICES:
+        raise ToolkitError(f"{origin}: device: '{device}' is not one of {', '.join(DEVICES)}")
     for i, step in enumerate(steps[:-1]):
         if step.is_export:
             raise ToolkitError(f"{origin}: passes[{i}]: export step '{step.name}' must be the last pass")
@@ -128,6 +162,8 @@ def parse(data: Any, origin: str) -> Recipe:
         passes=steps,
         calibration=build(CalibrationSpec, data.get("calibration"), origin, "calibration"),
         evaluation=build(EvaluationSpec, data.get("evaluation"), origin, "evaluation"),
+        device=device,
+        memory=build(MemorySpec, data.get("memory"), origin, "memory"),
         origin=origin,
     )
 

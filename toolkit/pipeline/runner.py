@@ -27,13 +27,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from toolkit import data, models
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import perplexity
+from toolkit.evaluation.streaming import stream_perplexity
 from toolkit.models import checkpoint
-from toolkit.passes import handler
+from toolkit.models.streaming import SkeletonModel
+from toolkit.passes import STREAMING, handler
 from toolkit.paths import atomic_dir, cache_dir, dir_bytes, sha256_json, write_text_atomic
+from toolkit.pipeline import budget
 from toolkit.pipeline.context import PassContext
 from toolkit.pipeline.monitor import Measure
 from toolkit.pipeline.outputs import check_output
-from toolkit.pipeline.recipes import EvaluationSpec, Recipe, Step
+from toolkit.pipeline.recipes import EvaluationSpec, MemorySpec, Recipe, Step
+from toolkit.quant.streaming import StreamOptions
 from toolkit.schema import record
 
 
@@ -74,11 +78,63 @@ class _State:
             self.model = checkpoint.load_model(self.folder) if self.folder else models.load(self.ref.source).model
         return self.model
 
+    def can_stream(self, step: Step) -> bool:
+        """Run ``step`` layer by layer from the shards: it has a streaming form and its input is a float
+        checkpoint on disk that is not already in memory."""
+        return (type(step.config) in STREAMING and self.model is None and self.folder is not None
+                and not (self.folder / checkpoint.QUANT_FILE).is_file())
 
-def _step_key(step: Step, input_key: str, recipe: Recipe, versions: dict[str, str]) -> str:
+
+def resolve_device(device: str) -> str:
+    """``auto``: CUDA when present, else the CPU; ``cuda`` without CUDA is refused."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ToolkitError("device: cuda was asked but torch sees no CUDA device (or is a CPU-only build); "
+                           "use device: cpu or auto")
+    return device
+
+
+def stream_options(memory: MemorySpec, device: str, progress: bool) -> StreamOptions:
+    return StreamOptions(device=device, activation_budget_bytes=memory.activations_mb * 2**20,
+                         spill_dir=Path(memory.spill_dir) if memory.spill_dir else None,
+                         max_shard_bytes=memory.shard_mb * 2**20, progress=progress)
+
+
+def _step_key(step: Step, input_key: str, recipe: Recipe, versions: dict[str, str], device: str) -> str:
     calib = record(recipe.calibration) if step.reads_calibration else None
-    return sha256_json({"input": input_key, "pass": step.name, "config": record(step.config),
-                        "calibration": calib, "versions": versions})
+    fields = {"input": input_key, "pass": step.name, "config": record(step.config), "calibration": calib,
+              "versions": versions}
+    if device != "cpu":  # results on an accelerator match the CPU's only within tolerance
+        fields["device"] = device
+    return sha256_json(fields)
+
+
+def _model_shape(ref: models.ModelRef) -> budget.ModelShape | None:
+    from transformers import AutoConfig, LlamaConfig
+
+    from toolkit.models.tiny import TINY_CONFIG
+
+    if ref.folder is not None:
+        return budget.ModelShape.of_config(AutoConfig.from_pretrained(ref.folder))
+    if ref.source.startswith("tiny-llama"):
+        return budget.ModelShape.of_config(LlamaConfig(**TINY_CONFIG))
+    return None  # a hub id or another tiny family: its config is not built just to estimate
+
+
+def check_memory(recipe: Recipe, ref: models.ModelRef, options: StreamOptions) -> budget.Estimate | None:
+    """Refuse, before anything runs, a recipe whose estimated peak exceeds its memory budget."""
+    shape = _model_shape(ref)
+    if shape is None:
+        return None
+    streams, streaming = [], ref.folder is not None and not (ref.folder / checkpoint.QUANT_FILE).is_file()
+    for step in (s for s in recipe.passes if not s.is_export):
+        streaming = streaming and type(step.config) in STREAMING
+        streams.append(streaming)
+    assert options.activation_budget_bytes is not None
+    estimate = budget.estimate_run(recipe, shape, streams, options.activation_budget_bytes, options.max_shard_bytes)
+    budget.check(estimate, budget.budget_bytes(recipe.memory.budget_gb), recipe.origin)
+    return estimate
 
 
 def _servable(folder: Path, key: str, log: Callable[[str], None]) -> bool:
@@ -93,7 +149,8 @@ def _servable(folder: Path, key: str, log: Callable[[str], None]) -> bool:
     return not problems
 
 
-def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callable[[str], None]) -> StepResult:
+def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callable[[str], None],
+              options: StreamOptions) -> StepResult:
     kind = "exports" if step.is_export else "artifacts"
     folder = cache_dir() / kind / key[:32]
     if _servable(folder, key, log):
@@ -101,6 +158,20 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
         meta = checkpoint.read_manifest(folder).get("step", {})
         result = StepResult(step.name, key, True, folder, meta.get("measure", {}), meta.get("metrics", {}),
                             step.is_export)
+    elif state.can_stream(step):
+        assert state.folder is not None
+        log(f"  {step.name}: running layer by layer from {state.folder}")
+        with atomic_dir(folder, replace=True) as tmp:
+            with Measure() as m:
+                src = SkeletonModel(state.folder, device=options.device)
+                metrics = {"streaming": STREAMING[type(step.config)](src, tmp, step.config, ctx, options)}
+                ctx.tokenizer.save_pretrained(tmp)
+            info = {"name": step.name, "config": record(step.config), "input_key": state.key,
+                    "measure": m.record(), "metrics": metrics}
+            checkpoint.write_manifest(tmp, {"step": info, "key": key})
+        result = StepResult(step.name, key, False, folder, m.record(), metrics, step.is_export)
+        log(f"  {step.name}: done in {m.seconds:.1f} s, peak RSS {m.peak_rss / 2**20:.0f} MB")
+        state.model = None
     else:
         log(f"  {step.name}: running")
         model = state.materialize()
@@ -121,25 +192,33 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
         result = StepResult(step.name, key, False, folder, m.record(), metrics, step.is_export)
         log(f"  {step.name}: done in {m.seconds:.1f} s, peak RSS {m.peak_rss / 2**20:.0f} MB")
     if not step.is_export:
-        if result.cache_hit:
+        if result.cache_hit or state.model is None:
             state.model = None  # the in-memory model (if any) is stale; reload lazily from the cache
         state.folder, state.key = folder, key
     return result
 
 
 def measure(spec: EvaluationSpec, model: models.ModelRef, tokenizer: PreTrainedTokenizerBase,
-            reference: str | None, progress: bool) -> dict[str, Any]:
+            reference: str | None, progress: bool, options: StreamOptions | None = None) -> dict[str, Any]:
     """Perplexity (and KL/top-1 against ``reference``) of ``model`` under ``spec``, with its size on disk and
-    load time: what every evaluation reports, cached (``_evaluate``) or not (``toolkit eval``)."""
+    load time: what every evaluation reports, cached (``_evaluate``) or not (``toolkit eval``). With
+    ``spec.streaming`` a float checkpoint folder is evaluated one decoder layer at a time."""
     start = time.perf_counter()
     folder = model.folder
-    loaded = checkpoint.load_model(folder) if folder else models.load(model.source).model
-    load_seconds = time.perf_counter() - start
     windows = data.token_windows(tokenizer, spec.windows())
-    ref_model = models.load(reference).model if reference else None
-    metrics: dict[str, Any] = perplexity.evaluate(loaded, windows, ref_model, spec.batch_size, progress)
-    metrics["bytes"] = (dir_bytes(folder) if folder
-                        else sum(p.numel() * p.element_size() for p in loaded.parameters()))
+    if spec.streaming and folder is not None and not (folder / checkpoint.QUANT_FILE).is_file():
+        options = options or StreamOptions()
+        src = SkeletonModel(folder, device=options.device)
+        load_seconds = time.perf_counter() - start
+        metrics: dict[str, Any] = stream_perplexity(src, windows, spec.batch_size, options)
+        metrics["bytes"] = dir_bytes(folder)
+    else:
+        loaded = checkpoint.load_model(folder) if folder else models.load(model.source).model
+        load_seconds = time.perf_counter() - start
+        ref_model = models.load(reference).model if reference else None
+        metrics = perplexity.evaluate(loaded, windows, ref_model, spec.batch_size, progress)
+        metrics["bytes"] = (dir_bytes(folder) if folder
+                            else sum(p.numel() * p.element_size() for p in loaded.parameters()))
     metrics["load_seconds"] = load_seconds
     metrics["windows"] = spec.windows().record()
     return metrics
@@ -160,7 +239,7 @@ def _cached_metrics(path: Path) -> dict[str, Any] | None:
 
 def _evaluate(spec: EvaluationSpec, ref: models.ModelRef, folder: Path | None, key: str,
               tokenizer: PreTrainedTokenizerBase, reference: bool, progress: bool,
-              log: Callable[[str], None]) -> dict[str, Any]:
+              log: Callable[[str], None], options: StreamOptions | None = None) -> dict[str, Any]:
     versions = checkpoint.library_versions()
     use_kl = reference and spec.kl
     eval_key = sha256_json({"model": key, "eval": record(spec), "reference": ref.key if use_kl else None,
@@ -172,7 +251,7 @@ def _evaluate(spec: EvaluationSpec, ref: models.ModelRef, folder: Path | None, k
     if path.exists():
         log(f"  warning: evaluation cache entry {path} is unreadable or incomplete; recomputing it")
     target = ref if folder is None else models.ModelRef(str(folder), key, folder)
-    metrics = measure(spec, target, tokenizer, ref.source if use_kl else None, progress)
+    metrics = measure(spec, target, tokenizer, ref.source if use_kl else None, progress, options)
     write_text_atomic(path, json.dumps(metrics, indent=2))
     return {**metrics, "cache_hit": False}
 
@@ -223,15 +302,20 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
     models.check_lengths(ref, {"evaluation.length": recipe.evaluation.length,
                                **({"calibration.length": recipe.calibration.length}
                                   if any(s.reads_calibration for s in recipe.passes) else {})})
+    device = resolve_device(recipe.device)
+    options = stream_options(recipe.memory, device, progress)
+    check_memory(recipe, ref, options)
     tokenizer = models.load_tokenizer(ref)
     versions = checkpoint.library_versions()
     state = _State(ref)
-    log(f"model {recipe.model} ({ref.key[:12]})")
-    before = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, False, progress, log)
-    log(f"  baseline perplexity {before['perplexity']:.3f}{' (cached)' if before['cache_hit'] else ''}")
+    log(f"model {recipe.model} ({ref.key[:12]}), device {device}")
+    before: dict[str, Any] = {}
+    if recipe.evaluation.baseline:
+        before = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, False, progress, log, options)
+        log(f"  baseline perplexity {before['perplexity']:.3f}{' (cached)' if before['cache_hit'] else ''}")
     results: list[StepResult] = []
     for step in recipe.passes:
-        key = _step_key(step, state.key, recipe, versions)
+        key = _step_key(step, state.key, recipe, versions, device)
         ctx = PassContext(
             tokenizer=tokenizer,
             calibration_loader=lambda: data.token_windows(tokenizer, recipe.calibration.windows()),
@@ -239,11 +323,13 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
             workdir=cache_dir() / "work" / key[:32],
             progress=progress,
         )
-        results.append(_run_step(step, state, ctx, key, log))
+        results.append(_run_step(step, state, ctx, key, log, options))
     if any(not r.is_export for r in results):
-        after = _evaluate(recipe.evaluation, ref, state.folder, state.key, tokenizer, True, progress, log)
-    else:
+        after = _evaluate(recipe.evaluation, ref, state.folder, state.key, tokenizer, True, progress, log, options)
+    elif before:
         after = before
+    else:  # export steps only and no baseline: the model itself is what is evaluated
+        after = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, False, progress, log, options)
     seconds = time.perf_counter() - start
     _assemble(output, recipe, state, results, before, after, seconds, overwrite)
     return RunResult(output, before, after, results, seconds)

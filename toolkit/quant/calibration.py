@@ -1,7 +1,8 @@
 """Layer-by-layer calibration: capture the inputs of decoder layer 0, then walk the layers.
 
-Only one layer's activations live in memory at a time: ``hidden [N, L, H]`` float32 (128 x 512 x 576
-= 151 MB for SmolLM2) is replaced in place by each layer's output. A pass quantizes a layer, then
+Only one layer's activations are kept at a time: ``hidden [N, L, H]`` float32 (128 x 512 x 576
+= 151 MB for SmolLM2), held as batches in an ``ActivationBuffer`` (in memory up to its budget, the rest
+spilled to disk), each batch replaced by the layer's output. A pass quantizes a layer, then
 ``advance`` runs the *quantized* layer to produce the next layer's inputs, so every layer is
 calibrated on the outputs of the already-quantized ones (GPTQ sec. 4, "sequential").
 """
@@ -21,6 +22,7 @@ from transformers import PreTrainedModel
 
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import decoder_layers, layer_types
+from toolkit.quant.activations import ActivationBuffer
 
 
 class _Stop(Exception):
@@ -29,7 +31,7 @@ class _Stop(Exception):
 
 @dataclass
 class LayerInputs:
-    hidden: torch.Tensor  # [N, L, H] input hidden states of the current layer
+    hidden: ActivationBuffer  # batches [B, L, H] of the input hidden states of the current layer
     # per layer type, per batch: what the model passes a layer (position embeddings, mask); sliding-window
     # layers get another mask, Gemma 3's local layers other rotary embeddings
     kwargs_by_type: dict[str, list[dict[str, Any]]]
@@ -43,7 +45,7 @@ class LayerInputs:
 
     def batches(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         for b, kw in enumerate(self.kwargs):
-            yield self.hidden[b * self.batch_size : (b + 1) * self.batch_size], kw
+            yield self.hidden.get(b), kw
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -56,33 +58,46 @@ def check_finite(t: torch.Tensor, what: str) -> None:
 class _Recorder(nn.Module):
     """Stands in for a decoder layer during capture: keeps what it is given, passes the hidden states on."""
 
-    def __init__(self, store: list[tuple[torch.Tensor, dict[str, Any]]] | None, last: bool) -> None:
+    def __init__(self, store: Callable[[torch.Tensor, dict[str, Any]], None] | None, last: bool) -> None:
         super().__init__()
         self.store, self.last = store, last
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
         if self.store is not None:
             kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "cache")}
-            self.store.append((hidden_states.detach().float(), kw))
+            self.store(hidden_states.detach().float(), kw)
         if self.last:
             raise _Stop
         return hidden_states
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> LayerInputs:
-    """Run the embedding part of ``model`` on ``windows: [N, L]``; keep what decoder layer 0 receives and the
-    keyword arguments (mask, rotary embeddings) the first layer of every layer type receives.
+def capture_layer_inputs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int,
+                         buffer: ActivationBuffer | None = None) -> LayerInputs:
+    """Run the embedding part of ``model`` on ``windows: [N, L]``; keep what decoder layer 0 receives (in
+    ``buffer``; by default an unbounded in-memory one) and the keyword arguments (mask, rotary embeddings)
+    the first layer of every layer type receives.
 
-    The layers are swapped for recorders while this runs, so a forward costs the embedding alone."""
+    The layers are swapped for recorders while this runs, so a forward costs the embedding alone (and
+    works on a skeleton whose decoder layers are still on the meta device)."""
     layers = decoder_layers(model)
     types = layer_types(model.config)
     firsts = {t: types.index(t) for t in dict.fromkeys(types)}  # layer type -> first layer of that type
-    stores: dict[int, list[tuple[torch.Tensor, dict[str, Any]]]] = {i: [] for i in firsts.values()}
+    kwargs: dict[int, list[dict[str, Any]]] = {i: [] for i in firsts.values()}
+    hidden = ActivationBuffer() if buffer is None else buffer
+
+    def keep(i: int) -> Callable[[torch.Tensor, dict[str, Any]], None]:
+        def store(h: torch.Tensor, kw: dict[str, Any]) -> None:
+            kwargs[i].append(kw)
+            if i == 0:
+                check_finite(h, "the embedding output")
+                hidden.append(h)
+        return store
+
     originals = list(layers)
     last = max(firsts.values())
     for i in range(last + 1):
-        layers[i] = _Recorder(stores.get(i), last=i == last)
+        layers[i] = _Recorder(keep(i) if i in kwargs else None, last=i == last)
     try:
         for batch in windows.split(batch_size):
             with contextlib.suppress(_Stop):
@@ -90,10 +105,7 @@ def capture_layer_inputs(model: PreTrainedModel, windows: torch.Tensor, batch_si
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
-    inputs = LayerInputs(torch.cat([h for h, _ in stores[0]]),
-                         {t: [kw for _, kw in stores[i]] for t, i in firsts.items()}, types, batch_size)
-    check_finite(inputs.hidden, "the embedding output")
-    return inputs
+    return LayerInputs(hidden, {t: kwargs[i] for t, i in firsts.items()}, types, batch_size)
 
 
 def _run_until(model: PreTrainedModel, handle: RemovableHandle, windows: torch.Tensor, batch_size: int) -> None:
@@ -160,10 +172,11 @@ def stream_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[str, nn.M
 
 @torch.no_grad()
 def advance(layer: nn.Module, inputs: LayerInputs, name: str) -> None:
-    """Replace ``inputs.hidden`` by the output of ``layer`` (batch by batch, in place)."""
-    for hidden, kw in inputs.batches():
-        hidden.copy_(_layer_out(layer, hidden, kw))
-    check_finite(inputs.hidden, f"the output of {name}")
+    """Replace ``inputs.hidden`` by the output of ``layer``, batch by batch."""
+    for b, (hidden, kw) in enumerate(inputs.batches()):
+        out = _layer_out(layer, hidden, kw)
+        check_finite(out, f"the output of {name}")
+        inputs.hidden.put(b, out)
 
 
 def walk_layers(model: PreTrainedModel, windows: torch.Tensor, batch_size: int, layers_path: str,

@@ -10,6 +10,8 @@ from toolkit.algorithms.rtn import dequantize
 from toolkit.quant.formats import layout_for
 from toolkit.quant.spec import QuantSpec
 
+BLOCK_WEIGHTS = 1 << 25  # linears above 32 M weights dequantize in output-row blocks (SmolLM2's head: 28 M)
+
 
 class QuantLinear(nn.Module):
     """A linear layer computing from packed integer weights.
@@ -44,12 +46,19 @@ class QuantLinear(nn.Module):
     def codes(self) -> torch.Tensor:
         return layout_for(self.spec.bits).unpack(self.qweight)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.codes(), self.scales, self.qzeros, self.spec.group(self.in_features))
+    def dequantized_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        codes = layout_for(self.spec.bits).unpack(self.qweight[rows])
+        return dequantize(codes, self.scales[rows], self.qzeros[rows], self.spec.group(self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.out_features * self.in_features <= BLOCK_WEIGHTS:
+            return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        # a 128k-vocabulary head: output-row blocks, so its float weight is never whole
+        step = max(1, BLOCK_WEIGHTS // self.in_features)
+        blocks = [slice(r, min(r + step, self.out_features)) for r in range(0, self.out_features, step)]
+        return torch.cat([F.linear(x, self.dequantized_weight(b).to(x.dtype), None if bias is None else bias[b])
+                          for b in blocks], dim=-1)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,206 @@
+"""Sharded safetensors on disk, one tensor at a time in both directions.
+
+Reading: ``ShardedWeights`` maps tensor names to shard files (``model.safetensors.index.json`` as the hub
+writes it, or a single ``model.safetensors``) and opens the file for each read, so only the tensor asked
+for is ever resident. Writing: ``ShardWriter`` streams each tensor's bytes to disk as it is added, starts a new
+shard whenever the next tensor would overflow ``max_shard_bytes``, then writes the index; ``write_planned_shard`` streams a shard whose
+shapes are known in advance (the header first, then each tensor's bytes), so not even one shard is buffered.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from toolkit.errors import ToolkitError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
+    torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
+}
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class ShardedWeights:
+    """Tensor names -> shard files of a checkpoint folder; ``get`` reads one tensor, ``meta`` its shape and dtype."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise ToolkitError(f"{index} is not a safetensors index ({exc}); re-create the checkpoint") from None
+        elif (self.folder / SINGLE).is_file():
+            with self._open(SINGLE) as f:
+                self.weight_map = dict.fromkeys(f.keys(), SINGLE)
+        else:
+            raise ToolkitError(f"{self.folder} has neither {INDEX} nor {SINGLE}: not a safetensors checkpoint")
+
+    def _open(self, file: str):  # type: ignore[no-untyped-def]
+        path = self.folder / file
+        if not path.is_file():
+            raise ToolkitError(f"{path} is missing (named by {INDEX}); re-create or re-download the checkpoint")
+        try:
+            return safe_open(str(path), "pt")
+        except SafetensorError as exc:
+            raise ToolkitError(f"{path} is truncated or corrupt ({exc}); re-create it") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.weight_map if n.startswith(prefix)]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor in its stored dtype; the file is mapped only while it is copied out."""
+        if name not in self.weight_map:
+            raise ToolkitError(f"{self.folder}: tensor '{name}' is not in the checkpoint")
+        with self._open(self.weight_map[name]) as f:
+            return f.get_tensor(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (only those bytes are read)."""
+        with self._open(self.weight_map[name]) as f:
+            return f.get_slice(name)[start:stop]
+
+    def meta(self, name: str) -> tuple[list[int], str]:
+        with self._open(self.weight_map[name]) as f:
+            sl = f.get_slice(name)
+            return list(sl.get_shape()), str(sl.get_dtype())
+
+    def files(self) -> list[Path]:
+        return [self.folder / f for f in sorted(set(self.weight_map.values()))]
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
+
+
+class ShardWriter:
+    """Write tensors in order into ``model-0000x-of-0000y.safetensors`` shards plus the index.
+
+    Each tensor's bytes go to disk as soon as it is added (a shard's data file; the header is written in
+    front of it when the shard closes), so the writer holds no tensor: a shard is opened whenever the
+    next tensor would overflow ``max_shard_bytes``. Shards get their final names once the count is known.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None) -> None:
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = metadata or {}
+        self._header: dict[str, dict[str, object]] = {}
+        self._data: BinaryIO | None = None
+        self._offset = 0
+        self._shards: list[list[str]] = []
+        self.bytes_written = 0
+
+    def _data_path(self, i: int) -> Path:
+        return self.folder / f"shard-{i:05d}.data.tmp"
+
+    def _begin(self, nbytes: int) -> BinaryIO:
+        if self._data is not None and self._offset and self._offset + nbytes > self.max_shard_bytes:
+            self._flush()
+        if self._data is None:
+            self._data = open(self._data_path(len(self._shards)), "wb")  # noqa: SIM115 (closed in _flush)
+        return self._data
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.add_chunks(name, list(tensor.shape), tensor.dtype, [tensor])
+
+    def add_chunks(self, name: str, shape: list[int], dtype: torch.dtype, chunks: Iterable[torch.Tensor]) -> None:
+        """Add tensor ``name`` given as consecutive row chunks (written as they come)."""
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        data = self._begin(nbytes)
+        written = 0
+        for chunk in chunks:
+            if chunk.dtype != dtype:
+                raise ValueError(f"{name}: chunk of {chunk.dtype}, declared {dtype}")
+            data.write(chunk.detach().cpu().contiguous().view(torch.uint8).numpy())  # no bytes copy
+            written += tensor_bytes(chunk)
+        if written != nbytes:
+            raise ValueError(f"{name}: {written} bytes written, shape {shape} needs {nbytes}")
+        self._header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": shape,
+                              "data_offsets": [self._offset, self._offset + nbytes]}
+        self._offset += nbytes
+
+    def _flush(self) -> None:
+        assert self._data is not None
+        self._data.close()
+        i = len(self._shards)
+        raw = json.dumps({"__metadata__": self.metadata, **self._header}, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to an 8-byte boundary
+        path = self.folder / f"shard-{i:05d}.tmp"
+        with open(path, "wb") as out, open(self._data_path(i), "rb") as data:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        self._data_path(i).unlink()
+        self.bytes_written += path.stat().st_size
+        self._shards.append(list(self._header))
+        self._header, self._data, self._offset = {}, None, 0
+
+    def close(self) -> dict[str, str]:
+        """Write the last shard and the index; returns the weight map."""
+        if self._data is None and not self._shards:
+            self._begin(0)
+        if self._data is not None:
+            self._flush()
+        count = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for i, names in enumerate(self._shards):
+            final = shard_name(i, count)
+            (self.folder / f"shard-{i:05d}.tmp").rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.bytes_written, **self.metadata}, "weight_map": weight_map}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2))
+        return weight_map
+
+
+def write_planned_shard(path: Path, plan: Iterable[tuple[str, list[int], torch.dtype]],
+                        produce: Callable[[str], Iterable[torch.Tensor]], metadata: dict[str, str]) -> int:
+    """Write one safetensors file whose tensors ``(name, shape, dtype)`` are known in advance.
+
+    The header goes first; ``produce(name)`` then yields the tensor in contiguous row chunks that are
+    written and dropped, so resident memory is one chunk. Returns the bytes written.
+    """
+    plan = list(plan)
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, shape, dtype in plan:
+        size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to an 8-byte boundary
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype in plan:
+            written = 0
+            for chunk in produce(name):
+                if chunk.dtype != dtype:
+                    raise ValueError(f"{name}: produced {chunk.dtype}, planned {dtype}")
+                f.write(chunk.contiguous().view(torch.uint8).numpy())
+                written += tensor_bytes(chunk)
+            expected = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            if written != expected:
+                raise ValueError(f"{name}: produced {written} bytes, planned {expected}")
+    return 8 + len(raw) + offset

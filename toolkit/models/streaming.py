@@ -1,0 +1,124 @@
+"""Streaming intake: a model skeleton on the meta device whose parts are read from the shards when needed.
+
+``SkeletonModel`` builds the transformers model from ``config.json`` with every parameter on the meta
+device (buffers such as rotary frequencies are real: they are computed, not stored). ``load(prefix)``
+reads the parameters under one module (a decoder layer, the embedding, the head) from the safetensors
+shards in the compute dtype and device; ``release(prefix)`` puts them back on meta. Module paths come from
+the architecture record (``layout_of``), so every family listed there streams the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from toolkit.errors import ToolkitError
+from toolkit.models.architectures import Architecture, layout_of
+from toolkit.models.shards import ShardedWeights
+
+
+def empty_model(config: object, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model of ``config`` with parameters on meta (no memory) and real non-persistent buffers."""
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer ``name`` (dotted) of ``model`` by ``value``."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if leaf in parent._parameters:
+        parent._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        parent._buffers[leaf] = value
+
+
+class SkeletonModel:
+    """A checkpoint folder opened for streaming: the skeleton, the shard index and the architecture record."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.folder = Path(folder)
+        try:
+            self.config = AutoConfig.from_pretrained(self.folder)
+        except (OSError, ValueError) as exc:
+            raise ToolkitError(f"cannot read {self.folder / 'config.json'}: {str(exc).splitlines()[0]}") from None
+        self.weights = ShardedWeights(self.folder)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.model = empty_model(self.config, dtype)
+        for name, buf in list(self.model.named_buffers()):  # rotary frequencies: computed, needed on the device
+            set_tensor(self.model, name, buf.to(self.device))
+        self.layout: Architecture = layout_of(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.get_submodule(self.layout.layers))
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.layout.layers}.{i}"
+
+    @property
+    def tied(self) -> bool:
+        """The head reads the embedding's weight (stored once, under the embedding's name)."""
+        return bool(getattr(self.config, "tie_word_embeddings", False)) and f"{self.layout.head}.weight" not in self.weights
+
+    def stored_name(self, name: str) -> str:
+        """The checkpoint's name for parameter ``name`` (a tied head's weight is the embedding's)."""
+        if self.tied and name == f"{self.layout.head}.weight":
+            return f"{self.layout.embed}.weight"
+        return name
+
+    def source_dtype(self, name: str) -> torch.dtype:
+        shape, dtype = self.weights.meta(self.stored_name(name))
+        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+
+    def param_names(self, prefix: str) -> list[str]:
+        module = self.model.get_submodule(prefix)
+        return [f"{prefix}.{n}" for n, _ in module.named_parameters(remove_duplicate=False)]
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One stored tensor, converted to ``dtype`` (the compute dtype unless given) on the compute device."""
+        t = self.weights.get(self.stored_name(name))
+        return t.to(device=self.device, dtype=dtype or self.dtype)
+
+    def load(self, prefix: str) -> nn.Module:
+        """Materialise every parameter under module ``prefix``; returns the module."""
+        for name in self.param_names(prefix):
+            set_tensor(self.model, name, self.read(name))
+        return self.model.get_submodule(prefix)
+
+    def release(self, prefix: str) -> None:
+        """Free the parameters under ``prefix`` (back to meta: no memory)."""
+        module = self.model.get_submodule(prefix)
+        for name, p in list(module.named_parameters(remove_duplicate=False)):
+            set_tensor(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+    def stored_bytes(self) -> int:
+        return self.weights.total_bytes()
+
+    def layer_parameters(self) -> int:
+        """Parameters of one decoder layer (they all have the same shapes)."""
+        return sum(p.numel() for p in self.model.get_submodule(self.layer_prefix(0)).parameters())
+
+    def embedding_parameters(self) -> int:
+        return int(self.model.get_submodule(self.layout.embed).weight.numel())
+
+
+@torch.no_grad()
+def greedy_generate(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, vocab_limit: int) -> torch.Tensor:
+    """Greedy continuation of ``ids: [1, S]`` with a KV cache; ids >= ``vocab_limit`` (a config vocabulary
+    larger than its tokenizer, as in padded or synthetic checkpoints) are never chosen."""
+    out = model(input_ids=ids, use_cache=True)
+    cache, tokens = out.past_key_values, [ids]
+    for _ in range(new_tokens):
+        logits = out.logits[:, -1, :].float()
+        logits[:, vocab_limit:] = float("-inf")
+        nxt = logits.argmax(-1, keepdim=True)  # [1, 1]
+        tokens.append(nxt)
+        out = model(input_ids=nxt, cache=cache, use_cache=True)
+        cache = out.past_key_values
+    return torch.cat(tokens, dim=1)
