@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from tests.test_recipes_pipeline import TINY_RECIPE
+from tests.pipeline.test_recipes_pipeline import TINY_RECIPE
 from toolkit.cli import MESSAGE_LIMIT, main
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import compare as gate
@@ -24,7 +24,7 @@ from toolkit.passes import PASSES, rtn
 from toolkit.pipeline import recipes, runner
 from toolkit.training.trainer import TrainConfig, Trainer
 
-FIXTURES = Path(__file__).parent / "fixtures" / "compare"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "compare"
 
 
 def recipe_file(folder: Path, output: Path, name: str = "r.yaml", **changes: object) -> Path:
@@ -445,4 +445,4 @@ def test_manifest_records_versions(tmp_path):
     versions = json.loads((out / "manifest.json").read_text())["versions"]
     assert {"torch", "transformers", "onnxruntime", "numpy", "tokenizers", "python", "toolkit_code"} <= set(versions)
     assert versions["torch"] == torch.__version__
-    assert os.path.isfile(Path(__file__).parents[1] / "requirements.lock")
+    assert os.path.isfile(Path(__file__).parents[2] / "requirements.lock")

@@ -12,7 +12,7 @@ from toolkit.cli import main
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import compare as gate
 
-FIXTURES = Path(__file__).parent / "fixtures" / "compare"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "compare"
 BASE = FIXTURES / "baseline.json"
 
 

@@ -52,7 +52,7 @@ def test_recipe_lists_become_tuples(tmp_path):
 
 
 def test_shipped_recipes_parse():
-    for path in sorted(Path(__file__).parents[1].glob("recipes/*.yaml")):
+    for path in sorted(Path(__file__).parents[2].glob("recipes/*.yaml")):
         recipe = recipes.load(path)
         assert recipe.passes, path
 

@@ -40,7 +40,7 @@ def test_our_tiny_export_greedy_equals_transformers_and_batches_ragged_rows(tmp_
 
 
 def test_loading_and_generating_imports_no_torch(tmp_path):
-    from tests.test_runtime_light import loaded_heavy_modules
+    from tests.runtime.test_runtime_light import loaded_heavy_modules
 
     _export(models.load("tiny-llama"), tmp_path / "fp32", target="ort")
     code = ("from toolkit.runtime import GenerationConfig, load\n"
