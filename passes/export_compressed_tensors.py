@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from transformers.initialization import no_init_weights
 
 from toolkit.errors import ToolkitError
+from toolkit.evaluation.perplexity import relative_logit_error
 from toolkit.interop import compressed_tensors as ct
 from toolkit.models.architectures import layout_of
 from toolkit.quant.formats import CompressedTensorsPacked
@@ -126,12 +127,7 @@ def _check_codes(linears: dict[str, QuantLinear], packed: dict[str, ct.Packed]) 
 
 @torch.no_grad()
 def _check_logits(model: PreTrainedModel, exported: PreTrainedModel, tolerance: float) -> float:
-    worst = 0.0
-    for shape in ((1, 7), (2, 33)):
-        ids = torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(shape[1]))
-        ref = model(input_ids=ids, use_cache=False).logits.float()
-        got = exported(input_ids=ids, use_cache=False).logits.float()
-        worst = max(worst, float((ref - got).abs().max() / ref.abs().max()))
+    worst = relative_logit_error(model, exported, model.config.vocab_size)
     if worst > tolerance:
         raise ToolkitError(f"the exported compressed-tensors checkpoint disagrees with the model (relative logit "
                            f"error {worst:.3g} > {tolerance}); this is a bug in the exporter, please report it")

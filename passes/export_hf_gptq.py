@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from transformers.initialization import no_init_weights
 
 from toolkit.errors import ToolkitError
+from toolkit.evaluation.perplexity import relative_logit_error
 from toolkit.models.architectures import layout_of
 from toolkit.quant.formats import GPTQInt32
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
@@ -112,13 +113,7 @@ def reload_float(folder: Path, config: ExportHFGPTQConfig) -> PreTrainedModel:
 @torch.no_grad()
 def _validate(model: PreTrainedModel, exported: PreTrainedModel, tolerance: float) -> float:
     """Worst relative logit difference over two shapes; raises when above ``tolerance``."""
-    vocab = model.config.vocab_size
-    worst = 0.0
-    for shape in ((1, 7), (2, 33)):
-        ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(shape[1]))
-        ref = model(input_ids=ids, use_cache=False).logits.float()
-        got = exported(input_ids=ids, use_cache=False).logits.float()
-        worst = max(worst, float((ref - got).abs().max() / ref.abs().max()))
+    worst = relative_logit_error(model, exported, model.config.vocab_size)
     if worst > tolerance:
         raise ToolkitError(f"the exported GPTQ checkpoint disagrees with the model (relative logit error {worst:.3g} "
                            f"> {tolerance}); this is a bug in the exporter, please report it")
