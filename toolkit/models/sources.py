@@ -6,11 +6,14 @@ pipeline cache can key pass outputs on their input.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,14 +53,32 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_gguf_conversion() -> Iterator[None]:
+    """transformers' GGUF reader draws its own tqdm bar (no library switch turns it off): silence that one bar,
+    so a run shows ours only; the conversion happens once per GGUF and is cached."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def gguf_to_checkpoint(gguf: Path, folder: Path) -> None:
     """Dequantize a GGUF to float32 through transformers and save a plain HF checkpoint in ``folder``."""
     from toolkit.interop import gguf_file  # a truncated or inconsistent file is refused here in one line
 
     gguf_file.read(gguf)
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with _quiet_gguf_conversion():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, IndexError, EOFError, struct.error, RuntimeError) as exc:
         # gguf's reader unpacks the header with struct: a truncated file raises struct.error, not OSError
         raise ToolkitError(f"cannot read GGUF file {gguf} (truncated or not a GGUF file): "
