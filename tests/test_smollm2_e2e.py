@@ -16,9 +16,9 @@ ROOT = Path(__file__).parents[1]
 @requires_smollm2
 def test_default_recipe_on_smollm2(tmp_path, monkeypatch, isolated_cache):
     # A fresh cache, so the pass and both evaluations really run; only the GGUF conversion is reused.
-    from toolkit import models
+    from toolkit.models import sources
 
-    models.cached_gguf_checkpoint(models.smollm2_gguf_path())
+    sources.cached_gguf_checkpoint(sources.smollm2_gguf_path())
     fresh = tmp_path / "cache"
     fresh.mkdir()
     (fresh / "models").symlink_to(isolated_cache / "models")
