@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from transformers.initialization import no_init_weights
 
 from toolkit.errors import ToolkitError
-from toolkit.evaluation.perplexity import relative_logit_error
+from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import compressed_tensors as ct
 from toolkit.models.architectures import layout_of
 from toolkit.quant.formats import CompressedTensorsPacked
@@ -125,15 +125,6 @@ def _check_codes(linears: dict[str, QuantLinear], packed: dict[str, ct.Packed]) 
                                "this is a bug in the exporter, please report it")
 
 
-@torch.no_grad()
-def _check_logits(model: PreTrainedModel, exported: PreTrainedModel, tolerance: float) -> float:
-    worst = relative_logit_error(model, exported, model.config.vocab_size)
-    if worst > tolerance:
-        raise ToolkitError(f"the exported compressed-tensors checkpoint disagrees with the model (relative logit "
-                           f"error {worst:.3g} > {tolerance}); this is a bug in the exporter, please report it")
-    return worst
-
-
 def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ExportCompressedTensorsConfig,
            folder: Path) -> dict[str, Any]:
     """Write the checkpoint into ``folder`` (made atomic by the caller), validate it, return its metrics."""
@@ -146,6 +137,6 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     tokenizer.save_pretrained(folder)
     exported, packed = _reload_float(folder)
     _check_codes(linears, packed)
-    error = _check_logits(model, exported, config.tolerance)
+    error = check_reloaded(model, exported, config.tolerance, "compressed-tensors checkpoint")
     return {"relative_logit_error": error, "bytes": (folder / ct.WEIGHTS).stat().st_size,
             "quantized_linears": len(linears), "bit_exact_codes": True}

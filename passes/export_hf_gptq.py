@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from transformers.initialization import no_init_weights
 
 from toolkit.errors import ToolkitError
-from toolkit.evaluation.perplexity import relative_logit_error
+from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.models.architectures import layout_of
 from toolkit.quant.formats import GPTQInt32
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
@@ -110,16 +110,6 @@ def reload_float(folder: Path, config: ExportHFGPTQConfig) -> PreTrainedModel:
     return model.eval()
 
 
-@torch.no_grad()
-def _validate(model: PreTrainedModel, exported: PreTrainedModel, tolerance: float) -> float:
-    """Worst relative logit difference over two shapes; raises when above ``tolerance``."""
-    worst = relative_logit_error(model, exported, model.config.vocab_size)
-    if worst > tolerance:
-        raise ToolkitError(f"the exported GPTQ checkpoint disagrees with the model (relative logit error {worst:.3g} "
-                           f"> {tolerance}); this is a bug in the exporter, please report it")
-    return worst
-
-
 def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ExportHFGPTQConfig, folder: Path) -> dict[str, Any]:
     """Write the checkpoint into ``folder`` (made atomic by the caller) and return its metrics."""
     folder = Path(folder)
@@ -129,6 +119,6 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(_config(model, spec, config), indent=2, sort_keys=True))
     tokenizer.save_pretrained(folder)
-    error = _validate(model, reload_float(folder, config), config.tolerance)
+    error = check_reloaded(model, reload_float(folder, config), config.tolerance, "GPTQ checkpoint")
     return {"relative_logit_error": error, "bytes": (folder / WEIGHTS).stat().st_size,
             "quantized_linears": len(linears), "checkpoint_format": config.checkpoint_format}

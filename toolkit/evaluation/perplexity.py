@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from toolkit.errors import ToolkitError
+
 
 @torch.no_grad()
 def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -57,4 +59,14 @@ def relative_logit_error(reference: nn.Module, candidate: nn.Module, vocab_size:
         ref = _logits(reference, ids)
         got = _logits(candidate, ids)
         worst = max(worst, float((ref - got).abs().max() / ref.abs().max()))
+    return worst
+
+
+def check_reloaded(reference: nn.Module, candidate: nn.Module, tolerance: float, what: str) -> float:
+    """``relative_logit_error`` of an export reloaded by its consumer; a ToolkitError naming ``what`` above
+    ``tolerance`` (an exporter bug, never the user's input)."""
+    worst = relative_logit_error(reference, candidate, reference.config.vocab_size)  # type: ignore[union-attr]
+    if worst > tolerance:
+        raise ToolkitError(f"the exported {what} disagrees with the model (relative logit error {worst:.3g} > "
+                           f"{tolerance}); this is a bug in the exporter, please report it")
     return worst
