@@ -87,6 +87,20 @@ def test_gptq_handles_dead_and_duplicated_columns() -> None:
     assert torch.all(deq[:, 5] == 0)
 
 
+def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_damped_inverse() -> None:
+    x = correlated_inputs(256, 48)
+    h = 2 * x.t() @ x / 256
+    u, used = inverse_hessian_factor(h, damp=0.01)
+    assert used == 0.01 and torch.equal(u, u.triu())
+    damped = h.double() + 0.01 * float(torch.diagonal(h.double()).mean()) * torch.eye(48, dtype=torch.float64)
+    assert torch.allclose(u.double().t() @ u.double(), torch.linalg.inv(damped), rtol=1e-4, atol=1e-6)
+    # the memory-lean order of operations gives the plain formula's floats exactly (P L⁻¹ P, P the reversal)
+    rev = torch.arange(47, -1, -1)
+    lower = torch.linalg.cholesky(damped[rev][:, rev])
+    plain = torch.linalg.solve_triangular(lower, torch.eye(48, dtype=torch.float64), upper=False)[rev][:, rev].float()
+    assert torch.equal(u, plain)
+
+
 def test_gptq_raises_dampening_until_cholesky_succeeds() -> None:
     h = torch.tensor([[1.0, 1.05], [1.05, 1.0]])  # eigenvalue -0.05: 0.01 x mean diag is not enough
     _, used = inverse_hessian_factor(h, damp=0.01)
