@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
-from toolkit.models.architectures import ARCHITECTURES, GGUFArch, layout_of
+from toolkit.models.architectures import ARCHITECTURES, GGUFArch, layout_of, sliding_windows
 
 # convert_hf_to_gguf.py identifies the pre-tokenizer by hashing the encoding of this text
 # (``get_vocab_base_pre``); the table keeps the entries for the tokenizers this toolkit meets.
@@ -143,12 +143,49 @@ def write_vocab(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, voc
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        raise ToolkitError(f"rope type '{rope_type}' is not written by this GGUF exporter; only the default rope is")
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+# Hugging Face rope_type -> what llama.cpp reads (``TextModel.set_gguf_parameters``): llama3 needs a
+# rope_freqs tensor and longrope two factor tensors, which this exporter does not write
+ROPE_SCALINGS = {"default": None, "linear": gguf.RopeScalingType.LINEAR, "yarn": gguf.RopeScalingType.YARN}
+# optional yarn parameters: config key(s) -> writer method
+YARN_EXTRAS = ((("extrapolation_factor",), "add_rope_scaling_yarn_ext_factor"),
+               (("attention_factor", "attn_factor"), "add_rope_scaling_yarn_attn_factor"),
+               (("beta_fast",), "add_rope_scaling_yarn_beta_fast"), (("beta_slow",), "add_rope_scaling_yarn_beta_slow"))
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    """The rotary of full-attention layers (Gemma 3 keeps one per layer type)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    return dict(params.get("full_attention", params))
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """Refuse, before anything is written, what llama.cpp would compute differently from the model."""
+    arch, c = arch_of(model), model.config
+    kind = _rope_parameters(c).get("rope_type", "default")
+    if kind not in ROPE_SCALINGS:
+        raise ToolkitError(f"rope type '{kind}' is not written by this GGUF exporter (llama.cpp needs extra "
+                           f"rope tensors for it); supported: {', '.join(ROPE_SCALINGS)}")
+    windows = [w for w in sliding_windows(c) if w is not None and w < c.max_position_embeddings]
+    if windows and not arch.sliding_window:
+        raise ToolkitError(f"llama.cpp's '{arch.arch}' architecture attends to every key, but this "
+                           f"{c.model_type} model sees only the last {windows[0]} (sliding_window); its GGUF would "
+                           "answer differently past that length, so it is not exported")
+
+
+def write_rope(writer: gguf.GGUFWriter, config: Any) -> None:
+    params = _rope_parameters(config)
+    writer.add_rope_freq_base(float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    scaling = ROPE_SCALINGS[params.get("rope_type", "default")]
+    if scaling is None:
+        return
+    writer.add_rope_scaling_type(scaling)
+    writer.add_rope_scaling_factor(float(params["factor"]))
+    if scaling == gguf.RopeScalingType.YARN:
+        writer.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
+        for keys, method in YARN_EXTRAS:
+            value = next((params[k] for k in keys if params.get(k) is not None), None)
+            if value is not None:
+                getattr(writer, method)(float(value))
 
 
 def write_hparams(writer: gguf.GGUFWriter, model: PreTrainedModel, file_type: gguf.LlamaFileType) -> None:
@@ -162,7 +199,7 @@ def write_hparams(writer: gguf.GGUFWriter, model: PreTrainedModel, file_type: gg
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(_rope_theta(c))
+    write_rope(writer, c)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)

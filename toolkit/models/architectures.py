@@ -19,11 +19,13 @@ from toolkit.errors import ToolkitError
 
 @dataclass(frozen=True)
 class GGUFArch:
-    """How llama.cpp names the architecture (``general.architecture``) and whether it wants the q/k rows
-    in its interleaved rope order (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``)."""
+    """How llama.cpp names the architecture (``general.architecture``), whether it wants the q/k rows
+    in its interleaved rope order (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``; Qwen's NeoX order
+    needs none) and whether it applies the config's ``sliding_window`` (llama.cpp's ``llama`` does not)."""
 
     arch: str
     permute_rope: bool
+    sliding_window: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,9 +132,11 @@ def _gemma_row(model_type: str, **extra: object) -> Architecture:
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("llama", "llama", _llama_mappings(), gguf=GGUFArch("llama", permute_rope=True)),
     Architecture("qwen2", "qwen2", _llama_mappings(),
-                 biased=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    Architecture("qwen3", "qwen3", _llama_mappings(), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
-    Architecture("mistral", "mistral", _llama_mappings()),
+                 biased=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 gguf=GGUFArch("qwen2", permute_rope=False)),
+    Architecture("qwen3", "qwen3", _llama_mappings(), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+                 gguf=GGUFArch("qwen3", permute_rope=False)),
+    Architecture("mistral", "mistral", _llama_mappings(), gguf=GGUFArch("llama", permute_rope=True)),
     Architecture("phi3", "phi3", (
         ScaleMapping("input_layernorm", ("self_attn.qkv_proj",)),
         ScaleMapping("self_attn.qkv_proj", ("self_attn.o_proj",), chunk=2, chunks=3),  # v rows, without GQA only
