@@ -247,8 +247,12 @@ def test_smollm2_q4_0_answers_in_llama_cpp(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- other families
 
-# Mistral 7B v0.2 and later ship no sliding window; the tiny model's window of 8 is refused below
-GGUF_FAMILIES: dict[str, dict[str, object]] = {"mistral": dict(sliding_window=None), "qwen2": {}, "qwen3": {}}
+# Mistral 7B v0.2 and later ship no sliding window, and SmolLM3-3B leaves out rotary in every 4th of its 36
+# layers, as llama.cpp assumes; the tiny models' window of 8 and NoPE interval of 2 are refused below
+GGUF_FAMILIES: dict[str, dict[str, object]] = {
+    "mistral": dict(sliding_window=None), "qwen2": {}, "qwen3": {}, "olmo2": {}, "granite": {},
+    "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=4),
+}
 
 
 def family(name: str) -> tuple[torch.nn.Module, object]:
@@ -266,8 +270,9 @@ def export_family(model: torch.nn.Module, tokenizer: object, folder: Path, **con
 @requires_llama_cpp
 @pytest.mark.parametrize("name", GGUF_FAMILIES)
 def test_llama_cpp_runs_each_family_as_pytorch_does(tmp_path: Path, name: str) -> None:
-    metrics = export_family(*family(name), tmp_path / "out", float_type="f32")
-    assert metrics["tensor_types"]["Q4_0"] == 14
+    model, tokenizer = family(name)
+    metrics = export_family(model, tokenizer, tmp_path / "out", float_type="f32")
+    assert metrics["tensor_types"]["Q4_0"] == 7 * model.config.num_hidden_layers
     assert metrics["llama_cpp_relative_logit_error"] < 0.1 and metrics["llama_cpp_top1_agreement"] > 0.9
 
 
@@ -295,10 +300,19 @@ def test_qwen2_yarn_is_written_as_convert_hf_to_gguf_writes_it(tmp_path: Path) -
                     "qwen2.rope.scaling.factor": 8.0, "qwen2.rope.scaling.original_context_length": 32}
 
 
+def test_granite_multipliers_are_written_as_llama_cpp_reads_them(tmp_path: Path) -> None:
+    model, tokenizer = family("granite")
+    export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
+    keys = ["granite.attention.scale", "granite.embedding_scale", "granite.residual_scale", "granite.logit_scale"]
+    meta = gguf_file.metadata(gguf_file.read(tmp_path / "out" / FILE), keys)
+    assert meta == pytest.approx(dict(zip(keys, (0.2, 6.0, 0.5, 2.5), strict=True)))
+
+
 @pytest.mark.parametrize("name,match", [
     ("mistral", "attends to every key.*sliding_window"),  # llama.cpp's llama architecture has no window
     ("llama3", "rope type 'llama3'"),  # llama.cpp needs a rope_freqs tensor
-    ("olmo2", "no GGUF architecture for model type 'olmo2'; supported: llama, qwen2, qwen3, mistral"),
+    ("smollm3", r"rotary in every 4th layer.*\[True, False\]"),  # llama.cpp's constant, not the file's
+    ("gemma2", "no GGUF architecture for model type 'gemma2'; supported: llama, qwen2, qwen3, mistral"),
 ])
 def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path: Path, name: str, match: str) -> None:
     model = tiny_model(name)

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
-from toolkit.models.architectures import ARCHITECTURES, GGUFArch, layout_of, sliding_windows
+from toolkit.models.architectures import ARCHITECTURES, GGUFArch, layout_of, rotary_layers, sliding_windows
 
 # convert_hf_to_gguf.py identifies the pre-tokenizer by hashing the encoding of this text
 # (``get_vocab_base_pre``); the table keeps the entries for the tokenizers this toolkit meets.
@@ -170,6 +170,12 @@ def check_supported(model: PreTrainedModel) -> None:
         raise ToolkitError(f"llama.cpp's '{arch.arch}' architecture attends to every key, but this "
                            f"{c.model_type} model sees only the last {windows[0]} (sliding_window); its GGUF would "
                            "answer differently past that length, so it is not exported")
+    if arch.nope_every is not None:
+        fixed = [(i + 1) % arch.nope_every != 0 for i in range(c.num_hidden_layers)]
+        if rotary_layers(c) != fixed:
+            raise ToolkitError(f"llama.cpp's '{arch.arch}' leaves out rotary in every {arch.nope_every}th layer "
+                               f"whatever the file says; this model's rotary layers {rotary_layers(c)} differ, "
+                               "so it is not exported")
 
 
 def write_rope(writer: gguf.GGUFWriter, config: Any) -> None:
@@ -207,6 +213,9 @@ def write_hparams(writer: gguf.GGUFWriter, model: PreTrainedModel, file_type: gg
     writer.add_vocab_size(c.vocab_size)
     writer.add_rope_dimension_count(head_dim)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for attr, method in arch_of(model).config_keys:
+        if getattr(c, attr, None) is not None:
+            getattr(writer, method)(float(getattr(c, attr)))
 
 
 REQUIRED_KEYS = ("general.architecture", "{arch}.block_count", "{arch}.embedding_length", "{arch}.attention.head_count",
@@ -233,9 +242,9 @@ def read(path: Path) -> gguf.GGUFReader:
         raise ToolkitError(f"{path}: incomplete GGUF: metadata key '{missing[0]}' is missing")
     names = {t.name for t in reader.tensors}
     blocks = int(_value(reader, f"{arch}.block_count"))
-    expected = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{n}.weight" for i in range(blocks)
-        for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
+    layer = sorted(n[len("blk.0."):] for n in names if n.startswith("blk.0."))  # every layer holds what layer 0 does
+    expected = ["token_embd.weight", "output_norm.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight"] + [
+        f"blk.{i}.{n}" for i in range(blocks) for n in layer]
     absent = [n for n in expected if n not in names]
     if absent:
         raise ToolkitError(f"{path}: inconsistent GGUF: {arch}.block_count is {blocks} but tensor '{absent[0]}' is missing")

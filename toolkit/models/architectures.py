@@ -26,6 +26,10 @@ class GGUFArch:
     arch: str
     permute_rope: bool
     sliding_window: bool = False
+    # (config attribute, gguf.GGUFWriter method) written when the checkpoint sets it (Granite's multipliers)
+    config_keys: tuple[tuple[str, str], ...] = ()
+    # llama.cpp's smollm3 skips rotary in every n-th layer by a constant of its own (not read from the file)
+    nope_every: int | None = None
 
 
 @dataclass(frozen=True)
@@ -147,14 +151,19 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     _gemma_row("gemma2", attn_softcap_attr="attn_logit_softcapping", final_softcap_attr="final_logit_softcapping"),
     _gemma_row("gemma3_text", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
                final_softcap_attr="final_logit_softcapping", rotary_by_layer_type=True),
-    Architecture("smollm3", "smollm3", _llama_mappings(), rope_layers_attr="no_rope_layers"),
+    Architecture("smollm3", "smollm3", _llama_mappings(), rope_layers_attr="no_rope_layers",
+                 gguf=GGUFArch("smollm3", permute_rope=True, nope_every=4)),
     Architecture("olmo2", None, (ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",)),
                                     ScaleMapping("mlp.up_proj", ("mlp.down_proj",))),
                  input_norm=None, mlp_norm=None, attn_out_norm="post_attention_layernorm",
-                 mlp_out_norm="post_feedforward_layernorm", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
+                 mlp_out_norm="post_feedforward_layernorm", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+                 gguf=GGUFArch("olmo2", permute_rope=False)),
     Architecture("granite", "granite", _llama_mappings(), embed_multiplier_attr="embedding_multiplier",
                  residual_multiplier_attr="residual_multiplier", attn_multiplier_attr="attention_multiplier",
-                 logits_divisor_attr="logits_scaling"),
+                 logits_divisor_attr="logits_scaling",
+                 gguf=GGUFArch("granite", permute_rope=True, config_keys=(
+                     ("attention_multiplier", "add_attention_scale"), ("embedding_multiplier", "add_embedding_scale"),
+                     ("residual_multiplier", "add_residual_scale"), ("logits_scaling", "add_logit_scale")))),
 )}
 
 
