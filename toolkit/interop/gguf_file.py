@@ -1,10 +1,13 @@
 """GGUF for llama.cpp through the ``gguf`` library: tensor names, the tokenizer metadata, and a checked reader.
 
-What is written mirrors llama.cpp's ``convert_hf_to_gguf.py`` for ``LlamaForCausalLM``: the hyperparameters
-of ``TextModel.set_gguf_parameters``, the vocabulary of ``_set_vocab_gpt2`` (tokens, token types, merges,
-special token ids, chat template through ``gguf.SpecialVocab``), tensor names through gguf's own tensor
-mapping, and the q/k row permutation of ``LlamaModel.permute`` (llama.cpp's rope pairs dimensions
-``(i, i + 1)`` where Hugging Face pairs ``(i, i + d/2)``).
+What is written mirrors llama.cpp's ``convert_hf_to_gguf.py`` for the families whose ``Architecture`` record
+has a ``GGUFArch``: the hyperparameters and rope scaling of ``TextModel.set_gguf_parameters`` plus the
+family's own keys (``GGUFArch.config_keys``), the vocabulary of ``_set_vocab_gpt2`` (tokens, token types,
+merges, special token ids, chat template through ``gguf.SpecialVocab``), tensor names through gguf's own
+tensor mapping, and, where ``GGUFArch.permute_rope``, the q/k row permutation of ``LlamaModel.permute``
+(llama.cpp's llama rope pairs dimensions ``(i, i + 1)`` where Hugging Face pairs ``(i, i + d/2)``).
+What llama.cpp would compute differently (a sliding window its architecture ignores, a rope scaling that
+needs extra tensors, NoPE layers other than its own constant) is refused in ``check_supported``.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ class Architecture:
     rotary_by_layer_type: bool = False  # one rotary per layer type (Gemma 3: local layers use another base)
     rope_layers_attr: str | None = None  # config list, per layer 1 = rotary, 0 = none (SmolLM3's NoPE layers)
     rope_types: tuple[str, ...] = ("default", "linear", "llama3", "yarn")  # scalings a static cache reproduces
-    gguf: GGUFArch | None = None  # the GGUF export's naming (llama only so far)
+    gguf: GGUFArch | None = None  # llama.cpp's architecture for the GGUF export; None: not exported
 
     def attention_projections(self) -> tuple[str, ...]:
         return (self.qkv,) if self.qkv else (self.q, self.k, self.v)  # type: ignore[return-value]
