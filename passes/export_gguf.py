@@ -82,6 +82,7 @@ def _block_type(m: QuantLinear, name: str) -> tuple[gguf.GGMLQuantizationType, A
 
 
 def _plan(model: PreTrainedModel) -> list[_Tensor]:
+    gguf_file.check_supported(model)
     layout = layout_of(model)
     quant = quantized_modules(model)
     for name, m in quant.items():

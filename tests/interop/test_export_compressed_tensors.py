@@ -15,6 +15,7 @@ from tests.conftest import requires_smollm2
 from toolkit import models
 from toolkit.errors import ToolkitError
 from toolkit.interop import compressed_tensors as ct
+from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import CONFIGS
 from toolkit.passes.export_compressed_tensors import ExportCompressedTensorsConfig, export
 from toolkit.passes.rtn import RTNConfig
@@ -38,8 +39,8 @@ def run_export(loaded: models.LoadedModel, folder: Path, **config: object) -> di
         return export(loaded.model, loaded.tokenizer, ExportCompressedTensorsConfig(**config), tmp)  # type: ignore[arg-type]
 
 
-def ids(shape: tuple[int, int] = (2, 19)) -> torch.Tensor:
-    return torch.randint(0, 259, shape, generator=torch.Generator().manual_seed(1))
+def ids(shape: tuple[int, int] = (2, 19), vocab: int = 259) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(1))
 
 
 # ---------------------------------------------------------------- packing
@@ -129,6 +130,25 @@ def test_transformers_loads_the_export_with_the_models_logits(tmp_path: Path, bi
     with torch.no_grad():
         ref, got = loaded.model(input_ids=ids()).logits, hf(input_ids=ids()).logits
     assert float((ref - got).abs().max() / ref.abs().max()) <= tol
+
+
+@requires_ct
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_loads_every_familys_export_with_its_quantized_logits(tmp_path: Path, family: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family)
+    rtn_apply(model, RTNConfig(bits=4, group_size=32, symmetric=True, lm_head_bits=8))
+    with atomic_dir(tmp_path / "out") as tmp:
+        metrics = export(model, tiny_tokenizer(), ExportCompressedTensorsConfig(dtype="float32"), tmp)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    x = ids((2, 19), vocab=256)
+    with torch.no_grad():
+        ref, got, unquantized = model(input_ids=x).logits, hf(input_ids=x).logits, tiny_model(family)(input_ids=x).logits
+    assert type(hf).__name__ == type(model).__name__ and metrics["relative_logit_error"] <= 1e-5
+    assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-5
+    # the reloaded model computes with the int4 weights: the float model is far from it
+    assert float((ref - unquantized).abs().max() / ref.abs().max()) > 1e-3
 
 
 def test_bfloat16_is_refused_since_it_cannot_hold_the_scales() -> None:

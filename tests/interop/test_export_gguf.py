@@ -15,6 +15,7 @@ from toolkit import models
 from toolkit.algorithms.rtn import dequantize
 from toolkit.errors import ToolkitError
 from toolkit.interop import gguf_file
+from toolkit.models.tiny import tiny_model, tiny_tokenizer
 from toolkit.passes import CONFIGS
 from toolkit.passes.export_gguf import FILE, ExportGGUFConfig, export
 from toolkit.passes.rtn import RTNConfig
@@ -242,3 +243,80 @@ def test_smollm2_q4_0_answers_in_llama_cpp(tmp_path: Path) -> None:
     reply = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
                                        max_tokens=16, temperature=0.0)
     assert "Paris" in reply["choices"][0]["message"]["content"]
+
+
+# ---------------------------------------------------------------- other families
+
+# Mistral 7B v0.2 and later ship no sliding window, and SmolLM3-3B leaves out rotary in every 4th of its 36
+# layers, as llama.cpp assumes; the tiny models' window of 8 and NoPE interval of 2 are refused below
+GGUF_FAMILIES: dict[str, dict[str, object]] = {
+    "mistral": dict(sliding_window=None), "qwen2": {}, "qwen3": {}, "olmo2": {}, "granite": {},
+    "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=4),
+}
+
+
+def family(name: str) -> tuple[torch.nn.Module, object]:
+    """The tiny ``name`` model, RTN int4 g32 symmetric (the head int8), and its tokenizer."""
+    model = tiny_model(name, **GGUF_FAMILIES.get(name, {}))
+    rtn_apply(model, RTNConfig(bits=4, group_size=32, symmetric=True, lm_head_bits=8))
+    return model, tiny_tokenizer()
+
+
+def export_family(model: torch.nn.Module, tokenizer: object, folder: Path, **config: object) -> dict:
+    with atomic_dir(folder) as tmp:
+        return export(model, tokenizer, ExportGGUFConfig(**{"pre_tokenizer": "default", **config}), tmp)  # type: ignore[arg-type]
+
+
+@requires_llama_cpp
+@pytest.mark.parametrize("name", GGUF_FAMILIES)
+def test_llama_cpp_runs_each_family_as_pytorch_does(tmp_path: Path, name: str) -> None:
+    model, tokenizer = family(name)
+    metrics = export_family(model, tokenizer, tmp_path / "out", float_type="f32")
+    assert metrics["tensor_types"]["Q4_0"] == 7 * model.config.num_hidden_layers
+    assert metrics["llama_cpp_relative_logit_error"] < 0.1 and metrics["llama_cpp_top1_agreement"] > 0.9
+
+
+@pytest.mark.parametrize("name,extras", [
+    ("qwen2", {"blk.0.attn_q.bias", "blk.1.attn_v.bias"}),
+    ("qwen3", {"blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight", "output.weight"}),
+])
+def test_qwen_tensors_keep_their_row_order_and_extras(tmp_path: Path, name: str, extras: set[str]) -> None:
+    model, tokenizer = family(name)
+    metrics = export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
+    names = {t.name: t for t in gguf_file.read(tmp_path / "out" / FILE).tensors}
+    assert extras <= set(names) and metrics["bit_exact_tensors"] == len(names)
+    q = model.model.layers[0].self_attn.q_proj  # type: ignore[union-attr]
+    got = torch.from_numpy(gguf_file.dequantized_tensor(names["blk.0.attn_q.weight"]))
+    assert torch.equal(got, q.dequantized_weight())  # NeoX rope order: no row permutation
+
+
+def test_qwen2_yarn_is_written_as_convert_hf_to_gguf_writes_it(tmp_path: Path) -> None:
+    model, tokenizer = family("qwen2")
+    export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
+    meta = gguf_file.metadata(gguf_file.read(tmp_path / "out" / FILE),
+                              ["general.architecture", "qwen2.rope.scaling.type", "qwen2.rope.scaling.factor",
+                               "qwen2.rope.scaling.original_context_length"])
+    assert meta == {"general.architecture": "qwen2", "qwen2.rope.scaling.type": "yarn",
+                    "qwen2.rope.scaling.factor": 8.0, "qwen2.rope.scaling.original_context_length": 32}
+
+
+def test_granite_multipliers_are_written_as_llama_cpp_reads_them(tmp_path: Path) -> None:
+    model, tokenizer = family("granite")
+    export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
+    keys = ["granite.attention.scale", "granite.embedding_scale", "granite.residual_scale", "granite.logit_scale"]
+    meta = gguf_file.metadata(gguf_file.read(tmp_path / "out" / FILE), keys)
+    assert meta == pytest.approx(dict(zip(keys, (0.2, 6.0, 0.5, 2.5), strict=True)))
+
+
+@pytest.mark.parametrize("name,match", [
+    ("mistral", "attends to every key.*sliding_window"),  # llama.cpp's llama architecture has no window
+    ("llama3", "rope type 'llama3'"),  # llama.cpp needs a rope_freqs tensor
+    ("smollm3", r"rotary in every 4th layer.*\[True, False\]"),  # llama.cpp's constant, not the file's
+    ("gemma2", "no GGUF architecture for model type 'gemma2'; supported: llama, qwen2, qwen3, mistral"),
+])
+def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path: Path, name: str, match: str) -> None:
+    model = tiny_model(name)
+    rtn_apply(model, RTNConfig(bits=4, group_size=32, symmetric=True))
+    with pytest.raises(ToolkitError, match=match):
+        export_family(model, tiny_tokenizer(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,10 +1,13 @@
 """GGUF for llama.cpp through the ``gguf`` library: tensor names, the tokenizer metadata, and a checked reader.
 
-What is written mirrors llama.cpp's ``convert_hf_to_gguf.py`` for ``LlamaForCausalLM``: the hyperparameters
-of ``TextModel.set_gguf_parameters``, the vocabulary of ``_set_vocab_gpt2`` (tokens, token types, merges,
-special token ids, chat template through ``gguf.SpecialVocab``), tensor names through gguf's own tensor
-mapping, and the q/k row permutation of ``LlamaModel.permute`` (llama.cpp's rope pairs dimensions
-``(i, i + 1)`` where Hugging Face pairs ``(i, i + d/2)``).
+What is written mirrors llama.cpp's ``convert_hf_to_gguf.py`` for the families whose ``Architecture`` record
+has a ``GGUFArch``: the hyperparameters and rope scaling of ``TextModel.set_gguf_parameters`` plus the
+family's own keys (``GGUFArch.config_keys``), the vocabulary of ``_set_vocab_gpt2`` (tokens, token types,
+merges, special token ids, chat template through ``gguf.SpecialVocab``), tensor names through gguf's own
+tensor mapping, and, where ``GGUFArch.permute_rope``, the q/k row permutation of ``LlamaModel.permute``
+(llama.cpp's llama rope pairs dimensions ``(i, i + 1)`` where Hugging Face pairs ``(i, i + d/2)``).
+What llama.cpp would compute differently (a sliding window its architecture ignores, a rope scaling that
+needs extra tensors, NoPE layers other than its own constant) is refused in ``check_supported``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
-from toolkit.models.architectures import ARCHITECTURES, GGUFArch, layout_of
+from toolkit.models.architectures import ARCHITECTURES, GGUFArch, layout_of, rotary_layers, sliding_windows
 
 # convert_hf_to_gguf.py identifies the pre-tokenizer by hashing the encoding of this text
 # (``get_vocab_base_pre``); the table keeps the entries for the tokenizers this toolkit meets.
@@ -143,12 +146,55 @@ def write_vocab(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, voc
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        raise ToolkitError(f"rope type '{rope_type}' is not written by this GGUF exporter; only the default rope is")
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+# Hugging Face rope_type -> what llama.cpp reads (``TextModel.set_gguf_parameters``): llama3 needs a
+# rope_freqs tensor and longrope two factor tensors, which this exporter does not write
+ROPE_SCALINGS = {"default": None, "linear": gguf.RopeScalingType.LINEAR, "yarn": gguf.RopeScalingType.YARN}
+# optional yarn parameters: config key(s) -> writer method
+YARN_EXTRAS = ((("extrapolation_factor",), "add_rope_scaling_yarn_ext_factor"),
+               (("attention_factor", "attn_factor"), "add_rope_scaling_yarn_attn_factor"),
+               (("beta_fast",), "add_rope_scaling_yarn_beta_fast"), (("beta_slow",), "add_rope_scaling_yarn_beta_slow"))
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    """The rotary of full-attention layers (Gemma 3 keeps one per layer type)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    return dict(params.get("full_attention", params))
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """Refuse, before anything is written, what llama.cpp would compute differently from the model."""
+    arch, c = arch_of(model), model.config
+    kind = _rope_parameters(c).get("rope_type", "default")
+    if kind not in ROPE_SCALINGS:
+        raise ToolkitError(f"rope type '{kind}' is not written by this GGUF exporter (llama.cpp needs extra "
+                           f"rope tensors for it); supported: {', '.join(ROPE_SCALINGS)}")
+    windows = [w for w in sliding_windows(c) if w is not None and w < c.max_position_embeddings]
+    if windows and not arch.sliding_window:
+        raise ToolkitError(f"llama.cpp's '{arch.arch}' architecture attends to every key, but this "
+                           f"{c.model_type} model sees only the last {windows[0]} (sliding_window); its GGUF would "
+                           "answer differently past that length, so it is not exported")
+    if arch.nope_every is not None:
+        fixed = [(i + 1) % arch.nope_every != 0 for i in range(c.num_hidden_layers)]
+        if rotary_layers(c) != fixed:
+            raise ToolkitError(f"llama.cpp's '{arch.arch}' leaves out rotary in every {arch.nope_every}th layer "
+                               f"whatever the file says; this model's rotary layers {rotary_layers(c)} differ, "
+                               "so it is not exported")
+
+
+def write_rope(writer: gguf.GGUFWriter, config: Any) -> None:
+    params = _rope_parameters(config)
+    writer.add_rope_freq_base(float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    scaling = ROPE_SCALINGS[params.get("rope_type", "default")]
+    if scaling is None:
+        return
+    writer.add_rope_scaling_type(scaling)
+    writer.add_rope_scaling_factor(float(params["factor"]))
+    if scaling == gguf.RopeScalingType.YARN:
+        writer.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
+        for keys, method in YARN_EXTRAS:
+            value = next((params[k] for k in keys if params.get(k) is not None), None)
+            if value is not None:
+                getattr(writer, method)(float(value))
 
 
 def write_hparams(writer: gguf.GGUFWriter, model: PreTrainedModel, file_type: gguf.LlamaFileType) -> None:
@@ -162,7 +208,7 @@ def write_hparams(writer: gguf.GGUFWriter, model: PreTrainedModel, file_type: gg
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(_rope_theta(c))
+    write_rope(writer, c)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
@@ -170,6 +216,9 @@ def write_hparams(writer: gguf.GGUFWriter, model: PreTrainedModel, file_type: gg
     writer.add_vocab_size(c.vocab_size)
     writer.add_rope_dimension_count(head_dim)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for attr, method in arch_of(model).config_keys:
+        if getattr(c, attr, None) is not None:
+            getattr(writer, method)(float(getattr(c, attr)))
 
 
 REQUIRED_KEYS = ("general.architecture", "{arch}.block_count", "{arch}.embedding_length", "{arch}.attention.head_count",
@@ -196,9 +245,9 @@ def read(path: Path) -> gguf.GGUFReader:
         raise ToolkitError(f"{path}: incomplete GGUF: metadata key '{missing[0]}' is missing")
     names = {t.name for t in reader.tensors}
     blocks = int(_value(reader, f"{arch}.block_count"))
-    expected = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{n}.weight" for i in range(blocks)
-        for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
+    layer = sorted(n[len("blk.0."):] for n in names if n.startswith("blk.0."))  # every layer holds what layer 0 does
+    expected = ["token_embd.weight", "output_norm.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight"] + [
+        f"blk.{i}.{n}" for i in range(blocks) for n in layer]
     absent = [n for n in expected if n not in names]
     if absent:
         raise ToolkitError(f"{path}: inconsistent GGUF: {arch}.block_count is {blocks} but tensor '{absent[0]}' is missing")

@@ -19,11 +19,17 @@ from toolkit.errors import ToolkitError
 
 @dataclass(frozen=True)
 class GGUFArch:
-    """How llama.cpp names the architecture (``general.architecture``) and whether it wants the q/k rows
-    in its interleaved rope order (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``)."""
+    """How llama.cpp names the architecture (``general.architecture``), whether it wants the q/k rows
+    in its interleaved rope order (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``; Qwen's NeoX order
+    needs none) and whether it applies the config's ``sliding_window`` (llama.cpp's ``llama`` does not)."""
 
     arch: str
     permute_rope: bool
+    sliding_window: bool = False
+    # (config attribute, gguf.GGUFWriter method) written when the checkpoint sets it (Granite's multipliers)
+    config_keys: tuple[tuple[str, str], ...] = ()
+    # llama.cpp's smollm3 skips rotary in every n-th layer by a constant of its own (not read from the file)
+    nope_every: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ class Architecture:
     rotary_by_layer_type: bool = False  # one rotary per layer type (Gemma 3: local layers use another base)
     rope_layers_attr: str | None = None  # config list, per layer 1 = rotary, 0 = none (SmolLM3's NoPE layers)
     rope_types: tuple[str, ...] = ("default", "linear", "llama3", "yarn")  # scalings a static cache reproduces
-    gguf: GGUFArch | None = None  # the GGUF export's naming (llama only so far)
+    gguf: GGUFArch | None = None  # llama.cpp's architecture for the GGUF export; None: not exported
 
     def attention_projections(self) -> tuple[str, ...]:
         return (self.qkv,) if self.qkv else (self.q, self.k, self.v)  # type: ignore[return-value]
@@ -130,9 +136,11 @@ def _gemma_row(model_type: str, **extra: object) -> Architecture:
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("llama", "llama", _llama_mappings(), gguf=GGUFArch("llama", permute_rope=True)),
     Architecture("qwen2", "qwen2", _llama_mappings(),
-                 biased=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    Architecture("qwen3", "qwen3", _llama_mappings(), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
-    Architecture("mistral", "mistral", _llama_mappings()),
+                 biased=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 gguf=GGUFArch("qwen2", permute_rope=False)),
+    Architecture("qwen3", "qwen3", _llama_mappings(), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+                 gguf=GGUFArch("qwen3", permute_rope=False)),
+    Architecture("mistral", "mistral", _llama_mappings(), gguf=GGUFArch("llama", permute_rope=True)),
     Architecture("phi3", "phi3", (
         ScaleMapping("input_layernorm", ("self_attn.qkv_proj",)),
         ScaleMapping("self_attn.qkv_proj", ("self_attn.o_proj",), chunk=2, chunks=3),  # v rows, without GQA only
@@ -143,14 +151,19 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     _gemma_row("gemma2", attn_softcap_attr="attn_logit_softcapping", final_softcap_attr="final_logit_softcapping"),
     _gemma_row("gemma3_text", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
                final_softcap_attr="final_logit_softcapping", rotary_by_layer_type=True),
-    Architecture("smollm3", "smollm3", _llama_mappings(), rope_layers_attr="no_rope_layers"),
+    Architecture("smollm3", "smollm3", _llama_mappings(), rope_layers_attr="no_rope_layers",
+                 gguf=GGUFArch("smollm3", permute_rope=True, nope_every=4)),
     Architecture("olmo2", None, (ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",)),
                                     ScaleMapping("mlp.up_proj", ("mlp.down_proj",))),
                  input_norm=None, mlp_norm=None, attn_out_norm="post_attention_layernorm",
-                 mlp_out_norm="post_feedforward_layernorm", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
+                 mlp_out_norm="post_feedforward_layernorm", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+                 gguf=GGUFArch("olmo2", permute_rope=False)),
     Architecture("granite", "granite", _llama_mappings(), embed_multiplier_attr="embedding_multiplier",
                  residual_multiplier_attr="residual_multiplier", attn_multiplier_attr="attention_multiplier",
-                 logits_divisor_attr="logits_scaling"),
+                 logits_divisor_attr="logits_scaling",
+                 gguf=GGUFArch("granite", permute_rope=True, config_keys=(
+                     ("attention_multiplier", "add_attention_scale"), ("embedding_multiplier", "add_embedding_scale"),
+                     ("residual_multiplier", "add_residual_scale"), ("logits_scaling", "add_logit_scale")))),
 )}
 
 
