@@ -64,12 +64,14 @@ class ExportGGUFConfig:
 
 @dataclass(frozen=True)
 class _Tensor:
-    """One GGUF tensor and where its values come from: a QuantLinear (``module``) or a float parameter."""
+    """One GGUF tensor and where its values come from: a QuantLinear (``module``), a float parameter, or
+    values computed from the config (``value``: Llama 3.1's rope factors)."""
 
     gguf_name: str
     param: str
     module: str | None = None
     rope_heads: int | None = None
+    value: torch.Tensor | None = None
 
 
 def _block_type(m: QuantLinear, name: str) -> tuple[gguf.GGMLQuantizationType, Any]:
@@ -103,10 +105,13 @@ def _plan(model: PreTrainedModel) -> list[_Tensor]:
         if pname not in done:
             owner = pname.rsplit(".", 1)[0]
             plan.append(_Tensor(gguf_file.tensor_name(model, pname), pname, None, gguf_file.rope_heads(model, owner)))
+    plan += [_Tensor(name, "config.rope_parameters", value=v) for name, v in gguf_file.rope_tensors(model).items()]
     return plan
 
 
 def _float_param(model: PreTrainedModel, t: _Tensor) -> torch.Tensor:
+    if t.value is not None:
+        return t.value
     w = dict(model.named_parameters())[t.param].detach().float()
     return w if t.rope_heads is None else gguf_file.permute(w, t.rope_heads)
 

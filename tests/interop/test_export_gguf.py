@@ -14,8 +14,8 @@ from tests.conftest import requires_smollm2
 from toolkit import models
 from toolkit.algorithms.rtn import dequantize
 from toolkit.errors import ToolkitError
-from toolkit.interop import gguf_file
-from toolkit.models.tiny import tiny_model, tiny_tokenizer
+from toolkit.interop import gguf_file, rope_factors
+from toolkit.models.tiny import family_config, tiny_model, tiny_tokenizer
 from toolkit.passes import CONFIGS
 from toolkit.passes.export_gguf import FILE, ExportGGUFConfig, export
 from toolkit.passes.rtn import RTNConfig
@@ -250,7 +250,7 @@ def test_smollm2_q4_0_answers_in_llama_cpp(tmp_path: Path) -> None:
 # Mistral 7B v0.2 and later ship no sliding window, and SmolLM3-3B leaves out rotary in every 4th of its 36
 # layers, as llama.cpp assumes; the tiny models' window of 8 and NoPE interval of 2 are refused below
 GGUF_FAMILIES: dict[str, dict[str, object]] = {
-    "mistral": dict(sliding_window=None), "qwen2": {}, "qwen3": {}, "olmo2": {}, "granite": {},
+    "llama3": {}, "mistral": dict(sliding_window=None), "qwen2": {}, "qwen3": {}, "olmo2": {}, "granite": {},
     "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=4),
 }
 
@@ -300,6 +300,17 @@ def test_qwen2_yarn_is_written_as_convert_hf_to_gguf_writes_it(tmp_path: Path) -
                     "qwen2.rope.scaling.factor": 8.0, "qwen2.rope.scaling.original_context_length": 32}
 
 
+def test_llama3_rope_scaling_is_a_rope_freqs_tensor_without_a_scaling_type(tmp_path: Path) -> None:
+    model, tokenizer = family("llama3")
+    metrics = export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
+    reader = gguf_file.read(tmp_path / "out" / FILE)
+    freqs = {t.name: t for t in reader.tensors}["rope_freqs.weight"]
+    assert freqs.tensor_type == Q.F32 and metrics["bit_exact_tensors"] == len(reader.tensors)
+    assert torch.equal(torch.from_numpy(gguf_file.dequantized_tensor(freqs)).flatten(),
+                       rope_factors.llama3(dict(model.config.rope_parameters), model.config.head_dim))
+    assert "llama.rope.scaling.type" not in reader.fields  # a linear factor on top would slow every pair
+
+
 def test_granite_multipliers_are_written_as_llama_cpp_reads_them(tmp_path: Path) -> None:
     model, tokenizer = family("granite")
     export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
@@ -310,12 +321,13 @@ def test_granite_multipliers_are_written_as_llama_cpp_reads_them(tmp_path: Path)
 
 @pytest.mark.parametrize("name,match", [
     ("mistral", "attends to every key.*sliding_window"),  # llama.cpp's llama architecture has no window
-    ("llama3", "rope type 'llama3'"),  # llama.cpp needs a rope_freqs tensor
+    ("qwen2:llama3", "needs a rope_freqs tensor, which llama.cpp's 'qwen2' architecture does not read"),
     ("smollm3", r"rotary in every 4th layer.*\[True, False\]"),  # llama.cpp's constant, not the file's
     ("gemma2", "no GGUF architecture for model type 'gemma2'; supported: llama, qwen2, qwen3, mistral"),
 ])
 def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path: Path, name: str, match: str) -> None:
-    model = tiny_model(name)
+    name, _, rope_of = name.partition(":")  # "qwen2:llama3": the qwen2 model with the llama3 model's rotary
+    model = tiny_model(name, **({"rope_parameters": family_config(rope_of).rope_parameters} if rope_of else {}))
     rtn_apply(model, RTNConfig(bits=4, group_size=32, symmetric=True))
     with pytest.raises(ToolkitError, match=match):
         export_family(model, tiny_tokenizer(), tmp_path / "out")

@@ -6,8 +6,10 @@ family's own keys (``GGUFArch.config_keys``), the vocabulary of ``_set_vocab_gpt
 merges, special token ids, chat template through ``gguf.SpecialVocab``), tensor names through gguf's own
 tensor mapping, and, where ``GGUFArch.permute_rope``, the q/k row permutation of ``LlamaModel.permute``
 (llama.cpp's llama rope pairs dimensions ``(i, i + 1)`` where Hugging Face pairs ``(i, i + d/2)``).
-What llama.cpp would compute differently (a sliding window its architecture ignores, a rope scaling that
-needs extra tensors, NoPE layers other than its own constant) is refused in ``check_supported``.
+Llama 3.1's rope scaling is written as the converter writes it: no scaling type, a ``rope_freqs`` tensor of
+per-pair divisors (``toolkit.interop.rope_factors``). What llama.cpp would compute differently (a sliding
+window its architecture ignores, longrope, a rope tensor its architecture does not load, NoPE layers other
+than its own constant) is refused in ``check_supported``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
+from toolkit.interop import rope_factors
 from toolkit.models.architectures import ARCHITECTURES, GGUFArch, layout_of, rotary_layers, sliding_windows
 
 # convert_hf_to_gguf.py identifies the pre-tokenizer by hashing the encoding of this text
@@ -146,9 +149,13 @@ def write_vocab(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, voc
         writer.add_chat_template(tokenizer.chat_template)
 
 
-# Hugging Face rope_type -> what llama.cpp reads (``TextModel.set_gguf_parameters``): llama3 needs a
-# rope_freqs tensor and longrope two factor tensors, which this exporter does not write
-ROPE_SCALINGS = {"default": None, "linear": gguf.RopeScalingType.LINEAR, "yarn": gguf.RopeScalingType.YARN}
+# Hugging Face rope_type -> the scaling type llama.cpp reads (``TextModel.set_gguf_parameters``); llama3 has
+# none: its per-pair divisors are a rope_freqs tensor (ROPE_TENSORS). longrope's two factor tensors and
+# attention factor are not written
+ROPE_SCALINGS = {"default": None, "linear": gguf.RopeScalingType.LINEAR, "yarn": gguf.RopeScalingType.YARN,
+                 "llama3": None}
+# rope_type -> (the tensor llama.cpp divides each pair's frequency by, its values from the rope parameters)
+ROPE_TENSORS = {"llama3": (gguf.MODEL_TENSOR.ROPE_FREQS, rope_factors.llama3)}
 # optional yarn parameters: config key(s) -> writer method
 YARN_EXTRAS = ((("extrapolation_factor",), "add_rope_scaling_yarn_ext_factor"),
                (("attention_factor", "attn_factor"), "add_rope_scaling_yarn_attn_factor"),
@@ -161,6 +168,23 @@ def _rope_parameters(config: Any) -> dict[str, Any]:
     return dict(params.get("full_attention", params))
 
 
+def rotary_dim(config: Any) -> int:
+    """Dimensions of each head that rotate (Phi-3 rotates a fraction, ``partial_rotary_factor``)."""
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    fraction = _rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    return int(head_dim * float(fraction if fraction is not None else 1.0))
+
+
+def rope_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 values of the rope tensors the scaling needs (Llama 3.1: ``rope_freqs.weight``)."""
+    params = _rope_parameters(model.config)
+    kind = params.get("rope_type", "default")
+    if kind not in ROPE_TENSORS:
+        return {}
+    tensor, factors = ROPE_TENSORS[kind]
+    return {f"{gguf.TENSOR_NAMES[tensor]}.weight": factors(params, rotary_dim(model.config))}
+
+
 def check_supported(model: PreTrainedModel) -> None:
     """Refuse, before anything is written, what llama.cpp would compute differently from the model."""
     arch, c = arch_of(model), model.config
@@ -168,6 +192,10 @@ def check_supported(model: PreTrainedModel) -> None:
     if kind not in ROPE_SCALINGS:
         raise ToolkitError(f"rope type '{kind}' is not written by this GGUF exporter (llama.cpp needs extra "
                            f"rope tensors for it); supported: {', '.join(ROPE_SCALINGS)}")
+    if kind in ROPE_TENSORS and not arch.rope_freqs:
+        raise ToolkitError(f"rope type '{kind}' needs a {gguf.TENSOR_NAMES[ROPE_TENSORS[kind][0]]} tensor, which "
+                           f"llama.cpp's '{arch.arch}' architecture does not read (it would refuse the file); "
+                           f"this {c.model_type} model is not exported")
     windows = [w for w in sliding_windows(c) if w is not None and w < c.max_position_embeddings]
     if windows and not arch.sliding_window:
         raise ToolkitError(f"llama.cpp's '{arch.arch}' architecture attends to every key, but this "
@@ -214,7 +242,7 @@ def write_hparams(writer: gguf.GGUFWriter, model: PreTrainedModel, file_type: gg
     writer.add_value_length(head_dim)
     writer.add_file_type(file_type)
     writer.add_vocab_size(c.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rotary_dim(c))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for attr, method in arch_of(model).config_keys:
         if getattr(c, attr, None) is not None:

@@ -30,6 +30,8 @@ class GGUFArch:
     config_keys: tuple[tuple[str, str], ...] = ()
     # llama.cpp's smollm3 skips rotary in every n-th layer by a constant of its own (not read from the file)
     nope_every: int | None = None
+    # llama.cpp's architecture loads a rope_freqs tensor (Llama 3.1's rope scaling); others refuse the file
+    rope_freqs: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,13 +136,13 @@ def _gemma_row(model_type: str, **extra: object) -> Architecture:
 
 # One row per Hugging Face model_type; the order is the order of the "supported:" list.
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    Architecture("llama", "llama", _llama_mappings(), gguf=GGUFArch("llama", permute_rope=True)),
+    Architecture("llama", "llama", _llama_mappings(), gguf=GGUFArch("llama", permute_rope=True, rope_freqs=True)),
     Architecture("qwen2", "qwen2", _llama_mappings(),
                  biased=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                  gguf=GGUFArch("qwen2", permute_rope=False)),
     Architecture("qwen3", "qwen3", _llama_mappings(), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
                  gguf=GGUFArch("qwen3", permute_rope=False)),
-    Architecture("mistral", "mistral", _llama_mappings(), gguf=GGUFArch("llama", permute_rope=True)),
+    Architecture("mistral", "mistral", _llama_mappings(), gguf=GGUFArch("llama", permute_rope=True, rope_freqs=True)),
     Architecture("phi3", "phi3", (
         ScaleMapping("input_layernorm", ("self_attn.qkv_proj",)),
         ScaleMapping("self_attn.qkv_proj", ("self_attn.o_proj",), chunk=2, chunks=3),  # v rows, without GQA only
@@ -161,7 +163,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("granite", "granite", _llama_mappings(), embed_multiplier_attr="embedding_multiplier",
                  residual_multiplier_attr="residual_multiplier", attn_multiplier_attr="attention_multiplier",
                  logits_divisor_attr="logits_scaling",
-                 gguf=GGUFArch("granite", permute_rope=True, config_keys=(
+                 gguf=GGUFArch("granite", permute_rope=True, rope_freqs=True, config_keys=(
                      ("attention_multiplier", "add_attention_scale"), ("embedding_multiplier", "add_embedding_scale"),
                      ("residual_multiplier", "add_residual_scale"), ("logits_scaling", "add_logit_scale")))),
 )}
