@@ -15,6 +15,7 @@ from toolkit import models
 from toolkit.algorithms.rtn import dequantize
 from toolkit.errors import ToolkitError
 from toolkit.interop import gguf_file, rope_factors
+from toolkit.models.architectures import layout_of
 from toolkit.models.tiny import family_config, tiny_model, tiny_tokenizer
 from toolkit.passes import CONFIGS
 from toolkit.passes.export_gguf import FILE, ExportGGUFConfig, export
@@ -249,9 +250,12 @@ def test_smollm2_q4_0_answers_in_llama_cpp(tmp_path: Path) -> None:
 
 # Mistral 7B v0.2 and later ship no sliding window, and SmolLM3-3B leaves out rotary in every 4th of its 36
 # layers, as llama.cpp assumes; the tiny models' window of 8 and NoPE interval of 2 are refused below
+# Phi-3's window and longrope are refused below (llama.cpp disables Phi's window; longrope is not written)
 GGUF_FAMILIES: dict[str, dict[str, object]] = {
     "llama3": {}, "mistral": dict(sliding_window=None), "qwen2": {}, "qwen3": {}, "olmo2": {}, "granite": {},
     "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=4),
+    "phi3": dict(sliding_window=None, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                           partial_rotary_factor=0.5)),
 }
 
 
@@ -272,7 +276,8 @@ def export_family(model: torch.nn.Module, tokenizer: object, folder: Path, **con
 def test_llama_cpp_runs_each_family_as_pytorch_does(tmp_path: Path, name: str) -> None:
     model, tokenizer = family(name)
     metrics = export_family(model, tokenizer, tmp_path / "out", float_type="f32")
-    assert metrics["tensor_types"]["Q4_0"] == 7 * model.config.num_hidden_layers
+    linears = sum(len(group) for group in layout_of(model).sequential_groups())  # 7, Phi-3's fused 4
+    assert metrics["tensor_types"]["Q4_0"] == linears * model.config.num_hidden_layers
     assert metrics["llama_cpp_relative_logit_error"] < 0.1 and metrics["llama_cpp_top1_agreement"] > 0.9
 
 
@@ -288,6 +293,19 @@ def test_qwen_tensors_keep_their_row_order_and_extras(tmp_path: Path, name: str,
     q = model.model.layers[0].self_attn.q_proj  # type: ignore[union-attr]
     got = torch.from_numpy(gguf_file.dequantized_tensor(names["blk.0.attn_q.weight"]))
     assert torch.equal(got, q.dequantized_weight())  # NeoX rope order: no row permutation
+
+
+def test_phi3_fused_projections_keep_their_rows_and_a_partial_rotary(tmp_path: Path) -> None:
+    model, tokenizer = family("phi3")
+    export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
+    reader = gguf_file.read(tmp_path / "out" / FILE)
+    names = {t.name: t for t in reader.tensors}
+    assert {"blk.0.attn_qkv.weight", "blk.1.ffn_up.weight"} <= set(names) and "blk.0.ffn_gate.weight" not in names
+    layer = model.model.layers[0]  # type: ignore[union-attr]
+    for gguf_name, linear in (("attn_qkv", layer.self_attn.qkv_proj), ("ffn_up", layer.mlp.gate_up_proj)):
+        got = torch.from_numpy(gguf_file.dequantized_tensor(names[f"blk.0.{gguf_name}.weight"]))
+        assert torch.equal(got, linear.dequantized_weight())  # [q; k; v] and [gate; up] as stored, NeoX rope order
+    assert gguf_file.metadata(reader, ["phi3.rope.dimension_count"]) == {"phi3.rope.dimension_count": 16}
 
 
 def test_qwen2_yarn_is_written_as_convert_hf_to_gguf_writes_it(tmp_path: Path) -> None:
@@ -319,16 +337,23 @@ def test_granite_multipliers_are_written_as_llama_cpp_reads_them(tmp_path: Path)
     assert meta == pytest.approx(dict(zip(keys, (0.2, 6.0, 0.5, 2.5), strict=True)))
 
 
-@pytest.mark.parametrize("name,match", [
-    ("mistral", "attends to every key.*sliding_window"),  # llama.cpp's llama architecture has no window
-    ("qwen2:llama3", "needs a rope_freqs tensor, which llama.cpp's 'qwen2' architecture does not read"),
-    ("smollm3", r"rotary in every 4th layer.*\[True, False\]"),  # llama.cpp's constant, not the file's
-    ("gemma2", "no GGUF architecture for model type 'gemma2'; supported: llama, qwen2, qwen3, mistral"),
+LLAMA3_ROPE = dict(family_config("llama3").rope_parameters)
+PHI3_DEFAULT_ROPE = dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)
+
+
+@pytest.mark.parametrize("name,overrides,match", [
+    ("mistral", {}, "attends to every key.*sliding_window"),  # llama.cpp's llama architecture has no window
+    ("phi3", dict(rope_parameters=PHI3_DEFAULT_ROPE), "'phi3' architecture attends to every key"),  # disabled there
+    ("phi3", dict(sliding_window=None), "rope type 'longrope' is not written"),  # its factors and attention factor
+    ("qwen2", dict(rope_parameters=LLAMA3_ROPE), "needs a rope_freqs tensor, which llama.cpp's 'qwen2' architecture"),
+    ("smollm3", {}, r"rotary in every 4th layer.*\[True, False\]"),  # llama.cpp's constant, not the file's
+    ("gemma2", {}, "no GGUF architecture for model type 'gemma2'; supported: llama, qwen2, qwen3, mistral, phi3"),
 ])
-def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path: Path, name: str, match: str) -> None:
-    name, _, rope_of = name.partition(":")  # "qwen2:llama3": the qwen2 model with the llama3 model's rotary
-    model = tiny_model(name, **({"rope_parameters": family_config(rope_of).rope_parameters} if rope_of else {}))
+def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path: Path, name: str, overrides: dict,
+                                                             match: str) -> None:
+    model = tiny_model(name, **overrides)
     rtn_apply(model, RTNConfig(bits=4, group_size=32, symmetric=True))
-    with pytest.raises(ToolkitError, match=match):
+    with pytest.raises(ToolkitError, match=match) as err:
         export_family(model, tiny_tokenizer(), tmp_path / "out")
+    assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()

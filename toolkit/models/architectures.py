@@ -20,8 +20,9 @@ from toolkit.errors import ToolkitError
 @dataclass(frozen=True)
 class GGUFArch:
     """How llama.cpp names the architecture (``general.architecture``), whether it wants the q/k rows
-    in its interleaved rope order (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``; Qwen's NeoX order
-    needs none) and whether it applies the config's ``sliding_window`` (llama.cpp's ``llama`` does not)."""
+    in its interleaved rope order (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``; Qwen's and Phi-3's NeoX
+    order needs none, so fused [q; k; v] rows go as stored) and whether it applies the config's
+    ``sliding_window`` (llama.cpp's ``llama`` does not; its ``phi3`` reads the key and disables it)."""
 
     arch: str
     permute_rope: bool
@@ -149,7 +150,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
         ScaleMapping("post_attention_layernorm", ("mlp.gate_up_proj",)),
         ScaleMapping("mlp.gate_up_proj", ("mlp.down_proj",), chunk=1, chunks=2),  # the up rows
     ), q=None, k=None, v=None, qkv="self_attn.qkv_proj", gate=None, up=None, gate_up="mlp.gate_up_proj",
-        rope_types=("default", "longrope")),
+        rope_types=("default", "longrope"), gguf=GGUFArch("phi3", permute_rope=False)),
     _gemma_row("gemma2", attn_softcap_attr="attn_logit_softcapping", final_softcap_attr="final_logit_softcapping"),
     _gemma_row("gemma3_text", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
                final_softcap_attr="final_logit_softcapping", rotary_by_layer_type=True),
