@@ -72,6 +72,7 @@ class _Tensor:
     module: str | None = None
     rope_heads: int | None = None
     value: torch.Tensor | None = None
+    offset: float = 0.0  # added to the float values (Gemma's norms: llama.cpp scales by w, Gemma by 1 + w)
 
 
 def _block_type(m: QuantLinear, name: str) -> tuple[gguf.GGMLQuantizationType, Any]:
@@ -104,7 +105,8 @@ def _plan(model: PreTrainedModel) -> list[_Tensor]:
     for pname, _ in model.named_parameters():
         if pname not in done:
             owner = pname.rsplit(".", 1)[0]
-            plan.append(_Tensor(gguf_file.tensor_name(model, pname), pname, None, gguf_file.rope_heads(model, owner)))
+            plan.append(_Tensor(gguf_file.tensor_name(model, pname), pname, None, gguf_file.rope_heads(model, owner),
+                                offset=gguf_file.norm_offset(model, pname)))
     plan += [_Tensor(name, "config.rope_parameters", value=v) for name, v in gguf_file.rope_tensors(model).items()]
     return plan
 
@@ -112,7 +114,7 @@ def _plan(model: PreTrainedModel) -> list[_Tensor]:
 def _float_param(model: PreTrainedModel, t: _Tensor) -> torch.Tensor:
     if t.value is not None:
         return t.value
-    w = dict(model.named_parameters())[t.param].detach().float()
+    w = dict(model.named_parameters())[t.param].detach().float() + t.offset
     return w if t.rope_heads is None else gguf_file.permute(w, t.rope_heads)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from toolkit import models
 from toolkit.algorithms.rtn import dequantize
 from toolkit.errors import ToolkitError
 from toolkit.interop import gguf_file, rope_factors
-from toolkit.models.architectures import layout_of
+from toolkit.models.architectures import ARCHITECTURES, layout_of
 from toolkit.models.tiny import family_config, tiny_model, tiny_tokenizer
 from toolkit.passes import CONFIGS
 from toolkit.passes.export_gguf import FILE, ExportGGUFConfig, export
@@ -246,6 +247,13 @@ def test_smollm2_q4_0_answers_in_llama_cpp(tmp_path: Path) -> None:
     assert "Paris" in reply["choices"][0]["message"]["content"]
 
 
+def test_a_family_without_a_gguf_architecture_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(ARCHITECTURES, "llama", dataclasses.replace(ARCHITECTURES["llama"], gguf=None))
+    with pytest.raises(ToolkitError, match="no GGUF architecture for model type 'llama'; supported: qwen2, qwen3"):
+        run_export(tiny(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- other families
 
 # Mistral 7B v0.2 and later ship no sliding window, and SmolLM3-3B leaves out rotary in every 4th of its 36
@@ -256,6 +264,8 @@ GGUF_FAMILIES: dict[str, dict[str, object]] = {
     "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=4),
     "phi3": dict(sliding_window=None, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                            partial_rotary_factor=0.5)),
+    # llama.cpp derives Gemma's attention scale (head_dim) and fixes its sliding layers (Gemma 3: 5 of every 6)
+    "gemma2": dict(query_pre_attn_scalar=16), "gemma3": dict(num_hidden_layers=6, layer_types=None),
 }
 
 
@@ -308,6 +318,19 @@ def test_phi3_fused_projections_keep_their_rows_and_a_partial_rotary(tmp_path: P
     assert gguf_file.metadata(reader, ["phi3.rope.dimension_count"]) == {"phi3.rope.dimension_count": 16}
 
 
+def test_gemma2_norms_carry_the_offset_and_its_softcaps_and_window_are_written(tmp_path: Path) -> None:
+    model, tokenizer = family("gemma2")
+    export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
+    reader = gguf_file.read(tmp_path / "out" / FILE)
+    names = {t.name: t for t in reader.tensors}
+    layer = model.model.layers[1]  # type: ignore[union-attr]
+    for gguf_name, norm in (("attn_norm", layer.input_layernorm), ("post_ffw_norm", layer.post_feedforward_layernorm)):
+        got = torch.from_numpy(gguf_file.dequantized_tensor(names[f"blk.1.{gguf_name}.weight"])).flatten()
+        assert torch.equal(got, norm.weight.detach() + 1)  # Gemma scales by 1 + w, llama.cpp by w
+    keys = ["gemma2.attn_logit_softcapping", "gemma2.final_logit_softcapping", "gemma2.attention.sliding_window"]
+    assert gguf_file.metadata(reader, keys) == dict(zip(keys, (5.0, 3.0, 8), strict=True))
+
+
 def test_qwen2_yarn_is_written_as_convert_hf_to_gguf_writes_it(tmp_path: Path) -> None:
     model, tokenizer = family("qwen2")
     export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
@@ -347,7 +370,13 @@ PHI3_DEFAULT_ROPE = dict(rope_type="default", rope_theta=10000.0, partial_rotary
     ("phi3", dict(sliding_window=None), "rope type 'longrope' is not written"),  # its factors and attention factor
     ("qwen2", dict(rope_parameters=LLAMA3_ROPE), "needs a rope_freqs tensor, which llama.cpp's 'qwen2' architecture"),
     ("smollm3", {}, r"rotary in every 4th layer.*\[True, False\]"),  # llama.cpp's constant, not the file's
-    ("gemma2", {}, "no GGUF architecture for model type 'gemma2'; supported: llama, qwen2, qwen3, mistral, phi3"),
+    ("gemma2", {}, r"scales attention scores by 16 \*\* -0.5, but this model's query_pre_attn_scalar is 24"),
+    ("gemma3", {}, r"attends to all keys in every 6th layer.*\[8, None, 8\]"),  # its tiny pattern, not llama.cpp's
+    ("gemma3", dict(num_hidden_layers=6, layer_types=None, final_logit_softcapping=3.0),
+     "soft-caps with final_logit_softcapping=3.0, which this exporter does not write"),
+    ("gemma3", dict(num_hidden_layers=6, layer_types=None, rope_parameters={
+        "sliding_attention": dict(rope_type="default", rope_theta=20000.0),
+        "full_attention": dict(rope_type="default", rope_theta=1e6)}), "rotates sliding layers with base 10000"),
 ])
 def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path: Path, name: str, overrides: dict,
                                                              match: str) -> None:

@@ -7,15 +7,18 @@ merges, special token ids, chat template through ``gguf.SpecialVocab``), tensor 
 tensor mapping, and, where ``GGUFArch.permute_rope``, the q/k row permutation of ``LlamaModel.permute``
 (llama.cpp's llama rope pairs dimensions ``(i, i + 1)`` where Hugging Face pairs ``(i, i + d/2)``).
 Llama 3.1's rope scaling is written as the converter writes it: no scaling type, a ``rope_freqs`` tensor of
-per-pair divisors (``toolkit.interop.rope_factors``). What llama.cpp would compute differently (a sliding
-window its architecture ignores, longrope, a rope tensor its architecture does not load, NoPE layers other
-than its own constant) is refused in ``check_supported``.
+per-pair divisors (``toolkit.interop.rope_factors``). Gemma's norm weights get the converter's +1 (llama.cpp
+scales by w where Gemma scales by 1 + w); its embedding scale is implicit in llama.cpp. What llama.cpp would
+compute differently (a sliding window its architecture ignores or places by its own constant pattern,
+longrope, a rope tensor its architecture does not load, NoPE layers other than its own constant, an
+attention scale other than the one it derives) is refused in ``check_supported``.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
 from toolkit.interop import rope_factors
-from toolkit.models.architectures import ARCHITECTURES, GGUFArch, layout_of, rotary_layers, sliding_windows
+from toolkit.models.architectures import (
+    ARCHITECTURES,
+    GGUFArch,
+    attention_scale,
+    attention_softcap,
+    final_softcap,
+    layout_of,
+    rope_parameters,
+    rotary_layers,
+    sliding_windows,
+)
 
 # convert_hf_to_gguf.py identifies the pre-tokenizer by hashing the encoding of this text
 # (``get_vocab_base_pre``); the table keeps the entries for the tokenizers this toolkit meets.
@@ -201,12 +214,46 @@ def check_supported(model: PreTrainedModel) -> None:
         raise ToolkitError(f"llama.cpp's '{arch.arch}' architecture attends to every key, but this "
                            f"{c.model_type} model sees only the last {windows[0]} (sliding_window); its GGUF would "
                            "answer differently past that length, so it is not exported")
+    if arch.full_every is not None:
+        fixed = [None if (i + 1) % arch.full_every == 0 else c.sliding_window for i in range(c.num_hidden_layers)]
+        if sliding_windows(c) != fixed:
+            raise ToolkitError(f"llama.cpp's '{arch.arch}' attends to all keys in every {arch.full_every}th layer and "
+                               f"slides in the others whatever the file says; this model's windows "
+                               f"{sliding_windows(c)} differ, so it is not exported")
+    _check_attention_scale(model, arch)
+    written = {attr for attr, _ in arch.config_keys}
+    for attr, value in ((layout_of(c).attn_softcap_attr, attention_softcap(c)), (layout_of(c).final_softcap_attr, final_softcap(c))):
+        if value is not None and attr not in written:
+            raise ToolkitError(f"this {c.model_type} model soft-caps with {attr}={value}, which this exporter does "
+                               f"not write for llama.cpp's '{arch.arch}'; it is not exported")
+    local = rope_parameters(c, "sliding_attention") if arch.sliding_rope_theta is not None else {}
+    if local and (local.get("rope_type", "default") != "default" or local.get("rope_theta") != arch.sliding_rope_theta):
+        raise ToolkitError(f"llama.cpp's '{arch.arch}' rotates sliding layers with base {arch.sliding_rope_theta:g}, "
+                           f"unscaled, whatever the file says; this model's sliding rotary is {local}, so it is not exported")
     if arch.nope_every is not None:
         fixed = [(i + 1) % arch.nope_every != 0 for i in range(c.num_hidden_layers)]
         if rotary_layers(c) != fixed:
             raise ToolkitError(f"llama.cpp's '{arch.arch}' leaves out rotary in every {arch.nope_every}th layer "
                                f"whatever the file says; this model's rotary layers {rotary_layers(c)} differ, "
                                "so it is not exported")
+
+
+def _check_attention_scale(model: PreTrainedModel, arch: GGUFArch) -> None:
+    """llama.cpp's Gemma scales scores by a dimension it derives itself, not by ``query_pre_attn_scalar``."""
+    c, layout = model.config, layout_of(model)
+    if layout.attn_scale_attr is None:
+        return
+    head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    derived = c.hidden_size // c.num_attention_heads if c.num_hidden_layers == arch.scale_by_hidden_at_layers else head_dim
+    if not math.isclose(attention_scale(c, head_dim), derived ** -0.5, rel_tol=1e-6):
+        raise ToolkitError(f"llama.cpp's '{arch.arch}' scales attention scores by {derived} ** -0.5, but this model's "
+                           f"{layout.attn_scale_attr} is {getattr(c, layout.attn_scale_attr)}; its GGUF would answer "
+                           "differently, so it is not exported")
+
+
+def norm_offset(model: PreTrainedModel, hf_name: str) -> float:
+    """What the converter adds to a norm weight: Gemma's RMSNorm scales by (1 + w), llama.cpp's by w."""
+    return layout_of(model).norm_offset if hf_name.endswith("norm.weight") else 0.0
 
 
 def write_rope(writer: gguf.GGUFWriter, config: Any) -> None:
@@ -244,6 +291,8 @@ def write_hparams(writer: gguf.GGUFWriter, model: PreTrainedModel, file_type: gg
     writer.add_vocab_size(c.vocab_size)
     writer.add_rope_dimension_count(rotary_dim(c))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if arch_of(model).sliding_window and getattr(c, "sliding_window", None):
+        writer.add_sliding_window(int(c.sliding_window))
     for attr, method in arch_of(model).config_keys:
         if getattr(c, attr, None) is not None:
             getattr(writer, method)(float(getattr(c, attr)))

@@ -33,6 +33,13 @@ class GGUFArch:
     nope_every: int | None = None
     # llama.cpp's architecture loads a rope_freqs tensor (Llama 3.1's rope scaling); others refuse the file
     rope_freqs: bool = False
+    # llama.cpp's gemma2/3 fix which layers slide by a constant: every n-th layer attends to all keys
+    full_every: int | None = None
+    # llama.cpp's gemma2/3 derive the attention scale: head_dim ** -0.5, (hidden / heads) ** -0.5 for their
+    # 27B (recognised by this layer count), whatever query_pre_attn_scalar says
+    scale_by_hidden_at_layers: int | None = None
+    # llama.cpp's gemma3 rotates sliding layers with this base of its own, unscaled
+    sliding_rope_theta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -151,9 +158,15 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
         ScaleMapping("mlp.gate_up_proj", ("mlp.down_proj",), chunk=1, chunks=2),  # the up rows
     ), q=None, k=None, v=None, qkv="self_attn.qkv_proj", gate=None, up=None, gate_up="mlp.gate_up_proj",
         rope_types=("default", "longrope"), gguf=GGUFArch("phi3", permute_rope=False)),
-    _gemma_row("gemma2", attn_softcap_attr="attn_logit_softcapping", final_softcap_attr="final_logit_softcapping"),
+    _gemma_row("gemma2", attn_softcap_attr="attn_logit_softcapping", final_softcap_attr="final_logit_softcapping",
+               gguf=GGUFArch("gemma2", permute_rope=False, sliding_window=True, full_every=2,
+                             scale_by_hidden_at_layers=46, config_keys=(
+                                 ("attn_logit_softcapping", "add_attn_logit_softcapping"),
+                                 ("final_logit_softcapping", "add_final_logit_softcapping")))),
     _gemma_row("gemma3_text", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
-               final_softcap_attr="final_logit_softcapping", rotary_by_layer_type=True),
+               final_softcap_attr="final_logit_softcapping", rotary_by_layer_type=True,
+               gguf=GGUFArch("gemma3", permute_rope=False, sliding_window=True, full_every=6,
+                             scale_by_hidden_at_layers=62, sliding_rope_theta=10000.0)),
     Architecture("smollm3", "smollm3", _llama_mappings(), rope_layers_attr="no_rope_layers",
                  gguf=GGUFArch("smollm3", permute_rope=True, nope_every=4)),
     Architecture("olmo2", None, (ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",)),
