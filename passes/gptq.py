@@ -162,7 +162,7 @@ def quantize_layer(model: PreTrainedModel, prefix: str, layer: nn.Module, inputs
     for sweep in sweeps:
         hs = _hessians(layer, prefix, inputs, [g[0] for g in sweep])
         for names in sweep:
-            report[names[0]] = _quantize_group(model, names, hs[names[0]], config, done)
+            report[names[0]] = _quantize_group(model, names, hs.pop(names[0]), config, done)  # freed when done
     return done
 
 

@@ -33,19 +33,26 @@ class GPTQResult:
     dead_columns: int  # inputs never activated (diag H == 0), quantized as zero weights
 
 
-def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float = MAX_DAMP) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹ = UᵀU`` (GPTQ sec. 3, step 3), λ = damp · mean(diag H).
+def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float = MAX_DAMP,
+                           order: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹ = UᵀU`` (GPTQ sec. 3, step 3), λ = damp · mean(diag H),
+    for ``H = h[order][:, order]`` (``h`` itself by default). A zero diagonal entry (an input never
+    activated) counts as 1: any value works, since that input's weights are zeroed.
 
     With ``P`` the order reversal and ``P H P = L Lᵀ``, ``U = P L⁻¹ P`` (upper triangular): one Cholesky
     and one triangular solve instead of inverting and factorising again (8x faster on CPU).
     Raises the dampening x10 while the factorisation fails; float64 keeps near-singular H usable.
     """
-    # Memory (an 8192-wide down_proj: 512 MB per float64 copy): reversals happen in float32, the dampening
-    # goes onto the diagonal in place, the Hessian is freed before the solve, and
-    # the solve's identity and the factor are freed before the float32 copy: at most three float64 matrices
-    # are alive at once. Bit-identical to the plain formula (an in-place solve is not: it rounds differently).
-    h64 = h.flip(0, 1).double()
+    # Memory (an 8192-wide down_proj: 512 MB per float64 copy): the order and its reversal are applied
+    # to the float32 h in one indexing, the dampening goes onto the diagonal in place, the Hessian is
+    # freed before the solve and the solve's identity and the factor before the float32 copy: at most
+    # three float64 matrices are alive at once. Bit-identical to the plain formula (an in-place solve
+    # is not: it rounds differently).
+    n = h.shape[0]
+    rev = (torch.arange(n, device=h.device) if order is None else order).flip(0)
+    h64 = h[rev][:, rev].double()
     diag = torch.diagonal(h64)
+    diag[diag == 0] = 1.0
     undamped = diag.clone()
     mean_diag = float(undamped.mean())
     frac = damp
@@ -62,7 +69,7 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float = MAX_D
             )
         frac = min(max(frac * 10, 1e-4), max_damp)
     del h64, diag
-    eye = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
+    eye = torch.eye(n, dtype=torch.float64, device=h.device)
     lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)
     del lower, eye
     return lower_inv.float().flip(0, 1), frac
@@ -106,14 +113,14 @@ def gptq_quantize(
     out_f, in_f = w.shape
     group = spec.group(in_f)
     W = w.detach().float().clone()
-    H = h.detach().float().clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0  # an unused input: any value works, its weight is zeroed
+    diag = torch.diagonal(h.detach()).float().clone()
+    dead = diag == 0
+    diag[dead] = 1.0  # an unused input: ordered as inverse_hessian_factor treats it; its weight is zeroed
     W[:, dead] = 0.0
     scales, zeros = compute_qparams(W, spec)  # static groups (and per-row params)
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    U, used = inverse_hessian_factor(H, damp)
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(in_f, device=W.device)
+    W = W[:, perm]
+    U, used = inverse_hessian_factor(h.detach().float(), damp, order=perm)  # no permuted float32 copy of h
     with _single_thread():
         static = act_order or spec.group_size == -1
         codes = _sweep(W, U, perm, (scales, zeros, static), spec, max(1, block_size // group) * group)
