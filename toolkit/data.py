@@ -21,6 +21,7 @@ from toolkit.paths import hub_reachable
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SPLITS = ("calibration", "evaluation")
 SAMPLINGS = ("sequential", "random")
+FORMATS = ("text", "chat")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class WindowSpec:
 
     ``sequential``: non-overlapping windows from the start (evaluation protocol).
     ``random``: windows at seeded random offsets, overlap allowed (GPTQ-style calibration sampling).
+    ``format: chat``: documents become conversations in the tokenizer's chat template (``conversations``)
+    and every window starts at a conversation's start, so an instruct model is calibrated on the token
+    stream it serves (system prompt, role markers, end-of-turn tokens) rather than on bare text; ``random``
+    then draws distinct conversations.
     """
 
     source: str = "pydoc"
@@ -38,8 +43,11 @@ class WindowSpec:
     sampling: str = "sequential"
     seed: int = 0
     text_field: str = "text"
+    format: str = "text"
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.sampling not in SAMPLINGS:
@@ -123,9 +131,56 @@ def split_text(docs: list[str], split: str) -> str:
     return "\n\n".join(split_documents(docs, split))
 
 
+def conversations(documents: list[str], chunk_chars: int) -> list[list[dict[str, str]]]:
+    """Documents as exchanges: a document's first line (a title, for pydoc topics) is the user's request and
+    its body, cut at paragraph boundaries into pieces of about ``chunk_chars``, the assistant's answers (one
+    exchange per piece); an underline below the title (reStructuredText's ``****``) is dropped."""
+    out = []
+    for doc in documents:
+        title, _, body = doc.strip().partition("\n")
+        lines = body.split("\n")
+        if lines and lines[0].strip() and not any(c.isalnum() for c in lines[0]):
+            lines = lines[1:]
+        pieces: list[list[str]] = [[]]
+        for para in (p for p in "\n".join(lines).strip().split("\n\n") if p.strip()):
+            if pieces[-1] and sum(map(len, pieces[-1])) + len(para) > chunk_chars:
+                pieces.append([])
+            pieces[-1].append(para)
+        out += [[{"role": "user", "content": title.strip()}, {"role": "assistant", "content": "\n\n".join(p)}]
+                for p in pieces if p]
+    return out
+
+
+def _chat_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], spec: WindowSpec) -> torch.Tensor:
+    """Windows that start where a conversation starts (system prompt, role markers and all), running on into
+    the following conversations to fill ``length`` tokens."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ToolkitError("calibration format 'chat' needs a tokenizer with a chat template; this one has none "
+                           "(use format: text)")
+    pieces = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations(docs, 3 * spec.length)]
+    encoded = [tokenizer(str(p), add_special_tokens=False)["input_ids"] for p in pieces]
+    ids = torch.tensor([t for e in encoded for t in e], dtype=torch.long)
+    offsets = torch.tensor([0] + [len(e) for e in encoded[:-1]]).cumsum(0)
+    if ids.numel() < spec.length:
+        raise ToolkitError(f"the {spec.split} half of '{spec.source}' has {ids.numel()} tokens as conversations, "
+                           f"fewer than one window of {spec.length}; lower the window length or add text")
+    if spec.sampling == "sequential":
+        chosen = torch.arange(spec.count) % len(offsets)
+    else:
+        gen = torch.Generator().manual_seed(spec.seed)
+        n = len(offsets)
+        chosen = (torch.randperm(n, generator=gen)[: spec.count] if spec.count <= n
+                  else torch.randint(0, n, (spec.count,), generator=gen))
+    starts = offsets[chosen].clamp(max=ids.numel() - spec.length)
+    return torch.stack([ids[s : s + spec.length] for s in starts.tolist()])
+
+
 def token_windows(tokenizer: PreTrainedTokenizerBase, spec: WindowSpec) -> torch.Tensor:
     """``[count, length]`` token ids from the chosen half, per ``spec``."""
-    text = split_text(documents(spec.source, spec.text_field), spec.split)
+    docs = documents(spec.source, spec.text_field)
+    if spec.format == "chat":
+        return _chat_windows(tokenizer, split_documents(docs, spec.split), spec)
+    text = split_text(docs, spec.split)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     available = ids.numel()
     if spec.sampling == "sequential":

@@ -28,6 +28,33 @@ def test_windows_shapes_and_determinism(tiny):
     assert seq.shape == (3, 32)
 
 
+def test_chat_windows_start_at_conversations(tiny):
+    tok = tiny.tokenizer
+    docs = data.split_documents(data.pydoc_documents(), "calibration")
+    convs = data.conversations(docs, 600)
+    assert len(convs) > len(docs) and all(c[0]["role"] == "user" and c[1]["content"] for c in convs)
+    assert convs[0][0]["content"] == docs[0].partition("\n")[0].strip()  # the title asked, its underline dropped
+    assert not convs[0][1]["content"].startswith("*")
+    spec = data.WindowSpec(split="calibration", length=64, count=12, sampling="random", seed=1, format="chat")
+    windows = data.token_windows(tok, spec)
+    assert windows.shape == (12, 64) and torch.equal(windows, data.token_windows(tok, spec))
+    assert len({tuple(w) for w in windows.tolist()}) == 12  # distinct conversations while there are enough
+    prefix = tok(str(tok.apply_chat_template(convs[0][:1], tokenize=False)), add_special_tokens=False)["input_ids"][:3]
+    assert all(w[:3] == prefix for w in windows.tolist())  # every window opens with the template's first tokens
+
+
+def test_chat_format_needs_a_chat_template(tiny):
+    tok = tiny.tokenizer
+    template, tok.chat_template = tok.chat_template, None
+    try:
+        with pytest.raises(ToolkitError, match="chat template"):
+            data.token_windows(tok, data.WindowSpec(split="calibration", length=32, count=2, format="chat"))
+    finally:
+        tok.chat_template = template
+    with pytest.raises(ValueError, match="format must be one of"):
+        data.WindowSpec(format="markdown")
+
+
 def test_too_few_tokens_is_a_clear_error(tiny):
     with pytest.raises(ToolkitError, match="fewer than"):
         data.token_windows(tiny.tokenizer, data.WindowSpec(length=4096, count=1000))

@@ -33,12 +33,14 @@ class CalibrationSpec:
     sampling: str = "random"  # the calibration half holds ~120 non-overlapping 512-token windows
     seed: int = 0
     text_field: str = "text"
+    format: str = "text"  # chat: each document as a conversation in the model's chat template (instruct models)
 
     def __post_init__(self) -> None:
         self.windows()  # validates
 
     def windows(self) -> WindowSpec:
-        return WindowSpec(self.source, "calibration", self.length, self.count, self.sampling, self.seed, self.text_field)
+        return WindowSpec(self.source, "calibration", self.length, self.count, self.sampling, self.seed,
+                          self.text_field, self.format)
 
 
 @dataclass(frozen=True)
