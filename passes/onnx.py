@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,11 +36,16 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
+from toolkit.evaluation.streaming import stream_logits
 from toolkit.models.architectures import layout_of
-from toolkit.onnx.decoder import build_model
-from toolkit.onnx.graph import GraphOptions, dims_of
-from toolkit.onnx.validate import Probe, op_census, run_checks
+from toolkit.models.streaming import SkeletonModel
+from toolkit.onnx.decoder import Resident, build_model, in_memory
+from toolkit.onnx.external import ExternalData
+from toolkit.onnx.graph import Dims, GraphOptions, dims_of
+from toolkit.onnx.validate import Probe, Reference, model_reference, op_census, probe_sequences, run_checks
+from toolkit.pipeline.context import PassContext
 from toolkit.quant.modules import quantized_modules
+from toolkit.quant.streaming import StreamOptions
 from toolkit.runtime.backend import BackendOptions, OrtBackend
 from toolkit.runtime.contract import DATA_FILE, EXPORT_FILE, GENAI_FILE, MODEL_FILE, TARGETS, ExportContract
 
@@ -86,19 +92,28 @@ class ONNXConfig:
         return self.left_padding or self.target == "standard"
 
 
-def _save(proto: onnx.ModelProto, folder: Path, contract: ExportContract) -> None:
-    onnx.save_model(proto, str(folder / contract.model_file), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=contract.data_file,
-                    size_threshold=1024)  # small shape constants stay inline
+def _write(model: PreTrainedModel, config: ONNXConfig, folder: Path, contract: ExportContract,
+           resident: Resident) -> dict[str, int]:
+    """Build the graph with every initializer's bytes going straight to the data file (``ExternalData``), so
+    the proto in memory holds no weights; save and check it; returns the op census."""
+    with ExternalData(folder / contract.data_file, contract.data_file) as data:
+        proto = build_model(model, config.graph_options(), contract.names, data.move, resident)
+    census = op_census(proto)
+    onnx.save_model(proto, str(folder / contract.model_file))
+    del proto
+    onnx.checker.check_model(str(folder / contract.model_file))  # by path: the checker reads the external data too
+    return census
 
 
-def _validate(model: PreTrainedModel, config: ONNXConfig, folder: Path, quantized: bool) -> dict[str, Any]:
-    dims = dims_of(model, config.max_positions)
+def _validate(config: ONNXConfig, folder: Path, reference: Reference, dims: Dims,
+              quantized: bool) -> dict[str, Any]:
     probe = Probe(vocab_limit=min(dims.vocab, 256 if dims.vocab < 1000 else dims.vocab))
+    sequences = probe_sequences(probe)
+    refs = reference(sequences)  # computed once, for both checks
 
     def checks(level: int) -> dict[str, dict[str, float]]:
         backend = OrtBackend(folder, BackendOptions(threads=config.threads, accuracy_level=level))
-        return run_checks(backend, model, probe, config.pads_left)
+        return run_checks(backend, sequences, refs, config.pads_left)
 
     strict = checks(0)
     report: dict[str, Any] = {"strict": strict, "tolerance": config.tolerance}
@@ -146,21 +161,31 @@ def contract_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conf
 @torch.no_grad()
 def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ONNXConfig,
            folder: Path) -> dict[str, Any]:
-    """Write the ONNX export into ``folder`` (a fresh temp dir) and prove it; returns manifest metrics."""
-    folder = Path(folder)
-    model = model.eval()
+    """Write the ONNX export of an in-memory model into ``folder`` (a fresh temp dir) and prove it; returns
+    manifest metrics."""
+    return _export(model.eval(), tokenizer, config, Path(folder), in_memory, model_reference(model))
+
+
+@torch.no_grad()
+def stream(src: SkeletonModel, folder: Path, config: ONNXConfig, ctx: PassContext,
+           options: StreamOptions) -> dict[str, Any]:
+    """The same export from a float or packed checkpoint folder, one decoder layer resident at a time: each
+    layer's tensors are read from the shards while its part of the graph is written, and the validation's
+    reference runs layer by layer too (``stream_logits``)."""
+    return _export(src.model, ctx.tokenizer, config, Path(folder), src.resident, partial(stream_logits, src))
+
+
+def _export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ONNXConfig, folder: Path,
+            resident: Resident, reference: Reference) -> dict[str, Any]:
     contract = contract_of(model, tokenizer, config)
-    proto = build_model(model, config.graph_options(), contract.names)
-    census = op_census(proto)
-    _save(proto, folder, contract)
-    del proto
-    onnx.checker.check_model(str(folder / MODEL_FILE))  # by path: the checker reads the external data too
+    census = _write(model, config, folder, contract, resident)
     tokenizer.save_pretrained(str(folder))
     (folder / EXPORT_FILE).write_text(json.dumps(contract.to_json(), indent=2) + "\n")
     genai_type = layout_of(model).genai_type
     if config.target == "ort" and genai_type is not None:  # onnxruntime-genai has no type for some families
         (folder / GENAI_FILE).write_text(json.dumps(contract.genai_config(genai_type), indent=2) + "\n")
-    validation = _validate(model, config, folder, bool(quantized_modules(model)))
+    dims = dims_of(model, config.max_positions)
+    validation = _validate(config, folder, reference, dims, bool(quantized_modules(model)))
     size = sum(p.stat().st_size for p in (folder / MODEL_FILE, folder / DATA_FILE))
     return {"export": {"config": asdict(config), "op_census": census, "validation": validation,
                        "size_bytes": size, "size_mb": round(size / 1e6, 2),

@@ -34,7 +34,9 @@ describe a left-padded batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -72,7 +74,10 @@ from toolkit.onnx.graph import (
     linear,
 )
 from toolkit.onnx.weights import concat_rows, linear_weight
+from toolkit.quant.modules import reads_head
 from toolkit.runtime.contract import KINDS, TensorNames
+
+Resident = Callable[[list[str]], AbstractContextManager[object]]  # module paths -> their weights held
 
 
 @dataclass
@@ -290,8 +295,8 @@ def _gate_up(b: Builder, h: str, layer: torch.nn.Module, arch: Architecture, i: 
 
 
 def _layer_attention(model: PreTrainedModel, d: Dims, b: Builder) -> list[LayerAttention]:
-    """Per layer: rotary cache names (one pair per layer type when the family has several), window, scale,
-    soft-cap and q/k norm weights."""
+    """Per layer: rotary cache names (one pair per layer type when the family has several), window, scale and
+    soft-cap (the q/k norm weights are read with the layer's other weights, ``_qk_norms``)."""
     arch, c = layout_of(model), model.config
     types = layer_types(c)
     caches: dict[str | None, tuple[str, str, int]] = {}
@@ -301,16 +306,18 @@ def _layer_attention(model: PreTrainedModel, d: Dims, b: Builder) -> list[LayerA
         caches[lt] = (b.const(f"cos_cache{suffix}", cos_np), b.const(f"sin_cache{suffix}", sin_np),
                       2 * cos_np.shape[1])
     out = []
-    for layer, lt, window, rotary in zip(decoder_layers(model), types, sliding_windows(c), rotary_layers(c),
-                                         strict=True):
+    for lt, window, rotary in zip(types, sliding_windows(c), rotary_layers(c), strict=True):
         cos, sin, rotary_dim = caches[lt if arch.rotary_by_layer_type else None] if rotary else ("", "", 0)
-        norms = None
-        if arch.q_norm and arch.k_norm:
-            norms = (_norm_weight(layer.get_submodule(arch.q_norm), arch),
-                     _norm_weight(layer.get_submodule(arch.k_norm), arch))
         out.append(LayerAttention(cos, sin, rotary_dim, window, attention_scale(c, d.head_dim),
-                                  attention_softcap(c), norms))
+                                  attention_softcap(c), None))
     return out
+
+
+def _qk_norms(layer: torch.nn.Module, arch: Architecture, la: LayerAttention) -> LayerAttention:
+    if not (arch.q_norm and arch.k_norm):
+        return la
+    norms = (_norm_weight(layer.get_submodule(arch.q_norm), arch), _norm_weight(layer.get_submodule(arch.k_norm), arch))
+    return replace(la, qk_norms=norms)
 
 
 def _io(d: Dims, names: TensorNames) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
@@ -329,17 +336,28 @@ def _io(d: Dims, names: TensorNames) -> tuple[list[onnx.ValueInfoProto], list[on
     return inputs, outputs
 
 
-def build_model(model: PreTrainedModel, opts: GraphOptions, names: TensorNames) -> onnx.ModelProto:
-    """The whole decoder as one ONNX model (initializers inline; the caller saves them as external data)."""
+def in_memory(prefixes: list[str]) -> AbstractContextManager[object]:
+    """Every module of an in-memory model is always resident."""
+    return nullcontext()
+
+
+def build_model(model: PreTrainedModel, opts: GraphOptions, names: TensorNames,
+                store: Callable[[TensorProto], TensorProto] | None = None,
+                resident: Resident = in_memory) -> onnx.ModelProto:
+    """The whole decoder as one ONNX model, written part by part: the embedding, each decoder layer, the final
+    norm and head. ``resident(prefixes)`` holds those modules' weights while their part is written (a streamed
+    source loads and frees them); ``store`` takes each initializer as it is made (``ExternalData.move``: its
+    bytes go to the data file; default: inline)."""
     if not names.position_ids:
         raise ToolkitError("the exporter's graphs take position ids: give TensorNames a position_ids name")
     arch, d = layout_of(model), dims_of(model, opts.max_positions)
-    b = Builder()
+    b = Builder(store)
     attn_of = _layer_attention(model, d, b)
     act = activation(model.config)
     m = mask_values(b, opts, names)
     attention = _attention_ort if opts.target == "ort" else _attention_standard
-    residual = embed(b, names.input_ids, model, arch.head, opts)
+    with resident([arch.embed, arch.head] if reads_head(model, arch.head) else [arch.embed]):
+        residual = embed(b, names.input_ids, model, arch.head, opts)
     scale = embed_multiplier(model.config)
     if scale is not None:  # Gemma: x sqrt(hidden), Granite: x embedding_multiplier (float32, as the model rounds it)
         residual = b.one("Mul", [residual, b.const("embed.scale", np.array(scale, np.float32))])
@@ -347,19 +365,30 @@ def build_model(model: PreTrainedModel, opts: GraphOptions, names: TensorNames) 
     rescale = (lambda x: x) if r is None else (  # Granite: residual + r * sublayer(x)
         lambda x: b.one("Mul", [x, b.const("residual.multiplier", np.array(r, np.float32))]))
     delta: str | None = None
-    for i, layer in enumerate(decoder_layers(model)):
-        h, residual = _pre_norm(b, delta, residual, layer, arch.input_norm, arch, f"layers.{i}.input_norm", d, opts)
-        delta = linear(b, attention(b, h, i, layer, m, arch, attn_of[i], d, opts, names),
-                       linear_weight(layer.get_submodule(arch.o)), f"layers.{i}.o_proj", opts)
-        delta = rescale(_sandwich(b, delta, layer, arch.attn_out_norm, arch, f"layers.{i}.attn_out_norm", d))
-        h, residual = _pre_norm(b, delta, residual, layer, arch.mlp_norm, arch, f"layers.{i}.post_attention_norm",
-                                d, opts)
-        gate, up = _gate_up(b, h, layer, arch, i, opts)
-        hidden = b.one("Mul", [_activation(b, gate, act), up])
-        delta = linear(b, hidden, linear_weight(layer.get_submodule(arch.down)), f"layers.{i}.down_proj", opts)
-        delta = rescale(_sandwich(b, delta, layer, arch.mlp_out_norm, arch, f"layers.{i}.mlp_out_norm", d))
-    h, _ = _norm(b, delta, residual, _norm_weight(model.get_submodule(arch.final_norm), arch), "final_norm", d, opts)
-    logits = head_linear(b, h, model, arch.head, opts)
+    for i in range(d.layers):
+        with resident([f"{arch.layers}.{i}"]):
+            layer = decoder_layers(model)[i]
+            la = _qk_norms(layer, arch, attn_of[i])
+            h, residual = _pre_norm(b, delta, residual, layer, arch.input_norm, arch, f"layers.{i}.input_norm", d, opts)
+            delta = linear(b, attention(b, h, i, layer, m, arch, la, d, opts, names),
+                           linear_weight(layer.get_submodule(arch.o)), f"layers.{i}.o_proj", opts)
+            delta = rescale(_sandwich(b, delta, layer, arch.attn_out_norm, arch, f"layers.{i}.attn_out_norm", d))
+            h, residual = _pre_norm(b, delta, residual, layer, arch.mlp_norm, arch,
+                                    f"layers.{i}.post_attention_norm", d, opts)
+            gate, up = _gate_up(b, h, layer, arch, i, opts)
+            hidden = b.one("Mul", [_activation(b, gate, act), up])
+            delta = linear(b, hidden, linear_weight(layer.get_submodule(arch.down)), f"layers.{i}.down_proj", opts)
+            delta = rescale(_sandwich(b, delta, layer, arch.mlp_out_norm, arch, f"layers.{i}.mlp_out_norm", d))
+    with resident([arch.final_norm, arch.head]):
+        h, _ = _norm(b, delta, residual, _norm_weight(model.get_submodule(arch.final_norm), arch), "final_norm",
+                     d, opts)
+        logits = head_linear(b, h, model, arch.head, opts)
+    return _finish(b, logits, model, d, opts, names)
+
+
+def _finish(b: Builder, logits: str, model: PreTrainedModel, d: Dims, opts: GraphOptions,
+            names: TensorNames) -> onnx.ModelProto:
+    """Granite's divisor and Gemma 2's soft-cap on the logits, then the graph's inputs, outputs and opsets."""
     divisor = logits_divisor(model.config)
     if divisor is not None:
         logits = b.one("Div", [logits, b.const("logits.divisor", np.array(divisor, np.float32))])

@@ -13,6 +13,7 @@ Two targets:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,9 +75,11 @@ def dims_of(model: PreTrainedModel, max_positions: int = 0) -> Dims:
 
 
 class Builder:
-    """Collects nodes and initializers; every value gets a unique name."""
+    """Collects nodes and initializers; every value gets a unique name. Each initializer passes through
+    ``store`` as it is made (``ExternalData.move`` writes its bytes out; default: kept inline)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Callable[[TensorProto], TensorProto] | None = None) -> None:
+        self.store = store or (lambda t: t)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self.count = 0
@@ -91,13 +94,13 @@ class Builder:
         """An initializer; a name already present is shared (tied weights are stored once)."""
         if name not in self.names:
             self.names.add(name)
-            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+            self.inits.append(self.store(numpy_helper.from_array(np.ascontiguousarray(value), name)))
         return name
 
     def raw(self, name: str, dtype: int, dims: tuple[int, ...], data: bytes) -> str:
         if name not in self.names:
             self.names.add(name)
-            self.inits.append(helper.make_tensor(name, dtype, dims, data, raw=True))
+            self.inits.append(self.store(helper.make_tensor(name, dtype, dims, data, raw=True)))
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str = "",
