@@ -124,7 +124,7 @@ def _activation(b: Builder, x: str, kind: str) -> str:
 
 def _softcap(b: Builder, x: str, cap: float, name: str) -> str:
     """``cap · tanh(x / cap)`` (Gemma 2's final-logit soft-capping)."""
-    c = b.const(f"{name}.softcap", np.array(cap, np.float32))
+    c = b.fconst(f"{name}.softcap", cap)
     return b.one("Mul", [b.one("Tanh", [b.one("Div", [x, c])]), c])
 
 
@@ -161,8 +161,8 @@ def mask_values(b: Builder, opts: GraphOptions, names: TensorNames) -> MaskValue
     k_col = b.one("Unsqueeze", [b.one("Range", [zero, total, one]), b.ints([0])])  # [1,T]
     allowed = b.one("Or", [visible, b.one("Equal", [q_col, k_col])])  # [B,1,S,T]
     if opts.target == "ort":  # GroupQueryAttention applies the causal part itself
-        bias = b.one("Where", [allowed, b.const("zero_f", np.array(0, np.float32)),
-                               b.const("mask_neg", np.array(MASK_NEG, np.float32))])
+        neg = max(MASK_NEG, float(np.finfo(b.float_dtype).min))  # float16: -65504, not -inf
+        bias = b.one("Where", [allowed, b.fconst("zero_f", 0.0), b.fconst("mask_neg", neg)])
     else:
         bias = b.one("And", [allowed, b.one("LessOrEqual", [k_col, q_col])])
         return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), bias, q_col, k_col)
@@ -173,9 +173,9 @@ def _qk_norm(b: Builder, x: str, weight: np.ndarray, heads: int, name: str, d: D
     """RMSNorm of ``x [B,S,heads*D]`` before rotary: over each head's D (Qwen3, Gemma 3) or, for a weight
     of the projection's width, over all of it (OLMo 2)."""
     if weight.shape[0] == heads * d.head_dim:
-        return b.one("RMSNormalization", [x, b.const(f"{name}.weight", weight)], epsilon=d.eps, axis=-1)
+        return b.one("RMSNormalization", [x, b.fconst(f"{name}.weight", weight)], epsilon=d.eps, axis=-1)
     per_head = b.one("Reshape", [x, b.ints([0, 0, heads, d.head_dim])])
-    normed = b.one("RMSNormalization", [per_head, b.const(f"{name}.weight", weight)], epsilon=d.eps, axis=-1)
+    normed = b.one("RMSNormalization", [per_head, b.fconst(f"{name}.weight", weight)], epsilon=d.eps, axis=-1)
     return b.one("Reshape", [normed, b.ints([0, 0, heads * d.head_dim])])
 
 
@@ -250,7 +250,7 @@ def _norm(b: Builder, delta: str | None, residual: str, weight: np.ndarray, name
 
     The first norm has no add: standard RMSNormalization (onnx's checker rejects the contrib
     SimplifiedLayerNormalization, which onnxruntime registers in the default domain)."""
-    w = b.const(f"{name}.weight", weight)
+    w = b.fconst(f"{name}.weight", weight)
     if opts.target == "ort" and delta is not None:  # outputs: normed, (mean, inv_std: unused), residual + delta
         normed, total = b.fresh("norm"), b.fresh("residual")
         b.op("SkipSimplifiedLayerNormalization", [delta, residual, w], domain=MS, outs=[normed, "", "", total],
@@ -266,7 +266,7 @@ def _sandwich(b: Builder, x: str, layer: torch.nn.Module, norm: str | None, arch
     """Gemma 2/3's norm on a sublayer's output, before the residual add (identity for other families)."""
     if norm is None:
         return x
-    w = b.const(f"{name}.weight", _norm_weight(layer.get_submodule(norm), arch))
+    w = b.fconst(f"{name}.weight", _norm_weight(layer.get_submodule(norm), arch))
     return b.one("RMSNormalization", [x, w], epsilon=d.eps, axis=-1)
 
 
@@ -303,7 +303,7 @@ def _layer_attention(model: PreTrainedModel, d: Dims, b: Builder) -> list[LayerA
     for lt in dict.fromkeys(types) if arch.rotary_by_layer_type else [None]:
         cos_np, sin_np = rotary_caches(model, d, lt)
         suffix = "" if lt is None else f".{lt}"
-        caches[lt] = (b.const(f"cos_cache{suffix}", cos_np), b.const(f"sin_cache{suffix}", sin_np),
+        caches[lt] = (b.fconst(f"cos_cache{suffix}", cos_np), b.fconst(f"sin_cache{suffix}", sin_np),
                       2 * cos_np.shape[1])
     out = []
     for lt, window, rotary in zip(types, sliding_windows(c), rotary_layers(c), strict=True):
@@ -320,7 +320,7 @@ def _qk_norms(layer: torch.nn.Module, arch: Architecture, la: LayerAttention) ->
     return replace(la, qk_norms=norms)
 
 
-def _io(d: Dims, names: TensorNames) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+def _io(d: Dims, names: TensorNames, float_type: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
     kv_in = ["batch_size", d.kv_heads, "past_sequence_length", d.head_dim]
     kv_out = ["batch_size", d.kv_heads, "present_sequence_length", d.head_dim]
     inputs = [
@@ -331,8 +331,8 @@ def _io(d: Dims, names: TensorNames) -> tuple[list[onnx.ValueInfoProto], list[on
     outputs = [helper.make_tensor_value_info(names.logits, TensorProto.FLOAT, ["batch_size", "sequence_length", d.vocab])]
     for i in range(d.layers):
         for kv in KINDS:
-            inputs.append(helper.make_tensor_value_info(names.past(i, kv), TensorProto.FLOAT, kv_in))
-            outputs.append(helper.make_tensor_value_info(names.present(i, kv), TensorProto.FLOAT, kv_out))
+            inputs.append(helper.make_tensor_value_info(names.past(i, kv), float_type, kv_in))
+            outputs.append(helper.make_tensor_value_info(names.present(i, kv), float_type, kv_out))
     return inputs, outputs
 
 
@@ -351,7 +351,7 @@ def build_model(model: PreTrainedModel, opts: GraphOptions, names: TensorNames,
     if not names.position_ids:
         raise ToolkitError("the exporter's graphs take position ids: give TensorNames a position_ids name")
     arch, d = layout_of(model), dims_of(model, opts.max_positions)
-    b = Builder(store)
+    b = Builder(store, np.float16 if opts.dtype == "float16" else np.float32)
     attn_of = _layer_attention(model, d, b)
     act = activation(model.config)
     m = mask_values(b, opts, names)
@@ -360,10 +360,10 @@ def build_model(model: PreTrainedModel, opts: GraphOptions, names: TensorNames,
         residual = embed(b, names.input_ids, model, arch.head, opts)
     scale = embed_multiplier(model.config)
     if scale is not None:  # Gemma: x sqrt(hidden), Granite: x embedding_multiplier (float32, as the model rounds it)
-        residual = b.one("Mul", [residual, b.const("embed.scale", np.array(scale, np.float32))])
+        residual = b.one("Mul", [residual, b.fconst("embed.scale", np.float32(scale))])
     r = residual_multiplier(model.config)
     rescale = (lambda x: x) if r is None else (  # Granite: residual + r * sublayer(x)
-        lambda x: b.one("Mul", [x, b.const("residual.multiplier", np.array(r, np.float32))]))
+        lambda x: b.one("Mul", [x, b.fconst("residual.multiplier", np.float32(r))]))
     delta: str | None = None
     for i in range(d.layers):
         with resident([f"{arch.layers}.{i}"]):
@@ -391,12 +391,14 @@ def _finish(b: Builder, logits: str, model: PreTrainedModel, d: Dims, opts: Grap
     """Granite's divisor and Gemma 2's soft-cap on the logits, then the graph's inputs, outputs and opsets."""
     divisor = logits_divisor(model.config)
     if divisor is not None:
-        logits = b.one("Div", [logits, b.const("logits.divisor", np.array(divisor, np.float32))])
+        logits = b.one("Div", [logits, b.fconst("logits.divisor", np.float32(divisor))])
     cap = final_softcap(model.config)
     if cap:
         logits = _softcap(b, logits, cap, "logits")
+    if opts.float_type != TensorProto.FLOAT:  # logits in float32: what runtimes sample from and compare
+        logits = b.one("Cast", [logits], to=TensorProto.FLOAT)
     b.nodes.append(helper.make_node("Identity", [logits], [names.logits], name="logits_out"))
-    inputs, outputs = _io(d, names)
+    inputs, outputs = _io(d, names, opts.float_type)
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
     opsets = [helper.make_opsetid("", opts.opset), helper.make_opsetid(MS, 1)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="llm-toolkit")
