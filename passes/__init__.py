@@ -36,11 +36,13 @@ PASSES: dict[type, Callable[..., Any]] = {
 
 # passes that also run with one decoder layer resident at a time, reading the input checkpoint's shards:
 # ``stream(src: SkeletonModel, folder, config, ctx, options: StreamOptions) -> dict`` writes the packed
-# artifact into ``folder`` (the same tensors ``apply`` then ``save_model`` would write)
+# artifact into ``folder`` (the same tensors ``apply`` then ``save_model`` would write); an export writes
+# the same folder ``export`` would (from a float or a packed checkpoint)
 STREAMING: dict[type, Callable[..., Any]] = {
     rtn.RTNConfig: rtn.stream,
     gptq.GPTQConfig: gptq.stream,
     awq.AWQConfig: awq.stream,
+    onnx.ONNXConfig: onnx.stream,
 }
 
 EXPORTS: dict[type, Callable[..., Any]] = {

@@ -6,6 +6,18 @@ SkipSimplifiedLayerNormalization); ``target: standard`` uses only ONNX opset >= 
 (the ``ExportContract`` the runtime reads, toolkit.runtime.contract) and, for ``ort``, a ``genai_config.json``
 for onnxruntime-genai generated from the same contract.
 
+The initializers' bytes go to ``model.onnx.data`` as the graph is built (``toolkit.onnx.external``), so the proto
+never holds weights and protobuf's 2 GB limit never applies; ``stream`` exports a float or packed checkpoint folder
+with one decoder layer resident at a time (the runner uses it whenever the export's input is a folder on disk).
+
+``dtype: float16`` stores float weights (embedding, norms, float linears, rotary caches) in float16 and runs the
+activations and KV cache in float16; MatMulNBits takes its float16 scales as they are; logits stay float32. On
+onnxruntime 1.32's CPU provider, MatMulNBits, GroupQueryAttention, SkipSimplifiedLayerNormalization, Gather and
+GatherBlockQuantized have float16 kernels; MatMul, Sigmoid (SiLU), RMSNormalization, RotaryEmbedding and
+Attention do not, and onnxruntime inserts casts and runs those in float32 (a float MatMul's weight is widened at
+load). So on CPU float16 pays off for int4 weights on the ``ort`` target; the other graphs run correctly but
+gain only the smaller file. Its strict check is relative (``float16_tolerance``).
+
 Validation fails the export (ToolkitError), it never only warns. It runs the folder through the runtime's
 backend twice:
 - ``strict``: MatMulNBits / fused DequantizeLinear at accuracy_level 0 (float activations), so the only
@@ -27,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,15 +48,21 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
+from toolkit.evaluation.streaming import stream_logits
 from toolkit.models.architectures import layout_of
-from toolkit.onnx.decoder import build_model
-from toolkit.onnx.graph import GraphOptions, dims_of
-from toolkit.onnx.validate import Probe, op_census, run_checks
+from toolkit.models.streaming import SkeletonModel
+from toolkit.onnx.decoder import Resident, build_model, in_memory
+from toolkit.onnx.external import ExternalData
+from toolkit.onnx.graph import Dims, GraphOptions, dims_of
+from toolkit.onnx.validate import Probe, Reference, model_reference, op_census, probe_sequences, run_checks
+from toolkit.pipeline.context import PassContext
 from toolkit.quant.modules import quantized_modules
+from toolkit.quant.streaming import StreamOptions
 from toolkit.runtime.backend import BackendOptions, OrtBackend
 from toolkit.runtime.contract import DATA_FILE, EXPORT_FILE, GENAI_FILE, MODEL_FILE, TARGETS, ExportContract
 
 MIN_OPSET = {"ort": 23, "standard": 23}  # RMSNormalization, RotaryEmbedding, Attention
+DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -53,11 +72,15 @@ class ONNXConfig:
 
     target: str = "ort"
     opset: int = 23
+    dtype: str = "float32"  # float weights and activations: float32 or float16 (see the module docstring)
     accuracy_level: int = 4  # MatMulNBits: 0 float activations; 4 int8 activations (fastest on CPU)
     # strict check: max |Δlogits| (exact weights, float activations). Summation order alone gives ~1e-4 on
     # SmolLM2 and up to 1.9e-3 (GPTQ g64 asymmetric, one 7-token prefill); a wrong code or scale gives >> 1e-2
     tolerance: float = 5e-3
     deployed_tolerance: float = 0.1  # accuracy_level > 0: RMS(Δlogits) / RMS(logits) (int8 activation noise)
+    # strict check of a float16 export: median over positions of RMS(Δlogits) / RMS(logits); float16 rounding is
+    # relative, so no absolute bound fits every model (the tiny families give <= 1.7e-3, a broken graph ~1)
+    float16_tolerance: float = 1e-2
     max_positions: int = 0  # longest context the export serves (rotary cache rows); 0: the model's own
     # ort: batches are right-padded (each row from column 0, as our runtime and onnxruntime-genai feed them) unless
     # this is true, which adds an attention bias for left-padded batches (Hugging Face style) at ~4 % of decode speed
@@ -73,12 +96,15 @@ class ONNXConfig:
             raise ValueError(f"accuracy_level must be 0..4 (0 float, 4 int8 activations), got {self.accuracy_level}")
         if self.max_positions and self.max_positions < 64:
             raise ValueError(f"max_positions must be 0 (the model's own) or >= 64, got {self.max_positions}")
-        if not (self.tolerance > 0 and self.deployed_tolerance > 0):
-            raise ValueError("tolerance and deployed_tolerance must be positive")
+        if not (self.tolerance > 0 and self.deployed_tolerance > 0 and self.float16_tolerance > 0):
+            raise ValueError("tolerance, deployed_tolerance and float16_tolerance must be positive")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES} (float weights, activations and KV cache), "
+                             f"got '{self.dtype}'")
 
     def graph_options(self, accuracy_level: int | None = None) -> GraphOptions:
         level = self.accuracy_level if accuracy_level is None else accuracy_level
-        return GraphOptions(self.target, self.opset, level, self.max_positions, self.pads_left)
+        return GraphOptions(self.target, self.opset, level, self.max_positions, self.pads_left, self.dtype)
 
     @property
     def pads_left(self) -> bool:
@@ -86,24 +112,39 @@ class ONNXConfig:
         return self.left_padding or self.target == "standard"
 
 
-def _save(proto: onnx.ModelProto, folder: Path, contract: ExportContract) -> None:
-    onnx.save_model(proto, str(folder / contract.model_file), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=contract.data_file,
-                    size_threshold=1024)  # small shape constants stay inline
+def _write(model: PreTrainedModel, config: ONNXConfig, folder: Path, contract: ExportContract,
+           resident: Resident) -> dict[str, int]:
+    """Build the graph with every initializer's bytes going straight to the data file (``ExternalData``), so
+    the proto in memory holds no weights; save and check it; returns the op census."""
+    with ExternalData(folder / contract.data_file, contract.data_file) as data:
+        proto = build_model(model, config.graph_options(), contract.names, data.move, resident)
+    census = op_census(proto)
+    onnx.save_model(proto, str(folder / contract.model_file))
+    del proto
+    onnx.checker.check_model(str(folder / contract.model_file))  # by path: the checker reads the external data too
+    return census
 
 
-def _validate(model: PreTrainedModel, config: ONNXConfig, folder: Path, quantized: bool) -> dict[str, Any]:
-    dims = dims_of(model, config.max_positions)
+def _validate(config: ONNXConfig, folder: Path, reference: Reference, dims: Dims,
+              quantized: bool) -> dict[str, Any]:
     probe = Probe(vocab_limit=min(dims.vocab, 256 if dims.vocab < 1000 else dims.vocab))
+    sequences = probe_sequences(probe)
+    refs = reference(sequences)  # computed once, for both checks
 
     def checks(level: int) -> dict[str, dict[str, float]]:
         backend = OrtBackend(folder, BackendOptions(threads=config.threads, accuracy_level=level))
-        return run_checks(backend, model, probe, config.pads_left)
+        return run_checks(backend, sequences, refs, config.pads_left)
 
     strict = checks(0)
-    report: dict[str, Any] = {"strict": strict, "tolerance": config.tolerance}
-    failures = [f"strict {k}: max |Δ| {m['max_abs']:.3g} > {config.tolerance}"
-                for k, m in strict.items() if not m["max_abs"] <= config.tolerance]
+    report: dict[str, Any] = {"strict": strict}
+    if config.dtype == "float16":
+        report["float16_tolerance"] = config.float16_tolerance
+        failures = [f"strict {k}: median relative RMS {m['rel_rms_median']:.3g} > {config.float16_tolerance}"
+                    for k, m in strict.items() if not m["rel_rms_median"] <= config.float16_tolerance]
+    else:
+        report["tolerance"] = config.tolerance
+        failures = [f"strict {k}: max |Δ| {m['max_abs']:.3g} > {config.tolerance}"
+                    for k, m in strict.items() if not m["max_abs"] <= config.tolerance]
     if quantized and config.accuracy_level > 0:
         deployed = checks(config.accuracy_level)
         report["deployed"] = deployed
@@ -113,7 +154,7 @@ def _validate(model: PreTrainedModel, config: ONNXConfig, folder: Path, quantize
                      if not m["rel_rms_median"] <= config.deployed_tolerance]
     if failures:
         raise ToolkitError(
-            "ONNX export does not match the PyTorch model (max |Δlogits|): " + "; ".join(failures)
+            "ONNX export does not match the PyTorch model: " + "; ".join(failures)
             + ". This is a bug in the exporter or an unsupported model variant; please report it with the recipe"
         )
     return report
@@ -137,7 +178,8 @@ def contract_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conf
         pad_token_id=tokenizer.pad_token_id,
         # batches this graph serves: GQA masks by seqlens_k (right), the bias adds left; standard concatenates past
         padding={"standard": "left"}.get(config.target, "left or right" if config.left_padding else "right"),
-        weights="int" if quantized_modules(model) else "float32",
+        weights="int" if quantized_modules(model) else config.dtype,
+        cache_dtype=config.dtype,
         accuracy_level=config.accuracy_level,
         share_buffer=config.target == "ort",
     )
@@ -146,21 +188,31 @@ def contract_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conf
 @torch.no_grad()
 def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ONNXConfig,
            folder: Path) -> dict[str, Any]:
-    """Write the ONNX export into ``folder`` (a fresh temp dir) and prove it; returns manifest metrics."""
-    folder = Path(folder)
-    model = model.eval()
+    """Write the ONNX export of an in-memory model into ``folder`` (a fresh temp dir) and prove it; returns
+    manifest metrics."""
+    return _export(model.eval(), tokenizer, config, Path(folder), in_memory, model_reference(model))
+
+
+@torch.no_grad()
+def stream(src: SkeletonModel, folder: Path, config: ONNXConfig, ctx: PassContext,
+           options: StreamOptions) -> dict[str, Any]:
+    """The same export from a float or packed checkpoint folder, one decoder layer resident at a time: each
+    layer's tensors are read from the shards while its part of the graph is written, and the validation's
+    reference runs layer by layer too (``stream_logits``)."""
+    return _export(src.model, ctx.tokenizer, config, Path(folder), src.resident, partial(stream_logits, src))
+
+
+def _export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ONNXConfig, folder: Path,
+            resident: Resident, reference: Reference) -> dict[str, Any]:
     contract = contract_of(model, tokenizer, config)
-    proto = build_model(model, config.graph_options(), contract.names)
-    census = op_census(proto)
-    _save(proto, folder, contract)
-    del proto
-    onnx.checker.check_model(str(folder / MODEL_FILE))  # by path: the checker reads the external data too
+    census = _write(model, config, folder, contract, resident)
     tokenizer.save_pretrained(str(folder))
     (folder / EXPORT_FILE).write_text(json.dumps(contract.to_json(), indent=2) + "\n")
     genai_type = layout_of(model).genai_type
     if config.target == "ort" and genai_type is not None:  # onnxruntime-genai has no type for some families
         (folder / GENAI_FILE).write_text(json.dumps(contract.genai_config(genai_type), indent=2) + "\n")
-    validation = _validate(model, config, folder, bool(quantized_modules(model)))
+    dims = dims_of(model, config.max_positions)
+    validation = _validate(config, folder, reference, dims, bool(quantized_modules(model)))
     size = sum(p.stat().st_size for p in (folder / MODEL_FILE, folder / DATA_FILE))
     return {"export": {"config": asdict(config), "op_census": census, "validation": validation,
                        "size_bytes": size, "size_mb": round(size / 1e6, 2),

@@ -145,7 +145,7 @@ def test_float_activation_export_runs_the_int8_head_as_two_4bit_planes(tmp_path:
 
 def test_left_padding_is_opt_in_for_the_ort_target(tmp_path: Path) -> None:
     """Default ort graphs serve right-padded batches (no attention bias: faster decode); left_padding adds it."""
-    from toolkit.onnx.validate import Probe, run_checks
+    from toolkit.onnx.validate import Probe, model_reference, probe_sequences, run_checks
     from toolkit.runtime import BackendOptions, OrtBackend
 
     loaded = load_tiny(32)
@@ -160,7 +160,8 @@ def test_left_padding_is_opt_in_for_the_ort_target(tmp_path: Path) -> None:
     assert all(len(n.input) < 11 or n.input[10] == "" for n in gqa)  # no attention_bias
     # the right-padded graph really cannot serve a left-padded batch: the check exists for a reason
     backend = OrtBackend(tmp_path / "right", BackendOptions(threads=2, accuracy_level=0))
-    wrong = run_checks(backend, loaded.model, Probe(256), left_padding=True)
+    sequences = probe_sequences(Probe(256))
+    wrong = run_checks(backend, sequences, model_reference(loaded.model)(sequences), left_padding=True)
     assert wrong["left_pad_batch2"]["max_abs"] > 1e-2
 
 

@@ -29,10 +29,9 @@ from toolkit import __version__
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import layout_of
 from toolkit.models.shards import ShardedWeights
-from toolkit.models.streaming import empty_model, set_tensor
+from toolkit.models.streaming import SkeletonModel, empty_model, install_quantized, set_tensor
 from toolkit.paths import code_identity, sha256_file, sha256_json, write_text_atomic
-from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules, set_module
-from toolkit.quant.spec import QuantSpec
+from toolkit.quant.modules import QuantEmbedding, quantized_modules
 
 QUANT_FILE = "quantization.json"
 MANIFEST = "manifest.json"
@@ -234,14 +233,7 @@ def _build_quantized(folder: Path, info: dict[str, Any], dtype: torch.dtype) -> 
     except (OSError, ValueError) as exc:
         raise ToolkitError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0][:200]}") from None
     model = empty_model(config, dtype)
-    with torch.device("meta"):
-        for name, m in info["modules"].items():
-            try:
-                spec = QuantSpec(bits=m["bits"], group_size=m["group_size"], symmetric=m["symmetric"])
-                set_module(model, name, QuantLinear(m["in_features"], m["out_features"], spec, bias=m["bias"]))
-            except (ValueError, AttributeError, KeyError) as exc:
-                raise ToolkitError(f"{folder / QUANT_FILE}: module {name!r} does not fit the model ({exc}); "
-                                   "re-create the artifact") from None
+    install_quantized(model, info, folder / QUANT_FILE)
     weights = ShardedWeights(folder)
     where = folder / WEIGHTS if (folder / WEIGHTS).is_file() else folder
     expected = dict(model.state_dict(keep_vars=True))
@@ -257,9 +249,6 @@ def _build_quantized(folder: Path, info: dict[str, Any], dtype: torch.dtype) -> 
     head, embed = model.get_submodule(arch.head), model.get_submodule(arch.embed)
     if isinstance(head, nn.Linear) and head.weight.is_meta and config.tie_word_embeddings:
         head.weight = embed.weight  # a tied float head is stored once, under the embedding's name
-    if info.get("embedding_from"):
-        head = model.get_submodule(info["embedding_from"])
-        model.set_input_embeddings(QuantEmbedding.replacing(model.get_input_embeddings(), head))
     missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if missing or unexpected:
         raise ToolkitError(
@@ -289,6 +278,14 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedMo
                                "Re-create the checkpoint (missing tensors would run as random weights)")
     check_finite(model, folder)
     return model.eval()
+
+
+def open_streaming(folder: Path, device: torch.device | str = "cpu") -> SkeletonModel:
+    """A float or packed checkpoint folder opened for streaming (one module resident at a time)."""
+    folder = Path(folder)
+    verify_weight_files(folder)
+    quant = _quant_info(folder) if (folder / QUANT_FILE).is_file() else None
+    return SkeletonModel(folder, device=device, quant=quant)
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:

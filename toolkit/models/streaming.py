@@ -5,11 +5,19 @@ device (buffers such as rotary frequencies are real: they are computed, not stor
 reads the parameters under one module (a decoder layer, the embedding, the head) from the safetensors
 shards in the compute dtype and device; ``release(prefix)`` puts them back on meta. Module paths come from
 the architecture record (``layout_of``), so every family listed there streams the same way.
+
+A packed folder (``quantization.json``, given as ``quant``) opens the same way: its linears are
+``QuantLinear`` on meta, whose stored buffers (codes, float16 scales, zero points) ``load`` reads in their own
+dtype, and a tied quantized embedding is a ``QuantEmbedding`` over the head. A tied float head shares the
+embedding's parameter whether it is loaded or not (``reads_head`` stays true on the skeleton).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -19,6 +27,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import Architecture, layout_of
 from toolkit.models.shards import ShardedWeights
+from toolkit.quant.modules import QuantEmbedding, QuantLinear, set_module
+from toolkit.quant.spec import QuantSpec
 
 
 def empty_model(config: object, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -38,10 +48,27 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         parent._buffers[leaf] = value
 
 
+def install_quantized(model: PreTrainedModel, info: dict[str, Any], source: Path) -> None:
+    """Replace the linears ``info["modules"]`` names (``quantization.json``) by ``QuantLinear`` on meta, and a
+    tied quantized embedding by a ``QuantEmbedding`` over ``info["embedding_from"]``."""
+    with torch.device("meta"):
+        for name, m in info["modules"].items():
+            try:
+                spec = QuantSpec(bits=m["bits"], group_size=m["group_size"], symmetric=m["symmetric"])
+                set_module(model, name, QuantLinear(m["in_features"], m["out_features"], spec, bias=m["bias"]))
+            except (ValueError, AttributeError, KeyError) as exc:
+                raise ToolkitError(f"{source}: module {name!r} does not fit the model ({exc}); "
+                                   "re-create the artifact") from None
+    if info.get("embedding_from"):
+        head = model.get_submodule(info["embedding_from"])
+        model.set_input_embeddings(QuantEmbedding.replacing(model.get_input_embeddings(), head))
+
+
 class SkeletonModel:
     """A checkpoint folder opened for streaming: the skeleton, the shard index and the architecture record."""
 
-    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 quant: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
         try:
             self.config = AutoConfig.from_pretrained(self.folder)
@@ -53,6 +80,10 @@ class SkeletonModel:
         for name, buf in list(self.model.named_buffers()):  # rotary frequencies: computed, needed on the device
             set_tensor(self.model, name, buf.to(self.device))
         self.layout: Architecture = layout_of(self.model)
+        self.quant = quant
+        if quant is not None:
+            install_quantized(self.model, quant, self.folder / "quantization.json")
+        self._retie()
 
     @property
     def num_layers(self) -> int:
@@ -85,17 +116,50 @@ class SkeletonModel:
         t = self.weights.get(self.stored_name(name))
         return t.to(device=self.device, dtype=dtype or self.dtype)
 
+    def _owner(self, prefix: str) -> str:
+        """The module whose stored tensors ``prefix`` reads: a tied float head's are the embedding's."""
+        tied_float = self.tied and isinstance(self.model.get_submodule(self.layout.head), nn.Linear)
+        return self.layout.embed if tied_float and prefix == self.layout.head else prefix
+
+    def _stored(self, prefix: str) -> dict[str, torch.Tensor]:
+        """What ``prefix`` holds from the checkpoint: its parameters and a packed linear's buffers (codes,
+        scales, zero points), by full name."""
+        prefix = self._owner(prefix)
+        module = self.model.get_submodule(prefix)
+        return {f"{prefix}.{n}": t for n, t in module.state_dict(keep_vars=True).items()}
+
+    def _retie(self) -> None:
+        """A tied float head shares the embedding's parameter (loaded or on meta), as the in-memory model does."""
+        head, embed = self.model.get_submodule(self.layout.head), self.model.get_input_embeddings()
+        if self.tied and isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding):
+            head._parameters["weight"] = embed._parameters["weight"]
+
     def load(self, prefix: str) -> nn.Module:
-        """Materialise every parameter under module ``prefix``; returns the module."""
-        for name in self.param_names(prefix):
-            set_tensor(self.model, name, self.read(name))
+        """Materialise every parameter under module ``prefix`` in the compute dtype (a packed linear's buffers
+        in their own); returns the module."""
+        for name, t in self._stored(prefix).items():
+            dtype = self.dtype if isinstance(t, nn.Parameter) else t.dtype
+            set_tensor(self.model, name, self.read(name, dtype))
+        self._retie()
         return self.model.get_submodule(prefix)
 
     def release(self, prefix: str) -> None:
-        """Free the parameters under ``prefix`` (back to meta: no memory)."""
-        module = self.model.get_submodule(prefix)
-        for name, p in list(module.named_parameters(remove_duplicate=False)):
-            set_tensor(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        """Free the parameters and stored buffers under ``prefix`` (back to meta: no memory)."""
+        for name, t in self._stored(prefix).items():
+            set_tensor(self.model, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        self._retie()
+
+    @contextmanager
+    def resident(self, prefixes: list[str]) -> Iterator[None]:
+        """The modules ``prefixes`` loaded for the duration of the block, then freed."""
+        owners = list(dict.fromkeys(self._owner(p) for p in prefixes))
+        try:
+            for prefix in owners:
+                self.load(prefix)
+            yield
+        finally:
+            for prefix in owners:
+                self.release(prefix)
 
     def stored_bytes(self) -> int:
         return self.weights.total_bytes()

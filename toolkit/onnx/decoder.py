@@ -34,7 +34,9 @@ describe a left-padded batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -72,7 +74,10 @@ from toolkit.onnx.graph import (
     linear,
 )
 from toolkit.onnx.weights import concat_rows, linear_weight
+from toolkit.quant.modules import reads_head
 from toolkit.runtime.contract import KINDS, TensorNames
+
+Resident = Callable[[list[str]], AbstractContextManager[object]]  # module paths -> their weights held
 
 
 @dataclass
@@ -119,7 +124,7 @@ def _activation(b: Builder, x: str, kind: str) -> str:
 
 def _softcap(b: Builder, x: str, cap: float, name: str) -> str:
     """``cap · tanh(x / cap)`` (Gemma 2's final-logit soft-capping)."""
-    c = b.const(f"{name}.softcap", np.array(cap, np.float32))
+    c = b.fconst(f"{name}.softcap", cap)
     return b.one("Mul", [b.one("Tanh", [b.one("Div", [x, c])]), c])
 
 
@@ -156,8 +161,8 @@ def mask_values(b: Builder, opts: GraphOptions, names: TensorNames) -> MaskValue
     k_col = b.one("Unsqueeze", [b.one("Range", [zero, total, one]), b.ints([0])])  # [1,T]
     allowed = b.one("Or", [visible, b.one("Equal", [q_col, k_col])])  # [B,1,S,T]
     if opts.target == "ort":  # GroupQueryAttention applies the causal part itself
-        bias = b.one("Where", [allowed, b.const("zero_f", np.array(0, np.float32)),
-                               b.const("mask_neg", np.array(MASK_NEG, np.float32))])
+        neg = max(MASK_NEG, float(np.finfo(b.float_dtype).min))  # float16: -65504, not -inf
+        bias = b.one("Where", [allowed, b.fconst("zero_f", 0.0), b.fconst("mask_neg", neg)])
     else:
         bias = b.one("And", [allowed, b.one("LessOrEqual", [k_col, q_col])])
         return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), bias, q_col, k_col)
@@ -168,9 +173,9 @@ def _qk_norm(b: Builder, x: str, weight: np.ndarray, heads: int, name: str, d: D
     """RMSNorm of ``x [B,S,heads*D]`` before rotary: over each head's D (Qwen3, Gemma 3) or, for a weight
     of the projection's width, over all of it (OLMo 2)."""
     if weight.shape[0] == heads * d.head_dim:
-        return b.one("RMSNormalization", [x, b.const(f"{name}.weight", weight)], epsilon=d.eps, axis=-1)
+        return b.one("RMSNormalization", [x, b.fconst(f"{name}.weight", weight)], epsilon=d.eps, axis=-1)
     per_head = b.one("Reshape", [x, b.ints([0, 0, heads, d.head_dim])])
-    normed = b.one("RMSNormalization", [per_head, b.const(f"{name}.weight", weight)], epsilon=d.eps, axis=-1)
+    normed = b.one("RMSNormalization", [per_head, b.fconst(f"{name}.weight", weight)], epsilon=d.eps, axis=-1)
     return b.one("Reshape", [normed, b.ints([0, 0, heads * d.head_dim])])
 
 
@@ -245,7 +250,7 @@ def _norm(b: Builder, delta: str | None, residual: str, weight: np.ndarray, name
 
     The first norm has no add: standard RMSNormalization (onnx's checker rejects the contrib
     SimplifiedLayerNormalization, which onnxruntime registers in the default domain)."""
-    w = b.const(f"{name}.weight", weight)
+    w = b.fconst(f"{name}.weight", weight)
     if opts.target == "ort" and delta is not None:  # outputs: normed, (mean, inv_std: unused), residual + delta
         normed, total = b.fresh("norm"), b.fresh("residual")
         b.op("SkipSimplifiedLayerNormalization", [delta, residual, w], domain=MS, outs=[normed, "", "", total],
@@ -261,7 +266,7 @@ def _sandwich(b: Builder, x: str, layer: torch.nn.Module, norm: str | None, arch
     """Gemma 2/3's norm on a sublayer's output, before the residual add (identity for other families)."""
     if norm is None:
         return x
-    w = b.const(f"{name}.weight", _norm_weight(layer.get_submodule(norm), arch))
+    w = b.fconst(f"{name}.weight", _norm_weight(layer.get_submodule(norm), arch))
     return b.one("RMSNormalization", [x, w], epsilon=d.eps, axis=-1)
 
 
@@ -290,30 +295,32 @@ def _gate_up(b: Builder, h: str, layer: torch.nn.Module, arch: Architecture, i: 
 
 
 def _layer_attention(model: PreTrainedModel, d: Dims, b: Builder) -> list[LayerAttention]:
-    """Per layer: rotary cache names (one pair per layer type when the family has several), window, scale,
-    soft-cap and q/k norm weights."""
+    """Per layer: rotary cache names (one pair per layer type when the family has several), window, scale and
+    soft-cap (the q/k norm weights are read with the layer's other weights, ``_qk_norms``)."""
     arch, c = layout_of(model), model.config
     types = layer_types(c)
     caches: dict[str | None, tuple[str, str, int]] = {}
     for lt in dict.fromkeys(types) if arch.rotary_by_layer_type else [None]:
         cos_np, sin_np = rotary_caches(model, d, lt)
         suffix = "" if lt is None else f".{lt}"
-        caches[lt] = (b.const(f"cos_cache{suffix}", cos_np), b.const(f"sin_cache{suffix}", sin_np),
+        caches[lt] = (b.fconst(f"cos_cache{suffix}", cos_np), b.fconst(f"sin_cache{suffix}", sin_np),
                       2 * cos_np.shape[1])
     out = []
-    for layer, lt, window, rotary in zip(decoder_layers(model), types, sliding_windows(c), rotary_layers(c),
-                                         strict=True):
+    for lt, window, rotary in zip(types, sliding_windows(c), rotary_layers(c), strict=True):
         cos, sin, rotary_dim = caches[lt if arch.rotary_by_layer_type else None] if rotary else ("", "", 0)
-        norms = None
-        if arch.q_norm and arch.k_norm:
-            norms = (_norm_weight(layer.get_submodule(arch.q_norm), arch),
-                     _norm_weight(layer.get_submodule(arch.k_norm), arch))
         out.append(LayerAttention(cos, sin, rotary_dim, window, attention_scale(c, d.head_dim),
-                                  attention_softcap(c), norms))
+                                  attention_softcap(c), None))
     return out
 
 
-def _io(d: Dims, names: TensorNames) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+def _qk_norms(layer: torch.nn.Module, arch: Architecture, la: LayerAttention) -> LayerAttention:
+    if not (arch.q_norm and arch.k_norm):
+        return la
+    norms = (_norm_weight(layer.get_submodule(arch.q_norm), arch), _norm_weight(layer.get_submodule(arch.k_norm), arch))
+    return replace(la, qk_norms=norms)
+
+
+def _io(d: Dims, names: TensorNames, float_type: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
     kv_in = ["batch_size", d.kv_heads, "past_sequence_length", d.head_dim]
     kv_out = ["batch_size", d.kv_heads, "present_sequence_length", d.head_dim]
     inputs = [
@@ -324,50 +331,74 @@ def _io(d: Dims, names: TensorNames) -> tuple[list[onnx.ValueInfoProto], list[on
     outputs = [helper.make_tensor_value_info(names.logits, TensorProto.FLOAT, ["batch_size", "sequence_length", d.vocab])]
     for i in range(d.layers):
         for kv in KINDS:
-            inputs.append(helper.make_tensor_value_info(names.past(i, kv), TensorProto.FLOAT, kv_in))
-            outputs.append(helper.make_tensor_value_info(names.present(i, kv), TensorProto.FLOAT, kv_out))
+            inputs.append(helper.make_tensor_value_info(names.past(i, kv), float_type, kv_in))
+            outputs.append(helper.make_tensor_value_info(names.present(i, kv), float_type, kv_out))
     return inputs, outputs
 
 
-def build_model(model: PreTrainedModel, opts: GraphOptions, names: TensorNames) -> onnx.ModelProto:
-    """The whole decoder as one ONNX model (initializers inline; the caller saves them as external data)."""
+def in_memory(prefixes: list[str]) -> AbstractContextManager[object]:
+    """Every module of an in-memory model is always resident."""
+    return nullcontext()
+
+
+def build_model(model: PreTrainedModel, opts: GraphOptions, names: TensorNames,
+                store: Callable[[TensorProto], TensorProto] | None = None,
+                resident: Resident = in_memory) -> onnx.ModelProto:
+    """The whole decoder as one ONNX model, written part by part: the embedding, each decoder layer, the final
+    norm and head. ``resident(prefixes)`` holds those modules' weights while their part is written (a streamed
+    source loads and frees them); ``store`` takes each initializer as it is made (``ExternalData.move``: its
+    bytes go to the data file; default: inline)."""
     if not names.position_ids:
         raise ToolkitError("the exporter's graphs take position ids: give TensorNames a position_ids name")
     arch, d = layout_of(model), dims_of(model, opts.max_positions)
-    b = Builder()
+    b = Builder(store, np.float16 if opts.dtype == "float16" else np.float32)
     attn_of = _layer_attention(model, d, b)
     act = activation(model.config)
     m = mask_values(b, opts, names)
     attention = _attention_ort if opts.target == "ort" else _attention_standard
-    residual = embed(b, names.input_ids, model, arch.head, opts)
+    with resident([arch.embed, arch.head] if reads_head(model, arch.head) else [arch.embed]):
+        residual = embed(b, names.input_ids, model, arch.head, opts)
     scale = embed_multiplier(model.config)
     if scale is not None:  # Gemma: x sqrt(hidden), Granite: x embedding_multiplier (float32, as the model rounds it)
-        residual = b.one("Mul", [residual, b.const("embed.scale", np.array(scale, np.float32))])
+        residual = b.one("Mul", [residual, b.fconst("embed.scale", np.float32(scale))])
     r = residual_multiplier(model.config)
     rescale = (lambda x: x) if r is None else (  # Granite: residual + r * sublayer(x)
-        lambda x: b.one("Mul", [x, b.const("residual.multiplier", np.array(r, np.float32))]))
+        lambda x: b.one("Mul", [x, b.fconst("residual.multiplier", np.float32(r))]))
     delta: str | None = None
-    for i, layer in enumerate(decoder_layers(model)):
-        h, residual = _pre_norm(b, delta, residual, layer, arch.input_norm, arch, f"layers.{i}.input_norm", d, opts)
-        delta = linear(b, attention(b, h, i, layer, m, arch, attn_of[i], d, opts, names),
-                       linear_weight(layer.get_submodule(arch.o)), f"layers.{i}.o_proj", opts)
-        delta = rescale(_sandwich(b, delta, layer, arch.attn_out_norm, arch, f"layers.{i}.attn_out_norm", d))
-        h, residual = _pre_norm(b, delta, residual, layer, arch.mlp_norm, arch, f"layers.{i}.post_attention_norm",
-                                d, opts)
-        gate, up = _gate_up(b, h, layer, arch, i, opts)
-        hidden = b.one("Mul", [_activation(b, gate, act), up])
-        delta = linear(b, hidden, linear_weight(layer.get_submodule(arch.down)), f"layers.{i}.down_proj", opts)
-        delta = rescale(_sandwich(b, delta, layer, arch.mlp_out_norm, arch, f"layers.{i}.mlp_out_norm", d))
-    h, _ = _norm(b, delta, residual, _norm_weight(model.get_submodule(arch.final_norm), arch), "final_norm", d, opts)
-    logits = head_linear(b, h, model, arch.head, opts)
+    for i in range(d.layers):
+        with resident([f"{arch.layers}.{i}"]):
+            layer = decoder_layers(model)[i]
+            la = _qk_norms(layer, arch, attn_of[i])
+            h, residual = _pre_norm(b, delta, residual, layer, arch.input_norm, arch, f"layers.{i}.input_norm", d, opts)
+            delta = linear(b, attention(b, h, i, layer, m, arch, la, d, opts, names),
+                           linear_weight(layer.get_submodule(arch.o)), f"layers.{i}.o_proj", opts)
+            delta = rescale(_sandwich(b, delta, layer, arch.attn_out_norm, arch, f"layers.{i}.attn_out_norm", d))
+            h, residual = _pre_norm(b, delta, residual, layer, arch.mlp_norm, arch,
+                                    f"layers.{i}.post_attention_norm", d, opts)
+            gate, up = _gate_up(b, h, layer, arch, i, opts)
+            hidden = b.one("Mul", [_activation(b, gate, act), up])
+            delta = linear(b, hidden, linear_weight(layer.get_submodule(arch.down)), f"layers.{i}.down_proj", opts)
+            delta = rescale(_sandwich(b, delta, layer, arch.mlp_out_norm, arch, f"layers.{i}.mlp_out_norm", d))
+    with resident([arch.final_norm, arch.head]):
+        h, _ = _norm(b, delta, residual, _norm_weight(model.get_submodule(arch.final_norm), arch), "final_norm",
+                     d, opts)
+        logits = head_linear(b, h, model, arch.head, opts)
+    return _finish(b, logits, model, d, opts, names)
+
+
+def _finish(b: Builder, logits: str, model: PreTrainedModel, d: Dims, opts: GraphOptions,
+            names: TensorNames) -> onnx.ModelProto:
+    """Granite's divisor and Gemma 2's soft-cap on the logits, then the graph's inputs, outputs and opsets."""
     divisor = logits_divisor(model.config)
     if divisor is not None:
-        logits = b.one("Div", [logits, b.const("logits.divisor", np.array(divisor, np.float32))])
+        logits = b.one("Div", [logits, b.fconst("logits.divisor", np.float32(divisor))])
     cap = final_softcap(model.config)
     if cap:
         logits = _softcap(b, logits, cap, "logits")
+    if opts.float_type != TensorProto.FLOAT:  # logits in float32: what runtimes sample from and compare
+        logits = b.one("Cast", [logits], to=TensorProto.FLOAT)
     b.nodes.append(helper.make_node("Identity", [logits], [names.logits], name="logits_out"))
-    inputs, outputs = _io(d, names)
+    inputs, outputs = _io(d, names, opts.float_type)
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
     opsets = [helper.make_opsetid("", opts.opset), helper.make_opsetid(MS, 1)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="llm-toolkit")

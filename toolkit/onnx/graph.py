@@ -13,6 +13,7 @@ Two targets:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,11 @@ class GraphOptions:
         return self.target == "ort" and self.accuracy_level < 4
     max_positions: int = 0  # rotary cache rows (longest context); 0: the model's max_position_embeddings
     left_padding: bool = True  # ort: an attention bias masks left-pad columns (GQA alone handles right padding)
+    dtype: str = "float32"  # float weights, activations and KV cache: "float32" or "float16" (logits stay float32)
+
+    @property
+    def float_type(self) -> int:
+        return TensorProto.FLOAT16 if self.dtype == "float16" else TensorProto.FLOAT
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,13 @@ def dims_of(model: PreTrainedModel, max_positions: int = 0) -> Dims:
 
 
 class Builder:
-    """Collects nodes and initializers; every value gets a unique name."""
+    """Collects nodes and initializers; every value gets a unique name. Each initializer passes through
+    ``store`` as it is made (``ExternalData.move`` writes its bytes out; default: kept inline)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Callable[[TensorProto], TensorProto] | None = None,
+                 float_dtype: type[np.floating] = np.float32) -> None:
+        self.store = store or (lambda t: t)
+        self.float_dtype = float_dtype  # of every float initializer (weights, norms, caches, scalars)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self.count = 0
@@ -91,13 +101,17 @@ class Builder:
         """An initializer; a name already present is shared (tied weights are stored once)."""
         if name not in self.names:
             self.names.add(name)
-            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+            self.inits.append(self.store(numpy_helper.from_array(np.ascontiguousarray(value), name)))
         return name
+
+    def fconst(self, name: str, value: np.ndarray | np.floating | float) -> str:
+        """A float initializer in the graph's float dtype."""
+        return self.const(name, np.asarray(value, self.float_dtype))
 
     def raw(self, name: str, dtype: int, dims: tuple[int, ...], data: bytes) -> str:
         if name not in self.names:
             self.names.add(name)
-            self.inits.append(helper.make_tensor(name, dtype, dims, data, raw=True))
+            self.inits.append(self.store(helper.make_tensor(name, dtype, dims, data, raw=True)))
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str = "",
@@ -127,12 +141,12 @@ def _require_block(group: int, what: str) -> None:
 def linear(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -> str:
     """``x [.., K] -> [.., N]``: MatMul on float weights, MatMulNBits (ort) or DequantizeLinear+MatMul (standard)."""
     if not w.quantized:
-        y = b.one("MatMul", [x, b.const(f"{name}.weight_t", w.weight.T)])  # type: ignore[union-attr]
+        y = b.one("MatMul", [x, b.fconst(f"{name}.weight_t", w.weight.T)])  # type: ignore[union-attr]
     elif opts.target == "ort":
         return _matmul_nbits(b, x, w, name, opts)
     else:
         y = b.one("MatMul", [x, _dequantize_t(b, w, name)])
-    return y if w.bias is None else b.one("Add", [y, b.const(f"{name}.bias", w.bias)])
+    return y if w.bias is None else b.one("Add", [y, b.fconst(f"{name}.bias", w.bias)])
 
 
 def _nbits_storage(w: LinearWeight) -> int:
@@ -151,7 +165,7 @@ def _matmul_nbits(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOpt
     if bool((zeros != 2 ** (bits - 1)).any()):  # MatMulNBits' default zero point is 2^(bits-1)
         inputs.append(b.const(f"{name}.zero_points", MatMulNBitsLayout.pack_zero_points(zeros, bits).numpy()))
     if w.bias is not None:
-        inputs += [""] * (5 - len(inputs)) + [b.const(f"{name}.bias", w.bias)]
+        inputs += [""] * (5 - len(inputs)) + [b.fconst(f"{name}.bias", w.bias)]
     return b.one("MatMulNBits", inputs, domain=MS, K=w.k, N=w.n, bits=bits, block_size=w.group,
                  accuracy_level=opts.accuracy_level)
 
@@ -161,10 +175,11 @@ def _nbits_weight(b: Builder, w: LinearWeight, name: str) -> str:
 
 
 def _nbits_scales(b: Builder, w: LinearWeight, name: str) -> str:
-    """Scales stored as the float16 our QuantLinear holds (exact), cast to float32 once (folded at load)."""
+    """Scales stored as the float16 our QuantLinear holds (exact); a float32 graph casts them once (folded at load)."""
     key = f"{name}.scales"
     if key not in b.memo:
-        b.memo[key] = b.one("Cast", [b.const(key, w.scales.astype(np.float16))], to=TensorProto.FLOAT)  # type: ignore[union-attr]
+        stored = b.const(key, w.scales.astype(np.float16))  # type: ignore[union-attr]
+        b.memo[key] = stored if b.float_dtype == np.float16 else b.one("Cast", [stored], to=TensorProto.FLOAT)
     return b.memo[key]
 
 
@@ -179,7 +194,7 @@ def _dequantize_t(b: Builder, w: LinearWeight, name: str) -> str:
     else:
         q = b.raw(f"{name}.qweight_t", TensorProto.UINT4, (w.k, w.n), OnnxPacked4.pack(codes_t))
         z = b.raw(f"{name}.zero_points_t", TensorProto.UINT4, (groups, w.n), OnnxPacked4.pack(zeros_t))
-    s = b.const(f"{name}.scales_t", np.ascontiguousarray(w.scales.T).astype(np.float32))  # type: ignore[union-attr]
+    s = b.fconst(f"{name}.scales_t", np.ascontiguousarray(w.scales.T))  # type: ignore[union-attr]
     return b.one("DequantizeLinear", [q, s, z], axis=0, block_size=w.group)
 
 
@@ -189,7 +204,7 @@ def embed(b: Builder, ids: str, model: PreTrainedModel, head: str, opts: GraphOp
     """``input_ids [B,S] -> [B,S,H]``; a tied quantized embedding reads the head's bytes (stored once)."""
     kind, src = embedding_source(model, head)
     if kind == "table":
-        return b.one("Gather", [b.const("embed.weight", src), ids])  # type: ignore[arg-type]
+        return b.one("Gather", [b.fconst("embed.weight", src), ids])  # type: ignore[arg-type]
     w: LinearWeight = src  # type: ignore[assignment]
     if not w.quantized:
         return b.one("Gather", [_float_rows(b, w, head), ids])
@@ -204,7 +219,7 @@ def embed(b: Builder, ids: str, model: PreTrainedModel, head: str, opts: GraphOp
 
 def _float_rows(b: Builder, w: LinearWeight, head: str) -> str:
     """``W [V, H]`` as the Transpose of the head's ``Wᵀ`` initializer (folded by onnxruntime at load)."""
-    return b.one("Transpose", [b.const(f"{head}.weight_t", w.weight.T)], perm=[1, 0])  # type: ignore[union-attr]
+    return b.one("Transpose", [b.fconst(f"{head}.weight_t", w.weight.T)], perm=[1, 0])  # type: ignore[union-attr]
 
 
 def _gather_block_quantized(b: Builder, ids: str, w: LinearWeight, head: str, zero_points: bool = False) -> str:
@@ -228,7 +243,7 @@ def _gather_block_quantized(b: Builder, ids: str, w: LinearWeight, head: str, ze
 def _row_tables(b: Builder, w: LinearWeight, head: str) -> tuple[str, str, str]:
     """Codes ``[V, H]``, scales and zero points ``[V, G]`` in row order, shared by embedding and head (standard)."""
     return (b.const(f"{head}.codes_rows", w.codes.numpy()),  # type: ignore[union-attr]
-            b.const(f"{head}.scales_rows", w.scales.astype(np.float32)),  # type: ignore[union-attr]
+            b.fconst(f"{head}.scales_rows", w.scales),  # type: ignore[union-attr,arg-type]
             b.const(f"{head}.zeros_rows", w.zeros))  # type: ignore[arg-type]
 
 

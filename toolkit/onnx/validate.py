@@ -12,7 +12,10 @@ Checks (each records max |Δlogits| over the compared positions):
   capacity (``capacity_mask``) or only the ``P+S`` columns in use (``current_mask``).
 Every check feeds the graph through ``OrtBackend.forward``, the loop the runtime decodes with: the first ones
 with present copied back into the cache, the ``shared_buffer_*`` ones with one buffer bound as both.
-The reference is always a PyTorch forward over the whole sequence without a cache.
+The reference is always a PyTorch forward over the whole sequence without a cache: the model in memory
+(``model_reference``) or, for a streamed export, one decoder layer resident at a time
+(``toolkit.evaluation.streaming.stream_logits``); the longest probe is 17 tokens, so either holds little more
+than its weights.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from toolkit.runtime.backend import OrtBackend
 SHARED_CAPACITY = 32
 MaskFn = Callable[[int, int], np.ndarray]  # (columns written so far, mask width) -> attention_mask [B, width]
 Runner = Callable[[OrtBackend, list[np.ndarray], MaskFn], list[np.ndarray]]
+Reference = Callable[[list[np.ndarray]], list[np.ndarray]]  # token ids [1, S] each -> float32 logits [1, S, V]
 
 
 def left_padded(pads: np.ndarray) -> MaskFn:
@@ -105,36 +109,41 @@ def metrics(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     }
 
 
-def run_checks(backend: OrtBackend, model: PreTrainedModel, probe: Probe,
-               left_padding: bool = True) -> dict[str, dict[str, float]]:
+def probe_sequences(probe: Probe) -> list[np.ndarray]:
+    """The token ids ``[1, S]`` the checks feed: prefills of 7 and 13, 17 for decode, 15 and 10 for the batch."""
     rng = np.random.default_rng(probe.seed)
+    return [rng.integers(0, probe.vocab_limit, (1, n), dtype=np.int64) for n in (7, 13, 17, 15, 10)]
 
-    def tokens(n: int) -> np.ndarray:
-        return rng.integers(0, probe.vocab_limit, (1, n), dtype=np.int64)
 
+def model_reference(model: PreTrainedModel) -> Reference:
+    return lambda sequences: [reference_logits(model, ids) for ids in sequences]
+
+
+def run_checks(backend: OrtBackend, sequences: list[np.ndarray], refs: list[np.ndarray],
+               left_padding: bool = True) -> dict[str, dict[str, float]]:
+    """The checks on ``probe_sequences`` against their reference logits ``refs`` (one ``[1, S, V]`` each)."""
     no_pad = left_padded(np.zeros(1, np.int64))
     results: dict[str, dict[str, float]] = {}
-    for n in (7, 13):
-        t = tokens(n)
-        results[f"prefill_{n}"] = metrics(*_rows(run_steps(backend, [t], no_pad), reference_logits(model, t)))
-    t = tokens(17)
-    got, ref = _rows(run_steps(backend, _chunks(t, 13), no_pad), reference_logits(model, t))
+    for t, ref in zip(sequences[:2], refs[:2], strict=True):
+        results[f"prefill_{t.shape[1]}"] = metrics(*_rows(run_steps(backend, [t], no_pad), ref))
+    got, ref = _rows(run_steps(backend, _chunks(sequences[2], 13), no_pad), refs[2])
     results["decode"] = metrics(got[13:], ref[13:])  # the 4 one-token steps after a 13-token prefill
-    a, b = tokens(15), tokens(10)
+    pair = (sequences[3], sequences[4]), np.concatenate([refs[3][0], refs[4][0]])
     side = "left" if left_padding else "right"
-    results[f"{side}_pad_batch2"] = metrics(*_padded_rows(run_steps, backend, model, a, b, left_padding))
+    results[f"{side}_pad_batch2"] = metrics(*_padded_rows(run_steps, backend, *pair, left_padding))
     if backend.can_share_buffer:
         for capacity_mask in (True, False):
             shared = partial(run_steps, shared=True, capacity_mask=capacity_mask)
             key = "shared_buffer_" + ("capacity_mask" if capacity_mask else "current_mask")
-            results[key] = metrics(*_padded_rows(shared, backend, model, a, b, left_padding))
+            results[key] = metrics(*_padded_rows(shared, backend, *pair, left_padding))
     return results
 
 
-def _padded_rows(runner: Runner, backend: OrtBackend, model: PreTrainedModel, a: np.ndarray,
-                 b: np.ndarray, left: bool) -> tuple[np.ndarray, np.ndarray]:
+def _padded_rows(runner: Runner, backend: OrtBackend, seqs: tuple[np.ndarray, np.ndarray], ref: np.ndarray,
+                 left: bool) -> tuple[np.ndarray, np.ndarray]:
     """Two sequences (15 and 10 tokens: prompts 13 and 8, then 2 decode steps each) padded into one batch;
-    the real positions of both rows against each sequence run alone."""
+    the real positions of both rows against each sequence run alone (``ref``: both rows' reference logits)."""
+    a, b = seqs
     steps, pad = 2, a.shape[1] - b.shape[1]
     prompt = a.shape[1] - steps
     if left:
@@ -147,7 +156,6 @@ def _padded_rows(runner: Runner, backend: OrtBackend, model: PreTrainedModel, a:
         mask_at = right_padded(np.array([prompt, b_prompt]), prompt)
         got = np.concatenate(runner(backend, _chunks(np.concatenate([a, row_b]), prompt), mask_at), axis=1)
         rows = [got[0], np.concatenate([got[1, :b_prompt], got[1, prompt:]])]
-    ref = np.concatenate([reference_logits(model, a)[0], reference_logits(model, b)[0]])
     return np.concatenate(rows), ref
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import ToolkitError
-from toolkit.quant.modules import QuantEmbedding, QuantLinear
+from toolkit.quant.modules import QuantEmbedding, QuantLinear, reads_head
 
 
 @dataclass
@@ -74,7 +74,7 @@ def embedding_source(model: nn.Module, head_name: str) -> tuple[str, LinearWeigh
     if isinstance(embed, QuantEmbedding):
         return "tied", linear_weight(embed.weight_source)
     if isinstance(embed, nn.Embedding):
-        if isinstance(head, nn.Linear) and head.weight is embed.weight:
+        if reads_head(model, head_name):
             return "tied", linear_weight(head)
         return "table", embed.weight.detach().float().numpy()
     raise ToolkitError(f"cannot export input embedding of type {type(embed).__name__}")

@@ -111,8 +111,9 @@ def check(estimate: Estimate, budget: int, origin: str) -> None:
 
 
 def estimate_run(recipe: Any, shape: ModelShape, streams: list[bool], activations_budget: int,
-                 shard_bytes: int) -> Estimate:
-    """Each phase of ``recipe`` on a model of ``shape``; ``streams[i]``: model step i runs layer by layer."""
+                 shard_bytes: int, export_streams: bool = False) -> Estimate:
+    """Each phase of ``recipe`` on a model of ``shape``; ``streams[i]``: model step i runs layer by layer;
+    ``export_streams``: so do the exports (their input is a folder on disk)."""
     est = Estimate()
     ev = recipe.evaluation
     float_model = 4 * shape.parameters
@@ -132,7 +133,9 @@ def estimate_run(recipe: Any, shape: ModelShape, streams: list[bool], activation
         est.add(f"pass {step.name}{' (streaming)' if streaming else ''}", need)
         last = step.config
     for step in recipe.passes:
-        if step.is_export:  # the exporter holds the model and its graph's initializers
+        if step.is_export and export_streams:  # one float32 layer and the embedding/head, each with its copies
+            est.add(f"export {step.name} (streaming)", 3 * 4 * (shape.layer_parameters + shape.embedding_parameters))
+        elif step.is_export:  # the exporter holds the model and its graph's initializers
             est.add(f"export {step.name}", 3 * float_model)
     if last is not None:
         bits = getattr(last, "bits", 32)

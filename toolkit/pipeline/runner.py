@@ -79,10 +79,10 @@ class _State:
         return self.model
 
     def can_stream(self, step: Step) -> bool:
-        """Run ``step`` layer by layer from the shards: it has a streaming form and its input is a float
-        checkpoint on disk that is not already in memory."""
+        """Run ``step`` layer by layer from the shards: it has a streaming form and its input is a checkpoint
+        on disk that is not already in memory (float, or for an export also packed)."""
         return (type(step.config) in STREAMING and self.model is None and self.folder is not None
-                and not (self.folder / checkpoint.QUANT_FILE).is_file())
+                and (step.is_export or not (self.folder / checkpoint.QUANT_FILE).is_file()))
 
 
 def resolve_device(device: str) -> str:
@@ -131,8 +131,12 @@ def check_memory(recipe: Recipe, ref: models.ModelRef, options: StreamOptions) -
     for step in (s for s in recipe.passes if not s.is_export):
         streaming = streaming and type(step.config) in STREAMING
         streams.append(streaming)
+    # an export streams from the folder the last pass wrote, or from the input folder (float or packed)
+    export_streams = ref.folder is not None and all(streams) and all(
+        type(s.config) in STREAMING for s in recipe.passes if s.is_export)
     assert options.activation_budget_bytes is not None
-    estimate = budget.estimate_run(recipe, shape, streams, options.activation_budget_bytes, options.max_shard_bytes)
+    estimate = budget.estimate_run(recipe, shape, streams, options.activation_budget_bytes, options.max_shard_bytes,
+                                   export_streams)
     budget.check(estimate, budget.budget_bytes(recipe.memory.budget_gb), recipe.origin)
     return estimate
 
@@ -163,8 +167,9 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
         log(f"  {step.name}: running layer by layer from {state.folder}")
         with atomic_dir(folder, replace=True) as tmp:
             with Measure() as m:
-                src = SkeletonModel(state.folder, device=options.device)
-                metrics = {"streaming": STREAMING[type(step.config)](src, tmp, step.config, ctx, options)}
+                src = checkpoint.open_streaming(state.folder, options.device)
+                out = STREAMING[type(step.config)](src, tmp, step.config, ctx, options)
+                metrics = out if step.is_export else {"streaming": out}
                 ctx.tokenizer.save_pretrained(tmp)
             info = {"name": step.name, "config": record(step.config), "input_key": state.key,
                     "measure": m.record(), "metrics": metrics}

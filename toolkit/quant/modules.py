@@ -94,6 +94,12 @@ class QuantEmbedding(nn.Module):
         return rows * self.scale if self.scale != 1.0 else rows
 
 
+def reads_head(model: nn.Module, head_name: str) -> bool:
+    """The input embedding reads the head's weights (tied): known from the modules alone, before any is loaded."""
+    embed, head = model.get_input_embeddings(), model.get_submodule(head_name)
+    return isinstance(embed, QuantEmbedding) or (isinstance(head, nn.Linear) and head.weight is embed.weight)
+
+
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
