@@ -32,6 +32,14 @@ import numpy as np
 import torch
 
 QUESTION = "What is the capital of France?"
+# short factual chat questions and a pattern the right answer contains (greedy, 40 tokens): a coarse check that
+# quantization kept the instruct model answering; the float SmolLM2 misses some of them too
+PROBES = ((QUESTION, r"paris"), ("How many legs does a spider have?", r"\b8\b|eight"), ("What is 2 + 2?", r"\b4\b|four"),
+          ("What color is the sky on a clear day?", r"blue"),
+          ("What is the largest planet in our solar system?", r"jupiter"), ("Who wrote Romeo and Juliet?", r"shakespeare"),
+          ("At what temperature in Celsius does water boil at sea level?", r"\b100\b"),
+          ("How many days are in a week?", r"\b7\b|seven"), ("What language is spoken in Spain?", r"spanish"),
+          ("What is the chemical formula of water?", r"h2o|h₂o"))
 
 
 def labelled(values: list[str]) -> list[tuple[str, Path]]:
@@ -92,13 +100,20 @@ def gguf_speed(path: Path, prompt: list[int], new_tokens: int, threads: int) -> 
     return {"prefill_ms": prefill * 1000, "decode_tok_s": new_tokens / decode}
 
 
-def gguf_answer(path: Path, threads: int) -> str:
+def gguf_answers(path: Path, threads: int) -> dict[str, Any]:
+    """Greedy chat answers to ``PROBES`` through the GGUF's own chat template; how many contain the right word."""
+    import re
+
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=256, n_threads=threads, verbose=False)
-    reply = llm.create_chat_completion([{"role": "user", "content": QUESTION}], max_tokens=24, temperature=0.0)
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, verbose=False)
+    answers = []
+    for question, _ in PROBES:
+        reply = llm.create_chat_completion([{"role": "user", "content": question}], max_tokens=40, temperature=0.0)
+        answers.append(str(reply["choices"][0]["message"]["content"]).strip())
     llm.close()
-    return str(reply["choices"][0]["message"]["content"]).strip()
+    right = sum(bool(re.search(p, a.lower())) for (_, p), a in zip(PROBES, answers, strict=True))
+    return {"answer": answers[0], "probe_answers": answers, "probe_right": right}
 
 
 def quantize_q4_0(source: Path, out: Path, threads: int) -> Path:
@@ -153,7 +168,7 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for label, path in ggufs:
         results[label] = {"engine": "llama.cpp", "perplexity": gguf_perplexity(path, wins, a.threads),
-                          "answer": gguf_answer(path, a.threads), "bytes": path.stat().st_size, "rounds": []}
+                          **gguf_answers(path, a.threads), "bytes": path.stat().st_size, "rounds": []}
         print(f"{label}: perplexity {results[label]['perplexity']:.3f}", flush=True)
     for label, folder in labelled(a.compressed_tensors):
         results[label] = {"engine": "transformers + compressed-tensors", **hf_perplexity(folder, wins, compressed=True)}
@@ -183,7 +198,7 @@ def main() -> None:
         print(f"| {label} | {r['engine']} | {r['perplexity']:.3f} | {speed} |")
     for label, r in results.items():
         if "answer" in r:
-            print(f"{label}: {QUESTION!r} -> {r['answer']!r}")
+            print(f"{label}: {QUESTION!r} -> {r['answer']!r}; {r['probe_right']}/{len(PROBES)} probe answers right")
     if "decode_ratio_per_round" in report:
         ratios = ", ".join(f"{x:.3f}" for x in report["decode_ratio_per_round"])
         print(f"decode ratio {ggufs[0][0]} / {ggufs[1][0]} per round: {ratios}")
