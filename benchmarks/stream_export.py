@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from toolkit.evaluation.streaming import stream_logits
+from toolkit.interop import genai_probe
 from toolkit.models import checkpoint
 from toolkit.passes import onnx as onnx_export
 from toolkit.paths import atomic_dir
@@ -69,21 +70,6 @@ def _ours(folder: Path, ids: list[int], new: int, level: int | None, threads: in
     return engine.generate(ids, GenerationConfig(max_new_tokens=new, min_new_tokens=new)).token_ids
 
 
-def _genai(folder: Path, ids: list[int], new: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + new, min_length=len(ids) + new, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([ids], np.int32))
-    tokens: list[int] = []
-    while len(tokens) < new:
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens
-
-
 def _torch(source: Path, ids: list[int], new: int) -> list[int]:
     src = checkpoint.open_streaming(source)
     seq = list(ids)
@@ -99,7 +85,7 @@ def generate(args: argparse.Namespace) -> dict[str, object]:
     report: dict[str, object] = {"prompt_ids": ids, "ours_shipped": ours}
     if (args.output / "genai_config.json").is_file():
         start = time.perf_counter()
-        report["genai"] = _genai(args.output, ids, args.generate)
+        report["genai"] = genai_probe.greedy(args.output, ids, args.generate)
         report["genai_seconds"] = round(time.perf_counter() - start, 1)
         report["ours_equal_genai"] = report["genai"] == ours
     ours_strict = _ours(args.output, ids, args.generate, 0, args.threads)

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from toolkit.interop import genai_probe
 from toolkit.models.architectures import decoder_layers, layout_of
 from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import awq, distill, export_hf_gptq, gptq, rtn
@@ -64,21 +64,6 @@ def _hf_greedy(model: torch.nn.Module, ids: list[int]) -> list[int]:
     out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     return out[0, len(ids):].tolist()
-
-
-def _genai_greedy(folder: Path, ids: list[int]) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + NEW, min_length=len(ids) + NEW, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([ids], np.int32))
-    tokens: list[int] = []
-    while len(tokens) < NEW:
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens
 
 
 def family_row(family: str, work: Path) -> dict[str, str]:
@@ -129,7 +114,7 @@ def family_row(family: str, work: Path) -> dict[str, str]:
     def genai_cell() -> str:
         if layout_of(tiny_model(family)).genai_type is None:
             return "no: onnxruntime-genai has no model type for this family"
-        theirs = [_genai_greedy(work / "ort-fp32", ids) for ids in state["ids"]]
+        theirs = [genai_probe.greedy(work / "ort-fp32", ids, NEW) for ids in state["ids"]]
         if theirs != state["ours"]:
             raise AssertionError("onnxruntime-genai's greedy tokens differ from our runtime's")
         return f"yes (`{layout_of(tiny_model(family)).genai_type}`, tokens = ours)"

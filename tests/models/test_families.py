@@ -9,6 +9,7 @@ import torch
 
 from toolkit import models
 from toolkit.errors import ToolkitError
+from toolkit.interop import genai_probe
 from toolkit.models import checkpoint
 from toolkit.models.architectures import ARCHITECTURES, decoder_layers, layout_of, sliding_windows
 from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
@@ -186,22 +187,6 @@ def hf_greedy(model: torch.nn.Module, ids: list[int], n: int = NEW_TOKENS) -> li
     return out[0, len(ids):].tolist()
 
 
-def genai_greedy(folder: Path, ids: list[int], n: int = NEW_TOKENS) -> list[int]:
-    import numpy as np
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([ids], np.int32))
-    tokens: list[int] = []
-    while len(tokens) < n:
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_runtime_and_genai_greedy_equal_transformers(family: str, tmp_path: Path) -> None:
     from toolkit.runtime import GenerationConfig, load
@@ -217,4 +202,4 @@ def test_runtime_and_genai_greedy_equal_transformers(family: str, tmp_path: Path
     if layout_of(model).genai_type is None:  # onnxruntime-genai has no model type for the family
         assert not (tmp_path / "fp32" / "genai_config.json").exists()
     else:
-        assert [genai_greedy(tmp_path / "fp32", ids) for ids in prompts] == ours
+        assert [genai_probe.greedy(tmp_path / "fp32", ids, NEW_TOKENS) for ids in prompts] == ours
