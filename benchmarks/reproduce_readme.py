@@ -30,7 +30,7 @@ README = {
     "smollm2-int4-awq.yaml": 17.087,
     "smollm2-int4-awq-gptq.yaml": 15.665,
     "smollm2-int4-gptq-gguf.yaml": 16.463,
-    "smollm2-int4-gptq-head4-onnx.yaml": 16.68,
+    "smollm2-int4-gptq-head4-onnx.yaml": 16.599,
     "smollm2-fp32-onnx.yaml": 14.805,
 }
 FLOAT = 14.805
