@@ -25,9 +25,9 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
-        if tp is bool:
+        if set(typing.get_args(tp) or (tp,)) <= {bool, type(None)}:  # bool, or bool | None (None: decided later)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f"(default: {f.default})")
+                                help=f"(default: {'auto' if f.default is None else f.default})")
         else:
             parser.add_argument(flag, type=tp, default=f.default, help=f"(default: {f.default})")
 
@@ -74,13 +74,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from toolkit import models
+    from toolkit.pipeline import budget, runner
     from toolkit.pipeline.recipes import EvaluationSpec
-    from toolkit.pipeline.runner import measure
 
     spec = _from_options(EvaluationSpec, args)
     ref = models.resolve(args.model)
     models.check_lengths(ref, {"--length": spec.length})
-    metrics = measure(spec, ref, models.load_tokenizer(ref), args.reference, progress=True)
+    if args.reference and spec.kl is None:  # a reference asks for KL: evaluate in memory
+        spec = dataclasses.replace(spec, kl=True)
+    spec = runner.resolve_evaluation(spec, ref, runner.model_shape(ref), budget.budget_bytes(None), _log)
+    metrics = runner.measure(spec, ref, models.load_tokenizer(ref), args.reference, progress=True)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:

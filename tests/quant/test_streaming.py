@@ -159,7 +159,9 @@ def test_run_over_its_memory_budget_is_refused_before_it_starts(tmp_path: Path) 
         runner.run(recipe, progress=False, log=lambda _: None)
     assert not (tmp_path / "out").exists()
     ok = recipes.load(_recipe(tmp_path, str(folder), [{"gptq": {"group_size": 32}}], memory={"budget_gb": 4}))
-    assert runner.check_memory(ok, runner.models.resolve(str(folder)), runner.stream_options(ok.memory, "cpu", False))
+    ref = runner.models.resolve(str(folder))
+    assert runner.check_memory(ok, ref, runner.stream_options(ok.memory, "cpu", False), runner.model_shape(ref),
+                               runner.budget.budget_bytes(ok.memory.budget_gb))
 
 
 def test_memory_estimate_streams_a_large_model_within_budget() -> None:

@@ -17,6 +17,9 @@ from toolkit.errors import ToolkitError
 
 PROCESS_BYTES = 700 * 2**20  # python, torch, transformers, tokenizer: measured ~0.6 GB before any model
 GB = 1e9
+# the most of the budget (beyond the process) that a float model evaluated in memory may take before the
+# evaluation streams by itself: the peak of a run is then set by its passes, not by measuring them
+EVALUATION_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,16 @@ class Estimate:
 def eval_bytes(shape: ModelShape, length: int, batch_size: int) -> float:
     """Logits, log-probabilities and their exp for one batch of windows (float32)."""
     return 3 * 4 * batch_size * length * shape.vocab
+
+
+def in_memory_eval_bytes(shape: ModelShape, length: int, batch_size: int) -> float:
+    """The float32 model and one batch's logits: the baseline evaluated in memory."""
+    return 4 * shape.parameters + eval_bytes(shape, length, batch_size)
+
+
+def evaluation_streams(shape: ModelShape, length: int, batch_size: int, budget: int) -> bool:
+    """The float baseline is too large a share of ``budget`` to be evaluated in memory."""
+    return in_memory_eval_bytes(shape, length, batch_size) > EVALUATION_SHARE * max(budget - PROCESS_BYTES, 0)
 
 
 def packed_bytes(shape: ModelShape, bits: int, group_size: int, head_bits: int | None) -> float:
@@ -121,7 +134,7 @@ def estimate_run(recipe: Any, shape: ModelShape, streams: list[bool], activation
         est.add("baseline evaluation (streaming)", 4 * shape.layer_parameters + 4 * shape.embedding_parameters
                 + 2 * 4 * ev.count * ev.length * shape.hidden + eval_bytes(shape, ev.length, ev.batch_size))
     elif ev.baseline:
-        est.add("baseline evaluation", float_model + eval_bytes(shape, ev.length, ev.batch_size))
+        est.add("baseline evaluation", in_memory_eval_bytes(shape, ev.length, ev.batch_size))
     last: Any = None
     model_steps = [s for s in recipe.passes if not s.is_export]
     for step, streaming in zip(model_steps, streams, strict=True):

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +49,13 @@ class EvaluationSpec:
     count: int = 16
     length: int = 512
     batch_size: int = 1
-    kl: bool = True  # KL divergence and top-1 agreement against the unoptimized model
+    # KL divergence and top-1 agreement against the unoptimized model; null: on unless the evaluation streams
+    kl: bool | None = None
     text_field: str = "text"
     baseline: bool = True  # evaluate the input model too (off: only the result is evaluated)
-    # the baseline (a float checkpoint folder) evaluated one decoder layer at a time: for models larger
-    # than memory; perplexity only, so it needs kl: false
-    streaming: bool = False
+    # the baseline (a float checkpoint folder) evaluated one decoder layer at a time, perplexity only (so not with
+    # kl: true); null: decided from the memory budget (``budget.evaluation_streams``), said in one line
+    streaming: bool | None = None
 
     def __post_init__(self) -> None:
         self.windows()
@@ -65,6 +66,11 @@ class EvaluationSpec:
 
     def windows(self) -> WindowSpec:
         return WindowSpec(self.source, "evaluation", self.length, self.count, "sequential", 0, self.text_field)
+
+    def resolved(self, streams: bool) -> EvaluationSpec:
+        """This spec with ``streaming`` and ``kl`` decided: an explicit setting wins, then ``streams``."""
+        streaming = self.streaming if self.streaming is not None else streams
+        return replace(self, streaming=streaming, kl=self.kl if self.kl is not None else not streaming)
 
 
 DEVICES = ("auto", "cpu", "cuda")

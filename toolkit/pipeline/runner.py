@@ -17,7 +17,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ def _step_key(step: Step, input_key: str, recipe: Recipe, versions: dict[str, st
     return sha256_json(fields)
 
 
-def _model_shape(ref: models.ModelRef) -> budget.ModelShape | None:
+def model_shape(ref: models.ModelRef) -> budget.ModelShape | None:
     from transformers import AutoConfig, LlamaConfig
 
     from toolkit.models.tiny import TINY_CONFIG
@@ -122,9 +122,26 @@ def _model_shape(ref: models.ModelRef) -> budget.ModelShape | None:
     return None  # a hub id or another tiny family: its config is not built just to estimate
 
 
-def check_memory(recipe: Recipe, ref: models.ModelRef, options: StreamOptions) -> budget.Estimate | None:
-    """Refuse, before anything runs, a recipe whose estimated peak exceeds its memory budget."""
-    shape = _model_shape(ref)
+def resolve_evaluation(spec: EvaluationSpec, ref: models.ModelRef, shape: budget.ModelShape | None,
+                       budget_bytes: int, log: Callable[[str], None]) -> EvaluationSpec:
+    """``spec`` with ``streaming`` and ``kl`` decided. Left open, a float checkpoint folder whose in-memory
+    evaluation would take a large share of the budget is evaluated one decoder layer at a time, perplexity
+    only, and the log says so in one line; an explicit ``streaming`` or ``kl: true`` is kept."""
+    float_folder = ref.folder is not None and not (ref.folder / checkpoint.QUANT_FILE).is_file()
+    if shape is None or not float_folder or spec.streaming is not None or spec.kl is True:
+        return spec.resolved(False)
+    streams = budget.evaluation_streams(shape, spec.length, spec.batch_size, budget_bytes)
+    if streams:
+        need = budget.in_memory_eval_bytes(shape, spec.length, spec.batch_size)
+        log(f"evaluation: the float model in memory would take {need / budget.GB:.1f} GB of the "
+            f"{budget_bytes / budget.GB:.1f} GB memory budget, so it is evaluated one decoder layer at a time and "
+            "KL is off (evaluation: {streaming: false} evaluates in memory, with KL)")
+    return spec.resolved(streams)
+
+
+def check_memory(recipe: Recipe, ref: models.ModelRef, options: StreamOptions,
+                 shape: budget.ModelShape | None, budget_bytes: int) -> budget.Estimate | None:
+    """Refuse, before anything runs, a recipe whose estimated peak (evaluations included) exceeds its budget."""
     if shape is None:
         return None
     streams, streaming = [], ref.folder is not None and not (ref.folder / checkpoint.QUANT_FILE).is_file()
@@ -137,7 +154,7 @@ def check_memory(recipe: Recipe, ref: models.ModelRef, options: StreamOptions) -
     assert options.activation_budget_bytes is not None
     estimate = budget.estimate_run(recipe, shape, streams, options.activation_budget_bytes, options.max_shard_bytes,
                                    export_streams)
-    budget.check(estimate, budget.budget_bytes(recipe.memory.budget_gb), recipe.origin)
+    budget.check(estimate, budget_bytes, recipe.origin)
     return estimate
 
 
@@ -309,7 +326,9 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
                                   if any(s.reads_calibration for s in recipe.passes) else {})})
     device = resolve_device(recipe.device)
     options = stream_options(recipe.memory, device, progress)
-    check_memory(recipe, ref, options)
+    shape, budget_bytes = model_shape(ref), budget.budget_bytes(recipe.memory.budget_gb)
+    recipe = replace(recipe, evaluation=resolve_evaluation(recipe.evaluation, ref, shape, budget_bytes, log))
+    check_memory(recipe, ref, options, shape, budget_bytes)
     tokenizer = models.load_tokenizer(ref)
     versions = checkpoint.library_versions()
     state = _State(ref)
