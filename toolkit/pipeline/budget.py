@@ -69,8 +69,9 @@ def eval_bytes(shape: ModelShape, length: int, batch_size: int) -> float:
 
 
 def in_memory_eval_bytes(shape: ModelShape, length: int, batch_size: int) -> float:
-    """The float32 model and one batch's logits: the baseline evaluated in memory."""
-    return 4 * shape.parameters + eval_bytes(shape, length, batch_size)
+    """The baseline evaluated in memory: the float32 model, the 16-bit tensors it is converted from while the
+    checkpoint loads, and one batch's logits."""
+    return (4 + 2) * shape.parameters + eval_bytes(shape, length, batch_size)
 
 
 def evaluation_streams(shape: ModelShape, length: int, batch_size: int, budget: int) -> bool:
