@@ -16,11 +16,13 @@ from pathlib import Path
 from toolkit.runtime.artifact import check_external_data, open_export
 from toolkit.runtime.backend import Backend, BackendOptions, OrtBackend
 from toolkit.runtime.contract import ExportContract, TensorNames, read_contract
-from toolkit.runtime.generation import Engine, GenerationConfig, GenerationResult, StreamChunk, Timings
+from toolkit.runtime.engine import Engine
+from toolkit.runtime.generation import GenerationConfig, GenerationResult, StreamChunk, Timings
+from toolkit.runtime.scheduler import Handle
 from toolkit.runtime.tokenizer import Tokenizer
 
 __all__ = [
-    "Backend", "BackendOptions", "Engine", "ExportContract", "GenerationConfig", "GenerationResult", "OrtBackend",
+    "Backend", "BackendOptions", "Engine", "ExportContract", "GenerationConfig", "GenerationResult", "Handle", "OrtBackend",
     "StreamChunk", "TensorNames", "Timings", "Tokenizer", "check_external_data", "load", "open_export",
     "read_contract",
 ]
@@ -31,7 +33,8 @@ def load(folder: str | Path, threads: int | None = None, max_batch: int = 8, pre
     """Open an export folder (refusing unsafe external data) and return a ready ``Engine``.
 
     threads: ORT intra-op threads (default: physical cores); max_batch: cache rows decoded together;
-    prefill_chunk: prompt tokens per prefill call (bounds the logits buffer, [1, chunk, vocab]);
+    prefill_chunk: prompt tokens per prefill call (bounds the logits buffer, [1, chunk, vocab]) and per scheduler
+    step (running rows decode between the chunks of a long prompt);
     spin: let ORT worker threads spin between ops (faster decode on an idle machine; turn it off where
     other processes compete for the cores).
     """
@@ -41,4 +44,4 @@ def load(folder: str | Path, threads: int | None = None, max_batch: int = 8, pre
         warnings.warn(f"{folder}: the graph cannot decode rows of different lengths together (its attention "
                       "bias assumes aligned left padding); sequences run one at a time", stacklevel=2)
         max_batch = 1
-    return Engine(backend, Tokenizer.from_folder(folder), max_batch=max_batch)
+    return Engine(backend, Tokenizer.from_folder(folder), max_batch=max_batch, step_tokens=prefill_chunk)

@@ -1,8 +1,11 @@
 """Backends run the decoder graph on rows of a KV cache. ONNX Runtime (CPU) is the one we ship.
 
 A backend only knows tensors: ``prefill`` fills one cache row from a chunk of tokens, ``decode``
-advances rows [0, n) by one token each. Tokenizing, sampling and scheduling live in generation.py,
-so a TensorRT engine plugs in by implementing the same four methods.
+advances rows [0, n) by one token each, ``score`` feeds k tokens to each of several rows (a speculative
+decoder's verification). Rows' lengths belong to the caller and are passed with every call: rolling a row
+back is passing a shorter length next time (the columns past it are masked, then overwritten), no copy.
+Tokenizing, sampling and scheduling live in generation.py and scheduler.py, so a TensorRT engine plugs
+in by implementing the same methods.
 
 ``OrtBackend.forward`` is the one place that feeds an ONNX decoder (names from the export contract):
 the runtime's prefill and decode, the exporter's validation, perplexity on exports and the benchmarks
@@ -36,9 +39,10 @@ PROVIDERS = ["CPUExecutionProvider"]
 
 class Backend(Protocol):
     contract: ExportContract
+    cache: KVCache | None  # the last allocated cache
 
     def allocate(self, slots: int, capacity: int) -> KVCache:
-        """Allocate (or reuse, if large enough) the KV cache; the only allocation of the run."""
+        """Allocate (or reuse, if large enough) the KV cache; a larger one keeps the old rows' content."""
         ...
 
     def prefill(self, slot: int, token_ids: np.ndarray, start: int) -> np.ndarray:
@@ -47,6 +51,11 @@ class Backend(Protocol):
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """tokens, lengths: [n] (lengths before this token) for rows 0..n-1; returns logits [n, V]."""
+        ...
+
+    def score(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """tokens: [B, k] at positions lengths[b]..lengths[b]+k-1 of row rows[b], written to the cache;
+        returns the logits of every position [B, k, V]."""
         ...
 
     def reset(self) -> None:
@@ -151,6 +160,10 @@ class OrtBackend:
         self.reset()
         d = self.contract
         self.cache = KVCache(self._pairs, slots, capacity, d.num_kv_heads, d.head_dim, self.dtype, shared)
+        if c is not None:  # a grown cache goes on serving the rows in use: copy what fits
+            rows, columns = min(slots, c.slots), min(capacity, c.capacity)
+            for new, old in zip(self.cache.buffers, c.buffers, strict=True):
+                new[:rows, :, :columns] = old[:rows, :, :columns]
         self._ids = np.zeros((slots, 1), np.int64)  # decode input_ids [SLOTS, 1]
         self._pos = np.zeros((slots, 1), np.int64)
         self._ones = np.ones((1, capacity), np.int64)  # attention mask prefix for one row
@@ -227,6 +240,17 @@ class OrtBackend:
             logits = self._prefill_chunk(slot, token_ids[lo : lo + self.prefill_chunk], start + lo)  # [S, V]
             chunks.append(logits.copy() if all_logits else logits)
         return np.concatenate(chunks) if all_logits else chunks[-1][-1]
+
+    def score(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """tokens [B, k] after each row's past -> logits [B, k, V] (a new array); writes the k columns per row.
+
+        One call per row: GroupQueryAttention takes several new tokens after a past only for a batch of one.
+        """
+        if tokens.ndim != 2 or len(rows) != len(tokens) or len(lengths) != len(tokens):
+            raise ToolkitError(f"score takes tokens [B, k] and B rows and lengths (got tokens {tokens.shape}, "
+                               f"{len(rows)} rows, {len(lengths)} lengths)")
+        return np.stack([self.prefill(int(r), tokens[b], int(n), all_logits=True)
+                         for b, (r, n) in enumerate(zip(rows, lengths, strict=True))])
 
     def _prefill_chunk(self, slot: int, chunk: np.ndarray, start: int) -> np.ndarray:
         S = len(chunk)

@@ -1,11 +1,43 @@
-"""Next-token choice from one row of logits: greedy, or temperature / top-k / top-p sampling.
+"""Next-token choice from one row of logits: the processed distribution, and the token chosen from it.
 
-Pure functions on numpy vectors ([V]); the generator owns the state (seen tokens, rng).
+Pure functions on numpy vectors ([V]); the generator owns the state (seen tokens, rng). ``distribution`` is what
+a speculative decoder compares (target vs draft); ``choose`` draws from it, so both see the same numbers.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import numpy as np
+
+
+class SamplingSettings(Protocol):
+    """The fields of ``GenerationConfig`` that shape the distribution."""
+
+    @property
+    def do_sample(self) -> bool: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def repetition_penalty(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class Choice:
+    token: int
+    ids: np.ndarray  # [C] candidate ids, most likely first
+    probs: np.ndarray  # [C] float64, sums to 1 (greedy: one candidate with probability 1)
+
+    def dense(self, vocab: int) -> np.ndarray:
+        """The distribution over the whole vocabulary [V]."""
+        out = np.zeros(vocab, np.float64)
+        out[self.ids] = self.probs
+        return out
 
 
 def repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -33,12 +65,36 @@ def top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarra
     return ids, vals
 
 
-def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
-    ids, vals = top_k_top_p(logits.astype(np.float64) / temperature, top_k, top_p)
+def distribution(logits: np.ndarray, settings: SamplingSettings,
+                 seen: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate ids (most likely first) and their probabilities after repetition penalty (over the ``seen``
+    ids), temperature, top-k and top-p. Greedy decoding is the one-hot distribution on the argmax."""
+    if seen is not None and settings.repetition_penalty != 1.0:
+        logits = repetition_penalty(logits, seen, settings.repetition_penalty)
+    if not settings.do_sample:
+        return np.array([int(logits.argmax())]), np.ones(1)
+    ids, vals = top_k_top_p(logits.astype(np.float64) / settings.temperature, settings.top_k, settings.top_p)
     probs = np.exp(vals - vals[0])
-    probs /= probs.sum()
-    return int(ids[rng.choice(len(ids), p=probs)])
+    return ids, probs / probs.sum()
 
 
-def greedy(logits: np.ndarray) -> int:
-    return int(logits.argmax())
+def choose(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator,
+           seen: np.ndarray | None = None) -> Choice:
+    """The processed distribution and the token drawn from it (greedy: its only candidate, no draw)."""
+    ids, probs = distribution(logits, settings, seen)
+    token = int(ids[rng.choice(len(ids), p=probs)]) if settings.do_sample else int(ids[0])
+    return Choice(token, ids, probs)
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
+    settings = _Sampled(True, temperature, top_k, top_p, 1.0)
+    return choose(logits, settings, rng).token
+
+
+@dataclass(frozen=True)
+class _Sampled:
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
