@@ -1,4 +1,5 @@
-"""KV cache: one buffer per layer and kind, allocated once per request budget, plus slot/block accounting.
+"""KV cache: one buffer per layer and kind, allocated at the first request and only ever grown, plus slot/block
+accounting.
 
 Layout (what GroupQueryAttention reads and writes in shared-buffer mode):
     # k, v: [SLOTS, KVH, CAP, D]; row r holds sequence r's keys at positions 0..len_r-1

@@ -86,11 +86,6 @@ def choose(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Genera
     return Choice(token, ids, probs)
 
 
-def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
-    settings = _Sampled(True, temperature, top_k, top_p, 1.0)
-    return choose(logits, settings, rng).token
-
-
 @dataclass(frozen=True)
 class _Sampled:
     do_sample: bool
@@ -98,3 +93,8 @@ class _Sampled:
     top_k: int
     top_p: float
     repetition_penalty: float
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
+    """One draw from the distribution after temperature, top-k and top-p."""
+    return choose(logits, _Sampled(True, temperature, top_k, top_p, 1.0), rng).token

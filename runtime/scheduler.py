@@ -93,11 +93,15 @@ class Scheduler:
             self.prefill(self.prefilling[0])
 
     def _admit(self) -> None:
+        admitted = []
         while self.waiting and self.pool.has_free_slot():
             handle = self.waiting.popleft()
-            slot = self.pool.admit(handle.seq.budget)
-            self._fit_cache(slot, handle.seq.budget)
-            handle.seq.slot, self.rows[slot] = slot, handle
+            handle.seq.slot = self.pool.admit(handle.seq.budget)
+            admitted.append(handle)
+        if admitted:  # one growth for everything admitted in this step
+            self._fit_cache(max(h.seq.slot for h in admitted), max(h.seq.budget for h in admitted))
+        for handle in admitted:
+            self.rows[handle.seq.slot] = handle
             self.prefilling.append(handle)
 
     def _fit_cache(self, slot: int, budget: int) -> None:

@@ -27,6 +27,15 @@ def folder(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def standard_folder(tmp_path_factory) -> Path:
+    """The standard target: past and present are separate tensors, the backend copies present back."""
+    out = tmp_path_factory.mktemp("sched") / "std"
+    with atomic_dir(out) as tmp:
+        export(tiny_llama(), tiny_tokenizer(), ONNXConfig(target="standard", accuracy_level=0), tmp)
+    return out
+
+
 def ids_of(rng: np.random.Generator, n: int) -> list[int]:
     return [int(t) for t in rng.integers(0, 256, n)]  # byte tokens: any list is a valid prompt
 
@@ -153,8 +162,9 @@ def test_running_rows_decode_between_the_chunks_of_a_long_prompt(folder):
     assert engine.result(long).token_ids == engine.generate(long_prompt, long_config).token_ids
 
 
-def test_score_equals_one_token_decodes_and_rolls_back_by_length(folder):
-    backend = load(folder, threads=1).backend
+@pytest.mark.parametrize("export_folder", ["folder", "standard_folder"])
+def test_score_equals_one_token_decodes_and_rolls_back_by_length(request, export_folder):
+    backend = load(request.getfixturevalue(export_folder), threads=1).backend
     cache = backend.allocate(3, 64)
     rng = np.random.default_rng(2)
     for row, n in enumerate((5, 9, 3)):
