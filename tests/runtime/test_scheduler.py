@@ -243,3 +243,22 @@ def test_distribution_applies_penalty_temperature_top_k_top_p():
     assert choice.dense(4).sum() == pytest.approx(1.0) and choice.dense(4)[3] == 0.0
     greedy = sampling.choose(logits, GenerationConfig(), np.random.default_rng(0))
     assert greedy.token == 0 and greedy.probs.tolist() == [1.0]
+
+
+def test_cache_grows_under_running_rows_without_disturbing_them(folder):
+    engine = load(folder, threads=1, max_batch=4)
+    small, large = GenerationConfig(max_new_tokens=30, stop_token_ids=()), GenerationConfig(max_new_tokens=200,
+                                                                                             stop_token_ids=())
+    alone = [engine.generate("abc", small).token_ids, engine.generate("hello", large).token_ids]
+    engine = load(folder, threads=1, max_batch=4)
+    first = engine.submit("abc", small, with_text=False)
+    while len(first.chunks) < 5:
+        engine.step()
+    cache = engine.backend.cache
+    assert cache is not None and (cache.slots, cache.capacity) == (1, 48)
+    second = engine.submit("hello", large, with_text=False)
+    while engine.scheduler.busy:
+        engine.step()
+    grown = engine.backend.cache
+    assert grown is not cache and (grown.slots, grown.capacity) == (2, 208)  # doubled rows, the columns it needs
+    assert [engine.result(h).token_ids for h in (first, second)] == alone
