@@ -34,10 +34,6 @@ from toolkit.quant.calibration import LayerInputs, check_finite, stream_inputs, 
 from toolkit.quant.streaming import StreamOptions, stream_calibrated
 from toolkit.quant.surgery import WeightQuantConfig, check_group_size, target_linears
 
-# Query/key projections are not clipped: attention scores amplify their error (as AutoAWQ does).
-NO_CLIP = ("q_proj", "k_proj")
-
-
 @dataclass(frozen=True)
 class AWQConfig(WeightQuantConfig):
     """Shared settings; skip also keeps a module unscaled, lm_head_bits applies with ``quantize``."""
@@ -92,7 +88,7 @@ def _prev_rows(layer: nn.Module, mapping: ScaleMapping, linears: list[nn.Linear]
 
 
 def _scale_mapping(layer: nn.Module, prefix: str, inputs: LayerInputs, mapping: ScaleMapping,
-                   targets: dict[str, nn.Linear], config: AWQConfig, norm_offset: float) -> dict[str, Any]:
+                   targets: dict[str, nn.Linear], config: AWQConfig, arch: Architecture) -> dict[str, Any]:
     names = [n for n in mapping.linears if f"{prefix}.{n}" in targets]
     if len(names) != len(mapping.linears):  # a skipped linear must keep its input: no fold
         return {"skipped": "some linears are in skip"}
@@ -105,11 +101,12 @@ def _scale_mapping(layer: nn.Module, prefix: str, inputs: LayerInputs, mapping: 
     act_mean, c = _input_stats(layer, inputs, f"{prefix}.{names[0]}", linears[0])
     w = torch.cat([m.weight.detach().float() for m in linears])  # type: ignore[misc]
     res = search_scales(w, act_mean, c, config.spec, config.grid)
-    fold_scales(layer.get_submodule(mapping.prev), linears, res.scales, norm_offset, rows)  # type: ignore[arg-type]
-    if config.clip:
+    fold_scales(layer.get_submodule(mapping.prev), linears, res.scales, arch.norm_offset, rows)  # type: ignore[arg-type]
+    if config.clip:  # never the queries' and keys' projections (the architecture row names them)
+        exempt = arch.clip_exempt()
         c_scaled = c / torch.outer(res.scales, res.scales)  # the input is now X / s
         for n, m in zip(names, linears, strict=False):
-            if not n.endswith(NO_CLIP):
+            if n not in exempt:
                 ratio = search_clip(m.weight.data, c_scaled, config.spec, config.grid)  # type: ignore[arg-type]
                 m.weight.data.copy_(clip_weight(m.weight.data, ratio, config.spec))  # type: ignore[arg-type]
     return {"alpha": res.alpha, "error": res.error, "rtn_error": res.baseline}
@@ -118,8 +115,7 @@ def _scale_mapping(layer: nn.Module, prefix: str, inputs: LayerInputs, mapping: 
 def _scale_layer(arch: Architecture, prefix: str, layer: nn.Module, inputs: LayerInputs,
                  targets: dict[str, nn.Linear], config: AWQConfig, report: dict[str, Any]) -> None:
     for mapping in arch.awq:
-        report[f"{prefix}.{mapping.prev}"] = _scale_mapping(layer, prefix, inputs, mapping, targets, config,
-                                                            arch.norm_offset)
+        report[f"{prefix}.{mapping.prev}"] = _scale_mapping(layer, prefix, inputs, mapping, targets, config, arch)
 
 
 @dataclass

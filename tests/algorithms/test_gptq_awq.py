@@ -207,6 +207,28 @@ def test_awq_folding_keeps_float_logits(outlier_model, windows, tmp_path: Path) 
     assert "grouped-query" in report["model.layers.0.self_attn.v_proj"]["skipped"]
 
 
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-phi3"])
+def test_awq_never_clips_query_and_key_projections(family: str, windows, tmp_path: Path) -> None:
+    """Clipping changes the clipped linears and leaves q/k (Phi-3: the fused qkv_proj) as scaling alone made them."""
+    from toolkit import models
+    from toolkit.models.architectures import layout_of
+
+    base = models.load(family).model
+    arch = layout_of(base)
+    weights = {}
+    for clip in (False, True):
+        model = awq.apply(copy.deepcopy(base), awq.AWQConfig(quantize=False, clip=clip),
+                          tiny_ctx(tmp_path / str(clip), windows["calib"]))
+        layer = model.get_submodule(f"{arch.layers}.0")
+        weights[clip] = {n: layer.get_submodule(n).weight.detach().clone()
+                         for n in (*arch.attention_projections(), *arch.mlp_projections(), arch.down)}
+    exempt = arch.clip_exempt()
+    assert exempt == (("self_attn.qkv_proj",) if family == "tiny-phi3" else ("self_attn.q_proj", "self_attn.k_proj"))
+    for name in exempt:
+        assert torch.equal(weights[False][name], weights[True][name]), name
+    assert any(not torch.equal(weights[False][n], weights[True][n]) for n in weights[True] if n not in exempt)
+
+
 def test_awq_then_gptq_composes(outlier_model, windows, tmp_path: Path) -> None:
     ctx = tiny_ctx(tmp_path, windows["calib"])
     model = awq.apply(copy.deepcopy(outlier_model), awq.AWQConfig(quantize=False), ctx)

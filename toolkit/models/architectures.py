@@ -108,6 +108,11 @@ class Architecture:
     def attention_projections(self) -> tuple[str, ...]:
         return (self.qkv,) if self.qkv else (self.q, self.k, self.v)  # type: ignore[return-value]
 
+    def clip_exempt(self) -> tuple[str, ...]:
+        """Linears AWQ must not clip: the queries' and keys' errors are multiplied together in the attention
+        scores (AWQ's reference implementation skips them, fused q/k/v projections included)."""
+        return (self.qkv,) if self.qkv else (self.q, self.k)  # type: ignore[return-value]
+
     def mlp_projections(self) -> tuple[str, ...]:
         return (self.gate_up,) if self.gate_up else (self.gate, self.up)  # type: ignore[return-value]
 
