@@ -20,7 +20,7 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation import compare as gate
 from toolkit.models import checkpoint
 from toolkit.models.tiny import tiny_llama
-from toolkit.passes import PASSES, rtn
+from toolkit.passes import PASSES, STREAMING, rtn
 from toolkit.pipeline import recipes, runner
 from toolkit.training.trainer import TrainConfig, Trainer
 
@@ -362,6 +362,57 @@ def test_bad_weights_are_refused_naming_the_tensors(tmp_path, capsys, case, mess
     refused(capsys, "run", str(recipe_file(tmp_path, tmp_path / "out", model=str(folder))), "--no-progress",
             match=message)
     assert not (tmp_path / "out").exists()
+
+
+STREAMED = {"evaluation": {"count": 2, "length": 32, "baseline": False, "kl": False}, "memory": {"activations_mb": 0}}
+
+
+@pytest.mark.parametrize("path", ["streaming", "in_memory"])
+@pytest.mark.parametrize("case, message", [
+    ("nan", "non-finite (NaN or Inf) values in 1 tensor(s): model.layers.1.mlp.down_proj.weight"),
+    ("wrong_shape", "wrong shape model.layers.1.mlp.down_proj.weight [96, 157] (expected [96, 160])"),
+    ("int_dtype", "unsupported dtype model.norm.weight I32"),
+    ("missing", "missing model.layers.1.input_layernorm.weight"),
+])
+def test_bad_weights_are_refused_alike_streamed_or_in_memory(tmp_path, capsys, monkeypatch, path, case, message):
+    """One check serves both paths: the shard headers before any work, the values as they are read."""
+    folder = saved_tiny(tmp_path / "m")
+    state = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    if case == "nan":
+        state[name][5, 7] = float("nan")
+    elif case == "wrong_shape":
+        state[name] = state[name][:, :-3].contiguous()
+    elif case == "int_dtype":
+        state["model.norm.weight"] = state["model.norm.weight"].to(torch.int32)
+    else:
+        del state["model.layers.1.input_layernorm.weight"]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if case != "nan":  # known from the headers: refused before any pass runs
+        no_pass_may_run(monkeypatch)
+        monkeypatch.setitem(STREAMING, rtn.RTNConfig, PASSES[rtn.RTNConfig])
+    changes = STREAMED if path == "streaming" else {}  # else the baseline is evaluated in memory first
+    recipe = recipe_file(tmp_path, tmp_path / "out", model=str(folder), **changes)
+    refused(capsys, "run", str(recipe), "--no-progress", match=message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["rtn", "gptq"])
+def test_float64_checkpoint_streams_as_float32(tmp_path, name):
+    """A float64 checkpoint loads (converted to float32), streamed or in memory, and quantizes as float32 does."""
+    f32 = saved_tiny(tmp_path / "f32")
+    f64 = saved_tiny(tmp_path / "f64")
+    state = load_file(str(f64 / "model.safetensors"))
+    save_file({k: v.double() for k, v in state.items()}, str(f64 / "model.safetensors"), metadata={"format": "pt"})
+    assert torch.equal(checkpoint.load_model(f64).model.norm.weight, checkpoint.load_model(f32).model.norm.weight)
+    packed = []
+    for folder in (f32, f64):
+        recipe = recipe_file(tmp_path, tmp_path / f"out-{folder.name}", model=str(folder),
+                             passes=[{name: {"bits": 4, "group_size": 32}}], **STREAMED)
+        result = runner.run(recipes.load(recipe), progress=False, log=lambda m: None)
+        assert "streaming" in result.steps[0].metrics
+        packed.append(load_file(str(next((result.output / "model").glob("*.safetensors")))))
+    assert packed[0].keys() == packed[1].keys() and all(torch.equal(packed[0][k], packed[1][k]) for k in packed[0])
 
 
 def bomb() -> str:

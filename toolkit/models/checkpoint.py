@@ -28,8 +28,8 @@ from transformers import (
 from toolkit import __version__
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import layout_of
-from toolkit.models.shards import ShardedWeights
-from toolkit.models.streaming import SkeletonModel, empty_model, install_quantized, set_tensor
+from toolkit.models.shards import ShardedWeights, listed, non_finite
+from toolkit.models.streaming import SkeletonModel, empty_model, install_quantized, set_tensor, tied_head
 from toolkit.paths import code_identity, sha256_file, sha256_json, write_text_atomic
 from toolkit.quant.modules import QuantEmbedding, quantized_modules
 
@@ -163,18 +163,12 @@ def verify_weight_files(folder: Path) -> None:
             raise ToolkitError(f"{path} is truncated or corrupt ({exc}); re-create it") from None
 
 
-def _names(names: list[str] | set[str]) -> str:
-    listed = sorted(names)
-    return ", ".join(listed[:5]) + (f" and {len(listed) - 5} more" if len(listed) > 5 else "")
-
-
 def check_finite(model: PreTrainedModel, folder: Path) -> None:
     """Refuse NaN or Inf weights, naming the tensors, before any figure is computed from them."""
     bad = [name for name, t in model.state_dict().items()
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        raise ToolkitError(f"{folder}: non-finite (NaN or Inf) values in {len(bad)} tensor(s): {_names(bad)}; "
-                           "the checkpoint is corrupt, re-create it")
+        raise non_finite(folder, bad)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
@@ -235,27 +229,26 @@ def _build_quantized(folder: Path, info: dict[str, Any], dtype: torch.dtype) -> 
     model = empty_model(config, dtype)
     install_quantized(model, info, folder / QUANT_FILE)
     weights = ShardedWeights(folder)
-    where = folder / WEIGHTS if (folder / WEIGHTS).is_file() else folder
-    expected = dict(model.state_dict(keep_vars=True))
-    unexpected = [n for n in weights.names() if n not in expected]
-    for name in weights.names():
-        if name in expected:
-            t = weights.get(name)
-            if t.shape != expected[name].shape:
-                raise ToolkitError(f"{where} does not match its config: {name} has shape {list(t.shape)}, "
-                                   f"the model expects {list(expected[name].shape)}")
-            set_tensor(model, name, t.to(expected[name].dtype))
     arch = layout_of(model)
+    expected = dict(model.state_dict(keep_vars=True))
+    weights.check_stored(expected, tied_head(model, arch), folder / WEIGHTS if (folder / WEIGHTS).is_file() else folder)
+    for name in weights.names():
+        set_tensor(model, name, weights.get(name).to(expected[name].dtype))
     head, embed = model.get_submodule(arch.head), model.get_submodule(arch.embed)
     if isinstance(head, nn.Linear) and head.weight.is_meta and config.tie_word_embeddings:
         head.weight = embed.weight  # a tied float head is stored once, under the embedding's name
-    missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
-    if missing or unexpected:
-        raise ToolkitError(
-            f"{where} does not match its config: missing {_names(missing) or 'none'}; "
-            f"unexpected {_names(unexpected) or 'none'}"
-        )
     return model.eval()
+
+
+def check_float_weights(folder: Path) -> None:
+    """The check the streaming path makes (``SkeletonModel``), made before transformers loads ``folder``:
+    every tensor's name, shape and dtype against the model ``config.json`` builds."""
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ToolkitError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0][:200]}") from None
+    model = empty_model(config)
+    ShardedWeights(folder).check_stored(model.state_dict(keep_vars=True), tied_head(model, layout_of(model)))
 
 
 def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -266,6 +259,7 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedMo
     if (folder / QUANT_FILE).is_file():
         model = _build_quantized(folder, _quant_info(folder), dtype)
     else:
+        check_float_weights(folder)
         try:
             model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -273,11 +267,17 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedMo
         missing, unexpected = set(info.get("missing_keys", ())), set(info.get("unexpected_keys", ()))
         mismatched = {str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", ())}
         if missing or unexpected or mismatched:
-            raise ToolkitError(f"{folder}: the weights do not match config.json: missing {_names(missing) or 'none'}; "
-                               f"unexpected {_names(unexpected) or 'none'}; wrong shape {_names(mismatched) or 'none'}. "
+            raise ToolkitError(f"{folder}: the weights do not match config.json: missing {listed(missing) or 'none'}; "
+                               f"unexpected {listed(unexpected) or 'none'}; wrong shape {listed(mismatched) or 'none'}. "
                                "Re-create the checkpoint (missing tensors would run as random weights)")
     check_finite(model, folder)
     return model.eval()
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse, before any work, a checkpoint folder whose files are corrupt or whose tensors (names, shapes,
+    dtypes: the shard headers) do not fit its config; values are checked as they are read."""
+    open_streaming(folder, "meta")
 
 
 def open_streaming(folder: Path, device: torch.device | str = "cpu") -> SkeletonModel:

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import Architecture, layout_of
-from toolkit.models.shards import ShardedWeights
+from toolkit.models.shards import FLOAT_DTYPES, READ_AS, ShardedWeights
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, set_module
 from toolkit.quant.spec import QuantSpec
 
@@ -64,6 +64,12 @@ def install_quantized(model: PreTrainedModel, info: dict[str, Any], source: Path
         model.set_input_embeddings(QuantEmbedding.replacing(model.get_input_embeddings(), head))
 
 
+def tied_head(model: nn.Module, layout: Architecture) -> list[str]:
+    """The head's weight when the config ties it to the embedding: a checkpoint may store it once, under the
+    embedding's name."""
+    return [f"{layout.head}.weight"] if getattr(model.config, "tie_word_embeddings", False) else []
+
+
 class SkeletonModel:
     """A checkpoint folder opened for streaming: the skeleton, the shard index and the architecture record."""
 
@@ -83,6 +89,7 @@ class SkeletonModel:
         self.quant = quant
         if quant is not None:
             install_quantized(self.model, quant, self.folder / "quantization.json")
+        self.weights.check_stored(self.model.state_dict(keep_vars=True), tied_head(self.model, self.layout))
         self._retie()
 
     @property
@@ -104,8 +111,9 @@ class SkeletonModel:
         return name
 
     def source_dtype(self, name: str) -> torch.dtype:
-        shape, dtype = self.weights.meta(self.stored_name(name))
-        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+        """The dtype ``read`` and ``rows`` return for ``name`` (float64 is read as float32)."""
+        dtype = FLOAT_DTYPES[self.weights.meta(self.stored_name(name))[1]]
+        return READ_AS.get(dtype, dtype)
 
     def param_names(self, prefix: str) -> list[str]:
         module = self.model.get_submodule(prefix)

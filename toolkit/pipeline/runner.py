@@ -310,6 +310,8 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
     device = resolve_device(recipe.device)
     options = stream_options(recipe.memory, device, progress)
     check_memory(recipe, ref, options)
+    if ref.folder is not None:
+        checkpoint.check_weights(ref.folder)
     tokenizer = models.load_tokenizer(ref)
     versions = checkpoint.library_versions()
     state = _State(ref)
