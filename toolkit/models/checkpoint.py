@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from toolkit import __version__
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, panics_as_errors
 from toolkit.models.architectures import layout_of
 from toolkit.models.shards import ShardedWeights, listed, non_finite
 from toolkit.models.streaming import SkeletonModel, empty_model, install_quantized, set_tensor, tied_head
@@ -290,6 +290,7 @@ def open_streaming(folder: Path, device: torch.device | str = "cpu") -> Skeleton
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        with panics_as_errors(f"cannot load the tokenizer from {folder}; re-create its tokenizer files"):
+            return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise ToolkitError(f"cannot load the tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
