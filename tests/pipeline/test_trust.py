@@ -209,13 +209,27 @@ def cached_step(isolated_cache: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "extra"])
+def list_outside(entry: Path, name: str, outside: Path) -> None:
+    """Move ``entry/name`` to ``outside`` and make the entry's manifest list it there (``../x`` or absolute)."""
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (entry / name).rename(outside)
+    listed = str(outside) if outside.is_absolute() and "absolute" in outside.name else os.path.relpath(outside, entry)
+    manifest["files"][listed] = manifest["files"].pop(name)
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "extra", "parent", "absolute", "symlink"])
 def test_damaged_cache_entry_is_recomputed_not_served(tmp_path, isolated_cache, damage):
     recipe = recipes.load(recipe_file(tmp_path, tmp_path / "out"))
     first = runner.run(recipe, progress=False, log=lambda m: None)
     weights = cached_step(isolated_cache) / "model.safetensors"
     data = weights.read_bytes()
-    if damage == "truncate":
+    if damage in ("parent", "absolute"):  # the manifest lists a file outside the entry, which matches it
+        list_outside(weights.parent, weights.name, tmp_path / f"{damage}.safetensors")
+    elif damage == "symlink":  # the entry's file is a link out of the entry
+        weights.rename(tmp_path / "elsewhere.safetensors")
+        weights.symlink_to(tmp_path / "elsewhere.safetensors")
+    elif damage == "truncate":
         weights.write_bytes(data[: len(data) // 2])
     elif damage == "flip":
         weights.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
@@ -228,6 +242,7 @@ def test_damaged_cache_entry_is_recomputed_not_served(tmp_path, isolated_cache, 
     assert [s.cache_hit for s in second.steps] == [False]
     assert any("warning: cache entry" in m and "recomputing" in m for m in logs), logs
     assert (tmp_path / "out" / "model" / "model.safetensors").read_bytes() == data
+    assert not (tmp_path / "out" / "model" / "model.safetensors").is_symlink()
     assert second.after["perplexity"] == first.after["perplexity"]
     assert checkpoint.verify_tree(tmp_path / "out")[1] == []
 
@@ -278,6 +293,12 @@ def test_inspect_verify_checks_every_hash(tmp_path, capsys):
     data = weights.read_bytes()
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     refused(capsys, "inspect", str(out), "--verify", match="model/model.safetensors: sha256 differs")
+
+
+def test_inspect_verify_refuses_a_manifest_listing_files_outside_its_folder(tmp_path, capsys):
+    out = tiny_output(tmp_path)
+    list_outside(out / "model", "model.safetensors", tmp_path / "x.safetensors")
+    refused(capsys, "inspect", str(out), "--verify", match="x.safetensors: lies outside the folder")
 
 
 # ----------------------------------------------------------------------------- the gate

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from toolkit.errors import ToolkitError, panics_as_errors
 from toolkit.models.architectures import layout_of
 from toolkit.models.shards import ShardedWeights, listed, non_finite
 from toolkit.models.streaming import SkeletonModel, empty_model, install_quantized, set_tensor, tied_head
-from toolkit.paths import code_identity, sha256_file, sha256_json, write_text_atomic
+from toolkit.paths import code_identity, is_within, sha256_file, sha256_json, write_text_atomic
 from toolkit.quant.modules import QuantEmbedding, quantized_modules
 
 QUANT_FILE = "quantization.json"
@@ -94,6 +94,15 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def inside(folder: Path, name: str) -> bool:
+    """``name`` (from a manifest) is a relative path to a file of ``folder``: no absolute path, no ``..``, no
+    symbolic link (of the file or a folder on its way) that leads out."""
+    relative = PurePosixPath(name)
+    if not name or relative.is_absolute() or ".." in relative.parts or Path(name).is_absolute():
+        return False
+    return is_within(folder / name, folder)
+
+
 def verify_files(folder: Path, hashes: bool = True) -> list[str]:
     """Problems with ``folder`` against its manifest: missing, extra, resized or (``hashes``) altered files."""
     folder = Path(folder)
@@ -109,7 +118,11 @@ def verify_files(folder: Path, hashes: bool = True) -> list[str]:
         problems.append(f"{name}: not in the manifest")
     for name, entry in sorted(files.items()):
         path = folder / name
-        if not path.is_file():
+        if not inside(folder, name):
+            problems.append(f"{name}: lies outside the folder (a manifest lists only its own files)")
+        elif not isinstance(entry, dict):
+            problems.append(f"{name}: no size and sha256 in the manifest")
+        elif not path.is_file():
             problems.append(f"{name}: missing")
         elif path.stat().st_size != entry.get("bytes"):
             problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry.get('bytes')}")
@@ -151,7 +164,8 @@ def verify_weight_files(folder: Path) -> None:
         raise ToolkitError(f"{folder} has no .safetensors weights")
     expected = read_manifest(folder).get("files", {}) if (Path(folder) / MANIFEST).is_file() else {}
     for path in files:
-        want = expected.get(path.name, {}).get("bytes")
+        entry = expected.get(path.name)
+        want = entry.get("bytes") if isinstance(entry, dict) else None
         if want is not None and path.stat().st_size != want:
             raise ToolkitError(
                 f"{path} is truncated or altered ({path.stat().st_size} bytes, manifest says {want}); re-create it"
