@@ -5,6 +5,7 @@ nothing left behind."""
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation import compare as gate
 from toolkit.models import checkpoint
 from toolkit.models.tiny import tiny_llama
-from toolkit.passes import PASSES, STREAMING, rtn
+from toolkit.passes import PASSES, STREAMING, gptq, rtn
 from toolkit.pipeline import recipes, runner
 from toolkit.training.trainer import TrainConfig, Trainer
 
@@ -518,3 +519,91 @@ def test_manifest_records_versions(tmp_path):
     assert {"torch", "transformers", "onnxruntime", "numpy", "tokenizers", "python", "toolkit_code"} <= set(versions)
     assert versions["torch"] == torch.__version__
     assert os.path.isfile(Path(__file__).parents[2] / "requirements.lock")
+
+
+# ----------------------------------------------------------------------------- the spill folder
+
+
+def spilling_recipe(tmp_path: Path, spill: Path, model: Path) -> Path:
+    """GPTQ streamed from ``model`` with every calibration batch (one window each) spilled to ``spill``."""
+    return recipe_file(tmp_path, tmp_path / "out", model=str(model), evaluation=STREAMED["evaluation"],
+                       passes=[{"gptq": {"group_size": 32, "batch_size": 1}}],
+                       memory={"activations_mb": 0, "spill_dir": str(spill)})
+
+
+@pytest.mark.parametrize("where", ["output", "in_output", "model", "cache"])
+def test_spill_folder_is_checked_before_any_work(tmp_path, capsys, monkeypatch, isolated_cache, where):
+    model = saved_tiny(tmp_path / "m")
+    spill = {"output": tmp_path / "out", "in_output": tmp_path / "out" / "spill", "model": model / "spill",
+             "cache": isolated_cache / "spill"}[where]
+    monkeypatch.setitem(STREAMING, gptq.GPTQConfig, PASSES[rtn.RTNConfig])  # must not run
+    no_pass_may_run(monkeypatch)
+    refused(capsys, "run", str(spilling_recipe(tmp_path, spill, model)), "--no-progress",
+            match="memory.spill_dir")
+    assert not (tmp_path / "out").exists() and not spill.exists()
+    assert not (model / "spill").exists()
+
+
+def spilled(spill: Path) -> list[Path]:
+    return list(spill.rglob("activations-*")) if spill.exists() else []
+
+
+@pytest.mark.parametrize("error", ["oserror", "safetensors"])
+def test_full_disk_while_spilling_names_the_spill_folder_and_leaves_nothing(tmp_path, capsys, monkeypatch,
+                                                                            isolated_cache, error):
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file as real_save
+
+    import toolkit.quant.activations as activations
+
+    calls = []
+
+    def fills_up(tensors: dict, path: str) -> None:
+        calls.append(path)
+        if len(calls) < 3:
+            real_save(tensors, path)
+            return
+        Path(path).write_bytes(b"partial")
+        if error == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(activations, "save_file", fills_up)
+    spill = tmp_path / "scratch" / "spill"
+    line = refused(capsys, "run", str(spilling_recipe(tmp_path, spill, saved_tiny(tmp_path / "m"))), "--no-progress",
+                   match="the disk is full while spilling calibration activations to")
+    assert str(spill) in line and "memory.spill_dir" in line and "TOOLKIT_CACHE" not in line
+    assert len(calls) == 3 and not spilled(spill) and not (tmp_path / "scratch").exists()
+    assert not (tmp_path / "out").exists() and not list((isolated_cache / "artifacts").glob("*"))
+
+
+@pytest.mark.parametrize("when", ["capture", "layer"])
+def test_interrupted_spilling_run_removes_its_activations(tmp_path, capsys, monkeypatch, when):
+    """Ctrl-C while layer 0's inputs are captured, or later while a layer runs: no activations-* is left."""
+    import toolkit.quant.activations as activations
+    import toolkit.quant.streaming as streaming
+
+    spill = tmp_path / "spill"
+    spill.mkdir()  # the user's folder: kept, emptied of what the run put there
+    if when == "capture":
+        real_put, seen = activations.ActivationBuffer.put, []
+
+        def put(self, i, t):  # type: ignore[no-untyped-def]
+            real_put(self, i, t)
+            seen.append(i)
+            if len(seen) == 2:  # two of the four windows captured, by capture_layer_inputs
+                assert not any(f.function == "advance" for f in inspect.stack())
+                assert spilled(spill)  # the second batch is on disk when the interrupt comes
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(activations.ActivationBuffer, "put", put)
+    else:
+        def advance(*args: object) -> None:
+            assert spilled(spill)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(streaming, "advance", advance)
+    rc, lines = cli(capsys, "run", str(spilling_recipe(tmp_path, spill, saved_tiny(tmp_path / "m"))), "--no-progress")
+    assert rc == 130, lines
+    assert spill.is_dir() and not list(spill.iterdir()) and not (tmp_path / "out").exists()

@@ -35,7 +35,7 @@ from toolkit.paths import atomic_dir, cache_dir, dir_bytes, sha256_json, write_t
 from toolkit.pipeline import budget
 from toolkit.pipeline.context import PassContext
 from toolkit.pipeline.monitor import Measure
-from toolkit.pipeline.outputs import check_output
+from toolkit.pipeline.outputs import check_output, check_spill
 from toolkit.pipeline.recipes import EvaluationSpec, MemorySpec, Recipe, Step
 from toolkit.quant.streaming import StreamOptions
 from toolkit.schema import record
@@ -303,6 +303,8 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
     start = time.perf_counter()
     torch.manual_seed(0)
     output = check_output(Path(output or recipe.output), _reads(recipe), overwrite)
+    if recipe.memory.spill_dir:
+        check_spill(Path(recipe.memory.spill_dir), output, _reads(recipe))
     ref = models.resolve(recipe.model)
     models.check_lengths(ref, {"evaluation.length": recipe.evaluation.length,
                                **({"calibration.length": recipe.calibration.length}
