@@ -267,6 +267,19 @@ def test_inconsistent_gguf_is_refused_with_one_line(tmp_path: Path, blocks: int)
 BYTES_KEY = "toolkit.test.bytes"
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("llama.embedding_length", 2**31, "embedding_length is 2147483648 but the tensors have 96"),
+    ("llama.feed_forward_length", 2**31, "feed_forward_length is 2147483648 but the tensors have 160"),
+    ("llama.attention.head_count", 0, "0 attention heads"),
+])
+def test_sizes_the_tensors_do_not_back_are_refused(tmp_path: Path, key: str, value: int, message: str) -> None:
+    """transformers builds the model from these sizes, for real, before it reads a tensor."""
+    run_export(tiny(), tmp_path / "out")
+    bad = rewrite(gguf_file.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf", {key: value})
+    with pytest.raises(ToolkitError, match=message):
+        gguf_file.read(bad)
+
+
 def count_offsets(path: Path) -> dict[str, int]:
     """Byte offsets of the tensor count and of the lengths of metadata arrays (of strings, of uint8)."""
     reader = gguf.GGUFReader(path)

@@ -419,6 +419,44 @@ def test_bad_weights_are_refused_alike_streamed_or_in_memory(tmp_path, capsys, m
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("num_hidden_layers", 2**32 - 1, "num_hidden_layers is 4294967295, but the checkpoint stores 20 tensors"),
+    ("hidden_size", 96 * 2**30, "hidden_size is 103079215104, but no stored tensor has a dimension above 259"),
+    ("num_attention_heads", 0, "config.json: integer modulo by zero"),  # transformers' own check, as one line
+])
+def test_config_sizes_the_weights_do_not_back_are_refused_before_a_model_is_built(tmp_path, capsys, monkeypatch,
+                                                                                  key, value, message):
+    from toolkit.models import streaming
+
+    folder = saved_tiny(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+
+    def must_not_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was built from the lying config")
+
+    monkeypatch.setattr(streaming, "empty_model", must_not_build)
+    monkeypatch.setattr(checkpoint, "empty_model", must_not_build)
+    refused(capsys, "run", str(recipe_file(tmp_path, tmp_path / "out", model=str(folder), **STREAMED)),
+            "--no-progress", match=message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/abs/elsewhere.safetensors"])
+def test_an_index_naming_a_shard_outside_its_folder_is_refused(tmp_path, capsys, shard):
+    folder = saved_tiny(tmp_path / "m")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (tmp_path / "elsewhere.safetensors").write_bytes((folder / "model-00001-of-00001.safetensors").read_bytes())
+    weight_map = dict.fromkeys(state, "model-00001-of-00001.safetensors")
+    weight_map["model.norm.weight"] = shard.replace("/abs", str(tmp_path))  # read from outside the checkpoint
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(capsys, "run", str(recipe_file(tmp_path, tmp_path / "out", model=str(folder), **STREAMED)),
+            "--no-progress", match="not a file of")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["rtn", "gptq"])
 def test_float64_checkpoint_streams_as_float32(tmp_path, name):
     """A float64 checkpoint loads (converted to float32), streamed or in memory, and quantizes as float32 does."""

@@ -426,7 +426,25 @@ def read(path: Path) -> gguf.GGUFReader:
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
     if int(embd.shape[-1]) != tokens:
         raise ToolkitError(f"{path}: inconsistent GGUF: {tokens} tokens but token_embd.weight has {int(embd.shape[-1])} rows")
+    _check_sizes(reader, arch, path)
     return reader
+
+
+def _check_sizes(reader: gguf.GGUFReader, arch: str, path: Path) -> None:
+    """The sizes transformers builds the model from (for real, before loading a tensor) against the tensors: a
+    lying embedding_length or feed_forward_length would allocate a model of that size first."""
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}  # GGUF order: [in, out]
+    hidden = shapes["token_embd.weight"][0]
+    sizes = {"embedding_length": hidden, "feed_forward_length": shapes["blk.0.ffn_down.weight"][0]}
+    for key, stored in sizes.items():
+        value = _value(reader, f"{arch}.{key}") if f"{arch}.{key}" in reader.fields else stored
+        if value != stored:
+            raise ToolkitError(f"{path}: inconsistent GGUF: {arch}.{key} is {value} but the tensors have {stored}")
+    heads = _value(reader, f"{arch}.attention.head_count")
+    kv = _value(reader, f"{arch}.attention.head_count_kv") if f"{arch}.attention.head_count_kv" in reader.fields else heads
+    if not all(isinstance(h, int) and 0 < h <= hidden for h in (heads, kv)):
+        raise ToolkitError(f"{path}: inconsistent GGUF: {heads} attention heads ({kv} key/value) for "
+                           f"embedding_length {hidden}")
 
 
 def dequantized_tensor(t: Any) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +18,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -29,8 +28,16 @@ from toolkit import __version__
 from toolkit.errors import ToolkitError, panics_as_errors
 from toolkit.models.architectures import layout_of
 from toolkit.models.shards import ShardedWeights, listed, non_finite
-from toolkit.models.streaming import SkeletonModel, empty_model, install_quantized, set_tensor, tied_head
-from toolkit.paths import code_identity, is_within, sha256_file, sha256_json, write_text_atomic
+from toolkit.models.streaming import (
+    SkeletonModel,
+    check_config_sizes,
+    empty_model,
+    install_quantized,
+    read_config,
+    set_tensor,
+    tied_head,
+)
+from toolkit.paths import code_identity, names_a_file_in, sha256_file, sha256_json, write_text_atomic
 from toolkit.quant.modules import QuantEmbedding, quantized_modules
 
 QUANT_FILE = "quantization.json"
@@ -94,15 +101,6 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def inside(folder: Path, name: str) -> bool:
-    """``name`` (from a manifest) is a relative path to a file of ``folder``: no absolute path, no ``..``, no
-    symbolic link (of the file or a folder on its way) that leads out."""
-    relative = PurePosixPath(name)
-    if not name or relative.is_absolute() or ".." in relative.parts or Path(name).is_absolute():
-        return False
-    return is_within(folder / name, folder)
-
-
 def verify_files(folder: Path, hashes: bool = True) -> list[str]:
     """Problems with ``folder`` against its manifest: missing, extra, resized or (``hashes``) altered files."""
     folder = Path(folder)
@@ -118,7 +116,7 @@ def verify_files(folder: Path, hashes: bool = True) -> list[str]:
         problems.append(f"{name}: not in the manifest")
     for name, entry in sorted(files.items()):
         path = folder / name
-        if not inside(folder, name):
+        if not names_a_file_in(folder, name):
             problems.append(f"{name}: lies outside the folder (a manifest lists only its own files)")
         elif not isinstance(entry, dict):
             problems.append(f"{name}: no size and sha256 in the manifest")
@@ -236,13 +234,11 @@ def _build_quantized(folder: Path, info: dict[str, Any], dtype: torch.dtype) -> 
     """The packed model, built on meta and filled tensor by tensor from one file or from shards, so
     loading holds the packed bytes once and never a float copy of the quantized weights. Float tensors
     (embedding, norms, a float head) take ``dtype``; packed codes, scales and zeros keep their own."""
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise ToolkitError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0][:200]}") from None
+    config = read_config(folder)
+    weights = ShardedWeights(folder)
+    check_config_sizes(config, weights, folder)
     model = empty_model(config, dtype)
     install_quantized(model, info, folder / QUANT_FILE)
-    weights = ShardedWeights(folder)
     arch = layout_of(model)
     expected = dict(model.state_dict(keep_vars=True))
     weights.check_stored(expected, tied_head(model, arch), folder / WEIGHTS if (folder / WEIGHTS).is_file() else folder)
@@ -257,12 +253,11 @@ def _build_quantized(folder: Path, info: dict[str, Any], dtype: torch.dtype) -> 
 def check_float_weights(folder: Path) -> None:
     """The check the streaming path makes (``SkeletonModel``), made before transformers loads ``folder``:
     every tensor's name, shape and dtype against the model ``config.json`` builds."""
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise ToolkitError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0][:200]}") from None
+    config = read_config(folder)
+    weights = ShardedWeights(folder)
+    check_config_sizes(config, weights, folder)
     model = empty_model(config)
-    ShardedWeights(folder).check_stored(model.state_dict(keep_vars=True), tied_head(model, layout_of(model)))
+    weights.check_stored(model.state_dict(keep_vars=True), tied_head(model, layout_of(model)))
 
 
 def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

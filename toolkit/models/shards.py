@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from toolkit.errors import ToolkitError
+from toolkit.paths import names_a_file_in
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -69,12 +70,19 @@ class ShardedWeights:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self._headers: dict[str, tuple[list[int], str]] | None = None
         index = self.folder / INDEX
         if index.is_file():
             try:
                 self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
                 raise ToolkitError(f"{index} is not a safetensors index ({exc}); re-create the checkpoint") from None
+            if not isinstance(self.weight_map, dict):
+                raise ToolkitError(f"{index}: 'weight_map' is not a mapping; re-create the checkpoint")
+            outside = sorted({str(f) for f in self.weight_map.values() if not names_a_file_in(self.folder, f)})
+            if outside:
+                raise ToolkitError(f"{index} names {listed(outside)}, not a file of {self.folder} (an index names "
+                                   "only its own shards); re-create the checkpoint")
         elif (self.folder / SINGLE).is_file():
             with self._open(SINGLE) as f:
                 self.weight_map = dict.fromkeys(f.keys(), SINGLE)
@@ -115,6 +123,8 @@ class ShardedWeights:
 
     def headers(self) -> dict[str, tuple[list[int], str]]:
         """Every tensor's shape and stored dtype, from the shard headers alone (no tensor data is read)."""
+        if self._headers is not None:
+            return self._headers
         out: dict[str, tuple[list[int], str]] = {}
         for file in sorted(set(self.weight_map.values())):
             with self._open(file) as f:
@@ -122,6 +132,7 @@ class ShardedWeights:
                     if self.weight_map.get(name) == file:
                         sl = f.get_slice(name)
                         out[name] = (list(sl.get_shape()), str(sl.get_dtype()))
+        self._headers = out
         return out
 
     def check_stored(self, expected: dict[str, torch.Tensor], optional: Iterable[str] = (),

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -36,6 +37,40 @@ def empty_model(config: object, dtype: torch.dtype = torch.float32) -> PreTraine
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def read_config(folder: Path) -> Any:
+    """``config.json`` as transformers reads it; unreadable or invalid (its own checks, e.g. heads that do not
+    divide the hidden size) as one line."""
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, StrictDataclassError, ArithmeticError, TypeError) as exc:  # its validators
+        # divide by a head count of 0 or compare a string with a number before they report anything
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ToolkitError(f"cannot read {Path(folder) / 'config.json'}: {detail}; re-create it") from None
+
+
+# config sizes that shape the model built from it; a packed dimension is at most 8x smaller than the real one
+SIZE_KEYS = ("hidden_size", "intermediate_size", "vocab_size", "head_dim", "num_attention_heads", "num_key_value_heads")
+PACKING = 8
+
+
+def check_config_sizes(config: Any, weights: ShardedWeights, where: Path) -> None:
+    """Refuse, before a model is built from ``config`` (rotary buffers are real even on the meta device), sizes
+    that the stored tensors cannot back: a lying ``num_hidden_layers`` or ``hidden_size`` would build a model
+    of that size first. Each layer stores at least one tensor; no size exceeds the largest stored dimension
+    (times the packing of a quantized one)."""
+    headers = weights.headers()
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or not 0 < layers <= len(headers):
+        raise ToolkitError(f"{where / 'config.json'}: num_hidden_layers is {layers}, but the checkpoint stores "
+                           f"{len(headers)} tensors; re-create config.json")
+    largest = max((d for shape, _ in headers.values() for d in shape), default=0)
+    for key in SIZE_KEYS:
+        value = getattr(config, key, None)
+        if value is not None and (not isinstance(value, int) or not 0 < value <= PACKING * largest):
+            raise ToolkitError(f"{where / 'config.json'}: {key} is {value}, but no stored tensor has a dimension "
+                               f"above {largest}; re-create config.json")
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -76,11 +111,9 @@ class SkeletonModel:
     def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  quant: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
-        try:
-            self.config = AutoConfig.from_pretrained(self.folder)
-        except (OSError, ValueError) as exc:
-            raise ToolkitError(f"cannot read {self.folder / 'config.json'}: {str(exc).splitlines()[0]}") from None
+        self.config = read_config(self.folder)
         self.weights = ShardedWeights(self.folder)
+        check_config_sizes(self.config, self.weights, self.folder)
         self.dtype, self.device = dtype, torch.device(device)
         self.model = empty_model(self.config, dtype)
         for name, buf in list(self.model.named_buffers()):  # rotary frequencies: computed, needed on the device

@@ -29,7 +29,7 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation import perplexity
 from toolkit.evaluation.streaming import stream_perplexity
 from toolkit.models import checkpoint
-from toolkit.models.streaming import SkeletonModel
+from toolkit.models.streaming import SkeletonModel, read_config
 from toolkit.passes import STREAMING, handler
 from toolkit.paths import atomic_dir, cache_dir, dir_bytes, sha256_json, write_text_atomic
 from toolkit.pipeline import budget
@@ -111,12 +111,12 @@ def _step_key(step: Step, input_key: str, recipe: Recipe, versions: dict[str, st
 
 
 def _model_shape(ref: models.ModelRef) -> budget.ModelShape | None:
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import LlamaConfig
 
     from toolkit.models.tiny import TINY_CONFIG
 
     if ref.folder is not None:
-        return budget.ModelShape.of_config(AutoConfig.from_pretrained(ref.folder))
+        return budget.ModelShape.of_config(read_config(ref.folder))
     if ref.source.startswith("tiny-llama"):
         return budget.ModelShape.of_config(LlamaConfig(**TINY_CONFIG))
     return None  # a hub id or another tiny family: its config is not built just to estimate
@@ -311,9 +311,9 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
                                   if any(s.reads_calibration for s in recipe.passes) else {})})
     device = resolve_device(recipe.device)
     options = stream_options(recipe.memory, device, progress)
-    check_memory(recipe, ref, options)
-    if ref.folder is not None:
+    if ref.folder is not None:  # before anything is built from its config
         checkpoint.check_weights(ref.folder)
+    check_memory(recipe, ref, options)
     tokenizer = models.load_tokenizer(ref)
     versions = checkpoint.library_versions()
     state = _State(ref)
