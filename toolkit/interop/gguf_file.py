@@ -334,7 +334,7 @@ class _Counts:
     """Walks a GGUF's header checking every declared count against the bytes left, before gguf's reader (which
     loops over a lying array length without end: reads past the end are empty, not errors) builds anything."""
 
-    def __init__(self, data: bytes | memoryview, path: Path) -> None:
+    def __init__(self, data: bytes | mmap.mmap, path: Path) -> None:
         self.data, self.path, self.offs = data, path, 0
 
     def take(self, fmt: str) -> int:

@@ -128,7 +128,7 @@ class ShardedWeights:
         out: dict[str, tuple[list[int], str]] = {}
         for file in sorted(set(self.weight_map.values())):
             with self._open(file) as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                     if self.weight_map.get(name) == file:
                         sl = f.get_slice(name)
                         out[name] = (list(sl.get_shape()), str(sl.get_dtype()))
