@@ -143,7 +143,8 @@ class ShardedWeights:
         where = where or self.folder
         stored = self.headers()
         listed_in_index = set(self.weight_map)
-        missing = [n for n in expected if n not in listed_in_index and n not in set(optional)]
+        may_lack = set(optional)
+        missing = [n for n in expected if n not in listed_in_index and n not in may_lack]
         unexpected = [n for n in listed_in_index if n not in expected]
         absent = [n for n in listed_in_index if n not in stored]  # the index names a tensor its shard lacks
         shapes, dtypes = [], []

@@ -62,7 +62,7 @@ def check_config_sizes(config: Any, weights: ShardedWeights, where: Path) -> Non
     (times the packing of a quantized one)."""
     headers = weights.headers()
     layers = getattr(config, "num_hidden_layers", None)
-    if not isinstance(layers, int) or not 0 < layers <= len(headers):
+    if layers is not None and (not isinstance(layers, int) or not 0 < layers <= len(headers)):
         raise ToolkitError(f"{where / 'config.json'}: num_hidden_layers is {layers}, but the checkpoint stores "
                            f"{len(headers)} tensors; re-create config.json")
     largest = max((d for shape, _ in headers.values() for d in shape), default=0)
