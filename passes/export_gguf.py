@@ -159,7 +159,7 @@ def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: lis
     for _, _, qtype in encoded:
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
     main = max((q for _, a, q in encoded if a.ndim == 2), key=lambda q: sum(1 for _, _, x in encoded if x == q))
-    writer = gguf.GGUFWriter(path, gguf_file.arch_of(model).arch)
+    writer = gguf_file.Writer(path, gguf_file.arch_of(model).arch)
     gguf_file.write_hparams(writer, model, gguf_file.FILE_TYPES[main])
     pre = gguf_file.pre_tokenizer(tokenizer) if config.pre_tokenizer == "auto" else config.pre_tokenizer
     gguf_file.write_vocab(writer, tokenizer, model.config.vocab_size, pre)

@@ -19,7 +19,7 @@ import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, panics_as_errors
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -77,11 +77,12 @@ class Tokenizer:
         path = folder / TOKENIZER_FILE
         if not path.is_file():
             raise ToolkitError(f"{folder} has no {TOKENIZER_FILE}: copy the tokenizer files with the export")
-        try:
-            core = tokenizers.Tokenizer.from_file(str(path))
-            config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
-        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-            raise ToolkitError(f"cannot load the tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
+        with panics_as_errors(f"cannot load the tokenizer from {folder}; re-create {TOKENIZER_FILE}"):
+            try:
+                core = tokenizers.Tokenizer.from_file(str(path))
+                config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
+            except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+                raise ToolkitError(f"cannot load the tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
         template = _chat_template(folder, config)
         special: dict[str, Any] = {k: t for k in SPECIAL_TOKENS if (t := _token_text(config.get(k))) is not None}
         extra = config.get("additional_special_tokens") or config.get("extra_special_tokens")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, is_panic
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -293,8 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was left half-written", file=sys.stderr)
         return 130
-    except Exception as exc:  # the last resort: one line, the traceback behind --debug
-        if args.debug:
+    except BaseException as exc:  # the last resort: one line, the traceback behind --debug
+        if args.debug or not (isinstance(exc, Exception) or is_panic(exc)):
             raise
         print(f"internal error: {type(exc).__name__}: {one_line(str(exc))} (rerun with --debug for the traceback)",
               file=sys.stderr)

@@ -12,7 +12,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from toolkit.errors import ToolkitError
@@ -137,6 +137,17 @@ def is_within(path: Path, folder: Path) -> bool:
     """``path`` is ``folder`` or lies inside it (both resolved, symlinks followed)."""
     path, folder = Path(path).resolve(), Path(folder).resolve()
     return path == folder or folder in path.parents
+
+
+def names_a_file_in(folder: Path, name: object) -> bool:
+    """``name`` (read from a manifest or an index) is a relative path to a file of ``folder``: no absolute path,
+    no ``..``, no symbolic link (of the file or a folder on its way) that leads out."""
+    if not isinstance(name, str) or not name:
+        return False
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or Path(name).is_absolute() or ".." in relative.parts:
+        return False
+    return is_within(Path(folder) / name, folder)
 
 
 def dir_bytes(folder: Path) -> int:

@@ -139,6 +139,43 @@ def test_export_writes_the_metadata_llama_cpp_reads(tmp_path: Path) -> None:
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == c.vocab_size
 
 
+def test_exported_gguf_is_a_model_source_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A merge-less BPE vocabulary is written with an empty merges array (no placeholder merge naming a token
+    the vocabulary lacks), so transformers rebuilds the tokenizer and the file runs as ``model:``."""
+    from toolkit.cli import main
+
+    run_export(tiny(), tmp_path / "out", float_type="f32")
+    merges = gguf_file.read(tmp_path / "out" / FILE).fields["tokenizer.ggml.merges"]
+    assert merges.contents() == [] and merges.types == [gguf.GGUFValueType.ARRAY]
+    ref = models.resolve(str(tmp_path / "out" / FILE))
+    for text in ("hello world", "  two spaces\nand é ü 🦙", "<s>x</s>"):
+        assert models.load_tokenizer(ref)(text)["input_ids"] == tiny_tokenizer()(text)["input_ids"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tmp_path / 'out' / FILE}\noutput: {tmp_path / 'run'}\n"
+                      "evaluation: {count: 2, length: 32}\npasses: [{rtn: {group_size: 32}}]\n")
+    assert main(["run", str(recipe), "--no-progress"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "model" / "quantization.json").is_file()
+
+
+def test_a_panicking_gguf_tokenizer_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A merge naming a token the vocabulary lacks makes transformers' (Rust) tokenizer build panic; pyo3's
+    PanicException is not an Exception, and is caught by name: one line, nothing converted, no traceback."""
+    from toolkit.cli import main
+    from toolkit.paths import cache_dir
+
+    run_export(tiny(), tmp_path / "out")
+    bad = rewrite(gguf_file.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf",
+                  {"tokenizer.ggml.merges": ["<s> </s>"]})
+    with pytest.raises(ToolkitError, match=r"transformers cannot convert GGUF file .*bad\.gguf \(a library panicked"):
+        models.resolve(str(bad))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {bad}\noutput: {tmp_path / 'run'}\npasses: [{{rtn: {{group_size: 32}}}}]\n")
+    assert main(["run", str(recipe), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: transformers cannot convert GGUF file" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not list((cache_dir() / "models").glob("bad-*"))
+
+
 @pytest.mark.parametrize("float_type,qtype", [("f32", Q.F32), ("f16", Q.F16)])
 def test_float_model_exports_at_the_float_type(tmp_path: Path, float_type: str, qtype) -> None:
     metrics = run_export(tiny(None), tmp_path / "out", float_type=float_type)
@@ -195,20 +232,19 @@ def test_truncated_gguf_is_refused_with_one_line(tmp_path: Path) -> None:
         models.resolve(str(tmp_path / f"cut{len(data) // 2}.gguf"))
 
 
-def test_inconsistent_gguf_is_refused_with_one_line(tmp_path: Path) -> None:
-    loaded = tiny()
-    run_export(loaded, tmp_path / "out")
-    reader = gguf_file.read(tmp_path / "out" / FILE)
-    bad = tmp_path / "bad.gguf"
-    writer = gguf.GGUFWriter(bad, "llama")
-    for field in reader.fields.values():  # copy every key but claim one more layer than the file holds
+def rewrite(reader: gguf.GGUFReader, path: Path, changes: dict[str, object], bytes_key: str | None = None) -> Path:
+    """A copy of ``reader``'s file with the metadata ``changes`` (key -> value) written as the file's own
+    (and a uint8 array ``bytes_key`` first)."""
+    writer = gguf_file.Writer(path, "llama")
+    if bytes_key:
+        writer.add_key_value(bytes_key, [1, 2, 3], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT8)
+    for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue
-        value = field.contents()
-        if field.name == "llama.block_count":
-            value = 3
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        vtype, value = field.types[0], changes.get(field.name, field.contents())
+        sub = None  # an empty array's item type is not stored where the reader looks: the merges' are strings
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = field.types[-1] if len(field.types) > 1 else gguf.GGUFValueType.STRING
         writer.add_key_value(field.name, value, vtype, sub_type=sub)
     for t in reader.tensors:
         writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
@@ -216,7 +252,55 @@ def test_inconsistent_gguf_is_refused_with_one_line(tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ToolkitError, match=r"block_count is 3 but tensor 'blk\.2\..*' is missing"):
+    return path
+
+
+@pytest.mark.parametrize("blocks", [3, 2**32 - 1, 0])
+def test_inconsistent_gguf_is_refused_with_one_line(tmp_path: Path, blocks: int) -> None:
+    """A block_count the tensors do not back is refused; one of 2^32 - 1 without listing its names first."""
+    run_export(tiny(), tmp_path / "out")
+    bad = rewrite(gguf_file.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf", {"llama.block_count": blocks})
+    with pytest.raises(ToolkitError, match=rf"block_count is {blocks} but tensor 'blk\.(2|0)\..*' is missing"):
+        gguf_file.read(bad)
+
+
+BYTES_KEY = "toolkit.test.bytes"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("llama.embedding_length", 2**31, "embedding_length is 2147483648 but the tensors have 96"),
+    ("llama.feed_forward_length", 2**31, "feed_forward_length is 2147483648 but the tensors have 160"),
+    ("llama.attention.head_count", 0, "0 attention heads"),
+])
+def test_sizes_the_tensors_do_not_back_are_refused(tmp_path: Path, key: str, value: int, message: str) -> None:
+    """transformers builds the model from these sizes, for real, before it reads a tensor."""
+    run_export(tiny(), tmp_path / "out")
+    bad = rewrite(gguf_file.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf", {key: value})
+    with pytest.raises(ToolkitError, match=message):
+        gguf_file.read(bad)
+
+
+def count_offsets(path: Path) -> dict[str, int]:
+    """Byte offsets of the tensor count and of the lengths of metadata arrays (of strings, of uint8)."""
+    reader = gguf.GGUFReader(path)
+    offsets = {"tensors": 8}
+    for key in ("tokenizer.ggml.tokens", BYTES_KEY):
+        offsets[key] = reader.fields[key].offset + 8 + len(key) + 4 + 4  # key length, key, value type, item type
+    return offsets
+
+
+@pytest.mark.parametrize("where", ["tensors", "tokenizer.ggml.tokens", BYTES_KEY])
+def test_a_count_beyond_what_the_file_holds_is_refused_before_anything_is_built(tmp_path: Path, where: str) -> None:
+    """gguf's reader loops over a declared array length even past the end of the file (reads there are empty,
+    not errors: a uint8 array of 2^62 items never ends): a count the file cannot hold is refused first."""
+    run_export(tiny(), tmp_path / "out")
+    good = rewrite(gguf_file.read(tmp_path / "out" / FILE), tmp_path / "good.gguf", {}, BYTES_KEY)
+    data = bytearray(good.read_bytes())
+    offset = count_offsets(good)[where]
+    data[offset:offset + 8] = (2**62).to_bytes(8, "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ToolkitError, match=r"declares 4611686018427387904 .*more than its \d+ bytes can hold"):
         gguf_file.read(bad)
 
 

@@ -5,6 +5,7 @@ nothing left behind."""
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation import compare as gate
 from toolkit.models import checkpoint
 from toolkit.models.tiny import tiny_llama
-from toolkit.passes import PASSES, rtn
+from toolkit.passes import PASSES, STREAMING, gptq, rtn
 from toolkit.pipeline import recipes, runner
 from toolkit.training.trainer import TrainConfig, Trainer
 
@@ -209,13 +210,27 @@ def cached_step(isolated_cache: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "extra"])
+def list_outside(entry: Path, name: str, outside: Path) -> None:
+    """Move ``entry/name`` to ``outside`` and make the entry's manifest list it there (``../x`` or absolute)."""
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (entry / name).rename(outside)
+    listed = str(outside) if outside.is_absolute() and "absolute" in outside.name else os.path.relpath(outside, entry)
+    manifest["files"][listed] = manifest["files"].pop(name)
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "extra", "parent", "absolute", "symlink"])
 def test_damaged_cache_entry_is_recomputed_not_served(tmp_path, isolated_cache, damage):
     recipe = recipes.load(recipe_file(tmp_path, tmp_path / "out"))
     first = runner.run(recipe, progress=False, log=lambda m: None)
     weights = cached_step(isolated_cache) / "model.safetensors"
     data = weights.read_bytes()
-    if damage == "truncate":
+    if damage in ("parent", "absolute"):  # the manifest lists a file outside the entry, which matches it
+        list_outside(weights.parent, weights.name, tmp_path / f"{damage}.safetensors")
+    elif damage == "symlink":  # the entry's file is a link out of the entry
+        weights.rename(tmp_path / "elsewhere.safetensors")
+        weights.symlink_to(tmp_path / "elsewhere.safetensors")
+    elif damage == "truncate":
         weights.write_bytes(data[: len(data) // 2])
     elif damage == "flip":
         weights.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
@@ -228,6 +243,7 @@ def test_damaged_cache_entry_is_recomputed_not_served(tmp_path, isolated_cache, 
     assert [s.cache_hit for s in second.steps] == [False]
     assert any("warning: cache entry" in m and "recomputing" in m for m in logs), logs
     assert (tmp_path / "out" / "model" / "model.safetensors").read_bytes() == data
+    assert not (tmp_path / "out" / "model" / "model.safetensors").is_symlink()
     assert second.after["perplexity"] == first.after["perplexity"]
     assert checkpoint.verify_tree(tmp_path / "out")[1] == []
 
@@ -278,6 +294,12 @@ def test_inspect_verify_checks_every_hash(tmp_path, capsys):
     data = weights.read_bytes()
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     refused(capsys, "inspect", str(out), "--verify", match="model/model.safetensors: sha256 differs")
+
+
+def test_inspect_verify_refuses_a_manifest_listing_files_outside_its_folder(tmp_path, capsys):
+    out = tiny_output(tmp_path)
+    list_outside(out / "model", "model.safetensors", tmp_path / "x.safetensors")
+    refused(capsys, "inspect", str(out), "--verify", match="x.safetensors: lies outside the folder")
 
 
 # ----------------------------------------------------------------------------- the gate
@@ -364,6 +386,95 @@ def test_bad_weights_are_refused_naming_the_tensors(tmp_path, capsys, case, mess
     assert not (tmp_path / "out").exists()
 
 
+STREAMED = {"evaluation": {"count": 2, "length": 32, "baseline": False, "kl": False}, "memory": {"activations_mb": 0}}
+
+
+@pytest.mark.parametrize("path", ["streaming", "in_memory"])
+@pytest.mark.parametrize("case, message", [
+    ("nan", "non-finite (NaN or Inf) values in 1 tensor(s): model.layers.1.mlp.down_proj.weight"),
+    ("wrong_shape", "wrong shape model.layers.1.mlp.down_proj.weight [96, 157] (expected [96, 160])"),
+    ("int_dtype", "unsupported dtype model.norm.weight I32"),
+    ("missing", "missing model.layers.1.input_layernorm.weight"),
+])
+def test_bad_weights_are_refused_alike_streamed_or_in_memory(tmp_path, capsys, monkeypatch, path, case, message):
+    """One check serves both paths: the shard headers before any work, the values as they are read."""
+    folder = saved_tiny(tmp_path / "m")
+    state = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    if case == "nan":
+        state[name][5, 7] = float("nan")
+    elif case == "wrong_shape":
+        state[name] = state[name][:, :-3].contiguous()
+    elif case == "int_dtype":
+        state["model.norm.weight"] = state["model.norm.weight"].to(torch.int32)
+    else:
+        del state["model.layers.1.input_layernorm.weight"]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if case != "nan":  # known from the headers: refused before any pass runs
+        no_pass_may_run(monkeypatch)
+        monkeypatch.setitem(STREAMING, rtn.RTNConfig, PASSES[rtn.RTNConfig])
+    changes = STREAMED if path == "streaming" else {}  # else the baseline is evaluated in memory first
+    recipe = recipe_file(tmp_path, tmp_path / "out", model=str(folder), **changes)
+    refused(capsys, "run", str(recipe), "--no-progress", match=message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_hidden_layers", 2**32 - 1, "num_hidden_layers is 4294967295, but the checkpoint stores 20 tensors"),
+    ("hidden_size", 96 * 2**30, "hidden_size is 103079215104, but no stored tensor has a dimension above 259"),
+    ("num_attention_heads", 0, "config.json: integer modulo by zero"),  # transformers' own check, as one line
+])
+def test_config_sizes_the_weights_do_not_back_are_refused_before_a_model_is_built(tmp_path, capsys, monkeypatch,
+                                                                                  key, value, message):
+    from toolkit.models import streaming
+
+    folder = saved_tiny(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+
+    def must_not_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was built from the lying config")
+
+    monkeypatch.setattr(streaming, "empty_model", must_not_build)
+    monkeypatch.setattr(checkpoint, "empty_model", must_not_build)
+    refused(capsys, "run", str(recipe_file(tmp_path, tmp_path / "out", model=str(folder), **STREAMED)),
+            "--no-progress", match=message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/abs/elsewhere.safetensors"])
+def test_an_index_naming_a_shard_outside_its_folder_is_refused(tmp_path, capsys, shard):
+    folder = saved_tiny(tmp_path / "m")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (tmp_path / "elsewhere.safetensors").write_bytes((folder / "model-00001-of-00001.safetensors").read_bytes())
+    weight_map = dict.fromkeys(state, "model-00001-of-00001.safetensors")
+    weight_map["model.norm.weight"] = shard.replace("/abs", str(tmp_path))  # read from outside the checkpoint
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(capsys, "run", str(recipe_file(tmp_path, tmp_path / "out", model=str(folder), **STREAMED)),
+            "--no-progress", match="not a file of")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["rtn", "gptq"])
+def test_float64_checkpoint_streams_as_float32(tmp_path, name):
+    """A float64 checkpoint loads (converted to float32), streamed or in memory, and quantizes as float32 does."""
+    f32 = saved_tiny(tmp_path / "f32")
+    f64 = saved_tiny(tmp_path / "f64")
+    state = load_file(str(f64 / "model.safetensors"))
+    save_file({k: v.double() for k, v in state.items()}, str(f64 / "model.safetensors"), metadata={"format": "pt"})
+    assert torch.equal(checkpoint.load_model(f64).model.norm.weight, checkpoint.load_model(f32).model.norm.weight)
+    packed = []
+    for folder in (f32, f64):
+        recipe = recipe_file(tmp_path, tmp_path / f"out-{folder.name}", model=str(folder),
+                             passes=[{name: {"bits": 4, "group_size": 32}}], **STREAMED)
+        result = runner.run(recipes.load(recipe), progress=False, log=lambda m: None)
+        assert "streaming" in result.steps[0].metrics
+        packed.append(load_file(str(next((result.output / "model").glob("*.safetensors")))))
+    assert packed[0].keys() == packed[1].keys() and all(torch.equal(packed[0][k], packed[1][k]) for k in packed[0])
+
+
 def bomb() -> str:
     names = "abcdefghi"
     parts = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
@@ -446,3 +557,91 @@ def test_manifest_records_versions(tmp_path):
     assert {"torch", "transformers", "onnxruntime", "numpy", "tokenizers", "python", "toolkit_code"} <= set(versions)
     assert versions["torch"] == torch.__version__
     assert os.path.isfile(Path(__file__).parents[2] / "requirements.lock")
+
+
+# ----------------------------------------------------------------------------- the spill folder
+
+
+def spilling_recipe(tmp_path: Path, spill: Path, model: Path) -> Path:
+    """GPTQ streamed from ``model`` with every calibration batch (one window each) spilled to ``spill``."""
+    return recipe_file(tmp_path, tmp_path / "out", model=str(model), evaluation=STREAMED["evaluation"],
+                       passes=[{"gptq": {"group_size": 32, "batch_size": 1}}],
+                       memory={"activations_mb": 0, "spill_dir": str(spill)})
+
+
+@pytest.mark.parametrize("where", ["output", "in_output", "model", "cache"])
+def test_spill_folder_is_checked_before_any_work(tmp_path, capsys, monkeypatch, isolated_cache, where):
+    model = saved_tiny(tmp_path / "m")
+    spill = {"output": tmp_path / "out", "in_output": tmp_path / "out" / "spill", "model": model / "spill",
+             "cache": isolated_cache / "spill"}[where]
+    monkeypatch.setitem(STREAMING, gptq.GPTQConfig, PASSES[rtn.RTNConfig])  # must not run
+    no_pass_may_run(monkeypatch)
+    refused(capsys, "run", str(spilling_recipe(tmp_path, spill, model)), "--no-progress",
+            match="memory.spill_dir")
+    assert not (tmp_path / "out").exists() and not spill.exists()
+    assert not (model / "spill").exists()
+
+
+def spilled(spill: Path) -> list[Path]:
+    return list(spill.rglob("activations-*")) if spill.exists() else []
+
+
+@pytest.mark.parametrize("error", ["oserror", "safetensors"])
+def test_full_disk_while_spilling_names_the_spill_folder_and_leaves_nothing(tmp_path, capsys, monkeypatch,
+                                                                            isolated_cache, error):
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file as real_save
+
+    import toolkit.quant.activations as activations
+
+    calls = []
+
+    def fills_up(tensors: dict, path: str) -> None:
+        calls.append(path)
+        if len(calls) < 3:
+            real_save(tensors, path)
+            return
+        Path(path).write_bytes(b"partial")
+        if error == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(activations, "save_file", fills_up)
+    spill = tmp_path / "scratch" / "spill"
+    line = refused(capsys, "run", str(spilling_recipe(tmp_path, spill, saved_tiny(tmp_path / "m"))), "--no-progress",
+                   match="the disk is full while spilling calibration activations to")
+    assert str(spill) in line and "memory.spill_dir" in line and "TOOLKIT_CACHE" not in line
+    assert len(calls) == 3 and not spilled(spill) and not (tmp_path / "scratch").exists()
+    assert not (tmp_path / "out").exists() and not list((isolated_cache / "artifacts").glob("*"))
+
+
+@pytest.mark.parametrize("when", ["capture", "layer"])
+def test_interrupted_spilling_run_removes_its_activations(tmp_path, capsys, monkeypatch, when):
+    """Ctrl-C while layer 0's inputs are captured, or later while a layer runs: no activations-* is left."""
+    import toolkit.quant.activations as activations
+    import toolkit.quant.streaming as streaming
+
+    spill = tmp_path / "spill"
+    spill.mkdir()  # the user's folder: kept, emptied of what the run put there
+    if when == "capture":
+        real_put, seen = activations.ActivationBuffer.put, []
+
+        def put(self, i, t):  # type: ignore[no-untyped-def]
+            real_put(self, i, t)
+            seen.append(i)
+            if len(seen) == 2:  # two of the four windows captured, by capture_layer_inputs
+                assert not any(f.function == "advance" for f in inspect.stack())
+                assert spilled(spill)  # the second batch is on disk when the interrupt comes
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(activations.ActivationBuffer, "put", put)
+    else:
+        def advance(*args: object) -> None:
+            assert spilled(spill)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(streaming, "advance", advance)
+    rc, lines = cli(capsys, "run", str(spilling_recipe(tmp_path, spill, saved_tiny(tmp_path / "m"))), "--no-progress")
+    assert rc == 130, lines
+    assert spill.is_dir() and not list(spill.iterdir()) and not (tmp_path / "out").exists()

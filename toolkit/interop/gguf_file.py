@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
+import mmap
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -55,10 +58,6 @@ PRE_TOKENIZERS = {
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
 }
-# placeholder for a BPE vocabulary without merges (every byte a token): llama.cpp refuses a gpt2 vocabulary
-# without a merges key and gguf cannot write an empty array; "<s> </s>" never applies, since BPE symbols
-# start as single characters
-NO_MERGES = ["<s> </s>"]
 FLOAT_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}
 FILE_TYPES = {
     gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
@@ -67,6 +66,20 @@ FILE_TYPES = {
     gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
     gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
 }
+
+
+class Writer(gguf.GGUFWriter):
+    """gguf's writer, able to write an empty array: a BPE vocabulary without merges (every byte a token) needs
+    an empty ``tokenizer.ggml.merges``, since llama.cpp refuses a gpt2 vocabulary without the key, and any
+    placeholder merge names a token the vocabulary lacks, which transformers' tokenizer rebuild refuses. The
+    format allows a zero-length array; only gguf-py's packer refuses one."""
+
+    def _pack_val(self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool,
+                  sub_type: gguf.GGUFValueType | None = None) -> bytes:
+        if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+            head = self._pack("I", vtype) if add_vtype else b""
+            return bytes(head + self._pack("I", sub_type) + self._pack("Q", 0))
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
 def arch_of(model: PreTrainedModel) -> GGUFArch:
@@ -144,7 +157,7 @@ def _tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> tuple[list[s
     return tokens, types
 
 
-def write_vocab(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, vocab_size: int, pre: str) -> None:
+def write_vocab(writer: Writer, tokenizer: PreTrainedTokenizerBase, vocab_size: int, pre: str) -> None:
     tokens, types = _tokens(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -153,8 +166,9 @@ def write_vocab(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, voc
     with tempfile.TemporaryDirectory() as tmp:  # SpecialVocab reads the files save_pretrained writes
         tokenizer.save_pretrained(tmp)
         special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
-        special.merges = NO_MERGES
+    if not special.merges:  # written empty (see ``Writer``)
+        special.load_merges = False
+        writer.add_key_value(gguf.Keys.Tokenizer.MERGES, [], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING)
     probe = tokenizer("a")["input_ids"]
     special.add_special_token["bos"] = bool(probe) and probe[0] == tokenizer.bos_token_id
     special.add_to_gguf(writer, quiet=True)
@@ -306,12 +320,86 @@ def _value(reader: gguf.GGUFReader, key: str) -> Any:
     return reader.fields[key].contents()
 
 
+# bytes of the smallest item each count declares (GGUF v3): a kv pair (key length, empty key, type, a uint8),
+# a tensor info (name length, empty name, n_dims, type, offset), an array item of each type (a string: its length)
+MIN_KV_BYTES, MIN_TENSOR_BYTES = 8 + 4 + 1, 8 + 4 + 4 + 8
+ITEM_BYTES = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
+              gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
+              gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
+              gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8, gguf.GGUFValueType.STRING: 8,
+              gguf.GGUFValueType.ARRAY: 12}
+
+
+class _Counts:
+    """Walks a GGUF's header checking every declared count against the bytes left, before gguf's reader (which
+    loops over a lying array length without end: reads past the end are empty, not errors) builds anything."""
+
+    def __init__(self, data: bytes | mmap.mmap, path: Path) -> None:
+        self.data, self.path, self.offs = data, path, 0
+
+    def take(self, fmt: str) -> int:
+        size = struct.calcsize(fmt)
+        if self.offs + size > len(self.data):
+            raise ToolkitError(f"{self.path}: not a readable GGUF (truncated or corrupt): the header ends early")
+        (value,) = struct.unpack_from(fmt, self.data, self.offs)
+        self.offs += size
+        return int(value)
+
+    def count(self, what: str, item_bytes: int) -> int:
+        n = self.take("<Q")
+        if n * item_bytes > len(self.data) - self.offs:
+            raise ToolkitError(f"{self.path}: not a readable GGUF (truncated or corrupt): it declares {n} {what}, "
+                               f"more than its {len(self.data)} bytes can hold")
+        return n
+
+    def skip(self, n: int) -> None:
+        if self.offs + n > len(self.data):
+            raise ToolkitError(f"{self.path}: not a readable GGUF (truncated or corrupt): the header ends early")
+        self.offs += n
+
+    def value(self, vtype: int) -> None:
+        if vtype == gguf.GGUFValueType.STRING:
+            self.skip(self.count("string bytes", 1))
+        elif vtype == gguf.GGUFValueType.ARRAY:
+            item = self.take("<I")
+            if item not in ITEM_BYTES:
+                raise ToolkitError(f"{self.path}: not a readable GGUF (truncated or corrupt): unknown value type {item}")
+            n = self.count("array items", ITEM_BYTES[gguf.GGUFValueType(item)])
+            if item in (gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY):
+                for _ in range(n):
+                    self.value(item)
+            else:
+                self.skip(n * ITEM_BYTES[gguf.GGUFValueType(item)])
+        elif vtype in ITEM_BYTES:
+            self.skip(ITEM_BYTES[gguf.GGUFValueType(vtype)])
+        else:
+            raise ToolkitError(f"{self.path}: not a readable GGUF (truncated or corrupt): unknown value type {vtype}")
+
+    def check(self) -> None:
+        """Magic, version, then every count: tensors, keys, string and array lengths, dimensions."""
+        if self.take("<I") != gguf.GGUF_MAGIC:
+            raise ToolkitError(f"{self.path}: not a readable GGUF (truncated or corrupt): no GGUF magic")
+        self.take("<I")
+        tensors, keys = self.count("tensors", MIN_TENSOR_BYTES), self.count("metadata keys", MIN_KV_BYTES)
+        for _ in range(keys):
+            self.value(gguf.GGUFValueType.STRING)
+            self.value(self.take("<I"))
+        for _ in range(tensors):
+            self.value(gguf.GGUFValueType.STRING)
+            dims = self.take("<I")
+            self.skip(8 * dims + 4 + 8)
+
+
 def read(path: Path) -> gguf.GGUFReader:
     """Open a GGUF and check it is whole: the header parses, the required keys exist, every layer has its
     tensors and every tensor's bytes fit its shape. Raises ToolkitError with one line otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ToolkitError(f"GGUF file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ToolkitError(f"{path}: not a readable GGUF (truncated or corrupt): the file is empty")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        _Counts(data, path).check()
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OSError, EOFError) as exc:
@@ -323,11 +411,12 @@ def read(path: Path) -> gguf.GGUFReader:
     names = {t.name for t in reader.tensors}
     blocks = int(_value(reader, f"{arch}.block_count"))
     layer = sorted(n[len("blk.0."):] for n in names if n.startswith("blk.0."))  # every layer holds what layer 0 does
-    expected = ["token_embd.weight", "output_norm.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight"] + [
-        f"blk.{i}.{n}" for i in range(blocks) for n in layer]
-    absent = [n for n in expected if n not in names]
-    if absent:
-        raise ToolkitError(f"{path}: inconsistent GGUF: {arch}.block_count is {blocks} but tensor '{absent[0]}' is missing")
+    fixed = ["token_embd.weight", "output_norm.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight"]
+    per_layer = (f"blk.{i}.{n}" for i in range(blocks) for n in layer)  # lazy: a lying count stops at its first gap
+    absent = next((n for n in itertools.chain(fixed, per_layer) if n not in names), None)
+    if absent is not None or blocks < 1:
+        raise ToolkitError(f"{path}: inconsistent GGUF: {arch}.block_count is {blocks} but tensor "
+                           f"'{absent or 'blk.0.*'}' is missing")
     for t in reader.tensors:
         block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
         if int(t.n_elements) // block * type_size != int(t.n_bytes) or t.data.nbytes != int(t.n_bytes):
@@ -337,7 +426,25 @@ def read(path: Path) -> gguf.GGUFReader:
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
     if int(embd.shape[-1]) != tokens:
         raise ToolkitError(f"{path}: inconsistent GGUF: {tokens} tokens but token_embd.weight has {int(embd.shape[-1])} rows")
+    _check_sizes(reader, arch, path)
     return reader
+
+
+def _check_sizes(reader: gguf.GGUFReader, arch: str, path: Path) -> None:
+    """The sizes transformers builds the model from (for real, before loading a tensor) against the tensors: a
+    lying embedding_length or feed_forward_length would allocate a model of that size first."""
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}  # GGUF order: [in, out]
+    hidden = shapes["token_embd.weight"][0]
+    sizes = {"embedding_length": hidden, "feed_forward_length": shapes["blk.0.ffn_down.weight"][0]}
+    for key, stored in sizes.items():
+        value = _value(reader, f"{arch}.{key}") if f"{arch}.{key}" in reader.fields else stored
+        if value != stored:
+            raise ToolkitError(f"{path}: inconsistent GGUF: {arch}.{key} is {value} but the tensors have {stored}")
+    heads = _value(reader, f"{arch}.attention.head_count")
+    kv = _value(reader, f"{arch}.attention.head_count_kv") if f"{arch}.attention.head_count_kv" in reader.fields else heads
+    if not all(isinstance(h, int) and 0 < h <= hidden for h in (heads, kv)):
+        raise ToolkitError(f"{path}: inconsistent GGUF: {heads} attention heads ({kv} key/value) for "
+                           f"embedding_length {hidden}")
 
 
 def dequantized_tensor(t: Any) -> np.ndarray:

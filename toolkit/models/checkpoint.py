@@ -18,7 +18,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -26,11 +25,19 @@ from transformers import (
 )
 
 from toolkit import __version__
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, panics_as_errors
 from toolkit.models.architectures import layout_of
-from toolkit.models.shards import ShardedWeights
-from toolkit.models.streaming import SkeletonModel, empty_model, install_quantized, set_tensor
-from toolkit.paths import code_identity, sha256_file, sha256_json, write_text_atomic
+from toolkit.models.shards import ShardedWeights, listed, non_finite
+from toolkit.models.streaming import (
+    SkeletonModel,
+    check_config_sizes,
+    empty_model,
+    install_quantized,
+    read_config,
+    set_tensor,
+    tied_head,
+)
+from toolkit.paths import code_identity, names_a_file_in, sha256_file, sha256_json, write_text_atomic
 from toolkit.quant.modules import QuantEmbedding, quantized_modules
 
 QUANT_FILE = "quantization.json"
@@ -109,7 +116,11 @@ def verify_files(folder: Path, hashes: bool = True) -> list[str]:
         problems.append(f"{name}: not in the manifest")
     for name, entry in sorted(files.items()):
         path = folder / name
-        if not path.is_file():
+        if not names_a_file_in(folder, name):
+            problems.append(f"{name}: lies outside the folder (a manifest lists only its own files)")
+        elif not isinstance(entry, dict):
+            problems.append(f"{name}: no size and sha256 in the manifest")
+        elif not path.is_file():
             problems.append(f"{name}: missing")
         elif path.stat().st_size != entry.get("bytes"):
             problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry.get('bytes')}")
@@ -151,7 +162,8 @@ def verify_weight_files(folder: Path) -> None:
         raise ToolkitError(f"{folder} has no .safetensors weights")
     expected = read_manifest(folder).get("files", {}) if (Path(folder) / MANIFEST).is_file() else {}
     for path in files:
-        want = expected.get(path.name, {}).get("bytes")
+        entry = expected.get(path.name)
+        want = entry.get("bytes") if isinstance(entry, dict) else None
         if want is not None and path.stat().st_size != want:
             raise ToolkitError(
                 f"{path} is truncated or altered ({path.stat().st_size} bytes, manifest says {want}); re-create it"
@@ -163,18 +175,12 @@ def verify_weight_files(folder: Path) -> None:
             raise ToolkitError(f"{path} is truncated or corrupt ({exc}); re-create it") from None
 
 
-def _names(names: list[str] | set[str]) -> str:
-    listed = sorted(names)
-    return ", ".join(listed[:5]) + (f" and {len(listed) - 5} more" if len(listed) > 5 else "")
-
-
 def check_finite(model: PreTrainedModel, folder: Path) -> None:
     """Refuse NaN or Inf weights, naming the tensors, before any figure is computed from them."""
     bad = [name for name, t in model.state_dict().items()
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        raise ToolkitError(f"{folder}: non-finite (NaN or Inf) values in {len(bad)} tensor(s): {_names(bad)}; "
-                           "the checkpoint is corrupt, re-create it")
+        raise non_finite(folder, bad)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
@@ -228,34 +234,30 @@ def _build_quantized(folder: Path, info: dict[str, Any], dtype: torch.dtype) -> 
     """The packed model, built on meta and filled tensor by tensor from one file or from shards, so
     loading holds the packed bytes once and never a float copy of the quantized weights. Float tensors
     (embedding, norms, a float head) take ``dtype``; packed codes, scales and zeros keep their own."""
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise ToolkitError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0][:200]}") from None
+    config = read_config(folder)
+    weights = ShardedWeights(folder)
+    check_config_sizes(config, weights, folder)
     model = empty_model(config, dtype)
     install_quantized(model, info, folder / QUANT_FILE)
-    weights = ShardedWeights(folder)
-    where = folder / WEIGHTS if (folder / WEIGHTS).is_file() else folder
-    expected = dict(model.state_dict(keep_vars=True))
-    unexpected = [n for n in weights.names() if n not in expected]
-    for name in weights.names():
-        if name in expected:
-            t = weights.get(name)
-            if t.shape != expected[name].shape:
-                raise ToolkitError(f"{where} does not match its config: {name} has shape {list(t.shape)}, "
-                                   f"the model expects {list(expected[name].shape)}")
-            set_tensor(model, name, t.to(expected[name].dtype))
     arch = layout_of(model)
+    expected = dict(model.state_dict(keep_vars=True))
+    weights.check_stored(expected, tied_head(model, arch), folder / WEIGHTS if (folder / WEIGHTS).is_file() else folder)
+    for name in weights.names():
+        set_tensor(model, name, weights.get(name).to(expected[name].dtype))
     head, embed = model.get_submodule(arch.head), model.get_submodule(arch.embed)
     if isinstance(head, nn.Linear) and head.weight.is_meta and config.tie_word_embeddings:
         head.weight = embed.weight  # a tied float head is stored once, under the embedding's name
-    missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
-    if missing or unexpected:
-        raise ToolkitError(
-            f"{where} does not match its config: missing {_names(missing) or 'none'}; "
-            f"unexpected {_names(unexpected) or 'none'}"
-        )
     return model.eval()
+
+
+def check_float_weights(folder: Path) -> None:
+    """The check the streaming path makes (``SkeletonModel``), made before transformers loads ``folder``:
+    every tensor's name, shape and dtype against the model ``config.json`` builds."""
+    config = read_config(folder)
+    weights = ShardedWeights(folder)
+    check_config_sizes(config, weights, folder)
+    model = empty_model(config)
+    weights.check_stored(model.state_dict(keep_vars=True), tied_head(model, layout_of(model)))
 
 
 def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -266,6 +268,7 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedMo
     if (folder / QUANT_FILE).is_file():
         model = _build_quantized(folder, _quant_info(folder), dtype)
     else:
+        check_float_weights(folder)
         try:
             model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -273,11 +276,17 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedMo
         missing, unexpected = set(info.get("missing_keys", ())), set(info.get("unexpected_keys", ()))
         mismatched = {str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", ())}
         if missing or unexpected or mismatched:
-            raise ToolkitError(f"{folder}: the weights do not match config.json: missing {_names(missing) or 'none'}; "
-                               f"unexpected {_names(unexpected) or 'none'}; wrong shape {_names(mismatched) or 'none'}. "
+            raise ToolkitError(f"{folder}: the weights do not match config.json: missing {listed(missing) or 'none'}; "
+                               f"unexpected {listed(unexpected) or 'none'}; wrong shape {listed(mismatched) or 'none'}. "
                                "Re-create the checkpoint (missing tensors would run as random weights)")
     check_finite(model, folder)
     return model.eval()
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse, before any work, a checkpoint folder whose files are corrupt or whose tensors (names, shapes,
+    dtypes: the shard headers) do not fit its config; values are checked as they are read."""
+    open_streaming(folder, "meta")
 
 
 def open_streaming(folder: Path, device: torch.device | str = "cpu") -> SkeletonModel:
@@ -290,6 +299,7 @@ def open_streaming(folder: Path, device: torch.device | str = "cpu") -> Skeleton
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        with panics_as_errors(f"cannot load the tokenizer from {folder}; re-create its tokenizer files"):
+            return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise ToolkitError(f"cannot load the tokenizer from {folder}: {str(exc).splitlines()[0]}") from None

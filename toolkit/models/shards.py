@@ -5,6 +5,10 @@ writes it, or a single ``model.safetensors``) and opens the file for each read, 
 for is ever resident. Writing: ``ShardWriter`` streams each tensor's bytes to disk as it is added, starts a new
 shard whenever the next tensor would overflow ``max_shard_bytes``, then writes the index; ``write_planned_shard`` streams a shard whose
 shapes are known in advance (the header first, then each tensor's bytes), so not even one shard is buffered.
+
+Every read is checked, for the streaming and the in-memory paths alike: ``check_stored`` compares the headers
+with the model's tensors (names, shapes, dtypes) before anything is read, and ``get``/``rows`` refuse NaN or Inf
+values by tensor name. Float64 tensors are read as float32 (nothing computes or writes float64).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from toolkit.errors import ToolkitError
+from toolkit.paths import names_a_file_in
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -28,6 +33,28 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
     torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
 }
+
+
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+READ_AS = {torch.float64: torch.float32}  # float64 checkpoints load in float32, as transformers loads them
+
+
+def listed(names: Iterable[str]) -> str:
+    shown = sorted(names)
+    return ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+
+
+def non_finite(where: Path, names: Iterable[str]) -> ToolkitError:
+    bad = list(names)
+    return ToolkitError(f"{where}: non-finite (NaN or Inf) values in {len(bad)} tensor(s): {listed(bad)}; "
+                        "the checkpoint is corrupt, re-create it")
+
+
+def checked(where: Path, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as read from the checkpoint, refused when it holds NaN or Inf; float64 comes back as float32."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise non_finite(where, [name])
+    return t.to(READ_AS.get(t.dtype, t.dtype))
 
 
 def shard_name(index: int, count: int) -> str:
@@ -43,12 +70,19 @@ class ShardedWeights:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self._headers: dict[str, tuple[list[int], str]] | None = None
         index = self.folder / INDEX
         if index.is_file():
             try:
                 self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
                 raise ToolkitError(f"{index} is not a safetensors index ({exc}); re-create the checkpoint") from None
+            if not isinstance(self.weight_map, dict):
+                raise ToolkitError(f"{index}: 'weight_map' is not a mapping; re-create the checkpoint")
+            outside = sorted({str(f) for f in self.weight_map.values() if not names_a_file_in(self.folder, f)})
+            if outside:
+                raise ToolkitError(f"{index} names {listed(outside)}, not a file of {self.folder} (an index names "
+                                   "only its own shards); re-create the checkpoint")
         elif (self.folder / SINGLE).is_file():
             with self._open(SINGLE) as f:
                 self.weight_map = dict.fromkeys(f.keys(), SINGLE)
@@ -75,17 +109,65 @@ class ShardedWeights:
         if name not in self.weight_map:
             raise ToolkitError(f"{self.folder}: tensor '{name}' is not in the checkpoint")
         with self._open(self.weight_map[name]) as f:
-            return f.get_tensor(name)
+            return checked(self.folder, name, f.get_tensor(name))
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of a tensor (only those bytes are read)."""
+        """Rows ``start:stop`` of a tensor (only those bytes are read), checked as ``get`` checks."""
         with self._open(self.weight_map[name]) as f:
-            return f.get_slice(name)[start:stop]
+            return checked(self.folder, name, f.get_slice(name)[start:stop])
 
     def meta(self, name: str) -> tuple[list[int], str]:
         with self._open(self.weight_map[name]) as f:
             sl = f.get_slice(name)
             return list(sl.get_shape()), str(sl.get_dtype())
+
+    def headers(self) -> dict[str, tuple[list[int], str]]:
+        """Every tensor's shape and stored dtype, from the shard headers alone (no tensor data is read)."""
+        if self._headers is not None:
+            return self._headers
+        out: dict[str, tuple[list[int], str]] = {}
+        for file in sorted(set(self.weight_map.values())):
+            with self._open(file) as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                    if self.weight_map.get(name) == file:
+                        sl = f.get_slice(name)
+                        out[name] = (list(sl.get_shape()), str(sl.get_dtype()))
+        self._headers = out
+        return out
+
+    def check_stored(self, expected: dict[str, torch.Tensor], optional: Iterable[str] = (),
+                     where: Path | None = None) -> None:
+        """Refuse, before any tensor is read, a checkpoint whose tensors do not fit the model built from its
+        config: ``expected`` maps names to the model's tensors (on meta is enough); ``optional`` may be absent
+        (a tied head stored once). A float tensor must be stored as F32, F16, BF16 or F64; others exactly."""
+        where = where or self.folder
+        stored = self.headers()
+        listed_in_index = set(self.weight_map)
+        may_lack = set(optional)
+        missing = [n for n in expected if n not in listed_in_index and n not in may_lack]
+        unexpected = [n for n in listed_in_index if n not in expected]
+        absent = [n for n in listed_in_index if n not in stored]  # the index names a tensor its shard lacks
+        shapes, dtypes = [], []
+        for name, (shape, dtype) in stored.items():
+            want = expected.get(name)
+            if want is None:
+                continue
+            if shape != list(want.shape):
+                shapes.append(f"{name} {shape} (expected {list(want.shape)})")
+            fits = dtype in FLOAT_DTYPES if want.is_floating_point() else dtype == DTYPE_NAMES.get(want.dtype)
+            if not fits:
+                dtypes.append(f"{name} {dtype}")
+        if absent:
+            raise ToolkitError(f"{where}: {listed(absent)} named by {INDEX} but not in its shard; "
+                               "re-create or re-download the checkpoint")
+        wrong = [f"{what} {listed(names)}" for what, names in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if names]
+        if wrong:
+            raise ToolkitError(f"{where} does not match its config.json: {'; '.join(wrong)}; "
+                               "re-create the checkpoint (missing tensors would run as random weights)")
+        if dtypes:
+            raise ToolkitError(f"{where}: unsupported dtype {listed(dtypes)}; float weights must be stored as "
+                               "float32, float16, bfloat16 or float64 (packed tensors as written by the toolkit)")
 
     def files(self) -> list[Path]:
         return [self.folder / f for f in sorted(set(self.weight_map.values()))]

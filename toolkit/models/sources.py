@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, panics_as_errors
 from toolkit.models import checkpoint
 from toolkit.models.architectures import layout_of
 from toolkit.models.tiny import FAMILIES, family_config, tiny_model, tiny_tokenizer
@@ -76,7 +76,7 @@ def gguf_to_checkpoint(gguf: Path, folder: Path) -> None:
 
     gguf_file.read(gguf)
     try:
-        with _quiet_gguf_conversion():
+        with _quiet_gguf_conversion(), panics_as_errors(f"transformers cannot convert GGUF file {gguf}"):
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, IndexError, EOFError, struct.error, RuntimeError) as exc:

@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import Architecture, layout_of
-from toolkit.models.shards import ShardedWeights
+from toolkit.models.shards import FLOAT_DTYPES, READ_AS, ShardedWeights
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, set_module
 from toolkit.quant.spec import QuantSpec
 
@@ -36,6 +37,40 @@ def empty_model(config: object, dtype: torch.dtype = torch.float32) -> PreTraine
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def read_config(folder: Path) -> Any:
+    """``config.json`` as transformers reads it; unreadable or invalid (its own checks, e.g. heads that do not
+    divide the hidden size) as one line."""
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, StrictDataclassError, ArithmeticError, TypeError) as exc:  # its validators
+        # divide by a head count of 0 or compare a string with a number before they report anything
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ToolkitError(f"cannot read {Path(folder) / 'config.json'}: {detail}; re-create it") from None
+
+
+# config sizes that shape the model built from it; a packed dimension is at most 8x smaller than the real one
+SIZE_KEYS = ("hidden_size", "intermediate_size", "vocab_size", "head_dim", "num_attention_heads", "num_key_value_heads")
+PACKING = 8
+
+
+def check_config_sizes(config: Any, weights: ShardedWeights, where: Path) -> None:
+    """Refuse, before a model is built from ``config`` (rotary buffers are real even on the meta device), sizes
+    that the stored tensors cannot back: a lying ``num_hidden_layers`` or ``hidden_size`` would build a model
+    of that size first. Each layer stores at least one tensor; no size exceeds the largest stored dimension
+    (times the packing of a quantized one)."""
+    headers = weights.headers()
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None and (not isinstance(layers, int) or not 0 < layers <= len(headers)):
+        raise ToolkitError(f"{where / 'config.json'}: num_hidden_layers is {layers}, but the checkpoint stores "
+                           f"{len(headers)} tensors; re-create config.json")
+    largest = max((d for shape, _ in headers.values() for d in shape), default=0)
+    for key in SIZE_KEYS:
+        value = getattr(config, key, None)
+        if value is not None and (not isinstance(value, int) or not 0 < value <= PACKING * largest):
+            raise ToolkitError(f"{where / 'config.json'}: {key} is {value}, but no stored tensor has a dimension "
+                               f"above {largest}; re-create config.json")
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -64,17 +99,21 @@ def install_quantized(model: PreTrainedModel, info: dict[str, Any], source: Path
         model.set_input_embeddings(QuantEmbedding.replacing(model.get_input_embeddings(), head))
 
 
+def tied_head(model: nn.Module, layout: Architecture) -> list[str]:
+    """The head's weight when the config ties it to the embedding: a checkpoint may store it once, under the
+    embedding's name."""
+    return [f"{layout.head}.weight"] if getattr(model.config, "tie_word_embeddings", False) else []
+
+
 class SkeletonModel:
     """A checkpoint folder opened for streaming: the skeleton, the shard index and the architecture record."""
 
     def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  quant: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
-        try:
-            self.config = AutoConfig.from_pretrained(self.folder)
-        except (OSError, ValueError) as exc:
-            raise ToolkitError(f"cannot read {self.folder / 'config.json'}: {str(exc).splitlines()[0]}") from None
+        self.config = read_config(self.folder)
         self.weights = ShardedWeights(self.folder)
+        check_config_sizes(self.config, self.weights, self.folder)
         self.dtype, self.device = dtype, torch.device(device)
         self.model = empty_model(self.config, dtype)
         for name, buf in list(self.model.named_buffers()):  # rotary frequencies: computed, needed on the device
@@ -83,6 +122,7 @@ class SkeletonModel:
         self.quant = quant
         if quant is not None:
             install_quantized(self.model, quant, self.folder / "quantization.json")
+        self.weights.check_stored(self.model.state_dict(keep_vars=True), tied_head(self.model, self.layout))
         self._retie()
 
     @property
@@ -104,8 +144,9 @@ class SkeletonModel:
         return name
 
     def source_dtype(self, name: str) -> torch.dtype:
-        shape, dtype = self.weights.meta(self.stored_name(name))
-        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+        """The dtype ``read`` and ``rows`` return for ``name`` (float64 is read as float32)."""
+        dtype = FLOAT_DTYPES[self.weights.meta(self.stored_name(name))[1]]
+        return READ_AS.get(dtype, dtype)
 
     def param_names(self, prefix: str) -> list[str]:
         module = self.model.get_submodule(prefix)

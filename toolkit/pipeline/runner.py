@@ -29,13 +29,13 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation import perplexity
 from toolkit.evaluation.streaming import stream_perplexity
 from toolkit.models import checkpoint
-from toolkit.models.streaming import SkeletonModel
+from toolkit.models.streaming import SkeletonModel, read_config
 from toolkit.passes import STREAMING, handler
 from toolkit.paths import atomic_dir, cache_dir, dir_bytes, sha256_json, write_text_atomic
 from toolkit.pipeline import budget
 from toolkit.pipeline.context import PassContext
 from toolkit.pipeline.monitor import Measure
-from toolkit.pipeline.outputs import check_output
+from toolkit.pipeline.outputs import check_output, check_spill
 from toolkit.pipeline.recipes import EvaluationSpec, MemorySpec, Recipe, Step
 from toolkit.quant.streaming import StreamOptions
 from toolkit.schema import record
@@ -111,12 +111,12 @@ def _step_key(step: Step, input_key: str, recipe: Recipe, versions: dict[str, st
 
 
 def model_shape(ref: models.ModelRef) -> budget.ModelShape | None:
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import LlamaConfig
 
     from toolkit.models.tiny import TINY_CONFIG
 
     if ref.folder is not None:
-        return budget.ModelShape.of_config(AutoConfig.from_pretrained(ref.folder))
+        return budget.ModelShape.of_config(read_config(ref.folder))
     if ref.source.startswith("tiny-llama"):
         return budget.ModelShape.of_config(LlamaConfig(**TINY_CONFIG))
     return None  # a hub id or another tiny family: its config is not built just to estimate
@@ -320,12 +320,16 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
     start = time.perf_counter()
     torch.manual_seed(0)
     output = check_output(Path(output or recipe.output), _reads(recipe), overwrite)
+    if recipe.memory.spill_dir:
+        check_spill(Path(recipe.memory.spill_dir), output, _reads(recipe))
     ref = models.resolve(recipe.model)
     models.check_lengths(ref, {"evaluation.length": recipe.evaluation.length,
                                **({"calibration.length": recipe.calibration.length}
                                   if any(s.reads_calibration for s in recipe.passes) else {})})
     device = resolve_device(recipe.device)
     options = stream_options(recipe.memory, device, progress)
+    if ref.folder is not None:  # before anything is built from its config
+        checkpoint.check_weights(ref.folder)
     shape, budget_bytes = model_shape(ref), budget.budget_bytes(recipe.memory.budget_gb)
     recipe = replace(recipe, evaluation=resolve_evaluation(recipe.evaluation, ref, shape, budget_bytes, log))
     check_memory(recipe, ref, options, shape, budget_bytes)

@@ -181,6 +181,9 @@ def capture(src: SkeletonModel, windows: torch.Tensor, batch_size: int, options:
     buffer = ActivationBuffer(options.activation_budget_bytes, options.spill_dir)
     try:
         return capture_layer_inputs(src.model, windows.to(src.device), batch_size, buffer)
+    except BaseException:  # the caller closes it only once it has it: a spilled half is removed here
+        buffer.close()
+        raise
     finally:
         src.release(src.layout.embed)
 
