@@ -117,7 +117,7 @@ def _write(model: PreTrainedModel, config: ONNXConfig, folder: Path, contract: E
     """Build the graph with every initializer's bytes going straight to the data file (``ExternalData``), so
     the proto in memory holds no weights; save and check it; returns the op census."""
     with ExternalData(folder / contract.data_file, contract.data_file) as data:
-        proto = build_model(model, config.graph_options(), contract.names, data.move, resident)
+        proto = build_model(model, config.graph_options(), contract.names, data, resident)
     census = op_census(proto)
     onnx.save_model(proto, str(folder / contract.model_file))
     del proto

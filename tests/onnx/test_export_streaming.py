@@ -64,7 +64,7 @@ def test_streamed_initializers_are_the_bytes_onnx_save_writes(tmp_path: Path, fa
     onnx.save_model(proto, str(inline / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     with ExternalData(streamed / DATA_FILE, DATA_FILE) as data:
-        proto = build_model(loaded.model, config.graph_options(), names, data.move)
+        proto = build_model(loaded.model, config.graph_options(), names, data)
     assert proto.ByteSize() < 64 * 1024 and all(len(t.raw_data) < 1024 for t in proto.graph.initializer)
     onnx.save_model(proto, str(streamed / MODEL_FILE))
     assert _digest(inline) == _digest(streamed)

@@ -67,16 +67,17 @@ def concat_rows(parts: list[LinearWeight]) -> LinearWeight | None:
     )
 
 
-def embedding_source(model: nn.Module, head_name: str) -> tuple[str, LinearWeight | np.ndarray]:
-    """``("tied", head weight)`` when the embedding reads the head's rows, else ``("table", float [V, H])``."""
+def embedding_source(model: nn.Module, head_name: str) -> LinearWeight | torch.Tensor:
+    """The head's weight when the embedding reads its rows (tied), else the embedding table ``[V, H]`` as the
+    model holds it (its own dtype, not copied: the exporter converts it in row blocks)."""
     embed = model.get_input_embeddings()
     head = model.get_submodule(head_name)
     if isinstance(embed, QuantEmbedding):
-        return "tied", linear_weight(embed.weight_source)
+        return linear_weight(embed.weight_source)
     if isinstance(embed, nn.Embedding):
         if reads_head(model, head_name):
-            return "tied", linear_weight(head)
-        return "table", embed.weight.detach().float().numpy()
+            return linear_weight(head)
+        return embed.weight.detach()
     raise ToolkitError(f"cannot export input embedding of type {type(embed).__name__}")
 
 
