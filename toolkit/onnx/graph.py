@@ -31,6 +31,7 @@ from toolkit.quant.modules import reads_head
 
 Store = ExternalData | InlineData  # where initializers' bytes go
 TABLE_BLOCK = 1 << 24  # embedding-table values converted and written at a time (64 MB in float32)
+PACKED_BLOCK = 1 << 26  # packed weight bytes written at a time
 NARROW = {torch.bfloat16: TensorProto.BFLOAT16, torch.float16: TensorProto.FLOAT16}  # stored as they are
 MS = "com.microsoft"
 IR_VERSION = 10  # the newest IR onnxruntime 1.31 loads
@@ -182,7 +183,13 @@ def _matmul_nbits(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOpt
 
 
 def _nbits_weight(b: Builder, w: LinearWeight, name: str) -> str:
-    return b.const(f"{name}.qweight", MatMulNBitsLayout.pack(w.codes, _nbits_storage(w), w.group).numpy())  # type: ignore[arg-type]
+    """MatMulNBits' ``B [N, K/block, block*bits/8]``: the bytes of ``qweight`` as they are (``MatMulNBitsLayout``
+    packs along K the same way), written in row blocks of ``PACKED_BLOCK`` bytes."""
+    qweight: torch.Tensor = w.qweight  # type: ignore[assignment]
+    step = max(1, PACKED_BLOCK // qweight.shape[1])
+    blocks = (qweight[r : r + step].contiguous().numpy() for r in range(0, w.n, step))
+    dims = [w.n, w.k // w.group, w.group * _nbits_storage(w) // 8]
+    return b.rows(f"{name}.qweight", TensorProto.UINT8, dims, blocks)
 
 
 def _nbits_scales(b: Builder, w: LinearWeight, name: str) -> str:
