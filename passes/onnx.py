@@ -9,6 +9,9 @@ for onnxruntime-genai generated from the same contract.
 The initializers' bytes go to ``model.onnx.data`` as the graph is built (``toolkit.onnx.external``), so the proto
 never holds weights and protobuf's 2 GB limit never applies; ``stream`` exports a float or packed checkpoint folder
 with one decoder layer resident at a time (the runner uses it whenever the export's input is a folder on disk).
+Large tensors go out in row blocks: packed weights straight from ``QuantLinear``'s bytes, and an untied embedding
+table from the dtype it is held in (a bf16 checkpoint's table stays bf16 in the graph, cast to float32 after the
+Gather: exact, and half the bytes in the file and in onnxruntime's memory).
 
 ``dtype: float16`` stores float weights (embedding, norms, float linears, rotary caches) in float16 and runs the
 activations and KV cache in float16; MatMulNBits takes its float16 scales as they are; logits stay float32. On
