@@ -43,12 +43,14 @@ def quantize(args: argparse.Namespace) -> dict[str, object]:
     args.output.mkdir(parents=True)
     with Measure() as m:
         if args.method == "rtn":
-            stats = stream_rtn(src, args.output, rtn.RTNConfig(args.bits, args.group_size), options)
+            head = args.lm_head_bits or None
+            stats = stream_rtn(src, args.output, rtn.RTNConfig(args.bits, args.group_size, lm_head_bits=head), options)
         else:
             tokenizer = checkpoint.load_tokenizer(args.source)
             spec = WindowSpec(split="calibration", count=args.count, length=args.length, sampling="random")
             windows = token_windows(tokenizer, spec)
-            config = gptq.GPTQConfig(args.bits, args.group_size, batch_size=args.batch_size)
+            config = gptq.GPTQConfig(args.bits, args.group_size, lm_head_bits=args.lm_head_bits or None,
+                                     batch_size=args.batch_size)
             ctx = PassContext(tokenizer, lambda: windows, lambda: None, args.output.parent / "work")  # type: ignore[arg-type,return-value]
             stats = gptq.stream(src, args.output, config, ctx, options)
     return {"method": args.method, "source": str(args.source), "source_bytes": src.stored_bytes(),
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--lm-head-bits", type=int, default=8, help="the head's bits (0: keep it float)")
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)

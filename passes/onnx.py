@@ -9,6 +9,9 @@ for onnxruntime-genai generated from the same contract.
 The initializers' bytes go to ``model.onnx.data`` as the graph is built (``toolkit.onnx.external``), so the proto
 never holds weights and protobuf's 2 GB limit never applies; ``stream`` exports a float or packed checkpoint folder
 with one decoder layer resident at a time (the runner uses it whenever the export's input is a folder on disk).
+Large tensors go out in row blocks: packed weights straight from ``QuantLinear``'s bytes, and an untied embedding
+table from the dtype it is held in (a bf16 checkpoint's table stays bf16 in the graph, cast to float32 after the
+Gather: exact, and half the bytes in the file and in onnxruntime's memory).
 
 ``dtype: float16`` stores float weights (embedding, norms, float linears, rotary caches) in float16 and runs the
 activations and KV cache in float16; MatMulNBits takes its float16 scales as they are; logits stay float32. On
@@ -117,7 +120,7 @@ def _write(model: PreTrainedModel, config: ONNXConfig, folder: Path, contract: E
     """Build the graph with every initializer's bytes going straight to the data file (``ExternalData``), so
     the proto in memory holds no weights; save and check it; returns the op census."""
     with ExternalData(folder / contract.data_file, contract.data_file) as data:
-        proto = build_model(model, config.graph_options(), contract.names, data.move, resident)
+        proto = build_model(model, config.graph_options(), contract.names, data, resident)
     census = op_census(proto)
     onnx.save_model(proto, str(folder / contract.model_file))
     del proto

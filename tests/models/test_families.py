@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import hf_greedy
 from toolkit import models
 from toolkit.errors import ToolkitError
 from toolkit.interop import genai_probe
@@ -181,12 +182,6 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog", "Sliding windows forge
 NEW_TOKENS = 32
 
 
-def hf_greedy(model: torch.nn.Module, ids: list[int], n: int = NEW_TOKENS) -> list[int]:
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_runtime_and_genai_greedy_equal_transformers(family: str, tmp_path: Path) -> None:
     from toolkit.runtime import GenerationConfig, load
@@ -197,7 +192,7 @@ def test_runtime_and_genai_greedy_equal_transformers(family: str, tmp_path: Path
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)  # eos masked, as in HF
     prompts = [engine.encode(p) for p in PROMPTS]
     ours = [engine.generate(ids, config).token_ids for ids in prompts]
-    assert ours == [hf_greedy(model, ids) for ids in prompts]
+    assert ours == [hf_greedy(model, ids, NEW_TOKENS) for ids in prompts]
     assert [r.token_ids for r in engine.generate_batch(prompts, config)] == ours  # ragged rows together
     if layout_of(model).genai_type is None:  # onnxruntime-genai has no model type for the family
         assert not (tmp_path / "fp32" / "genai_config.json").exists()

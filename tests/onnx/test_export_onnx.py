@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ from tests.conftest import load_tiny
 from toolkit import models
 from toolkit.algorithms.rtn import rtn_quantize
 from toolkit.errors import ToolkitError
+from toolkit.onnx import decoder
 from toolkit.onnx.validate import metrics
+from toolkit.onnx.weights import LinearWeight
 from toolkit.passes import CONFIGS, EXPORTS
 from toolkit.passes.onnx import DATA_FILE, MODEL_FILE, ONNXConfig, export
 from toolkit.passes.rtn import RTNConfig
@@ -116,7 +119,7 @@ def test_nibble_planes_reconstruct_int8_weights_exactly() -> None:
     codes = torch.from_numpy(rng.integers(0, 256, (6, 64)).astype(np.uint8))
     zeros = rng.integers(0, 256, (6, 2)).astype(np.uint8)
     scales = rng.random((6, 2)).astype(np.float16).astype(np.float32)
-    w = LinearWeight(n=6, k=64, codes=codes, scales=scales, zeros=zeros, bits=8, group=32)
+    w = LinearWeight.from_codes(codes, scales, zeros, bits=8, group=32)
 
     def dequant(p: LinearWeight) -> np.ndarray:
         q = p.codes.numpy().reshape(6, 2, 32).astype(np.float32)  # type: ignore[union-attr]
@@ -248,14 +251,18 @@ def test_tampered_float_weight_fails_export(tmp_path: Path, monkeypatch: pytest.
 
 def test_one_flipped_code_fails_the_strict_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A single wrong int4 code hides inside int8-activation noise but not in the strict (float activation) check."""
-    real = MatMulNBitsLayout.pack
+    real, flipped = decoder.linear_weight, []
 
-    def flip(q: torch.Tensor, bits: int, block: int) -> torch.Tensor:
-        b = real(q, bits, block).clone()
-        b.view(-1)[0] ^= 0x0F if bits == 4 else 0xFF
-        return b
+    def flip(module: torch.nn.Module) -> LinearWeight:
+        w = real(module)
+        if w.qweight is None or flipped:
+            return w
+        q = w.qweight.clone()
+        q.view(-1)[0] ^= 0x0F if w.bits == 4 else 0xFF  # one code of the first quantized linear
+        flipped.append(True)
+        return replace(w, qweight=q)
 
-    monkeypatch.setattr(MatMulNBitsLayout, "pack", staticmethod(flip))
+    monkeypatch.setattr(decoder, "linear_weight", flip)
     with pytest.raises(ToolkitError, match="strict"):
         run_export(load_tiny(32), tmp_path / "out", target="ort")
     assert not (tmp_path / "out").exists()

@@ -4,20 +4,24 @@ from a float or packed folder (same bytes as from memory), float16, and refused 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import torch
 import yaml
 
 from toolkit import models
 from toolkit.errors import ToolkitError
 from toolkit.evaluation.streaming import stream_logits
 from toolkit.models import checkpoint
+from toolkit.onnx import decoder
 from toolkit.onnx.decoder import build_model
 from toolkit.onnx.external import ExternalData
 from toolkit.onnx.validate import reference_logits
+from toolkit.onnx.weights import LinearWeight
 from toolkit.passes import STREAMING
 from toolkit.passes.onnx import DATA_FILE, MODEL_FILE, ONNXConfig, contract_of, export, stream
 from toolkit.passes.rtn import RTNConfig
@@ -25,7 +29,6 @@ from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
 from toolkit.pipeline import recipes, runner
 from toolkit.pipeline.context import PassContext
-from toolkit.quant.formats import MatMulNBitsLayout
 from toolkit.quant.streaming import StreamOptions
 from toolkit.runtime import GenerationConfig, load
 
@@ -64,7 +67,7 @@ def test_streamed_initializers_are_the_bytes_onnx_save_writes(tmp_path: Path, fa
     onnx.save_model(proto, str(inline / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     with ExternalData(streamed / DATA_FILE, DATA_FILE) as data:
-        proto = build_model(loaded.model, config.graph_options(), names, data.move)
+        proto = build_model(loaded.model, config.graph_options(), names, data)
     assert proto.ByteSize() < 64 * 1024 and all(len(t.raw_data) < 1024 for t in proto.graph.initializer)
     onnx.save_model(proto, str(streamed / MODEL_FILE))
     assert _digest(inline) == _digest(streamed)
@@ -116,8 +119,13 @@ def test_float16_export_validates_and_runs_in_the_runtime(tmp_path: Path, target
 
 def test_float16_strict_check_fails_a_wrong_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The relative float16 bound still fails an export whose codes are wrong (every nibble + 8)."""
-    real = MatMulNBitsLayout.pack
-    monkeypatch.setattr(MatMulNBitsLayout, "pack", staticmethod(lambda q, bits, block: real(q, bits, block) ^ 0x88))
+    real = decoder.linear_weight
+
+    def corrupt(module: torch.nn.Module) -> LinearWeight:
+        w = real(module)
+        return w if w.qweight is None else replace(w, qweight=w.qweight ^ 0x88)
+
+    monkeypatch.setattr(decoder, "linear_weight", corrupt)
     loaded = _tiny("llama", 16)
     with pytest.raises(ToolkitError, match="median relative RMS"), atomic_dir(tmp_path / "bad") as tmp:
         export(loaded.model, loaded.tokenizer, ONNXConfig(dtype="float16"), tmp)

@@ -3,7 +3,10 @@
 ``SkeletonModel`` builds the transformers model from ``config.json`` with every parameter on the meta
 device (buffers such as rotary frequencies are real: they are computed, not stored). ``load(prefix)``
 reads the parameters under one module (a decoder layer, the embedding, the head) from the safetensors
-shards in the compute dtype and device; ``release(prefix)`` puts them back on meta. Module paths come from
+shards in the compute dtype and device; ``release(prefix)`` puts them back on meta. An untied float input
+embedding is the exception: it stays in its stored dtype (a bf16 128k x 4096 table is 1 GB, not 2 GB in float32)
+and a forward hook widens the rows it looks up to the compute dtype, which is exact, so the model computes what
+it would from a float32 table. Module paths come from
 the architecture record (``layout_of``), so every family listed there streams the same way.
 
 A packed folder (``quantization.json``, given as ``quant``) opens the same way: its linears are
@@ -28,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import Architecture, layout_of
 from toolkit.models.shards import FLOAT_DTYPES, READ_AS, ShardedWeights
-from toolkit.quant.modules import QuantEmbedding, QuantLinear, set_module
+from toolkit.quant.modules import QuantEmbedding, QuantLinear, reads_head, set_module
 from toolkit.quant.spec import QuantSpec
 
 
@@ -124,6 +127,21 @@ class SkeletonModel:
             install_quantized(self.model, quant, self.folder / "quantization.json")
         self.weights.check_stored(self.model.state_dict(keep_vars=True), tied_head(self.model, self.layout))
         self._retie()
+        if self.narrow_table:
+            self.model.get_input_embeddings().register_forward_hook(self._widen)
+
+    @property
+    def narrow_table(self) -> bool:
+        """The input embedding is a plain float table of its own (not the head's): held in its stored dtype."""
+        return type(self.model.get_input_embeddings()) is nn.Embedding and not reads_head(self.model, self.layout.head)
+
+    def _table_dtype(self, name: str) -> torch.dtype:
+        """The stored dtype when it is no wider than the compute dtype (bf16, float16 under float32)."""
+        stored = self.source_dtype(name)
+        return stored if stored.itemsize <= self.dtype.itemsize else self.dtype
+
+    def _widen(self, module: nn.Module, args: object, rows: torch.Tensor) -> torch.Tensor:
+        return rows.to(self.dtype)  # bf16 -> float32 is exact: the rows a float32 table holds
 
     @property
     def num_layers(self) -> int:
@@ -177,9 +195,10 @@ class SkeletonModel:
 
     def load(self, prefix: str) -> nn.Module:
         """Materialise every parameter under module ``prefix`` in the compute dtype (a packed linear's buffers
-        in their own); returns the module."""
+        and an untied float embedding in their stored dtype); returns the module."""
+        narrow = self.narrow_table and self._owner(prefix) == self.layout.embed
         for name, t in self._stored(prefix).items():
-            dtype = self.dtype if isinstance(t, nn.Parameter) else t.dtype
+            dtype = (self._table_dtype(name) if narrow else self.dtype) if isinstance(t, nn.Parameter) else t.dtype
             set_tensor(self.model, name, self.read(name, dtype))
         self._retie()
         return self.model.get_submodule(prefix)

@@ -3,9 +3,13 @@
 ``tiny_llama``: sizes deliberately odd (3 query heads, 1 KV head, vocab 259) but keeping the group sizes 16
 and 32 valid (hidden 96, intermediate 160) and 64 invalid, so group-size errors can be tested.
 ``tiny_model(family)``: one model per supported family with its quirks switched on (``FAMILY_CONFIGS``).
+``save_tiny_folder``: such a model as a checkpoint folder the way the hub stores one (bf16 safetensors, sharded
+or not, a tokenizer), to test the path users take.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -160,3 +164,13 @@ def tiny_model(family: str, seed: int = 0, **overrides: object) -> PreTrainedMod
             else:  # RMSNorm weights: around 1 (Gemma stores w - 1, around 0)
                 p.normal_(1.0 - offset, 0.2)
     return model.eval()
+
+
+def save_tiny_folder(family: str, folder: Path, shard_bytes: int | None = None, seed: int = 0,
+                     **overrides: object) -> Path:
+    """``tiny_model(family)`` saved by ``save_pretrained`` in bf16 with the tiny tokenizer; ``shard_bytes``
+    splits the weights into several safetensors files behind an index, as the hub does for large models."""
+    model = tiny_model(family, seed, **overrides).to(torch.bfloat16)
+    model.save_pretrained(folder, **({} if shard_bytes is None else {"max_shard_size": shard_bytes}))
+    tiny_tokenizer().save_pretrained(folder)
+    return Path(folder)

@@ -68,6 +68,7 @@ from toolkit.onnx.graph import (
     Builder,
     Dims,
     GraphOptions,
+    Store,
     dims_of,
     embed,
     head_linear,
@@ -342,11 +343,10 @@ def in_memory(prefixes: list[str]) -> AbstractContextManager[object]:
 
 
 def build_model(model: PreTrainedModel, opts: GraphOptions, names: TensorNames,
-                store: Callable[[TensorProto], TensorProto] | None = None,
-                resident: Resident = in_memory) -> onnx.ModelProto:
+                store: Store | None = None, resident: Resident = in_memory) -> onnx.ModelProto:
     """The whole decoder as one ONNX model, written part by part: the embedding, each decoder layer, the final
     norm and head. ``resident(prefixes)`` holds those modules' weights while their part is written (a streamed
-    source loads and frees them); ``store`` takes each initializer as it is made (``ExternalData.move``: its
+    source loads and frees them); ``store`` takes each initializer as it is made (``ExternalData``: its
     bytes go to the data file; default: inline)."""
     if not names.position_ids:
         raise ToolkitError("the exporter's graphs take position ids: give TensorNames a position_ids name")

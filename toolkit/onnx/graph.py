@@ -13,7 +13,7 @@ Two targets:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,9 +24,15 @@ from transformers import PreTrainedModel
 
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import check_rope, layout_of, rope_parameters
+from toolkit.onnx.external import ExternalData, InlineData
 from toolkit.onnx.weights import LinearWeight, embedding_source, linear_weight, nibble_planes
 from toolkit.quant.formats import MatMulNBitsLayout, OnnxPacked4
+from toolkit.quant.modules import reads_head
 
+Store = ExternalData | InlineData  # where initializers' bytes go
+TABLE_BLOCK = 1 << 24  # embedding-table values converted and written at a time (64 MB in float32)
+PACKED_BLOCK = 1 << 26  # packed weight bytes written at a time
+NARROW = {torch.bfloat16: TensorProto.BFLOAT16, torch.float16: TensorProto.FLOAT16}  # stored as they are
 MS = "com.microsoft"
 IR_VERSION = 10  # the newest IR onnxruntime 1.31 loads
 MASK_NEG = -1e9  # additive bias of masked keys: finite, so a fully masked row cannot turn into NaN
@@ -81,11 +87,10 @@ def dims_of(model: PreTrainedModel, max_positions: int = 0) -> Dims:
 
 class Builder:
     """Collects nodes and initializers; every value gets a unique name. Each initializer passes through
-    ``store`` as it is made (``ExternalData.move`` writes its bytes out; default: kept inline)."""
+    ``store`` as it is made (``ExternalData`` writes its bytes out; default: ``InlineData``, kept in the proto)."""
 
-    def __init__(self, store: Callable[[TensorProto], TensorProto] | None = None,
-                 float_dtype: type[np.floating] = np.float32) -> None:
-        self.store = store or (lambda t: t)
+    def __init__(self, store: Store | None = None, float_dtype: type[np.floating] = np.float32) -> None:
+        self.store = store or InlineData()
         self.float_dtype = float_dtype  # of every float initializer (weights, norms, caches, scalars)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
@@ -101,7 +106,7 @@ class Builder:
         """An initializer; a name already present is shared (tied weights are stored once)."""
         if name not in self.names:
             self.names.add(name)
-            self.inits.append(self.store(numpy_helper.from_array(np.ascontiguousarray(value), name)))
+            self.inits.append(self.store.move(numpy_helper.from_array(np.ascontiguousarray(value), name)))
         return name
 
     def fconst(self, name: str, value: np.ndarray | np.floating | float) -> str:
@@ -111,7 +116,14 @@ class Builder:
     def raw(self, name: str, dtype: int, dims: tuple[int, ...], data: bytes) -> str:
         if name not in self.names:
             self.names.add(name)
-            self.inits.append(self.store(helper.make_tensor(name, dtype, dims, data, raw=True)))
+            self.inits.append(self.store.move(helper.make_tensor(name, dtype, dims, data, raw=True)))
+        return name
+
+    def rows(self, name: str, dtype: int, dims: list[int], blocks: Iterable[np.ndarray]) -> str:
+        """An initializer written from consecutive row blocks (never whole in memory with ``ExternalData``)."""
+        if name not in self.names:
+            self.names.add(name)
+            self.inits.append(self.store.rows(name, dtype, dims, blocks))
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str = "",
@@ -171,7 +183,13 @@ def _matmul_nbits(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOpt
 
 
 def _nbits_weight(b: Builder, w: LinearWeight, name: str) -> str:
-    return b.const(f"{name}.qweight", MatMulNBitsLayout.pack(w.codes, _nbits_storage(w), w.group).numpy())  # type: ignore[arg-type]
+    """MatMulNBits' ``B [N, K/block, block*bits/8]``: the bytes of ``qweight`` as they are (``MatMulNBitsLayout``
+    packs along K the same way), written in row blocks of ``PACKED_BLOCK`` bytes."""
+    qweight: torch.Tensor = w.qweight  # type: ignore[assignment]
+    step = max(1, PACKED_BLOCK // qweight.shape[1])
+    blocks = (qweight[r : r + step].contiguous().numpy() for r in range(0, w.n, step))
+    dims = [w.n, w.k // w.group, w.group * _nbits_storage(w) // 8]
+    return b.rows(f"{name}.qweight", TensorProto.UINT8, dims, blocks)
 
 
 def _nbits_scales(b: Builder, w: LinearWeight, name: str) -> str:
@@ -202,10 +220,10 @@ def _dequantize_t(b: Builder, w: LinearWeight, name: str) -> str:
 
 def embed(b: Builder, ids: str, model: PreTrainedModel, head: str, opts: GraphOptions) -> str:
     """``input_ids [B,S] -> [B,S,H]``; a tied quantized embedding reads the head's bytes (stored once)."""
-    kind, src = embedding_source(model, head)
-    if kind == "table":
-        return b.one("Gather", [b.fconst("embed.weight", src), ids])  # type: ignore[arg-type]
-    w: LinearWeight = src  # type: ignore[assignment]
+    src = embedding_source(model, head)
+    if isinstance(src, torch.Tensor):
+        return _gather_table(b, ids, src)
+    w = src
     if not w.quantized:
         return b.one("Gather", [_float_rows(b, w, head), ids])
     if opts.target != "ort":
@@ -215,6 +233,23 @@ def embed(b: Builder, ids: str, model: PreTrainedModel, head: str, opts: GraphOp
         return b.one("Add", [_gather_block_quantized(b, ids, hi, f"{head}.hi"),
                              _gather_block_quantized(b, ids, lo, f"{head}.lo", zero_points=True)])
     return _gather_block_quantized(b, ids, w, head)
+
+
+def _gather_table(b: Builder, ids: str, table: torch.Tensor) -> str:
+    """Rows of an untied embedding table ``[V, H]``, written to the data file in blocks of ``TABLE_BLOCK`` values:
+    the exporter holds one block, never the table in float32. A bf16 or float16 table under a float32 graph is
+    stored as it is and the gathered rows are cast to float32 (exact, the values a float32 copy holds, in half
+    the bytes); any other table is stored in the graph's float dtype."""
+    narrow = NARROW.get(table.dtype) if b.float_dtype == np.float32 else None
+    step = max(1, TABLE_BLOCK // table.shape[1])
+    starts = range(0, table.shape[0], step)
+    if narrow is not None:
+        blocks = (table[r : r + step].contiguous().view(torch.uint8).numpy() for r in starts)
+        rows = b.one("Gather", [b.rows("embed.weight", narrow, list(table.shape), blocks), ids])
+        return b.one("Cast", [rows], to=TensorProto.FLOAT)
+    float_type = TensorProto.FLOAT16 if b.float_dtype == np.float16 else TensorProto.FLOAT
+    blocks = (table[r : r + step].float().numpy().astype(b.float_dtype) for r in starts)
+    return b.one("Gather", [b.rows("embed.weight", float_type, list(table.shape), blocks), ids])
 
 
 def _float_rows(b: Builder, w: LinearWeight, head: str) -> str:
@@ -255,8 +290,7 @@ def _gather_dequantize(b: Builder, ids: str, w: LinearWeight, head: str) -> str:
 
 def head_linear(b: Builder, x: str, model: PreTrainedModel, head: str, opts: GraphOptions) -> str:
     w = linear_weight(model.get_submodule(head))
-    kind, _ = embedding_source(model, head)
-    if opts.target == "standard" and w.quantized and kind == "tied":
+    if opts.target == "standard" and w.quantized and reads_head(model, head):
         # the row-major codes gathered by the embedding serve the head too: dequantize [V, H] and multiply by its ᵀ
         full = b.one("DequantizeLinear", list(_row_tables(b, w, head)), axis=1, block_size=w.group)
         return b.one("MatMul", [x, b.one("Transpose", [full], perm=[1, 0])])

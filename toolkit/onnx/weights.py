@@ -13,26 +13,43 @@ import torch
 from torch import nn
 
 from toolkit.errors import ToolkitError
+from toolkit.quant.formats import layout_for
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, reads_head
 
 
 @dataclass
 class LinearWeight:
-    """One linear ``y = x Wᵀ + b`` with ``W [N, K]``, float or quantized per group of ``group`` inputs."""
+    """One linear ``y = x Wᵀ + b`` with ``W [N, K]``, float or quantized per group of ``group`` inputs.
+
+    A quantized one holds its codes packed as ``QuantLinear`` stores them (``qweight``: two 4-bit codes a byte
+    along K for <= 4 bits, one byte each at 8), which are MatMulNBits' ``B`` bytes row for row: the exporter
+    writes them in row blocks without unpacking (a 128k-row head is never held twice)."""
 
     n: int
     k: int
     weight: np.ndarray | None = None  # float32 [N, K]
-    codes: torch.Tensor | None = None  # uint8 [N, K], unpacked codes in [0, 2^bits - 1]
+    qweight: torch.Tensor | None = None  # uint8 [N, K/2] (<= 4 bits) or [N, K] (8 bits)
     scales: np.ndarray | None = None  # float32 [N, G]
     zeros: np.ndarray | None = None  # uint8 [N, G]
     bits: int = 0
     group: int = 0
     bias: np.ndarray | None = None  # float32 [N]
 
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: np.ndarray, zeros: np.ndarray, bits: int, group: int,
+                   bias: np.ndarray | None = None) -> LinearWeight:
+        n, k = codes.shape
+        return cls(n=n, k=k, qweight=layout_for(bits).pack(codes), scales=scales, zeros=zeros, bits=bits,
+                   group=group, bias=bias)
+
     @property
     def quantized(self) -> bool:
-        return self.codes is not None
+        return self.qweight is not None
+
+    @property
+    def codes(self) -> torch.Tensor | None:
+        """Unpacked codes ``[N, K]`` in ``[0, 2^bits - 1]`` (a new tensor each call)."""
+        return None if self.qweight is None else layout_for(self.bits).unpack(self.qweight)
 
 
 def linear_weight(module: nn.Module) -> LinearWeight:
@@ -40,7 +57,7 @@ def linear_weight(module: nn.Module) -> LinearWeight:
     b = None if bias is None else bias.detach().float().numpy()
     if isinstance(module, QuantLinear):
         return LinearWeight(
-            n=module.out_features, k=module.in_features, codes=module.codes(),
+            n=module.out_features, k=module.in_features, qweight=module.qweight,
             scales=module.scales.float().numpy(), zeros=module.qzeros.numpy().copy(),
             bits=module.spec.bits, group=module.spec.group(module.in_features), bias=b,
         )
@@ -61,22 +78,23 @@ def concat_rows(parts: list[LinearWeight]) -> LinearWeight | None:
     if not first.quantized:
         return LinearWeight(n=n, k=first.k, weight=np.concatenate([p.weight for p in parts]), bias=bias)  # type: ignore[misc]
     return LinearWeight(
-        n=n, k=first.k, codes=torch.cat([p.codes for p in parts]),  # type: ignore[misc]
+        n=n, k=first.k, qweight=torch.cat([p.qweight for p in parts]),  # type: ignore[misc]
         scales=np.concatenate([p.scales for p in parts]), zeros=np.concatenate([p.zeros for p in parts]),  # type: ignore[misc]
         bits=first.bits, group=first.group, bias=bias,
     )
 
 
-def embedding_source(model: nn.Module, head_name: str) -> tuple[str, LinearWeight | np.ndarray]:
-    """``("tied", head weight)`` when the embedding reads the head's rows, else ``("table", float [V, H])``."""
+def embedding_source(model: nn.Module, head_name: str) -> LinearWeight | torch.Tensor:
+    """The head's weight when the embedding reads its rows (tied), else the embedding table ``[V, H]`` as the
+    model holds it (its own dtype, not copied: the exporter converts it in row blocks)."""
     embed = model.get_input_embeddings()
     head = model.get_submodule(head_name)
     if isinstance(embed, QuantEmbedding):
-        return "tied", linear_weight(embed.weight_source)
+        return linear_weight(embed.weight_source)
     if isinstance(embed, nn.Embedding):
         if reads_head(model, head_name):
-            return "tied", linear_weight(head)
-        return "table", embed.weight.detach().float().numpy()
+            return linear_weight(head)
+        return embed.weight.detach()
     raise ToolkitError(f"cannot export input embedding of type {type(embed).__name__}")
 
 
@@ -88,9 +106,9 @@ def nibble_planes(w: LinearWeight) -> tuple[LinearWeight, LinearWeight]:
     whole matrix on every call), so an exact export of an int8 head runs as these two planes: the same bytes, and
     logits equal to the int8 product up to float summation order.
     """
-    if w.bits != 8 or w.codes is None or w.zeros is None or w.scales is None:
+    if w.bits != 8 or w.qweight is None or w.zeros is None or w.scales is None:
         raise ToolkitError("nibble_planes splits an 8-bit quantized linear")
-    q, z = w.codes, w.zeros
-    hi = LinearWeight(n=w.n, k=w.k, codes=q >> 4, scales=w.scales * 16, zeros=z >> 4, bits=4, group=w.group, bias=w.bias)
-    lo = LinearWeight(n=w.n, k=w.k, codes=q & 15, scales=w.scales.copy(), zeros=z & 15, bits=4, group=w.group)
+    q, z = w.qweight, w.zeros  # 8-bit storage: one code a byte
+    hi = LinearWeight.from_codes(q >> 4, w.scales * 16, z >> 4, bits=4, group=w.group, bias=w.bias)
+    lo = LinearWeight.from_codes(q & 15, w.scales.copy(), z & 15, bits=4, group=w.group)
     return hi, lo
