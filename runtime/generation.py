@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from toolkit.runtime import sampling
 from toolkit.runtime.backend import Backend
 from toolkit.runtime.kv_cache import BlockPool, blocks_for
 from toolkit.runtime.tokenizer import Tokenizer
+from toolkit.schema import check_numbers
 
 Prompt = str | list[dict[str, str]]  # text, or chat messages [{"role": ..., "content": ...}]
 
@@ -37,6 +38,8 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        # NaN passes every bound below and a negative seed reaches numpy: refuse both first, for every field
+        check_numbers(GenerationConfig, {f.name: getattr(self, f.name) for f in fields(self)}, "generation settings")
         if self.max_new_tokens < 1:
             raise ToolkitError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:

@@ -1,0 +1,125 @@
+"""Every numeric setting of a recipe and of the command line refuses values of the wrong kind (issue 19):
+a NaN or infinite float, a negative count or seed, an int too large for any setting. One ``error:`` line
+naming the key, before any work, nothing left behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+
+import pytest
+import yaml
+
+from tests.pipeline.test_recipes_pipeline import TINY_RECIPE
+from tests.pipeline.test_trust import no_pass_may_run, recipe_file, refused
+from toolkit.errors import ToolkitError
+from toolkit.passes import CONFIGS
+from toolkit.pipeline import recipes
+from toolkit.runtime import GenerationConfig
+from toolkit.schema import SENTINELS, build
+
+SECTIONS = {"calibration": recipes.CalibrationSpec, "evaluation": recipes.EvaluationSpec, "memory": recipes.MemorySpec}
+
+
+def numeric_fields(cls: type) -> list[tuple[str, list[object]]]:
+    """(name, values of the wrong kind) of every number setting, ``int | None`` and ``tuple[int, ...]`` included."""
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        kinds = {a for a in (tp, *typing.get_args(tp)) if a in (int, float)}
+        if float in kinds:
+            out.append((f.name, [math.nan, math.inf, -math.inf]))
+        elif int in kinds:
+            negative = min(f.metadata.get(SENTINELS, (0,))) - 1  # group_size: -1 means one group per row
+            out.append((f.name, [negative, 2**63]))
+    return out
+
+
+def places() -> list[tuple[str, str, object]]:
+    """(section or pass, key, bad value) for every numeric setting a recipe has."""
+    out = []
+    for where, cls in [*SECTIONS.items(), *(("pass:" + n, c) for n, c in CONFIGS.items())]:
+        for key, values in numeric_fields(cls):
+            out += [(where, key, v) for v in values]
+    return out
+
+
+@pytest.mark.parametrize("where, key, value", places())
+def test_every_numeric_recipe_setting_refuses_nan_inf_negative_and_huge(tmp_path, where, key, value):
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    settings: dict[str, object]
+    if where.startswith("pass:"):
+        settings = {}
+        recipe["passes"] = [{where[5:]: settings}]
+    else:
+        settings = recipe.setdefault(where, {})
+    hint = typing.get_type_hints(CONFIGS.get(where[5:]) or SECTIONS[where])[key]
+    settings[key] = [value] if typing.get_origin(hint) is tuple else value
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**recipe, "output": str(tmp_path / "out")}))
+    with pytest.raises(ToolkitError, match=rf"{key}(\[0\])?: (expected a finite number|expected a count|.* too large)"):
+        recipes.load(path)
+
+
+def test_the_audit_covers_the_settings_that_broke():
+    keys = {(w, k) for w, k, _ in places()}
+    assert {("memory", "budget_gb"), ("calibration", "seed"), ("pass:distill", "lr"), ("pass:gptq", "damp"),
+            ("pass:onnx", "tolerance"), ("pass:rtn", "group_size")} <= keys
+
+
+def test_group_size_minus_one_is_the_one_negative_that_means_something():
+    config = build(CONFIGS["gptq"], {"group_size": -1}, "r.yaml", "passes[0].gptq")
+    assert config.group_size == -1
+    assert [f.metadata[SENTINELS] for f in dataclasses.fields(config) if SENTINELS in f.metadata] == [(-1,)]
+    with pytest.raises(ToolkitError, match=r"group_size: expected a count, size or seed >= 0 or -1, got -2"):
+        build(CONFIGS["gptq"], {"group_size": -2}, "r.yaml", "passes[0].gptq")
+
+
+@pytest.mark.parametrize("budget", [".nan", ".inf", "-.inf"])
+def test_run_refuses_a_non_finite_memory_budget_before_any_work(tmp_path, capsys, monkeypatch, budget):
+    no_pass_may_run(monkeypatch)
+    out = tmp_path / "out"
+    path = recipe_file(tmp_path, out)
+    path.write_text(path.read_text() + f"memory: {{budget_gb: {budget}}}\n")
+    refused(capsys, "run", str(path), match="memory.budget_gb: expected a finite number")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--temperature", "nan", "temperature: expected a finite number, got nan"),
+    ("--temperature", "inf", "temperature: expected a finite number, got inf"),
+    ("--top-p", "nan", "top_p: expected a finite number"),
+    ("--repetition-penalty", "nan", "repetition_penalty: expected a finite number, got nan"),
+    ("--seed", "-1", "seed: expected a count, size or seed >= 0, got -1"),
+    ("--top-k", "-2", "top_k: expected a count"),
+    ("--max-new-tokens", str(2**64), "max_new_tokens: 18446744073709551616 is too large"),
+])
+def test_generate_refuses_wrong_kinds_of_numbers_before_loading(tmp_path, capsys, option, value, message):
+    # the artifact does not exist: the settings are refused before anything is read
+    refused(capsys, "generate", str(tmp_path / "none"), "--prompt", "hi", "--sample", option, value, match=message)
+
+
+def test_generation_config_refuses_them_in_the_library_too():
+    with pytest.raises(ToolkitError, match="temperature: expected a finite number"):
+        GenerationConfig(temperature=math.nan, do_sample=True)
+    with pytest.raises(ToolkitError, match="seed: expected a count"):
+        GenerationConfig(seed=-1)
+    assert GenerationConfig(seed=0, temperature=0.5).seed == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--count", "-3"), "count: expected a count, size or seed >= 0, got -3"),
+    (("--batch-size", str(2**63)), "batch_size: 9223372036854775808 is too large"),
+])
+def test_eval_options_share_the_check(capsys, args, message):
+    refused(capsys, "eval", "tiny-llama", *args, match=message)
+
+
+def test_the_runtime_refuses_an_absurd_thread_count():
+    from toolkit.runtime.backend import BackendOptions
+
+    with pytest.raises(ToolkitError, match=r"threads must be in 1\.\.1024"):
+        BackendOptions(threads=99_999_999_999)
+    assert BackendOptions(threads=2).threads == 2
