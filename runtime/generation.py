@@ -38,8 +38,6 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # NaN passes every bound below and a negative seed reaches numpy: refuse both first, for every field
-        check_numbers(GenerationConfig, {f.name: getattr(self, f.name) for f in fields(self)}, "generation settings")
         if self.max_new_tokens < 1:
             raise ToolkitError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -52,6 +50,8 @@ class GenerationConfig:
             raise ToolkitError("top_k must be >= 0 and repetition_penalty > 0 (1.0 disables it)")
         if any(not s for s in self.stop_strings):
             raise ToolkitError("stop_strings must not contain an empty string")
+        # what the bounds above cannot see, for every field: NaN compares false, a negative seed reaches numpy
+        check_numbers(GenerationConfig, {f.name: getattr(self, f.name) for f in fields(self)}, "generation settings")
 
 
 @dataclass

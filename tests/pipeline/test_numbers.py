@@ -90,10 +90,10 @@ def test_run_refuses_a_non_finite_memory_budget_before_any_work(tmp_path, capsys
 @pytest.mark.parametrize("option, value, message", [
     ("--temperature", "nan", "temperature: expected a finite number, got nan"),
     ("--temperature", "inf", "temperature: expected a finite number, got inf"),
-    ("--top-p", "nan", "top_p: expected a finite number"),
+    ("--top-p", "nan", "top_p must be in (0, 1] (got nan)"),
     ("--repetition-penalty", "nan", "repetition_penalty: expected a finite number, got nan"),
     ("--seed", "-1", "seed: expected a count, size or seed >= 0, got -1"),
-    ("--top-k", "-2", "top_k: expected a count"),
+    ("--top-k", "-2", "top_k must be >= 0"),
     ("--max-new-tokens", str(2**64), "max_new_tokens: 18446744073709551616 is too large"),
 ])
 def test_generate_refuses_wrong_kinds_of_numbers_before_loading(tmp_path, capsys, option, value, message):
