@@ -1,6 +1,6 @@
-"""Every numeric setting of a recipe and of the command line refuses values of the wrong kind (issue 19):
-a NaN or infinite float, a negative count or seed, an int too large for any setting. One ``error:`` line
-naming the key, before any work, nothing left behind."""
+"""Values of the wrong kind (issue 19), each one ``error:`` line before any work, nothing left behind: every numeric
+setting of a recipe and of the command line (a NaN or infinite float, a negative count or seed, an int too large for
+any setting), an export after a pass whose quantization it cannot hold, a chat template that does not parse."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import yaml
 from tests.pipeline.test_recipes_pipeline import TINY_RECIPE
 from tests.pipeline.test_trust import no_pass_may_run, recipe_file, refused
 from toolkit.errors import ToolkitError
-from toolkit.passes import CONFIGS
+from toolkit.passes import CONFIGS, PASSES
 from toolkit.pipeline import recipes
 from toolkit.runtime import GenerationConfig
 from toolkit.schema import SENTINELS, build
@@ -123,3 +123,43 @@ def test_the_runtime_refuses_an_absurd_thread_count():
     with pytest.raises(ToolkitError, match=r"threads must be in 1\.\.1024"):
         BackendOptions(threads=99_999_999_999)
     assert BackendOptions(threads=2).threads == 2
+
+
+# ----------------------------------------------------------------------------- an export that cannot hold the passes
+
+
+@pytest.mark.parametrize("quantize, export, message", [
+    ({"rtn": {"bits": 3}}, "export_hf_gptq", "passes[0].rtn then export_hf_gptq: export_hf_gptq holds 2, 4, 8 bits"),
+    ({"gptq": {"bits": 3, "group_size": 16}}, "export_hf_gptq", "holds 2, 4, 8 bits (the GPTQ int32 layout), not 3"),
+    ({"rtn": {"bits": 3}}, "export_gguf", "passes[0].rtn then export_gguf: int3 group 32 symmetric has no GGUF block"),
+    ({"rtn": {"bits": 4, "group_size": 16}}, "export_gguf", "int4 group 16 symmetric has no GGUF block type"),
+    ({"awq": {"bits": 8, "symmetric": False}}, "export_gguf", "int8 group 32 asymmetric has no GGUF block type"),
+])
+def test_an_export_that_cannot_hold_the_quantization_is_refused_before_any_pass(
+        tmp_path, capsys, monkeypatch, quantize, export, message):
+    for config in list(PASSES):
+        monkeypatch.setitem(PASSES, config, lambda *a, **k: pytest.fail("a pass ran although the recipe is refused"))
+    out = tmp_path / "out"
+    path = recipe_file(tmp_path, out, passes=[quantize, {export: {}}])
+    refused(capsys, "run", str(path), match=message)
+    assert not out.exists()
+
+
+def test_the_gptq_exporter_refuses_a_3_bit_model_it_is_given(tmp_path):
+    from toolkit import models
+    from toolkit.passes import export_hf_gptq, rtn
+
+    loaded = models.load("tiny-llama")
+    rtn.apply(loaded.model, rtn.RTNConfig(bits=3))
+    with pytest.raises(ToolkitError, match="export_hf_gptq holds 2, 4, 8 bits .* not 3"):
+        export_hf_gptq.export(loaded.model, loaded.tokenizer, export_hf_gptq.ExportHFGPTQConfig(), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_exports_accept_what_they_hold():
+    recipe = recipes.parse({**TINY_RECIPE, "output": "o", "passes": [{"gptq": {"bits": 2}}, {"export_hf_gptq": {}}]},
+                           "r.yaml")
+    assert recipe.passes[-1].name == "export_hf_gptq"
+    recipes.parse({**TINY_RECIPE, "output": "o", "passes": [{"rtn": {"symmetric": False}}, {"export_gguf": {}}]}, "r")
+    recipes.parse({**TINY_RECIPE, "output": "o", "passes": [{"rtn": {"bits": 3}}, {"export_compressed_tensors": {}}]},
+                  "r")
