@@ -163,3 +163,54 @@ def test_exports_accept_what_they_hold():
     recipes.parse({**TINY_RECIPE, "output": "o", "passes": [{"rtn": {"symmetric": False}}, {"export_gguf": {}}]}, "r")
     recipes.parse({**TINY_RECIPE, "output": "o", "passes": [{"rtn": {"bits": 3}}, {"export_compressed_tensors": {}}]},
                   "r")
+
+
+# ----------------------------------------------------------------------------- a chat template that does not parse
+
+
+@pytest.fixture
+def broken_template_model(tmp_path):
+    """The tiny model as a checkpoint folder whose chat_template.jinja has a syntax error."""
+    from toolkit import models
+    from toolkit.models import checkpoint
+
+    loaded = models.load("tiny-llama")
+    folder = tmp_path / "model"
+    checkpoint.save_model(loaded.model, loaded.tokenizer, folder)
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    return folder
+
+
+def test_chat_calibration_with_a_broken_template_is_refused_before_any_pass(
+        tmp_path, capsys, monkeypatch, broken_template_model):
+    for config in list(PASSES):
+        monkeypatch.setitem(PASSES, config, lambda *a, **k: pytest.fail("a pass ran although the template is broken"))
+    out = tmp_path / "out"
+    path = recipe_file(tmp_path, out, model=str(broken_template_model),
+                       calibration={"count": 4, "length": 32, "format": "chat"},
+                       passes=[{"gptq": {"bits": 4}}])
+    line = refused(capsys, "run", str(path), match=f"{broken_template_model / 'chat_template.jinja'}: the chat "
+                   "template does not parse at line 1 (unexpected '}')")
+    assert "format: text" in line
+    assert not out.exists()
+
+
+def test_generate_with_a_broken_template_is_refused_before_the_weights_load(
+        capsys, monkeypatch, broken_template_model):
+    from toolkit import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the weights were loaded"))
+    refused(capsys, "generate", str(broken_template_model), "--prompt", "hi", "--max-new-tokens", "2",
+            match=f"{broken_template_model / 'chat_template.jinja'}: the chat template does not parse at line 1")
+
+
+def test_calibration_windows_name_a_template_that_fails_on_a_conversation():
+    from toolkit import data
+    from toolkit.models.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    spec = data.WindowSpec("pydoc", "calibration", 32, 2, "random", 0, "text", "chat")
+    with pytest.raises(ToolkitError, match=r"the tokenizer's chat template: the chat template fails on a "
+                                           r"conversation \(roles must alternate\)"):
+        data.token_windows(tokenizer, spec)

@@ -68,6 +68,33 @@ def test_tokenizer_without_chat_template_refuses_messages(tmp_path: Path) -> Non
         Tokenizer.from_folder(tmp_path).apply_chat_template(CHATS[0])
 
 
+BROKEN = {"syntax": ("{% for m in messages %}{{ m.content }", "does not parse at line 1 (unexpected '}')"),
+          "unclosed": ("{% for m in messages %}\n{{ m.content }}\n", "does not parse at line 2 (Unexpected end of template"),
+          "types": ("{{ messages + 1 }}", "refused these messages")}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+@pytest.mark.parametrize("where", ["file", "config"])
+def test_a_broken_chat_template_is_one_line_naming_its_file(tmp_path: Path, case: str, where: str) -> None:
+    from toolkit.models.tiny import tiny_tokenizer
+
+    template, message = BROKEN[case]
+    hf = tiny_tokenizer()
+    hf.save_pretrained(str(tmp_path))
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    if where == "file":
+        (tmp_path / "chat_template.jinja").write_text(template)
+        source = tmp_path / "chat_template.jinja"
+    else:
+        config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+        source = tmp_path / "tokenizer_config.json"
+    with pytest.raises(ToolkitError, match=f"^{source}: the chat template") as info:
+        Tokenizer.from_folder(tmp_path).apply_chat_template(CHATS[0])
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert Tokenizer.from_folder(tmp_path).encode("plain text still works") if case == "types" else True
+
+
 @pytest.mark.slow
 @requires_smollm2
 def test_tokenizer_and_chat_template_equal_transformers_on_smollm2(tmp_path: Path) -> None:
