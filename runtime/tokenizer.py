@@ -84,8 +84,16 @@ class Tokenizer:
         try:
             core = tokenizers.Tokenizer.from_file(str(path))
             config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
-        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-            raise ToolkitError(f"cannot load the tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        # tokenizers raises a bare Exception on malformed files, and a Rust panic as pyo3's PanicException, which
+        # is a BaseException
+        except BaseException as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ToolkitError(f"cannot load the tokenizer from {folder}: {first}") from None
+        if not isinstance(config, dict):
+            raise ToolkitError(f"{folder / CONFIG_FILE} holds a JSON {type(config).__name__}, not an object; copy the "
+                               "tokenizer files with the export again")
         template, origin = _chat_template(folder, config)
         special: dict[str, Any] = {k: t for k in SPECIAL_TOKENS if (t := _token_text(config.get(k))) is not None}
         extra = config.get("additional_special_tokens") or config.get("extra_special_tokens")

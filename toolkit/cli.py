@@ -290,7 +290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was left half-written", file=sys.stderr)
         return 130
-    except Exception as exc:  # the last resort: one line, the traceback behind --debug
+    except SystemExit:
+        raise
+    # the last resort: one line, the traceback behind --debug. BaseException, not Exception: a Rust panic in
+    # tokenizers or safetensors arrives as pyo3's PanicException, which derives from BaseException
+    except BaseException as exc:
         if args.debug:
             raise
         print(f"internal error: {type(exc).__name__}: {one_line(str(exc))} (rerun with --debug for the traceback)",

@@ -214,3 +214,19 @@ def test_calibration_windows_name_a_template_that_fails_on_a_conversation():
     with pytest.raises(ToolkitError, match=r"the tokenizer's chat template: the chat template fails on a "
                                            r"conversation \(roles must alternate\)"):
         data.token_windows(tokenizer, spec)
+
+
+def test_a_library_exception_that_is_not_an_exception_is_still_one_line(tmp_path, capsys, monkeypatch):
+    from toolkit import cli
+
+    class Panic(BaseException):  # pyo3's PanicException (a Rust panic) derives from BaseException
+        pass
+
+    def panic(args):
+        raise Panic("called `Result::unwrap()` on an `Err` value\nnote: run with RUST_BACKTRACE=1")
+
+    monkeypatch.setattr(cli, "cmd_inspect", panic)  # build_parser binds the command when main runs
+    assert cli.main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["internal error: Panic: called `Result::unwrap()` on an `Err` value (rerun with --debug for the "
+                   "traceback)"]

@@ -148,3 +148,32 @@ def test_pytorch_generate_refuses_requests_that_do_not_fit(capsys, max_new_token
     assert main(["generate", "tiny-llama", "--prompt", "hi", "--max-new-tokens", max_new_tokens]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_a_tokenizer_config_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    from toolkit.models.tiny import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(str(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(ToolkitError, match="tokenizer_config.json holds a JSON list, not an object"):
+        Tokenizer.from_folder(tmp_path)
+
+
+class FakePanic(BaseException):
+    """What pyo3 raises for a Rust panic in tokenizers or safetensors: a BaseException, not an Exception."""
+
+
+def test_a_panic_while_reading_the_tokenizer_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tokenizers
+
+    from toolkit.models.tiny import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(str(tmp_path))
+
+    def panic(path: str) -> None:
+        raise FakePanic("called `Option::unwrap()` on a `None` value\nstack backtrace: ...")
+
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_file", panic)
+    with pytest.raises(ToolkitError, match=r"cannot load the tokenizer from .*: called `Option::unwrap\(\)` on a "
+                                           r"`None` value$"):
+        Tokenizer.from_folder(tmp_path)
