@@ -34,7 +34,12 @@ def top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarra
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
-    ids, vals = top_k_top_p(logits.astype(np.float64) / temperature, top_k, top_p)
+    # the maximum is subtracted before dividing: a tiny temperature then sends the others to -inf (greedy),
+    # where dividing first would overflow to inf - inf = NaN
+    shifted = logits.astype(np.float64) - logits.max()
+    with np.errstate(over="ignore", divide="ignore"):
+        scaled = shifted / temperature
+    ids, vals = top_k_top_p(scaled, top_k, top_p)
     probs = np.exp(vals - vals[0])
     probs /= probs.sum()
     return int(ids[rng.choice(len(ids), p=probs)])

@@ -177,3 +177,17 @@ def test_a_panic_while_reading_the_tokenizer_is_one_line(tmp_path: Path, monkeyp
     with pytest.raises(ToolkitError, match=r"cannot load the tokenizer from .*: called `Option::unwrap\(\)` on a "
                                            r"`None` value$"):
         Tokenizer.from_folder(tmp_path)
+
+
+@pytest.mark.parametrize("temperature", [1e-320, 5e-324, 1e-30])
+def test_a_tiny_temperature_samples_the_top_token_instead_of_nan(temperature: float) -> None:
+    import numpy as np
+
+    from toolkit.runtime import sampling
+
+    rng = np.random.default_rng(0)
+    logits = np.array([1.0, 3.0, 2.0, -5.0], np.float32)
+    assert {sampling.sample(logits, temperature, 0, 1.0, rng) for _ in range(20)} == {1}
+    assert {sampling.sample(logits, temperature, 2, 0.5, rng) for _ in range(5)} == {1}
+    at_one = {sampling.sample(logits, 1.0, 0, 1.0, rng) for _ in range(200)}
+    assert at_one == {0, 1, 2}  # an ordinary temperature still samples (the -5 logit is ~0.03 %)
