@@ -230,3 +230,16 @@ def test_a_library_exception_that_is_not_an_exception_is_still_one_line(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["internal error: Panic: called `Result::unwrap()` on an `Err` value (rerun with --debug for the "
                    "traceback)"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"opset": 99}, "opset must be at most"),
+    ({"threads": 0}, "threads (onnxruntime's, for the export's self-check) must be in 1..1024, got 0"),
+    ({"threads": 100_000}, "threads (onnxruntime's, for the export's self-check) must be in 1..1024, got 100000"),
+])
+def test_onnx_settings_out_of_range_are_refused_when_the_recipe_is_read(tmp_path, capsys, monkeypatch, settings,
+                                                                        message):
+    out = tmp_path / "out"
+    path = recipe_file(tmp_path, out, passes=[{"onnx": settings}])
+    refused(capsys, "run", str(path), match=f"passes[0].onnx: {message}")
+    assert not out.exists()
