@@ -94,6 +94,9 @@ class ExportContract:
         if templates:
             raise ToolkitError(f"export description's {', '.join(templates)} must name one tensor per layer with one "
                                "%d (e.g. 'present.%d.key'): re-export the model")
+        if self.accuracy_level is not None and self.accuracy_level not in range(5):
+            raise ToolkitError(f"export description gives accuracy_level {self.accuracy_level}; MatMulNBits takes "
+                               "0..4: re-export the model")
         bad = [k for k, v in self.dimensions().items() if v < 1]
         if bad:
             raise ToolkitError(f"export description gives non-positive {', '.join(bad)}: re-export the model")
