@@ -101,3 +101,9 @@ def test_export_json_values_of_the_wrong_kind_are_refused(tiny_export, tmp_path,
     folder = edited(tiny_export, tmp_path, "export.json", lambda d: d.update(changes))
     with pytest.raises(ToolkitError, match=message):
         load(folder, threads=1)
+
+
+@pytest.mark.parametrize("max_batch", [0, -2])
+def test_a_batch_of_no_rows_is_refused(tiny_export, max_batch):
+    with pytest.raises(ToolkitError, match=f"max_batch and block_size must be >= 1 \\(got {max_batch}, 16\\)"):
+        load(tiny_export, threads=1, max_batch=max_batch)
