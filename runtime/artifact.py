@@ -163,8 +163,9 @@ def check_graph(contract: ExportContract, proto: onnx.ModelProto, source: Path, 
     mid-generation (GroupQueryAttention on a cache of the wrong shape) or return logits of the wrong width."""
     names = contract.names
     graph_names = {v.name for v in proto.graph.input} | {v.name for v in proto.graph.output}
+    declared_dims = contract.dimensions()
     for key, observed in _graph_dimensions(contract, proto).items():
-        declared = contract.dimensions()[key]
+        declared = declared_dims[key]
         for value, where in observed:
             if value != declared:
                 raise ToolkitError(f"{source} says {key} {declared} but {model_path.name} has {value} ({where}): the "

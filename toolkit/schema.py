@@ -25,10 +25,10 @@ from toolkit.errors import ToolkitError
 
 T = TypeVar("T")
 
-_BRIEF = reprlib.Repr()
 SENTINELS = "sentinels"  # field metadata: the negative values an int setting accepts (they mean something)
 INT_LIMIT = 2**63  # every int setting ends up in a C int64 (torch, numpy, onnxruntime)
 
+_BRIEF = reprlib.Repr()
 _BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother = 2, 4, 4, 60, 60
 
 
