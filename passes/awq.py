@@ -34,6 +34,7 @@ from toolkit.quant.calibration import LayerInputs, check_finite, stream_inputs, 
 from toolkit.quant.streaming import StreamOptions, stream_calibrated
 from toolkit.quant.surgery import WeightQuantConfig, check_group_size, target_linears
 
+
 @dataclass(frozen=True)
 class AWQConfig(WeightQuantConfig):
     """Shared settings; skip also keeps a module unscaled, lm_head_bits applies with ``quantize``."""

@@ -45,6 +45,13 @@ class ExportHFGPTQConfig:
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
 
 
+def check_spec(spec: QuantSpec) -> None:
+    """Refuse a quantization the GPTQ int32 layout cannot hold (recipes call it before any pass runs)."""
+    if spec.bits not in GPTQInt32.BITS:
+        raise ToolkitError(f"export_hf_gptq holds {', '.join(map(str, GPTQInt32.BITS))} bits (the GPTQ int32 layout), "
+                           f"not {spec.bits}; quantize with bits: 4 (or 2, 8), or export with export_compressed_tensors")
+
+
 def _decoder_spec(model: PreTrainedModel) -> tuple[dict[str, QuantLinear], QuantSpec]:
     head = layout_of(model).head
     linears = {n: m for n, m in quantized_modules(model).items() if n != head}
@@ -55,7 +62,9 @@ def _decoder_spec(model: PreTrainedModel) -> tuple[dict[str, QuantLinear], Quant
     specs = {m.spec for m in linears.values()}
     if len(specs) != 1:
         raise ToolkitError(f"the GPTQ format holds one bits/group setting, the model mixes {sorted(map(str, specs))}")
-    return linears, specs.pop()
+    spec = specs.pop()
+    check_spec(spec)
+    return linears, spec
 
 
 def _tensors(model: PreTrainedModel, linears: dict[str, QuantLinear], fmt: GPTQInt32) -> dict[str, torch.Tensor]:

@@ -61,10 +61,11 @@ from toolkit.onnx.validate import Probe, Reference, model_reference, op_census, 
 from toolkit.pipeline.context import PassContext
 from toolkit.quant.modules import quantized_modules
 from toolkit.quant.streaming import StreamOptions
-from toolkit.runtime.backend import BackendOptions, OrtBackend
+from toolkit.runtime.backend import MAX_THREADS, BackendOptions, OrtBackend
 from toolkit.runtime.contract import DATA_FILE, EXPORT_FILE, GENAI_FILE, MODEL_FILE, TARGETS, ExportContract
 
 MIN_OPSET = {"ort": 23, "standard": 23}  # RMSNormalization, RotaryEmbedding, Attention
+MAX_OPSET = onnx.defs.onnx_opset_version()  # a later opset names operator versions the installed onnx does not know
 DTYPES = ("float32", "float16")
 
 
@@ -95,6 +96,11 @@ class ONNXConfig:
             raise ValueError(f"target must be one of {TARGETS}, got '{self.target}'")
         if self.opset < MIN_OPSET[self.target]:
             raise ValueError(f"target '{self.target}' needs opset >= {MIN_OPSET[self.target]}, got {self.opset}")
+        if self.opset > MAX_OPSET:
+            raise ValueError(f"opset must be at most {MAX_OPSET} (the newest the installed onnx knows), got {self.opset}")
+        if not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads (onnxruntime's, for the export's self-check) must be in 1..{MAX_THREADS}, "
+                             f"got {self.threads}")
         if self.accuracy_level not in range(5):
             raise ValueError(f"accuracy_level must be 0..4 (0 float, 4 int8 activations), got {self.accuracy_level}")
         if self.max_positions and self.max_positions < 64:

@@ -1,4 +1,5 @@
-"""Opening an export folder: refuse unsafe or truncated external data, read the contract, trust the graph's limits.
+"""Opening an export folder: refuse unsafe or truncated external data, read the contract, trust the graph's limits,
+and refuse a contract whose sizes the graph contradicts (a description copied from another model).
 
 An export folder holds ``model.onnx`` + ``model.onnx.data`` (external data), tokenizer files and the export
 contract (``export.json``, or onnxruntime-genai's ``genai_config.json``; see contract.py).
@@ -14,13 +15,18 @@ import numpy as np
 import onnx
 
 from toolkit.errors import ToolkitError
-from toolkit.runtime.contract import MODEL_FILE, ExportContract, read_contract
+from toolkit.runtime.contract import MODEL_FILE, ExportContract, description_file, read_contract
 
 # Ops whose past/present outputs may alias one preallocated buffer (seqlens from the attention mask).
 SHARED_BUFFER_OPS = ("GroupQueryAttention",)
 # Where each rotary op reads its cos cache ([max_positions, rotary_dim / 2]): the rows bound the context.
 COS_CACHE_INPUT = {"GroupQueryAttention": 7, "RotaryEmbedding": 1}
 PACKED_4BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+# The attention op's head counts: (query heads, KV heads) attribute names per op type.
+HEAD_ATTRIBUTES = {"GroupQueryAttention": ("num_heads", "kv_num_heads"), "Attention": ("q_num_heads", "kv_num_heads")}
+# Where each RMS norm reads its scale ([hidden]); the graph's first norm is layer 0's input norm.
+NORM_SCALE_INPUT = {"RMSNormalization": 1, "SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2,
+                    "LayerNormalization": 1}
 
 
 def resolve_model(folder: Path, model_file: str = MODEL_FILE) -> Path:
@@ -28,6 +34,9 @@ def resolve_model(folder: Path, model_file: str = MODEL_FILE) -> Path:
     if not folder.is_dir():
         raise ToolkitError(f"export folder not found: {folder}")
     path = folder / model_file
+    if Path(model_file).name != model_file:
+        raise ToolkitError(f"{folder}: the description names model file {model_file!r}, which is not a file name in "
+                           "the export folder; re-export the model")
     if not path.is_file():
         raise ToolkitError(f"{folder} has no {model_file}: give an export folder (toolkit run with an export step)")
     return path
@@ -113,6 +122,62 @@ def graph_context_length(proto: onnx.ModelProto) -> int | None:
     return min(rows) if rows else None
 
 
+def _static_shape(value: onnx.ValueInfoProto) -> list[int | None]:
+    """A graph input's or output's dims: an int where fixed, None where symbolic (batch, sequence)."""
+    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+
+def _graph_dimensions(contract: ExportContract, proto: onnx.ModelProto) -> dict[str, list[tuple[int, str]]]:
+    """What the weightless graph itself says of each contract dimension: (value, where it says it) pairs."""
+    names = contract.names
+    inputs = {v.name: _static_shape(v) for v in proto.graph.input}
+    outputs = {v.name: _static_shape(v) for v in proto.graph.output}
+    found: dict[str, list[tuple[int, str]]] = {k: [] for k in contract.dimensions()}
+    layers = next(i for i in range(len(inputs) + 1) if names.past(i, "key") not in inputs)
+    found["num_layers"].append((layers, f"cache inputs {names.past_key}"))
+    cache = [(n, inputs.get(n) or outputs.get(n)) for i in range(min(layers, contract.num_layers)) for kind in
+             ("key", "value") for n in (names.past(i, kind), names.present(i, kind))]
+    for name, shape in cache:  # [B, KVH, S, D]
+        if shape and len(shape) == 4:
+            found["num_kv_heads"] += [(shape[1], name)] if shape[1] else []
+            found["head_dim"] += [(shape[3], name)] if shape[3] else []
+    logits = outputs.get(names.logits)
+    if logits and len(logits) == 3 and logits[2]:  # [B, S, V]
+        found["vocab_size"].append((logits[2], names.logits))
+    dims = {init.name: list(init.dims) for init in proto.graph.initializer}
+    for node in proto.graph.node:
+        attributes = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+        for key, attr in zip(("num_heads", "num_kv_heads"), HEAD_ATTRIBUTES.get(node.op_type, ()), strict=False):
+            if attributes.get(attr):
+                found[key].append((attributes[attr], f"{node.op_type} {node.name}"))
+    norm = next((n for n in proto.graph.node if n.op_type in NORM_SCALE_INPUT), None)
+    if norm is not None and len(norm.input) > NORM_SCALE_INPUT[norm.op_type]:
+        scale = dims.get(norm.input[NORM_SCALE_INPUT[norm.op_type]])
+        if scale and len(scale) == 1:
+            found["hidden_size"].append((scale[0], f"{norm.op_type} {norm.name}'s scale"))
+    return found
+
+
+def check_graph(contract: ExportContract, proto: onnx.ModelProto, source: Path, model_path: Path) -> None:
+    """Refuse a description whose sizes the graph contradicts, naming both: onnxruntime would otherwise fail
+    mid-generation (GroupQueryAttention on a cache of the wrong shape) or return logits of the wrong width."""
+    names = contract.names
+    graph_names = {v.name for v in proto.graph.input} | {v.name for v in proto.graph.output}
+    declared_dims = contract.dimensions()
+    for key, observed in _graph_dimensions(contract, proto).items():
+        declared = declared_dims[key]
+        for value, where in observed:
+            if value != declared:
+                raise ToolkitError(f"{source} says {key} {declared} but {model_path.name} has {value} ({where}): the "
+                                   "description does not belong to this graph; re-export the model")
+    wanted = [names.input_ids, names.attention_mask, names.logits, *(n for pair in
+              names.cache_pairs(contract.num_layers) for n in pair)]
+    missing = [n for n in [*wanted, names.position_ids] if n is not None and n not in graph_names]
+    if missing:
+        raise ToolkitError(f"{source} names tensors {model_path.name} does not have ({', '.join(missing[:3])}): the "
+                           "description does not belong to this graph; re-export the model")
+
+
 def open_export(folder: Path) -> tuple[ExportContract, onnx.ModelProto, Path]:
     """(contract, weightless graph, model path), the contract's context length capped by the graph's own."""
     folder = Path(folder)
@@ -121,6 +186,7 @@ def open_export(folder: Path) -> tuple[ExportContract, onnx.ModelProto, Path]:
     contract = read_contract(folder)
     model_path = resolve_model(folder, contract.model_file)
     proto = check_external_data(folder, model_path)
+    check_graph(contract, proto, description_file(folder), model_path)
     rows = graph_context_length(proto)
     if rows is not None and rows < contract.context_length:
         warnings.warn(f"{folder}: the description claims a context of {contract.context_length} tokens but the "

@@ -67,6 +67,9 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+MAX_THREADS = 1024  # onnxruntime takes an int32 and starts them all; more is a typo, not a machine
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     threads: int | None = None  # ORT intra-op threads; None: physical cores
@@ -79,8 +82,8 @@ class BackendOptions:
     accuracy_level: int | None = None
 
     def __post_init__(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise ToolkitError(f"threads must be >= 1 (got {self.threads})")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise ToolkitError(f"threads must be in 1..{MAX_THREADS} (got {self.threads})")
         if self.prefill_chunk < 1:
             raise ToolkitError(f"prefill_chunk must be >= 1 (got {self.prefill_chunk})")
         if self.accuracy_level is not None and self.accuracy_level not in range(5):

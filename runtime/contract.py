@@ -85,11 +85,33 @@ class ExportContract:
             raise ToolkitError(f"export padding must be one of {PADDINGS}, got {self.padding!r}: re-export the model")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ToolkitError(f"cache dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
-        dims = {"num_layers": self.num_layers, "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
-                "head_dim": self.head_dim, "vocab_size": self.vocab_size, "context_length": self.context_length}
-        bad = [k for k, v in dims.items() if v < 1]
+        texts = {"model_type": self.model_type, "weights": self.weights, "model_file": self.model_file,
+                 "data_file": self.data_file, **{k: v for k, v in vars(self.names).items() if v is not None}}
+        wrong = [k for k, v in texts.items() if not isinstance(v, str) or not v]
+        if wrong:
+            raise ToolkitError(f"export description gives no text for {', '.join(wrong)}: re-export the model")
+        templates = [k for k, v in vars(self.names).items() if k.startswith(("past_", "present_")) and not _template(v)]
+        if templates:
+            raise ToolkitError(f"export description's {', '.join(templates)} must name one tensor per layer with one "
+                               "%d (e.g. 'present.%d.key'): re-export the model")
+        if self.accuracy_level is not None and self.accuracy_level not in range(5):
+            raise ToolkitError(f"export description gives accuracy_level {self.accuracy_level}; MatMulNBits takes "
+                               "0..4: re-export the model")
+        bad = [k for k, v in self.dimensions().items() if v < 1]
         if bad:
             raise ToolkitError(f"export description gives non-positive {', '.join(bad)}: re-export the model")
+        ids = {"eos_token_id": self.eos_token_ids, "bos_token_id": (self.bos_token_id,),
+               "pad_token_id": (self.pad_token_id,)}
+        wrong = [f"{k} {i}" for k, v in ids.items() for i in v if i is not None and not 0 <= i < self.vocab_size]
+        if wrong:
+            raise ToolkitError(f"export description gives {', '.join(wrong)}, outside the vocabulary of "
+                               f"{self.vocab_size}: re-export the model")
+
+    def dimensions(self) -> dict[str, int]:
+        """The sizes the graph must agree with (``artifact.check_graph`` compares them when a folder is opened)."""
+        return {"num_layers": self.num_layers, "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
+                "context_length": self.context_length}
 
     @property
     def pad_or_eos(self) -> int:
@@ -139,13 +161,13 @@ class ExportContract:
                 logits=outputs["logits"], present_key=outputs["present_key"], present_value=outputs["present_value"],
             )
             return cls(
-                target=d["target"], model_type=d["model_type"], num_layers=int(d["num_layers"]),
-                num_heads=int(d["num_heads"]), num_kv_heads=int(d["num_kv_heads"]), head_dim=int(d["head_dim"]),
-                hidden_size=int(d["hidden_size"]), vocab_size=int(d["vocab_size"]),
-                context_length=int(d["max_positions"]), eos_token_ids=_ids(d["eos_token_id"]),
+                target=d["target"], model_type=d["model_type"], num_layers=_int(d["num_layers"]),
+                num_heads=_int(d["num_heads"]), num_kv_heads=_int(d["num_kv_heads"]), head_dim=_int(d["head_dim"]),
+                hidden_size=_int(d["hidden_size"]), vocab_size=_int(d["vocab_size"]),
+                context_length=_int(d["max_positions"]), eos_token_ids=_ids(d["eos_token_id"]),
                 bos_token_id=_optional_int(d.get("bos_token_id")), pad_token_id=_optional_int(d.get("pad_token_id")),
                 padding=d["padding"], weights=d["weights"], accuracy_level=_optional_int(d.get("accuracy_level")),
-                cache_dtype=d["dtype"], share_buffer=bool(d["past_present_share_buffer"]), names=names,
+                cache_dtype=d["dtype"], share_buffer=_bool(d["past_present_share_buffer"]), names=names,
                 model_file=d["model_file"], data_file=d["data_file"],
             )
 
@@ -194,13 +216,13 @@ class ExportContract:
                 present_key=outputs["present_key_names"], present_value=outputs["present_value_names"],
             )
             return cls(
-                target="ort", model_type=model["type"], num_layers=int(dec["num_hidden_layers"]),
-                num_heads=int(dec["num_attention_heads"]), num_kv_heads=int(dec["num_key_value_heads"]),
-                head_dim=int(dec["head_size"]), hidden_size=int(dec["hidden_size"]),
-                vocab_size=int(model["vocab_size"]), context_length=int(model["context_length"]),
+                target="ort", model_type=model["type"], num_layers=_int(dec["num_hidden_layers"]),
+                num_heads=_int(dec["num_attention_heads"]), num_kv_heads=_int(dec["num_key_value_heads"]),
+                head_dim=_int(dec["head_size"]), hidden_size=_int(dec["hidden_size"]),
+                vocab_size=_int(model["vocab_size"]), context_length=_int(model["context_length"]),
                 eos_token_ids=_ids(model["eos_token_id"]), bos_token_id=_optional_int(model.get("bos_token_id")),
                 pad_token_id=_optional_int(model.get("pad_token_id")), padding="right", weights="unknown",
-                share_buffer=bool(search.get("past_present_share_buffer", True)), names=names,
+                share_buffer=_bool(search.get("past_present_share_buffer", True)), names=names,
                 model_file=dec.get("filename", MODEL_FILE),
             )
 
@@ -210,33 +232,61 @@ def _reading(source: Path | str) -> Iterator[None]:
     """Turn a missing key or a value of the wrong type into one line naming the file."""
     try:
         yield
+    except ToolkitError as exc:  # the contract's own checks, said of the file that holds the values
+        raise ToolkitError(f"{source}: {exc}") from None
     except KeyError as exc:
         raise ToolkitError(f"{source} does not give {exc.args[0]!r}: re-export the model") from None
     except (TypeError, ValueError, AttributeError) as exc:
         raise ToolkitError(f"{source} has a malformed value ({exc}): re-export the model") from None
 
 
+def _template(text: str) -> bool:
+    try:
+        return text % 0 != text % 1
+    except (TypeError, ValueError):
+        return False
+
+
+def _bool(value: Any) -> bool:
+    """A JSON boolean: ``bool("false")`` is True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {str(value)[:40]!r}")
+    return value
+
+
+def _int(value: Any) -> int:
+    """A JSON integer: ``int()`` would turn 2.7 into 2 and true into 1, a lie the graph then contradicts."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {str(value)[:40]!r}")
+    return value
+
+
 def _ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
-    return tuple(int(v) for v in value) if isinstance(value, list | tuple) else (int(value),)
+    return tuple(_int(v) for v in value) if isinstance(value, list | tuple) else (_int(value),)
 
 
 def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
+    return None if value is None else _int(value)
+
+
+def description_file(folder: Path) -> Path:
+    """The file ``read_contract`` reads: ``export.json`` (ours) or, for onnxruntime-genai's folders, ``genai_config.json``."""
+    folder = Path(folder)
+    for name in (EXPORT_FILE, GENAI_FILE):
+        if (folder / name).is_file():
+            return folder / name
+    raise ToolkitError(f"{folder} has neither {EXPORT_FILE} nor {GENAI_FILE}: it is not an export folder "
+                       "(export with `toolkit run` and an onnx step)")
 
 
 def read_contract(folder: Path) -> ExportContract:
     """``export.json`` (ours) or, for folders onnxruntime-genai built, ``genai_config.json``."""
-    folder = Path(folder)
-    for name, reader in ((EXPORT_FILE, ExportContract.from_json), (GENAI_FILE, ExportContract.from_genai_config)):
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ToolkitError(f"{path} is not valid JSON ({exc}); re-export the model") from None
-        return reader(data, path)
-    raise ToolkitError(f"{folder} has neither {EXPORT_FILE} nor {GENAI_FILE}: it is not an export folder "
-                       "(export with `toolkit run` and an onnx step)")
+    path = description_file(folder)
+    reader = ExportContract.from_json if path.name == EXPORT_FILE else ExportContract.from_genai_config
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ToolkitError(f"{path} is not valid JSON ({exc}); re-export the model") from None
+    return reader(data, path)

@@ -32,6 +32,8 @@ class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, max_batch: int = 8, block_size: int = 16,
                  step_tokens: int = 256) -> None:
         """step_tokens: prompt tokens prefilled per step (bounds how long running rows wait for a new prompt)."""
+        if max_batch < 1 or block_size < 1:
+            raise ToolkitError(f"max_batch and block_size must be >= 1 (got {max_batch}, {block_size})")
         self.backend, self.tokenizer = backend, tokenizer
         self.contract = backend.contract
         self.max_batch, self.block_size = max_batch, block_size

@@ -6,13 +6,14 @@ The scheduler (scheduler.py) moves sequences through the cache; the engine (engi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from toolkit.errors import ToolkitError
 from toolkit.runtime import sampling
 from toolkit.runtime.tokenizer import Tokenizer
+from toolkit.schema import check_numbers
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class GenerationConfig:
             raise ToolkitError("top_k must be >= 0 and repetition_penalty > 0 (1.0 disables it)")
         if any(not s for s in self.stop_strings):
             raise ToolkitError("stop_strings must not contain an empty string")
+        # what the bounds above cannot see, for every field: NaN compares false, a negative seed reaches numpy
+        check_numbers(GenerationConfig, {f.name: getattr(self, f.name) for f in fields(self)}, "generation settings")
 
 
 @dataclass

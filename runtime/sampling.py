@@ -73,7 +73,12 @@ def distribution(logits: np.ndarray, settings: SamplingSettings,
         logits = repetition_penalty(logits, seen, settings.repetition_penalty)
     if not settings.do_sample:
         return np.array([int(logits.argmax())]), np.ones(1)
-    ids, vals = top_k_top_p(logits.astype(np.float64) / settings.temperature, settings.top_k, settings.top_p)
+    # the maximum is subtracted before dividing: a tiny temperature then sends the others to -inf (greedy),
+    # where dividing first would overflow to inf - inf = NaN
+    shifted = logits.astype(np.float64) - logits.max()
+    with np.errstate(over="ignore", divide="ignore"):
+        scaled = shifted / settings.temperature
+    ids, vals = top_k_top_p(scaled, settings.top_k, settings.top_p)
     probs = np.exp(vals - vals[0])
     return ids, probs / probs.sum()
 

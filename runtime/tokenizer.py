@@ -42,7 +42,8 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separ
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def compile_template(source: str) -> jinja2.Template:
+def compile_template(source: str, where: str = "the chat template") -> jinja2.Template:
+    """The template as transformers compiles it; a syntax error is one line naming ``where`` (its file)."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                        extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
@@ -51,7 +52,9 @@ def compile_template(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.TemplateError as exc:
-        raise ToolkitError(f"the chat template does not parse ({exc}); fix or remove it") from None
+        line = f" at line {exc.lineno}" if isinstance(exc, jinja2.TemplateSyntaxError) else ""
+        raise ToolkitError(f"{where}: the chat template does not parse{line} ({str(exc).splitlines()[0]}); fix "
+                           "the template or remove it") from None
 
 
 def _token_text(value: Any) -> str | None:
@@ -63,12 +66,13 @@ def _token_text(value: Any) -> str | None:
 
 class Tokenizer:
     def __init__(self, core: tokenizers.Tokenizer, chat_template: str | None = None,
-                 special_tokens: dict[str, Any] | None = None, clean_up_spaces: bool = False) -> None:
+                 special_tokens: dict[str, Any] | None = None, clean_up_spaces: bool = False,
+                 template_origin: str = "the chat template") -> None:
         core.no_truncation()  # transformers' call default: no truncation, no padding
         core.no_padding()
-        self.core, self.chat_template = core, chat_template
+        self.core, self.chat_template, self.template_origin = core, chat_template, template_origin
         self.special_tokens = special_tokens or {}
-        self._template = compile_template(chat_template) if chat_template else None
+        self._template = compile_template(chat_template, template_origin) if chat_template else None
         self._clean_up = clean_up_spaces and json.loads(core.to_str())["model"]["type"] != "BPE"
 
     @classmethod
@@ -83,12 +87,15 @@ class Tokenizer:
                 config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
             except Exception as exc:  # tokenizers raises a bare Exception on malformed files
                 raise ToolkitError(f"cannot load the tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
-        template = _chat_template(folder, config)
+        if not isinstance(config, dict):
+            raise ToolkitError(f"{folder / CONFIG_FILE} holds a JSON {type(config).__name__}, not an object; copy the "
+                               "tokenizer files with the export again")
+        template, origin = _chat_template(folder, config)
         special: dict[str, Any] = {k: t for k in SPECIAL_TOKENS if (t := _token_text(config.get(k))) is not None}
         extra = config.get("additional_special_tokens") or config.get("extra_special_tokens")
         if isinstance(extra, list):
             special["additional_special_tokens"] = [_token_text(t) for t in extra]
-        return cls(core, template, special, bool(config.get("clean_up_tokenization_spaces", False)))
+        return cls(core, template, special, bool(config.get("clean_up_tokenization_spaces", False)), origin)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.core.encode(text, add_special_tokens=add_special_tokens).ids)
@@ -106,14 +113,23 @@ class Tokenizer:
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          **self.special_tokens)
-        except jinja2.TemplateError as exc:
-            raise ToolkitError(f"the chat template refused these messages: {exc}") from None
+        # TemplateError: an undefined name or the template's raise_exception; TypeError: its expressions applied
+        # to the wrong values
+        except (jinja2.TemplateError, TypeError) as exc:
+            raise ToolkitError(f"{self.template_origin}: the chat template refused these messages: "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
-    if (folder / TEMPLATE_FILE).is_file():
-        return (folder / TEMPLATE_FILE).read_text()
+def _chat_template(folder: Path, config: dict[str, Any]) -> tuple[str | None, str]:
+    """The template's text and the file it came from."""
+    path = folder / TEMPLATE_FILE
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as exc:
+            raise ToolkitError(f"{path} is not UTF-8 text (byte {exc.start}); save the template as UTF-8") from None
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    return template if isinstance(template, str) else None
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return (template if isinstance(template, str) else None), str(folder / CONFIG_FILE)

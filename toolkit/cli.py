@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import ToolkitError, is_panic
+from toolkit.errors import ToolkitError
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -293,8 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was left half-written", file=sys.stderr)
         return 130
-    except BaseException as exc:  # the last resort: one line, the traceback behind --debug
-        if args.debug or not (isinstance(exc, Exception) or is_panic(exc)):
+    except SystemExit:
+        raise
+    # the last resort: one line, the traceback behind --debug. BaseException, not Exception: a Rust panic in
+    # tokenizers or safetensors arrives as pyo3's PanicException, which derives from BaseException
+    except BaseException as exc:
+        if args.debug:
             raise
         print(f"internal error: {type(exc).__name__}: {one_line(str(exc))} (rerun with --debug for the traceback)",
               file=sys.stderr)

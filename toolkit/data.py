@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
+from toolkit.models import chat
 from toolkit.paths import hub_reachable
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -157,7 +158,8 @@ def _chat_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], spec: Win
     if not getattr(tokenizer, "chat_template", None):
         raise ToolkitError("calibration format 'chat' needs a tokenizer with a chat template; this one has none "
                            "(use format: text)")
-    pieces = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations(docs, 3 * spec.length)]
+    pieces = [chat.render(tokenizer, c, "the tokenizer's chat template", tokenize=False)
+              for c in conversations(docs, 3 * spec.length)]
     encoded = [tokenizer(str(p), add_special_tokens=False)["input_ids"] for p in pieces]
     ids = torch.tensor([t for e in encoded for t in e], dtype=torch.long)
     offsets = torch.tensor([0] + [len(e) for e in encoded[:-1]]).cumsum(0)

@@ -3,20 +3,30 @@
 Unknown keys are errors naming the file, the key path and the allowed keys; values are checked
 against the dataclass field types (lists become tuples); ``__post_init__`` ValueErrors are reported
 with their key path. The same dataclasses drive the CLI options, so defaults are declared once.
+
+Numbers are checked here for every setting at once (``check_numbers``): a float must be finite (YAML's
+``.nan`` and ``.inf`` and argparse's ``nan`` compare false with every bound a ``__post_init__`` writes), and an
+int (a count, a size, a seed) must be >= 0 and fit in 64 bits, unless its field names the negative values it
+accepts in ``metadata={SENTINELS: (-1,)}`` (``group_size: -1``, one group per row).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import reprlib
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, TypeVar, Union
 
 from toolkit.errors import ToolkitError
 
 T = TypeVar("T")
+
+SENTINELS = "sentinels"  # field metadata: the negative values an int setting accepts (they mean something)
+INT_LIMIT = 2**63  # every int setting ends up in a C int64 (torch, numpy, onnxruntime)
 
 _BRIEF = reprlib.Repr()
 _BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother = 2, 4, 4, 60, 60
@@ -62,6 +72,8 @@ def _coerce(value: Any, tp: Any, origin: str, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return build(tp, value, origin, path)  # type: ignore[arg-type]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= INT_LIMIT:  # float() of a longer int overflows; no setting wants one
+            raise ToolkitError(f"{_where(origin, path)}: {brief(value)} is too large for a setting")
         return float(value)
     if tp is bool and not isinstance(value, bool):
         raise ToolkitError(f"{_where(origin, path)}: expected true or false, got {brief(value)}")
@@ -89,10 +101,39 @@ def build(cls: type[T], data: Any, origin: str, path: str = "") -> T:
                 f"{origin}: unknown key '{key_path}'{hint}; allowed keys: {', '.join(fields) or 'none'}"
             )
     kwargs = {k: _coerce(v, hints[k], origin, f"{path}.{k}" if path else k) for k, v in data.items()}
+    check_numbers(cls, kwargs, origin, path)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
         raise ToolkitError(f"{_where(origin, path)}: {exc}") from None
+
+
+def _number_problem(value: Any, sentinels: tuple[int, ...]) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a finite number, got {value}"
+    if isinstance(value, int) and value < 0 and value not in sentinels:
+        allowed = f" or {', '.join(map(str, sentinels))}" if sentinels else ""
+        return f"expected a count, size or seed >= 0{allowed}, got {value}"
+    if isinstance(value, int) and value >= INT_LIMIT:
+        return f"{brief(value)} is too large (at most 2**63 - 1)"
+    return None
+
+
+def check_numbers(cls: type, values: Mapping[str, Any], origin: str, path: str = "") -> None:
+    """Refuse a NaN or infinite float and a negative or oversized int in any field of ``cls`` (tuples item by
+    item) before ``cls`` is built: the ``__post_init__`` bounds cannot see NaN, and no setting is negative."""
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        items = enumerate(value) if isinstance(value, tuple | list) else [(None, value)]
+        for i, item in items:
+            problem = _number_problem(item, f.metadata.get(SENTINELS, ()))
+            if problem:
+                key = f"{path}.{f.name}" if path else f.name
+                raise ToolkitError(f"{_where(origin, key if i is None else f'{key}[{i}]')}: {problem}")
 
 
 def record(obj: Any) -> Any:

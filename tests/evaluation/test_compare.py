@@ -92,3 +92,63 @@ def test_real_runs_recorded_on_the_dev_machine():
     slow = gate.compare(base, FIXTURES / "real-slow10.json")
     assert {r.metric for r in slow.rows if r.regressed} == {"decode_ms_per_token"}
     assert len(json.loads(base.read_text())["latency_groups"]["decode_ms_per_token"]) == 3
+
+
+# ----------------------------------------------------------------------------- reports of the wrong kind (issue 19)
+
+
+def _cli(capsys, *args: str) -> tuple[int, list[str]]:
+    rc = main(["compare", *args])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("content, kind", [("[1, 2]", "list"), ('"report"', "str"), ("3", "int"), ("null", "NoneType")])
+def test_a_report_that_is_not_a_json_object_is_one_error_line(tmp_path, capsys, content, kind):
+    bad = tmp_path / "list.json"
+    bad.write_text(content)
+    for args in ((str(bad), str(BASE)), (str(BASE), str(bad))):
+        rc, err = _cli(capsys, *args)
+        assert rc == 2 and len(err) == 1, err
+        assert err[0] == (f"error: {bad} holds a JSON {kind}, not a toolkit-report/1 report (a JSON object); "
+                          "write it with benchmarks/bench_runtime.py --report")
+
+
+def _named(tmp_path: Path, file: str, name: str, **extra: object) -> Path:
+    report = json.loads(BASE.read_text())
+    report.update(name=name, **extra)
+    path = tmp_path / file
+    path.write_text(json.dumps(report))
+    return path
+
+
+@pytest.mark.parametrize("model", [None, {"source_hash": None, "recipe": None, "export_hash": "e"}])
+def test_reports_without_source_hash_of_differently_named_models_are_refused(tmp_path, capsys, model):
+    extra = {} if model is None else {"model": model}
+    a = _named(tmp_path, "a.json", "onnxruntime-genai int4", **extra)
+    b = _named(tmp_path, "b.json", "llama.cpp q4_0", **extra)
+    rc, err = _cli(capsys, str(a), str(b))
+    assert rc == 2 and len(err) == 1, err
+    assert "carry no source hash and name different models ('onnxruntime-genai int4' vs 'llama.cpp q4_0')" in err[0]
+    assert "--allow-different-models" in err[0]
+    result = gate.compare(a, b, allow_different_models=True)
+    assert result.passed and "different models compared on purpose" in result.markdown
+    same = _named(tmp_path, "c.json", "onnxruntime-genai int4", **extra)
+    assert "no source hash in either report" in gate.compare(a, same).markdown
+
+
+def test_a_name_of_the_wrong_kind_is_refused(tmp_path):
+    with pytest.raises(ToolkitError, match=r"report 'name' must be a string, got \['x'\]"):
+        gate.compare(BASE, _named(tmp_path, "a.json", ["x"]))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("groups, message", [
+    (3.0, "must be a list of sample lists"),
+    ([1.0, 2.0], "must be a list of sample lists"),
+    ([[1.0, float("nan")], [2.0, 3.0]], "has 1 samples that are not finite positive"),
+    ([["fast"], [2.0]], "has 1 samples that are not finite positive"),
+])
+def test_latency_groups_of_the_wrong_kind_are_refused(groups, message):
+    base = json.loads(BASE.read_text())
+    cand = {**base, "latency_groups": {"decode_ms_per_token": groups}}
+    with pytest.raises(ToolkitError, match=f"candidate latency_groups 'decode_ms_per_token' {message}"):
+        gate.compare(base, cand)

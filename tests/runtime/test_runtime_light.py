@@ -68,6 +68,33 @@ def test_tokenizer_without_chat_template_refuses_messages(tmp_path: Path) -> Non
         Tokenizer.from_folder(tmp_path).apply_chat_template(CHATS[0])
 
 
+BROKEN = {"syntax": ("{% for m in messages %}{{ m.content }", "does not parse at line 1 (unexpected '}')"),
+          "unclosed": ("{% for m in messages %}\n{{ m.content }}\n", "does not parse at line 2 (Unexpected end of template"),
+          "types": ("{{ messages + 1 }}", "refused these messages")}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+@pytest.mark.parametrize("where", ["file", "config"])
+def test_a_broken_chat_template_is_one_line_naming_its_file(tmp_path: Path, case: str, where: str) -> None:
+    from toolkit.models.tiny import tiny_tokenizer
+
+    template, message = BROKEN[case]
+    hf = tiny_tokenizer()
+    hf.save_pretrained(str(tmp_path))
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    if where == "file":
+        (tmp_path / "chat_template.jinja").write_text(template)
+        source = tmp_path / "chat_template.jinja"
+    else:
+        config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+        source = tmp_path / "tokenizer_config.json"
+    with pytest.raises(ToolkitError, match=f"^{source}: the chat template") as info:
+        Tokenizer.from_folder(tmp_path).apply_chat_template(CHATS[0])
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert Tokenizer.from_folder(tmp_path).encode("plain text still works") if case == "types" else True
+
+
 @pytest.mark.slow
 @requires_smollm2
 def test_tokenizer_and_chat_template_equal_transformers_on_smollm2(tmp_path: Path) -> None:
@@ -121,3 +148,46 @@ def test_pytorch_generate_refuses_requests_that_do_not_fit(capsys, max_new_token
     assert main(["generate", "tiny-llama", "--prompt", "hi", "--max-new-tokens", max_new_tokens]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_a_tokenizer_config_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    from toolkit.models.tiny import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(str(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(ToolkitError, match="tokenizer_config.json holds a JSON list, not an object"):
+        Tokenizer.from_folder(tmp_path)
+
+
+class FakePanic(BaseException):
+    """What pyo3 raises for a Rust panic in tokenizers or safetensors: a BaseException, not an Exception."""
+
+
+def test_a_panic_while_reading_the_tokenizer_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tokenizers
+
+    from toolkit.models.tiny import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(str(tmp_path))
+
+    def panic(path: str) -> None:
+        raise FakePanic("called `Option::unwrap()` on a `None` value\nstack backtrace: ...")
+
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_file", panic)
+    with pytest.raises(ToolkitError, match=r"cannot load the tokenizer from .*: called `Option::unwrap\(\)` on a "
+                                           r"`None` value$"):
+        Tokenizer.from_folder(tmp_path)
+
+
+@pytest.mark.parametrize("temperature", [1e-320, 5e-324, 1e-30])
+def test_a_tiny_temperature_samples_the_top_token_instead_of_nan(temperature: float) -> None:
+    import numpy as np
+
+    from toolkit.runtime import sampling
+
+    rng = np.random.default_rng(0)
+    logits = np.array([1.0, 3.0, 2.0, -5.0], np.float32)
+    assert {sampling.sample(logits, temperature, 0, 1.0, rng) for _ in range(20)} == {1}
+    assert {sampling.sample(logits, temperature, 2, 0.5, rng) for _ in range(5)} == {1}
+    at_one = {sampling.sample(logits, 1.0, 0, 1.0, rng) for _ in range(200)}
+    assert at_one == {0, 1, 2}  # an ordinary temperature still samples (the -5 logit is ~0.03 %)

@@ -29,9 +29,10 @@ resamples processes first and samples within them second: on shared machines a p
 the next one's by more than a token's from the next token's, and resampling tokens alone would call that
 difference a regression.
 
-The gate refuses (exit 2) what it cannot judge: a non-finite or non-positive perplexity or latency sample, a
-metric the baseline has and the candidate lacks, and two reports of different models (a different source
-hash or recipe) unless ``--allow-different-models`` says the comparison is intended. The export hash is
+The gate refuses (exit 2) what it cannot judge: a report that is not a JSON object, a non-finite or non-positive
+perplexity or latency sample, a metric the baseline has and the candidate lacks, and two reports of different
+models (a different source hash or recipe; without a source hash in either, as other tools write them, a different
+``name``) unless ``--allow-different-models`` says the comparison is intended. The export hash is
 shown, not compared: a candidate is usually a new export of the same model.
 """
 
@@ -47,6 +48,7 @@ import numpy as np
 
 from toolkit.errors import ToolkitError
 from toolkit.paths import sha256_file, sha256_json
+from toolkit.schema import brief
 
 SCHEMA = "toolkit-report/1"
 BOOTSTRAP_ROUNDS = 2000
@@ -100,23 +102,43 @@ def load_report(source: Path | dict[str, Any]) -> dict[str, Any]:
             raise ToolkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
         except (UnicodeDecodeError, OSError) as exc:
             raise ToolkitError(f"cannot read report {path} ({type(exc).__name__})") from None
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
-        raise ToolkitError(f"report schema is {report.get('schema')!r}, expected {SCHEMA!r}: write it with "
-                           "benchmarks/bench_runtime.py --report")
+    where = "report" if isinstance(source, dict) else str(source)
+    if not isinstance(report, dict):
+        raise ToolkitError(f"{where} holds a JSON {type(report).__name__}, not a {SCHEMA} report (a JSON object); "
+                           "write it with benchmarks/bench_runtime.py --report")
+    if report.get("schema") != SCHEMA:
+        raise ToolkitError(f"{where}: report schema is {brief(report.get('schema'))}, expected {SCHEMA!r}: write it "
+                           "with benchmarks/bench_runtime.py --report")
     for key in ("metrics", "latency", "latency_groups", "model"):
         if not isinstance(report.get(key, {}), dict):
-            raise ToolkitError(f"report '{key}' must be a mapping; write the report with benchmarks/bench_runtime.py")
+            raise ToolkitError(f"{where}: report '{key}' must be a mapping; write the report with "
+                               "benchmarks/bench_runtime.py")
+    if not isinstance(report.get("name", ""), str):
+        raise ToolkitError(f"{where}: report 'name' must be a string, got {brief(report['name'])}")
     return report
 
 
 IDENTITY_KEYS = ("source_hash", "recipe")  # what makes two reports the same model; export_hash is shown only
 
 
+def _check_same_name(base: dict[str, Any], cand: dict[str, Any], allow_different: bool) -> list[str]:
+    """Reports without a source hash (other tools write them): their names are all that tells the models apart."""
+    name_a, name_b = base.get("name"), cand.get("name")
+    if name_a == name_b:
+        return ["model identity: unknown (no source hash in either report); the gate compares reports of the same "
+                "name and cannot tell what was measured"]
+    if not allow_different:
+        raise ToolkitError(f"the reports carry no source hash and name different models ({brief(name_a)} vs "
+                           f"{brief(name_b)}); pass --allow-different-models if that comparison is intended")
+    return [f"different models compared on purpose (names {brief(name_a)} vs {brief(name_b)}, no source hash)"]
+
+
 def check_same_model(base: dict[str, Any], cand: dict[str, Any], allow_different: bool) -> list[str]:
     """Refuse reports of different models unless allowed; notes for the markdown (unknown or allowed identity)."""
-    a, b = base.get("model"), cand.get("model")
+    a, b = base.get("model") or {}, cand.get("model") or {}
+    named = [] if a.get("source_hash") or b.get("source_hash") else _check_same_name(base, cand, allow_different)
     if not a and not b:
-        return ["model identity: unknown (neither report records 'model'); the gate cannot tell what was measured"]
+        return named
     if not a or not b:
         if allow_different:
             return ["model identity: only one report records it (allowed by --allow-different-models)"]
@@ -127,7 +149,7 @@ def check_same_model(base: dict[str, Any], cand: dict[str, Any], allow_different
         raise ToolkitError("the reports measure different models (" + ", ".join(
             f"{k}: {str(a.get(k))[:16]} vs {str(b.get(k))[:16]}" for k in differs) + "); pass "
             "--allow-different-models if that comparison is intended")
-    notes = [f"model: source {str(b.get('source_hash'))[:12]}, recipe {b.get('recipe_file') or b.get('recipe')}, export "
+    notes = named + [f"model: source {str(b.get('source_hash'))[:12]}, recipe {b.get('recipe_file') or b.get('recipe')}, export "
              f"{str(a.get('export_hash'))[:12]} -> {str(b.get('export_hash'))[:12]}"]
     return notes + ([f"different models compared on purpose ({', '.join(differs)})"] if differs else [])
 
@@ -150,6 +172,13 @@ def check_values(base: dict[str, Any], cand: dict[str, Any]) -> None:
             if bad:
                 raise ToolkitError(f"{side} latency '{name}' has {bad} of {len(samples)} samples that are not finite "
                                    "positive numbers; rerun the benchmark")
+        for name, groups in report.get("latency_groups", {}).items():
+            if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+                raise ToolkitError(f"{side} latency_groups '{name}' must be a list of sample lists (one per process)")
+            bad = sum(not _finite_positive(x) for g in groups for x in g)
+            if bad:
+                raise ToolkitError(f"{side} latency_groups '{name}' has {bad} samples that are not finite positive "
+                                   "numbers; rerun the benchmark")
     if "perplexity" in base.get("metrics", {}) and "perplexity" not in cand.get("metrics", {}):
         raise ToolkitError("the baseline has a perplexity and the candidate has none: record it "
                            "(bench_runtime.py --perplexity PPL)")

@@ -11,15 +11,17 @@ from transformers import TextIteratorStreamer
 
 from toolkit import models
 from toolkit.errors import ToolkitError
+from toolkit.models import chat
 
 STREAM_TIMEOUT_S = 600.0  # a generate thread that dies cannot leave the reader waiting forever
 
 
-def chat_ids(tokenizer, prompt: str, system: str | None, raw: bool) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def chat_ids(tokenizer, prompt: str, system: str | None, raw: bool,  # type: ignore[no-untyped-def]
+             where: str = "the tokenizer's chat template") -> torch.Tensor:
     if raw or not tokenizer.chat_template:
         return tokenizer(prompt, return_tensors="pt")["input_ids"]
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = chat.render(tokenizer, messages, where, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     return out["input_ids"]
 
 
@@ -39,9 +41,10 @@ def generate_text(source: str, prompt: str, max_new_tokens: int = 128, system: s
     if max_new_tokens < 1:
         check_budget(0, max_new_tokens, None)
     ref = models.resolve(source)
-    loaded = models.load(source)
-    ids = chat_ids(loaded.tokenizer, prompt, system, raw)
+    # the prompt is formatted and its budget checked with the tokenizer alone, before the weights are loaded
+    ids = chat_ids(models.load_tokenizer(ref), prompt, system, raw, chat.origin(ref))
     check_budget(ids.shape[1], max_new_tokens, models.context_length(ref))
+    loaded = models.load(source)
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                     timeout=STREAM_TIMEOUT_S)
     failure: list[BaseException] = []

@@ -21,7 +21,7 @@ import yaml
 
 from toolkit.data import WindowSpec
 from toolkit.errors import ToolkitError
-from toolkit.passes import CONFIGS, is_export
+from toolkit.passes import CONFIGS, SPEC_CHECKS, is_export
 from toolkit.schema import brief, build, record
 
 
@@ -145,6 +145,20 @@ def _step(entry: Any, origin: str, index: int) -> Step:
     return Step(build(CONFIGS[name], settings, origin, f"{path}.{name}"))
 
 
+def _check_export_holds(steps: tuple[Step, ...], origin: str) -> None:
+    """An export that cannot hold the quantization an earlier pass makes is refused before any pass runs."""
+    check = SPEC_CHECKS.get(type(steps[-1].config)) if steps else None
+    if check is None:
+        return
+    for i, step in enumerate(steps[:-1]):
+        spec = getattr(step.config, "spec", None)  # weight-quantization passes (WeightQuantConfig)
+        if spec is not None:
+            try:
+                check(spec)
+            except ToolkitError as exc:
+                raise ToolkitError(f"{origin}: passes[{i}].{step.name} then {steps[-1].name}: {exc}") from None
+
+
 def parse(data: Any, origin: str) -> Recipe:
     if not isinstance(data, dict):
         raise ToolkitError(f"{origin}: a recipe is a mapping with keys {', '.join(TOP_KEYS)}")
@@ -164,6 +178,7 @@ def parse(data: Any, origin: str) -> Recipe:
     for i, step in enumerate(steps[:-1]):
         if step.is_export:
             raise ToolkitError(f"{origin}: passes[{i}]: export step '{step.name}' must be the last pass")
+    _check_export_holds(steps, origin)
     return Recipe(
         model=data["model"],
         output=data["output"],

@@ -28,7 +28,7 @@ from toolkit import data, models
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import perplexity
 from toolkit.evaluation.streaming import stream_perplexity
-from toolkit.models import checkpoint
+from toolkit.models import chat, checkpoint
 from toolkit.models.streaming import SkeletonModel, read_config
 from toolkit.passes import STREAMING, handler
 from toolkit.paths import atomic_dir, cache_dir, dir_bytes, sha256_json, write_text_atomic
@@ -334,6 +334,8 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
     recipe = replace(recipe, evaluation=resolve_evaluation(recipe.evaluation, ref, shape, budget_bytes, log))
     check_memory(recipe, ref, options, shape, budget_bytes)
     tokenizer = models.load_tokenizer(ref)
+    if recipe.calibration.format == "chat" and any(s.reads_calibration for s in recipe.passes):
+        chat.check(tokenizer, chat.origin(ref))
     versions = checkpoint.library_versions()
     state = _State(ref)
     log(f"model {recipe.model} ({ref.key[:12]}), device {device}")

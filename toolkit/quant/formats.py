@@ -94,9 +94,10 @@ class GPTQInt32:
     """
 
     FORMATS = ("gptq", "gptq_v2")
+    BITS = (2, 4, 8)  # widths that fill an int32 word exactly
 
     def __init__(self, bits: int, checkpoint_format: str = "gptq") -> None:
-        if bits not in (2, 4, 8):
+        if bits not in self.BITS:
             raise ValueError(f"the GPTQ int32 layout here supports 2, 4 or 8 bits, got {bits}")
         if checkpoint_format not in self.FORMATS:
             raise ValueError(f"checkpoint_format must be one of {self.FORMATS}, got {checkpoint_format!r}")

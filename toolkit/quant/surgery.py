@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from toolkit.errors import ToolkitError
 from toolkit.models.architectures import layout_of
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, set_module
 from toolkit.quant.spec import QuantSpec, valid_group_sizes
+from toolkit.schema import SENTINELS
 
 HEAD_BITS = (4, 8)
 
@@ -30,7 +31,7 @@ class WeightQuantConfig:
     """The settings every weight-quantization pass shares; each pass's frozen config extends it."""
 
     bits: int = 4
-    group_size: int = 32  # -1: one group per row
+    group_size: int = field(default=32, metadata={SENTINELS: (-1,)})  # -1: one group per row
     symmetric: bool = True
     skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
     lm_head_bits: int | None = 8  # the head (and a tied embedding) at higher precision; None keeps it float
