@@ -556,6 +556,7 @@ def test_manifest_records_versions(tmp_path):
     versions = json.loads((out / "manifest.json").read_text())["versions"]
     assert {"torch", "transformers", "onnxruntime", "numpy", "tokenizers", "python", "toolkit_code"} <= set(versions)
     assert versions["torch"] == torch.__version__
+    assert versions["cpu"].startswith(torch.backends.cpu.get_cpu_capability())  # GPTQ's codes depend on it
     assert os.path.isfile(Path(__file__).parents[2] / "requirements.lock")
 
 

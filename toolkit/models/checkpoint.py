@@ -9,6 +9,7 @@ codes, float16 scales, uint8 zero points for each quantized linear) and describe
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,15 @@ def library_versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "cpu": cpu_kernels(),
     }
+
+
+def cpu_kernels() -> str:
+    """The vector instruction set torch's CPU kernels (and MKL's, unless overridden) run with. GPTQ's codes depend
+    on the summation order of its float reductions, so the same recipe lands on other codes on another one."""
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS")
+    return torch.backends.cpu.get_cpu_capability() + (f" (MKL {mkl})" if mkl else "")
 
 
 def file_table(folder: Path) -> dict[str, dict[str, Any]]:
