@@ -155,9 +155,7 @@ def conversations(documents: list[str], chunk_chars: int) -> list[list[dict[str,
 def _chat_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], spec: WindowSpec) -> torch.Tensor:
     """Windows that start where a conversation starts (system prompt, role markers and all), running on into
     the following conversations to fill ``length`` tokens."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ToolkitError("calibration format 'chat' needs a tokenizer with a chat template; this one has none "
-                           "(use format: text)")
+    chat.require_template(tokenizer, "this one")
     pieces = [chat.render(tokenizer, c, "the tokenizer's chat template", tokenize=False)
               for c in conversations(docs, 3 * spec.length)]
     encoded = [tokenizer(str(p), add_special_tokens=False)["input_ids"] for p in pieces]

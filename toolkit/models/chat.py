@@ -41,9 +41,14 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], w
                            "(or calibrate with format: text, generate with --no-chat)") from None
 
 
-def check(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
-    """Render one calibration conversation before any work depends on the template."""
+def require_template(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Calibration in chat format needs a chat template; ``where`` names the tokenizer in the message."""
     if not getattr(tokenizer, "chat_template", None):
         raise ToolkitError(f"calibration format 'chat' needs a tokenizer with a chat template; {where} has none "
                            "(use format: text)")
+
+
+def check(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Render one calibration conversation before any work depends on the template."""
+    require_template(tokenizer, where)
     render(tokenizer, SAMPLE, where, tokenize=False)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -110,6 +110,11 @@ def _step_key(step: Step, input_key: str, recipe: Recipe, versions: dict[str, st
     return sha256_json(fields)
 
 
+def float_folder(folder: Path | None) -> TypeGuard[Path]:
+    """A checkpoint folder of float weights (not a packed artifact): what streams layer by layer from its shards."""
+    return folder is not None and not (folder / checkpoint.QUANT_FILE).is_file()
+
+
 def model_shape(ref: models.ModelRef) -> budget.ModelShape | None:
     from transformers import LlamaConfig
 
@@ -127,8 +132,7 @@ def resolve_evaluation(spec: EvaluationSpec, ref: models.ModelRef, shape: budget
     """``spec`` with ``streaming`` and ``kl`` decided. Left open, a float checkpoint folder whose in-memory
     evaluation would take a large share of the budget is evaluated one decoder layer at a time, perplexity
     only, and the log says so in one line; an explicit ``streaming`` or ``kl: true`` is kept."""
-    float_folder = ref.folder is not None and not (ref.folder / checkpoint.QUANT_FILE).is_file()
-    if shape is None or not float_folder or spec.streaming is not None or spec.kl is True:
+    if shape is None or not float_folder(ref.folder) or spec.streaming is not None or spec.kl is True:
         return spec.resolved(False)
     streams = budget.evaluation_streams(shape, spec.length, spec.batch_size, budget_bytes)
     if streams:
@@ -144,7 +148,7 @@ def check_memory(recipe: Recipe, ref: models.ModelRef, options: StreamOptions,
     """Refuse, before anything runs, a recipe whose estimated peak (evaluations included) exceeds its budget."""
     if shape is None:
         return None
-    streams, streaming = [], ref.folder is not None and not (ref.folder / checkpoint.QUANT_FILE).is_file()
+    streams, streaming = [], float_folder(ref.folder)
     for step in (s for s in recipe.passes if not s.is_export):
         streaming = streaming and type(step.config) in STREAMING
         streams.append(streaming)
@@ -228,7 +232,7 @@ def measure(spec: EvaluationSpec, model: models.ModelRef, tokenizer: PreTrainedT
     start = time.perf_counter()
     folder = model.folder
     windows = data.token_windows(tokenizer, spec.windows())
-    if spec.streaming and folder is not None and not (folder / checkpoint.QUANT_FILE).is_file():
+    if spec.streaming and float_folder(folder):
         options = options or StreamOptions()
         src = SkeletonModel(folder, device=options.device)
         load_seconds = time.perf_counter() - start
