@@ -35,7 +35,7 @@ from toolkit import models
 from toolkit.data import WindowSpec, documents, split_text, token_windows
 from toolkit.evaluation.perplexity import evaluate
 from toolkit.passes import distill, rtn
-from toolkit.pipeline.context import PassContext
+from toolkit.passes.context import PassContext
 
 WINDOW = 512
 

@@ -24,8 +24,8 @@ from toolkit import data, models
 from toolkit.evaluation import perplexity
 from toolkit.models import checkpoint
 from toolkit.passes import gptq
+from toolkit.passes.context import PassContext
 from toolkit.pipeline import recipes
-from toolkit.pipeline.context import PassContext
 from toolkit.quant.modules import quantized_modules
 
 

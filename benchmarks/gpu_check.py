@@ -34,7 +34,7 @@ from toolkit.evaluation import perplexity  # noqa: E402
 from toolkit.models import checkpoint  # noqa: E402
 from toolkit.models.streaming import SkeletonModel  # noqa: E402
 from toolkit.passes import gptq  # noqa: E402
-from toolkit.pipeline.context import PassContext  # noqa: E402
+from toolkit.passes.context import PassContext  # noqa: E402
 from toolkit.quant.streaming import StreamOptions  # noqa: E402
 
 

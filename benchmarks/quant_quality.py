@@ -31,7 +31,7 @@ from toolkit.data import WindowSpec, token_windows
 from toolkit.evaluation.perplexity import evaluate
 from toolkit.models import load
 from toolkit.passes import awq, gptq, rtn
-from toolkit.pipeline.context import PassContext
+from toolkit.passes.context import PassContext
 
 SETTINGS = {"g32sym": dict(bits=4, group_size=32, symmetric=True), "g64asym": dict(bits=4, group_size=64, symmetric=False)}
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")

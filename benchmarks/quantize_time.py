@@ -21,7 +21,7 @@ import torch
 from toolkit.data import WindowSpec, token_windows
 from toolkit.models import load
 from toolkit.passes import awq, gptq
-from toolkit.pipeline.context import PassContext
+from toolkit.passes.context import PassContext
 
 
 def peak_rss_mb() -> float:

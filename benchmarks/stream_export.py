@@ -27,8 +27,8 @@ from toolkit.evaluation.streaming import stream_logits
 from toolkit.interop import genai_probe
 from toolkit.models import checkpoint
 from toolkit.passes import onnx as onnx_export
+from toolkit.passes.context import PassContext
 from toolkit.paths import atomic_dir
-from toolkit.pipeline.context import PassContext
 from toolkit.quant.streaming import StreamOptions
 from toolkit.runtime import BackendOptions, Engine, GenerationConfig, OrtBackend, Tokenizer
 

@@ -26,7 +26,7 @@ from toolkit.data import WindowSpec, token_windows
 from toolkit.models import checkpoint
 from toolkit.models.streaming import SkeletonModel, greedy_generate
 from toolkit.passes import gptq, rtn
-from toolkit.pipeline.context import PassContext
+from toolkit.passes.context import PassContext
 from toolkit.pipeline.monitor import Measure
 from toolkit.quant.streaming import StreamOptions, stream_rtn
 

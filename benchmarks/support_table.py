@@ -37,11 +37,11 @@ from toolkit.models import checkpoint
 from toolkit.models.architectures import decoder_layers, layout_of
 from toolkit.models.tiny import FAMILIES, family_config, save_tiny_folder, tiny_model, tiny_tokenizer
 from toolkit.passes import awq, distill, export_hf_gptq, gptq, rtn
+from toolkit.passes.context import PassContext
 from toolkit.passes.onnx import ONNXConfig
 from toolkit.passes.onnx import export as onnx_export
 from toolkit.paths import atomic_dir
 from toolkit.pipeline import recipes, runner
-from toolkit.pipeline.context import PassContext
 from toolkit.quant.activations import ActivationBuffer
 from toolkit.quant.calibration import capture_layer_inputs
 from toolkit.runtime import GenerationConfig, load

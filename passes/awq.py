@@ -24,13 +24,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from toolkit.algorithms.awq import clip_weight, search_clip, search_scales
-from toolkit.algorithms.moments import InputMoments
-from toolkit.algorithms.rtn import rtn_quantize
 from toolkit.models.architectures import Architecture, ScaleMapping, layout_of
 from toolkit.models.streaming import SkeletonModel
 from toolkit.passes import rtn
-from toolkit.pipeline.context import PassContext
+from toolkit.passes.context import PassContext
+from toolkit.quant.arithmetic import rtn_quantize
 from toolkit.quant.calibration import LayerInputs, check_finite, stream_inputs, walk_layers
+from toolkit.quant.moments import InputMoments
 from toolkit.quant.streaming import StreamOptions, stream_calibrated
 from toolkit.quant.surgery import WeightQuantConfig, check_group_size, target_linears
 

@@ -33,11 +33,11 @@ from toolkit.algorithms.distillation import (
     logit_divergence,
     next_token_loss,
 )
-from toolkit.algorithms.rtn import fp16_representable
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import decoder_layers, layout_of, per_layer_attrs
+from toolkit.passes.context import PassContext
 from toolkit.paths import sha256_json
-from toolkit.pipeline.context import PassContext
+from toolkit.quant.arithmetic import fp16_representable
 from toolkit.quant.modules import quantized_modules
 from toolkit.training.trainer import TrainConfig, Trainer
 

@@ -21,12 +21,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from toolkit.algorithms.gptq import MAX_DAMP, gptq_quantize
-from toolkit.algorithms.moments import InputMoments
-from toolkit.algorithms.rtn import dequantize
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import layout_of
 from toolkit.models.streaming import SkeletonModel
-from toolkit.pipeline.context import PassContext
+from toolkit.passes.context import PassContext
+from toolkit.quant.arithmetic import dequantize
 from toolkit.quant.calibration import (
     LayerInputs,
     check_finite,
@@ -34,6 +33,7 @@ from toolkit.quant.calibration import (
     stream_module_inputs,
     walk_layers,
 )
+from toolkit.quant.moments import InputMoments
 from toolkit.quant.spec import QuantSpec
 from toolkit.quant.streaming import (
     PackedWriter,

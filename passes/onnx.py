@@ -58,7 +58,7 @@ from toolkit.onnx.decoder import Resident, build_model, in_memory
 from toolkit.onnx.external import ExternalData
 from toolkit.onnx.graph import Dims, GraphOptions, dims_of
 from toolkit.onnx.validate import Probe, Reference, model_reference, op_census, probe_sequences, run_checks
-from toolkit.pipeline.context import PassContext
+from toolkit.passes.context import PassContext
 from toolkit.quant.modules import quantized_modules
 from toolkit.quant.streaming import StreamOptions
 from toolkit.runtime.backend import MAX_THREADS, BackendOptions, OrtBackend

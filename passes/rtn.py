@@ -9,9 +9,9 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from toolkit.algorithms.rtn import rtn_quantize
 from toolkit.models.streaming import SkeletonModel
-from toolkit.pipeline.context import PassContext
+from toolkit.passes.context import PassContext
+from toolkit.quant.arithmetic import rtn_quantize
 from toolkit.quant.spec import QuantSpec
 from toolkit.quant.streaming import StreamOptions, stream_rtn
 from toolkit.quant.surgery import WeightQuantConfig, check_group_size, install, quantize_head, target_linears

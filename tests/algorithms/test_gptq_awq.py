@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 from toolkit.algorithms.awq import clip_weight, fake_quantize, output_error, search_clip, search_scales
 from toolkit.algorithms.gptq import SingularHessianError, gptq_quantize, inverse_hessian_factor
-from toolkit.algorithms.rtn import dequantize, rtn_quantize
 from toolkit.errors import ToolkitError
 from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes import awq, export_hf_gptq, gptq, rtn
-from toolkit.pipeline.context import PassContext
+from toolkit.passes.context import PassContext
+from toolkit.quant.arithmetic import dequantize, rtn_quantize
 from toolkit.quant.calibration import capture_layer_inputs
 from toolkit.quant.formats import GPTQInt32
 from toolkit.quant.modules import QuantLinear, quantized_modules
@@ -377,7 +377,7 @@ def test_gptq_and_awq_beat_rtn_on_smollm2(tmp_path: Path) -> None:
 
 
 def test_input_moments_match_direct_statistics():
-    from toolkit.algorithms.moments import InputMoments
+    from toolkit.quant.moments import InputMoments
 
     torch.manual_seed(0)
     xs = [torch.randn(2, 5, 7), torch.randn(3, 7)]

@@ -13,7 +13,6 @@ import torch
 
 from tests.conftest import requires_smollm2
 from toolkit import models
-from toolkit.algorithms.rtn import dequantize
 from toolkit.errors import ToolkitError
 from toolkit.interop import gguf_file, rope_factors
 from toolkit.models.architectures import ARCHITECTURES, layout_of
@@ -23,6 +22,7 @@ from toolkit.passes.export_gguf import FILE, ExportGGUFConfig, export
 from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
+from toolkit.quant.arithmetic import dequantize
 from toolkit.quant.formats import GGUFQ4_0, GGUFQ4_1, GGUFQ8_0
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None

@@ -15,7 +15,7 @@ from toolkit.models import checkpoint
 from toolkit.models.architectures import ARCHITECTURES, decoder_layers, layout_of, sliding_windows
 from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import awq, distill, export_hf_gptq, gptq, rtn
-from toolkit.pipeline.context import PassContext
+from toolkit.passes.context import PassContext
 from toolkit.quant.activations import ActivationBuffer
 from toolkit.quant.calibration import capture_layer_inputs
 from toolkit.quant.modules import QuantLinear, quantized_modules

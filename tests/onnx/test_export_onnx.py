@@ -13,7 +13,6 @@ import torch
 
 from tests.conftest import load_tiny
 from toolkit import models
-from toolkit.algorithms.rtn import rtn_quantize
 from toolkit.errors import ToolkitError
 from toolkit.onnx import decoder
 from toolkit.onnx.validate import metrics
@@ -23,6 +22,7 @@ from toolkit.passes.onnx import DATA_FILE, MODEL_FILE, ONNXConfig, export
 from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
+from toolkit.quant.arithmetic import rtn_quantize
 from toolkit.quant.formats import MatMulNBitsLayout, OnnxPacked4
 from toolkit.quant.modules import QuantEmbedding, QuantLinear
 from toolkit.quant.spec import QuantSpec

@@ -23,12 +23,12 @@ from toolkit.onnx.external import ExternalData
 from toolkit.onnx.validate import reference_logits
 from toolkit.onnx.weights import LinearWeight
 from toolkit.passes import STREAMING
+from toolkit.passes.context import PassContext
 from toolkit.passes.onnx import DATA_FILE, MODEL_FILE, ONNXConfig, contract_of, export, stream
 from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
 from toolkit.pipeline import recipes, runner
-from toolkit.pipeline.context import PassContext
 from toolkit.quant.streaming import StreamOptions
 from toolkit.runtime import GenerationConfig, load
 

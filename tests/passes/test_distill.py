@@ -16,7 +16,7 @@ from toolkit.errors import ToolkitError
 from toolkit.models import checkpoint
 from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes import CONFIGS, PASSES, distill, rtn
-from toolkit.pipeline.context import PassContext
+from toolkit.passes.context import PassContext
 from toolkit.quant.modules import quantized_modules
 from toolkit.training.trainer import TrainConfig, Trainer, batch_indices, checkpoints, lr_factor
 

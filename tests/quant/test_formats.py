@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toolkit.algorithms.rtn import dequantize, rtn_quantize
 from toolkit.errors import ToolkitError
+from toolkit.quant.arithmetic import dequantize, rtn_quantize
 from toolkit.quant.formats import Int4, Int8
 from toolkit.quant.modules import QuantLinear
 from toolkit.quant.spec import QuantSpec, valid_group_sizes

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from toolkit.algorithms.rtn import compute_qparams, dequantize, quantize
+from toolkit.quant.arithmetic import compute_qparams, dequantize, quantize
 from toolkit.quant.spec import QuantSpec
 
 

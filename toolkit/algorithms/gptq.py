@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from toolkit.algorithms.rtn import compute_qparams
 from toolkit.errors import ToolkitError
+from toolkit.quant.arithmetic import compute_qparams
 from toolkit.quant.spec import QuantSpec
 
 MAX_DAMP = 1.0  # dampening is raised x10 per failed Cholesky up to this fraction of mean(diag H)
@@ -88,7 +88,7 @@ def _single_thread() -> Iterator[None]:
 
 
 def _quant_dequant(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and dequantized values of ``col: [out]`` (same arithmetic as ``quantization.quantize``)."""
+    """Codes and dequantized values of ``col: [out]`` (same arithmetic as ``toolkit.quant.arithmetic.quantize``)."""
     z = zero.float()
     q = torch.round(col / scale + z).clamp(0, qmax)
     return q.to(torch.uint8), (q - z) * scale

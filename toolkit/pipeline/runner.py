@@ -31,9 +31,9 @@ from toolkit.evaluation.streaming import stream_perplexity
 from toolkit.models import chat, checkpoint
 from toolkit.models.streaming import SkeletonModel, read_config
 from toolkit.passes import STREAMING, handler
+from toolkit.passes.context import PassContext
 from toolkit.paths import atomic_dir, cache_dir, dir_bytes, sha256_json, write_text_atomic
 from toolkit.pipeline import budget
-from toolkit.pipeline.context import PassContext
 from toolkit.pipeline.monitor import Measure
 from toolkit.pipeline.outputs import check_output, check_spill
 from toolkit.pipeline.recipes import EvaluationSpec, MemorySpec, Recipe, Step

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.algorithms.rtn import dequantize
+from toolkit.quant.arithmetic import dequantize
 from toolkit.quant.formats import layout_for
 from toolkit.quant.spec import QuantSpec
 

@@ -21,14 +21,14 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from toolkit.algorithms.moments import InputMoments
-from toolkit.algorithms.rtn import rtn_quantize
 from toolkit.models.checkpoint import QUANT_FILE, QUANT_FORMAT
 from toolkit.models.shards import ShardWriter
 from toolkit.models.streaming import SkeletonModel
 from toolkit.quant.activations import ActivationBuffer
+from toolkit.quant.arithmetic import rtn_quantize
 from toolkit.quant.calibration import LayerInputs, advance, capture_layer_inputs
 from toolkit.quant.formats import layout_for
+from toolkit.quant.moments import InputMoments
 from toolkit.quant.spec import QuantSpec
 from toolkit.quant.surgery import WeightQuantConfig, check_group_size, target_linears
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from toolkit.algorithms.rtn import rtn_quantize
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import layout_of
+from toolkit.quant.arithmetic import rtn_quantize
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, set_module
 from toolkit.quant.spec import QuantSpec, valid_group_sizes
 from toolkit.schema import SENTINELS

@@ -1,4 +1,5 @@
-"""Round-to-nearest: per-group scales and zero points, codes, and their dequantization.
+"""The packed format's arithmetic: per-group scales and zero points (min/max, round to nearest), codes, and their
+dequantization, ``w ≈ (q - zero) * scale``.
 
 Scales are stored as float16; codes are always computed against the float16-rounded scale so the
 stored model is exactly what was evaluated. Conventions in ``toolkit.quant.spec``.
