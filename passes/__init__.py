@@ -52,7 +52,7 @@ EXPORTS: dict[type, Callable[..., Any]] = {
     export_compressed_tensors.ExportCompressedTensorsConfig: export_compressed_tensors.export,
 }
 
-# exports that hold only some quantizations: ``check_spec(spec: QuantSpec)`` raises ToolkitError for the others, so a
+# exports that hold only some quantizations: ``check_spec(scheme: QuantScheme)`` raises ToolkitError for the others, so a
 # recipe is refused before its passes run (the exporter calls it again on the model it is given)
 SPEC_CHECKS: dict[type, Callable[..., None]] = {
     export_hf_gptq.ExportHFGPTQConfig: export_hf_gptq.check_spec,

@@ -132,6 +132,7 @@ def stream(src: SkeletonModel, out: Path, config: AWQConfig, ctx: PassContext, o
     """AWQ with one decoder layer resident at a time: each layer is scaled (the same function as
     ``apply``), its scaled float outputs feed the next layer, and with ``quantize`` its linears are
     rounded to nearest as they are written (the order ``apply`` then ``rtn`` gives the same codes)."""
+    config.scheme.weight_only(config.name)  # refuses a scheme this pass cannot run, before any work
     arch = src.layout
     targets = target_linears(src.model, config.skip)
     report: dict[str, Any] = {}
@@ -154,6 +155,7 @@ def stream(src: SkeletonModel, out: Path, config: AWQConfig, ctx: PassContext, o
 @torch.no_grad()
 def apply(model: PreTrainedModel, config: AWQConfig, ctx: PassContext) -> PreTrainedModel:
     """Scale (and clip) every mapped decoder linear in place; with ``quantize`` also run RTN."""
+    config.scheme.weight_only(config.name)  # refuses a scheme this pass cannot run, before any work
     targets = target_linears(model, config.skip)
     check_group_size(targets, config.group_size)
     arch = layout_of(model)

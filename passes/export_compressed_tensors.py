@@ -29,7 +29,7 @@ from toolkit.interop import compressed_tensors as ct
 from toolkit.models.architectures import layout_of
 from toolkit.quant.formats import CompressedTensorsPacked
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
-from toolkit.quant.spec import QuantSpec
+from toolkit.quant.spec import QuantScheme
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -87,9 +87,9 @@ def _tensors(model: PreTrainedModel, linears: dict[str, QuantLinear], dtype: tor
 
 
 def _config(model: PreTrainedModel, linears: dict[str, QuantLinear], floats: list[str], dtype: str) -> dict[str, Any]:
-    groups: dict[QuantSpec, list[str]] = {}
+    groups: dict[QuantScheme, list[str]] = {}
     for name, m in linears.items():
-        groups.setdefault(m.spec, []).append(name)
+        groups.setdefault(QuantScheme(m.spec), []).append(name)
     d = model.config.to_dict()
     d["dtype"] = dtype
     d["quantization_config"] = ct.quantization_config(groups, [layout_of(model).head, *floats])

@@ -28,7 +28,7 @@ from toolkit.interop import gguf_file, llama_cpp_probe
 from toolkit.models.architectures import layout_of
 from toolkit.quant.formats import GGUFQ4_0, GGUFQ4_1, GGUFQ8_0
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
-from toolkit.quant.spec import QuantSpec
+from toolkit.quant.spec import QuantScheme
 
 FILE = "model.gguf"
 Q = gguf.GGMLQuantizationType
@@ -76,9 +76,10 @@ class _Tensor:
     offset: float = 0.0  # added to the float values (Gemma's norms: llama.cpp scales by w, Gemma by 1 + w)
 
 
-def check_spec(spec: QuantSpec) -> None:
+def check_spec(scheme: QuantScheme) -> None:
     """Refuse a quantization no GGUF block type holds (recipes call it before any pass runs); a whole-row group
     (-1) depends on the model's widths and is checked on the model."""
+    spec = scheme.weight_only(ExportGGUFConfig.name)
     if spec.group_size != -1 and (spec.bits, spec.group_size, spec.symmetric) not in BLOCK_TYPES:
         sym = "symmetric" if spec.symmetric else "asymmetric"
         raise ToolkitError(f"int{spec.bits} group {spec.group_size} {sym} has no GGUF block type; GGUF holds "

@@ -25,7 +25,7 @@ from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.models.architectures import layout_of
 from toolkit.quant.formats import GPTQInt32
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
-from toolkit.quant.spec import QuantSpec
+from toolkit.quant.spec import QuantScheme, QuantSpec
 
 WEIGHTS = "model.safetensors"
 
@@ -45,8 +45,9 @@ class ExportHFGPTQConfig:
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
 
 
-def check_spec(spec: QuantSpec) -> None:
+def check_spec(scheme: QuantScheme) -> None:
     """Refuse a quantization the GPTQ int32 layout cannot hold (recipes call it before any pass runs)."""
+    spec = scheme.weight_only(ExportHFGPTQConfig.name)
     if spec.bits not in GPTQInt32.BITS:
         raise ToolkitError(f"export_hf_gptq holds {', '.join(map(str, GPTQInt32.BITS))} bits (the GPTQ int32 layout), "
                            f"not {spec.bits}; quantize with bits: 4 (or 2, 8), or export with export_compressed_tensors")
@@ -63,7 +64,7 @@ def _decoder_spec(model: PreTrainedModel) -> tuple[dict[str, QuantLinear], Quant
     if len(specs) != 1:
         raise ToolkitError(f"the GPTQ format holds one bits/group setting, the model mixes {sorted(map(str, specs))}")
     spec = specs.pop()
-    check_spec(spec)
+    check_spec(QuantScheme(spec))
     return linears, spec
 
 

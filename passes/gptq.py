@@ -169,6 +169,7 @@ def quantize_layer(model: PreTrainedModel, prefix: str, layer: nn.Module, inputs
 @torch.no_grad()
 def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTrainedModel:
     """Quantize every decoder linear in place with GPTQ on ``ctx.calibration()`` windows."""
+    config.scheme.weight_only(config.name)  # refuses a scheme this pass cannot run, before any work
     targets = target_linears(model, config.skip)
     check_group_size(targets, config.group_size)
     report: dict[str, Any] = {}
@@ -192,6 +193,7 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
 def stream(src: SkeletonModel, out: Path, config: GPTQConfig, ctx: PassContext, options: StreamOptions) -> dict[str, Any]:
     """GPTQ with one decoder layer resident at a time (``toolkit.quant.streaming``); the same per-layer
     function as ``apply``, so the packed result is the same."""
+    config.scheme.weight_only(config.name)  # refuses a scheme this pass cannot run, before any work
     targets = target_linears(src.model, config.skip)
     report: dict[str, Any] = {}
 

@@ -27,6 +27,7 @@ class RTNConfig(WeightQuantConfig):
 @torch.no_grad()
 def apply(model: PreTrainedModel, config: RTNConfig, ctx: PassContext | None = None) -> PreTrainedModel:
     """Quantize every decoder linear in place; RTN reads no calibration data."""
+    config.scheme.weight_only(config.name)  # refuses a scheme this pass cannot run, before any work
     linears = target_linears(model, config.skip)
     check_group_size(linears, config.group_size)
     for name, linear in linears.items():
@@ -40,4 +41,5 @@ def apply(model: PreTrainedModel, config: RTNConfig, ctx: PassContext | None = N
 def stream(src: SkeletonModel, out: Path, config: RTNConfig, ctx: PassContext | None,
            options: StreamOptions) -> dict[str, Any]:
     """RTN one tensor at a time from the shards into a sharded packed folder (bit-identical to ``apply``)."""
+    config.scheme.weight_only(config.name)  # refuses a scheme this pass cannot run, before any work
     return stream_rtn(src, out, config, options)

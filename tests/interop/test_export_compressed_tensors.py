@@ -22,6 +22,7 @@ from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
 from toolkit.quant.formats import CompressedTensorsPacked, Int4
+from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
 
 HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
 requires_ct = pytest.mark.skipif(not HAS_CT, reason="compressed-tensors is not installed "
@@ -110,11 +111,58 @@ def test_compressed_tensors_decompresses_our_weights_exactly(tmp_path: Path, bit
 def test_quantization_config_is_what_compressed_tensors_parses() -> None:
     from compressed_tensors import QuantizationConfig
 
-    from toolkit.quant.spec import QuantSpec
-
-    qc = ct.quantization_config({QuantSpec(4, 32, True): ["a"]}, ["lm_head"])
+    qc = ct.quantization_config({QuantScheme(QuantSpec(4, 32, True)): ["a"]}, ["lm_head"])
     parsed = QuantizationConfig.model_validate(qc)
     assert parsed.format == "pack-quantized" and parsed.config_groups["group_0"].weights.group_size == 32
+
+
+def test_weight_only_config_is_unchanged_by_the_scheme() -> None:
+    """The record every weight-only export wrote before schemes had activations, key for key."""
+    groups = {QuantScheme(QuantSpec(4, 32, False)): ["b", "a"], QuantScheme(QuantSpec(8, -1, True)): ["c"]}
+    weights = {"dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}, "block_structure": None,
+               "type": "int"}
+    group = {"input_activations": None, "output_activations": None, "format": "pack-quantized"}
+    assert ct.quantization_config(groups, ["lm_head"]) == {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {"targets": ["a", "b"], **group, "weights": {
+                "num_bits": 4, "symmetric": False, "strategy": "group", "group_size": 32, **weights}},
+            "group_1": {"targets": ["c"], **group, "weights": {
+                "num_bits": 8, "symmetric": True, "strategy": "channel", "group_size": None, **weights}},
+        },
+        "ignore": ["lm_head"], "kv_cache_scheme": None, "global_compression_ratio": None,
+    }
+
+
+@requires_ct
+@pytest.mark.parametrize("preset,scheme", [
+    ("W8A8", QuantScheme(QuantSpec(8, -1), ActivationSpec("int", 8, "token", dynamic=True))),
+    ("FP8_DYNAMIC", QuantScheme(QuantSpec(8, -1, type="float"), ActivationSpec("float", 8, "token", dynamic=True))),
+    ("W4A16", QuantScheme(QuantSpec(4, 128))),
+])
+def test_a_scheme_maps_to_compressed_tensors_preset(preset: str, scheme: QuantScheme) -> None:
+    """Export is a mapping: ours parses as compressed-tensors' own scheme of the same name, field for field."""
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    ours = QuantizationScheme.model_validate(ct.scheme_group(scheme, ["Linear"]))
+    theirs = QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES[preset])
+    fields = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic")
+    for part in ("weights", "input_activations"):
+        a, b = getattr(ours, part), getattr(theirs, part)
+        assert (a is None) == (b is None), part
+        if a is not None:
+            assert {f: getattr(a, f) for f in fields} == {f: getattr(b, f) for f in fields}, part
+
+
+@requires_ct
+def test_a_static_per_tensor_activation_scheme_parses() -> None:
+    from compressed_tensors.quantization import QuantizationScheme
+
+    scheme = QuantScheme(QuantSpec(8, -1, type="float"), ActivationSpec("float", 8, "tensor", dynamic=False))
+    parsed = QuantizationScheme.model_validate(ct.scheme_group(scheme, ["Linear"]))
+    assert parsed.input_activations is not None and parsed.input_activations.observer == "static_minmax"
+    assert parsed.input_activations.strategy == "tensor" and parsed.input_activations.dynamic is False
 
 
 @requires_ct

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from toolkit.errors import ToolkitError
 from toolkit.quant.formats import CompressedTensorsPacked
-from toolkit.quant.spec import QuantSpec
+from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
 
 WEIGHTS = "model.safetensors"
 FORMAT = "pack-quantized"
@@ -28,24 +28,39 @@ SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_po
 
 
 def weights_args(spec: QuantSpec) -> dict[str, Any]:
-    """A ``QuantizationArgs`` record for our spec (group -1, one group per row, is the channel strategy)."""
-    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric,
+    """A ``QuantizationArgs`` record for our weights (group -1, one group per row, is the channel strategy)."""
+    return {"num_bits": spec.bits, "type": spec.type, "symmetric": spec.symmetric,
             "strategy": "channel" if spec.group_size == -1 else "group",
             "group_size": None if spec.group_size == -1 else spec.group_size,
             "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}, "block_structure": None}
 
 
-def quantization_config(groups: dict[QuantSpec, list[str]], ignore: list[str]) -> dict[str, Any]:
-    """``groups``: spec -> target module names; a single spec targets every ``Linear`` not ignored."""
+def activation_args(spec: ActivationSpec) -> dict[str, Any]:
+    """A ``QuantizationArgs`` record for our input activations: a dynamic scale needs no observer, a static one
+    is the running min/max over calibration (compressed-tensors' ``static_minmax``)."""
+    return {"num_bits": spec.bits, "type": spec.type, "symmetric": spec.symmetric, "strategy": spec.strategy,
+            "group_size": None, "dynamic": spec.dynamic, "actorder": None,
+            "observer": None if spec.dynamic else "static_minmax", "observer_kwargs": {}, "block_structure": None}
+
+
+def scheme_group(scheme: QuantScheme, targets: list[str]) -> dict[str, Any]:
+    """One ``config_groups`` entry: a ``QuantizationScheme`` record for ``scheme`` applied to ``targets``."""
+    acts = scheme.input_activations
+    return {"targets": targets, "weights": weights_args(scheme.weights),
+            "input_activations": None if acts is None else activation_args(acts),
+            "output_activations": None, "format": FORMAT}
+
+
+def quantization_config(groups: dict[QuantScheme, list[str]], ignore: list[str]) -> dict[str, Any]:
+    """``groups``: scheme -> target module names; a single scheme targets every ``Linear`` not ignored."""
     single = len(groups) == 1
     return {
         "quant_method": "compressed-tensors",
         "format": FORMAT,
         "quantization_status": "compressed",
         "config_groups": {
-            f"group_{i}": {"targets": ["Linear"] if single else sorted(names), "weights": weights_args(spec),
-                           "input_activations": None, "output_activations": None, "format": FORMAT}
-            for i, (spec, names) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0])))
+            f"group_{i}": scheme_group(scheme, ["Linear"] if single else sorted(names))
+            for i, (scheme, names) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0])))
         },
         "ignore": sorted(ignore),
         "kv_cache_scheme": None,

@@ -151,10 +151,10 @@ def _check_export_holds(steps: tuple[Step, ...], origin: str) -> None:
     if check is None:
         return
     for i, step in enumerate(steps[:-1]):
-        spec = getattr(step.config, "spec", None)  # weight-quantization passes (WeightQuantConfig)
-        if spec is not None:
+        scheme = getattr(step.config, "scheme", None)  # weight-quantization passes (WeightQuantConfig)
+        if scheme is not None:
             try:
-                check(spec)
+                check(scheme)
             except ToolkitError as exc:
                 raise ToolkitError(f"{origin}: passes[{i}].{step.name} then {steps[-1].name}: {exc}") from None
 

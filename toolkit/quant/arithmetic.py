@@ -2,14 +2,26 @@
 dequantization, ``w ≈ (q - zero) * scale``.
 
 Scales are stored as float16; codes are always computed against the float16-rounded scale so the
-stored model is exactly what was evaluated. Conventions in ``toolkit.quant.spec``.
+stored model is exactly what was evaluated. Conventions in ``toolkit.quant.spec``;
+integer weights only (``spec.type == "int"``): fp8 weights have no codes and zero points.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from toolkit.quant.spec import QuantSpec
+from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:  # the spec imports this module: its methods are this arithmetic
+    from toolkit.quant.spec import QuantSpec
+
+
+def _integer(spec: QuantSpec) -> None:
+    if spec.type != "int":
+        raise ToolkitError(f"integer codes were asked of {spec.type} weights ({spec}); fp8 weights have no "
+                           "integer arithmetic yet: use type: int")
 
 
 def fp16_representable(scale: torch.Tensor) -> torch.Tensor:
@@ -20,6 +32,7 @@ def fp16_representable(scale: torch.Tensor) -> torch.Tensor:
 
 def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max scales and zero points per group. ``w: [out, in]`` -> scales, zeros ``[out, G]``."""
+    _integer(spec)
     out_f, in_f = w.shape
     wg = w.float().reshape(out_f, spec.groups(in_f), spec.group(in_f))
     if spec.symmetric:
@@ -38,6 +51,7 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Codes for ``w: [out, in]`` given per-group ``scale, zero: [out, G]`` -> ``uint8 [out, in]``."""
+    _integer(spec)
     group = spec.group(w.shape[1])
     s = scale.repeat_interleave(group, dim=1)
     z = zero.to(torch.float32).repeat_interleave(group, dim=1)

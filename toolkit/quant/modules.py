@@ -8,7 +8,7 @@ from torch import nn
 
 from toolkit.quant.arithmetic import dequantize
 from toolkit.quant.formats import layout_for
-from toolkit.quant.spec import QuantSpec
+from toolkit.quant.spec import QuantScheme, QuantSpec
 
 BLOCK_WEIGHTS = 1 << 25  # linears above 32 M weights dequantize in output-row blocks (SmolLM2's head: 28 M)
 
@@ -22,6 +22,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False) -> None:
         super().__init__()
+        QuantScheme(spec).weight_only("a quantized linear (QuantLinear)")  # integer codes only
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         groups = spec.groups(in_features)
         packed_in = in_features // 2 if spec.bits <= 4 else in_features

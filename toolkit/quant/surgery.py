@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from toolkit.errors import ToolkitError
 from toolkit.models.architectures import layout_of
 from toolkit.quant.arithmetic import rtn_quantize
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, set_module
-from toolkit.quant.spec import QuantSpec, valid_group_sizes
+from toolkit.quant.spec import QuantScheme, QuantSpec, valid_group_sizes
 from toolkit.schema import SENTINELS
 
 HEAD_BITS = (4, 8)
@@ -30,6 +31,8 @@ def check_head_bits(bits: int | None) -> None:
 class WeightQuantConfig:
     """The settings every weight-quantization pass shares; each pass's frozen config extends it."""
 
+    name: ClassVar[str]
+
     bits: int = 4
     group_size: int = field(default=32, metadata={SENTINELS: (-1,)})  # -1: one group per row
     symmetric: bool = True
@@ -41,8 +44,15 @@ class WeightQuantConfig:
         check_head_bits(self.lm_head_bits)
 
     @property
+    def scheme(self) -> QuantScheme:
+        """What this config asks for: integer weights, float activations (W{bits}A16)."""
+        return QuantScheme(QuantSpec(self.bits, self.group_size, self.symmetric))
+
+    @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.symmetric)
+        """The weight spec the weight-only passes run; a scheme they cannot run (quantized input activations,
+        fp8 weights) is refused here, where every such pass reads its spec before any work."""
+        return self.scheme.weight_only(self.name)
 
 
 def target_linears(model: PreTrainedModel, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
