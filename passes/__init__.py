@@ -52,11 +52,14 @@ EXPORTS: dict[type, Callable[..., Any]] = {
     export_compressed_tensors.ExportCompressedTensorsConfig: export_compressed_tensors.export,
 }
 
-# exports that hold only some quantizations: ``check_spec(scheme: QuantScheme)`` raises ToolkitError for the others, so a
-# recipe is refused before its passes run (the exporter calls it again on the model it is given)
+# what each export holds: ``check_spec(scheme: QuantScheme)`` raises ToolkitError for the rest (every export
+# refuses quantized activations), so a recipe is refused before its passes run (the GGUF and HF-GPTQ exporters
+# call it again on the model they are given)
 SPEC_CHECKS: dict[type, Callable[..., None]] = {
     export_hf_gptq.ExportHFGPTQConfig: export_hf_gptq.check_spec,
     export_gguf.ExportGGUFConfig: export_gguf.check_spec,
+    export_compressed_tensors.ExportCompressedTensorsConfig: export_compressed_tensors.check_spec,
+    onnx.ONNXConfig: onnx.check_spec,
 }
 
 # recipe name -> config class, derived from the classes themselves

@@ -50,6 +50,12 @@ class ExportCompressedTensorsConfig:
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
 
 
+def check_spec(scheme: QuantScheme) -> None:
+    """``ct.quantization_config`` maps input activations too, but this export proves itself against a model that
+    computes with float activations, so a scheme that quantizes them is refused when the recipe is read."""
+    scheme.weight_only(ExportCompressedTensorsConfig.name)
+
+
 def _linears(model: PreTrainedModel) -> tuple[dict[str, QuantLinear], list[str]]:
     head = layout_of(model).head
     linears = {n: m for n, m in quantized_modules(model).items() if n != head}

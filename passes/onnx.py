@@ -60,6 +60,7 @@ from toolkit.onnx.graph import Dims, GraphOptions, dims_of
 from toolkit.onnx.validate import Probe, Reference, model_reference, op_census, probe_sequences, run_checks
 from toolkit.passes.context import PassContext
 from toolkit.quant.modules import quantized_modules
+from toolkit.quant.spec import QuantScheme
 from toolkit.quant.streaming import StreamOptions
 from toolkit.runtime.backend import MAX_THREADS, BackendOptions, OrtBackend
 from toolkit.runtime.contract import DATA_FILE, EXPORT_FILE, GENAI_FILE, MODEL_FILE, TARGETS, ExportContract
@@ -119,6 +120,12 @@ class ONNXConfig:
     def pads_left(self) -> bool:
         """The standard target's Attention takes the mask as a bias anyway: it serves both paddings."""
         return self.left_padding or self.target == "standard"
+
+
+def check_spec(scheme: QuantScheme) -> None:
+    """The graph computes with float activations (MatMulNBits / DequantizeLinear on the weights only): a scheme
+    that quantizes activations is refused when the recipe is read."""
+    scheme.weight_only(ONNXConfig.name)
 
 
 def _write(model: PreTrainedModel, config: ONNXConfig, folder: Path, contract: ExportContract,
