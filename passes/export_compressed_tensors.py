@@ -1,7 +1,7 @@
 """Export a quantized model as a compressed-tensors ``pack-quantized`` checkpoint (transformers, vLLM, SGLang).
 
 compressed-tensors holds signed codes ``v = q - 2^(b-1)`` and zero points ``zero - 2^(b-1)`` and packs
-``v + 2^(b-1)``, so our unsigned codes are written unchanged (``toolkit.quant.formats.CompressedTensorsPacked``);
+``v + 2^(b-1)``, so our unsigned codes are written unchanged (``toolkit.interop.compressed_tensors``);
 symmetric specs store no zero point (ours is always ``2^(b-1)``). Every decoder linear of one spec is one
 config group; the head (int8 in our models, and a tied embedding) is written dequantized at ``dtype`` and
 listed in ``ignore``, as llm-compressor leaves ``lm_head`` unquantized. The export proves itself: the folder
@@ -27,7 +27,6 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import compressed_tensors as ct
 from toolkit.models.architectures import layout_of
-from toolkit.quant.formats import CompressedTensorsPacked
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
 from toolkit.quant.spec import QuantSpec
 
@@ -67,12 +66,7 @@ def _tensors(model: PreTrainedModel, linears: dict[str, QuantLinear], dtype: tor
     layout = layout_of(model)
     out: dict[str, torch.Tensor] = {}
     for name, m in linears.items():
-        fmt = CompressedTensorsPacked(m.spec.bits)
-        out[f"{name}.weight_packed"] = fmt.pack(m.codes())
-        out[f"{name}.weight_scale"] = m.scales.to(dtype).contiguous()
-        out[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features])
-        if not m.spec.symmetric:
-            out[f"{name}.weight_zero_point"] = fmt.pack_zeros(m.qzeros)
+        out.update(ct.linear_tensors(name, m.codes(), m.scales.to(dtype), m.qzeros, m.spec))
         if m.bias is not None:
             out[f"{name}.bias"] = m.bias.detach().to(dtype)
     head = model.get_submodule(layout.head)

@@ -21,7 +21,8 @@ from toolkit.passes.export_compressed_tensors import ExportCompressedTensorsConf
 from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
-from toolkit.quant.formats import CompressedTensorsPacked, Int4
+from toolkit.quant.formats import CompressedTensorsPacked, ToolkitPacked
+from toolkit.quant.spec import QuantSpec
 
 HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
 requires_ct = pytest.mark.skipif(not HAS_CT, reason="compressed-tensors is not installed "
@@ -47,15 +48,18 @@ def ids(shape: tuple[int, int] = (2, 19), vocab: int = 259) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_packing_round_trips(bits: int) -> None:
-    fmt = CompressedTensorsPacked(bits)
     q = torch.randint(0, 2**bits, (7, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
-    assert torch.equal(fmt.unpack(fmt.pack(q), 40), q)
-    assert torch.equal(fmt.unpack_zeros(fmt.pack_zeros(q), 7), q)
+    spec = QuantSpec(bits, 8, symmetric=False)
+    packed = CompressedTensorsPacked.pack(q, torch.ones(7, 5), q[:, :5], spec)
+    codes, _, zeros = CompressedTensorsPacked.unpack(packed, spec, (7, 40))
+    assert torch.equal(codes, q)
+    assert torch.equal(zeros, q[:, :5])
 
 
 def test_4bit_words_are_our_int4_bytes() -> None:
     q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
-    assert torch.equal(CompressedTensorsPacked(4).pack(q).view(torch.uint8), Int4.pack(q))
+    packed = CompressedTensorsPacked.pack(q, torch.ones(3, 2), q[:, :2], QuantSpec(4, 32))["weight_packed"]
+    assert torch.equal(packed.view(torch.uint8), ToolkitPacked.pack_codes(q, 4))
 
 
 @requires_ct
@@ -63,11 +67,11 @@ def test_4bit_words_are_our_int4_bytes() -> None:
 def test_packing_equals_compressed_tensors_pack_to_int32(bits: int) -> None:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    fmt = CompressedTensorsPacked(bits)
     q = torch.randint(0, 2**bits, (37, 72), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     signed = (q.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)  # compressed-tensors' signed convention
-    assert torch.equal(fmt.pack(q), pack_to_int32(signed, bits))
-    assert torch.equal(fmt.pack_zeros(q), pack_to_int32(signed, bits, packed_dim=0))
+    packed = CompressedTensorsPacked.pack(q, torch.ones(37, 72), q, QuantSpec(bits, -1, symmetric=False))
+    assert torch.equal(packed["weight_packed"], pack_to_int32(signed, bits))
+    assert torch.equal(packed["weight_zero_point"], pack_to_int32(signed, bits, packed_dim=0))
 
 
 # ---------------------------------------------------------------- the export

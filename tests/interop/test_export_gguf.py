@@ -24,6 +24,7 @@ from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
 from toolkit.quant.arithmetic import dequantize
 from toolkit.quant.formats import GGUFQ4_0, GGUFQ4_1, GGUFQ8_0
+from toolkit.quant.spec import QuantSpec
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 requires_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed "
@@ -56,16 +57,18 @@ def run_export(loaded: models.LoadedModel, folder: Path, **config: object) -> di
 def test_symmetric_blocks_equal_gguf_dequantization(fmt, qtype, bits, zero) -> None:
     q, s = codes(5, 96, bits)
     z = torch.full(s.shape, zero, dtype=torch.uint8)
-    raw = fmt.pack(q, s, z)
-    assert raw.shape == (5, 3 * fmt.block_bytes) and raw.dtype == torch.uint8
+    spec = QuantSpec(bits, 32, True)
+    raw = fmt.pack(q, s, z, spec)["blocks"]
+    assert raw.shape == (5, 3 * fmt.block_bytes()) and raw.dtype == torch.uint8
+    assert (fmt.block_bytes(), 32) == tuple(reversed(gguf.GGML_QUANT_SIZES[qtype]))  # our size table is ggml's
     assert np.array_equal(gguf.quants.dequantize(raw.numpy(), qtype), dequantize(q, s, z, 32).numpy())
-    back = fmt.unpack(raw)
+    back = fmt.unpack({"blocks": raw}, spec, tuple(q.shape))
     assert all(torch.equal(a, b) for a, b in zip(back, (q, s, z), strict=True))
 
 
 def test_q4_0_layout_is_low_nibbles_first_half() -> None:
     q = torch.arange(32, dtype=torch.uint8).remainder(16).reshape(1, 32)
-    raw = GGUFQ4_0.pack(q, torch.ones(1, 1).half(), torch.full((1, 1), 8, dtype=torch.uint8))
+    raw = GGUFQ4_0.pack(q, torch.ones(1, 1).half(), torch.full((1, 1), 8, dtype=torch.uint8), QuantSpec(4, 32))["blocks"]
     assert raw[0, :2].tolist() == list(np.float16(1.0).tobytes())
     assert int(raw[0, 2]) == int(q[0, 0]) | int(q[0, 16]) << 4  # element j low, j + 16 high (ggml-common.h)
 
@@ -73,21 +76,23 @@ def test_q4_0_layout_is_low_nibbles_first_half() -> None:
 def test_q4_0_refuses_asymmetric_codes() -> None:
     q, s = codes(2, 32, 4)
     with pytest.raises(ValueError, match="Q4_1"):
-        GGUFQ4_0.pack(q, s, torch.full(s.shape, 7, dtype=torch.uint8))
+        GGUFQ4_0.pack(q, s, torch.full(s.shape, 7, dtype=torch.uint8), QuantSpec(4, 32))
 
 
 def test_q4_1_is_exact_when_the_offset_fits_float16_and_says_how_far_off_otherwise() -> None:
     q, _ = codes(2, 64, 4)
     s = torch.tensor([[0.5, 0.0999755859375], [0.25, 0.0999755859375]]).half()  # 0.0999.. * 7 needs 14 bits
     z = torch.tensor([[3, 7], [12, 1]], dtype=torch.uint8)
-    raw = GGUFQ4_1.pack(q, s, z)
+    spec = QuantSpec(4, 32, False)
+    raw = GGUFQ4_1.pack(q, s, z, spec)["blocks"]
+    assert (GGUFQ4_1.block_bytes(), 32) == tuple(reversed(gguf.GGML_QUANT_SIZES[Q.Q4_1]))
     got = gguf.quants.dequantize(raw.numpy(), Q.Q4_1).reshape(2, 2, 32)
     ref = dequantize(q, s, z, 32).numpy().reshape(2, 2, 32)
     err = GGUFQ4_1.offset_error(s, z)
     assert float(err[0, 0]) == 0 and float(err[1, 0]) == 0 and float(err[1, 1]) == 0 and float(err[0, 1]) > 0
     assert np.array_equal(got[0, 0], ref[0, 0]) and np.array_equal(got[1], ref[1])
     assert np.abs(got[0, 1] - ref[0, 1]).max() == pytest.approx(float(err[0, 1]), rel=1e-3)
-    back_q, back_s, back_z = GGUFQ4_1.unpack(raw)
+    back_q, back_s, back_z = GGUFQ4_1.unpack({"blocks": raw}, spec, (2, 64))
     assert torch.equal(back_q, q) and torch.equal(back_s, s) and torch.equal(back_z, z)
 
 
@@ -200,12 +205,12 @@ def test_unknown_pre_tokenizer_asks_for_the_setting(tmp_path: Path) -> None:
 def test_tampered_bytes_fail_the_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = GGUFQ4_0.pack
 
-    def flip(q, s, z):  # type: ignore[no-untyped-def]
-        raw = real(q, s, z).clone()
+    def flip(q, s, z, spec):  # type: ignore[no-untyped-def]
+        raw = real(q, s, z, spec)["blocks"].clone()
         raw[0, 2] ^= 0x01
-        return raw
+        return {"blocks": raw}
 
-    monkeypatch.setattr(GGUFQ4_0, "pack", classmethod(lambda cls, q, s, z: flip(q, s, z)))
+    monkeypatch.setattr(GGUFQ4_0, "pack", classmethod(lambda cls, q, s, z, spec: flip(q, s, z, spec)))
     with pytest.raises(ToolkitError, match="exactly"):
         run_export(tiny(), tmp_path / "out")
     assert not (tmp_path / "out").exists()

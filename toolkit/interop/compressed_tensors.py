@@ -27,6 +27,12 @@ FORMAT = "pack-quantized"
 SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")
 
 
+def linear_tensors(name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of the linear ``name`` (scales stored in their dtype), keyed by their names in the file."""
+    return {f"{name}.{k}": v for k, v in CompressedTensorsPacked.pack(codes, scales, zeros, spec).items()}
+
+
 def weights_args(spec: QuantSpec) -> dict[str, Any]:
     """A ``QuantizationArgs`` record for our spec (group -1, one group per row, is the channel strategy)."""
     return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric,
@@ -116,13 +122,10 @@ def _unpack(module: str, state: dict[str, torch.Tensor], args: dict[str, Any], f
     if in_f % group or tuple(scales.shape) != (out_f, in_f // group):
         raise ToolkitError(f"{where}: inconsistent checkpoint: weight_scale has shape {list(scales.shape)}, "
                            f"a [{out_f}, {in_f}] weight in groups of {group} needs [{out_f}, {in_f // group}]")
-    fmt = CompressedTensorsPacked(bits)
+    tensors = {s[1:]: state[module + s] for s in SUFFIXES if module + s in state}
     try:
-        codes = fmt.unpack(state[module + ".weight_packed"], in_f)
-        if codes.shape[0] != out_f:
-            raise ValueError(f"{codes.shape[0]} packed rows for {out_f} outputs")
-        half = torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.uint8)
-        zeros = half if symmetric else fmt.unpack_zeros(state[module + ".weight_zero_point"], out_f)
+        spec = QuantSpec(bits, -1 if group == in_f else group, symmetric)
+        codes, scales, zeros = CompressedTensorsPacked.unpack(tensors, spec, (out_f, in_f))
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ToolkitError(f"{where}: inconsistent checkpoint: {exc}") from None
     if zeros.shape != scales.shape:

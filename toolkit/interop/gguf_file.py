@@ -44,6 +44,8 @@ from toolkit.models.architectures import (
     rotary_layers,
     sliding_windows,
 )
+from toolkit.quant.formats import GGUFQ4_0, GGUFQ4_1, GGUFQ8_0, PackedFormat
+from toolkit.quant.spec import QuantSpec
 
 # convert_hf_to_gguf.py identifies the pre-tokenizer by hashing the encoding of this text
 # (``get_vocab_base_pre``); the table keeps the entries for the tokenizers this toolkit meets.
@@ -59,6 +61,14 @@ PRE_TOKENIZERS = {
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
 }
 FLOAT_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}
+# (bits, group size, symmetric) -> the GGUF block type holding those codes exactly, and its packed format
+BLOCK_TYPES: dict[tuple[int, int, bool], tuple[gguf.GGMLQuantizationType, type[PackedFormat]]] = {
+    (4, 32, True): (gguf.GGMLQuantizationType.Q4_0, GGUFQ4_0),
+    (4, 32, False): (gguf.GGMLQuantizationType.Q4_1, GGUFQ4_1),
+    (8, 32, True): (gguf.GGMLQuantizationType.Q8_0, GGUFQ8_0),
+}
+SUPPORTED = ("int4 group 32 symmetric (Q4_0), int4 group 32 asymmetric (Q4_1), int8 group 32 symmetric (Q8_0), "
+             "float (F16/F32)")
 FILE_TYPES = {
     gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
     gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
@@ -80,6 +90,16 @@ class Writer(gguf.GGUFWriter):
             head = self._pack("I", vtype) if add_vtype else b""
             return bytes(head + self._pack("I", sub_type) + self._pack("Q", 0))
         return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
+def block_type(spec: QuantSpec, group: int, where: str = "") -> tuple[gguf.GGMLQuantizationType, type[PackedFormat]]:
+    """The block type of ``spec`` in groups of ``group`` (a whole-row group is the row's width)."""
+    key = (spec.bits, group, spec.symmetric)
+    if key not in BLOCK_TYPES:
+        sym = "symmetric" if spec.symmetric else "asymmetric"
+        raise ToolkitError(f"{where}int{spec.bits} group {spec.group_size} {sym} has no GGUF block type; GGUF holds "
+                           f"{SUPPORTED}; quantize with one of those")
+    return BLOCK_TYPES[key]
 
 
 def arch_of(model: PreTrainedModel) -> GGUFArch:

@@ -27,7 +27,7 @@ from toolkit.models.streaming import SkeletonModel
 from toolkit.quant.activations import ActivationBuffer
 from toolkit.quant.arithmetic import rtn_quantize
 from toolkit.quant.calibration import LayerInputs, advance, capture_layer_inputs
-from toolkit.quant.formats import layout_for
+from toolkit.quant.formats import ToolkitPacked
 from toolkit.quant.moments import InputMoments
 from toolkit.quant.spec import QuantSpec
 from toolkit.quant.surgery import WeightQuantConfig, check_group_size, target_linears
@@ -67,15 +67,16 @@ class PackedWriter:
         are written block by block, so neither the codes nor the float weight of a large head are ever whole.
         The tensors are exactly ``QuantLinear.from_codes``'s buffers."""
         out_f, in_f = shape
-        packed_in = in_f // 2 if spec.bits <= 4 else in_f
+        packed_in = ToolkitPacked.row_bytes(spec.bits, in_f)
         scales: list[torch.Tensor] = []
         zeros: list[torch.Tensor] = []
 
         def packed() -> Iterator[torch.Tensor]:
             for codes, s, z in parts:
-                scales.append(s.to("cpu", torch.float16))
-                zeros.append(z.to("cpu", torch.uint8))
-                yield layout_for(spec.bits).pack(codes.cpu())
+                packed = ToolkitPacked.pack(codes.cpu(), s.cpu(), z.cpu(), spec)
+                scales.append(packed["scales"])
+                zeros.append(packed["qzeros"])
+                yield packed["qweight"]
 
         self.shards.add_chunks(f"{name}.qweight", [out_f, packed_in], torch.uint8, packed())
         self.tensor(f"{name}.scales", torch.cat(scales))
