@@ -1,7 +1,7 @@
 """GGUF for llama.cpp through the ``gguf`` library: tensor names, the tokenizer metadata, and a checked reader.
 
-What is written mirrors llama.cpp's ``convert_hf_to_gguf.py`` for the families whose ``Architecture`` record
-has a ``GGUFArch``: the hyperparameters and rope scaling of ``TextModel.set_gguf_parameters`` plus the
+What is written mirrors llama.cpp's ``convert_hf_to_gguf.py`` for the families in ``ARCHS`` (one ``GGUFArch``
+row per Hugging Face ``model_type``: what llama.cpp calls the family and what it does its own way): the hyperparameters and rope scaling of ``TextModel.set_gguf_parameters`` plus the
 family's own keys (``GGUFArch.config_keys``), the vocabulary of ``_set_vocab_gpt2`` (tokens, token types,
 merges, special token ids, chat template through ``gguf.SpecialVocab``), tensor names through gguf's own
 tensor mapping, and, where ``GGUFArch.permute_rope``, the q/k row permutation of ``LlamaModel.permute``
@@ -23,6 +23,7 @@ import math
 import mmap
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from toolkit.errors import ToolkitError
 from toolkit.interop import rope_factors
 from toolkit.models.architectures import (
-    ARCHITECTURES,
-    GGUFArch,
     attention_scale,
     attention_softcap,
     final_softcap,
@@ -46,6 +45,51 @@ from toolkit.models.architectures import (
 )
 from toolkit.quant.formats import GGUFQ4_0, GGUFQ4_1, GGUFQ8_0, PackedFormat
 from toolkit.quant.spec import QuantSpec
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How llama.cpp names the architecture (``general.architecture``), whether it wants the q/k rows
+    in its interleaved rope order (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``; Qwen's and Phi-3's NeoX
+    order needs none, so fused [q; k; v] rows go as stored) and whether it applies the config's
+    ``sliding_window`` (llama.cpp's ``llama`` does not; its ``phi3`` reads the key and disables it)."""
+
+    arch: str
+    permute_rope: bool
+    sliding_window: bool = False
+    # (config attribute, gguf.GGUFWriter method) written when the checkpoint sets it (Granite's multipliers)
+    config_keys: tuple[tuple[str, str], ...] = ()
+    # llama.cpp's smollm3 skips rotary in every n-th layer by a constant of its own (not read from the file)
+    nope_every: int | None = None
+    # llama.cpp's architecture loads a rope_freqs tensor (Llama 3.1's rope scaling); others refuse the file
+    rope_freqs: bool = False
+    # llama.cpp's gemma2/3 fix which layers slide by a constant: every n-th layer attends to all keys
+    full_every: int | None = None
+    # llama.cpp's gemma2/3 derive the attention scale: head_dim ** -0.5, (hidden / heads) ** -0.5 for their
+    # 27B (recognised by this layer count), whatever query_pre_attn_scalar says
+    scale_by_hidden_at_layers: int | None = None
+    # llama.cpp's gemma3 rotates sliding layers with this base of its own, unscaled
+    sliding_rope_theta: float | None = None
+
+
+# One row per Hugging Face model_type this exporter writes; the order is the order of the "supported:" list.
+ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch("llama", permute_rope=True, rope_freqs=True),
+    "qwen2": GGUFArch("qwen2", permute_rope=False),
+    "qwen3": GGUFArch("qwen3", permute_rope=False),
+    "mistral": GGUFArch("llama", permute_rope=True, rope_freqs=True),
+    "phi3": GGUFArch("phi3", permute_rope=False),
+    "gemma2": GGUFArch("gemma2", permute_rope=False, sliding_window=True, full_every=2, scale_by_hidden_at_layers=46,
+                       config_keys=(("attn_logit_softcapping", "add_attn_logit_softcapping"),
+                                    ("final_logit_softcapping", "add_final_logit_softcapping"))),
+    "gemma3_text": GGUFArch("gemma3", permute_rope=False, sliding_window=True, full_every=6,
+                            scale_by_hidden_at_layers=62, sliding_rope_theta=10000.0),
+    "smollm3": GGUFArch("smollm3", permute_rope=True, nope_every=4),
+    "olmo2": GGUFArch("olmo2", permute_rope=False),
+    "granite": GGUFArch("granite", permute_rope=True, rope_freqs=True, config_keys=(
+        ("attention_multiplier", "add_attention_scale"), ("embedding_multiplier", "add_embedding_scale"),
+        ("residual_multiplier", "add_residual_scale"), ("logits_scaling", "add_logit_scale"))),
+}
 
 # convert_hf_to_gguf.py identifies the pre-tokenizer by hashing the encoding of this text
 # (``get_vocab_base_pre``); the table keeps the entries for the tokenizers this toolkit meets.
@@ -103,12 +147,11 @@ def block_type(spec: QuantSpec, group: int, where: str = "") -> tuple[gguf.GGMLQ
 
 
 def arch_of(model: PreTrainedModel) -> GGUFArch:
-    arch = layout_of(model).gguf
-    if arch is None:
-        with_gguf = [t for t, a in ARCHITECTURES.items() if a.gguf is not None]
+    layout_of(model)  # an unsupported family is refused as everywhere else
+    if model.config.model_type not in ARCHS:
         raise ToolkitError(f"no GGUF architecture for model type '{model.config.model_type}'; "
-                           f"supported: {', '.join(with_gguf)}")
-    return arch
+                           f"supported: {', '.join(ARCHS)}")
+    return ARCHS[model.config.model_type]
 
 
 @functools.lru_cache(maxsize=8)
