@@ -210,6 +210,13 @@ def test_inconsistent_tensors_are_refused(exported: Path, edit: str, match: str)
     one_line_refusal(exported, match)
 
 
+def test_a_width_our_codes_cannot_have_is_refused(exported: Path) -> None:
+    config = json.loads((exported / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 5
+    (exported / "config.json").write_text(json.dumps(config))
+    one_line_refusal(exported, r"inconsistent checkpoint: bits must be one of \(2, 3, 4, 8\), got 5")
+
+
 def test_a_foreign_quantization_config_is_refused(exported: Path) -> None:
     config = json.loads((exported / "config.json").read_text())
     config["quantization_config"]["format"] = "naive-quantized"
