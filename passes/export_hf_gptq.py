@@ -23,11 +23,10 @@ from transformers.initialization import no_init_weights
 from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.models.architectures import layout_of
+from toolkit.models.shards import SINGLE
 from toolkit.quant.formats import GPTQInt32
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
 from toolkit.quant.spec import QuantSpec
-
-WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ def reload_float(folder: Path, config: ExportHFGPTQConfig) -> PreTrainedModel:
     """A plain float32 model dequantized from the written checkpoint (independent of ``QuantLinear``)."""
     d = json.loads((folder / "config.json").read_text())
     fmt = GPTQInt32(d.pop("quantization_config")["bits"], config.checkpoint_format)
-    state = load_file(str(folder / WEIGHTS))
+    state = load_file(str(folder / SINGLE))
     floats = {k: v.float() for k, v in state.items() if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
     for key in [k for k in state if k.endswith(".qweight")]:
         base = key[: -len(".qweight")]
@@ -125,9 +124,9 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     linears, spec = _decoder_spec(model)
     tensors = _tensors(model, linears, GPTQInt32(spec.bits, config.checkpoint_format))
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, str(folder / SINGLE), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(_config(model, spec, config), indent=2, sort_keys=True))
     tokenizer.save_pretrained(folder)
     error = check_reloaded(model, reload_float(folder, config), config.tolerance, "GPTQ checkpoint")
-    return {"relative_logit_error": error, "bytes": (folder / WEIGHTS).stat().st_size,
+    return {"relative_logit_error": error, "bytes": (folder / SINGLE).stat().st_size,
             "quantized_linears": len(linears), "checkpoint_format": config.checkpoint_format}

@@ -137,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     onnx_folder = _onnx_folder(args.artifact)
     if onnx_folder is not None:
         return _stream_onnx(onnx_folder, args, config)
-    from toolkit.models.torch_generate import generate_text
+    from toolkit.evaluation.torch_generate import generate_text
 
     source = args.artifact
     if (Path(source) / "model" / "config.json").is_file():  # a run's output folder
@@ -163,14 +163,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from toolkit.evaluation.report import describe_manifest
-    from toolkit.models import checkpoint
+    from toolkit.models.manifest import read_manifest, verify_tree
 
     folder = Path(args.artifact)
     if not folder.is_dir():
         raise ToolkitError(f"artifact folder not found: {folder}")
-    print(describe_manifest(checkpoint.read_manifest(folder)))
+    print(describe_manifest(read_manifest(folder)))
     if args.verify:
-        checked, problems = checkpoint.verify_tree(folder)
+        checked, problems = verify_tree(folder)
         if problems:
             raise ToolkitError(f"{folder}: {len(problems)} problem(s) in {checked} manifest(s): {'; '.join(problems[:5])}")
         print(f"\nverified: every file of {checked} manifest(s) matches its size and sha256")

@@ -60,6 +60,11 @@ def layout_for(bits: int) -> type[Int4] | type[Int8]:
         raise ValueError(f"no packed storage for {bits}-bit codes; supported: {sorted(LAYOUTS)}") from None
 
 
+def packed_width(bits: int, in_features: int) -> int:
+    """Bytes per row of ``in_features`` codes stored in the layout of ``bits`` (two 4-bit codes to a byte)."""
+    return in_features * layout_for(bits).bits // 8
+
+
 def _to_int32(x: torch.Tensor) -> torch.Tensor:
     """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
     return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
