@@ -266,7 +266,7 @@ def test_edited_source_weights_are_not_served_old_results(tmp_path):
 def test_changed_toolkit_code_is_a_cache_miss(tmp_path, monkeypatch):
     recipe = recipes.load(recipe_file(tmp_path, tmp_path / "out"))
     runner.run(recipe, progress=False, log=lambda m: None)
-    monkeypatch.setattr(checkpoint, "code_identity", lambda: "another-version-of-the-code")
+    monkeypatch.setattr("toolkit.models.manifest.code_identity", lambda: "another-version-of-the-code")
     again = runner.run(recipe, progress=False, log=lambda m: None, overwrite=True)
     assert [s.cache_hit for s in again.steps] == [False] and not again.after["cache_hit"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["versions"]["toolkit_code"] == "another-version-"
@@ -427,6 +427,7 @@ def test_bad_weights_are_refused_alike_streamed_or_in_memory(tmp_path, capsys, m
 ])
 def test_config_sizes_the_weights_do_not_back_are_refused_before_a_model_is_built(tmp_path, capsys, monkeypatch,
                                                                                   key, value, message):
+    from toolkit.models import checkpoint as float_checkpoint
     from toolkit.models import streaming
 
     folder = saved_tiny(tmp_path / "m")
@@ -436,8 +437,8 @@ def test_config_sizes_the_weights_do_not_back_are_refused_before_a_model_is_buil
     def must_not_build(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model was built from the lying config")
 
-    monkeypatch.setattr(streaming, "empty_model", must_not_build)
-    monkeypatch.setattr(checkpoint, "empty_model", must_not_build)
+    for module in (streaming, float_checkpoint, checkpoint):
+        monkeypatch.setattr(module, "empty_model", must_not_build)
     refused(capsys, "run", str(recipe_file(tmp_path, tmp_path / "out", model=str(folder), **STREAMED)),
             "--no-progress", match=message)
     assert not (tmp_path / "out").exists()

@@ -17,6 +17,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import get_type_hints
 
 import torch
 from safetensors.torch import save_file
@@ -103,18 +104,17 @@ class PackedCheckpoint:
             raise ToolkitError(f"{where} is not valid JSON ({type(exc).__name__}); re-create the artifact") from None
         if not isinstance(record, dict) or record.get("format") not in READABLE:
             found = record.get("format") if isinstance(record, dict) else type(record).__name__
-            raise ToolkitError(f"{where}: unknown format {found!r}; expected {' or '.join(READABLE)}. "
-                               "Re-create the artifact with this version of the toolkit")
+            raise ToolkitError(f"{where}: unknown format {found!r}; expected {' or '.join(READABLE)}; "
+                               "re-create the artifact with this version of the toolkit")
         modules = record.get("modules")
-        types = {"bits": int, "group_size": int, "symmetric": bool, "in_features": int, "out_features": int,
-                 "bias": bool}
+        types = get_type_hints(PackedLinear)  # a bool is no int here: ``"bits": true`` is refused
         if not isinstance(modules, dict) or not all(
-            isinstance(m, dict) and all(isinstance(m.get(k), t) for k, t in types.items()) for m in modules.values()
+            isinstance(m, dict) and all(type(m.get(k)) is t for k, t in types.items()) for m in modules.values()
         ):
             raise ToolkitError(f"{where}: 'modules' must map module names to {{{', '.join(types)}}}; "
                                "re-create the artifact")
         head = record.get("embedding_from")
-        if head is not None and head not in modules:
+        if head is not None and (not isinstance(head, str) or head not in modules):
             raise ToolkitError(f"{where}: 'embedding_from' is {head!r}, not one of its quantized modules; "
                                "re-create the artifact")
         linears = {name: PackedLinear(**{k: m[k] for k in types}) for name, m in modules.items()}
