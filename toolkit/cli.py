@@ -43,8 +43,8 @@ def _from_options(cls: type, args: argparse.Namespace) -> Any:
     return build(cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}, "command line")
 
 
-# what ``pip install 'llm-toolkit[compiler]'`` adds to the runtime: import name -> distribution (pyproject.toml's
-# ``compiler`` extra; a test keeps the two equal)
+# what the ``compiler`` extra (``pip install '.[compiler]'``) adds to the runtime: import name -> distribution, the
+# names of pyproject.toml's extra (a test keeps the two equal)
 COMPILER_MODULES = {"torch": "torch", "transformers": "transformers", "safetensors": "safetensors",
                     "datasets": "datasets", "gguf": "gguf", "accelerate": "accelerate", "onnxscript": "onnxscript",
                     "yaml": "pyyaml", "tqdm": "tqdm"}
@@ -63,8 +63,8 @@ def compiler_side(command: str, what: str = "") -> Iterator[None]:
             raise
         raise ToolkitError(
             f"`toolkit {command}` needs the compiler side{what}, which this runtime-only install leaves out "
-            f"({COMPILER_MODULES[top]} is not installed): pip install 'llm-toolkit[compiler]' "
-            "(from a checkout: pip install '.[compiler]', or bash install.sh)"
+            f"({COMPILER_MODULES[top]} is not installed): install the compiler extra, in the toolkit's checkout "
+            "pip install '.[compiler]' (or bash install.sh)"
         ) from exc
 
 
