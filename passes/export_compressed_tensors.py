@@ -27,6 +27,7 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import compressed_tensors as ct
 from toolkit.models.architectures import layout_of
+from toolkit.models.shards import SINGLE
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
 from toolkit.quant.spec import QuantSpec
 
@@ -126,11 +127,11 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     linears, floats = _linears(model)
     tensors = _tensors(model, linears, DTYPES[config.dtype])
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / ct.WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, str(folder / SINGLE), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(_config(model, linears, floats, config.dtype), indent=2, sort_keys=True))
     tokenizer.save_pretrained(folder)
     exported, packed = _reload_float(folder)
     _check_codes(linears, packed)
     error = check_reloaded(model, exported, config.tolerance, "compressed-tensors checkpoint")
-    return {"relative_logit_error": error, "bytes": (folder / ct.WEIGHTS).stat().st_size,
+    return {"relative_logit_error": error, "bytes": (folder / SINGLE).stat().st_size,
             "quantized_linears": len(linears), "bit_exact_codes": True}

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
 from toolkit.interop import gguf_file, llama_cpp_probe
+from toolkit.models import gguf_reader
 from toolkit.models.architectures import layout_of
 from toolkit.quant.formats import GGUFQ4_1, PackedFormat
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
@@ -176,7 +177,7 @@ def _check_tensors(model: PreTrainedModel, plan: list[_Tensor], reader: gguf.GGU
     worst_offset = 0.0
     for t in plan:
         rt = by_name[t.gguf_name]
-        got = torch.from_numpy(gguf_file.dequantized_tensor(rt))
+        got = torch.from_numpy(gguf_reader.dequantized_tensor(rt))
         ref, off = _reference(model, t, rt.tensor_type)
         worst_offset = max(worst_offset, off)
         if got.shape != ref.shape or not torch.equal(got, ref.reshape(got.shape)):
@@ -219,7 +220,7 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILE
     counts = _write(model, tokenizer, plan, config, path)
-    reader = gguf_file.read(path)
+    reader = gguf_reader.read(path)
     offset = _check_tensors(model, plan, reader)
     metrics = {"file": FILE, "bytes": path.stat().st_size, "tensor_types": counts, "bit_exact_tensors": len(plan),
                "q4_1_max_offset_error": offset}

@@ -24,6 +24,7 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import hf_gptq
 from toolkit.models.architectures import layout_of
+from toolkit.models.shards import SINGLE
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
 from toolkit.quant.spec import QuantSpec
 
@@ -113,9 +114,9 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     linears, spec = _decoder_spec(model)
     tensors = _tensors(model, linears, config.checkpoint_format)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / hf_gptq.WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, str(folder / SINGLE), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(_config(model, spec, config), indent=2, sort_keys=True))
     tokenizer.save_pretrained(folder)
     error = check_reloaded(model, reload_float(folder), config.tolerance, "GPTQ checkpoint")
-    return {"relative_logit_error": error, "bytes": (folder / hf_gptq.WEIGHTS).stat().st_size,
+    return {"relative_logit_error": error, "bytes": (folder / SINGLE).stat().st_size,
             "quantized_linears": len(linears), "checkpoint_format": config.checkpoint_format}

@@ -15,6 +15,7 @@ from tests.conftest import requires_smollm2
 from toolkit import models
 from toolkit.errors import ToolkitError
 from toolkit.interop import compressed_tensors as ct
+from toolkit.models.shards import SINGLE
 from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import CONFIGS
 from toolkit.passes.export_compressed_tensors import ExportCompressedTensorsConfig, export
@@ -88,7 +89,7 @@ def test_export_round_trips_the_codes(tmp_path: Path, bits: int, group: int, sym
     q = loaded.model.model.layers[1].mlp.down_proj
     assert torch.equal(packed["model.layers.1.mlp.down_proj"].codes, q.codes())
     assert torch.equal(packed["model.layers.1.mlp.down_proj"].zeros, q.qzeros)
-    state = load_file(str(tmp_path / "out" / ct.WEIGHTS))
+    state = load_file(str(tmp_path / "out" / SINGLE))
     assert ("model.layers.0.mlp.up_proj.weight_zero_point" in state) == (not symmetric)
 
 
@@ -103,7 +104,7 @@ def test_compressed_tensors_decompresses_our_weights_exactly(tmp_path: Path, bit
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     (group_cfg,) = config["quantization_config"]["config_groups"].values()
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**group_cfg["weights"]))
-    state = load_file(str(tmp_path / "out" / ct.WEIGHTS))
+    state = load_file(str(tmp_path / "out" / SINGLE))
     prefix = "model.layers.0.self_attn.q_proj."
     local = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     weight = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
@@ -182,7 +183,7 @@ def one_line_refusal(folder: Path, match: str) -> None:
 
 
 def test_truncated_weights_are_refused(exported: Path) -> None:
-    path = exported / ct.WEIGHTS
+    path = exported / SINGLE
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     one_line_refusal(exported, "truncated or corrupt")
 
@@ -198,7 +199,7 @@ def test_missing_files_are_refused(exported: Path) -> None:
     ("wrong_packed_width", "int32 words cannot hold"),
 ])
 def test_inconsistent_tensors_are_refused(exported: Path, edit: str, match: str) -> None:
-    state = load_file(str(exported / ct.WEIGHTS))
+    state = load_file(str(exported / SINGLE))
     name = "model.layers.0.mlp.gate_proj"
     if edit == "drop_zero_point":
         del state[f"{name}.weight_zero_point"]
@@ -206,7 +207,7 @@ def test_inconsistent_tensors_are_refused(exported: Path, edit: str, match: str)
         state[f"{name}.weight_scale"] = state[f"{name}.weight_scale"][:, :-1].contiguous()
     else:
         state[f"{name}.weight_packed"] = state[f"{name}.weight_packed"][:, :-1].contiguous()
-    save_file(state, str(exported / ct.WEIGHTS))
+    save_file(state, str(exported / SINGLE))
     one_line_refusal(exported, match)
 
 

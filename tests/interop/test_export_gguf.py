@@ -14,6 +14,7 @@ from tests.conftest import requires_smollm2
 from toolkit import models
 from toolkit.errors import ToolkitError
 from toolkit.interop import gguf_file, rope_factors
+from toolkit.models import gguf_reader
 from toolkit.models.architectures import layout_of
 from toolkit.models.tiny import family_config, tiny_model, tiny_tokenizer
 from toolkit.passes import CONFIGS
@@ -112,24 +113,24 @@ def test_export_carries_the_codes_bit_exactly(tmp_path: Path, bits: int, symmetr
     loaded = tiny(bits, 32, symmetric)
     metrics = run_export(loaded, tmp_path / "out")
     assert metrics["tensor_types"][main] == 14 + (main == "Q8_0")  # 14 decoder linears; the int8 head is Q8_0
-    reader = gguf_file.read(tmp_path / "out" / FILE)
+    reader = gguf_reader.read(tmp_path / "out" / FILE)
     names = {t.name: t for t in reader.tensors}
     assert "output.weight" not in names  # tied: llama.cpp reads token_embd as the head
     assert names["token_embd.weight"].tensor_type == Q.Q8_0
     # independent of the export's own check: one linear dequantized by gguf-py equals the QuantLinear
     k = loaded.model.model.layers[1].self_attn.k_proj
-    got = torch.from_numpy(gguf_file.dequantized_tensor(names["blk.1.attn_k.weight"]))
+    got = torch.from_numpy(gguf_reader.dequantized_tensor(names["blk.1.attn_k.weight"]))
     assert torch.equal(gguf_file.unpermute(got, 1), k.dequantized_weight()) == (main != "Q4_1" or metrics["q4_1_max_offset_error"] == 0)
     v = loaded.model.model.layers[0].self_attn.v_proj
     if main != "Q4_1":
-        assert torch.equal(torch.from_numpy(gguf_file.dequantized_tensor(names["blk.0.attn_v.weight"])), v.dequantized_weight())
+        assert torch.equal(torch.from_numpy(gguf_reader.dequantized_tensor(names["blk.0.attn_v.weight"])), v.dequantized_weight())
 
 
 def test_export_writes_the_metadata_llama_cpp_reads(tmp_path: Path) -> None:
     loaded = tiny()
     run_export(loaded, tmp_path / "out")
-    reader = gguf_file.read(tmp_path / "out" / FILE)
-    meta = gguf_file.metadata(reader, ["general.architecture", "llama.block_count", "llama.attention.head_count_kv",
+    reader = gguf_reader.read(tmp_path / "out" / FILE)
+    meta = gguf_reader.metadata(reader, ["general.architecture", "llama.block_count", "llama.attention.head_count_kv",
                                        "llama.rope.freq_base", "llama.context_length", "tokenizer.ggml.model",
                                        "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id",
                                        "tokenizer.chat_template", "general.file_type"])
@@ -149,7 +150,7 @@ def test_exported_gguf_is_a_model_source_again(tmp_path: Path, capsys: pytest.Ca
     from toolkit.cli import main
 
     run_export(tiny(), tmp_path / "out", float_type="f32")
-    merges = gguf_file.read(tmp_path / "out" / FILE).fields["tokenizer.ggml.merges"]
+    merges = gguf_reader.read(tmp_path / "out" / FILE).fields["tokenizer.ggml.merges"]
     assert merges.contents() == [] and merges.types == [gguf.GGUFValueType.ARRAY]
     ref = models.resolve(str(tmp_path / "out" / FILE))
     for text in ("hello world", "  two spaces\nand é ü 🦙", "<s>x</s>"):
@@ -168,7 +169,7 @@ def test_a_panicking_gguf_tokenizer_is_one_error_line(tmp_path: Path, capsys: py
     from toolkit.paths import cache_dir
 
     run_export(tiny(), tmp_path / "out")
-    bad = rewrite(gguf_file.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf",
+    bad = rewrite(gguf_reader.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf",
                   {"tokenizer.ggml.merges": ["<s> </s>"]})
     with pytest.raises(ToolkitError, match=r"transformers cannot convert GGUF file .*bad\.gguf \(a library panicked"):
         models.resolve(str(bad))
@@ -183,7 +184,7 @@ def test_a_panicking_gguf_tokenizer_is_one_error_line(tmp_path: Path, capsys: py
 @pytest.mark.parametrize("float_type,qtype", [("f32", Q.F32), ("f16", Q.F16)])
 def test_float_model_exports_at_the_float_type(tmp_path: Path, float_type: str, qtype) -> None:
     metrics = run_export(tiny(None), tmp_path / "out", float_type=float_type)
-    reader = gguf_file.read(tmp_path / "out" / FILE)
+    reader = gguf_reader.read(tmp_path / "out" / FILE)
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["blk.0.ffn_down.weight"] == qtype and types["blk.0.attn_norm.weight"] == Q.F32
     assert metrics["bit_exact_tensors"] == len(types)
@@ -230,7 +231,7 @@ def test_truncated_gguf_is_refused_with_one_line(tmp_path: Path) -> None:
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(data[:cut])
         with pytest.raises(ToolkitError) as err:
-            gguf_file.read(bad)
+            gguf_reader.read(bad)
         assert "\n" not in str(err.value) and ("truncated" in str(err.value) or "inconsistent" in str(err.value))
     with pytest.raises(ToolkitError, match="truncated or corrupt"):  # the model loader checks first, too
         models.resolve(str(tmp_path / f"cut{len(data) // 2}.gguf"))
@@ -263,9 +264,9 @@ def rewrite(reader: gguf.GGUFReader, path: Path, changes: dict[str, object], byt
 def test_inconsistent_gguf_is_refused_with_one_line(tmp_path: Path, blocks: int) -> None:
     """A block_count the tensors do not back is refused; one of 2^32 - 1 without listing its names first."""
     run_export(tiny(), tmp_path / "out")
-    bad = rewrite(gguf_file.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf", {"llama.block_count": blocks})
+    bad = rewrite(gguf_reader.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf", {"llama.block_count": blocks})
     with pytest.raises(ToolkitError, match=rf"block_count is {blocks} but tensor 'blk\.(2|0)\..*' is missing"):
-        gguf_file.read(bad)
+        gguf_reader.read(bad)
 
 
 BYTES_KEY = "toolkit.test.bytes"
@@ -279,9 +280,9 @@ BYTES_KEY = "toolkit.test.bytes"
 def test_sizes_the_tensors_do_not_back_are_refused(tmp_path: Path, key: str, value: int, message: str) -> None:
     """transformers builds the model from these sizes, for real, before it reads a tensor."""
     run_export(tiny(), tmp_path / "out")
-    bad = rewrite(gguf_file.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf", {key: value})
+    bad = rewrite(gguf_reader.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf", {key: value})
     with pytest.raises(ToolkitError, match=message):
-        gguf_file.read(bad)
+        gguf_reader.read(bad)
 
 
 def count_offsets(path: Path) -> dict[str, int]:
@@ -298,14 +299,14 @@ def test_a_count_beyond_what_the_file_holds_is_refused_before_anything_is_built(
     """gguf's reader loops over a declared array length even past the end of the file (reads there are empty,
     not errors: a uint8 array of 2^62 items never ends): a count the file cannot hold is refused first."""
     run_export(tiny(), tmp_path / "out")
-    good = rewrite(gguf_file.read(tmp_path / "out" / FILE), tmp_path / "good.gguf", {}, BYTES_KEY)
+    good = rewrite(gguf_reader.read(tmp_path / "out" / FILE), tmp_path / "good.gguf", {}, BYTES_KEY)
     data = bytearray(good.read_bytes())
     offset = count_offsets(good)[where]
     data[offset:offset + 8] = (2**62).to_bytes(8, "little")
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(bytes(data))
     with pytest.raises(ToolkitError, match=r"declares 4611686018427387904 .*more than its \d+ bytes can hold"):
-        gguf_file.read(bad)
+        gguf_reader.read(bad)
 
 
 # ---------------------------------------------------------------- llama.cpp
@@ -386,43 +387,43 @@ def test_llama_cpp_runs_each_family_as_pytorch_does(tmp_path: Path, name: str) -
 def test_qwen_tensors_keep_their_row_order_and_extras(tmp_path: Path, name: str, extras: set[str]) -> None:
     model, tokenizer = family(name)
     metrics = export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
-    names = {t.name: t for t in gguf_file.read(tmp_path / "out" / FILE).tensors}
+    names = {t.name: t for t in gguf_reader.read(tmp_path / "out" / FILE).tensors}
     assert extras <= set(names) and metrics["bit_exact_tensors"] == len(names)
     q = model.model.layers[0].self_attn.q_proj  # type: ignore[union-attr]
-    got = torch.from_numpy(gguf_file.dequantized_tensor(names["blk.0.attn_q.weight"]))
+    got = torch.from_numpy(gguf_reader.dequantized_tensor(names["blk.0.attn_q.weight"]))
     assert torch.equal(got, q.dequantized_weight())  # NeoX rope order: no row permutation
 
 
 def test_phi3_fused_projections_keep_their_rows_and_a_partial_rotary(tmp_path: Path) -> None:
     model, tokenizer = family("phi3")
     export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
-    reader = gguf_file.read(tmp_path / "out" / FILE)
+    reader = gguf_reader.read(tmp_path / "out" / FILE)
     names = {t.name: t for t in reader.tensors}
     assert {"blk.0.attn_qkv.weight", "blk.1.ffn_up.weight"} <= set(names) and "blk.0.ffn_gate.weight" not in names
     layer = model.model.layers[0]  # type: ignore[union-attr]
     for gguf_name, linear in (("attn_qkv", layer.self_attn.qkv_proj), ("ffn_up", layer.mlp.gate_up_proj)):
-        got = torch.from_numpy(gguf_file.dequantized_tensor(names[f"blk.0.{gguf_name}.weight"]))
+        got = torch.from_numpy(gguf_reader.dequantized_tensor(names[f"blk.0.{gguf_name}.weight"]))
         assert torch.equal(got, linear.dequantized_weight())  # [q; k; v] and [gate; up] as stored, NeoX rope order
-    assert gguf_file.metadata(reader, ["phi3.rope.dimension_count"]) == {"phi3.rope.dimension_count": 16}
+    assert gguf_reader.metadata(reader, ["phi3.rope.dimension_count"]) == {"phi3.rope.dimension_count": 16}
 
 
 def test_gemma2_norms_carry_the_offset_and_its_softcaps_and_window_are_written(tmp_path: Path) -> None:
     model, tokenizer = family("gemma2")
     export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
-    reader = gguf_file.read(tmp_path / "out" / FILE)
+    reader = gguf_reader.read(tmp_path / "out" / FILE)
     names = {t.name: t for t in reader.tensors}
     layer = model.model.layers[1]  # type: ignore[union-attr]
     for gguf_name, norm in (("attn_norm", layer.input_layernorm), ("post_ffw_norm", layer.post_feedforward_layernorm)):
-        got = torch.from_numpy(gguf_file.dequantized_tensor(names[f"blk.1.{gguf_name}.weight"])).flatten()
+        got = torch.from_numpy(gguf_reader.dequantized_tensor(names[f"blk.1.{gguf_name}.weight"])).flatten()
         assert torch.equal(got, norm.weight.detach() + 1)  # Gemma scales by 1 + w, llama.cpp by w
     keys = ["gemma2.attn_logit_softcapping", "gemma2.final_logit_softcapping", "gemma2.attention.sliding_window"]
-    assert gguf_file.metadata(reader, keys) == dict(zip(keys, (5.0, 3.0, 8), strict=True))
+    assert gguf_reader.metadata(reader, keys) == dict(zip(keys, (5.0, 3.0, 8), strict=True))
 
 
 def test_qwen2_yarn_is_written_as_convert_hf_to_gguf_writes_it(tmp_path: Path) -> None:
     model, tokenizer = family("qwen2")
     export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
-    meta = gguf_file.metadata(gguf_file.read(tmp_path / "out" / FILE),
+    meta = gguf_reader.metadata(gguf_reader.read(tmp_path / "out" / FILE),
                               ["general.architecture", "qwen2.rope.scaling.type", "qwen2.rope.scaling.factor",
                                "qwen2.rope.scaling.original_context_length"])
     assert meta == {"general.architecture": "qwen2", "qwen2.rope.scaling.type": "yarn",
@@ -432,10 +433,10 @@ def test_qwen2_yarn_is_written_as_convert_hf_to_gguf_writes_it(tmp_path: Path) -
 def test_llama3_rope_scaling_is_a_rope_freqs_tensor_without_a_scaling_type(tmp_path: Path) -> None:
     model, tokenizer = family("llama3")
     metrics = export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
-    reader = gguf_file.read(tmp_path / "out" / FILE)
+    reader = gguf_reader.read(tmp_path / "out" / FILE)
     freqs = {t.name: t for t in reader.tensors}["rope_freqs.weight"]
     assert freqs.tensor_type == Q.F32 and metrics["bit_exact_tensors"] == len(reader.tensors)
-    assert torch.equal(torch.from_numpy(gguf_file.dequantized_tensor(freqs)).flatten(),
+    assert torch.equal(torch.from_numpy(gguf_reader.dequantized_tensor(freqs)).flatten(),
                        rope_factors.llama3(dict(model.config.rope_parameters), model.config.head_dim))
     assert "llama.rope.scaling.type" not in reader.fields  # a linear factor on top would slow every pair
 
@@ -444,7 +445,7 @@ def test_granite_multipliers_are_written_as_llama_cpp_reads_them(tmp_path: Path)
     model, tokenizer = family("granite")
     export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
     keys = ["granite.attention.scale", "granite.embedding_scale", "granite.residual_scale", "granite.logit_scale"]
-    meta = gguf_file.metadata(gguf_file.read(tmp_path / "out" / FILE), keys)
+    meta = gguf_reader.metadata(gguf_reader.read(tmp_path / "out" / FILE), keys)
     assert meta == pytest.approx(dict(zip(keys, (0.2, 6.0, 0.5, 2.5), strict=True)))
 
 

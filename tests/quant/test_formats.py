@@ -70,6 +70,7 @@ def _check_round_trip(fmt: type[PackedFormat], spec: QuantSpec) -> None:
     # the first tensor holds the codes, in the bytes the size table gives
     first = next(iter(tensors.values()))
     assert first.numel() * first.element_size() == codes.shape[0] * fmt.row_bytes(spec.bits, codes.shape[1])
+    assert fmt.row_bytes(spec.bits, codes.shape[1]) * 8 == fmt.stored_bits(spec.bits) * codes.shape[1]
     back = fmt.unpack(tensors, spec, (codes.shape[0], codes.shape[1]))
     assert torch.equal(back[0], codes)
     assert torch.equal(back[1].to(torch.float32), scales.to(torch.float32))

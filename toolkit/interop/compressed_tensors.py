@@ -19,10 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from toolkit.errors import ToolkitError
+from toolkit.models.shards import SINGLE
 from toolkit.quant.formats import CompressedTensorsPacked
 from toolkit.quant.spec import QuantSpec
 
-WEIGHTS = "model.safetensors"
 FORMAT = "pack-quantized"
 SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")
 
@@ -86,7 +86,7 @@ def read(folder: Path) -> tuple[dict[str, Any], dict[str, Packed], dict[str, tor
     """``config.json`` (with its quantization_config), the packed linears and the float tensors of a folder.
     Raises ToolkitError with one line when the folder is incomplete, truncated or inconsistent."""
     folder = Path(folder)
-    for name in ("config.json", WEIGHTS):
+    for name in ("config.json", SINGLE):
         if not (folder / name).is_file():
             raise ToolkitError(f"{folder}: not a compressed-tensors checkpoint: {name} is missing")
     try:
@@ -99,9 +99,9 @@ def read(folder: Path) -> tuple[dict[str, Any], dict[str, Packed], dict[str, tor
         raise ToolkitError(f"{folder}: quantization_config is not compressed-tensors {FORMAT} "
                            f"(quant_method {qc.get('quant_method')!r}, format {qc.get('format')!r})")
     try:
-        state = load_file(str(folder / WEIGHTS))
+        state = load_file(str(folder / SINGLE))
     except (SafetensorError, OSError) as exc:
-        raise ToolkitError(f"{folder}/{WEIGHTS}: unreadable (truncated or corrupt): {exc}") from None
+        raise ToolkitError(f"{folder}/{SINGLE}: unreadable (truncated or corrupt): {exc}") from None
     packed: dict[str, Packed] = {}
     for key in [k for k in state if k.endswith(".weight_packed")]:
         module = key[: -len(".weight_packed")]

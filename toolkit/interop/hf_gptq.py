@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from toolkit.models.shards import SINGLE
 from toolkit.quant.formats import GPTQInt32, GPTQv2Int32
 from toolkit.quant.spec import QuantSpec
 
-WEIGHTS = "model.safetensors"
 LAYOUTS: dict[str, type[GPTQInt32]] = {"gptq": GPTQInt32, "gptq_v2": GPTQv2Int32}  # checkpoint_format -> layout
 CHECKPOINT_FORMATS = tuple(LAYOUTS)
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -48,7 +48,7 @@ def read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config = json.loads((folder / "config.json").read_text())
     qc = config["quantization_config"]
     fmt = LAYOUTS[qc["checkpoint_format"]]
-    state = load_file(str(folder / WEIGHTS))
+    state = load_file(str(folder / SINGLE))
     floats = {k: v.float() for k, v in state.items() if not k.endswith(tuple(f".{s}" for s in SUFFIXES))}
     for key in [k for k in state if k.endswith(".qweight")]:
         base = key[: -len(".qweight")]

@@ -74,6 +74,13 @@ class PackedFormat(ABC):
         return -(-count // block) * size
 
     @classmethod
+    def stored_bits(cls, bits: int) -> float:
+        """Bits a code of ``bits`` takes in this format, block overhead included (GGUF Q4_0: 4.5)."""
+        cls.check_bits(bits)
+        block, size = SIZES[cls.name][bits]
+        return 8 * size / block
+
+    @classmethod
     def check_bits(cls, bits: int) -> None:
         if bits not in SIZES[cls.name]:
             raise ValueError(f"the {cls.name} format holds {', '.join(map(str, cls.widths()))}-bit codes, not {bits}")
@@ -162,6 +169,11 @@ class ToolkitPacked(PackedFormat):
         return cls.unpack_codes(tensors["qweight"], spec.bits), tensors["scales"], tensors["qzeros"]
 
 
+def packed_width(bits: int, in_features: int) -> int:
+    """Bytes per row of ``in_features`` codes in our storage (``ToolkitPacked``: two codes to a byte up to 4 bits)."""
+    return ToolkitPacked.row_bytes(bits, in_features)
+
+
 # ---------------------------------------------------------------- ONNX
 
 class MatMulNBits(PackedFormat):
@@ -172,10 +184,10 @@ class MatMulNBits(PackedFormat):
 
     name = "matmulnbits"
 
-    @staticmethod
-    def storage_bits(bits: int) -> int:
+    @classmethod
+    def storage_bits(cls, bits: int) -> int:
         """The width MatMulNBits reads the codes as (its ``bits`` attribute): 2/3-bit codes live in the 4-bit layout."""
-        return 4 if bits <= 4 else 8
+        return int(cls.stored_bits(bits))
 
     @classmethod
     def zero_points(cls, zeros: torch.Tensor, bits: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.quant.arithmetic import dequantize
-from toolkit.quant.formats import ToolkitPacked
+from toolkit.quant.formats import ToolkitPacked, packed_width
 from toolkit.quant.spec import QuantSpec
 
 BLOCK_WEIGHTS = 1 << 25  # linears above 32 M weights dequantize in output-row blocks (SmolLM2's head: 28 M)
@@ -24,8 +24,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         groups = spec.groups(in_features)
-        packed_in = ToolkitPacked.row_bytes(spec.bits, in_features)
-        self.register_buffer("qweight", torch.zeros(out_features, packed_in, dtype=torch.uint8))
+        self.register_buffer("qweight", torch.zeros(out_features, packed_width(spec.bits, in_features), dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
         self.register_buffer("qzeros", torch.zeros(out_features, groups, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
