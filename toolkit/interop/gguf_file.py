@@ -1,11 +1,12 @@
 """GGUF for llama.cpp through the ``gguf`` library: tensor names, the tokenizer metadata, the hyperparameters.
 
 What is written mirrors llama.cpp's ``convert_hf_to_gguf.py`` for the families in ``ARCHS`` (one ``GGUFArch``
-row per Hugging Face ``model_type``: what llama.cpp calls the family and what it does its own way): the hyperparameters and rope scaling of ``TextModel.set_gguf_parameters`` plus the
-family's own keys (``GGUFArch.config_keys``), the vocabulary of ``_set_vocab_gpt2`` (tokens, token types,
-merges, special token ids, chat template through ``gguf.SpecialVocab``), tensor names through gguf's own
-tensor mapping, and, where ``GGUFArch.permute_rope``, the q/k row permutation of ``LlamaModel.permute``
-(llama.cpp's llama rope pairs dimensions ``(i, i + 1)`` where Hugging Face pairs ``(i, i + d/2)``).
+row per Hugging Face ``model_type``: what llama.cpp calls the family and what it does its own way): the
+hyperparameters and rope scaling of ``TextModel.set_gguf_parameters`` plus the family's own keys
+(``GGUFArch.config_keys``), the vocabulary of ``_set_vocab_gpt2`` (tokens, token types, merges, special token
+ids, chat template through ``gguf.SpecialVocab``), tensor names through gguf's own tensor mapping, and, where
+``GGUFArch.permute_rope``, the q/k row permutation of ``LlamaModel.permute`` (llama.cpp's llama rope pairs
+dimensions ``(i, i + 1)`` where Hugging Face pairs ``(i, i + d/2)``).
 Llama 3.1's rope scaling is written as the converter writes it: no scaling type, a ``rope_freqs`` tensor of
 per-pair divisors (``toolkit.interop.rope_factors``). Gemma's norm weights get the converter's +1 (llama.cpp
 scales by w where Gemma scales by 1 + w); its embedding scale is implicit in llama.cpp. What llama.cpp would
