@@ -137,7 +137,7 @@ def hf_perplexity(folder: Path, wins: torch.Tensor, compressed: bool) -> dict[st
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     else:
-        from toolkit.models import checkpoint
+        from toolkit.quant import checkpoint
 
         model = checkpoint.load_model(folder)
     return {"perplexity": perplexity.evaluate(model, wins)["perplexity"]}

@@ -116,10 +116,10 @@ def run_transformers(a: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from toolkit import models
+    from toolkit.quant import checkpoint
 
     torch.set_num_threads(a.threads)
-    loaded = models.load(a.path)
+    loaded = checkpoint.load(a.path)
     ids = torch.tensor([prompt_ids(loaded.tokenizer, a.prompt_tokens)])
 
     class Clock(LogitsProcessor):  # called once per step, after that step's forward pass

@@ -22,10 +22,11 @@ import torch
 
 from toolkit import data, models
 from toolkit.evaluation import perplexity
-from toolkit.models import checkpoint
+from toolkit.models import manifest
 from toolkit.passes import gptq
 from toolkit.passes.context import PassContext
 from toolkit.pipeline import recipes
+from toolkit.quant import checkpoint
 from toolkit.quant.modules import quantized_modules
 
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     differ = sorted(n for n in ours if n not in theirs or not torch.equal(ours[n].codes(), theirs[n].codes()))
     windows = data.token_windows(tokenizer, recipe.evaluation.windows())
     report = {
-        "recipe": str(a.recipe), "cpu": checkpoint.cpu_kernels(), "in_memory_seconds": round(seconds, 1),
+        "recipe": str(a.recipe), "cpu": manifest.cpu_kernels(), "in_memory_seconds": round(seconds, 1),
         "linears": len(ours), "linears_with_other_codes": len(differ), "first_differing": differ[:5],
         "perplexity_in_memory": perplexity.evaluate(model, windows, None, 1, False)["perplexity"],
         "perplexity_streamed": perplexity.evaluate(streamed, windows, None, 1, False)["perplexity"],

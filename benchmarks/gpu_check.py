@@ -31,10 +31,11 @@ from synthetic_checkpoint import write_checkpoint  # noqa: E402
 from toolkit import models  # noqa: E402
 from toolkit.data import WindowSpec, token_windows  # noqa: E402
 from toolkit.evaluation import perplexity  # noqa: E402
-from toolkit.models import checkpoint  # noqa: E402
+from toolkit.models.checkpoint import load_tokenizer  # noqa: E402
 from toolkit.models.streaming import SkeletonModel  # noqa: E402
 from toolkit.passes import gptq  # noqa: E402
 from toolkit.passes.context import PassContext  # noqa: E402
+from toolkit.quant import checkpoint  # noqa: E402
 from toolkit.quant.streaming import StreamOptions  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def stream_gptq(folder: Path, out: Path, device: str, windows: torch.Tensor) -> 
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    tokenizer = checkpoint.load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
     ctx = PassContext(tokenizer, lambda: windows, lambda: None, out.parent / "work")  # type: ignore[arg-type,return-value]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -75,7 +76,7 @@ def main() -> int:
     count, length, n_eval = (4, 128, 2) if args.quick else (16, 512, 16)
     smollm2 = models.resolve("smollm2").folder
     assert smollm2 is not None
-    tokenizer = checkpoint.load_tokenizer(smollm2)
+    tokenizer = load_tokenizer(smollm2)
     calib = token_windows(tokenizer, WindowSpec(split="calibration", count=count, length=length, sampling="random"))
     evalw = token_windows(tokenizer, WindowSpec(split="evaluation", count=n_eval, length=length))
     report: dict[str, object] = {"device": args.device, "quick": args.quick,

@@ -25,10 +25,11 @@ import torch
 
 from toolkit.evaluation.streaming import stream_logits
 from toolkit.interop import genai_probe
-from toolkit.models import checkpoint
+from toolkit.models.checkpoint import load_tokenizer
 from toolkit.passes import onnx as onnx_export
 from toolkit.passes.context import PassContext
 from toolkit.paths import atomic_dir
+from toolkit.quant import checkpoint
 from toolkit.quant.streaming import StreamOptions
 from toolkit.runtime import BackendOptions, Engine, GenerationConfig, OrtBackend, Tokenizer
 
@@ -40,7 +41,7 @@ def process_peak_mb() -> float:
 
 
 def export(args: argparse.Namespace) -> dict[str, object]:
-    tokenizer = checkpoint.load_tokenizer(args.source)
+    tokenizer = load_tokenizer(args.source)
     config = onnx_export.ONNXConfig(target=args.target, dtype=args.dtype, threads=args.threads)
     ctx = PassContext(tokenizer, lambda: None, lambda: None, args.output.parent / "work")  # type: ignore[arg-type,return-value]
     start = time.perf_counter()

@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 
 from toolkit.data import WindowSpec, token_windows
-from toolkit.models import checkpoint
+from toolkit.models.checkpoint import load_tokenizer
 from toolkit.models.streaming import SkeletonModel, greedy_generate
 from toolkit.passes import gptq, rtn
 from toolkit.passes.context import PassContext
 from toolkit.pipeline.monitor import Measure
+from toolkit.quant import checkpoint
 from toolkit.quant.streaming import StreamOptions, stream_rtn
 
 
@@ -46,7 +47,7 @@ def quantize(args: argparse.Namespace) -> dict[str, object]:
             head = args.lm_head_bits or None
             stats = stream_rtn(src, args.output, rtn.RTNConfig(args.bits, args.group_size, lm_head_bits=head), options)
         else:
-            tokenizer = checkpoint.load_tokenizer(args.source)
+            tokenizer = load_tokenizer(args.source)
             spec = WindowSpec(split="calibration", count=args.count, length=args.length, sampling="random")
             windows = token_windows(tokenizer, spec)
             config = gptq.GPTQConfig(args.bits, args.group_size, lm_head_bits=args.lm_head_bits or None,
@@ -60,7 +61,7 @@ def quantize(args: argparse.Namespace) -> dict[str, object]:
 
 
 def reload_and_generate(output: Path, new_tokens: int) -> dict[str, object]:
-    tokenizer = checkpoint.load_tokenizer(output)
+    tokenizer = load_tokenizer(output)
     with Measure() as m:
         model = checkpoint.load_model(output, dtype=torch.bfloat16)
     prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]

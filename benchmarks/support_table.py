@@ -33,7 +33,6 @@ import yaml
 
 from toolkit.data import token_windows
 from toolkit.interop import genai_probe
-from toolkit.models import checkpoint
 from toolkit.models.architectures import decoder_layers, layout_of
 from toolkit.models.tiny import FAMILIES, family_config, save_tiny_folder, tiny_model, tiny_tokenizer
 from toolkit.passes import awq, distill, export_hf_gptq, gptq, rtn
@@ -42,6 +41,7 @@ from toolkit.passes.onnx import ONNXConfig
 from toolkit.passes.onnx import export as onnx_export
 from toolkit.paths import atomic_dir
 from toolkit.pipeline import recipes, runner
+from toolkit.quant import checkpoint
 from toolkit.quant.activations import ActivationBuffer
 from toolkit.quant.calibration import capture_layer_inputs
 from toolkit.runtime import GenerationConfig, load

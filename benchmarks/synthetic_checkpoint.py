@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from toolkit.models.shards import INDEX, shard_name, write_planned_shard
+from toolkit.models.shards import INDEX, SINGLE, shard_name, write_planned_shard
 
 GB = 10**9
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -155,7 +155,7 @@ def write_checkpoint(name: str, folder: Path, seed: int = 0, shard_bytes: int | 
     weight_map: dict[str, str] = {}
     total = 0
     for i, shard in enumerate(shards):
-        file = "model.safetensors" if len(shards) == 1 else shard_name(i, len(shards))
+        file = SINGLE if len(shards) == 1 else shard_name(i, len(shards))
         total += write_planned_shard(folder / file, shard, lambda n: random_rows(n, shapes[n], gen), {"format": "pt"})
         weight_map.update({n: file for n, _, _ in shard})
     if len(shards) > 1:

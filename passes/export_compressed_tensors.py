@@ -1,7 +1,7 @@
 """Export a quantized model as a compressed-tensors ``pack-quantized`` checkpoint (transformers, vLLM, SGLang).
 
 compressed-tensors holds signed codes ``v = q - 2^(b-1)`` and zero points ``zero - 2^(b-1)`` and packs
-``v + 2^(b-1)``, so our unsigned codes are written unchanged (``toolkit.quant.formats.CompressedTensorsPacked``);
+``v + 2^(b-1)``, so our unsigned codes are written unchanged (``toolkit.interop.compressed_tensors``);
 symmetric specs store no zero point (ours is always ``2^(b-1)``). Every decoder linear of one spec is one
 config group; the head (int8 in our models, and a tied embedding) is written dequantized at ``dtype`` and
 listed in ``ignore``, as llm-compressor leaves ``lm_head`` unquantized. The export proves itself: the folder
@@ -27,7 +27,7 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import compressed_tensors as ct
 from toolkit.models.architectures import layout_of
-from toolkit.quant.formats import CompressedTensorsPacked
+from toolkit.models.shards import SINGLE
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
 from toolkit.quant.spec import QuantScheme
 
@@ -73,12 +73,7 @@ def _tensors(model: PreTrainedModel, linears: dict[str, QuantLinear], dtype: tor
     layout = layout_of(model)
     out: dict[str, torch.Tensor] = {}
     for name, m in linears.items():
-        fmt = CompressedTensorsPacked(m.spec.bits)
-        out[f"{name}.weight_packed"] = fmt.pack(m.codes())
-        out[f"{name}.weight_scale"] = m.scales.to(dtype).contiguous()
-        out[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features])
-        if not m.spec.symmetric:
-            out[f"{name}.weight_zero_point"] = fmt.pack_zeros(m.qzeros)
+        out.update(ct.linear_tensors(name, m.codes(), m.scales.to(dtype), m.qzeros, m.spec))
         if m.bias is not None:
             out[f"{name}.bias"] = m.bias.detach().to(dtype)
     head = model.get_submodule(layout.head)
@@ -138,11 +133,11 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     linears, floats = _linears(model)
     tensors = _tensors(model, linears, DTYPES[config.dtype])
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / ct.WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, str(folder / SINGLE), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(_config(model, linears, floats, config.dtype), indent=2, sort_keys=True))
     tokenizer.save_pretrained(folder)
     exported, packed = _reload_float(folder)
     _check_codes(linears, packed)
     error = check_reloaded(model, exported, config.tolerance, "compressed-tensors checkpoint")
-    return {"relative_logit_error": error, "bytes": (folder / ct.WEIGHTS).stat().st_size,
+    return {"relative_logit_error": error, "bytes": (folder / SINGLE).stat().st_size,
             "quantized_linears": len(linears), "bit_exact_codes": True}

@@ -1,7 +1,7 @@
 """Export a model as one GGUF file for llama.cpp, carrying the quantization pass's exact codes.
 
 Block types: int4 group 32 symmetric -> Q4_0, int4 group 32 asymmetric -> Q4_1, int8 group 32 symmetric ->
-Q8_0 (``toolkit.quant.formats.GGUFQ4_0`` ...), float weights -> F16 or F32, norms F32. Nothing is
+Q8_0 (``toolkit.interop.gguf_file.BLOCK_TYPES``), float weights -> F16 or F32, norms F32. Nothing is
 re-quantized: the bytes are our codes and float16 scales rearranged. Q4_1's offset ``m = -scale * zero``
 is rounded to float16, so those blocks are exact only where the product fits; the metrics say how far off
 the rest are. A tied embedding is written once as ``token_embd.weight`` (llama.cpp then reads it as the
@@ -25,21 +25,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
 from toolkit.interop import gguf_file, llama_cpp_probe
+from toolkit.models import gguf_reader
 from toolkit.models.architectures import layout_of
-from toolkit.quant.formats import GGUFQ4_0, GGUFQ4_1, GGUFQ8_0
+from toolkit.quant.formats import GGUFQ4_1, PackedFormat
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
 from toolkit.quant.spec import QuantScheme
 
 FILE = "model.gguf"
 Q = gguf.GGMLQuantizationType
-# (bits, group size, symmetric) -> GGUF block type and its packed format
-BLOCK_TYPES: dict[tuple[int, int, bool], tuple[gguf.GGMLQuantizationType, Any]] = {
-    (4, 32, True): (Q.Q4_0, GGUFQ4_0),
-    (4, 32, False): (Q.Q4_1, GGUFQ4_1),
-    (8, 32, True): (Q.Q8_0, GGUFQ8_0),
-}
-SUPPORTED = ("int4 group 32 symmetric (Q4_0), int4 group 32 asymmetric (Q4_1), int8 group 32 symmetric (Q8_0), "
-             "float (F16/F32)")
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:")
 
 
@@ -80,19 +73,12 @@ def check_spec(scheme: QuantScheme) -> None:
     """Refuse a quantization no GGUF block type holds (recipes call it before any pass runs); a whole-row group
     (-1) depends on the model's widths and is checked on the model."""
     spec = scheme.weight_only(ExportGGUFConfig.name)
-    if spec.group_size != -1 and (spec.bits, spec.group_size, spec.symmetric) not in BLOCK_TYPES:
-        sym = "symmetric" if spec.symmetric else "asymmetric"
-        raise ToolkitError(f"int{spec.bits} group {spec.group_size} {sym} has no GGUF block type; GGUF holds "
-                           f"{SUPPORTED}; quantize with one of those")
+    if spec.group_size != -1:
+        gguf_file.block_type(spec, spec.group_size)
 
 
-def _block_type(m: QuantLinear, name: str) -> tuple[gguf.GGMLQuantizationType, Any]:
-    key = (m.spec.bits, m.spec.group(m.in_features), m.spec.symmetric)
-    if key not in BLOCK_TYPES:
-        sym = "symmetric" if m.spec.symmetric else "asymmetric"
-        raise ToolkitError(f"{name}: int{m.spec.bits} group {m.spec.group_size} {sym} has no GGUF block type; "
-                           f"GGUF holds {SUPPORTED}; quantize with one of those")
-    return BLOCK_TYPES[key]
+def _block_type(m: QuantLinear, name: str) -> tuple[gguf.GGMLQuantizationType, type[PackedFormat]]:
+    return gguf_file.block_type(m.spec, m.spec.group(m.in_features), f"{name}: ")
 
 
 def _plan(model: PreTrainedModel) -> list[_Tensor]:
@@ -141,7 +127,7 @@ def _encode(model: PreTrainedModel, t: _Tensor, config: ExportGGUFConfig) -> tup
     codes, scales, zeros = m.codes(), m.scales, m.qzeros
     if t.rope_heads is not None:
         codes, scales, zeros = (gguf_file.permute(x, t.rope_heads) for x in (codes, scales, zeros))
-    return fmt.pack(codes, scales, zeros).numpy(), qtype
+    return fmt.pack(codes, scales, zeros, m.spec)["blocks"].numpy(), qtype
 
 
 def _reference(model: PreTrainedModel, t: _Tensor, qtype: gguf.GGMLQuantizationType) -> tuple[torch.Tensor, float]:
@@ -192,7 +178,7 @@ def _check_tensors(model: PreTrainedModel, plan: list[_Tensor], reader: gguf.GGU
     worst_offset = 0.0
     for t in plan:
         rt = by_name[t.gguf_name]
-        got = torch.from_numpy(gguf_file.dequantized_tensor(rt))
+        got = torch.from_numpy(gguf_reader.dequantized_tensor(rt))
         ref, off = _reference(model, t, rt.tensor_type)
         worst_offset = max(worst_offset, off)
         if got.shape != ref.shape or not torch.equal(got, ref.reshape(got.shape)):
@@ -235,7 +221,7 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILE
     counts = _write(model, tokenizer, plan, config, path)
-    reader = gguf_file.read(path)
+    reader = gguf_reader.read(path)
     offset = _check_tensors(model, plan, reader)
     metrics = {"file": FILE, "bytes": path.stat().st_size, "tensor_types": counts, "bit_exact_tensors": len(plan),
                "q4_1_max_offset_error": offset}

@@ -1,6 +1,6 @@
 """Export a GPTQ/AWQ/RTN-quantized model as a Hugging Face GPTQ checkpoint (``quant_method: gptq``).
 
-Layout per quantized linear: ``<name>.qweight/.qzeros/.scales/.g_idx`` (``toolkit.quant.formats.GPTQInt32``),
+Layout per quantized linear: ``<name>.qweight/.qzeros/.scales/.g_idx`` (``toolkit.interop.hf_gptq``),
 every other tensor float16. The lm_head (int8 in our models) is written dequantized in float16, as
 GPTQ checkpoints keep the head in float; with tied embeddings only ``model.embed_tokens.weight`` is
 stored. The export proves itself: the written file is dequantized independently of ``QuantLinear``
@@ -15,19 +15,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
 from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
+from toolkit.interop import hf_gptq
 from toolkit.models.architectures import layout_of
-from toolkit.quant.formats import GPTQInt32
+from toolkit.models.shards import SINGLE
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
 from toolkit.quant.spec import QuantScheme, QuantSpec
-
-WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -39,8 +38,8 @@ class ExportHFGPTQConfig:
     tolerance: float = 2e-2  # max |Δlogit| / max |logit| between the export and the source model
 
     def __post_init__(self) -> None:
-        if self.checkpoint_format not in GPTQInt32.FORMATS:
-            raise ValueError(f"checkpoint_format must be one of {GPTQInt32.FORMATS}, got {self.checkpoint_format!r}")
+        if self.checkpoint_format not in hf_gptq.CHECKPOINT_FORMATS:
+            raise ValueError(f"checkpoint_format must be one of {hf_gptq.CHECKPOINT_FORMATS}, got {self.checkpoint_format!r}")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
 
@@ -48,8 +47,8 @@ class ExportHFGPTQConfig:
 def check_spec(scheme: QuantScheme) -> None:
     """Refuse a quantization the GPTQ int32 layout cannot hold (recipes call it before any pass runs)."""
     spec = scheme.weight_only(ExportHFGPTQConfig.name)
-    if spec.bits not in GPTQInt32.BITS:
-        raise ToolkitError(f"export_hf_gptq holds {', '.join(map(str, GPTQInt32.BITS))} bits (the GPTQ int32 layout), "
+    if spec.bits not in hf_gptq.BITS:
+        raise ToolkitError(f"export_hf_gptq holds {', '.join(map(str, hf_gptq.BITS))} bits (the GPTQ int32 layout), "
                            f"not {spec.bits}; quantize with bits: 4 (or 2, 8), or export with export_compressed_tensors")
 
 
@@ -68,15 +67,14 @@ def _decoder_spec(model: PreTrainedModel) -> tuple[dict[str, QuantLinear], Quant
     return linears, spec
 
 
-def _tensors(model: PreTrainedModel, linears: dict[str, QuantLinear], fmt: GPTQInt32) -> dict[str, torch.Tensor]:
+def _tensors(model: PreTrainedModel, linears: dict[str, QuantLinear], checkpoint_format: str) -> dict[str, torch.Tensor]:
     layout = layout_of(model)
     out: dict[str, torch.Tensor] = {}
     for name, m in linears.items():
         try:
-            packed = fmt.pack(m.codes(), m.scales, m.qzeros)
+            out.update(hf_gptq.linear_tensors(name, m.codes(), m.scales, m.qzeros, m.spec, checkpoint_format))
         except ValueError as exc:
             raise ToolkitError(f"{name}: {exc}") from None
-        out.update({f"{name}.{k}": v for k, v in packed.items()})
         if m.bias is not None:
             out[f"{name}.bias"] = m.bias.detach().half()
     head = model.get_submodule(layout.head)
@@ -93,23 +91,14 @@ def _tensors(model: PreTrainedModel, linears: dict[str, QuantLinear], fmt: GPTQI
 def _config(model: PreTrainedModel, spec: QuantSpec, config: ExportHFGPTQConfig) -> dict[str, Any]:
     d = model.config.to_dict()
     d["dtype"] = d["torch_dtype"] = "float16"  # transformers 5 reads dtype, older readers torch_dtype
-    d["quantization_config"] = {
-        "quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size, "desc_act": False,
-        "sym": spec.symmetric, "true_sequential": True, "static_groups": False,
-        "checkpoint_format": config.checkpoint_format, "damp_percent": 0.01,
-    }
+    d["quantization_config"] = hf_gptq.quantization_config(spec, config.checkpoint_format)
     return d
 
 
-def reload_float(folder: Path, config: ExportHFGPTQConfig) -> PreTrainedModel:
+def reload_float(folder: Path) -> PreTrainedModel:
     """A plain float32 model dequantized from the written checkpoint (independent of ``QuantLinear``)."""
-    d = json.loads((folder / "config.json").read_text())
-    fmt = GPTQInt32(d.pop("quantization_config")["bits"], config.checkpoint_format)
-    state = load_file(str(folder / WEIGHTS))
-    floats = {k: v.float() for k, v in state.items() if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
-    for key in [k for k in state if k.endswith(".qweight")]:
-        base = key[: -len(".qweight")]
-        floats[f"{base}.weight"] = fmt.dequantize({s: state[f"{base}.{s}"] for s in ("qweight", "qzeros", "scales", "g_idx")})
+    d, floats = hf_gptq.read(folder)
+    d.pop("quantization_config")
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d), dtype=torch.float32)
     missing, unexpected = model.load_state_dict(floats, strict=False)
@@ -124,11 +113,11 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     """Write the checkpoint into ``folder`` (made atomic by the caller) and return its metrics."""
     folder = Path(folder)
     linears, spec = _decoder_spec(model)
-    tensors = _tensors(model, linears, GPTQInt32(spec.bits, config.checkpoint_format))
+    tensors = _tensors(model, linears, config.checkpoint_format)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, str(folder / SINGLE), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(_config(model, spec, config), indent=2, sort_keys=True))
     tokenizer.save_pretrained(folder)
-    error = check_reloaded(model, reload_float(folder, config), config.tolerance, "GPTQ checkpoint")
-    return {"relative_logit_error": error, "bytes": (folder / WEIGHTS).stat().st_size,
+    error = check_reloaded(model, reload_float(folder), config.tolerance, "GPTQ checkpoint")
+    return {"relative_logit_error": error, "bytes": (folder / SINGLE).stat().st_size,
             "quantized_linears": len(linears), "checkpoint_format": config.checkpoint_format}

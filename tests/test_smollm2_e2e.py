@@ -39,7 +39,7 @@ def test_default_recipe_on_smollm2(tmp_path, monkeypatch, isolated_cache):
 @pytest.mark.slow
 @requires_smollm2
 def test_smollm2_answers_with_its_chat_template():
-    from toolkit.models.torch_generate import generate_text
+    from toolkit.evaluation.torch_generate import generate_text
 
     text = "".join(generate_text("smollm2", "What is the capital of France?", max_new_tokens=12))
     assert "Paris" in text

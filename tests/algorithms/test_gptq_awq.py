@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from toolkit.algorithms.awq import clip_weight, fake_quantize, output_error, search_clip, search_scales
 from toolkit.algorithms.gptq import SingularHessianError, gptq_quantize, inverse_hessian_factor
 from toolkit.errors import ToolkitError
+from toolkit.interop import hf_gptq
 from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes import awq, export_hf_gptq, gptq, rtn
 from toolkit.passes.context import PassContext
@@ -311,21 +312,22 @@ def test_gptq_int32_round_trip_is_bit_exact(bits: int, checkpoint_format: str, s
     codes, scales, zeros = rtn_quantize(torch.randn(32, 64), spec)
     if checkpoint_format == "gptq":
         zeros = zeros.clamp(min=1)  # v1 cannot store a zero point of 0 (tested below)
-    fmt = GPTQInt32(bits, checkpoint_format)
-    packed = fmt.pack(codes, scales, zeros)
+    fmt = hf_gptq.LAYOUTS[checkpoint_format]
+    packed = fmt.pack(codes, scales, zeros, spec)
     assert packed["qweight"].dtype == torch.int32 and packed["qweight"].shape == (64 * bits // 32, 32)
     assert packed["qzeros"].shape == (4, 32 * bits // 32) and packed["scales"].shape == (4, 32)
     assert torch.equal(packed["g_idx"], torch.arange(64, dtype=torch.int32) // 16)
-    back = fmt.unpack(packed)
+    back = fmt.unpack(packed, spec, (32, 64))
     assert torch.equal(back[0], codes) and torch.equal(back[1], scales.half()) and torch.equal(back[2], zeros)
-    assert torch.equal(fmt.dequantize(packed), dequantize(codes, scales.half().float(), zeros, 16))
+    assert torch.equal(fmt.dequantize(packed, bits), dequantize(codes, scales.half().float(), zeros, 16))
 
 
 def test_gptq_v1_symmetric_int4_zeros_are_stored_minus_one() -> None:
-    codes, scales, zeros = rtn_quantize(torch.randn(8, 16), QuantSpec(4, 16, True))
-    assert int(GPTQInt32(4).pack(codes, scales, zeros)["qzeros"][0, 0]) == 0x77777777
+    spec = QuantSpec(4, 16, True)
+    codes, scales, zeros = rtn_quantize(torch.randn(8, 16), spec)
+    assert int(GPTQInt32.pack(codes, scales, zeros, spec)["qzeros"][0, 0]) == 0x77777777
     with pytest.raises(ValueError, match="gptq_v2"):
-        GPTQInt32(4).pack(codes, scales, torch.zeros_like(zeros))
+        GPTQInt32.pack(codes, scales, torch.zeros_like(zeros), spec)
 
 
 def test_export_hf_gptq_checkpoint(windows, tmp_path: Path) -> None:
@@ -340,7 +342,8 @@ def test_export_hf_gptq_checkpoint(windows, tmp_path: Path) -> None:
     name = "model.layers.1.mlp.down_proj"
     layer = model.get_submodule(name)
     assert isinstance(layer, QuantLinear)
-    codes, scales, zeros = GPTQInt32(4).unpack({k: state[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")})
+    codes, scales, zeros = GPTQInt32.unpack({k: state[f"{name}.{k}"] for k in hf_gptq.SUFFIXES}, layer.spec,
+                                           (layer.out_features, layer.in_features))
     assert torch.equal(codes, layer.codes()) and torch.equal(scales, layer.scales) and torch.equal(zeros, layer.qzeros)
     assert "lm_head.weight" not in state and state["model.embed_tokens.weight"].dtype == torch.float16
 

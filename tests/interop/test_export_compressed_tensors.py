@@ -15,13 +15,14 @@ from tests.conftest import requires_smollm2
 from toolkit import models
 from toolkit.errors import ToolkitError
 from toolkit.interop import compressed_tensors as ct
+from toolkit.models.shards import SINGLE
 from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import CONFIGS
 from toolkit.passes.export_compressed_tensors import ExportCompressedTensorsConfig, export
 from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
-from toolkit.quant.formats import CompressedTensorsPacked, Int4
+from toolkit.quant.formats import CompressedTensorsPacked, ToolkitPacked
 from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
 
 HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
@@ -48,15 +49,18 @@ def ids(shape: tuple[int, int] = (2, 19), vocab: int = 259) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_packing_round_trips(bits: int) -> None:
-    fmt = CompressedTensorsPacked(bits)
     q = torch.randint(0, 2**bits, (7, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
-    assert torch.equal(fmt.unpack(fmt.pack(q), 40), q)
-    assert torch.equal(fmt.unpack_zeros(fmt.pack_zeros(q), 7), q)
+    spec = QuantSpec(bits, 8, symmetric=False)
+    packed = CompressedTensorsPacked.pack(q, torch.ones(7, 5), q[:, :5], spec)
+    codes, _, zeros = CompressedTensorsPacked.unpack(packed, spec, (7, 40))
+    assert torch.equal(codes, q)
+    assert torch.equal(zeros, q[:, :5])
 
 
 def test_4bit_words_are_our_int4_bytes() -> None:
     q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
-    assert torch.equal(CompressedTensorsPacked(4).pack(q).view(torch.uint8), Int4.pack(q))
+    packed = CompressedTensorsPacked.pack(q, torch.ones(3, 2), q[:, :2], QuantSpec(4, 32))["weight_packed"]
+    assert torch.equal(packed.view(torch.uint8), ToolkitPacked.pack_codes(q, 4))
 
 
 @requires_ct
@@ -64,11 +68,11 @@ def test_4bit_words_are_our_int4_bytes() -> None:
 def test_packing_equals_compressed_tensors_pack_to_int32(bits: int) -> None:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    fmt = CompressedTensorsPacked(bits)
     q = torch.randint(0, 2**bits, (37, 72), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     signed = (q.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)  # compressed-tensors' signed convention
-    assert torch.equal(fmt.pack(q), pack_to_int32(signed, bits))
-    assert torch.equal(fmt.pack_zeros(q), pack_to_int32(signed, bits, packed_dim=0))
+    packed = CompressedTensorsPacked.pack(q, torch.ones(37, 72), q, QuantSpec(bits, -1, symmetric=False))
+    assert torch.equal(packed["weight_packed"], pack_to_int32(signed, bits))
+    assert torch.equal(packed["weight_zero_point"], pack_to_int32(signed, bits, packed_dim=0))
 
 
 # ---------------------------------------------------------------- the export
@@ -85,7 +89,7 @@ def test_export_round_trips_the_codes(tmp_path: Path, bits: int, group: int, sym
     q = loaded.model.model.layers[1].mlp.down_proj
     assert torch.equal(packed["model.layers.1.mlp.down_proj"].codes, q.codes())
     assert torch.equal(packed["model.layers.1.mlp.down_proj"].zeros, q.qzeros)
-    state = load_file(str(tmp_path / "out" / ct.WEIGHTS))
+    state = load_file(str(tmp_path / "out" / SINGLE))
     assert ("model.layers.0.mlp.up_proj.weight_zero_point" in state) == (not symmetric)
 
 
@@ -100,7 +104,7 @@ def test_compressed_tensors_decompresses_our_weights_exactly(tmp_path: Path, bit
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     (group_cfg,) = config["quantization_config"]["config_groups"].values()
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**group_cfg["weights"]))
-    state = load_file(str(tmp_path / "out" / ct.WEIGHTS))
+    state = load_file(str(tmp_path / "out" / SINGLE))
     prefix = "model.layers.0.self_attn.q_proj."
     local = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     weight = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
@@ -226,7 +230,7 @@ def one_line_refusal(folder: Path, match: str) -> None:
 
 
 def test_truncated_weights_are_refused(exported: Path) -> None:
-    path = exported / ct.WEIGHTS
+    path = exported / SINGLE
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     one_line_refusal(exported, "truncated or corrupt")
 
@@ -242,7 +246,7 @@ def test_missing_files_are_refused(exported: Path) -> None:
     ("wrong_packed_width", "int32 words cannot hold"),
 ])
 def test_inconsistent_tensors_are_refused(exported: Path, edit: str, match: str) -> None:
-    state = load_file(str(exported / ct.WEIGHTS))
+    state = load_file(str(exported / SINGLE))
     name = "model.layers.0.mlp.gate_proj"
     if edit == "drop_zero_point":
         del state[f"{name}.weight_zero_point"]
@@ -250,8 +254,15 @@ def test_inconsistent_tensors_are_refused(exported: Path, edit: str, match: str)
         state[f"{name}.weight_scale"] = state[f"{name}.weight_scale"][:, :-1].contiguous()
     else:
         state[f"{name}.weight_packed"] = state[f"{name}.weight_packed"][:, :-1].contiguous()
-    save_file(state, str(exported / ct.WEIGHTS))
+    save_file(state, str(exported / SINGLE))
     one_line_refusal(exported, match)
+
+
+def test_a_width_our_codes_cannot_have_is_refused(exported: Path) -> None:
+    config = json.loads((exported / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 5
+    (exported / "config.json").write_text(json.dumps(config))
+    one_line_refusal(exported, r"inconsistent checkpoint: bits must be one of \(2, 3, 4, 8\), got 5")
 
 
 def test_a_foreign_quantization_config_is_refused(exported: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -15,7 +14,8 @@ from tests.conftest import requires_smollm2
 from toolkit import models
 from toolkit.errors import ToolkitError
 from toolkit.interop import gguf_file, rope_factors
-from toolkit.models.architectures import ARCHITECTURES, layout_of
+from toolkit.models import gguf_reader
+from toolkit.models.architectures import layout_of
 from toolkit.models.tiny import family_config, tiny_model, tiny_tokenizer
 from toolkit.passes import CONFIGS
 from toolkit.passes.export_gguf import FILE, ExportGGUFConfig, export
@@ -24,6 +24,7 @@ from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
 from toolkit.quant.arithmetic import dequantize
 from toolkit.quant.formats import GGUFQ4_0, GGUFQ4_1, GGUFQ8_0
+from toolkit.quant.spec import QuantSpec
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 requires_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed "
@@ -56,16 +57,18 @@ def run_export(loaded: models.LoadedModel, folder: Path, **config: object) -> di
 def test_symmetric_blocks_equal_gguf_dequantization(fmt, qtype, bits, zero) -> None:
     q, s = codes(5, 96, bits)
     z = torch.full(s.shape, zero, dtype=torch.uint8)
-    raw = fmt.pack(q, s, z)
-    assert raw.shape == (5, 3 * fmt.block_bytes) and raw.dtype == torch.uint8
+    spec = QuantSpec(bits, 32, True)
+    raw = fmt.pack(q, s, z, spec)["blocks"]
+    assert raw.shape == (5, 3 * fmt.block_bytes()) and raw.dtype == torch.uint8
+    assert (fmt.block_bytes(), 32) == tuple(reversed(gguf.GGML_QUANT_SIZES[qtype]))  # our size table is ggml's
     assert np.array_equal(gguf.quants.dequantize(raw.numpy(), qtype), dequantize(q, s, z, 32).numpy())
-    back = fmt.unpack(raw)
+    back = fmt.unpack({"blocks": raw}, spec, tuple(q.shape))
     assert all(torch.equal(a, b) for a, b in zip(back, (q, s, z), strict=True))
 
 
 def test_q4_0_layout_is_low_nibbles_first_half() -> None:
     q = torch.arange(32, dtype=torch.uint8).remainder(16).reshape(1, 32)
-    raw = GGUFQ4_0.pack(q, torch.ones(1, 1).half(), torch.full((1, 1), 8, dtype=torch.uint8))
+    raw = GGUFQ4_0.pack(q, torch.ones(1, 1).half(), torch.full((1, 1), 8, dtype=torch.uint8), QuantSpec(4, 32))["blocks"]
     assert raw[0, :2].tolist() == list(np.float16(1.0).tobytes())
     assert int(raw[0, 2]) == int(q[0, 0]) | int(q[0, 16]) << 4  # element j low, j + 16 high (ggml-common.h)
 
@@ -73,21 +76,23 @@ def test_q4_0_layout_is_low_nibbles_first_half() -> None:
 def test_q4_0_refuses_asymmetric_codes() -> None:
     q, s = codes(2, 32, 4)
     with pytest.raises(ValueError, match="Q4_1"):
-        GGUFQ4_0.pack(q, s, torch.full(s.shape, 7, dtype=torch.uint8))
+        GGUFQ4_0.pack(q, s, torch.full(s.shape, 7, dtype=torch.uint8), QuantSpec(4, 32))
 
 
 def test_q4_1_is_exact_when_the_offset_fits_float16_and_says_how_far_off_otherwise() -> None:
     q, _ = codes(2, 64, 4)
     s = torch.tensor([[0.5, 0.0999755859375], [0.25, 0.0999755859375]]).half()  # 0.0999.. * 7 needs 14 bits
     z = torch.tensor([[3, 7], [12, 1]], dtype=torch.uint8)
-    raw = GGUFQ4_1.pack(q, s, z)
+    spec = QuantSpec(4, 32, False)
+    raw = GGUFQ4_1.pack(q, s, z, spec)["blocks"]
+    assert (GGUFQ4_1.block_bytes(), 32) == tuple(reversed(gguf.GGML_QUANT_SIZES[Q.Q4_1]))
     got = gguf.quants.dequantize(raw.numpy(), Q.Q4_1).reshape(2, 2, 32)
     ref = dequantize(q, s, z, 32).numpy().reshape(2, 2, 32)
     err = GGUFQ4_1.offset_error(s, z)
     assert float(err[0, 0]) == 0 and float(err[1, 0]) == 0 and float(err[1, 1]) == 0 and float(err[0, 1]) > 0
     assert np.array_equal(got[0, 0], ref[0, 0]) and np.array_equal(got[1], ref[1])
     assert np.abs(got[0, 1] - ref[0, 1]).max() == pytest.approx(float(err[0, 1]), rel=1e-3)
-    back_q, back_s, back_z = GGUFQ4_1.unpack(raw)
+    back_q, back_s, back_z = GGUFQ4_1.unpack({"blocks": raw}, spec, (2, 64))
     assert torch.equal(back_q, q) and torch.equal(back_s, s) and torch.equal(back_z, z)
 
 
@@ -108,24 +113,24 @@ def test_export_carries_the_codes_bit_exactly(tmp_path: Path, bits: int, symmetr
     loaded = tiny(bits, 32, symmetric)
     metrics = run_export(loaded, tmp_path / "out")
     assert metrics["tensor_types"][main] == 14 + (main == "Q8_0")  # 14 decoder linears; the int8 head is Q8_0
-    reader = gguf_file.read(tmp_path / "out" / FILE)
+    reader = gguf_reader.read(tmp_path / "out" / FILE)
     names = {t.name: t for t in reader.tensors}
     assert "output.weight" not in names  # tied: llama.cpp reads token_embd as the head
     assert names["token_embd.weight"].tensor_type == Q.Q8_0
     # independent of the export's own check: one linear dequantized by gguf-py equals the QuantLinear
     k = loaded.model.model.layers[1].self_attn.k_proj
-    got = torch.from_numpy(gguf_file.dequantized_tensor(names["blk.1.attn_k.weight"]))
+    got = torch.from_numpy(gguf_reader.dequantized_tensor(names["blk.1.attn_k.weight"]))
     assert torch.equal(gguf_file.unpermute(got, 1), k.dequantized_weight()) == (main != "Q4_1" or metrics["q4_1_max_offset_error"] == 0)
     v = loaded.model.model.layers[0].self_attn.v_proj
     if main != "Q4_1":
-        assert torch.equal(torch.from_numpy(gguf_file.dequantized_tensor(names["blk.0.attn_v.weight"])), v.dequantized_weight())
+        assert torch.equal(torch.from_numpy(gguf_reader.dequantized_tensor(names["blk.0.attn_v.weight"])), v.dequantized_weight())
 
 
 def test_export_writes_the_metadata_llama_cpp_reads(tmp_path: Path) -> None:
     loaded = tiny()
     run_export(loaded, tmp_path / "out")
-    reader = gguf_file.read(tmp_path / "out" / FILE)
-    meta = gguf_file.metadata(reader, ["general.architecture", "llama.block_count", "llama.attention.head_count_kv",
+    reader = gguf_reader.read(tmp_path / "out" / FILE)
+    meta = gguf_reader.metadata(reader, ["general.architecture", "llama.block_count", "llama.attention.head_count_kv",
                                        "llama.rope.freq_base", "llama.context_length", "tokenizer.ggml.model",
                                        "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id",
                                        "tokenizer.chat_template", "general.file_type"])
@@ -145,7 +150,7 @@ def test_exported_gguf_is_a_model_source_again(tmp_path: Path, capsys: pytest.Ca
     from toolkit.cli import main
 
     run_export(tiny(), tmp_path / "out", float_type="f32")
-    merges = gguf_file.read(tmp_path / "out" / FILE).fields["tokenizer.ggml.merges"]
+    merges = gguf_reader.read(tmp_path / "out" / FILE).fields["tokenizer.ggml.merges"]
     assert merges.contents() == [] and merges.types == [gguf.GGUFValueType.ARRAY]
     ref = models.resolve(str(tmp_path / "out" / FILE))
     for text in ("hello world", "  two spaces\nand é ü 🦙", "<s>x</s>"):
@@ -164,7 +169,7 @@ def test_a_panicking_gguf_tokenizer_is_one_error_line(tmp_path: Path, capsys: py
     from toolkit.paths import cache_dir
 
     run_export(tiny(), tmp_path / "out")
-    bad = rewrite(gguf_file.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf",
+    bad = rewrite(gguf_reader.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf",
                   {"tokenizer.ggml.merges": ["<s> </s>"]})
     with pytest.raises(ToolkitError, match=r"transformers cannot convert GGUF file .*bad\.gguf \(a library panicked"):
         models.resolve(str(bad))
@@ -179,7 +184,7 @@ def test_a_panicking_gguf_tokenizer_is_one_error_line(tmp_path: Path, capsys: py
 @pytest.mark.parametrize("float_type,qtype", [("f32", Q.F32), ("f16", Q.F16)])
 def test_float_model_exports_at_the_float_type(tmp_path: Path, float_type: str, qtype) -> None:
     metrics = run_export(tiny(None), tmp_path / "out", float_type=float_type)
-    reader = gguf_file.read(tmp_path / "out" / FILE)
+    reader = gguf_reader.read(tmp_path / "out" / FILE)
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["blk.0.ffn_down.weight"] == qtype and types["blk.0.attn_norm.weight"] == Q.F32
     assert metrics["bit_exact_tensors"] == len(types)
@@ -200,12 +205,12 @@ def test_unknown_pre_tokenizer_asks_for_the_setting(tmp_path: Path) -> None:
 def test_tampered_bytes_fail_the_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = GGUFQ4_0.pack
 
-    def flip(q, s, z):  # type: ignore[no-untyped-def]
-        raw = real(q, s, z).clone()
+    def flip(q, s, z, spec):  # type: ignore[no-untyped-def]
+        raw = real(q, s, z, spec)["blocks"].clone()
         raw[0, 2] ^= 0x01
-        return raw
+        return {"blocks": raw}
 
-    monkeypatch.setattr(GGUFQ4_0, "pack", classmethod(lambda cls, q, s, z: flip(q, s, z)))
+    monkeypatch.setattr(GGUFQ4_0, "pack", classmethod(lambda cls, q, s, z, spec: flip(q, s, z, spec)))
     with pytest.raises(ToolkitError, match="exactly"):
         run_export(tiny(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -226,7 +231,7 @@ def test_truncated_gguf_is_refused_with_one_line(tmp_path: Path) -> None:
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(data[:cut])
         with pytest.raises(ToolkitError) as err:
-            gguf_file.read(bad)
+            gguf_reader.read(bad)
         assert "\n" not in str(err.value) and ("truncated" in str(err.value) or "inconsistent" in str(err.value))
     with pytest.raises(ToolkitError, match="truncated or corrupt"):  # the model loader checks first, too
         models.resolve(str(tmp_path / f"cut{len(data) // 2}.gguf"))
@@ -259,9 +264,9 @@ def rewrite(reader: gguf.GGUFReader, path: Path, changes: dict[str, object], byt
 def test_inconsistent_gguf_is_refused_with_one_line(tmp_path: Path, blocks: int) -> None:
     """A block_count the tensors do not back is refused; one of 2^32 - 1 without listing its names first."""
     run_export(tiny(), tmp_path / "out")
-    bad = rewrite(gguf_file.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf", {"llama.block_count": blocks})
+    bad = rewrite(gguf_reader.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf", {"llama.block_count": blocks})
     with pytest.raises(ToolkitError, match=rf"block_count is {blocks} but tensor 'blk\.(2|0)\..*' is missing"):
-        gguf_file.read(bad)
+        gguf_reader.read(bad)
 
 
 BYTES_KEY = "toolkit.test.bytes"
@@ -275,9 +280,9 @@ BYTES_KEY = "toolkit.test.bytes"
 def test_sizes_the_tensors_do_not_back_are_refused(tmp_path: Path, key: str, value: int, message: str) -> None:
     """transformers builds the model from these sizes, for real, before it reads a tensor."""
     run_export(tiny(), tmp_path / "out")
-    bad = rewrite(gguf_file.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf", {key: value})
+    bad = rewrite(gguf_reader.read(tmp_path / "out" / FILE), tmp_path / "bad.gguf", {key: value})
     with pytest.raises(ToolkitError, match=message):
-        gguf_file.read(bad)
+        gguf_reader.read(bad)
 
 
 def count_offsets(path: Path) -> dict[str, int]:
@@ -294,14 +299,14 @@ def test_a_count_beyond_what_the_file_holds_is_refused_before_anything_is_built(
     """gguf's reader loops over a declared array length even past the end of the file (reads there are empty,
     not errors: a uint8 array of 2^62 items never ends): a count the file cannot hold is refused first."""
     run_export(tiny(), tmp_path / "out")
-    good = rewrite(gguf_file.read(tmp_path / "out" / FILE), tmp_path / "good.gguf", {}, BYTES_KEY)
+    good = rewrite(gguf_reader.read(tmp_path / "out" / FILE), tmp_path / "good.gguf", {}, BYTES_KEY)
     data = bytearray(good.read_bytes())
     offset = count_offsets(good)[where]
     data[offset:offset + 8] = (2**62).to_bytes(8, "little")
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(bytes(data))
     with pytest.raises(ToolkitError, match=r"declares 4611686018427387904 .*more than its \d+ bytes can hold"):
-        gguf_file.read(bad)
+        gguf_reader.read(bad)
 
 
 # ---------------------------------------------------------------- llama.cpp
@@ -332,7 +337,7 @@ def test_smollm2_q4_0_answers_in_llama_cpp(tmp_path: Path) -> None:
 
 
 def test_a_family_without_a_gguf_architecture_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(ARCHITECTURES, "llama", dataclasses.replace(ARCHITECTURES["llama"], gguf=None))
+    monkeypatch.delitem(gguf_file.ARCHS, "llama")
     with pytest.raises(ToolkitError, match="no GGUF architecture for model type 'llama'; supported: qwen2, qwen3"):
         run_export(tiny(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -382,43 +387,43 @@ def test_llama_cpp_runs_each_family_as_pytorch_does(tmp_path: Path, name: str) -
 def test_qwen_tensors_keep_their_row_order_and_extras(tmp_path: Path, name: str, extras: set[str]) -> None:
     model, tokenizer = family(name)
     metrics = export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
-    names = {t.name: t for t in gguf_file.read(tmp_path / "out" / FILE).tensors}
+    names = {t.name: t for t in gguf_reader.read(tmp_path / "out" / FILE).tensors}
     assert extras <= set(names) and metrics["bit_exact_tensors"] == len(names)
     q = model.model.layers[0].self_attn.q_proj  # type: ignore[union-attr]
-    got = torch.from_numpy(gguf_file.dequantized_tensor(names["blk.0.attn_q.weight"]))
+    got = torch.from_numpy(gguf_reader.dequantized_tensor(names["blk.0.attn_q.weight"]))
     assert torch.equal(got, q.dequantized_weight())  # NeoX rope order: no row permutation
 
 
 def test_phi3_fused_projections_keep_their_rows_and_a_partial_rotary(tmp_path: Path) -> None:
     model, tokenizer = family("phi3")
     export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
-    reader = gguf_file.read(tmp_path / "out" / FILE)
+    reader = gguf_reader.read(tmp_path / "out" / FILE)
     names = {t.name: t for t in reader.tensors}
     assert {"blk.0.attn_qkv.weight", "blk.1.ffn_up.weight"} <= set(names) and "blk.0.ffn_gate.weight" not in names
     layer = model.model.layers[0]  # type: ignore[union-attr]
     for gguf_name, linear in (("attn_qkv", layer.self_attn.qkv_proj), ("ffn_up", layer.mlp.gate_up_proj)):
-        got = torch.from_numpy(gguf_file.dequantized_tensor(names[f"blk.0.{gguf_name}.weight"]))
+        got = torch.from_numpy(gguf_reader.dequantized_tensor(names[f"blk.0.{gguf_name}.weight"]))
         assert torch.equal(got, linear.dequantized_weight())  # [q; k; v] and [gate; up] as stored, NeoX rope order
-    assert gguf_file.metadata(reader, ["phi3.rope.dimension_count"]) == {"phi3.rope.dimension_count": 16}
+    assert gguf_reader.metadata(reader, ["phi3.rope.dimension_count"]) == {"phi3.rope.dimension_count": 16}
 
 
 def test_gemma2_norms_carry_the_offset_and_its_softcaps_and_window_are_written(tmp_path: Path) -> None:
     model, tokenizer = family("gemma2")
     export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
-    reader = gguf_file.read(tmp_path / "out" / FILE)
+    reader = gguf_reader.read(tmp_path / "out" / FILE)
     names = {t.name: t for t in reader.tensors}
     layer = model.model.layers[1]  # type: ignore[union-attr]
     for gguf_name, norm in (("attn_norm", layer.input_layernorm), ("post_ffw_norm", layer.post_feedforward_layernorm)):
-        got = torch.from_numpy(gguf_file.dequantized_tensor(names[f"blk.1.{gguf_name}.weight"])).flatten()
+        got = torch.from_numpy(gguf_reader.dequantized_tensor(names[f"blk.1.{gguf_name}.weight"])).flatten()
         assert torch.equal(got, norm.weight.detach() + 1)  # Gemma scales by 1 + w, llama.cpp by w
     keys = ["gemma2.attn_logit_softcapping", "gemma2.final_logit_softcapping", "gemma2.attention.sliding_window"]
-    assert gguf_file.metadata(reader, keys) == dict(zip(keys, (5.0, 3.0, 8), strict=True))
+    assert gguf_reader.metadata(reader, keys) == dict(zip(keys, (5.0, 3.0, 8), strict=True))
 
 
 def test_qwen2_yarn_is_written_as_convert_hf_to_gguf_writes_it(tmp_path: Path) -> None:
     model, tokenizer = family("qwen2")
     export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
-    meta = gguf_file.metadata(gguf_file.read(tmp_path / "out" / FILE),
+    meta = gguf_reader.metadata(gguf_reader.read(tmp_path / "out" / FILE),
                               ["general.architecture", "qwen2.rope.scaling.type", "qwen2.rope.scaling.factor",
                                "qwen2.rope.scaling.original_context_length"])
     assert meta == {"general.architecture": "qwen2", "qwen2.rope.scaling.type": "yarn",
@@ -428,10 +433,10 @@ def test_qwen2_yarn_is_written_as_convert_hf_to_gguf_writes_it(tmp_path: Path) -
 def test_llama3_rope_scaling_is_a_rope_freqs_tensor_without_a_scaling_type(tmp_path: Path) -> None:
     model, tokenizer = family("llama3")
     metrics = export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
-    reader = gguf_file.read(tmp_path / "out" / FILE)
+    reader = gguf_reader.read(tmp_path / "out" / FILE)
     freqs = {t.name: t for t in reader.tensors}["rope_freqs.weight"]
     assert freqs.tensor_type == Q.F32 and metrics["bit_exact_tensors"] == len(reader.tensors)
-    assert torch.equal(torch.from_numpy(gguf_file.dequantized_tensor(freqs)).flatten(),
+    assert torch.equal(torch.from_numpy(gguf_reader.dequantized_tensor(freqs)).flatten(),
                        rope_factors.llama3(dict(model.config.rope_parameters), model.config.head_dim))
     assert "llama.rope.scaling.type" not in reader.fields  # a linear factor on top would slow every pair
 
@@ -440,7 +445,7 @@ def test_granite_multipliers_are_written_as_llama_cpp_reads_them(tmp_path: Path)
     model, tokenizer = family("granite")
     export_family(model, tokenizer, tmp_path / "out", check_llama_cpp=False)
     keys = ["granite.attention.scale", "granite.embedding_scale", "granite.residual_scale", "granite.logit_scale"]
-    meta = gguf_file.metadata(gguf_file.read(tmp_path / "out" / FILE), keys)
+    meta = gguf_reader.metadata(gguf_reader.read(tmp_path / "out" / FILE), keys)
     assert meta == pytest.approx(dict(zip(keys, (0.2, 6.0, 0.5, 2.5), strict=True)))
 
 

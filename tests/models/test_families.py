@@ -11,11 +11,11 @@ from tests.conftest import hf_greedy
 from toolkit import models
 from toolkit.errors import ToolkitError
 from toolkit.interop import genai_probe
-from toolkit.models import checkpoint
 from toolkit.models.architectures import ARCHITECTURES, decoder_layers, layout_of, sliding_windows
 from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import awq, distill, export_hf_gptq, gptq, rtn
 from toolkit.passes.context import PassContext
+from toolkit.quant import checkpoint
 from toolkit.quant.activations import ActivationBuffer
 from toolkit.quant.calibration import capture_layer_inputs
 from toolkit.quant.modules import QuantLinear, quantized_modules

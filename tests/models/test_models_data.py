@@ -4,9 +4,10 @@ import torch
 from toolkit import data, models
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import perplexity
-from toolkit.models import checkpoint
+from toolkit.models.manifest import write_manifest
 from toolkit.passes import rtn
 from toolkit.paths import atomic_dir
+from toolkit.quant import checkpoint
 from toolkit.quant.modules import QuantEmbedding, QuantLinear
 
 
@@ -85,8 +86,8 @@ def test_quantized_artifact_round_trip_is_exact(tiny, tmp_path):
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.spec.bits == 8
     with atomic_dir(tmp_path / "art") as tmp:
         checkpoint.save_model(model, tiny.tokenizer, tmp)
-        checkpoint.write_manifest(tmp)
-    loaded = models.load(str(tmp_path / "art"))
+        write_manifest(tmp)
+    loaded = checkpoint.load(str(tmp_path / "art"))
     ids = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded.model(ids).logits)
@@ -100,7 +101,7 @@ def test_truncated_weights_are_refused(tiny, tmp_path):
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ToolkitError, match="truncated or corrupt"):
-        models.load(str(folder))
+        checkpoint.load(str(folder))
 
 
 def test_unknown_sources_get_one_clear_line():

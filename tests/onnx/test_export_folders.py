@@ -15,12 +15,12 @@ from onnx import numpy_helper
 
 from tests.conftest import hf_greedy
 from toolkit.evaluation.streaming import stream_logits
-from toolkit.models import checkpoint
 from toolkit.models.tiny import save_tiny_folder
 from toolkit.onnx.external import ExternalData
 from toolkit.onnx.validate import reference_logits
 from toolkit.passes.onnx import MODEL_FILE
 from toolkit.pipeline import recipes, runner
+from toolkit.quant import checkpoint
 from toolkit.runtime import GenerationConfig, load
 
 PROMPTS = ["The quick brown fox", "0123456789abcdefghij"]

@@ -23,7 +23,7 @@ from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
 from toolkit.quant.arithmetic import rtn_quantize
-from toolkit.quant.formats import MatMulNBitsLayout, OnnxPacked4
+from toolkit.quant.formats import DequantizeLinear, MatMulNBits, unpack_nibbles
 from toolkit.quant.modules import QuantEmbedding, QuantLinear
 from toolkit.quant.spec import QuantSpec
 from toolkit.quant.surgery import install
@@ -41,9 +41,10 @@ def run_export(loaded: models.LoadedModel, folder: Path, **config: object) -> di
 @pytest.mark.parametrize("bits,block", [(4, 16), (4, 32), (8, 32)])
 def test_matmulnbits_layout_round_trip(bits: int, block: int) -> None:
     q = torch.randint(0, 2**bits, (5, 4 * block), dtype=torch.uint8)
-    b = MatMulNBitsLayout.pack(q, bits, block)
-    assert b.shape == (5, 4, block * bits // 8) and b.dtype == torch.uint8
-    assert torch.equal(MatMulNBitsLayout.unpack(b, bits), q)
+    spec = QuantSpec(bits, block)
+    b = MatMulNBits.pack(q, torch.ones(5, 4), torch.full((5, 4), 2 ** (bits - 1), dtype=torch.uint8), spec)
+    assert b["B"].shape == (5, 4, block * bits // 8) and b["B"].dtype == torch.uint8
+    assert torch.equal(MatMulNBits.unpack(b, spec, (5, 4 * block))[0], q)
 
 
 def test_matmulnbits_bytes_are_quantlinear_bytes() -> None:
@@ -51,25 +52,33 @@ def test_matmulnbits_bytes_are_quantlinear_bytes() -> None:
     w = torch.randn(6, 64)
     spec = QuantSpec(4, 32, symmetric=False)
     layer = QuantLinear.from_codes(*rtn_quantize(w, spec), spec, None)
-    b = MatMulNBitsLayout.pack(layer.codes(), 4, 32)
+    b = MatMulNBits.pack(layer.codes(), layer.scales, layer.qzeros, spec)["B"]
     assert torch.equal(b.reshape(6, 32), layer.qweight)
 
 
 @pytest.mark.parametrize("blocks", [1, 3, 4])
 def test_zero_points_round_trip(blocks: int) -> None:
     z = torch.randint(0, 16, (7, blocks), dtype=torch.uint8)
-    packed = MatMulNBitsLayout.pack_zero_points(z, 4)
+    packed = MatMulNBits.zero_points(z, 4)
     assert packed.shape == (7, (blocks + 1) // 2)
-    assert torch.equal(MatMulNBitsLayout.unpack_zero_points(packed, 4, blocks), z)
+    spec = QuantSpec(4, 16, symmetric=False)
+    q = torch.zeros(7, 16 * blocks, dtype=torch.uint8)
+    assert torch.equal(MatMulNBits.pack(q, torch.ones(7, blocks), z, spec)["zero_points"], packed)
+    assert torch.equal(MatMulNBits.unpack({"B": q[:, : 8 * blocks], "scales": torch.ones(7, blocks), "zero_points": packed},
+                                          spec, (7, 16 * blocks))[2], z)
 
 
-@pytest.mark.parametrize("shape", [(3, 5), (4, 6), (1,)])
-def test_onnx_uint4_round_trip_matches_onnx(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("shape", [(5, 3), (6, 4), (1, 1)])
+def test_onnx_uint4_round_trip_matches_onnx(shape: tuple[int, int]) -> None:
+    """``DequantizeLinear`` stores ``Wᵀ``: a ``[N, K]`` weight is a ``[K, N]`` uint4 tensor (odd counts padded)."""
     q = torch.randint(0, 16, shape, dtype=torch.uint8)
-    raw = OnnxPacked4.pack(q)
-    assert torch.equal(OnnxPacked4.unpack(raw, shape), q)
-    tensor = onnx.helper.make_tensor("t", onnx.TensorProto.UINT4, shape, raw, raw=True)
-    assert np.array_equal(onnx.numpy_helper.to_array(tensor).astype(np.uint8), q.numpy())  # onnx reads our bytes
+    spec = QuantSpec(4, -1, symmetric=False)
+    packed = DequantizeLinear.pack(q, torch.ones(shape[0], 1), q[:, :1], spec)
+    assert torch.equal(DequantizeLinear.unpack(packed, spec, shape)[0], q)
+    raw = packed["qweight_t"].numpy().tobytes()
+    assert torch.equal(unpack_nibbles(torch.frombuffer(bytearray(raw), dtype=torch.uint8))[: q.numel()], q.t().reshape(-1))
+    tensor = onnx.helper.make_tensor("t", onnx.TensorProto.UINT4, shape[::-1], raw, raw=True)
+    assert np.array_equal(onnx.numpy_helper.to_array(tensor).astype(np.uint8), q.t().numpy())  # onnx reads our bytes
 
 
 # ---------------------------------------------------------------- exports on the tiny model

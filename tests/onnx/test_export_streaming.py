@@ -16,7 +16,6 @@ import yaml
 from toolkit import models
 from toolkit.errors import ToolkitError
 from toolkit.evaluation.streaming import stream_logits
-from toolkit.models import checkpoint
 from toolkit.onnx import decoder
 from toolkit.onnx.decoder import build_model
 from toolkit.onnx.external import ExternalData
@@ -29,6 +28,7 @@ from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
 from toolkit.paths import atomic_dir
 from toolkit.pipeline import recipes, runner
+from toolkit.quant import checkpoint
 from toolkit.quant.streaming import StreamOptions
 from toolkit.runtime import GenerationConfig, load
 

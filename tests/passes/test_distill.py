@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from toolkit.algorithms.distillation import hidden_state_map, kept_layers, logit_divergence
 from toolkit.errors import ToolkitError
-from toolkit.models import checkpoint
 from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes import CONFIGS, PASSES, distill, rtn
 from toolkit.passes.context import PassContext
+from toolkit.quant import checkpoint
 from toolkit.quant.modules import quantized_modules
 from toolkit.training.trainer import TrainConfig, Trainer, batch_indices, checkpoints, lr_factor
 

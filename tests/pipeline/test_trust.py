@@ -19,10 +19,11 @@ from tests.pipeline.test_recipes_pipeline import TINY_RECIPE
 from toolkit.cli import MESSAGE_LIMIT, main
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import compare as gate
-from toolkit.models import checkpoint
+from toolkit.models.manifest import verify_tree, write_manifest
 from toolkit.models.tiny import tiny_llama
 from toolkit.passes import PASSES, STREAMING, gptq, rtn
 from toolkit.pipeline import recipes, runner
+from toolkit.quant import checkpoint
 from toolkit.training.trainer import TrainConfig, Trainer
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "compare"
@@ -116,7 +117,7 @@ def test_replacing_a_previous_output_needs_overwrite_and_stays_complete(tmp_path
     assert tree(out) == first
     rc, lines = cli(capsys, "run", str(recipe), "--no-progress", "--overwrite")
     assert rc == 0, lines
-    assert checkpoint.verify_tree(out)[1] == []
+    assert verify_tree(out)[1] == []
 
 
 def test_refused_output_name_is_checked_before_the_model_is_converted(tmp_path, capsys, monkeypatch):
@@ -245,12 +246,12 @@ def test_damaged_cache_entry_is_recomputed_not_served(tmp_path, isolated_cache, 
     assert (tmp_path / "out" / "model" / "model.safetensors").read_bytes() == data
     assert not (tmp_path / "out" / "model" / "model.safetensors").is_symlink()
     assert second.after["perplexity"] == first.after["perplexity"]
-    assert checkpoint.verify_tree(tmp_path / "out")[1] == []
+    assert verify_tree(tmp_path / "out")[1] == []
 
 
 def test_edited_source_weights_are_not_served_old_results(tmp_path):
     model = saved_tiny(tmp_path / "m")
-    checkpoint.write_manifest(model)
+    write_manifest(model)
     first = runner.run(recipes.load(recipe_file(tmp_path, tmp_path / "a", "a.yaml", model=str(model))),
                        progress=False, log=lambda m: None)
     state = load_file(str(model / "model.safetensors"))
@@ -265,7 +266,7 @@ def test_edited_source_weights_are_not_served_old_results(tmp_path):
 def test_changed_toolkit_code_is_a_cache_miss(tmp_path, monkeypatch):
     recipe = recipes.load(recipe_file(tmp_path, tmp_path / "out"))
     runner.run(recipe, progress=False, log=lambda m: None)
-    monkeypatch.setattr(checkpoint, "code_identity", lambda: "another-version-of-the-code")
+    monkeypatch.setattr("toolkit.models.manifest.code_identity", lambda: "another-version-of-the-code")
     again = runner.run(recipe, progress=False, log=lambda m: None, overwrite=True)
     assert [s.cache_hit for s in again.steps] == [False] and not again.after["cache_hit"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["versions"]["toolkit_code"] == "another-version-"
@@ -426,6 +427,7 @@ def test_bad_weights_are_refused_alike_streamed_or_in_memory(tmp_path, capsys, m
 ])
 def test_config_sizes_the_weights_do_not_back_are_refused_before_a_model_is_built(tmp_path, capsys, monkeypatch,
                                                                                   key, value, message):
+    from toolkit.models import checkpoint as float_checkpoint
     from toolkit.models import streaming
 
     folder = saved_tiny(tmp_path / "m")
@@ -435,8 +437,8 @@ def test_config_sizes_the_weights_do_not_back_are_refused_before_a_model_is_buil
     def must_not_build(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model was built from the lying config")
 
-    monkeypatch.setattr(streaming, "empty_model", must_not_build)
-    monkeypatch.setattr(checkpoint, "empty_model", must_not_build)
+    for module in (streaming, float_checkpoint, checkpoint):
+        monkeypatch.setattr(module, "empty_model", must_not_build)
     refused(capsys, "run", str(recipe_file(tmp_path, tmp_path / "out", model=str(folder), **STREAMED)),
             "--no-progress", match=message)
     assert not (tmp_path / "out").exists()
@@ -511,7 +513,7 @@ def test_refused_inputs_print_one_line_and_leave_nothing(tmp_path, capsys, case,
         if case == "garbage_quant":
             (model / "quantization.json").write_text("garbage{")
         elif case == "wrong_quant":
-            (model / "quantization.json").write_text(json.dumps({"format": checkpoint.QUANT_FORMAT, "modules": {"x": 3}}))
+            (model / "quantization.json").write_text(json.dumps({"format": checkpoint.FORMAT, "modules": {"x": 3}}))
         else:
             data = (model / "model.safetensors").read_bytes()
             (model / "model.safetensors").write_bytes(data[:-500])

@@ -172,7 +172,7 @@ def test_exports_accept_what_they_hold():
 def broken_template_model(tmp_path):
     """The tiny model as a checkpoint folder whose chat_template.jinja has a syntax error."""
     from toolkit import models
-    from toolkit.models import checkpoint
+    from toolkit.quant import checkpoint
 
     loaded = models.load("tiny-llama")
     folder = tmp_path / "model"

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit.models import checkpoint
 from toolkit.models.shards import INDEX, ShardWriter
 from toolkit.models.streaming import SkeletonModel, greedy_generate
 from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes import gptq, rtn
 from toolkit.passes.context import PassContext
+from toolkit.quant import checkpoint
 from toolkit.quant.activations import ActivationBuffer
 from toolkit.quant.modules import quantized_modules
 from toolkit.quant.streaming import StreamOptions, stream_rtn

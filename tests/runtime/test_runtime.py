@@ -19,7 +19,7 @@ import torch
 
 from tests.conftest import load_tiny
 from toolkit.errors import ToolkitError
-from toolkit.models import checkpoint
+from toolkit.quant import checkpoint
 from toolkit.runtime import ExportContract, GenerationConfig, load, read_contract, sampling
 from toolkit.runtime.kv_cache import BlockPool
 

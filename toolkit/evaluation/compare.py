@@ -278,16 +278,15 @@ def parse_fraction(text: str) -> float:
 
 def model_identity(export: Path) -> dict[str, Any]:
     """What a benchmark measured: the export's bytes, and the source model and recipe its manifests name."""
+    from toolkit.models.manifest import MANIFEST, read_if_any  # deferred: comparing reports needs no torch
+
     export = Path(export)
-    files = sorted(p for p in export.rglob("*") if p.is_file() and p.name != "manifest.json")
+    files = sorted(p for p in export.rglob("*") if p.is_file() and p.name != MANIFEST)
     identity: dict[str, Any] = {"export_hash": sha256_json({str(p.relative_to(export)): sha256_file(p) for p in files}),
                                 "source_hash": None, "recipe": None}
     for folder in (export.parent, export):  # a run's output names its recipe and model; an export its input
-        try:
-            manifest = json.loads((folder / "manifest.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(manifest.get("model"), dict) and isinstance(manifest.get("recipe"), dict):
+        manifest = read_if_any(folder)
+        if manifest is not None and isinstance(manifest.get("model"), dict) and isinstance(manifest.get("recipe"), dict):
             settings = {k: v for k, v in manifest["recipe"].items() if k != "output"}
             identity.update(source_hash=manifest["model"].get("key"), recipe=sha256_json(settings)[:16],
                             recipe_file=manifest.get("recipe_file"))

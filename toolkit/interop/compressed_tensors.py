@@ -19,12 +19,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from toolkit.errors import ToolkitError
+from toolkit.models.shards import SINGLE
 from toolkit.quant.formats import CompressedTensorsPacked
 from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
 
-WEIGHTS = "model.safetensors"
 FORMAT = "pack-quantized"
 SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")
+
+
+def linear_tensors(name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of the linear ``name`` (scales stored in their dtype), keyed by their names in the file."""
+    return {f"{name}.{k}": v for k, v in CompressedTensorsPacked.pack(codes, scales, zeros, spec).items()}
 
 
 def weights_args(spec: QuantSpec) -> dict[str, Any]:
@@ -95,7 +101,7 @@ def read(folder: Path) -> tuple[dict[str, Any], dict[str, Packed], dict[str, tor
     """``config.json`` (with its quantization_config), the packed linears and the float tensors of a folder.
     Raises ToolkitError with one line when the folder is incomplete, truncated or inconsistent."""
     folder = Path(folder)
-    for name in ("config.json", WEIGHTS):
+    for name in ("config.json", SINGLE):
         if not (folder / name).is_file():
             raise ToolkitError(f"{folder}: not a compressed-tensors checkpoint: {name} is missing")
     try:
@@ -108,9 +114,9 @@ def read(folder: Path) -> tuple[dict[str, Any], dict[str, Packed], dict[str, tor
         raise ToolkitError(f"{folder}: quantization_config is not compressed-tensors {FORMAT} "
                            f"(quant_method {qc.get('quant_method')!r}, format {qc.get('format')!r})")
     try:
-        state = load_file(str(folder / WEIGHTS))
+        state = load_file(str(folder / SINGLE))
     except (SafetensorError, OSError) as exc:
-        raise ToolkitError(f"{folder}/{WEIGHTS}: unreadable (truncated or corrupt): {exc}") from None
+        raise ToolkitError(f"{folder}/{SINGLE}: unreadable (truncated or corrupt): {exc}") from None
     packed: dict[str, Packed] = {}
     for key in [k for k in state if k.endswith(".weight_packed")]:
         module = key[: -len(".weight_packed")]
@@ -131,13 +137,10 @@ def _unpack(module: str, state: dict[str, torch.Tensor], args: dict[str, Any], f
     if in_f % group or tuple(scales.shape) != (out_f, in_f // group):
         raise ToolkitError(f"{where}: inconsistent checkpoint: weight_scale has shape {list(scales.shape)}, "
                            f"a [{out_f}, {in_f}] weight in groups of {group} needs [{out_f}, {in_f // group}]")
-    fmt = CompressedTensorsPacked(bits)
+    tensors = {s[1:]: state[module + s] for s in SUFFIXES if module + s in state}
     try:
-        codes = fmt.unpack(state[module + ".weight_packed"], in_f)
-        if codes.shape[0] != out_f:
-            raise ValueError(f"{codes.shape[0]} packed rows for {out_f} outputs")
-        half = torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.uint8)
-        zeros = half if symmetric else fmt.unpack_zeros(state[module + ".weight_zero_point"], out_f)
+        spec = QuantSpec(bits, -1 if group == in_f else group, symmetric)
+        codes, scales, zeros = CompressedTensorsPacked.unpack(tensors, spec, (out_f, in_f))
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ToolkitError(f"{where}: inconsistent checkpoint: {exc}") from None
     if zeros.shape != scales.shape:

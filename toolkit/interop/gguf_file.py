@@ -1,11 +1,12 @@
-"""GGUF for llama.cpp through the ``gguf`` library: tensor names, the tokenizer metadata, and a checked reader.
+"""GGUF for llama.cpp through the ``gguf`` library: tensor names, the tokenizer metadata, the hyperparameters.
 
-What is written mirrors llama.cpp's ``convert_hf_to_gguf.py`` for the families whose ``Architecture`` record
-has a ``GGUFArch``: the hyperparameters and rope scaling of ``TextModel.set_gguf_parameters`` plus the
-family's own keys (``GGUFArch.config_keys``), the vocabulary of ``_set_vocab_gpt2`` (tokens, token types,
-merges, special token ids, chat template through ``gguf.SpecialVocab``), tensor names through gguf's own
-tensor mapping, and, where ``GGUFArch.permute_rope``, the q/k row permutation of ``LlamaModel.permute``
-(llama.cpp's llama rope pairs dimensions ``(i, i + 1)`` where Hugging Face pairs ``(i, i + d/2)``).
+What is written mirrors llama.cpp's ``convert_hf_to_gguf.py`` for the families in ``ARCHS`` (one ``GGUFArch``
+row per Hugging Face ``model_type``: what llama.cpp calls the family and what it does its own way): the
+hyperparameters and rope scaling of ``TextModel.set_gguf_parameters`` plus the family's own keys
+(``GGUFArch.config_keys``), the vocabulary of ``_set_vocab_gpt2`` (tokens, token types, merges, special token
+ids, chat template through ``gguf.SpecialVocab``), tensor names through gguf's own tensor mapping, and, where
+``GGUFArch.permute_rope``, the q/k row permutation of ``LlamaModel.permute`` (llama.cpp's llama rope pairs
+dimensions ``(i, i + 1)`` where Hugging Face pairs ``(i, i + d/2)``).
 Llama 3.1's rope scaling is written as the converter writes it: no scaling type, a ``rope_freqs`` tensor of
 per-pair divisors (``toolkit.interop.rope_factors``). Gemma's norm weights get the converter's +1 (llama.cpp
 scales by w where Gemma scales by 1 + w); its embedding scale is implicit in llama.cpp. What llama.cpp would
@@ -18,24 +19,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import math
-import mmap
-import struct
 import tempfile
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import gguf
-import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
 from toolkit.interop import rope_factors
 from toolkit.models.architectures import (
-    ARCHITECTURES,
-    GGUFArch,
     attention_scale,
     attention_softcap,
     final_softcap,
@@ -44,6 +39,53 @@ from toolkit.models.architectures import (
     rotary_layers,
     sliding_windows,
 )
+from toolkit.quant.formats import GGUFQ4_0, GGUFQ4_1, GGUFQ8_0, PackedFormat
+from toolkit.quant.spec import QuantSpec
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How llama.cpp names the architecture (``general.architecture``), whether it wants the q/k rows
+    in its interleaved rope order (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``; Qwen's and Phi-3's NeoX
+    order needs none, so fused [q; k; v] rows go as stored) and whether it applies the config's
+    ``sliding_window`` (llama.cpp's ``llama`` does not; its ``phi3`` reads the key and disables it)."""
+
+    arch: str
+    permute_rope: bool
+    sliding_window: bool = False
+    # (config attribute, gguf.GGUFWriter method) written when the checkpoint sets it (Granite's multipliers)
+    config_keys: tuple[tuple[str, str], ...] = ()
+    # llama.cpp's smollm3 skips rotary in every n-th layer by a constant of its own (not read from the file)
+    nope_every: int | None = None
+    # llama.cpp's architecture loads a rope_freqs tensor (Llama 3.1's rope scaling); others refuse the file
+    rope_freqs: bool = False
+    # llama.cpp's gemma2/3 fix which layers slide by a constant: every n-th layer attends to all keys
+    full_every: int | None = None
+    # llama.cpp's gemma2/3 derive the attention scale: head_dim ** -0.5, (hidden / heads) ** -0.5 for their
+    # 27B (recognised by this layer count), whatever query_pre_attn_scalar says
+    scale_by_hidden_at_layers: int | None = None
+    # llama.cpp's gemma3 rotates sliding layers with this base of its own, unscaled
+    sliding_rope_theta: float | None = None
+
+
+# One row per Hugging Face model_type this exporter writes; the order is the order of the "supported:" list.
+ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch("llama", permute_rope=True, rope_freqs=True),
+    "qwen2": GGUFArch("qwen2", permute_rope=False),
+    "qwen3": GGUFArch("qwen3", permute_rope=False),
+    "mistral": GGUFArch("llama", permute_rope=True, rope_freqs=True),
+    "phi3": GGUFArch("phi3", permute_rope=False),
+    "gemma2": GGUFArch("gemma2", permute_rope=False, sliding_window=True, full_every=2, scale_by_hidden_at_layers=46,
+                       config_keys=(("attn_logit_softcapping", "add_attn_logit_softcapping"),
+                                    ("final_logit_softcapping", "add_final_logit_softcapping"))),
+    "gemma3_text": GGUFArch("gemma3", permute_rope=False, sliding_window=True, full_every=6,
+                            scale_by_hidden_at_layers=62, sliding_rope_theta=10000.0),
+    "smollm3": GGUFArch("smollm3", permute_rope=True, nope_every=4),
+    "olmo2": GGUFArch("olmo2", permute_rope=False),
+    "granite": GGUFArch("granite", permute_rope=True, rope_freqs=True, config_keys=(
+        ("attention_multiplier", "add_attention_scale"), ("embedding_multiplier", "add_embedding_scale"),
+        ("residual_multiplier", "add_residual_scale"), ("logits_scaling", "add_logit_scale"))),
+}
 
 # convert_hf_to_gguf.py identifies the pre-tokenizer by hashing the encoding of this text
 # (``get_vocab_base_pre``); the table keeps the entries for the tokenizers this toolkit meets.
@@ -59,6 +101,14 @@ PRE_TOKENIZERS = {
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
 }
 FLOAT_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}
+# (bits, group size, symmetric) -> the GGUF block type holding those codes exactly, and its packed format
+BLOCK_TYPES: dict[tuple[int, int, bool], tuple[gguf.GGMLQuantizationType, type[PackedFormat]]] = {
+    (4, 32, True): (gguf.GGMLQuantizationType.Q4_0, GGUFQ4_0),
+    (4, 32, False): (gguf.GGMLQuantizationType.Q4_1, GGUFQ4_1),
+    (8, 32, True): (gguf.GGMLQuantizationType.Q8_0, GGUFQ8_0),
+}
+SUPPORTED = ("int4 group 32 symmetric (Q4_0), int4 group 32 asymmetric (Q4_1), int8 group 32 symmetric (Q8_0), "
+             "float (F16/F32)")
 FILE_TYPES = {
     gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
     gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
@@ -82,13 +132,22 @@ class Writer(gguf.GGUFWriter):
         return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
+def block_type(spec: QuantSpec, group: int, where: str = "") -> tuple[gguf.GGMLQuantizationType, type[PackedFormat]]:
+    """The block type of ``spec`` in groups of ``group`` (a whole-row group is the row's width)."""
+    key = (spec.bits, group, spec.symmetric)
+    if key not in BLOCK_TYPES:
+        sym = "symmetric" if spec.symmetric else "asymmetric"
+        raise ToolkitError(f"{where}int{spec.bits} group {spec.group_size} {sym} has no GGUF block type; GGUF holds "
+                           f"{SUPPORTED}; quantize with one of those")
+    return BLOCK_TYPES[key]
+
+
 def arch_of(model: PreTrainedModel) -> GGUFArch:
-    arch = layout_of(model).gguf
-    if arch is None:
-        with_gguf = [t for t, a in ARCHITECTURES.items() if a.gguf is not None]
+    layout_of(model)  # an unsupported family is refused as everywhere else
+    if model.config.model_type not in ARCHS:
         raise ToolkitError(f"no GGUF architecture for model type '{model.config.model_type}'; "
-                           f"supported: {', '.join(with_gguf)}")
-    return arch
+                           f"supported: {', '.join(ARCHS)}")
+    return ARCHS[model.config.model_type]
 
 
 @functools.lru_cache(maxsize=8)
@@ -310,149 +369,3 @@ def write_hparams(writer: gguf.GGUFWriter, model: PreTrainedModel, file_type: gg
     for attr, method in arch_of(model).config_keys:
         if getattr(c, attr, None) is not None:
             getattr(writer, method)(float(getattr(c, attr)))
-
-
-REQUIRED_KEYS = ("general.architecture", "{arch}.block_count", "{arch}.embedding_length", "{arch}.attention.head_count",
-                 "tokenizer.ggml.model", "tokenizer.ggml.tokens")
-
-
-def _value(reader: gguf.GGUFReader, key: str) -> Any:
-    return reader.fields[key].contents()
-
-
-# bytes of the smallest item each count declares (GGUF v3): a kv pair (key length, empty key, type, a uint8),
-# a tensor info (name length, empty name, n_dims, type, offset), an array item of each type (a string: its length)
-MIN_KV_BYTES, MIN_TENSOR_BYTES = 8 + 4 + 1, 8 + 4 + 4 + 8
-ITEM_BYTES = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
-              gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
-              gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
-              gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8, gguf.GGUFValueType.STRING: 8,
-              gguf.GGUFValueType.ARRAY: 12}
-
-
-class _Counts:
-    """Walks a GGUF's header checking every declared count against the bytes left, before gguf's reader (which
-    loops over a lying array length without end: reads past the end are empty, not errors) builds anything."""
-
-    def __init__(self, data: bytes | mmap.mmap, path: Path) -> None:
-        self.data, self.path, self.offs = data, path, 0
-
-    def take(self, fmt: str) -> int:
-        size = struct.calcsize(fmt)
-        if self.offs + size > len(self.data):
-            raise ToolkitError(f"{self.path}: not a readable GGUF (truncated or corrupt): the header ends early")
-        (value,) = struct.unpack_from(fmt, self.data, self.offs)
-        self.offs += size
-        return int(value)
-
-    def count(self, what: str, item_bytes: int) -> int:
-        n = self.take("<Q")
-        if n * item_bytes > len(self.data) - self.offs:
-            raise ToolkitError(f"{self.path}: not a readable GGUF (truncated or corrupt): it declares {n} {what}, "
-                               f"more than its {len(self.data)} bytes can hold")
-        return n
-
-    def skip(self, n: int) -> None:
-        if self.offs + n > len(self.data):
-            raise ToolkitError(f"{self.path}: not a readable GGUF (truncated or corrupt): the header ends early")
-        self.offs += n
-
-    def value(self, vtype: int) -> None:
-        if vtype == gguf.GGUFValueType.STRING:
-            self.skip(self.count("string bytes", 1))
-        elif vtype == gguf.GGUFValueType.ARRAY:
-            item = self.take("<I")
-            if item not in ITEM_BYTES:
-                raise ToolkitError(f"{self.path}: not a readable GGUF (truncated or corrupt): unknown value type {item}")
-            n = self.count("array items", ITEM_BYTES[gguf.GGUFValueType(item)])
-            if item in (gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY):
-                for _ in range(n):
-                    self.value(item)
-            else:
-                self.skip(n * ITEM_BYTES[gguf.GGUFValueType(item)])
-        elif vtype in ITEM_BYTES:
-            self.skip(ITEM_BYTES[gguf.GGUFValueType(vtype)])
-        else:
-            raise ToolkitError(f"{self.path}: not a readable GGUF (truncated or corrupt): unknown value type {vtype}")
-
-    def check(self) -> None:
-        """Magic, version, then every count: tensors, keys, string and array lengths, dimensions."""
-        if self.take("<I") != gguf.GGUF_MAGIC:
-            raise ToolkitError(f"{self.path}: not a readable GGUF (truncated or corrupt): no GGUF magic")
-        self.take("<I")
-        tensors, keys = self.count("tensors", MIN_TENSOR_BYTES), self.count("metadata keys", MIN_KV_BYTES)
-        for _ in range(keys):
-            self.value(gguf.GGUFValueType.STRING)
-            self.value(self.take("<I"))
-        for _ in range(tensors):
-            self.value(gguf.GGUFValueType.STRING)
-            dims = self.take("<I")
-            self.skip(8 * dims + 4 + 8)
-
-
-def read(path: Path) -> gguf.GGUFReader:
-    """Open a GGUF and check it is whole: the header parses, the required keys exist, every layer has its
-    tensors and every tensor's bytes fit its shape. Raises ToolkitError with one line otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise ToolkitError(f"GGUF file not found: {path}")
-    if path.stat().st_size == 0:
-        raise ToolkitError(f"{path}: not a readable GGUF (truncated or corrupt): the file is empty")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        _Counts(data, path).check()
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError, EOFError) as exc:
-        raise ToolkitError(f"{path}: not a readable GGUF (truncated or corrupt): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    arch = str(_value(reader, "general.architecture")) if "general.architecture" in reader.fields else "?"
-    missing = [k.format(arch=arch) for k in REQUIRED_KEYS if k.format(arch=arch) not in reader.fields]
-    if missing:
-        raise ToolkitError(f"{path}: incomplete GGUF: metadata key '{missing[0]}' is missing")
-    names = {t.name for t in reader.tensors}
-    blocks = int(_value(reader, f"{arch}.block_count"))
-    layer = sorted(n[len("blk.0."):] for n in names if n.startswith("blk.0."))  # every layer holds what layer 0 does
-    fixed = ["token_embd.weight", "output_norm.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight"]
-    per_layer = (f"blk.{i}.{n}" for i in range(blocks) for n in layer)  # lazy: a lying count stops at its first gap
-    absent = next((n for n in itertools.chain(fixed, per_layer) if n not in names), None)
-    if absent is not None or blocks < 1:
-        raise ToolkitError(f"{path}: inconsistent GGUF: {arch}.block_count is {blocks} but tensor "
-                           f"'{absent or 'blk.0.*'}' is missing")
-    for t in reader.tensors:
-        block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-        if int(t.n_elements) // block * type_size != int(t.n_bytes) or t.data.nbytes != int(t.n_bytes):
-            raise ToolkitError(f"{path}: inconsistent GGUF: tensor '{t.name}' holds {t.data.nbytes} bytes, "
-                               f"its shape {list(map(int, t.shape))} as {t.tensor_type.name} needs {t.n_bytes}")
-    tokens = len(reader.fields["tokenizer.ggml.tokens"].data)
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    if int(embd.shape[-1]) != tokens:
-        raise ToolkitError(f"{path}: inconsistent GGUF: {tokens} tokens but token_embd.weight has {int(embd.shape[-1])} rows")
-    _check_sizes(reader, arch, path)
-    return reader
-
-
-def _check_sizes(reader: gguf.GGUFReader, arch: str, path: Path) -> None:
-    """The sizes transformers builds the model from (for real, before loading a tensor) against the tensors: a
-    lying embedding_length or feed_forward_length would allocate a model of that size first."""
-    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}  # GGUF order: [in, out]
-    hidden = shapes["token_embd.weight"][0]
-    sizes = {"embedding_length": hidden, "feed_forward_length": shapes["blk.0.ffn_down.weight"][0]}
-    for key, stored in sizes.items():
-        value = _value(reader, f"{arch}.{key}") if f"{arch}.{key}" in reader.fields else stored
-        if value != stored:
-            raise ToolkitError(f"{path}: inconsistent GGUF: {arch}.{key} is {value} but the tensors have {stored}")
-    heads = _value(reader, f"{arch}.attention.head_count")
-    kv = _value(reader, f"{arch}.attention.head_count_kv") if f"{arch}.attention.head_count_kv" in reader.fields else heads
-    if not all(isinstance(h, int) and 0 < h <= hidden for h in (heads, kv)):
-        raise ToolkitError(f"{path}: inconsistent GGUF: {heads} attention heads ({kv} key/value) for "
-                           f"embedding_length {hidden}")
-
-
-def dequantized_tensor(t: Any) -> np.ndarray:
-    """A ``ReaderTensor`` as float32 ``[rows, cols]`` (numpy order), dequantized by gguf-py's own ``quants``."""
-    shape = tuple(reversed([int(d) for d in t.shape]))
-    return gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(shape)
-
-
-def metadata(reader: gguf.GGUFReader, keys: list[str]) -> dict[str, Any]:
-    return {k: _value(reader, k) for k in keys if k in reader.fields}
-

@@ -18,31 +18,6 @@ from toolkit.errors import ToolkitError
 
 
 @dataclass(frozen=True)
-class GGUFArch:
-    """How llama.cpp names the architecture (``general.architecture``), whether it wants the q/k rows
-    in its interleaved rope order (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``; Qwen's and Phi-3's NeoX
-    order needs none, so fused [q; k; v] rows go as stored) and whether it applies the config's
-    ``sliding_window`` (llama.cpp's ``llama`` does not; its ``phi3`` reads the key and disables it)."""
-
-    arch: str
-    permute_rope: bool
-    sliding_window: bool = False
-    # (config attribute, gguf.GGUFWriter method) written when the checkpoint sets it (Granite's multipliers)
-    config_keys: tuple[tuple[str, str], ...] = ()
-    # llama.cpp's smollm3 skips rotary in every n-th layer by a constant of its own (not read from the file)
-    nope_every: int | None = None
-    # llama.cpp's architecture loads a rope_freqs tensor (Llama 3.1's rope scaling); others refuse the file
-    rope_freqs: bool = False
-    # llama.cpp's gemma2/3 fix which layers slide by a constant: every n-th layer attends to all keys
-    full_every: int | None = None
-    # llama.cpp's gemma2/3 derive the attention scale: head_dim ** -0.5, (hidden / heads) ** -0.5 for their
-    # 27B (recognised by this layer count), whatever query_pre_attn_scalar says
-    scale_by_hidden_at_layers: int | None = None
-    # llama.cpp's gemma3 rotates sliding layers with this base of its own, unscaled
-    sliding_rope_theta: float | None = None
-
-
-@dataclass(frozen=True)
 class ScaleMapping:
     """AWQ: ``prev``'s output is the shared input of ``linears`` (names relative to a decoder layer).
 
@@ -103,7 +78,6 @@ class Architecture:
     rotary_by_layer_type: bool = False  # one rotary per layer type (Gemma 3: local layers use another base)
     rope_layers_attr: str | None = None  # config list, per layer 1 = rotary, 0 = none (SmolLM3's NoPE layers)
     rope_types: tuple[str, ...] = ("default", "linear", "llama3", "yarn")  # scalings a static cache reproduces
-    gguf: GGUFArch | None = None  # llama.cpp's architecture for the GGUF export; None: not exported
 
     def attention_projections(self) -> tuple[str, ...]:
         return (self.qkv,) if self.qkv else (self.q, self.k, self.v)  # type: ignore[return-value]
@@ -149,42 +123,29 @@ def _gemma_row(model_type: str, **extra: object) -> Architecture:
 
 # One row per Hugging Face model_type; the order is the order of the "supported:" list.
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    Architecture("llama", "llama", _llama_mappings(), gguf=GGUFArch("llama", permute_rope=True, rope_freqs=True)),
+    Architecture("llama", "llama", _llama_mappings()),
     Architecture("qwen2", "qwen2", _llama_mappings(),
-                 biased=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                 gguf=GGUFArch("qwen2", permute_rope=False)),
-    Architecture("qwen3", "qwen3", _llama_mappings(), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
-                 gguf=GGUFArch("qwen3", permute_rope=False)),
-    Architecture("mistral", "mistral", _llama_mappings(), gguf=GGUFArch("llama", permute_rope=True, rope_freqs=True)),
+                 biased=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    Architecture("qwen3", "qwen3", _llama_mappings(), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
+    Architecture("mistral", "mistral", _llama_mappings()),
     Architecture("phi3", "phi3", (
         ScaleMapping("input_layernorm", ("self_attn.qkv_proj",)),
         ScaleMapping("self_attn.qkv_proj", ("self_attn.o_proj",), chunk=2, chunks=3),  # v rows, without GQA only
         ScaleMapping("post_attention_layernorm", ("mlp.gate_up_proj",)),
         ScaleMapping("mlp.gate_up_proj", ("mlp.down_proj",), chunk=1, chunks=2),  # the up rows
     ), q=None, k=None, v=None, qkv="self_attn.qkv_proj", gate=None, up=None, gate_up="mlp.gate_up_proj",
-        rope_types=("default", "longrope"), gguf=GGUFArch("phi3", permute_rope=False)),
-    _gemma_row("gemma2", attn_softcap_attr="attn_logit_softcapping", final_softcap_attr="final_logit_softcapping",
-               gguf=GGUFArch("gemma2", permute_rope=False, sliding_window=True, full_every=2,
-                             scale_by_hidden_at_layers=46, config_keys=(
-                                 ("attn_logit_softcapping", "add_attn_logit_softcapping"),
-                                 ("final_logit_softcapping", "add_final_logit_softcapping")))),
+        rope_types=("default", "longrope")),
+    _gemma_row("gemma2", attn_softcap_attr="attn_logit_softcapping", final_softcap_attr="final_logit_softcapping"),
     _gemma_row("gemma3_text", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
-               final_softcap_attr="final_logit_softcapping", rotary_by_layer_type=True,
-               gguf=GGUFArch("gemma3", permute_rope=False, sliding_window=True, full_every=6,
-                             scale_by_hidden_at_layers=62, sliding_rope_theta=10000.0)),
-    Architecture("smollm3", "smollm3", _llama_mappings(), rope_layers_attr="no_rope_layers",
-                 gguf=GGUFArch("smollm3", permute_rope=True, nope_every=4)),
+               final_softcap_attr="final_logit_softcapping", rotary_by_layer_type=True),
+    Architecture("smollm3", "smollm3", _llama_mappings(), rope_layers_attr="no_rope_layers"),
     Architecture("olmo2", None, (ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",)),
                                     ScaleMapping("mlp.up_proj", ("mlp.down_proj",))),
                  input_norm=None, mlp_norm=None, attn_out_norm="post_attention_layernorm",
-                 mlp_out_norm="post_feedforward_layernorm", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
-                 gguf=GGUFArch("olmo2", permute_rope=False)),
+                 mlp_out_norm="post_feedforward_layernorm", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
     Architecture("granite", "granite", _llama_mappings(), embed_multiplier_attr="embedding_multiplier",
                  residual_multiplier_attr="residual_multiplier", attn_multiplier_attr="attention_multiplier",
-                 logits_divisor_attr="logits_scaling",
-                 gguf=GGUFArch("granite", permute_rope=True, rope_freqs=True, config_keys=(
-                     ("attention_multiplier", "add_attention_scale"), ("embedding_multiplier", "add_embedding_scale"),
-                     ("residual_multiplier", "add_residual_scale"), ("logits_scaling", "add_logit_scale")))),
+                 logits_divisor_attr="logits_scaling"),
 )}
 
 

@@ -13,7 +13,7 @@ import json
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +21,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError, panics_as_errors
-from toolkit.models import checkpoint
+from toolkit.models import checkpoint, gguf_reader
 from toolkit.models.architectures import layout_of
+from toolkit.models.manifest import verify_files, write_manifest
 from toolkit.models.tiny import FAMILIES, family_config, tiny_model, tiny_tokenizer
 from toolkit.paths import atomic_dir, cache_dir, hub_reachable, sha256_file, sha256_json
 
@@ -72,9 +73,7 @@ def _quiet_gguf_conversion() -> Iterator[None]:
 
 def gguf_to_checkpoint(gguf: Path, folder: Path) -> None:
     """Dequantize a GGUF to float32 through transformers and save a plain HF checkpoint in ``folder``."""
-    from toolkit.interop import gguf_file  # a truncated or inconsistent file is refused here in one line
-
-    gguf_file.read(gguf)
+    gguf_reader.read(gguf)  # a truncated or inconsistent file is refused here in one line
     try:
         with _quiet_gguf_conversion(), panics_as_errors(f"transformers cannot convert GGUF file {gguf}"):
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -88,8 +87,8 @@ def gguf_to_checkpoint(gguf: Path, folder: Path) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None
     with atomic_dir(folder, replace=True) as tmp:
-        checkpoint.save_model(model, tokenizer, tmp)
-        checkpoint.write_manifest(tmp, {"source": {"gguf": str(gguf), "converted_by": "transformers gguf loader"}})
+        checkpoint.save_float(model, tokenizer, tmp)
+        write_manifest(tmp, {"source": {"gguf": str(gguf), "converted_by": "transformers gguf loader"}})
 
 
 def cached_gguf_checkpoint(gguf: Path) -> Path:
@@ -106,7 +105,7 @@ def cached_gguf_checkpoint(gguf: Path) -> Path:
                           "gguf_lib": importlib.metadata.version("gguf")})[:16]
     folder = cache_dir() / "models" / f"{gguf.stem}-{digest}"
     if folder.exists():
-        problems = checkpoint.verify_files(folder)
+        problems = verify_files(folder)
         if not problems:
             return folder
         print(f"warning: cached conversion {folder} is damaged ({'; '.join(problems[:3])}); converting again",
@@ -183,12 +182,13 @@ def check_lengths(ref: ModelRef, lengths: dict[str, int]) -> None:
                                f"(max_position_embeddings {limit}); use {limit} or less")
 
 
-def load(source: str) -> LoadedModel:
-    """Load a model and its tokenizer from any source ``resolve`` accepts."""
+def load(source: str, read_folder: Callable[[Path], PreTrainedModel] = checkpoint.load_float) -> LoadedModel:
+    """Load a model and its tokenizer from any source ``resolve`` accepts; a checkpoint folder is read by
+    ``read_folder`` (float weights here; ``toolkit.quant.checkpoint.load`` passes its loader of packed ones too)."""
     ref = resolve(source)
     start = time.perf_counter()
     if ref.folder is not None:
-        model = checkpoint.load_model(ref.folder)
+        model = read_folder(ref.folder)
         tokenizer = checkpoint.load_tokenizer(ref.folder)
     elif (tiny := _tiny(source)) is not None:
         model, tokenizer = tiny_model(*tiny), tiny_tokenizer()

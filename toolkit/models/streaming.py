@@ -9,15 +9,15 @@ and a forward hook widens the rows it looks up to the compute dtype, which is ex
 it would from a float32 table. Module paths come from
 the architecture record (``layout_of``), so every family listed there streams the same way.
 
-A packed folder (``quantization.json``, given as ``quant``) opens the same way: its linears are
-``QuantLinear`` on meta, whose stored buffers (codes, float16 scales, zero points) ``load`` reads in their own
-dtype, and a tied quantized embedding is a ``QuantEmbedding`` over the head. A tied float head shares the
-embedding's parameter whether it is loaded or not (``reads_head`` stays true on the skeleton).
+A packed folder opens the same way: ``install`` (``toolkit.quant.checkpoint``'s record) puts its quantized
+modules on meta before the stored tensors are checked, and ``load`` reads their stored buffers (codes, float16
+scales, zero points) in their own dtype. A tied float head shares the embedding's parameter whether it is loaded
+or not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import Architecture, layout_of
 from toolkit.models.shards import FLOAT_DTYPES, READ_AS, ShardedWeights
-from toolkit.quant.modules import QuantEmbedding, QuantLinear, reads_head, set_module
-from toolkit.quant.spec import QuantSpec
 
 
 def empty_model(config: object, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -86,22 +84,6 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         parent._buffers[leaf] = value
 
 
-def install_quantized(model: PreTrainedModel, info: dict[str, Any], source: Path) -> None:
-    """Replace the linears ``info["modules"]`` names (``quantization.json``) by ``QuantLinear`` on meta, and a
-    tied quantized embedding by a ``QuantEmbedding`` over ``info["embedding_from"]``."""
-    with torch.device("meta"):
-        for name, m in info["modules"].items():
-            try:
-                spec = QuantSpec(bits=m["bits"], group_size=m["group_size"], symmetric=m["symmetric"])
-                set_module(model, name, QuantLinear(m["in_features"], m["out_features"], spec, bias=m["bias"]))
-            except (ValueError, AttributeError, KeyError) as exc:
-                raise ToolkitError(f"{source}: module {name!r} does not fit the model ({exc}); "
-                                   "re-create the artifact") from None
-    if info.get("embedding_from"):
-        head = model.get_submodule(info["embedding_from"])
-        model.set_input_embeddings(QuantEmbedding.replacing(model.get_input_embeddings(), head))
-
-
 def tied_head(model: nn.Module, layout: Architecture) -> list[str]:
     """The head's weight when the config ties it to the embedding: a checkpoint may store it once, under the
     embedding's name."""
@@ -112,7 +94,9 @@ class SkeletonModel:
     """A checkpoint folder opened for streaming: the skeleton, the shard index and the architecture record."""
 
     def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 quant: dict[str, Any] | None = None) -> None:
+                 install: Callable[[PreTrainedModel], None] | None = None) -> None:
+        """``install`` replaces modules of the meta model before its tensors are checked against the shards
+        (a packed folder's quantized linears)."""
         self.folder = Path(folder)
         self.config = read_config(self.folder)
         self.weights = ShardedWeights(self.folder)
@@ -122,9 +106,8 @@ class SkeletonModel:
         for name, buf in list(self.model.named_buffers()):  # rotary frequencies: computed, needed on the device
             set_tensor(self.model, name, buf.to(self.device))
         self.layout: Architecture = layout_of(self.model)
-        self.quant = quant
-        if quant is not None:
-            install_quantized(self.model, quant, self.folder / "quantization.json")
+        if install is not None:
+            install(self.model)
         self.weights.check_stored(self.model.state_dict(keep_vars=True), tied_head(self.model, self.layout))
         self._retie()
         if self.narrow_table:
@@ -133,7 +116,8 @@ class SkeletonModel:
     @property
     def narrow_table(self) -> bool:
         """The input embedding is a plain float table of its own (not the head's): held in its stored dtype."""
-        return type(self.model.get_input_embeddings()) is nn.Embedding and not reads_head(self.model, self.layout.head)
+        embed, head = self.model.get_input_embeddings(), self.model.get_submodule(self.layout.head)
+        return type(embed) is nn.Embedding and not (isinstance(head, nn.Linear) and head.weight is embed.weight)
 
     def _table_dtype(self, name: str) -> torch.dtype:
         """The stored dtype when it is no wider than the compute dtype (bf16, float16 under float32)."""

@@ -26,7 +26,7 @@ from toolkit.errors import ToolkitError
 from toolkit.models.architectures import check_rope, layout_of, rope_parameters
 from toolkit.onnx.external import ExternalData, InlineData
 from toolkit.onnx.weights import LinearWeight, embedding_source, linear_weight, nibble_planes
-from toolkit.quant.formats import MatMulNBitsLayout, OnnxPacked4
+from toolkit.quant.formats import DequantizeLinear, MatMulNBits
 from toolkit.quant.modules import reads_head
 
 Store = ExternalData | InlineData  # where initializers' bytes go
@@ -161,21 +161,16 @@ def linear(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -
     return y if w.bias is None else b.one("Add", [y, b.fconst(f"{name}.bias", w.bias)])
 
 
-def _nbits_storage(w: LinearWeight) -> int:
-    # 2/3-bit codes live in the 4-bit layout (formats.LAYOUTS); MatMulNBits reads them as 4-bit with zero points.
-    return 8 if w.bits == 8 else 4
-
-
 def _matmul_nbits(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -> str:
     _require_block(w.group, name)
     if w.bits == 8 and opts.split_int8:
         hi, lo = nibble_planes(w)
         return b.one("Add", [_matmul_nbits(b, x, hi, f"{name}.hi", opts), _matmul_nbits(b, x, lo, f"{name}.lo", opts)])
-    bits = _nbits_storage(w)
+    bits = MatMulNBits.storage_bits(w.bits)
     inputs = [x, _nbits_weight(b, w, name), _nbits_scales(b, w, name)]
     zeros = torch.from_numpy(w.zeros)  # type: ignore[arg-type]
     if bool((zeros != 2 ** (bits - 1)).any()):  # MatMulNBits' default zero point is 2^(bits-1)
-        inputs.append(b.const(f"{name}.zero_points", MatMulNBitsLayout.pack_zero_points(zeros, bits).numpy()))
+        inputs.append(b.const(f"{name}.zero_points", MatMulNBits.zero_points(zeros, bits).numpy()))
     if w.bias is not None:
         inputs += [""] * (5 - len(inputs)) + [b.fconst(f"{name}.bias", w.bias)]
     return b.one("MatMulNBits", inputs, domain=MS, K=w.k, N=w.n, bits=bits, block_size=w.group,
@@ -183,12 +178,12 @@ def _matmul_nbits(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOpt
 
 
 def _nbits_weight(b: Builder, w: LinearWeight, name: str) -> str:
-    """MatMulNBits' ``B [N, K/block, block*bits/8]``: the bytes of ``qweight`` as they are (``MatMulNBitsLayout``
+    """MatMulNBits' ``B [N, K/block, block*bits/8]``: the bytes of ``qweight`` as they are (``MatMulNBits``
     packs along K the same way), written in row blocks of ``PACKED_BLOCK`` bytes."""
     qweight: torch.Tensor = w.qweight  # type: ignore[assignment]
     step = max(1, PACKED_BLOCK // qweight.shape[1])
     blocks = (qweight[r : r + step].contiguous().numpy() for r in range(0, w.n, step))
-    dims = [w.n, w.k // w.group, w.group * _nbits_storage(w) // 8]
+    dims = [w.n, w.k // w.group, MatMulNBits.row_bytes(w.bits, w.group)]
     return b.rows(f"{name}.qweight", TensorProto.UINT8, dims, blocks)
 
 
@@ -203,16 +198,15 @@ def _nbits_scales(b: Builder, w: LinearWeight, name: str) -> str:
 
 def _dequantize_t(b: Builder, w: LinearWeight, name: str) -> str:
     """Blocked DequantizeLinear of ``Wᵀ [K, N]`` along axis 0 (the DQ->MatMul pattern onnxruntime fuses)."""
-    codes_t = w.codes.T.contiguous()  # type: ignore[union-attr]
-    zeros_t = torch.from_numpy(np.ascontiguousarray(w.zeros.T))  # type: ignore[union-attr]
+    t = DequantizeLinear.pack(w.codes, torch.from_numpy(w.scales), torch.from_numpy(w.zeros), w.spec)  # type: ignore[arg-type]
     groups = w.k // w.group
     if w.bits == 8:
-        q = b.const(f"{name}.qweight_t", codes_t.numpy())
-        z = b.const(f"{name}.zero_points_t", zeros_t.numpy())
+        q = b.const(f"{name}.qweight_t", t["qweight_t"].numpy())
+        z = b.const(f"{name}.zero_points_t", t["zero_points_t"].numpy())
     else:
-        q = b.raw(f"{name}.qweight_t", TensorProto.UINT4, (w.k, w.n), OnnxPacked4.pack(codes_t))
-        z = b.raw(f"{name}.zero_points_t", TensorProto.UINT4, (groups, w.n), OnnxPacked4.pack(zeros_t))
-    s = b.fconst(f"{name}.scales_t", np.ascontiguousarray(w.scales.T))  # type: ignore[union-attr]
+        q = b.raw(f"{name}.qweight_t", TensorProto.UINT4, (w.k, w.n), t["qweight_t"].numpy().tobytes())
+        z = b.raw(f"{name}.zero_points_t", TensorProto.UINT4, (groups, w.n), t["zero_points_t"].numpy().tobytes())
+    s = b.fconst(f"{name}.scales_t", t["scales_t"].numpy())
     return b.one("DequantizeLinear", [q, s, z], axis=0, block_size=w.group)
 
 
@@ -261,7 +255,7 @@ def _gather_block_quantized(b: Builder, ids: str, w: LinearWeight, head: str, ze
     """Rows of the head's MatMulNBits bytes, with its zero points when they are not the default 2^(bits-1)
     (always for ``zero_points``: a nibble plane's)."""
     _require_block(w.group, "tied embedding")
-    bits = _nbits_storage(w)
+    bits = MatMulNBits.storage_bits(w.bits)
     zero_points = zero_points or bool((torch.from_numpy(w.zeros) != 2 ** (bits - 1)).any())  # type: ignore[arg-type]
     data = _nbits_weight(b, w, head)  # [V, G, g*bits/8]: the head's MatMulNBits B, shared
     # GatherBlockQuantized wants scales and zero points (one a byte, even at 4 bits: checked against

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from toolkit.errors import ToolkitError
-from toolkit.quant.formats import layout_for
+from toolkit.quant.formats import ToolkitPacked
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, reads_head
+from toolkit.quant.spec import QuantSpec
 
 
 @dataclass
@@ -39,7 +40,7 @@ class LinearWeight:
     def from_codes(cls, codes: torch.Tensor, scales: np.ndarray, zeros: np.ndarray, bits: int, group: int,
                    bias: np.ndarray | None = None) -> LinearWeight:
         n, k = codes.shape
-        return cls(n=n, k=k, qweight=layout_for(bits).pack(codes), scales=scales, zeros=zeros, bits=bits,
+        return cls(n=n, k=k, qweight=ToolkitPacked.pack_codes(codes, bits), scales=scales, zeros=zeros, bits=bits,
                    group=group, bias=bias)
 
     @property
@@ -47,9 +48,14 @@ class LinearWeight:
         return self.qweight is not None
 
     @property
+    def spec(self) -> QuantSpec:
+        """The quantization of a quantized weight (a group spanning K is a whole-row group)."""
+        return QuantSpec(self.bits, -1 if self.group == self.k else self.group)
+
+    @property
     def codes(self) -> torch.Tensor | None:
         """Unpacked codes ``[N, K]`` in ``[0, 2^bits - 1]`` (a new tensor each call)."""
-        return None if self.qweight is None else layout_for(self.bits).unpack(self.qweight)
+        return None if self.qweight is None else ToolkitPacked.unpack_codes(self.qweight, self.bits)
 
 
 def linear_weight(module: nn.Module) -> LinearWeight:

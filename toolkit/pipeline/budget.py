@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 
 from toolkit.errors import ToolkitError
+from toolkit.quant.formats import ToolkitPacked
 
 PROCESS_BYTES = 700 * 2**20  # python, torch, transformers, tokenizer: measured ~0.6 GB before any model
 GB = 1e9
@@ -82,9 +83,9 @@ def evaluation_streams(shape: ModelShape, length: int, batch_size: int, budget: 
 def packed_bytes(shape: ModelShape, bits: int, group_size: int, head_bits: int | None) -> float:
     """A quantized artifact in memory: codes, float16 scales and uint8 zeros; float embedding unless tied."""
     group = group_size if group_size > 0 else shape.hidden
-    per_weight = (4 if bits <= 4 else 8) / 8 + 3 / group
+    per_weight = ToolkitPacked.stored_bits(bits) / 8 + 3 / group
     body = shape.parameters - shape.embedding_parameters * (1 if shape.tied else 2)
-    head = shape.embedding_parameters * (((4 if head_bits <= 4 else 8) / 8 + 3 / group) if head_bits else 4)
+    head = shape.embedding_parameters * ((ToolkitPacked.stored_bits(head_bits) / 8 + 3 / group) if head_bits else 4)
     embed = 0 if (shape.tied and head_bits) else 4 * shape.embedding_parameters
     return body * per_weight + head + embed
 

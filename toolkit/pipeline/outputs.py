@@ -8,24 +8,24 @@ be, contain or lie inside what the run reads (the model, the recipe) or the cach
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
+from toolkit.models.manifest import MANIFEST, read_if_any
 from toolkit.paths import cache_dir, is_within
-
-MANIFEST = "manifest.json"
 
 
 def _foreign_files(folder: Path) -> list[str]:
     """Files in ``folder`` that its manifest does not list (all of them when there is no valid manifest)."""
     present = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+    manifest = read_if_any(folder)
+    if manifest is None:
+        return present or [f"(no {MANIFEST})"]
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
         listed = set(manifest["files"]) if "toolkit" in manifest.get("versions", {}) else set()
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return present or ["(no manifest.json)"]
+    except (KeyError, TypeError):
+        return present or [f"(no {MANIFEST})"]
     return [p for p in present if Path(p).name != MANIFEST and p not in listed]
 
 

@@ -28,7 +28,7 @@ from toolkit import data, models
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import perplexity
 from toolkit.evaluation.streaming import stream_perplexity
-from toolkit.models import chat, checkpoint
+from toolkit.models import chat, manifest
 from toolkit.models.streaming import SkeletonModel, read_config
 from toolkit.passes import STREAMING, handler
 from toolkit.passes.context import PassContext
@@ -37,6 +37,7 @@ from toolkit.pipeline import budget
 from toolkit.pipeline.monitor import Measure
 from toolkit.pipeline.outputs import check_output, check_spill
 from toolkit.pipeline.recipes import EvaluationSpec, MemorySpec, Recipe, Step
+from toolkit.quant import checkpoint
 from toolkit.quant.streaming import StreamOptions
 from toolkit.schema import record
 
@@ -82,7 +83,7 @@ class _State:
         """Run ``step`` layer by layer from the shards: it has a streaming form and its input is a checkpoint
         on disk that is not already in memory (float, or for an export also packed)."""
         return (type(step.config) in STREAMING and self.model is None and self.folder is not None
-                and (step.is_export or not (self.folder / checkpoint.QUANT_FILE).is_file()))
+                and (step.is_export or not checkpoint.is_packed(self.folder)))
 
 
 def resolve_device(device: str) -> str:
@@ -112,7 +113,7 @@ def _step_key(step: Step, input_key: str, recipe: Recipe, versions: dict[str, st
 
 def float_folder(folder: Path | None) -> TypeGuard[Path]:
     """A checkpoint folder of float weights (not a packed artifact): what streams layer by layer from its shards."""
-    return folder is not None and not (folder / checkpoint.QUANT_FILE).is_file()
+    return folder is not None and not checkpoint.is_packed(folder)
 
 
 def model_shape(ref: models.ModelRef) -> budget.ModelShape | None:
@@ -166,8 +167,8 @@ def _servable(folder: Path, key: str, log: Callable[[str], None]) -> bool:
     """A cache entry is served only when its manifest matches its key and every file's size and sha256."""
     if not folder.exists():
         return False
-    problems = checkpoint.verify_files(folder)
-    if not problems and checkpoint.read_manifest(folder).get("key") != key:
+    problems = manifest.verify_files(folder)
+    if not problems and manifest.read_manifest(folder).get("key") != key:
         problems = ["its manifest records another key"]
     if problems:
         log(f"  warning: cache entry {folder} is damaged ({'; '.join(problems[:3])}); recomputing it")
@@ -180,7 +181,7 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
     folder = cache_dir() / kind / key[:32]
     if _servable(folder, key, log):
         log(f"  {step.name}: cached ({folder})")
-        meta = checkpoint.read_manifest(folder).get("step", {})
+        meta = manifest.read_manifest(folder).get("step", {})
         result = StepResult(step.name, key, True, folder, meta.get("measure", {}), meta.get("metrics", {}),
                             step.is_export)
     elif state.can_stream(step):
@@ -194,7 +195,7 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
                 ctx.tokenizer.save_pretrained(tmp)
             info = {"name": step.name, "config": record(step.config), "input_key": state.key,
                     "measure": m.record(), "metrics": metrics}
-            checkpoint.write_manifest(tmp, {"step": info, "key": key})
+            manifest.write_manifest(tmp, {"step": info, "key": key})
         result = StepResult(step.name, key, False, folder, m.record(), metrics, step.is_export)
         log(f"  {step.name}: done in {m.seconds:.1f} s, peak RSS {m.peak_rss / 2**20:.0f} MB")
         state.model = None
@@ -213,7 +214,7 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
                 checkpoint.save_model(model, ctx.tokenizer, tmp)
             info = {"name": step.name, "config": record(step.config), "input_key": state.key,
                     "measure": m.record(), "metrics": metrics}
-            checkpoint.write_manifest(tmp, {"step": info, "key": key})
+            manifest.write_manifest(tmp, {"step": info, "key": key})
         state.model = model
         result = StepResult(step.name, key, False, folder, m.record(), metrics, step.is_export)
         log(f"  {step.name}: done in {m.seconds:.1f} s, peak RSS {m.peak_rss / 2**20:.0f} MB")
@@ -241,7 +242,7 @@ def measure(spec: EvaluationSpec, model: models.ModelRef, tokenizer: PreTrainedT
     else:
         loaded = checkpoint.load_model(folder) if folder else models.load(model.source).model
         load_seconds = time.perf_counter() - start
-        ref_model = models.load(reference).model if reference else None
+        ref_model = checkpoint.load(reference).model if reference else None
         metrics = perplexity.evaluate(loaded, windows, ref_model, spec.batch_size, progress)
         metrics["bytes"] = (dir_bytes(folder) if folder
                             else sum(p.numel() * p.element_size() for p in loaded.parameters()))
@@ -266,7 +267,7 @@ def _cached_metrics(path: Path) -> dict[str, Any] | None:
 def _evaluate(spec: EvaluationSpec, ref: models.ModelRef, folder: Path | None, key: str,
               tokenizer: PreTrainedTokenizerBase, reference: bool, progress: bool,
               log: Callable[[str], None], options: StreamOptions | None = None) -> dict[str, Any]:
-    versions = checkpoint.library_versions()
+    versions = manifest.library_versions()
     use_kl = reference and spec.kl
     eval_key = sha256_json({"model": key, "eval": record(spec), "reference": ref.key if use_kl else None,
                             "versions": versions})
@@ -297,7 +298,7 @@ def _assemble(output: Path, recipe: Recipe, state: _State, results: list[StepRes
         metrics = {"before": before, "after": after}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "report.md").write_text(before_after_table(before, after) + "\n")
-        checkpoint.write_manifest(tmp, {
+        manifest.write_manifest(tmp, {
             "recipe": recipe.record(),
             "recipe_file": recipe.origin,
             "model": {"source": recipe.model, "key": state.ref.key, "output_key": state.key},
@@ -340,7 +341,7 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
     tokenizer = models.load_tokenizer(ref)
     if recipe.calibration.format == "chat" and any(s.reads_calibration for s in recipe.passes):
         chat.check(tokenizer, chat.origin(ref))
-    versions = checkpoint.library_versions()
+    versions = manifest.library_versions()
     state = _State(ref)
     log(f"model {recipe.model} ({ref.key[:12]}), device {device}")
     before: dict[str, Any] = {}
@@ -353,7 +354,7 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
         ctx = PassContext(
             tokenizer=tokenizer,
             calibration_loader=lambda: data.token_windows(tokenizer, recipe.calibration.windows()),
-            original_loader=lambda: models.load(recipe.model).model,
+            original_loader=lambda: checkpoint.load(recipe.model).model,
             workdir=cache_dir() / "work" / key[:32],
             progress=progress,
         )

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.quant.arithmetic import dequantize
-from toolkit.quant.formats import layout_for
+from toolkit.quant.formats import ToolkitPacked, packed_width
 from toolkit.quant.spec import QuantScheme, QuantSpec
 
 BLOCK_WEIGHTS = 1 << 25  # linears above 32 M weights dequantize in output-row blocks (SmolLM2's head: 28 M)
@@ -25,8 +25,7 @@ class QuantLinear(nn.Module):
         QuantScheme(spec).weight_only("a quantized linear (QuantLinear)")  # integer codes only
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         groups = spec.groups(in_features)
-        packed_in = in_features // 2 if spec.bits <= 4 else in_features
-        self.register_buffer("qweight", torch.zeros(out_features, packed_in, dtype=torch.uint8))
+        self.register_buffer("qweight", torch.zeros(out_features, packed_width(spec.bits, in_features), dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
         self.register_buffer("qzeros", torch.zeros(out_features, groups, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
@@ -37,19 +36,22 @@ class QuantLinear(nn.Module):
     ) -> QuantLinear:
         out_f, in_f = q.shape
         layer = cls(in_f, out_f, spec, bias=bias is not None)
-        layer.qweight.copy_(layout_for(spec.bits).pack(q))
-        layer.scales.copy_(scale.to(torch.float16))
-        layer.qzeros.copy_(zero.to(torch.uint8))
+        for key, t in ToolkitPacked.pack(q, scale, zero, spec).items():
+            getattr(layer, key).copy_(t)
         if bias is not None and layer.bias is not None:
             layer.bias.data.copy_(bias.detach().float())
         return layer
 
+    def unpacked(self, rows: slice | torch.Tensor = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``codes, scales, zeros`` of the output rows ``rows`` (a slice or index tensor)."""
+        packed = {"qweight": self.qweight[rows], "scales": self.scales[rows], "qzeros": self.qzeros[rows]}
+        return ToolkitPacked.unpack(packed, self.spec, (packed["qweight"].shape[0], self.in_features))
+
     def codes(self) -> torch.Tensor:
-        return layout_for(self.spec.bits).unpack(self.qweight)
+        return self.unpacked()[0]
 
     def dequantized_weight(self, rows: slice = slice(None)) -> torch.Tensor:
-        codes = layout_for(self.spec.bits).unpack(self.qweight[rows])
-        return dequantize(codes, self.scales[rows], self.qzeros[rows], self.spec.group(self.in_features))
+        return dequantize(*self.unpacked(rows), self.spec.group(self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -89,8 +91,7 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         head = self.weight_source
         flat = ids.reshape(-1)
-        q = layout_for(head.spec.bits).unpack(head.qweight[flat])
-        rows = dequantize(q, head.scales[flat], head.qzeros[flat], head.spec.group(head.in_features))
+        rows = dequantize(*head.unpacked(flat), head.spec.group(head.in_features))
         rows = rows.reshape(*ids.shape, head.in_features)
         return rows * self.scale if self.scale != 1.0 else rows
 

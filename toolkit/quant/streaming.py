@@ -1,7 +1,7 @@
 """Layer-wise quantization of checkpoints larger than memory: one decoder layer resident at a time.
 
 The source is a ``SkeletonModel`` (parameters on meta, read from the shards on demand); the result is
-written as it is produced into a quantized folder (``checkpoint``'s packed format, sharded). RTN reads
+written as it is produced into a packed checkpoint folder (``toolkit.quant.checkpoint``, sharded). RTN reads
 each weight in its stored dtype and quantizes it in float32 row chunks. GPTQ captures the inputs of layer
 0 once into an ``ActivationBuffer`` (bounded, spilled to disk beyond its budget), then for each layer:
 load it in float32, quantize it with the pass's own per-layer function (the one its in-memory version
@@ -11,7 +11,6 @@ inputs are captured, the head only while it is quantized.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,13 +20,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from toolkit.models.checkpoint import QUANT_FILE, QUANT_FORMAT
 from toolkit.models.shards import ShardWriter
 from toolkit.models.streaming import SkeletonModel
 from toolkit.quant.activations import ActivationBuffer
 from toolkit.quant.arithmetic import rtn_quantize
 from toolkit.quant.calibration import LayerInputs, advance, capture_layer_inputs
-from toolkit.quant.formats import layout_for
+from toolkit.quant.checkpoint import WEIGHTS_METADATA, PackedCheckpoint, PackedLinear
+from toolkit.quant.formats import ToolkitPacked, packed_width
 from toolkit.quant.moments import InputMoments
 from toolkit.quant.spec import QuantSpec
 from toolkit.quant.surgery import WeightQuantConfig, check_group_size, target_linears
@@ -51,8 +50,8 @@ class PackedWriter:
 
     def __init__(self, folder: Path, max_shard_bytes: int) -> None:
         self.folder = Path(folder)
-        self.shards = ShardWriter(self.folder, max_shard_bytes, {"format": QUANT_FORMAT})
-        self.modules: dict[str, dict[str, Any]] = {}
+        self.shards = ShardWriter(self.folder, max_shard_bytes, WEIGHTS_METADATA)
+        self.modules: dict[str, PackedLinear] = {}
 
     def tensor(self, name: str, t: torch.Tensor) -> None:
         self.shards.add(name, t.to("cpu"))
@@ -67,23 +66,22 @@ class PackedWriter:
         are written block by block, so neither the codes nor the float weight of a large head are ever whole.
         The tensors are exactly ``QuantLinear.from_codes``'s buffers."""
         out_f, in_f = shape
-        packed_in = in_f // 2 if spec.bits <= 4 else in_f
         scales: list[torch.Tensor] = []
         zeros: list[torch.Tensor] = []
 
         def packed() -> Iterator[torch.Tensor]:
             for codes, s, z in parts:
-                scales.append(s.to("cpu", torch.float16))
-                zeros.append(z.to("cpu", torch.uint8))
-                yield layout_for(spec.bits).pack(codes.cpu())
+                packed = ToolkitPacked.pack(codes.cpu(), s.cpu(), z.cpu(), spec)
+                scales.append(packed["scales"])
+                zeros.append(packed["qzeros"])
+                yield packed["qweight"]
 
-        self.shards.add_chunks(f"{name}.qweight", [out_f, packed_in], torch.uint8, packed())
+        self.shards.add_chunks(f"{name}.qweight", [out_f, packed_width(spec.bits, in_f)], torch.uint8, packed())
         self.tensor(f"{name}.scales", torch.cat(scales))
         self.tensor(f"{name}.qzeros", torch.cat(zeros))
         if bias is not None:
             self.tensor(f"{name}.bias", bias.detach().float())
-        self.modules[name] = {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
-                              "in_features": in_f, "out_features": out_f, "bias": bias is not None}
+        self.modules[name] = PackedLinear(spec.bits, spec.group_size, spec.symmetric, in_f, out_f, bias is not None)
 
     def close(self, source: SkeletonModel, embedding_from: str | None) -> int:
         """Write the index, config, tokenizer and ``quantization.json``; returns the weight bytes written."""
@@ -93,8 +91,7 @@ class PackedWriter:
             if (source.folder / file).is_file():
                 shutil.copy(source.folder / file, self.folder / file)
         if self.modules:  # otherwise (AWQ without quantize) a plain float checkpoint, which streams again
-            info = {"format": QUANT_FORMAT, "modules": self.modules, "embedding_from": embedding_from}
-            (self.folder / QUANT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+            PackedCheckpoint(self.modules, embedding_from).write(self.folder)
         return self.shards.bytes_written
 
 

@@ -1,4 +1,4 @@
-"""Text generation with a PyTorch model folder (the ONNX runtime has its own entry in toolkit.runtime)."""
+"""Text generation with a PyTorch model, float or packed (the ONNX runtime has its own entry in toolkit.runtime)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from transformers import TextIteratorStreamer
 from toolkit import models
 from toolkit.errors import ToolkitError
 from toolkit.models import chat
+from toolkit.quant import checkpoint
 
 STREAM_TIMEOUT_S = 600.0  # a generate thread that dies cannot leave the reader waiting forever
 
@@ -44,7 +45,7 @@ def generate_text(source: str, prompt: str, max_new_tokens: int = 128, system: s
     # the prompt is formatted and its budget checked with the tokenizer alone, before the weights are loaded
     ids = chat_ids(models.load_tokenizer(ref), prompt, system, raw, chat.origin(ref))
     check_budget(ids.shape[1], max_new_tokens, models.context_length(ref))
-    loaded = models.load(source)
+    loaded = checkpoint.load(source)
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                     timeout=STREAM_TIMEOUT_S)
     failure: list[BaseException] = []
