@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from toolkit import data, models
+from toolkit import data, manifest, models
 from toolkit.evaluation import perplexity
-from toolkit.models import manifest
 from toolkit.passes import gptq
 from toolkit.passes.context import PassContext
 from toolkit.pipeline import recipes

@@ -77,6 +77,7 @@ def toolkit_runtime_only(*argv: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from toolkit import models
+    from toolkit.manifest import write_manifest
     from toolkit.passes.onnx import ONNXConfig
     from toolkit.passes.onnx import export as export_onnx
     from toolkit.paths import atomic_dir
@@ -85,6 +86,7 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("runtime-only") / "export"
     with atomic_dir(folder) as tmp:
         export_onnx(loaded.model, loaded.tokenizer, ONNXConfig(target="ort"), tmp)
+        write_manifest(tmp, {"source": {"model": "tiny-llama"}})
     return folder
 
 
@@ -100,6 +102,9 @@ def test_generate_and_help_run_from_the_runtime_alone(export: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip()
     assert re.search(r"\[\d+ prompt tokens, \d+ generated", done.stderr), done.stderr
+    done = toolkit_runtime_only("inspect", str(export), "--verify")  # what a deployment asks of a folder it received
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "every file of 1 manifest(s) matches" in done.stdout
     for argv in (["--help"], ["generate", "--help"], ["compare", "--help"]):
         done = toolkit_runtime_only(*argv)
         assert done.returncode == 0, (argv, done.stderr[-2000:])

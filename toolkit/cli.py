@@ -218,7 +218,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from toolkit.evaluation.report import describe_manifest
-    from toolkit.models.manifest import read_manifest, verify_tree
+    from toolkit.manifest import read_manifest, verify_tree
 
     folder = Path(args.artifact)
     if not folder.is_dir():

@@ -4,7 +4,7 @@ import torch
 from toolkit import data, models
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import perplexity
-from toolkit.models.manifest import write_manifest
+from toolkit.manifest import write_manifest
 from toolkit.passes import rtn
 from toolkit.paths import atomic_dir
 from toolkit.quant import checkpoint

@@ -19,7 +19,7 @@ from tests.pipeline.test_recipes_pipeline import TINY_RECIPE
 from toolkit.cli import MESSAGE_LIMIT, main
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import compare as gate
-from toolkit.models.manifest import verify_tree, write_manifest
+from toolkit.manifest import verify_tree, write_manifest
 from toolkit.models.tiny import tiny_llama
 from toolkit.passes import PASSES, STREAMING, gptq, rtn
 from toolkit.pipeline import recipes, runner
@@ -266,7 +266,7 @@ def test_edited_source_weights_are_not_served_old_results(tmp_path):
 def test_changed_toolkit_code_is_a_cache_miss(tmp_path, monkeypatch):
     recipe = recipes.load(recipe_file(tmp_path, tmp_path / "out"))
     runner.run(recipe, progress=False, log=lambda m: None)
-    monkeypatch.setattr("toolkit.models.manifest.code_identity", lambda: "another-version-of-the-code")
+    monkeypatch.setattr("toolkit.manifest.code_identity", lambda: "another-version-of-the-code")
     again = runner.run(recipe, progress=False, log=lambda m: None, overwrite=True)
     assert [s.cache_hit for s in again.steps] == [False] and not again.after["cache_hit"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["versions"]["toolkit_code"] == "another-version-"

@@ -278,7 +278,7 @@ def parse_fraction(text: str) -> float:
 
 def model_identity(export: Path) -> dict[str, Any]:
     """What a benchmark measured: the export's bytes, and the source model and recipe its manifests name."""
-    from toolkit.models.manifest import MANIFEST, read_if_any  # deferred: comparing reports needs no torch
+    from toolkit.manifest import MANIFEST, read_if_any  # deferred: comparing reports needs no torch
 
     export = Path(export)
     files = sorted(p for p in export.rglob("*") if p.is_file() and p.name != MANIFEST)

@@ -21,8 +21,8 @@ from transformers import (
 )
 
 from toolkit.errors import ToolkitError, panics_as_errors
+from toolkit.manifest import MANIFEST, read_manifest
 from toolkit.models.architectures import layout_of
-from toolkit.models.manifest import MANIFEST, read_manifest
 from toolkit.models.shards import ShardedWeights, listed, non_finite
 from toolkit.models.streaming import check_config_sizes, empty_model, read_config, tied_head
 from toolkit.paths import sha256_file, sha256_json

@@ -21,9 +21,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError, panics_as_errors
+from toolkit.manifest import verify_files, write_manifest
 from toolkit.models import checkpoint, gguf_reader
 from toolkit.models.architectures import layout_of
-from toolkit.models.manifest import verify_files, write_manifest
 from toolkit.models.tiny import FAMILIES, family_config, tiny_model, tiny_tokenizer
 from toolkit.paths import atomic_dir, cache_dir, hub_reachable, sha256_file, sha256_json
 

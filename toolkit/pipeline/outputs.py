@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
-from toolkit.models.manifest import MANIFEST, read_if_any
+from toolkit.manifest import MANIFEST, read_if_any
 from toolkit.paths import cache_dir, is_within
 
 

@@ -24,11 +24,11 @@ from typing import Any, TypeGuard
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from toolkit import data, models
+from toolkit import data, manifest, models
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import perplexity
 from toolkit.evaluation.streaming import stream_perplexity
-from toolkit.models import chat, manifest
+from toolkit.models import chat
 from toolkit.models.streaming import SkeletonModel, read_config
 from toolkit.passes import STREAMING, handler
 from toolkit.passes.context import PassContext

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from toolkit import __version__
 from toolkit.errors import ToolkitError
 from toolkit.paths import code_identity, names_a_file_in, sha256_file, write_text_atomic
@@ -31,6 +29,7 @@ def library_versions() -> dict[str, str]:
     import onnxruntime
     import safetensors
     import tokenizers
+    import torch
     import transformers
 
     return {
@@ -51,6 +50,8 @@ def library_versions() -> dict[str, str]:
 def cpu_kernels() -> str:
     """The vector instruction set torch's CPU kernels (and MKL's, unless overridden) run with. GPTQ's codes depend
     on the summation order of its float reductions, so the same recipe lands on other codes on another one."""
+    import torch
+
     mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS")
     return torch.backends.cpu.get_cpu_capability() + (f" (MKL {mkl})" if mkl else "")
 
