@@ -92,6 +92,7 @@ def _config(model: PreTrainedModel, linears: dict[str, QuantLinear], floats: lis
     for name, m in linears.items():
         groups.setdefault(QuantScheme(m.spec), []).append(name)
     d = model.config.to_dict()
+    d.pop("_name_or_path", None)  # where this process read the model from; save_pretrained leaves it out too
     d["dtype"] = dtype
     d["quantization_config"] = ct.quantization_config(groups, [layout_of(model).head, *floats])
     return d

@@ -188,3 +188,24 @@ def test_recipe_quantize_then_distill_through_the_pipeline(tmp_path):
     rtn_only = runner.run(recipes.load(write_recipe(tmp_path, TINY_RECIPE, "rtn.yaml")), progress=False,
                             log=lambda m: None, overwrite=True)
     assert result.after["perplexity"] != rtn_only.after["perplexity"]  # training changed the student
+
+
+def test_exports_name_the_model_not_the_folder_it_was_read_from(tmp_path):
+    """GGUF's general.name is the recipe's model and compressed-tensors' config.json holds no local path: the
+    bytes of an export do not depend on the cache folder (or machine) the model was read from."""
+    import gguf
+
+    recipe = {**TINY_RECIPE, "evaluation": {"count": 1, "length": 32, "baseline": False}}
+    for export in ("export_gguf", "export_compressed_tensors"):
+        options = {"pre_tokenizer": "default"} if export == "export_gguf" else {}
+        recipe["passes"] = [{"rtn": {"bits": 4, "group_size": 32, "symmetric": True}}, {export: options}]
+        (tmp_path / export).mkdir()
+        folder = runner.run(recipes.load(write_recipe(tmp_path / export, recipe)), progress=False).output
+        folder = folder / "export" if (folder / "export").is_dir() else folder
+        if export == "export_gguf":
+            reader = gguf.GGUFReader(next(folder.glob("*.gguf")))
+            field = reader.fields["general.name"]
+            assert bytes(field.parts[field.data[0]]).decode() == "tiny-llama"
+        else:
+            config = (folder / "config.json").read_text()
+            assert "_name_or_path" not in config and str(tmp_path) not in config

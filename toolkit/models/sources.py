@@ -122,6 +122,16 @@ class ModelRef:
     key: str
     folder: Path | None  # None for the tiny model and hub ids
 
+    @property
+    def name(self) -> str:
+        """What artifacts call the model: the recipe's reference (a hub id, ``smollm2``, ``tiny-llama``), a local
+        file or folder reduced to its own name, never a path of this machine (the cache folder it was read from
+        would make every export's bytes depend on where and when it was built)."""
+        path = Path(self.source).expanduser()
+        if path.suffix == ".gguf":
+            return path.stem
+        return path.resolve().name if path.exists() else self.source
+
 
 def _tiny(source: str) -> tuple[str, int] | None:
     """``tiny-<family>[:seed]`` -> (family, seed); None for any other source."""

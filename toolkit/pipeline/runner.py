@@ -77,6 +77,7 @@ class _State:
     def materialize(self) -> PreTrainedModel:
         if self.model is None:
             self.model = checkpoint.load_model(self.folder) if self.folder else models.load(self.ref.source).model
+            self.model.config._name_or_path = self.ref.name  # exports name the model (GGUF general.name), not a cache path
         return self.model
 
     def can_stream(self, step: Step) -> bool:
