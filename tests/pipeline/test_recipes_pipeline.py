@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -66,12 +67,12 @@ def test_rerun_is_served_from_cache_and_changes_recompute(tmp_path, monkeypatch)
     def must_not_run(*args, **kwargs):
         raise AssertionError("the pass ran although its output was cached")
 
-    monkeypatch.setitem(PASSES, rtn.RTNConfig, must_not_run)
+    monkeypatch.setitem(PASSES, rtn.RTNConfig, replace(PASSES[rtn.RTNConfig], run=must_not_run))
     second = runner.run(recipes.load(path), progress=False, log=lambda m: None, overwrite=True)
     assert [s.cache_hit for s in second.steps] == [True]
     assert second.after["cache_hit"] and second.after["perplexity"] == first.after["perplexity"]
 
-    monkeypatch.setitem(PASSES, rtn.RTNConfig, rtn.apply)
+    monkeypatch.setitem(PASSES, rtn.RTNConfig, replace(PASSES[rtn.RTNConfig], run=rtn.apply))
     changed = json.loads(json.dumps(TINY_RECIPE))
     changed["passes"][0]["rtn"]["group_size"] = 16
     third = runner.run(recipes.load(write_recipe(tmp_path, changed, "r2.yaml")), progress=False, log=lambda m: None,
@@ -108,7 +109,7 @@ def test_failed_pass_leaves_no_output(tmp_path, monkeypatch):
     def explode(model, config, ctx):
         raise RuntimeError("interrupted mid-pass")
 
-    monkeypatch.setitem(PASSES, rtn.RTNConfig, explode)
+    monkeypatch.setitem(PASSES, rtn.RTNConfig, replace(PASSES[rtn.RTNConfig], run=explode))
     with pytest.raises(RuntimeError):
         runner.run(recipes.load(write_recipe(tmp_path, TINY_RECIPE)), progress=False, log=lambda m: None)
     assert not (tmp_path / "out").exists()
