@@ -3,17 +3,22 @@
 Options of ``eval`` are generated from ``EvaluationSpec`` so CLI and recipe defaults cannot drift.
 Every failure prints one line (at most ``MESSAGE_LIMIT`` characters) and exits non-zero: 2 for bad
 input (argparse's own errors included), 1 for an internal error.
+
+The runtime installs alone (``pip install .``): this module imports the compiler side (torch, transformers,
+the recipe schema's passes) only inside the commands that need it, so ``--help``, ``generate`` on an ONNX
+export and ``compare`` run without it, and the others say in one line how to install it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,38 @@ def _from_options(cls: type, args: argparse.Namespace) -> Any:
     return build(cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}, "command line")
 
 
+# what the ``compiler`` extra (``pip install '.[compiler]'``) adds to the runtime: import name -> distribution, the
+# names of pyproject.toml's extra (a test keeps the two equal)
+COMPILER_MODULES = {"torch": "torch", "transformers": "transformers", "safetensors": "safetensors",
+                    "datasets": "datasets", "gguf": "gguf", "accelerate": "accelerate", "onnxscript": "onnxscript",
+                    "yaml": "pyyaml", "tqdm": "tqdm"}
+
+
+@contextlib.contextmanager
+def compiler_side(command: str, what: str = "") -> Iterator[None]:
+    """A package of the compiler extra missing (a runtime-only install) becomes one refusal that says how to add
+    it (``what``: for which input, when the command also runs without it); any other missing module is a broken
+    install and propagates."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").partition(".")[0]
+        if top not in COMPILER_MODULES:
+            raise
+        raise ToolkitError(
+            f"`toolkit {command}` needs the compiler side{what}, which this runtime-only install leaves out "
+            f"({COMPILER_MODULES[top]} is not installed): install the compiler extra, in the toolkit's checkout "
+            "pip install '.[compiler]' (or bash install.sh)"
+        ) from exc
+
+
+def limit_torch_threads() -> None:
+    """PyTorch's pool never larger than the cores this process sees (its default can count more)."""
+    import torch
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+
+
 MESSAGE_LIMIT = 400
 
 
@@ -48,7 +85,21 @@ def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one ``error:`` line with exit 2, like every other refusal."""
+    """argparse whose usage errors are one ``error:`` line with exit 2, like every other refusal.
+
+    ``deferred`` adds arguments when this (sub)parser is first used: options whose definition imports the
+    compiler side are built only when their command runs (or shows its help)."""
+
+    def __init__(self, *args: Any, deferred: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deferred = deferred
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            deferred(self)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"error: {self.prog}: {one_line(message)} (see {self.prog} --help)\n")
@@ -58,6 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from toolkit.evaluation.report import before_after_table
     from toolkit.pipeline import recipes, runner
 
+    limit_torch_threads()
     recipe = recipes.load(args.recipe)
     runner.require_model_steps(recipe)
     result = runner.run(recipe, output=args.output, progress=not args.no_progress, log=_log,
@@ -77,6 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from toolkit.pipeline import budget, runner
     from toolkit.pipeline.recipes import EvaluationSpec
 
+    limit_torch_threads()
     spec = _from_options(EvaluationSpec, args)
     ref = models.resolve(args.model)
     models.check_lengths(ref, {"--length": spec.length})
@@ -137,8 +190,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     onnx_folder = _onnx_folder(args.artifact)
     if onnx_folder is not None:
         return _stream_onnx(onnx_folder, args, config)
-    from toolkit.models.torch_generate import generate_text
+    with compiler_side("generate", f" for {args.artifact} (it holds no model.onnx, so it is not an ONNX export)"):
+        from toolkit.models.torch_generate import generate_text
 
+        limit_torch_threads()
     source = args.artifact
     if (Path(source) / "model" / "config.json").is_file():  # a run's output folder
         source = str(Path(source) / "model")
@@ -223,9 +278,17 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=None, help="write the markdown report here")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from toolkit.pipeline.recipes import EvaluationSpec
+def _add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """``eval``'s options, from the recipe schema (which imports the passes, hence torch)."""
+    try:
+        with compiler_side("eval"):
+            from toolkit.pipeline.recipes import EvaluationSpec
+    except ToolkitError as exc:
+        parser.exit(2, f"error: {one_line(str(exc))}\n")
+    _add_dataclass_options(parser, EvaluationSpec)
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="toolkit", description="Quantize, distill, export and evaluate LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -237,11 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a previous output of the toolkit at the output path")
     run.set_defaults(func=cmd_run)
 
-    ev = sub.add_parser("eval", help="perplexity (and KL against --reference) of a model")
+    ev = sub.add_parser("eval", help="perplexity (and KL against --reference) of a model",
+                        deferred=_add_evaluation_options)
     ev.add_argument("model")
     ev.add_argument("--reference", default=None, help="model to compare with (KL, top-1 agreement)")
     ev.add_argument("--json", action="store_true")
-    _add_dataclass_options(ev, EvaluationSpec)
     ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="generate text from an ONNX export (runtime) or a model (uses the chat template)")
@@ -275,10 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        import torch
-
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-        return int(args.func(args))
+        with compiler_side(args.command):
+            return int(args.func(args))
     except ToolkitError as exc:
         if args.debug:
             raise

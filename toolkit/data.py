@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any, Literal
 
 from toolkit.errors import ToolkitError
-from toolkit.models import chat
 from toolkit.paths import hub_reachable
 from toolkit.schema import check_choices
+
+if TYPE_CHECKING:  # the window specs are read by recipes and the CLI; only tokenizing needs torch
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 Split = Literal["calibration", "evaluation"]
@@ -151,6 +151,10 @@ def conversations(documents: list[str], chunk_chars: int) -> list[list[dict[str,
 def _chat_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], spec: WindowSpec) -> torch.Tensor:
     """Windows that start where a conversation starts (system prompt, role markers and all), running on into
     the following conversations to fill ``length`` tokens."""
+    import torch
+
+    from toolkit.models import chat
+
     chat.require_template(tokenizer, "this one")
     pieces = [chat.render(tokenizer, c, "the tokenizer's chat template", tokenize=False)
               for c in conversations(docs, 3 * spec.length)]
@@ -173,6 +177,8 @@ def _chat_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], spec: Win
 
 def token_windows(tokenizer: PreTrainedTokenizerBase, spec: WindowSpec) -> torch.Tensor:
     """``[count, length]`` token ids from the chosen half, per ``spec``."""
+    import torch
+
     docs = documents(spec.source, spec.text_field)
     if spec.format == "chat":
         return _chat_windows(tokenizer, split_documents(docs, spec.split), spec)
