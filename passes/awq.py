@@ -8,7 +8,8 @@ range that minimises its output error.
 
 Composition: the pass always leaves a float model whose weights are easy to quantize. With
 ``quantize: true`` it finishes with round-to-nearest (AWQ proper); with ``quantize: false`` a later
-``rtn`` or ``gptq`` pass with the same bits/group/symmetric quantizes (``awq`` then ``gptq``).
+``rtn`` or ``gptq`` pass with the same bits/group/symmetric quantizes (``awq`` then ``gptq``; a recipe
+whose quantizing pass uses another format is refused when it is read, ``AWQConfig.check_followers``).
 The next layer is calibrated on the scaled float layer: scaling is exact, so this is the float model.
 """
 

@@ -7,7 +7,7 @@
       - rtn: {bits: 4, group_size: 32, symmetric: true}
       - onnx: {target: ort}             # an export step, if any, comes last
     output: runs/smollm2-int4-rtn       # relative paths resolve against the current directory
-    device: auto                        # auto (CUDA when present), cpu, cuda
+    device: auto                        # where every pass computes: auto (CUDA when present), cpu, cuda
     memory: {budget_gb: null, activations_mb: 512}   # refuse runs estimated above the budget
 """
 
