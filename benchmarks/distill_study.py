@@ -49,7 +49,8 @@ def calibration_windows(tokenizer) -> torch.Tensor:
 def run(name: str, student, config: distill.DistillConfig, calib: torch.Tensor, workdir: Path,
         eval_windows: torch.Tensor, teacher_ppl: float) -> dict[str, float]:
     tokenizer = models.load("smollm2").tokenizer
-    ctx = PassContext(tokenizer, lambda: calib, lambda: models.load("smollm2").model, workdir / name, progress=True)
+    ctx = PassContext(tokenizer, lambda: calib, lambda: models.load("smollm2").model, workdir / name, progress=True,
+                      device="cuda" if torch.cuda.is_available() else "cpu")
     (workdir / name).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     trained = distill.apply(student, config, ctx)

@@ -105,8 +105,7 @@ def memory_row(family: str, work: Path) -> dict[str, str]:
     def distill_cell() -> str:
         n = tiny_model(family).config.num_hidden_layers
         config = distill.DistillConfig(student="shallow", layers=tuple(range(0, n, 2)), steps=2, batch_size=2,
-                                       warmup_steps=1, eval_every=2, checkpoint_every=2, heldout_windows=2,
-                                       device="cpu")
+                                       warmup_steps=1, eval_every=2, checkpoint_every=2, heldout_windows=2)
         student = distill.apply(tiny_model(family), config, _ctx(family, work / "distill"))
         return f"yes ({n} -> {student.config.num_hidden_layers} layers)"
 

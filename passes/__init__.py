@@ -1,19 +1,28 @@
-"""The pass registry, keyed by config type (as torchao's ``quantize_`` dispatches on ``type(config)``).
+"""The pass registry: one record per pass, keyed by its config type (as torchao's ``quantize_`` dispatches on
+``type(config)``).
 
-Each config class says its recipe name (``name``) and whether its output depends on calibration data
-(``reads_calibration``), so the recipe keys, the cache keys and the handlers cannot drift apart. Add a pass
+A config class (``toolkit.passes.base``) says its recipe name, whether its output depends on calibration data, its
+kind (a model pass or an export) and the memory it needs; its record here says which functions run it. Add a pass
 by writing one file (a frozen config and one function) and one line here.
 
-``PASSES``: model -> model, ``apply(model, config, ctx: PassContext) -> model``.
-``EXPORTS``: terminal steps that turn the model into a deployment folder,
-``export(model, tokenizer, config, folder) -> dict``: writes into ``folder`` (already atomic: the pipeline
-renames it into place only on success), returns metrics for the manifest, raises ToolkitError when its
-self-validation fails.
+``run`` of a model pass: ``apply(model, config, ctx: PassContext) -> model``.
+``run`` of an export (a terminal step that turns the model into a deployment folder):
+``export(model, tokenizer, config, folder, *, history) -> dict``: writes into ``folder`` (already atomic: the
+pipeline renames it into place only on success), returns metrics for the manifest, raises ToolkitError when its
+self-validation fails; ``history`` holds the configs of the model passes that made the model (``ctx.history``).
+``stream``, for a pass that also runs with one decoder layer resident at a time from the input checkpoint's
+shards: ``stream(src: SkeletonModel, folder, config, ctx, options: StreamOptions) -> dict`` writes the packed
+artifact into ``folder`` (the same tensors ``apply`` then ``save_model`` would write); an export writes the same
+folder ``export`` would (from a float or a packed checkpoint).
+``holds``, for an export that holds only some quantizations: ``holds(scheme: QuantScheme)`` raises ToolkitError for the
+others (every export refuses quantized activations), so a recipe is refused before its passes run (the exporter
+calls it again on the model it is given).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from toolkit.passes import (
@@ -26,50 +35,37 @@ from toolkit.passes import (
     onnx,
     rtn,
 )
+from toolkit.passes.base import PassConfig
+from toolkit.quant.spec import QuantScheme
 
-PASSES: dict[type, Callable[..., Any]] = {
-    rtn.RTNConfig: rtn.apply,
-    gptq.GPTQConfig: gptq.apply,
-    awq.AWQConfig: awq.apply,
-    distill.DistillConfig: distill.apply,
+
+@dataclass(frozen=True)
+class Pass:
+    """How one pass runs: ``run`` (its apply or export), and its streaming form and spec check when it has them."""
+
+    run: Callable[..., Any]
+    stream: Callable[..., Any] | None = None
+    holds: Callable[[QuantScheme], None] | None = None
+
+
+PASSES: dict[type[PassConfig], Pass] = {
+    rtn.RTNConfig: Pass(rtn.apply, stream=rtn.stream),
+    gptq.GPTQConfig: Pass(gptq.apply, stream=gptq.stream),
+    awq.AWQConfig: Pass(awq.apply, stream=awq.stream),
+    distill.DistillConfig: Pass(distill.apply),
+    onnx.ONNXConfig: Pass(onnx.export, stream=onnx.stream, holds=onnx.check_spec),
+    export_hf_gptq.ExportHFGPTQConfig: Pass(export_hf_gptq.export, holds=export_hf_gptq.check_spec),
+    export_gguf.ExportGGUFConfig: Pass(export_gguf.export, holds=export_gguf.check_spec),
+    export_compressed_tensors.ExportCompressedTensorsConfig: Pass(export_compressed_tensors.export,
+                                                                holds=export_compressed_tensors.check_spec),
 }
 
-# passes that also run with one decoder layer resident at a time, reading the input checkpoint's shards:
-# ``stream(src: SkeletonModel, folder, config, ctx, options: StreamOptions) -> dict`` writes the packed
-# artifact into ``folder`` (the same tensors ``apply`` then ``save_model`` would write); an export writes
-# the same folder ``export`` would (from a float or a packed checkpoint)
-STREAMING: dict[type, Callable[..., Any]] = {
-    rtn.RTNConfig: rtn.stream,
-    gptq.GPTQConfig: gptq.stream,
-    awq.AWQConfig: awq.stream,
-    onnx.ONNXConfig: onnx.stream,
-}
 
-EXPORTS: dict[type, Callable[..., Any]] = {
-    onnx.ONNXConfig: onnx.export,
-    export_hf_gptq.ExportHFGPTQConfig: export_hf_gptq.export,
-    export_gguf.ExportGGUFConfig: export_gguf.export,
-    export_compressed_tensors.ExportCompressedTensorsConfig: export_compressed_tensors.export,
-}
-
-# what each export holds: ``check_spec(scheme: QuantScheme)`` raises ToolkitError for the rest (every export
-# refuses quantized activations), so a recipe is refused before its passes run (the GGUF and HF-GPTQ exporters
-# call it again on the model they are given)
-SPEC_CHECKS: dict[type, Callable[..., None]] = {
-    export_hf_gptq.ExportHFGPTQConfig: export_hf_gptq.check_spec,
-    export_gguf.ExportGGUFConfig: export_gguf.check_spec,
-    export_compressed_tensors.ExportCompressedTensorsConfig: export_compressed_tensors.check_spec,
-    onnx.ONNXConfig: onnx.check_spec,
-}
-
-# recipe name -> config class, derived from the classes themselves
-CONFIGS: dict[str, type] = {cls.name: cls for cls in (*PASSES, *EXPORTS)}  # type: ignore[attr-defined]
+def configs() -> dict[str, type[PassConfig]]:
+    """Recipe name -> config class, read from the registry (so a pass registered later is found too)."""
+    return {cls.name: cls for cls in PASSES}
 
 
-def is_export(config: Any) -> bool:
-    return type(config) in EXPORTS
-
-
-def handler(config: Any) -> Callable[..., Any]:
-    """The function registered for ``type(config)``."""
-    return EXPORTS[type(config)] if is_export(config) else PASSES[type(config)]
+def entry(config: PassConfig) -> Pass:
+    """The record registered for ``type(config)``."""
+    return PASSES[type(config)]

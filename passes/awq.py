@@ -8,14 +8,15 @@ range that minimises its output error.
 
 Composition: the pass always leaves a float model whose weights are easy to quantize. With
 ``quantize: true`` it finishes with round-to-nearest (AWQ proper); with ``quantize: false`` a later
-``rtn`` or ``gptq`` pass with the same bits/group/symmetric quantizes (``awq`` then ``gptq``).
+``rtn`` or ``gptq`` pass with the same bits/group/symmetric quantizes (``awq`` then ``gptq``; a recipe
+whose quantizing pass uses another format is refused when it is read, ``AWQConfig.check_followers``).
 The next layer is calibrated on the scaled float layer: scaling is exact, so this is the float model.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,18 +26,20 @@ from transformers import PreTrainedModel
 
 from toolkit.algorithms.awq import clip_weight, search_clip, search_scales
 from toolkit.models.architectures import Architecture, ScaleMapping, layout_of
+from toolkit.models.shape import ModelShape
 from toolkit.models.streaming import SkeletonModel
 from toolkit.passes import rtn
+from toolkit.passes.base import PassConfig, QuantPassConfig
 from toolkit.passes.context import PassContext
 from toolkit.quant.arithmetic import rtn_quantize
 from toolkit.quant.calibration import LayerInputs, check_finite, stream_inputs, walk_layers
 from toolkit.quant.moments import InputMoments
 from toolkit.quant.streaming import StreamOptions, stream_calibrated
-from toolkit.quant.surgery import WeightQuantConfig, check_group_size, target_linears
+from toolkit.quant.surgery import LinearCodes, WeightQuantConfig, check_group_size, target_linears
 
 
 @dataclass(frozen=True)
-class AWQConfig(WeightQuantConfig):
+class AWQConfig(QuantPassConfig):
     """Shared settings; skip also keeps a module unscaled, lm_head_bits applies with ``quantize``."""
     name: ClassVar[str] = "awq"
     reads_calibration: ClassVar[bool] = True
@@ -52,6 +55,24 @@ class AWQConfig(WeightQuantConfig):
             raise ValueError(f"grid must be >= 1 alpha values (20 is usual), got {self.grid}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 window, got {self.batch_size}")
+
+    def result_bytes(self, shape: ModelShape) -> float:
+        return super().result_bytes(shape) if self.quantize else PassConfig.result_bytes(self, shape)
+
+    def check_followers(self, later: tuple[PassConfig, ...]) -> None:
+        """Scales searched against one format are only right for that format: without ``quantize``, the pass that
+        quantizes the scaled model must use the same bits, group_size and symmetric."""
+        quantizer = next((c for c in later if isinstance(c, QuantPassConfig)), None)
+        if self.quantize or quantizer is None:
+            return
+        ours, theirs = _format(self), _format(quantizer)
+        if ours != theirs:
+            raise ValueError(f"awq searched its scales for {ours} but {quantizer.name} quantizes with {theirs}; "
+                             f"give both passes the same bits, group_size and symmetric")
+
+
+def _format(config: QuantPassConfig) -> str:
+    return f"bits {config.bits}, group_size {config.group_size}, symmetric {str(config.symmetric).lower()}"
 
 
 def _input_stats(layer: nn.Module, inputs: LayerInputs, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,15 +140,6 @@ def _scale_layer(arch: Architecture, prefix: str, layer: nn.Module, inputs: Laye
         report[f"{prefix}.{mapping.prev}"] = _scale_mapping(layer, prefix, inputs, mapping, targets, config, arch)
 
 
-@dataclass
-class _Packed:
-    name: str
-    linear: nn.Linear
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-
-
 def stream(src: SkeletonModel, out: Path, config: AWQConfig, ctx: PassContext, options: StreamOptions) -> dict[str, Any]:
     """AWQ with one decoder layer resident at a time: each layer is scaled (the same function as
     ``apply``), its scaled float outputs feed the next layer, and with ``quantize`` its linears are
@@ -137,15 +149,16 @@ def stream(src: SkeletonModel, out: Path, config: AWQConfig, ctx: PassContext, o
     targets = target_linears(src.model, config.skip)
     report: dict[str, Any] = {}
 
-    def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> list[Any]:
+    def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> list[LinearCodes]:
         _scale_layer(arch, prefix, layer, inputs, targets, config, report)
         if not config.quantize:
             return []
         names = [n for n in targets if n.startswith(prefix + ".")]
         linears = {n: src.model.get_submodule(n) for n in names}
-        return [_Packed(n, m, *rtn_quantize(m.weight.data, config.spec)) for n, m in linears.items()]
+        return [LinearCodes(n, m, *rtn_quantize(m.weight.data, config.spec)) for n, m in linears.items()]
 
-    written = config if config.quantize else replace(config, lm_head_bits=None)
+    # without quantize the head stays float too
+    written = config if config.quantize else WeightQuantConfig(**{**config.shared_settings(), "lm_head_bits": None})
     stats = stream_calibrated(src, out, written, ctx.calibration(), options, one_layer, None, config.batch_size)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     (ctx.workdir / "awq.json").write_text(json.dumps(report, indent=2))
@@ -168,6 +181,5 @@ def apply(model: PreTrainedModel, config: AWQConfig, ctx: PassContext) -> PreTra
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     (ctx.workdir / "awq.json").write_text(json.dumps(report, indent=2))
     if config.quantize:
-        rtn_config = rtn.RTNConfig(config.bits, config.group_size, config.symmetric, config.skip, config.lm_head_bits)
-        rtn.apply(model, rtn_config, ctx)
+        rtn.apply(model, rtn.RTNConfig(**config.shared_settings()), ctx)
     return model

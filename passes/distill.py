@@ -18,7 +18,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar, cast
+from typing import ClassVar, Literal, cast
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from toolkit.algorithms.distillation import (
-    DIVERGENCES,
+    Divergence,
     hidden_loss,
     hidden_state_map,
     kept_layers,
@@ -35,26 +35,24 @@ from toolkit.algorithms.distillation import (
 )
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import decoder_layers, layout_of, per_layer_attrs
+from toolkit.passes.base import PassConfig
 from toolkit.passes.context import PassContext
 from toolkit.paths import sha256_json
 from toolkit.quant.arithmetic import fp16_representable
 from toolkit.quant.modules import quantized_modules
 from toolkit.training.trainer import TrainConfig, Trainer
 
-STUDENTS = ("shallow", "quantized")
-DEVICES = ("auto", "cpu", "cuda")
-
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(PassConfig):
     name: ClassVar[str] = "distill"
     reads_calibration: ClassVar[bool] = True
 
-    student: str = "quantized"
+    student: Literal["shallow", "quantized"] = "quantized"
     layers: tuple[int, ...] = ()  # shallow: teacher layers to keep (ascending)
     keep_every: int | None = None  # shallow: keep layers 0, k, 2k, ... (default 2 when layers is empty)
     train_head: bool = False  # quantized: also train the (int8, tied) lm_head scales
-    divergence: str = "forward_kl"
+    divergence: Divergence = "forward_kl"
     temperature: float = 1.0
     kd_weight: float = 1.0
     ce_weight: float = 0.0  # next-token cross-entropy on the text (kd_weight 0 + ce_weight 1 = plain LM training)
@@ -76,15 +74,9 @@ class DistillConfig:
     eval_every: int = 25
     checkpoint_every: int = 25
     seed: int = 0
-    device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.student not in STUDENTS:
-            raise ValueError(f"student must be one of {STUDENTS}, got {self.student!r}")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        super().__post_init__()
         if self.layers and self.keep_every is not None:
             raise ValueError("give either layers or keep_every, not both")
         if self.student != "shallow" and (self.layers or self.keep_every is not None):
@@ -289,13 +281,6 @@ def make_evaluate(student: PreTrainedModel, loss_fn: LossFn, heldout: torch.Tens
 # ----------------------------------------------------------------------------- the pass
 
 
-def _device(config: DistillConfig) -> torch.device:
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ToolkitError("device: cuda was asked for but no CUDA device is visible; use device: auto or cpu")
-    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if cuda else "cpu")
-
-
 def build_student(model: PreTrainedModel, config: DistillConfig) -> tuple[PreTrainedModel, dict[int, int]]:
     """The student and its hidden-state map (student ``hidden_states`` index -> teacher's)."""
     n = model.config.num_hidden_layers
@@ -314,7 +299,7 @@ def build_student(model: PreTrainedModel, config: DistillConfig) -> tuple[PreTra
 
 
 def apply(model: PreTrainedModel, config: DistillConfig, ctx: PassContext) -> PreTrainedModel:
-    device = _device(config)
+    device = torch.device(ctx.device)  # the recipe's device, resolved by the runner
     Path(ctx.workdir).mkdir(parents=True, exist_ok=True)
     teacher = ctx.original_model().to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
     student, hidden_map = build_student(model, config)

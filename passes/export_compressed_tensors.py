@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -28,6 +28,7 @@ from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import compressed_tensors as ct
 from toolkit.models.architectures import layout_of
 from toolkit.models.shards import SINGLE
+from toolkit.passes.base import ExportConfig, PassConfig
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
 from toolkit.quant.spec import QuantScheme
 
@@ -35,17 +36,16 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
-class ExportCompressedTensorsConfig:
+class ExportCompressedTensorsConfig(ExportConfig):
     name: ClassVar[str] = "export_compressed_tensors"
     reads_calibration: ClassVar[bool] = False
 
-    dtype: str = "float16"  # float tensors and scales; float16 holds our scales exactly (bfloat16 would not)
+    # float tensors and scales; float16 holds our scales exactly (bfloat16 would not)
+    dtype: Literal["float16", "float32"] = "float16"
     tolerance: float = 2e-2  # max |Δlogit| / max |logit| between the export and the source model
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (bfloat16 cannot hold float16 scales "
-                             f"exactly), got {self.dtype!r}")
+        super().__post_init__()
         if not 0 < self.tolerance < 1:
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
 
@@ -128,8 +128,9 @@ def _check_codes(linears: dict[str, QuantLinear], packed: dict[str, ct.Packed]) 
 
 
 def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ExportCompressedTensorsConfig,
-           folder: Path) -> dict[str, Any]:
-    """Write the checkpoint into ``folder`` (made atomic by the caller), validate it, return its metrics."""
+           folder: Path, *, history: tuple[PassConfig, ...] = ()) -> dict[str, Any]:
+    """Write the checkpoint into ``folder`` (made atomic by the caller), validate it, return its metrics.
+    Its ``quantization_config`` states the format only (no quantizer settings): ``history`` is unused."""
     folder = Path(folder)
     linears, floats = _linears(model)
     tensors = _tensors(model, linears, DTYPES[config.dtype])

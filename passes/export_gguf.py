@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import gguf
 import numpy as np
@@ -27,6 +27,7 @@ from toolkit.errors import ToolkitError
 from toolkit.interop import gguf_file, llama_cpp_probe
 from toolkit.models import gguf_reader
 from toolkit.models.architectures import layout_of
+from toolkit.passes.base import ExportConfig, PassConfig
 from toolkit.quant.formats import GGUFQ4_1, PackedFormat
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
 from toolkit.quant.spec import QuantScheme
@@ -37,19 +38,18 @@ PROMPTS = ("The capital of France is", "def fibonacci(n):\n    \"\"\"Return the 
 
 
 @dataclass(frozen=True)
-class ExportGGUFConfig:
+class ExportGGUFConfig(ExportConfig):
     name: ClassVar[str] = "export_gguf"
     reads_calibration: ClassVar[bool] = False
 
-    float_type: str = "f16"  # 2-D weights the model holds in float (norms are always F32)
+    float_type: Literal["f16", "f32"] = "f16"  # 2-D weights the model holds in float (norms are always F32)
     pre_tokenizer: str = "auto"  # llama.cpp's tokenizer.ggml.pre; auto: identified as convert_hf_to_gguf.py does
     check_llama_cpp: bool = True  # compare llama.cpp's logits with PyTorch when llama-cpp-python is installed
     # max |Δlogit| / max |logit| against PyTorch: llama.cpp's Q4/Q8 kernels round activations to 8 bits
     llama_cpp_tolerance: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.float_type not in gguf_file.FLOAT_TYPES:
-            raise ValueError(f"float_type must be one of {', '.join(gguf_file.FLOAT_TYPES)}, got {self.float_type!r}")
+        super().__post_init__()
         if not self.pre_tokenizer:
             raise ValueError("pre_tokenizer must be 'auto' or a llama.cpp pre-tokenizer name such as 'smollm'")
         if not 0 < self.llama_cpp_tolerance < 1:
@@ -214,8 +214,9 @@ def _check_llama_cpp(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 
 def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ExportGGUFConfig,
-           folder: Path) -> dict[str, Any]:
-    """Write ``folder/model.gguf`` (the folder is made atomic by the caller), validate it, return its metrics."""
+           folder: Path, *, history: tuple[PassConfig, ...] = ()) -> dict[str, Any]:
+    """Write ``folder/model.gguf`` (the folder is made atomic by the caller), validate it, return its metrics.
+    The GGUF records no quantizer settings: ``history`` is unused."""
     folder = Path(folder)
     plan = _plan(model)
     folder.mkdir(parents=True, exist_ok=True)

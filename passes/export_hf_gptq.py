@@ -3,7 +3,7 @@
 Layout per quantized linear: ``<name>.qweight/.qzeros/.scales/.g_idx`` (``toolkit.interop.hf_gptq``),
 every other tensor float16. The lm_head (int8 in our models) is written dequantized in float16, as
 GPTQ checkpoints keep the head in float; with tied embeddings only ``model.embed_tokens.weight`` is
-stored. The export proves itself: the written file is dequantized independently of ``QuantLinear``
+stored. ``quantization_config`` states what ran (``provenance``). The export proves itself: the written file is dequantized independently of ``QuantLinear``
 into a plain float model whose logits must match the source model on two input shapes.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -25,21 +25,23 @@ from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import hf_gptq
 from toolkit.models.architectures import layout_of
 from toolkit.models.shards import SINGLE
+from toolkit.passes.base import ExportConfig, PassConfig, QuantPassConfig
+from toolkit.passes.gptq import GPTQConfig
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
 from toolkit.quant.spec import QuantScheme, QuantSpec
+from toolkit.schema import record
 
 
 @dataclass(frozen=True)
-class ExportHFGPTQConfig:
+class ExportHFGPTQConfig(ExportConfig):
     name: ClassVar[str] = "export_hf_gptq"
     reads_calibration: ClassVar[bool] = False
 
-    checkpoint_format: str = "gptq"  # v1 (zeros stored minus one; widest support) or "gptq_v2"
+    checkpoint_format: Literal["gptq", "gptq_v2"] = "gptq"  # v1 (zeros stored minus one; widest support) or v2
     tolerance: float = 2e-2  # max |Δlogit| / max |logit| between the export and the source model
 
     def __post_init__(self) -> None:
-        if self.checkpoint_format not in hf_gptq.CHECKPOINT_FORMATS:
-            raise ValueError(f"checkpoint_format must be one of {hf_gptq.CHECKPOINT_FORMATS}, got {self.checkpoint_format!r}")
+        super().__post_init__()
         if not 0 < self.tolerance < 1:
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
 
@@ -88,10 +90,25 @@ def _tensors(model: PreTrainedModel, linears: dict[str, QuantLinear], checkpoint
     return out
 
 
-def _config(model: PreTrainedModel, spec: QuantSpec, config: ExportHFGPTQConfig) -> dict[str, Any]:
+def provenance(history: tuple[PassConfig, ...]) -> dict[str, Any]:
+    """What ``quantization_config`` can truly say about how the codes were made: GPTQ's settings only when the last
+    quantizing pass was GPTQ (act-order with static groups keeps the ordinary layout, so ``desc_act`` stays false),
+    and every model pass with its settings under ``meta``; nothing when the passes are not known."""
+    quantizers = [c for c in history if isinstance(c, QuantPassConfig)]
+    if not quantizers:
+        return {}
+    found: dict[str, Any] = {"meta": {"quantizer": ["llm-toolkit"], "passes": [{c.name: record(c)} for c in history]}}
+    last = quantizers[-1]
+    if isinstance(last, GPTQConfig):
+        found.update(true_sequential=last.true_sequential, static_groups=last.act_order, damp_percent=last.damp)
+    return found
+
+
+def _config(model: PreTrainedModel, spec: QuantSpec, config: ExportHFGPTQConfig,
+            history: tuple[PassConfig, ...]) -> dict[str, Any]:
     d = model.config.to_dict()
     d["dtype"] = d["torch_dtype"] = "float16"  # transformers 5 reads dtype, older readers torch_dtype
-    d["quantization_config"] = hf_gptq.quantization_config(spec, config.checkpoint_format)
+    d["quantization_config"] = {**hf_gptq.quantization_config(spec, config.checkpoint_format), **provenance(history)}
     return d
 
 
@@ -109,14 +126,16 @@ def reload_float(folder: Path) -> PreTrainedModel:
     return model.eval()
 
 
-def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ExportHFGPTQConfig, folder: Path) -> dict[str, Any]:
-    """Write the checkpoint into ``folder`` (made atomic by the caller) and return its metrics."""
+def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ExportHFGPTQConfig, folder: Path, *,
+           history: tuple[PassConfig, ...] = ()) -> dict[str, Any]:
+    """Write the checkpoint into ``folder`` (made atomic by the caller) and return its metrics; ``history``: the
+    model passes that made ``model`` (``provenance``)."""
     folder = Path(folder)
     linears, spec = _decoder_spec(model)
     tensors = _tensors(model, linears, config.checkpoint_format)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / SINGLE), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(_config(model, spec, config), indent=2, sort_keys=True))
+    (folder / "config.json").write_text(json.dumps(_config(model, spec, config, history), indent=2, sort_keys=True))
     tokenizer.save_pretrained(folder)
     error = check_reloaded(model, reload_float(folder), config.tolerance, "GPTQ checkpoint")
     return {"relative_logit_error": error, "bytes": (folder / SINGLE).stat().st_size,

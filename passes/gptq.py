@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -23,7 +23,9 @@ from transformers import PreTrainedModel
 from toolkit.algorithms.gptq import MAX_DAMP, gptq_quantize
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import layout_of
+from toolkit.models.shape import ModelShape
 from toolkit.models.streaming import SkeletonModel
+from toolkit.passes.base import QuantPassConfig
 from toolkit.passes.context import PassContext
 from toolkit.quant.arithmetic import dequantize
 from toolkit.quant.calibration import (
@@ -42,16 +44,13 @@ from toolkit.quant.streaming import (
     head_inputs_hessian,
     stream_calibrated,
 )
-from toolkit.quant.surgery import WeightQuantConfig, check_group_size, install, quantize_head, target_linears
+from toolkit.quant.surgery import LinearCodes, check_group_size, install, quantize_head, target_linears
 
 log = logging.getLogger(__name__)
 
 
-HEAD_METHODS = ("rtn", "gptq")
-
-
 @dataclass(frozen=True)
-class GPTQConfig(WeightQuantConfig):
+class GPTQConfig(QuantPassConfig):
     name: ClassVar[str] = "gptq"
     reads_calibration: ClassVar[bool] = True
 
@@ -61,7 +60,7 @@ class GPTQConfig(WeightQuantConfig):
     true_sequential: bool = True  # later linears of a layer see the quantized earlier ones
     # how the head (at lm_head_bits) is quantized: "rtn": symmetric round-to-nearest (near-lossless at 8 bits);
     # "gptq": GPTQ on its input (the final norm's output under the quantized body), with this config's symmetry
-    lm_head_method: str = "rtn"
+    lm_head_method: Literal["rtn", "gptq"] = "rtn"
     batch_size: int = 8  # calibration windows per forward
 
     def __post_init__(self) -> None:
@@ -70,12 +69,15 @@ class GPTQConfig(WeightQuantConfig):
             raise ValueError(f"damp must be in (0, {MAX_DAMP}] (a fraction of mean(diag H); 0.01 is usual), got {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be a positive number of columns (128 is usual), got {self.block_size}")
-        if self.lm_head_method not in HEAD_METHODS:
-            raise ValueError(f"lm_head_method must be one of {', '.join(HEAD_METHODS)}, got {self.lm_head_method!r}")
         if self.lm_head_method == "gptq" and self.lm_head_bits is None:
             raise ValueError("lm_head_method 'gptq' needs lm_head_bits (4 or 8): a float head is not quantized")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 window, got {self.batch_size}")
+
+    def streaming_bytes(self, shape: ModelShape, calibration_tokens: int, activations_budget: int) -> float:
+        """A GPTQ head also holds the head's float32 weight while the body's hidden states are carried."""
+        head = 4 * shape.embedding_parameters if self.lm_head_method == "gptq" else 0
+        return super().streaming_bytes(shape, calibration_tokens, activations_budget) + head
 
 
 def _groups(model: PreTrainedModel, prefix: str, targets: dict[str, nn.Linear]) -> list[list[str]]:
@@ -94,17 +96,8 @@ def _hessians(layer: nn.Module, prefix: str, inputs: LayerInputs, names: list[st
     return {n: moments[n].hessian() for n in names}
 
 
-@dataclass
-class _Quantized:
-    name: str
-    linear: nn.Linear
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-
-
 def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, config: GPTQConfig,
-                    done: list[_Quantized]) -> dict[str, Any]:
+                    done: list[LinearCodes]) -> dict[str, Any]:
     """GPTQ on the row-concatenation of linears sharing one input.
 
     Each linear keeps computing in float with its dequantized weight (the same function as the
@@ -123,7 +116,7 @@ def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, c
     row = 0
     for n, m in zip(names, linears, strict=True):
         rows = slice(row, row + m.out_features)  # type: ignore[operator]
-        q = _Quantized(n, m, res.codes[rows], res.scales[rows], res.zeros[rows])  # type: ignore[arg-type]
+        q = LinearCodes(n, m, res.codes[rows], res.scales[rows], res.zeros[rows])  # type: ignore[arg-type]
         m.weight.data.copy_(dequantize(q.codes, q.scales, q.zeros, config.spec.group(q.codes.shape[1])))
         done.append(q)
         row = rows.stop
@@ -152,10 +145,10 @@ def _quantize_head_gptq(model: PreTrainedModel, config: GPTQConfig, ctx: PassCon
 
 
 def quantize_layer(model: PreTrainedModel, prefix: str, layer: nn.Module, inputs: LayerInputs,
-                   targets: dict[str, nn.Linear], config: GPTQConfig, report: dict[str, Any]) -> list[_Quantized]:
+                   targets: dict[str, nn.Linear], config: GPTQConfig, report: dict[str, Any]) -> list[LinearCodes]:
     """GPTQ on the target linears of one decoder layer; their float weights become the dequantized
     result (for the next layers' calibration), the packed results are returned."""
-    done: list[_Quantized] = []
+    done: list[LinearCodes] = []
     groups = _groups(model, prefix, targets)
     # true-sequential: one calibration sweep per group; otherwise one sweep on the float layer
     sweeps = [[g] for g in groups] if config.true_sequential else [groups]
@@ -173,7 +166,7 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
     targets = target_linears(model, config.skip)
     check_group_size(targets, config.group_size)
     report: dict[str, Any] = {}
-    done: list[_Quantized] = []
+    done: list[LinearCodes] = []
 
     def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> None:
         done.extend(quantize_layer(model, prefix, layer, inputs, targets, config, report))
@@ -197,7 +190,7 @@ def stream(src: SkeletonModel, out: Path, config: GPTQConfig, ctx: PassContext, 
     targets = target_linears(src.model, config.skip)
     report: dict[str, Any] = {}
 
-    def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> list[Any]:
+    def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> list[LinearCodes]:
         return quantize_layer(src.model, prefix, layer, inputs, targets, config, report)
 
     def gptq_head(src: SkeletonModel, inputs: LayerInputs, writer: PackedWriter) -> None:

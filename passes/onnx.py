@@ -44,7 +44,7 @@ import math
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import onnx
 import torch
@@ -58,26 +58,25 @@ from toolkit.onnx.decoder import Resident, build_model, in_memory
 from toolkit.onnx.external import ExternalData
 from toolkit.onnx.graph import Dims, GraphOptions, dims_of
 from toolkit.onnx.validate import Probe, Reference, model_reference, op_census, probe_sequences, run_checks
+from toolkit.passes.base import ExportConfig, PassConfig
 from toolkit.passes.context import PassContext
 from toolkit.quant.modules import quantized_modules
 from toolkit.quant.spec import QuantScheme
 from toolkit.quant.streaming import StreamOptions
 from toolkit.runtime.backend import MAX_THREADS, BackendOptions, OrtBackend
-from toolkit.runtime.contract import DATA_FILE, EXPORT_FILE, GENAI_FILE, MODEL_FILE, TARGETS, ExportContract
+from toolkit.runtime.contract import DATA_FILE, EXPORT_FILE, GENAI_FILE, MODEL_FILE, ExportContract, Target
 
 MIN_OPSET = {"ort": 23, "standard": 23}  # RMSNormalization, RotaryEmbedding, Attention
 MAX_OPSET = onnx.defs.onnx_opset_version()  # a later opset names operator versions the installed onnx does not know
-DTYPES = ("float32", "float16")
-
 
 @dataclass(frozen=True)
-class ONNXConfig:
+class ONNXConfig(ExportConfig):
     name: ClassVar[str] = "onnx"
     reads_calibration: ClassVar[bool] = False
 
-    target: str = "ort"
+    target: Target = "ort"
     opset: int = 23
-    dtype: str = "float32"  # float weights and activations: float32 or float16 (see the module docstring)
+    dtype: Literal["float32", "float16"] = "float32"  # float weights and activations: float32 or float16 (see the module docstring)
     accuracy_level: int = 4  # MatMulNBits: 0 float activations; 4 int8 activations (fastest on CPU)
     # strict check: max |Δlogits| (exact weights, float activations). Summation order alone gives ~1e-4 on
     # SmolLM2 and up to 1.9e-3 (GPTQ g64 asymmetric, one 7-token prefill); a wrong code or scale gives >> 1e-2
@@ -93,8 +92,7 @@ class ONNXConfig:
     threads: int = 2
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got '{self.target}'")
+        super().__post_init__()
         if self.opset < MIN_OPSET[self.target]:
             raise ValueError(f"target '{self.target}' needs opset >= {MIN_OPSET[self.target]}, got {self.opset}")
         if self.opset > MAX_OPSET:
@@ -108,9 +106,6 @@ class ONNXConfig:
             raise ValueError(f"max_positions must be 0 (the model's own) or >= 64, got {self.max_positions}")
         if not (self.tolerance > 0 and self.deployed_tolerance > 0 and self.float16_tolerance > 0):
             raise ValueError("tolerance, deployed_tolerance and float16_tolerance must be positive")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES} (float weights, activations and KV cache), "
-                             f"got '{self.dtype}'")
 
     def graph_options(self, accuracy_level: int | None = None) -> GraphOptions:
         level = self.accuracy_level if accuracy_level is None else accuracy_level
@@ -203,9 +198,9 @@ def contract_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conf
 
 @torch.no_grad()
 def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ONNXConfig,
-           folder: Path) -> dict[str, Any]:
+           folder: Path, *, history: tuple[PassConfig, ...] = ()) -> dict[str, Any]:
     """Write the ONNX export of an in-memory model into ``folder`` (a fresh temp dir) and prove it; returns
-    manifest metrics."""
+    manifest metrics. ``export.json`` describes the graph, not how its weights were made: ``history`` is unused."""
     return _export(model.eval(), tokenizer, config, Path(folder), in_memory, model_reference(model))
 
 

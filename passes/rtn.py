@@ -10,15 +10,16 @@ import torch
 from transformers import PreTrainedModel
 
 from toolkit.models.streaming import SkeletonModel
+from toolkit.passes.base import QuantPassConfig
 from toolkit.passes.context import PassContext
 from toolkit.quant.arithmetic import rtn_quantize
 from toolkit.quant.spec import QuantSpec
 from toolkit.quant.streaming import StreamOptions, stream_rtn
-from toolkit.quant.surgery import WeightQuantConfig, check_group_size, install, quantize_head, target_linears
+from toolkit.quant.surgery import check_group_size, install, quantize_head, target_linears
 
 
 @dataclass(frozen=True)
-class RTNConfig(WeightQuantConfig):
+class RTNConfig(QuantPassConfig):
     """Round-to-nearest needs nothing beyond the shared settings (bits, group, symmetry, skip, head bits)."""
     name: ClassVar[str] = "rtn"
     reads_calibration: ClassVar[bool] = False

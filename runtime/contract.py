@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from toolkit.errors import ToolkitError
 
@@ -24,7 +24,8 @@ EXPORT_FILE = "export.json"
 GENAI_FILE = "genai_config.json"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-TARGETS = ("ort", "standard")
+Target = Literal["ort", "standard"]
+TARGETS: tuple[str, ...] = get_args(Target)
 # batches a graph serves: rows written from column 0 ("right"), ending in the last column ("left"), or both
 PADDINGS = ("right", "left", "left or right")
 CACHE_DTYPES = ("float32", "float16")

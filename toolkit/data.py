@@ -10,19 +10,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from toolkit.errors import ToolkitError
 from toolkit.paths import hub_reachable
+from toolkit.schema import check_choices
 
 if TYPE_CHECKING:  # the window specs are read by recipes and the CLI; only tokenizing needs torch
     import torch
     from transformers import PreTrainedTokenizerBase
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-SPLITS = ("calibration", "evaluation")
-SAMPLINGS = ("sequential", "random")
-FORMATS = ("text", "chat")
+Split = Literal["calibration", "evaluation"]
+Sampling = Literal["sequential", "random"]
+TextFormat = Literal["text", "chat"]
 
 
 @dataclass(frozen=True)
@@ -38,21 +39,16 @@ class WindowSpec:
     """
 
     source: str = "pydoc"
-    split: str = "evaluation"
+    split: Split = "evaluation"
     length: int = 512
     count: int = 16
-    sampling: str = "sequential"
+    sampling: Sampling = "sequential"
     seed: int = 0
     text_field: str = "text"
-    format: str = "text"
+    format: TextFormat = "text"
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
-        if self.split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        check_choices(self)
         if self.length < 2 or self.count < 1:
             raise ValueError(f"windows need length >= 2 and count >= 1, got length={self.length} count={self.count}")
 

@@ -108,6 +108,30 @@ def build(cls: type[T], data: Any, origin: str, path: str = "") -> T:
         raise ToolkitError(f"{_where(origin, path)}: {exc}") from None
 
 
+def _choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    """The ``typing.Literal`` fields of ``cls`` (``X | None`` too) and their allowed values."""
+    found: dict[str, tuple[Any, ...]] = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        args = typing.get_args(tp)
+        optional: tuple[Any, ...] = ()
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            optional = (None,) if type(None) in args else ()
+            tp = next((a for a in args if typing.get_origin(a) is typing.Literal), tp)
+            args = typing.get_args(tp)
+        if typing.get_origin(tp) is typing.Literal:
+            found[name] = args + optional
+    return found
+
+
+def check_choices(obj: Any) -> None:
+    """Raise ValueError naming the allowed values when a ``Literal`` field of the dataclass ``obj`` holds another
+    (``build`` refuses it in a recipe already; this catches a config built in Python)."""
+    for name, allowed in _choices(type(obj)).items():
+        value = getattr(obj, name)
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
 def _number_problem(value: Any, sentinels: tuple[int, ...]) -> str | None:
     if isinstance(value, bool):
         return None

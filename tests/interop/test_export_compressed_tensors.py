@@ -17,7 +17,7 @@ from toolkit.errors import ToolkitError
 from toolkit.interop import compressed_tensors as ct
 from toolkit.models.shards import SINGLE
 from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
-from toolkit.passes import CONFIGS
+from toolkit.passes import configs
 from toolkit.passes.export_compressed_tensors import ExportCompressedTensorsConfig, export
 from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
@@ -204,7 +204,7 @@ def test_transformers_loads_every_familys_export_with_its_quantized_logits(tmp_p
 
 
 def test_bfloat16_is_refused_since_it_cannot_hold_the_scales() -> None:
-    assert CONFIGS["export_compressed_tensors"] is ExportCompressedTensorsConfig
+    assert configs()["export_compressed_tensors"] is ExportCompressedTensorsConfig
     with pytest.raises(ValueError, match="bfloat16"):
         ExportCompressedTensorsConfig(dtype="bfloat16")
 

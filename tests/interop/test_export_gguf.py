@@ -17,7 +17,7 @@ from toolkit.interop import gguf_file, rope_factors
 from toolkit.models import gguf_reader
 from toolkit.models.architectures import layout_of
 from toolkit.models.tiny import family_config, tiny_model, tiny_tokenizer
-from toolkit.passes import CONFIGS
+from toolkit.passes import configs
 from toolkit.passes.export_gguf import FILE, ExportGGUFConfig, export
 from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
@@ -217,7 +217,7 @@ def test_tampered_bytes_fail_the_export(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_recipe_key_is_registered() -> None:
-    assert CONFIGS["export_gguf"] is ExportGGUFConfig
+    assert configs()["export_gguf"] is ExportGGUFConfig
     with pytest.raises(ValueError, match="float_type"):
         ExportGGUFConfig(float_type="bf16")
 

@@ -126,7 +126,7 @@ def test_distill_shallow_keeps_the_layer_pattern(family: str, tmp_path: Path) ->
     kept = tuple(range(0, teacher.config.num_hidden_layers, 2))
     windows = sliding_windows(teacher.config)
     config = distill.DistillConfig(student="shallow", layers=kept, steps=2, batch_size=2, warmup_steps=1,
-                                   eval_every=2, checkpoint_every=2, heldout_windows=2, device="cpu")
+                                   eval_every=2, checkpoint_every=2, heldout_windows=2)
     student = distill.apply(tiny_model(family), config, ctx(family, tmp_path))
     assert sliding_windows(student.config) == [windows[i] for i in kept]
     assert torch.isfinite(logits(student)).all()

@@ -17,7 +17,7 @@ from toolkit.errors import ToolkitError
 from toolkit.onnx import decoder
 from toolkit.onnx.validate import metrics
 from toolkit.onnx.weights import LinearWeight
-from toolkit.passes import CONFIGS, EXPORTS
+from toolkit.passes import PASSES, configs
 from toolkit.passes.onnx import DATA_FILE, MODEL_FILE, ONNXConfig, export
 from toolkit.passes.rtn import RTNConfig
 from toolkit.passes.rtn import apply as rtn_apply
@@ -293,7 +293,7 @@ def test_config_rejects_bad_values(bad: dict) -> None:
 
 
 def test_export_is_registered() -> None:
-    assert EXPORTS[ONNXConfig] is export and CONFIGS["onnx"] is ONNXConfig
+    assert PASSES[ONNXConfig].run is export and configs()["onnx"] is ONNXConfig
 
 
 # ---------------------------------------------------------------- the real model

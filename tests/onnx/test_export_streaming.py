@@ -21,7 +21,7 @@ from toolkit.onnx.decoder import build_model
 from toolkit.onnx.external import ExternalData
 from toolkit.onnx.validate import reference_logits
 from toolkit.onnx.weights import LinearWeight
-from toolkit.passes import STREAMING
+from toolkit.passes import PASSES
 from toolkit.passes.context import PassContext
 from toolkit.passes.onnx import DATA_FILE, MODEL_FILE, ONNXConfig, contract_of, export, stream
 from toolkit.passes.rtn import RTNConfig
@@ -138,7 +138,7 @@ def test_config_refuses_an_unknown_dtype() -> None:
 
 
 def test_onnx_export_is_registered_as_streaming() -> None:
-    assert STREAMING[ONNXConfig] is stream
+    assert PASSES[ONNXConfig].stream is stream
 
 
 def _recipe(tmp_path: Path, model: Path) -> recipes.Recipe:

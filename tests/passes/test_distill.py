@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from toolkit.algorithms.distillation import hidden_state_map, kept_layers, logit_divergence
 from toolkit.errors import ToolkitError
 from toolkit.models.tiny import tiny_llama, tiny_tokenizer
-from toolkit.passes import CONFIGS, PASSES, distill, rtn
+from toolkit.passes import PASSES, configs, distill, rtn
 from toolkit.passes.context import PassContext
 from toolkit.quant import checkpoint
 from toolkit.quant.modules import quantized_modules
@@ -50,7 +50,7 @@ def test_config_round_trip_and_registration():
     cfg = distill.DistillConfig(student="shallow", layers=(0, 2), divergence="jsd", steps=7, lr=5e-4)
     assert distill.DistillConfig(**asdict(cfg)) == cfg
     assert cfg.train_config == TrainConfig(steps=7, lr=5e-4, batch_size=4, warmup_steps=10)
-    assert PASSES[distill.DistillConfig] is distill.apply and CONFIGS["distill"] is distill.DistillConfig
+    assert PASSES[distill.DistillConfig].run is distill.apply and configs()["distill"] is distill.DistillConfig
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -62,7 +62,6 @@ def test_config_round_trip_and_registration():
     (dict(kd_weight=0.0), "at least one > 0"),
     (dict(lr=3.0), "typical values"),
     (dict(steps=0), "steps must be >= 1"),
-    (dict(device="tpu"), "device must be one of"),
 ])
 def test_config_refuses_with_a_hint(kwargs, message):
     with pytest.raises(ValueError, match=message):

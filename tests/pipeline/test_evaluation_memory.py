@@ -12,6 +12,7 @@ import yaml
 from transformers import LlamaConfig
 
 from tests.quant.test_streaming import write_sharded
+from toolkit.models.shape import ModelShape
 from toolkit.models.tiny import tiny_llama
 from toolkit.pipeline import budget, recipes, runner
 
@@ -24,7 +25,7 @@ SMOLLM2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers
 
 def test_a_1b_float_baseline_streams_on_this_machines_budget_and_smollm2_does_not() -> None:
     budget_20gb = 20 * 10**9  # about what a 24 GB machine has available
-    one_b, smollm2 = budget.ModelShape.of_config(LLAMA_1B), budget.ModelShape.of_config(SMOLLM2)
+    one_b, smollm2 = ModelShape.of_config(LLAMA_1B), ModelShape.of_config(SMOLLM2)
     assert budget.evaluation_streams(one_b, 512, 1, budget_20gb)
     assert not budget.evaluation_streams(smollm2, 512, 1, budget_20gb)
     assert budget.evaluation_streams(smollm2, 512, 1, 2 * 10**9)  # a small budget streams SmolLM2 too
@@ -32,7 +33,7 @@ def test_a_1b_float_baseline_streams_on_this_machines_budget_and_smollm2_does_no
 
 def test_the_1b_recipe_with_default_evaluation_is_estimated_with_the_streamed_evaluation() -> None:
     """With the defaults the resolved evaluation streams and drops KL, so no phase holds the float model."""
-    shape = budget.ModelShape.of_config(LLAMA_1B)
+    shape = ModelShape.of_config(LLAMA_1B)
     recipe = recipes.parse({"model": "x", "output": "o", "passes": [{"rtn": {}}]}, "r")
     ref = runner.models.ModelRef("x", "k", Path("/nonexistent-float-folder"))
     spec = runner.resolve_evaluation(recipe.evaluation, ref, shape, 20 * 10**9, lambda _: None)

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,20 @@ def write_recipe(tmp_path: Path, recipe: dict, name: str = "r.yaml") -> Path:
     (lambda r: r["passes"][0]["rtn"].update(bits="four"), r"passes\[0\]\.rtn\.bits: expected int"),
     (lambda r: r["passes"][0]["rtn"].update(bits=5), r"bits must be one of"),
     (lambda r: r.pop("model"), r"'model' is required"),
+    (lambda r: r["passes"][0]["rtn"].update(device="cuda"),
+     r"passes\[0\]\.rtn\.device: the device is set once for every pass, by the recipe's top-level 'device:' key "
+     r"\(auto, cpu, cuda\); move it there"),
+    (lambda r: r["passes"].insert(0, {"distill": {"student": "shallow", "device": "cpu"}}),
+     r"passes\[0\]\.distill\.device: .* top-level 'device:' key"),
+    (lambda r: r["passes"].insert(0, {"distill": {"divergence": "kl"}}),
+     r"passes\[0\]\.distill\.divergence: 'kl' is not one of \['forward_kl', 'reverse_kl', 'jsd'\]"),
+    (lambda r: r["calibration"].update(sampling="shuffled"),
+     r"calibration\.sampling: 'shuffled' is not one of \['sequential', 'random'\]"),
+    (lambda r: r["passes"].insert(0, {"awq": {"bits": 4, "group_size": 16, "quantize": False}}),
+     r"passes\[0\]\.awq: awq searched its scales for bits 4, group_size 16, symmetric true but rtn quantizes with "
+     r"bits 4, group_size 32, symmetric true; give both passes the same bits, group_size and symmetric"),
+    (lambda r: r["passes"].insert(0, {"awq": {"symmetric": False, "quantize": False}}),
+     r"awq searched its scales for bits 4, group_size 32, symmetric false but rtn quantizes with .* symmetric true"),
 ])
 def test_recipe_errors_name_file_key_and_choices(tmp_path, mutate, message):
     recipe = json.loads(json.dumps(TINY_RECIPE))
@@ -51,6 +66,17 @@ def test_recipe_lists_become_tuples(tmp_path):
     assert loaded.passes[0].config == rtn.RTNConfig(4, 32, True, ("model.layers.0.*",), 8)
 
 
+def test_awq_then_a_quantizer_with_its_format_is_read(tmp_path):
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["passes"] = [{"awq": {"bits": 4, "group_size": 32, "quantize": False}}, {"distill": {}},
+                        {"gptq": {"bits": 4, "group_size": 32}}]
+    loaded = recipes.load(write_recipe(tmp_path, recipe))
+    assert [s.name for s in loaded.passes] == ["awq", "distill", "gptq"]
+    recipe["passes"][0]["awq"]["quantize"] = True  # AWQ quantized itself: a later pass may use another format
+    recipe["passes"][2]["gptq"]["bits"] = 8
+    assert recipes.load(write_recipe(tmp_path, recipe)).passes[2].config.bits == 8
+
+
 def test_shipped_recipes_parse():
     for path in sorted(Path(__file__).parents[2].glob("recipes/*.yaml")):
         recipe = recipes.load(path)
@@ -66,12 +92,12 @@ def test_rerun_is_served_from_cache_and_changes_recompute(tmp_path, monkeypatch)
     def must_not_run(*args, **kwargs):
         raise AssertionError("the pass ran although its output was cached")
 
-    monkeypatch.setitem(PASSES, rtn.RTNConfig, must_not_run)
+    monkeypatch.setitem(PASSES, rtn.RTNConfig, replace(PASSES[rtn.RTNConfig], run=must_not_run))
     second = runner.run(recipes.load(path), progress=False, log=lambda m: None, overwrite=True)
     assert [s.cache_hit for s in second.steps] == [True]
     assert second.after["cache_hit"] and second.after["perplexity"] == first.after["perplexity"]
 
-    monkeypatch.setitem(PASSES, rtn.RTNConfig, rtn.apply)
+    monkeypatch.setitem(PASSES, rtn.RTNConfig, replace(PASSES[rtn.RTNConfig], run=rtn.apply))
     changed = json.loads(json.dumps(TINY_RECIPE))
     changed["passes"][0]["rtn"]["group_size"] = 16
     third = runner.run(recipes.load(write_recipe(tmp_path, changed, "r2.yaml")), progress=False, log=lambda m: None,
@@ -108,7 +134,7 @@ def test_failed_pass_leaves_no_output(tmp_path, monkeypatch):
     def explode(model, config, ctx):
         raise RuntimeError("interrupted mid-pass")
 
-    monkeypatch.setitem(PASSES, rtn.RTNConfig, explode)
+    monkeypatch.setitem(PASSES, rtn.RTNConfig, replace(PASSES[rtn.RTNConfig], run=explode))
     with pytest.raises(RuntimeError):
         runner.run(recipes.load(write_recipe(tmp_path, TINY_RECIPE)), progress=False, log=lambda m: None)
     assert not (tmp_path / "out").exists()

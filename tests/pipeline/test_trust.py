@@ -8,6 +8,7 @@ import errno
 import inspect
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation import compare as gate
 from toolkit.manifest import verify_tree, write_manifest
 from toolkit.models.tiny import tiny_llama
-from toolkit.passes import PASSES, STREAMING, gptq, rtn
+from toolkit.passes import PASSES, gptq, rtn
 from toolkit.pipeline import recipes, runner
 from toolkit.quant import checkpoint
 from toolkit.training.trainer import TrainConfig, Trainer
@@ -57,7 +58,7 @@ def no_pass_may_run(monkeypatch: pytest.MonkeyPatch) -> None:
     def must_not_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("a pass ran although the output was refused")
 
-    monkeypatch.setitem(PASSES, rtn.RTNConfig, must_not_run)
+    monkeypatch.setitem(PASSES, rtn.RTNConfig, replace(PASSES[rtn.RTNConfig], run=must_not_run))
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -413,7 +414,7 @@ def test_bad_weights_are_refused_alike_streamed_or_in_memory(tmp_path, capsys, m
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     if case != "nan":  # known from the headers: refused before any pass runs
         no_pass_may_run(monkeypatch)
-        monkeypatch.setitem(STREAMING, rtn.RTNConfig, PASSES[rtn.RTNConfig])
+        monkeypatch.setitem(PASSES, rtn.RTNConfig, replace(PASSES[rtn.RTNConfig], stream=PASSES[rtn.RTNConfig].run))
     changes = STREAMED if path == "streaming" else {}  # else the baseline is evaluated in memory first
     recipe = recipe_file(tmp_path, tmp_path / "out", model=str(folder), **changes)
     refused(capsys, "run", str(recipe), "--no-progress", match=message)
@@ -577,7 +578,7 @@ def test_spill_folder_is_checked_before_any_work(tmp_path, capsys, monkeypatch, 
     model = saved_tiny(tmp_path / "m")
     spill = {"output": tmp_path / "out", "in_output": tmp_path / "out" / "spill", "model": model / "spill",
              "cache": isolated_cache / "spill"}[where]
-    monkeypatch.setitem(STREAMING, gptq.GPTQConfig, PASSES[rtn.RTNConfig])  # must not run
+    monkeypatch.setitem(PASSES, gptq.GPTQConfig, replace(PASSES[gptq.GPTQConfig], stream=PASSES[rtn.RTNConfig].run))  # must not run
     no_pass_may_run(monkeypatch)
     refused(capsys, "run", str(spilling_recipe(tmp_path, spill, model)), "--no-progress",
             match="memory.spill_dir")

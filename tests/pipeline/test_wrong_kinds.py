@@ -15,7 +15,7 @@ import yaml
 from tests.pipeline.test_recipes_pipeline import TINY_RECIPE
 from tests.pipeline.test_trust import no_pass_may_run, recipe_file, refused
 from toolkit.errors import ToolkitError
-from toolkit.passes import CONFIGS, PASSES
+from toolkit.passes import PASSES, configs
 from toolkit.pipeline import recipes
 from toolkit.runtime import GenerationConfig
 from toolkit.schema import SENTINELS, build
@@ -40,7 +40,7 @@ def numeric_fields(cls: type) -> list[tuple[str, list[object]]]:
 def places() -> list[tuple[str, str, object]]:
     """(section or pass, key, bad value) for every numeric setting a recipe has."""
     out = []
-    for where, cls in [*SECTIONS.items(), *(("pass:" + n, c) for n, c in CONFIGS.items())]:
+    for where, cls in [*SECTIONS.items(), *(("pass:" + n, c) for n, c in configs().items())]:
         for key, values in numeric_fields(cls):
             out += [(where, key, v) for v in values]
     return out
@@ -55,7 +55,7 @@ def test_every_numeric_recipe_setting_refuses_nan_inf_negative_and_huge(tmp_path
         recipe["passes"] = [{where[5:]: settings}]
     else:
         settings = recipe.setdefault(where, {})
-    hint = typing.get_type_hints(CONFIGS.get(where[5:]) or SECTIONS[where])[key]
+    hint = typing.get_type_hints(configs().get(where[5:]) or SECTIONS[where])[key]
     settings[key] = [value] if typing.get_origin(hint) is tuple else value
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({**recipe, "output": str(tmp_path / "out")}))
@@ -70,11 +70,11 @@ def test_the_audit_covers_the_settings_that_broke():
 
 
 def test_group_size_minus_one_is_the_one_negative_that_means_something():
-    config = build(CONFIGS["gptq"], {"group_size": -1}, "r.yaml", "passes[0].gptq")
+    config = build(configs()["gptq"], {"group_size": -1}, "r.yaml", "passes[0].gptq")
     assert config.group_size == -1
     assert [f.metadata[SENTINELS] for f in dataclasses.fields(config) if SENTINELS in f.metadata] == [(-1,)]
     with pytest.raises(ToolkitError, match=r"group_size: expected a count, size or seed >= 0 or -1, got -2"):
-        build(CONFIGS["gptq"], {"group_size": -2}, "r.yaml", "passes[0].gptq")
+        build(configs()["gptq"], {"group_size": -2}, "r.yaml", "passes[0].gptq")
 
 
 @pytest.mark.parametrize("budget", [".nan", ".inf", "-.inf"])
@@ -138,7 +138,8 @@ def test_the_runtime_refuses_an_absurd_thread_count():
 def test_an_export_that_cannot_hold_the_quantization_is_refused_before_any_pass(
         tmp_path, capsys, monkeypatch, quantize, export, message):
     for config in list(PASSES):
-        monkeypatch.setitem(PASSES, config, lambda *a, **k: pytest.fail("a pass ran although the recipe is refused"))
+        fail = lambda *a, **k: pytest.fail("a pass ran although the recipe is refused")  # noqa: E731
+        monkeypatch.setitem(PASSES, config, dataclasses.replace(PASSES[config], run=fail))
     out = tmp_path / "out"
     path = recipe_file(tmp_path, out, passes=[quantize, {export: {}}])
     refused(capsys, "run", str(path), match=message)
@@ -184,7 +185,8 @@ def broken_template_model(tmp_path):
 def test_chat_calibration_with_a_broken_template_is_refused_before_any_pass(
         tmp_path, capsys, monkeypatch, broken_template_model):
     for config in list(PASSES):
-        monkeypatch.setitem(PASSES, config, lambda *a, **k: pytest.fail("a pass ran although the template is broken"))
+        fail = lambda *a, **k: pytest.fail("a pass ran although the template is broken")  # noqa: E731
+        monkeypatch.setitem(PASSES, config, dataclasses.replace(PASSES[config], run=fail))
     out = tmp_path / "out"
     path = recipe_file(tmp_path, out, model=str(broken_template_model),
                        calibration={"count": 4, "length": 32, "format": "chat"},

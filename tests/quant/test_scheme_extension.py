@@ -19,7 +19,7 @@ from toolkit.errors import ToolkitError
 from toolkit.interop import compressed_tensors as ct
 from toolkit.models.streaming import SkeletonModel
 from toolkit.models.tiny import tiny_llama, tiny_tokenizer
-from toolkit.passes import EXPORTS, SPEC_CHECKS, awq, gptq, rtn
+from toolkit.passes import PASSES, Pass, awq, gptq, rtn
 from toolkit.passes.context import PassContext
 from toolkit.quant.modules import quantized_modules
 from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
@@ -89,23 +89,23 @@ def test_streaming_passes_refuse_it_before_writing(tmp_path: Path, module: Modul
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
 
 
-CHECKS = {cls.name: check for cls, check in SPEC_CHECKS.items()}  # type: ignore[attr-defined]
+EXPORTS = {cls.name: record for cls, record in PASSES.items() if cls.kind == "export"}
 
 
-@pytest.mark.parametrize("export", sorted(CHECKS))
+@pytest.mark.parametrize("export", sorted(EXPORTS))
 def test_exports_refuse_it_when_the_recipe_is_read(export: str) -> None:
-    assert set(SPEC_CHECKS) == set(EXPORTS)  # every export computes with float activations
+    holds = EXPORTS[export].holds
+    assert holds is not None  # every export computes with float activations
     with pytest.raises(ToolkitError, match=REFUSAL.format(export)):
-        CHECKS[export](W4A8)
+        holds(W4A8)
 
 
 @pytest.mark.parametrize("export", ["export_gguf", "export_hf_gptq", "export_compressed_tensors", "onnx"])
 def test_a_recipe_with_it_before_such_an_export_is_refused_when_read(monkeypatch: pytest.MonkeyPatch,
                                                                      export: str) -> None:
-    from toolkit.passes import CONFIGS
     from toolkit.pipeline import recipes
 
-    monkeypatch.setitem(CONFIGS, W4A8Config.name, W4A8Config)  # the registry entry an activation pass adds
+    monkeypatch.setitem(PASSES, W4A8Config, Pass(rtn.apply))  # the registry entry an activation pass adds
     data = {"model": "tiny-llama", "output": "out", "passes": [{"w4a8": {}}, {export: {}}]}
     with pytest.raises(ToolkitError, match=f"^r.yaml: passes\\[0\\].w4a8 then {export}: {export} quantizes weights "
                        "only; this W4A8 scheme"):

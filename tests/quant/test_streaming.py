@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from toolkit.models.shape import ModelShape
 from toolkit.models.shards import INDEX, ShardWriter
 from toolkit.models.streaming import SkeletonModel, greedy_generate
 from toolkit.models.tiny import tiny_llama, tiny_tokenizer
@@ -170,7 +171,7 @@ def test_memory_estimate_streams_a_large_model_within_budget() -> None:
 
     from toolkit.pipeline import budget, recipes
 
-    shape = budget.ModelShape.of_config(LlamaConfig(
+    shape = ModelShape.of_config(LlamaConfig(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False))
     assert 8.0e9 < shape.parameters < 8.1e9

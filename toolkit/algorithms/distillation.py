@@ -6,11 +6,13 @@ Pure functions on tensors; the pass (passes/distill.py) wires them to models and
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:

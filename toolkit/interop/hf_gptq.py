@@ -27,10 +27,11 @@ BITS = GPTQInt32.widths()  # widths that fill an int32 word exactly
 
 
 def quantization_config(spec: QuantSpec, checkpoint_format: str) -> dict[str, Any]:
+    """The keys every reader needs to unpack the codes; how they were made (GPTQ's damping, order) is the exporter's
+    to add, and only when it knows (``passes.export_hf_gptq.provenance``)."""
     return {
         "quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size, "desc_act": False,
-        "sym": spec.symmetric, "true_sequential": True, "static_groups": False,
-        "checkpoint_format": checkpoint_format, "damp_percent": 0.01,
+        "sym": spec.symmetric, "static_groups": False, "checkpoint_format": checkpoint_format,
     }
 
 

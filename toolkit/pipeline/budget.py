@@ -1,9 +1,9 @@
 """Memory estimate of a run, checked against its budget before anything starts.
 
 Figures are resident bytes on the CPU, from the model's config alone (no weights read): a float32 copy is
-4 bytes a parameter; a streaming pass holds one decoder layer in float32 (plus GPTQ's work copies), the
-calibration activations up to their budget, and the embedding or head while they are used. The estimate is
-deliberately simple and errs high; ``Estimate.phases`` says which phase sets the peak.
+4 bytes a parameter. Each pass says what it needs (``toolkit.passes.base.PassConfig``: streaming, in memory,
+and the model it leaves); this module adds the evaluations and the process. The estimate is deliberately
+simple and errs high; ``Estimate.phases`` says which phase sets the peak.
 """
 
 from __future__ import annotations
@@ -14,38 +14,14 @@ from typing import Any
 import psutil
 
 from toolkit.errors import ToolkitError
-from toolkit.quant.formats import ToolkitPacked
+from toolkit.models.shape import ModelShape
+from toolkit.passes.base import PassConfig
 
 PROCESS_BYTES = 700 * 2**20  # python, torch, transformers, tokenizer: measured ~0.6 GB before any model
 GB = 1e9
 # the most of the budget (beyond the process) that a float model evaluated in memory may take before the
 # evaluation streams by itself: the peak of a run is then set by its passes, not by measuring them
 EVALUATION_SHARE = 0.25
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the estimate needs to know about a model, from its config."""
-
-    parameters: int
-    layer_parameters: int
-    embedding_parameters: int
-    hidden: int
-    vocab: int
-    max_in_features: int
-    tied: bool
-
-    @classmethod
-    def of_config(cls, config: Any) -> ModelShape:
-        from toolkit.models.architectures import decoder_layers
-        from toolkit.models.streaming import empty_model
-
-        model = empty_model(config)
-        layer = sum(p.numel() for p in decoder_layers(model)[0].parameters())
-        embed = model.get_input_embeddings().weight.numel()
-        ins = [m.in_features for m in model.modules() if hasattr(m, "in_features")]
-        return cls(sum(p.numel() for p in model.parameters()), layer, embed, int(config.hidden_size),
-                   int(config.vocab_size), max(ins or [0]), bool(getattr(config, "tie_word_embeddings", False)))
 
 
 @dataclass
@@ -80,35 +56,6 @@ def evaluation_streams(shape: ModelShape, length: int, batch_size: int, budget: 
     return in_memory_eval_bytes(shape, length, batch_size) > EVALUATION_SHARE * max(budget - PROCESS_BYTES, 0)
 
 
-def packed_bytes(shape: ModelShape, bits: int, group_size: int, head_bits: int | None) -> float:
-    """A quantized artifact in memory: codes, float16 scales and uint8 zeros; float embedding unless tied."""
-    group = group_size if group_size > 0 else shape.hidden
-    per_weight = ToolkitPacked.stored_bits(bits) / 8 + 3 / group
-    body = shape.parameters - shape.embedding_parameters * (1 if shape.tied else 2)
-    head = shape.embedding_parameters * ((ToolkitPacked.stored_bits(head_bits) / 8 + 3 / group) if head_bits else 4)
-    embed = 0 if (shape.tied and head_bits) else 4 * shape.embedding_parameters
-    return body * per_weight + head + embed
-
-
-def streaming_pass_bytes(shape: ModelShape, config: Any, calibration: Any, activations_budget: int,
-                         shard_bytes: int) -> float:
-    """One layer in float32 with two work copies, the largest Hessian and its inverse (float64), the
-    activation buffer (up to its budget), the embedding (layer-0 capture) or head (GPTQ head) in float32."""
-    layer = 4 * shape.layer_parameters * 3
-    hessian = 3 * 8 * shape.max_in_features ** 2
-    if not config.reads_calibration:
-        return 4 * shape.max_in_features * max(shape.hidden, 4096) * 3 + 64 * 2**20
-    acts = min(4 * calibration.count * calibration.length * shape.hidden, activations_budget)
-    head = 4 * shape.embedding_parameters * (2 if getattr(config, "lm_head_method", "rtn") == "gptq" else 1)
-    return layer + hessian + 2 * acts + head
-
-
-def in_memory_pass_bytes(shape: ModelShape, calibration: Any) -> float:
-    """The float32 model, its quantized copy as it is built, and the calibration activations."""
-    acts = 4 * calibration.count * calibration.length * shape.hidden if calibration else 0
-    return 4 * shape.parameters * 2 + 2 * acts
-
-
 def budget_bytes(budget_gb: float | None) -> int:
     """The recipe's budget, or what the machine has available now."""
     return int(budget_gb * GB) if budget_gb is not None else int(psutil.virtual_memory().available)
@@ -137,25 +84,22 @@ def estimate_run(recipe: Any, shape: ModelShape, streams: list[bool], activation
                 + 2 * 4 * ev.count * ev.length * shape.hidden + eval_bytes(shape, ev.length, ev.batch_size))
     elif ev.baseline:
         est.add("baseline evaluation", in_memory_eval_bytes(shape, ev.length, ev.batch_size))
-    last: Any = None
+    last: PassConfig | None = None
     model_steps = [s for s in recipe.passes if not s.is_export]
-    for step, streaming in zip(model_steps, streams, strict=True):
-        calib = recipe.calibration if step.reads_calibration else None
+    for step, streaming in zip(model_steps, streams, strict=True):  # each pass says what it needs
+        tokens = recipe.calibration.count * recipe.calibration.length if step.reads_calibration else 0
         if streaming:
-            need = streaming_pass_bytes(shape, step.config, calib, activations_budget, shard_bytes)
+            need = step.config.streaming_bytes(shape, tokens, activations_budget)
         else:
-            need = in_memory_pass_bytes(shape, calib)
+            need = step.config.in_memory_bytes(shape, tokens)
         est.add(f"pass {step.name}{' (streaming)' if streaming else ''}", need)
         last = step.config
     for step in recipe.passes:
-        if step.is_export and export_streams:  # one float32 layer and the embedding/head, each with its copies
-            est.add(f"export {step.name} (streaming)", 3 * 4 * (shape.layer_parameters + shape.embedding_parameters))
-        elif step.is_export:  # the exporter holds the model and its graph's initializers
-            est.add(f"export {step.name}", 3 * float_model)
+        if step.is_export:  # an export streams from the folder on disk, or holds the model in memory
+            need = step.config.streaming_bytes(shape, 0, activations_budget) if export_streams \
+                else step.config.in_memory_bytes(shape, 0)
+            est.add(f"export {step.name}{' (streaming)' if export_streams else ''}", need)
     if last is not None:
-        bits = getattr(last, "bits", 32)
-        after = packed_bytes(shape, bits, getattr(last, "group_size", -1), getattr(last, "lm_head_bits", None)) \
-            if bits < 16 else float_model
         reference = float_model + eval_bytes(shape, ev.length, ev.batch_size) if ev.kl else 0
-        est.add("evaluation after", after + eval_bytes(shape, ev.length, ev.batch_size) + reference)
+        est.add("evaluation after", last.result_bytes(shape) + eval_bytes(shape, ev.length, ev.batch_size) + reference)
     return est

@@ -7,7 +7,7 @@
       - rtn: {bits: 4, group_size: 32, symmetric: true}
       - onnx: {target: ort}             # an export step, if any, comes last
     output: runs/smollm2-int4-rtn       # relative paths resolve against the current directory
-    device: auto                        # auto (CUDA when present), cpu, cuda
+    device: auto                        # where every pass computes: auto (CUDA when present), cpu, cuda
     memory: {budget_gb: null, activations_mb: 512}   # refuse runs estimated above the budget
 """
 
@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
-from toolkit.data import WindowSpec
+from toolkit.data import Sampling, TextFormat, WindowSpec
 from toolkit.errors import ToolkitError
-from toolkit.passes import CONFIGS, SPEC_CHECKS, is_export
+from toolkit.passes import PASSES, configs
+from toolkit.passes.base import PassConfig, QuantPassConfig
 from toolkit.schema import brief, build, record
 
 
@@ -30,17 +31,17 @@ class CalibrationSpec:
     source: str = "pydoc"
     count: int = 128
     length: int = 512
-    sampling: str = "random"  # the calibration half holds ~120 non-overlapping 512-token windows
+    sampling: Sampling = "random"  # the calibration half holds ~120 non-overlapping 512-token windows
     seed: int = 0
     text_field: str = "text"
-    format: str = "text"  # chat: each document as a conversation in the model's chat template (instruct models)
+    format: TextFormat = "text"  # chat: each document as a conversation in the model's chat template (instruct models)
 
     def __post_init__(self) -> None:
         self.windows()  # validates
 
     def windows(self) -> WindowSpec:
-        return WindowSpec(self.source, "calibration", self.length, self.count, self.sampling, self.seed,
-                          self.text_field, self.format)
+        return WindowSpec(source=self.source, split="calibration", length=self.length, count=self.count,
+                          sampling=self.sampling, seed=self.seed, text_field=self.text_field, format=self.format)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class EvaluationSpec:
             raise ValueError("streaming evaluation computes perplexity only: set kl: false with streaming: true")
 
     def windows(self) -> WindowSpec:
-        return WindowSpec(self.source, "evaluation", self.length, self.count, "sequential", 0, self.text_field)
+        return WindowSpec(source=self.source, split="evaluation", length=self.length, count=self.count,
+                          sampling="sequential", seed=0, text_field=self.text_field)
 
     def resolved(self, streams: bool) -> EvaluationSpec:
         """This spec with ``streaming`` and ``kl`` decided: an explicit setting wins, then ``streams``."""
@@ -73,7 +75,8 @@ class EvaluationSpec:
         return replace(self, streaming=streaming, kl=self.kl if self.kl is not None else not streaming)
 
 
-DEVICES = ("auto", "cpu", "cuda")
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = get_args(Device)
 
 
 @dataclass(frozen=True)
@@ -94,19 +97,19 @@ class MemorySpec:
 
 @dataclass(frozen=True)
 class Step:
-    config: Any  # a registered pass config (toolkit.passes)
+    config: PassConfig  # a registered pass config (toolkit.passes)
 
     @property
     def name(self) -> str:
-        return str(self.config.name)
+        return self.config.name
 
     @property
     def is_export(self) -> bool:
-        return is_export(self.config)
+        return self.config.kind == "export"
 
     @property
     def reads_calibration(self) -> bool:
-        return bool(self.config.reads_calibration)
+        return self.config.reads_calibration
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ class Recipe:
     passes: tuple[Step, ...] = ()
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
-    device: str = "auto"  # where passes compute: auto (CUDA when present), cpu, cuda
+    device: Device = "auto"  # where every pass computes: auto (CUDA when present), cpu, cuda
     memory: MemorySpec = field(default_factory=MemorySpec)
     origin: str = "<recipe>"
 
@@ -140,21 +143,31 @@ def _step(entry: Any, origin: str, index: int) -> Step:
     if not isinstance(entry, dict) or len(entry) != 1:
         raise ToolkitError(f"{origin}: {path}: each pass is a one-key mapping like '- rtn: {{bits: 4}}', got {brief(entry)}")
     (name, settings), = entry.items()
-    if name not in CONFIGS:
-        raise ToolkitError(f"{origin}: {path}: unknown pass '{name}'; available: {', '.join(sorted(CONFIGS))}")
-    return Step(build(CONFIGS[name], settings, origin, f"{path}.{name}"))
+    known = configs()
+    if name not in known:
+        raise ToolkitError(f"{origin}: {path}: unknown pass '{name}'; available: {', '.join(sorted(known))}")
+    if isinstance(settings, dict) and "device" in settings:  # one device for the whole recipe
+        raise ToolkitError(f"{origin}: {path}.{name}.device: the device is set once for every pass, by the "
+                           f"recipe's top-level 'device:' key ({', '.join(DEVICES)}); move it there")
+    return Step(build(known[name], settings, origin, f"{path}.{name}"))
 
 
-def _check_export_holds(steps: tuple[Step, ...], origin: str) -> None:
-    """An export that cannot hold the quantization an earlier pass makes is refused before any pass runs."""
-    check = SPEC_CHECKS.get(type(steps[-1].config)) if steps else None
-    if check is None:
+def _check_chain(steps: tuple[Step, ...], origin: str) -> None:
+    """Passes that cannot follow one another are refused before any pass runs: each pass checks the ones after
+    it (``PassConfig.check_followers``), and an export that cannot hold the quantization an earlier pass makes
+    refuses it."""
+    for i, step in enumerate(steps):
+        try:
+            step.config.check_followers(tuple(s.config for s in steps[i + 1:]))
+        except ValueError as exc:
+            raise ToolkitError(f"{origin}: passes[{i}].{step.name}: {exc}") from None
+    holds = PASSES[type(steps[-1].config)].holds if steps else None
+    if holds is None:
         return
     for i, step in enumerate(steps[:-1]):
-        scheme = getattr(step.config, "scheme", None)  # weight-quantization passes (WeightQuantConfig)
-        if scheme is not None:
+        if isinstance(step.config, QuantPassConfig):
             try:
-                check(scheme)
+                holds(step.config.scheme)
             except ToolkitError as exc:
                 raise ToolkitError(f"{origin}: passes[{i}].{step.name} then {steps[-1].name}: {exc}") from None
 
@@ -178,7 +191,7 @@ def parse(data: Any, origin: str) -> Recipe:
     for i, step in enumerate(steps[:-1]):
         if step.is_export:
             raise ToolkitError(f"{origin}: passes[{i}]: export step '{step.name}' must be the last pass")
-    _check_export_holds(steps, origin)
+    _check_chain(steps, origin)
     return Recipe(
         model=data["model"],
         output=data["output"],

@@ -29,8 +29,9 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation import perplexity
 from toolkit.evaluation.streaming import stream_perplexity
 from toolkit.models import chat
+from toolkit.models.shape import ModelShape
 from toolkit.models.streaming import SkeletonModel, read_config
-from toolkit.passes import STREAMING, handler
+from toolkit.passes import entry
 from toolkit.passes.context import PassContext
 from toolkit.paths import atomic_dir, cache_dir, dir_bytes, sha256_json, write_text_atomic
 from toolkit.pipeline import budget
@@ -83,7 +84,7 @@ class _State:
     def can_stream(self, step: Step) -> bool:
         """Run ``step`` layer by layer from the shards: it has a streaming form and its input is a checkpoint
         on disk that is not already in memory (float, or for an export also packed)."""
-        return (type(step.config) in STREAMING and self.model is None and self.folder is not None
+        return (entry(step.config).stream is not None and self.model is None and self.folder is not None
                 and (step.is_export or not checkpoint.is_packed(self.folder)))
 
 
@@ -117,19 +118,19 @@ def float_folder(folder: Path | None) -> TypeGuard[Path]:
     return folder is not None and not checkpoint.is_packed(folder)
 
 
-def model_shape(ref: models.ModelRef) -> budget.ModelShape | None:
+def model_shape(ref: models.ModelRef) -> ModelShape | None:
     from transformers import LlamaConfig
 
     from toolkit.models.tiny import TINY_CONFIG
 
     if ref.folder is not None:
-        return budget.ModelShape.of_config(read_config(ref.folder))
+        return ModelShape.of_config(read_config(ref.folder))
     if ref.source.startswith("tiny-llama"):
-        return budget.ModelShape.of_config(LlamaConfig(**TINY_CONFIG))
+        return ModelShape.of_config(LlamaConfig(**TINY_CONFIG))
     return None  # a hub id or another tiny family: its config is not built just to estimate
 
 
-def resolve_evaluation(spec: EvaluationSpec, ref: models.ModelRef, shape: budget.ModelShape | None,
+def resolve_evaluation(spec: EvaluationSpec, ref: models.ModelRef, shape: ModelShape | None,
                        budget_bytes: int, log: Callable[[str], None]) -> EvaluationSpec:
     """``spec`` with ``streaming`` and ``kl`` decided. Left open, a float checkpoint folder whose in-memory
     evaluation would take a large share of the budget is evaluated one decoder layer at a time, perplexity
@@ -146,17 +147,17 @@ def resolve_evaluation(spec: EvaluationSpec, ref: models.ModelRef, shape: budget
 
 
 def check_memory(recipe: Recipe, ref: models.ModelRef, options: StreamOptions,
-                 shape: budget.ModelShape | None, budget_bytes: int) -> budget.Estimate | None:
+                 shape: ModelShape | None, budget_bytes: int) -> budget.Estimate | None:
     """Refuse, before anything runs, a recipe whose estimated peak (evaluations included) exceeds its budget."""
     if shape is None:
         return None
     streams, streaming = [], float_folder(ref.folder)
     for step in (s for s in recipe.passes if not s.is_export):
-        streaming = streaming and type(step.config) in STREAMING
+        streaming = streaming and entry(step.config).stream is not None
         streams.append(streaming)
     # an export streams from the folder the last pass wrote, or from the input folder (float or packed)
     export_streams = ref.folder is not None and all(streams) and all(
-        type(s.config) in STREAMING for s in recipe.passes if s.is_export)
+        entry(s.config).stream is not None for s in recipe.passes if s.is_export)
     assert options.activation_budget_bytes is not None
     estimate = budget.estimate_run(recipe, shape, streams, options.activation_budget_bytes, options.max_shard_bytes,
                                    export_streams)
@@ -187,11 +188,13 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
                             step.is_export)
     elif state.can_stream(step):
         assert state.folder is not None
+        stream = entry(step.config).stream
+        assert stream is not None
         log(f"  {step.name}: running layer by layer from {state.folder}")
         with atomic_dir(folder, replace=True) as tmp:
             with Measure() as m:
                 src = checkpoint.open_streaming(state.folder, options.device)
-                out = STREAMING[type(step.config)](src, tmp, step.config, ctx, options)
+                out = stream(src, tmp, step.config, ctx, options)
                 metrics = out if step.is_export else {"streaming": out}
                 ctx.tokenizer.save_pretrained(tmp)
             info = {"name": step.name, "config": record(step.config), "input_key": state.key,
@@ -203,13 +206,13 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
     else:
         log(f"  {step.name}: running")
         model = state.materialize()
-        fn = handler(step.config)
+        run_pass = entry(step.config).run
         with atomic_dir(folder, replace=True) as tmp:
             with Measure() as m:
                 if step.is_export:
-                    metrics = fn(model, ctx.tokenizer, step.config, tmp) or {}
+                    metrics = run_pass(model, ctx.tokenizer, step.config, tmp, history=ctx.history) or {}
                 else:
-                    model = fn(model, step.config, ctx)
+                    model = run_pass(model, step.config, ctx)
                     metrics = {}
             if not step.is_export:
                 checkpoint.save_model(model, ctx.tokenizer, tmp)
@@ -350,7 +353,7 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
         before = _evaluate(recipe.evaluation, ref, ref.folder, ref.key, tokenizer, False, progress, log, options)
         log(f"  baseline perplexity {before['perplexity']:.3f}{' (cached)' if before['cache_hit'] else ''}")
     results: list[StepResult] = []
-    for step in recipe.passes:
+    for i, step in enumerate(recipe.passes):
         key = _step_key(step, state.key, recipe, versions, device)
         ctx = PassContext(
             tokenizer=tokenizer,
@@ -358,6 +361,8 @@ def run(recipe: Recipe, output: Path | None = None, progress: bool = True,
             original_loader=lambda: checkpoint.load(recipe.model).model,
             workdir=cache_dir() / "work" / key[:32],
             progress=progress,
+            device=device,
+            history=tuple(s.config for s in recipe.passes[:i] if not s.is_export),
         )
         results.append(_run_step(step, state, ctx, key, log, options))
     if any(not r.is_export for r in results):

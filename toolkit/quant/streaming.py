@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from toolkit.quant.checkpoint import WEIGHTS_METADATA, PackedCheckpoint, PackedL
 from toolkit.quant.formats import ToolkitPacked, packed_width
 from toolkit.quant.moments import InputMoments
 from toolkit.quant.spec import QuantSpec
-from toolkit.quant.surgery import WeightQuantConfig, check_group_size, target_linears
+from toolkit.quant.surgery import LinearCodes, WeightQuantConfig, check_group_size, target_linears
 
 CHUNK_ELEMENTS = 1 << 23  # RTN quantizes 8 M weights (32 MB in float32) at a time
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
@@ -185,17 +185,7 @@ def capture(src: SkeletonModel, windows: torch.Tensor, batch_size: int, options:
         src.release(src.layout.embed)
 
 
-class Packed(Protocol):
-    """One linear's quantization result as a layer function returns it (``passes.gptq._Quantized``)."""
-
-    name: str
-    linear: nn.Linear
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-
-
-LayerFn = Callable[[str, nn.Module, LayerInputs], list[Any]]  # -> list of Packed
+LayerFn = Callable[[str, nn.Module, LayerInputs], list[LinearCodes]]
 HeadFn = Callable[[SkeletonModel, LayerInputs, PackedWriter], None]
 
 
@@ -216,7 +206,7 @@ def stream_calibrated(src: SkeletonModel, out: Path, config: WeightQuantConfig, 
             prefix = src.layer_prefix(i)
             layer = src.load(prefix)
             inputs.layer = i  # the mask and rotary embeddings of this layer's type
-            done: list[Packed] = layer_fn(prefix, layer, inputs)
+            done = layer_fn(prefix, layer, inputs)
             advance(layer, inputs, prefix)
             quantized = {q.name for q in done}
             for q in done:

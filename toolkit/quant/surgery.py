@@ -55,6 +55,18 @@ class WeightQuantConfig:
         return self.scheme.weight_only(self.name)
 
 
+@dataclass
+class LinearCodes:
+    """One linear's quantization result before it is installed (in memory) or written (streaming): the float
+    module it replaces, its codes ``[out, in]`` and its scales and zeros ``[out, in / group]``."""
+
+    name: str
+    linear: nn.Linear
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
 def target_linears(model: PreTrainedModel, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
     """Float ``nn.Linear`` modules to quantize: all but the head and names matching a ``skip`` pattern."""
     head = layout_of(model).head
