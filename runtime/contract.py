@@ -10,7 +10,6 @@ No torch, onnx or onnxruntime here: a deployment reads this with the standard li
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from toolkit.errors import ToolkitError
+from toolkit.paths import read_json
 
 FORMAT = "llm-toolkit-onnx/1"
 EXPORT_FILE = "export.json"
@@ -286,8 +286,4 @@ def read_contract(folder: Path) -> ExportContract:
     """``export.json`` (ours) or, for folders onnxruntime-genai built, ``genai_config.json``."""
     path = description_file(folder)
     reader = ExportContract.from_json if path.name == EXPORT_FILE else ExportContract.from_genai_config
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ToolkitError(f"{path} is not valid JSON ({exc}); re-export the model") from None
-    return reader(data, path)
+    return reader(read_json(path, "re-export the model"), path)

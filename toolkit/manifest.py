@@ -15,7 +15,7 @@ from typing import Any
 
 from toolkit import __version__
 from toolkit.errors import ToolkitError
-from toolkit.paths import code_identity, names_a_file_in, sha256_file, write_text_atomic
+from toolkit.paths import code_identity, names_a_file_in, read_json, sha256_file, write_text_atomic
 
 MANIFEST = "manifest.json"
 
@@ -75,12 +75,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ToolkitError(f"{folder} has no {MANIFEST}: it is not a toolkit artifact")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ToolkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); re-create the artifact") from None
-    except (UnicodeDecodeError, OSError) as exc:
-        raise ToolkitError(f"{path} cannot be read ({type(exc).__name__}); re-create the artifact") from None
+    manifest = read_json(path, "re-create the artifact")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
         raise ToolkitError(f"{path} is not a toolkit manifest (no file table); re-create the artifact")
     return manifest

@@ -115,6 +115,20 @@ def write_text_atomic(path: Path, text: str) -> None:
 CODE_PACKAGES = ("toolkit", "toolkit.passes", "toolkit.runtime")
 
 
+def read_json(path: Path, fix: str) -> Any:
+    """The JSON value in ``path``; a file that is missing, unreadable or not JSON is one ToolkitError ending in
+    ``fix`` (what the user should do: re-create the artifact, re-export the model, ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"{path} not found; {fix}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ToolkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); {fix}") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ToolkitError(f"{path} cannot be read ({type(exc).__name__}); {fix}") from None
+
+
 @functools.lru_cache(maxsize=1)
 def code_identity() -> str:
     """sha256 over the toolkit's own source files (``toolkit/``, ``passes/``, ``runtime/``).

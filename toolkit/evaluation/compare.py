@@ -38,7 +38,6 @@ shown, not compared: a candidate is usually a new export of the same model.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.errors import ToolkitError
-from toolkit.paths import sha256_file, sha256_json
+from toolkit.paths import read_json, sha256_file, sha256_json
 from toolkit.schema import brief
 
 SCHEMA = "toolkit-report/1"
@@ -93,15 +92,7 @@ def load_report(source: Path | dict[str, Any]) -> dict[str, Any]:
     if isinstance(source, dict):
         report = source
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ToolkitError(f"report not found: {path}")
-        try:
-            report = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ToolkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        except (UnicodeDecodeError, OSError) as exc:
-            raise ToolkitError(f"cannot read report {path} ({type(exc).__name__})") from None
+        report = read_json(Path(source), "write it with benchmarks/bench_runtime.py --report")
     where = "report" if isinstance(source, dict) else str(source)
     if not isinstance(report, dict):
         raise ToolkitError(f"{where} holds a JSON {type(report).__name__}, not a {SCHEMA} report (a JSON object); "
