@@ -5,7 +5,8 @@
 
 Each recipe runs as ``toolkit run`` in a fresh process with a new, empty ``TOOLKIT_CACHE``, its evaluation cut to one
 short window without baseline (the artifacts do not depend on it; perplexities are ``reproduce_readme.py``'s job).
-Manifests are left out: they record the source hash and timings, which differ by design. ``--compare`` prints every
+Manifests and the run's report (``metrics.json``, ``report.md``) are left out: they record the source hash and
+timings, which differ by design. ``--compare`` prints every
 file whose digest differs or that only one side wrote, and exits 1 when there is one.
 """
 
@@ -29,7 +30,7 @@ DEFAULT = ["smollm2-int4-rtn.yaml", "smollm2-int8-rtn.yaml", "smollm2-int4-rtn-o
            "smollm2-fp32-gguf.yaml", "smollm2-int4-gptq.yaml", "smollm2-int4-gptq-gguf.yaml",
            "smollm2-int4-gptq-compressed-tensors.yaml", "smollm2-int4-gptq-head4-onnx.yaml", "smollm2-int4-awq.yaml",
            "smollm2-int4-awq-gptq.yaml"]
-SKIP = {"manifest.json"}
+SKIP = {"manifest.json", "metrics.json", "report.md"}
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -60,7 +61,7 @@ def run(recipe: Path, scratch: Path) -> dict[str, str]:
 def compare(before: dict, after: dict) -> int:
     bad = 0
     for recipe in sorted(set(before) | set(after)):
-        a, b = before.get(recipe, {}), after.get(recipe, {})
+        a, b = ({n: d for n, d in side.get(recipe, {}).items() if Path(n).name not in SKIP} for side in (before, after))
         for name in sorted(set(a) | set(b)):
             if a.get(name) != b.get(name):
                 bad += 1
