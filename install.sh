@@ -14,7 +14,8 @@ PY=${PYTHON:-python3}
 #   --extra-index-url https://download.pytorch.org/whl/cpu
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}"  # llama.cpp: -march=native turns on AMX kernels that segfault on quantized GGUFs on the dev VM
 .venv/bin/python -m pip install -q --no-deps -r requirements.lock
-# the compiler extra (torch, transformers, ...): the lock already holds it; naming it says this is the full install
+# the compiler extra (torch, transformers, ...) and the server's (fastapi, uvicorn, ...): the lock already holds
+# them; naming them says this is the full install
 # (a deployment image that only runs exports installs the runtime alone: pip install .)
-.venv/bin/python -m pip install -q --no-deps -e ".[compiler]"
+.venv/bin/python -m pip install -q --no-deps -e ".[compiler,serve]"
 echo "installed into $(pwd)/.venv"
