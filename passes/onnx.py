@@ -64,7 +64,15 @@ from toolkit.quant.modules import quantized_modules
 from toolkit.quant.spec import QuantScheme
 from toolkit.quant.streaming import StreamOptions
 from toolkit.runtime.backend import MAX_THREADS, BackendOptions, OrtBackend
-from toolkit.runtime.contract import DATA_FILE, EXPORT_FILE, GENAI_FILE, MODEL_FILE, ExportContract, Target
+from toolkit.runtime.contract import (
+    DATA_FILE,
+    EXPORT_FILE,
+    GENAI_FILE,
+    MODEL_FILE,
+    ExportContract,
+    Target,
+    TensorNames,
+)
 
 MIN_OPSET = {"ort": 23, "standard": 23}  # RMSNormalization, RotaryEmbedding, Attention
 MAX_OPSET = onnx.defs.onnx_opset_version()  # a later opset names operator versions the installed onnx does not know
@@ -193,6 +201,7 @@ def contract_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conf
         cache_dtype=config.dtype,
         accuracy_level=config.accuracy_level,
         share_buffer=config.target == "ort",
+        names=TensorNames() if config.target == "ort" else TensorNames(next_token=None),
     )
 
 

@@ -109,6 +109,12 @@ def check_external_data(folder: Path, model_path: Path) -> onnx.ModelProto:
     return proto
 
 
+def next_token_node(logits: str, output: str, name: str) -> onnx.NodeProto:
+    """ArgMax over the vocabulary: int64 [B, S] from logits [B, S, V]. select_last_index=0 takes the first index
+    on ties, as numpy's argmax does, so greedy decoding reads the same token from either."""
+    return onnx.helper.make_node("ArgMax", [logits], [output], name=name, axis=-1, keepdims=0, select_last_index=0)
+
+
 def uses_shared_buffer(proto: onnx.ModelProto) -> bool:
     return any(node.op_type in SHARED_BUFFER_OPS for node in proto.graph.node)
 
@@ -172,7 +178,7 @@ def check_graph(contract: ExportContract, proto: onnx.ModelProto, source: Path, 
                                    "description does not belong to this graph; re-export the model")
     wanted = [names.input_ids, names.attention_mask, names.logits, *(n for pair in
               names.cache_pairs(contract.num_layers) for n in pair)]
-    missing = [n for n in [*wanted, names.position_ids] if n is not None and n not in graph_names]
+    missing = [n for n in [*wanted, names.position_ids, names.next_token] if n is not None and n not in graph_names]
     if missing:
         raise ToolkitError(f"{source} names tensors {model_path.name} does not have ({', '.join(missing[:3])}): the "
                            "description does not belong to this graph; re-export the model")

@@ -18,6 +18,7 @@ all go through it. Two ways to hold the cache, both in buffers allocated once (`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,8 @@ import onnxruntime as ort
 import psutil
 
 from toolkit.errors import ToolkitError
-from toolkit.runtime.artifact import open_export, uses_shared_buffer
-from toolkit.runtime.contract import ExportContract
+from toolkit.runtime.artifact import next_token_node, open_export, uses_shared_buffer
+from toolkit.runtime.contract import NEXT_TOKEN, ExportContract
 from toolkit.runtime.kv_cache import KVCache
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -51,6 +52,12 @@ class Backend(Protocol):
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """tokens, lengths: [n] (lengths before this token) for rows 0..n-1; returns logits [n, V]."""
+        ...
+
+    def decode_next(self, tokens: np.ndarray, lengths: np.ndarray,
+                    with_logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """``decode``, returning each row's argmax token [n] (numpy's: the first index on ties) and the logits
+        [n, V] only ``with_logits`` (greedy steps need no [n, V] copy or scan)."""
         ...
 
     def score(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -80,6 +87,9 @@ class BackendOptions:
     # MatMulNBits (and the standard target's fused DequantizeLinear): 0 keeps activations float, 4 quantizes them
     # to int8 per block; None: the level the graph was exported with
     accuracy_level: int | None = None
+    # give a graph without the exporter's next-token output one at load (an ArgMax on the logits), so greedy steps
+    # read n ids instead of [n, V] floats; False runs the graph as it is
+    next_token: bool = True
 
     def __post_init__(self) -> None:
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
@@ -100,8 +110,27 @@ def _set_accuracy_level(proto: onnx.ModelProto, level: int) -> bool:
     return changed
 
 
+def add_next_token(proto: onnx.ModelProto, contract: ExportContract) -> ExportContract:
+    """Give a graph without a next-token output (older exports, onnxruntime-genai's builds) the exporter's
+    ArgMax over its float32 logits, in the weightless graph; returns the contract that names it (unchanged if
+    the graph has one already or its logits are not float32)."""
+    names = contract.names
+    logits = next((o for o in proto.graph.output if o.name == names.logits), None)
+    if names.next_token or logits is None or logits.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        return contract
+    taken = {o for node in proto.graph.node for o in node.output} | {i.name for i in proto.graph.input}
+    name = NEXT_TOKEN
+    while name in taken:  # a graph may use the name for something else
+        name += "_"
+    proto.graph.node.append(next_token_node(names.logits, name, "runtime_next_token"))
+    dims = logits.type.tensor_type.shape.dim
+    shape = [d.dim_param or d.dim_value or None for d in dims[:2]] if len(dims) == 3 else None  # [B, S]
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, shape))
+    return dataclasses.replace(contract, names=dataclasses.replace(names, next_token=name))
+
+
 def _session(folder: Path, model_path: Path, proto: onnx.ModelProto, contract: ExportContract,
-             options: BackendOptions) -> ort.InferenceSession:
+             options: BackendOptions, rewritten: bool = False) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.threads or physical_cores()
     so.inter_op_num_threads = 1
@@ -111,6 +140,8 @@ def _session(folder: Path, model_path: Path, proto: onnx.ModelProto, contract: E
     if level is not None:  # the standard target's DequantizeLinear->MatMul is fused into MatMulNBits at this level
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
     if options.accuracy_level is not None and _set_accuracy_level(proto, options.accuracy_level):
+        rewritten = True
+    if rewritten:
         # the rewritten graph is loaded from memory; its external data still comes from the folder
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder.resolve()))
         return ort.InferenceSession(proto.SerializeToString(), so, providers=PROVIDERS)
@@ -125,16 +156,20 @@ class OrtBackend:
         options = options or BackendOptions()
         self.contract, proto, model_path = open_export(folder)
         self.can_share_buffer = self.contract.share_buffer and uses_shared_buffer(proto)
-        self.session = _session(folder, model_path, proto, self.contract, options)
+        contract = self.contract
+        if self.can_share_buffer and options.next_token:  # the decode path that reads it binds a shared cache
+            self.contract = add_next_token(proto, contract)
+        self.session = _session(folder, model_path, proto, self.contract, options, self.contract is not contract)
         del proto
         self.names = self.contract.names
         self._pairs = self._check_names(model_path)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.has_positions = bool(self.names.position_ids) and self.names.position_ids in inputs
+        self.has_next_token = bool(self.names.next_token)  # _check_names made sure the graph has it
         self.dtype = np.dtype(ORT_DTYPES.get(inputs[self._pairs[0][0]].type, np.float32))
         self.prefill_chunk = options.prefill_chunk
         self.cache: KVCache | None = None
-        self._decode_bindings: dict[int, ort.IOBinding] = {}
+        self._decode_bindings: dict[tuple[int, bool], ort.IOBinding] = {}  # (rows, logits bound) -> binding
 
     def _check_names(self, model_path: Path) -> list[tuple[str, str]]:
         inputs = {i.name for i in self.session.get_inputs()}
@@ -142,7 +177,8 @@ class OrtBackend:
         pairs = self.names.cache_pairs(self.contract.num_layers)
         missing = [n for n in (self.names.input_ids, self.names.attention_mask, *(p for p, _ in pairs))
                    if n not in inputs]
-        missing += [n for n in (self.names.logits, *(q for _, q in pairs)) if n not in outputs]
+        missing += [n for n in (self.names.logits, self.names.next_token, *(q for _, q in pairs))
+                    if n is not None and n not in outputs]
         if missing:
             raise ToolkitError(
                 f"{model_path} has no tensor {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, which its "
@@ -170,7 +206,10 @@ class OrtBackend:
         self._ids = np.zeros((slots, 1), np.int64)  # decode input_ids [SLOTS, 1]
         self._pos = np.zeros((slots, 1), np.int64)
         self._ones = np.ones((1, capacity), np.int64)  # attention mask prefix for one row
+        self._columns = np.arange(capacity, dtype=np.int64)
+        self._mask_buffer = np.empty(slots * capacity, np.int64)  # a decode step's mask [n, M] is a prefix of it
         self._decode_logits = np.empty((slots, 1, d.vocab_size), np.float32)  # [SLOTS, 1, V]
+        self._decode_next = np.empty((slots, 1), np.int64)  # [SLOTS, 1], the graph's argmax
         self._prefill_logits = np.empty((1, min(self.prefill_chunk, capacity), d.vocab_size), np.float32)
         return self.cache
 
@@ -274,30 +313,55 @@ class OrtBackend:
         return out[0]
 
     # --- decode ----------------------------------------------------------------------------------
-    def _decode_binding(self, n: int) -> ort.IOBinding:
-        io = self._decode_bindings.get(n)
-        if io is None:  # bound once per batch width; later steps only rebind the mask
+    def _decode_binding(self, n: int, logits: bool) -> ort.IOBinding:
+        io = self._decode_bindings.get((n, logits))
+        if io is None:  # bound once per batch width and output set; later steps only rebind the mask
             io = self.session.io_binding()
             io.bind_ortvalue_input(self.names.input_ids, ort.OrtValue.ortvalue_from_numpy(self._ids[:n]))
             if self.has_positions:
                 io.bind_ortvalue_input(self.names.position_ids, ort.OrtValue.ortvalue_from_numpy(self._pos[:n]))  # type: ignore[arg-type]
-            io.bind_ortvalue_output(self.names.logits, ort.OrtValue.ortvalue_from_numpy(self._decode_logits[:n]))
+            if logits:
+                io.bind_ortvalue_output(self.names.logits, ort.OrtValue.ortvalue_from_numpy(self._decode_logits[:n]))
+            if self.has_next_token:
+                io.bind_ortvalue_output(self.names.next_token, ort.OrtValue.ortvalue_from_numpy(self._decode_next[:n]))  # type: ignore[arg-type]
             self._bind_shared(io, 0, n)
-            self._decode_bindings[n] = io
+            self._decode_bindings[n, logits] = io
         return io
+
+    def _decode_mask(self, lengths_after: np.ndarray) -> ort.OrtValue:
+        """The step's mask [n, M] written into the preallocated buffer (M grows by one a step: a new view, no
+        allocation); one row reads a prefix of the ones row."""
+        if len(lengths_after) == 1:
+            return ort.OrtValue.ortvalue_from_numpy(self._ones[:, : int(lengths_after[0])])
+        total = int(lengths_after.max())
+        mask = self._mask_buffer[: len(lengths_after) * total].reshape(len(lengths_after), total)
+        np.less(self._columns[:total], lengths_after[:, None], out=mask, casting="unsafe")
+        return ort.OrtValue.ortvalue_from_numpy(mask)
+
+    def _run_decode(self, tokens: np.ndarray, lengths: np.ndarray, logits: bool) -> None:
+        n = len(tokens)
+        io = self._decode_binding(n, logits)
+        self._ids[:n, 0] = tokens
+        if self.has_positions:
+            self._pos[:n, 0] = lengths
+        io.bind_ortvalue_input(self.names.attention_mask, self._decode_mask(lengths + 1))
+        self.session.run_with_iobinding(io)
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         if not self._require_cache().shared:
             return self._decode_at(0, tokens, lengths)
+        self._run_decode(tokens, lengths, logits=True)
+        return self._decode_logits[: len(tokens), 0]  # [n, V], valid until the next call
+
+    def decode_next(self, tokens: np.ndarray, lengths: np.ndarray,
+                    with_logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """The graph's next-token output where it has one (a shared cache); otherwise the logits' argmax here."""
+        if not (self.has_next_token and self._require_cache().shared):
+            logits = self.decode(tokens, lengths)
+            return logits.argmax(axis=1), logits if with_logits else None
         n = len(tokens)
-        io = self._decode_binding(n)
-        self._ids[:n, 0] = tokens
-        if self.has_positions:
-            self._pos[:n, 0] = lengths
-        mask = ort.OrtValue.ortvalue_from_numpy(self._mask(lengths + 1))
-        io.bind_ortvalue_input(self.names.attention_mask, mask)
-        self.session.run_with_iobinding(io)
-        return self._decode_logits[:n, 0]  # [n, V], valid until the next call
+        self._run_decode(tokens, lengths, logits=with_logits)
+        return self._decode_next[:n, 0], self._decode_logits[:n, 0] if with_logits else None  # valid until next call
 
     def _decode_at(self, row: int, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One token for each of rows [row, row+n) through ``forward`` -> logits [n, V]."""

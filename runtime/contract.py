@@ -30,6 +30,7 @@ TARGETS: tuple[str, ...] = get_args(Target)
 PADDINGS = ("right", "left", "left or right")
 CACHE_DTYPES = ("float32", "float16")
 KINDS = ("key", "value")
+NEXT_TOKEN = "next_token"  # the exporter's name for the graph's argmax output (and the runtime's, when it adds one)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class TensorNames:
     attention_mask: str = "attention_mask"  # int64 [B, M]: 1 for cache columns in use
     position_ids: str | None = "position_ids"  # int64 [B, S]; None: the graph takes none
     logits: str = "logits"  # float32 [B, S, V]
+    # int64 [B, S]: ArgMax of the logits over V (the first index on ties, as numpy's argmax); None: the graph has
+    # none (older exports, onnxruntime-genai's), the runtime then takes the argmax of the logits itself
+    next_token: str | None = NEXT_TOKEN
     past_key: str = "past_key_values.%d.key"  # [B, KVH, P, D]
     past_value: str = "past_key_values.%d.value"
     present_key: str = "present.%d.key"  # [B, KVH, P+S, D], or the past buffer itself when shared
@@ -141,7 +145,8 @@ class ExportContract:
             "pad_token_id": self.pad_token_id,
             "inputs": {"input_ids": n.input_ids, "attention_mask": n.attention_mask, "position_ids": n.position_ids,
                        "past_key": n.past_key, "past_value": n.past_value},
-            "outputs": {"logits": n.logits, "present_key": n.present_key, "present_value": n.present_value},
+            "outputs": {"logits": n.logits, "next_token": n.next_token, "present_key": n.present_key,
+                        "present_value": n.present_value},
             "kv_layout": f"[batch, num_kv_heads, seq, head_dim] {self.cache_dtype}",
             "past_present_share_buffer": self.share_buffer,
         }
@@ -159,7 +164,8 @@ class ExportContract:
             names = TensorNames(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                 position_ids=inputs.get("position_ids"), past_key=inputs["past_key"], past_value=inputs["past_value"],
-                logits=outputs["logits"], present_key=outputs["present_key"], present_value=outputs["present_value"],
+                logits=outputs["logits"], next_token=outputs.get("next_token"), present_key=outputs["present_key"],
+                present_value=outputs["present_value"],
             )
             return cls(
                 target=d["target"], model_type=d["model_type"], num_layers=_int(d["num_layers"]),
@@ -215,6 +221,7 @@ class ExportContract:
                 position_ids=inputs.get("position_ids"), past_key=inputs["past_key_names"],
                 past_value=inputs["past_value_names"], logits=outputs["logits"],
                 present_key=outputs["present_key_names"], present_value=outputs["present_value_names"],
+                next_token=None,  # onnxruntime-genai's builder writes logits only
             )
             return cls(
                 target="ort", model_type=model["type"], num_layers=_int(dec["num_hidden_layers"]),

@@ -151,6 +151,13 @@ class SequenceState:
     def prefilled(self) -> bool:
         return self.length >= len(self.prompt_ids)
 
+    @property
+    def reads_logits(self) -> bool:
+        """False while the choice is the plain argmax (greedy, no penalty, no stop ids masked): the backend's
+        next-token ids then say it without the logits."""
+        c = self.config
+        return c.do_sample or self.seen is not None or (len(self.generated) < c.min_new_tokens and bool(self.stop_ids))
+
     def choose(self, logits: np.ndarray) -> int:
         c = self.config
         if len(self.generated) < c.min_new_tokens and self.stop_ids:

@@ -161,11 +161,15 @@ class Scheduler:
         for handle in self.running:
             tokens[handle.seq.slot] = handle.seq.generated[-1]
         t0 = time.perf_counter()
-        logits = self.backend.decode(tokens, lengths)  # [n, V], valid until the next call
+        readers = [h.seq.reads_logits for h in self.running]
+        # next: [n] argmax ids; logits: [n, V] only when a row samples or masks; both valid until the next call
+        next_ids, logits = self.backend.decode_next(tokens, lengths, any(readers))
         chosen = []
-        for handle in self.running:
-            handle.seq.length += 1
-            chosen.append((handle, handle.seq.choose(logits[handle.seq.slot])))
+        for handle, reads in zip(self.running, readers, strict=True):
+            seq = handle.seq
+            seq.length += 1
+            token = seq.choose(logits[seq.slot]) if reads and logits is not None else int(next_ids[seq.slot])
+            chosen.append((handle, token))
         dt = time.perf_counter() - t0
         for handle, token in chosen:
             handle.seq.timings.token_latencies_s.append(dt)

@@ -147,7 +147,7 @@ def test_running_rows_decode_between_the_chunks_of_a_long_prompt(folder):
     long_config = GenerationConfig(max_new_tokens=4, stop_token_ids=())
     calls: list = []
     record(engine.backend, "prefill", calls)
-    record(engine.backend, "decode", calls)
+    record(engine.backend, "decode_next", calls)
     long = engine.submit(long_prompt, long_config, with_text=False)
     while engine.scheduler.busy:
         engine.step()
@@ -156,7 +156,7 @@ def test_running_rows_decode_between_the_chunks_of_a_long_prompt(folder):
     assert [args[2] for _, args in chunks] == list(range(0, 2000, 256))  # 8 chunks, each at most the step budget
     assert sum(len(args[1]) for _, args in chunks) == 2000
     for (a, _), (b, _) in zip(chunks, chunks[1:], strict=False):
-        assert any(name == "decode" for name, _ in calls[a + 1 : b])  # the short rows went on between chunks
+        assert any(name == "decode_next" for name, _ in calls[a + 1 : b])  # the short rows went on between chunks
     assert [engine.result(h).token_ids for h in short] == [engine.generate(p, config).token_ids
                                                           for p in ("abc", "hello there")]
     assert engine.result(long).token_ids == engine.generate(long_prompt, long_config).token_ids

@@ -76,6 +76,7 @@ from toolkit.onnx.graph import (
 )
 from toolkit.onnx.weights import concat_rows, linear_weight
 from toolkit.quant.modules import reads_head
+from toolkit.runtime.artifact import next_token_node
 from toolkit.runtime.contract import KINDS, TensorNames
 
 Resident = Callable[[list[str]], AbstractContextManager[object]]  # module paths -> their weights held
@@ -399,6 +400,10 @@ def _finish(b: Builder, logits: str, model: PreTrainedModel, d: Dims, opts: Grap
         logits = b.one("Cast", [logits], to=TensorProto.FLOAT)
     b.nodes.append(helper.make_node("Identity", [logits], [names.logits], name="logits_out"))
     inputs, outputs = _io(d, names, opts.float_type)
+    if names.next_token:  # greedy decoding reads B ids instead of copying and scanning [B, V] floats
+        b.nodes.append(next_token_node(logits, names.next_token, "next_token_out"))
+        outputs.insert(1, helper.make_tensor_value_info(names.next_token, TensorProto.INT64,
+                                                        ["batch_size", "sequence_length"]))
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
     opsets = [helper.make_opsetid("", opts.opset), helper.make_opsetid(MS, 1)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="llm-toolkit")

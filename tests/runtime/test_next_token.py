@@ -1,0 +1,152 @@
+"""The graph's next-token output (ArgMax over the logits): exports write it, the runtime adds it to graphs without
+one, greedy steps read only it, and every token is the one the logits' argmax gave before."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from toolkit.models.tiny import tiny_llama, tiny_tokenizer
+from toolkit.passes.onnx import ONNXConfig, export
+from toolkit.paths import atomic_dir
+from toolkit.runtime import GenerationConfig
+from toolkit.runtime.backend import BackendOptions, OrtBackend, add_next_token
+from toolkit.runtime.contract import EXPORT_FILE, MODEL_FILE, ExportContract, read_contract
+from toolkit.runtime.engine import Engine
+from toolkit.runtime.tokenizer import Tokenizer
+
+PROMPTS = ["Hello tiny world, this is a prompt", "a", "The quick brown fox jumps over", "zz top"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("next") / "new"
+    with atomic_dir(out) as tmp:
+        export(tiny_llama(), tiny_tokenizer(), ONNXConfig(target="ort"), tmp)
+    return out
+
+
+@pytest.fixture(scope="module")
+def old_folder(folder: Path, tmp_path_factory) -> Path:
+    """The same export as written before the next-token output: no ArgMax node, no output, no contract name."""
+    out = tmp_path_factory.mktemp("next") / "old"
+    out.mkdir()
+    for f in folder.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    proto = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    keep = [n for n in proto.graph.node if n.op_type != "ArgMax"]
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    outputs = [o for o in proto.graph.output if o.name != "next_token"]
+    del proto.graph.output[:]
+    proto.graph.output.extend(outputs)
+    onnx.save_model(proto, str(out / MODEL_FILE))
+    description = json.loads((out / EXPORT_FILE).read_text())
+    del description["outputs"]["next_token"]
+    (out / EXPORT_FILE).write_text(json.dumps(description))
+    return out
+
+
+def engine_of(folder: Path, next_token: bool = True, max_batch: int = 4) -> Engine:
+    backend = OrtBackend(folder, BackendOptions(threads=1, next_token=next_token))
+    return Engine(backend, Tokenizer.from_folder(folder), max_batch=max_batch)
+
+
+def test_exports_name_the_output_and_older_descriptions_read_without_it(folder, old_folder):
+    new, old = read_contract(folder), read_contract(old_folder)
+    assert new.names.next_token == "next_token"
+    assert old.names.next_token is None
+    assert ExportContract.from_json(new.to_json(), "x") == new
+    assert ExportContract.from_json(old.to_json(), "x") == old
+    graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    assert [n.op_type for n in graph.graph.node if "next_token" in n.output] == ["ArgMax"]
+    assert "next_token" not in {o.name for o in onnx.load(str(old_folder / MODEL_FILE),
+                                                          load_external_data=False).graph.output}
+
+
+def test_which_argmax_each_backend_reads(folder, old_folder):
+    assert OrtBackend(folder, BackendOptions(threads=1)).has_next_token  # the export's own node
+    added = OrtBackend(old_folder, BackendOptions(threads=1))
+    assert added.has_next_token and added.contract.names.next_token == "next_token"  # added at load
+    assert not OrtBackend(old_folder, BackendOptions(threads=1, next_token=False)).has_next_token
+
+
+def _renamed(contract: ExportContract, **names: str | None) -> ExportContract:
+    return dataclasses.replace(contract, names=dataclasses.replace(contract.names, **names))  # type: ignore[arg-type]
+
+
+def _ties_model(logits_name: str) -> tuple[onnx.ModelProto, ExportContract]:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch_size", "sequence_length", 8])
+    y = onnx.helper.make_tensor_value_info(logits_name, onnx.TensorProto.FLOAT, ["batch_size", "sequence_length", 8])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], [logits_name])], "g", [x], [y])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    contract = ExportContract(target="ort", model_type="llama", num_layers=1, num_heads=1, num_kv_heads=1,
+                              head_dim=8, hidden_size=8, vocab_size=8, context_length=64, eos_token_ids=(0,))
+    return proto, contract
+
+
+def test_the_graph_argmax_takes_the_first_index_on_ties_as_numpy_does():
+    proto, contract = _ties_model("logits")
+    contract = add_next_token(proto, _renamed(contract, next_token=None))
+    assert contract.names.next_token == "next_token"
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = np.array([[0, 3, 3, 1, 3, 0, 0, 0],  # a three-way tie
+                     [5, 5, 5, 5, 5, 5, 5, 5],  # all equal
+                     [-1, -2, -1, -9, -1, -1, -1, -1],
+                     [0, 0, 0, 0, 0, 0, 0, 7]], np.float32)
+    got = session.run([contract.names.next_token], {"x": rows[:, None, :]})[0]
+    assert got[:, 0].tolist() == rows.argmax(axis=1).tolist() == [1, 0, 0, 7]
+
+
+def test_a_graph_that_uses_the_name_gets_another():
+    proto, contract = _ties_model("next_token")  # its logits are called next_token
+    contract = add_next_token(proto, _renamed(contract, next_token=None, logits="next_token"))
+    assert contract.names.next_token == "next_token_"
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(["next_token_"], {"x": np.eye(8, dtype=np.float32)[None, 2:4]})[0].tolist() == [[2, 3]]
+
+
+def test_greedy_tokens_are_the_same_from_the_graph_argmax_and_from_the_logits(folder, old_folder):
+    """The new export, an old export given the node at load, and an old export read as before (numpy's argmax
+    of the logits): alone and as one ragged batch, the same tokens."""
+    config = GenerationConfig(max_new_tokens=24, stop_token_ids=())
+    engines = [engine_of(folder), engine_of(old_folder), engine_of(old_folder, next_token=False)]
+    before = engines[-1]
+    reference = [before.generate(p, config).token_ids for p in PROMPTS]
+    assert len({tuple(t) for t in reference}) > 1  # the prompts lead somewhere different: the test can tell rows apart
+    for engine in engines:
+        assert [engine.generate(p, config).token_ids for p in PROMPTS] == reference
+        assert [r.token_ids for r in engine.generate_batch(PROMPTS, config)] == reference
+
+
+def test_greedy_steps_bind_no_logits_and_a_mixed_batch_chooses_each_row_as_alone(folder):
+    engine = engine_of(folder)
+    calls: list[bool] = []
+    inner = engine.backend.decode_next
+
+    def recording(tokens: np.ndarray, lengths: np.ndarray, with_logits: bool):  # type: ignore[no-untyped-def]
+        calls.append(with_logits)
+        return inner(tokens, lengths, with_logits)
+
+    engine.backend.decode_next = recording  # type: ignore[method-assign]
+    greedy = GenerationConfig(max_new_tokens=12, stop_token_ids=())
+    engine.generate_batch(PROMPTS, greedy)
+    assert calls and not any(calls)  # greedy rows read the ids only
+    configs = [greedy,
+               GenerationConfig(max_new_tokens=12, do_sample=True, temperature=0.8, top_k=20, seed=3),
+               GenerationConfig(max_new_tokens=12, repetition_penalty=1.3, stop_token_ids=()),
+               GenerationConfig(max_new_tokens=12, min_new_tokens=12, do_sample=True, top_p=0.9, seed=5)]
+    alone = [engine.generate(p, c).token_ids for p, c in zip(PROMPTS, configs, strict=True)]
+    calls.clear()
+    handles = [engine.submit(p, c, with_text=False) for p, c in zip(PROMPTS, configs, strict=True)]
+    while engine.scheduler.busy:
+        engine.step()
+    assert [engine.result(h).token_ids for h in handles] == alone
+    assert sum(calls) >= 11  # every step with a sampled or penalised row running read the logits
