@@ -152,11 +152,23 @@ class SequenceState:
         return self.length >= len(self.prompt_ids)
 
     @property
-    def reads_logits(self) -> bool:
-        """False while the choice is the plain argmax (greedy, no penalty, no stop ids masked): the backend's
-        next-token ids then say it without the logits."""
-        c = self.config
-        return c.do_sample or self.seen is not None or (len(self.generated) < c.min_new_tokens and bool(self.stop_ids))
+    def _masks_stops(self) -> bool:
+        return len(self.generated) < self.config.min_new_tokens and bool(self.stop_ids)
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether this row's next decode step must return its logits: sampling and the penalty read them, and
+        while stop ids are masked a greedy row reads them when the argmax is one of them."""
+        return self.config.do_sample or self.seen is not None or self._masks_stops
+
+    def choose_next(self, argmax: int, logits: np.ndarray | None) -> int:
+        """The token after a decode step from its argmax [the backend's next-token id] where that is the answer:
+        greedy without penalty, and the argmax is not a masked stop id (masking only lowers other entries, so the
+        first maximum stays the first). Otherwise from the logits, which ``needs_logits`` asked for."""
+        if not (self.config.do_sample or self.seen is not None or (self._masks_stops and argmax in self.stop_ids)):
+            return argmax
+        assert logits is not None, "the scheduler asks for logits when needs_logits says so"
+        return self.choose(logits)
 
     def choose(self, logits: np.ndarray) -> int:
         c = self.config

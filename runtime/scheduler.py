@@ -161,15 +161,13 @@ class Scheduler:
         for handle in self.running:
             tokens[handle.seq.slot] = handle.seq.generated[-1]
         t0 = time.perf_counter()
-        readers = [h.seq.reads_logits for h in self.running]
-        # next: [n] argmax ids; logits: [n, V] only when a row samples or masks; both valid until the next call
-        next_ids, logits = self.backend.decode_next(tokens, lengths, any(readers))
+        # argmax: [n] ids; logits: [n, V] only when a row samples, penalises or masks; valid until the next call
+        argmax, logits = self.backend.decode_next(tokens, lengths, any(h.seq.needs_logits for h in self.running))
         chosen = []
-        for handle, reads in zip(self.running, readers, strict=True):
+        for handle in self.running:
             seq = handle.seq
             seq.length += 1
-            token = seq.choose(logits[seq.slot]) if reads and logits is not None else int(next_ids[seq.slot])
-            chosen.append((handle, token))
+            chosen.append((handle, seq.choose_next(int(argmax[seq.slot]), None if logits is None else logits[seq.slot])))
         dt = time.perf_counter() - t0
         for handle, token in chosen:
             handle.seq.timings.token_latencies_s.append(dt)

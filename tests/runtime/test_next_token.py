@@ -19,6 +19,7 @@ from toolkit.runtime import GenerationConfig
 from toolkit.runtime.backend import BackendOptions, OrtBackend, add_next_token
 from toolkit.runtime.contract import EXPORT_FILE, MODEL_FILE, ExportContract, read_contract
 from toolkit.runtime.engine import Engine
+from toolkit.runtime.generation import SequenceState
 from toolkit.runtime.tokenizer import Tokenizer
 
 PROMPTS = ["Hello tiny world, this is a prompt", "a", "The quick brown fox jumps over", "zz top"]
@@ -150,3 +151,33 @@ def test_greedy_steps_bind_no_logits_and_a_mixed_batch_chooses_each_row_as_alone
         engine.step()
     assert [engine.result(h).token_ids for h in handles] == alone
     assert sum(calls) >= 11  # every step with a sampled or penalised row running read the logits
+
+
+def _masked_greedy(backend: OrtBackend, ids: list[int], n: int, banned: tuple[int, ...]) -> list[int]:
+    """Greedy as computed before the ArgMax output: every step's logits, stop ids at -inf, numpy's argmax."""
+    backend.allocate(1, 128)
+    logits, out = backend.prefill(0, np.array(ids, np.int64), 0), []
+    for i in range(n):
+        masked = logits.copy()
+        masked[list(banned)] = -np.inf
+        out.append(int(masked.argmax()))
+        logits = backend.decode(np.array([out[-1]]), np.array([len(ids) + i]))[0]
+    backend.cache = None
+    return out
+
+
+def test_min_new_tokens_reads_the_logits_when_the_argmax_is_a_masked_stop_id(folder, monkeypatch):
+    engine = engine_of(folder, max_batch=1)
+    ids = engine.encode(PROMPTS[0])
+    free = engine.generate(ids, GenerationConfig(max_new_tokens=12, stop_token_ids=())).token_ids
+    first = engine.generate(ids, GenerationConfig(max_new_tokens=12, min_new_tokens=12,
+                                                  stop_token_ids=(free[0],))).token_ids
+    step = next(i for i in range(1, 12) if first[i] not in first[:i])
+    stops = (free[0], first[step])  # at decode step ``step`` the argmax is a masked stop id
+    choices: list[int] = []
+    inner = SequenceState.choose
+    monkeypatch.setattr(SequenceState, "choose", lambda seq, logits: choices.append(1) or inner(seq, logits))
+    got = engine.generate(ids, GenerationConfig(max_new_tokens=12, min_new_tokens=12, stop_token_ids=stops)).token_ids
+    assert got == _masked_greedy(OrtBackend(folder, BackendOptions(threads=1, next_token=False)), ids, 12, stops)
+    assert not set(stops) & set(got) and got != free
+    assert 1 < len(choices) < 12  # after the prefill's choice, some decode steps (not all) read the logits
