@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
-import os
 import re
 import signal
 import socket
@@ -27,7 +25,6 @@ import pytest
 from tests.runtime.test_scheduler import CONTEXT, folder  # noqa: F401  (the tiny export, built once per module)
 from toolkit.runtime import GenerationConfig, load
 from toolkit.serving.config import source_hash
-from toolkit.serving.metrics import BUCKETS
 
 MODEL = "tiny"
 
@@ -244,7 +241,7 @@ def test_source_hash_is_the_runs_model_key(tmp_path: Path) -> None:
 # --- load, disconnects ----------------------------------------------------------------------------------
 def test_200_requests_at_concurrency_16_equal_single_requests(server: Served, engine) -> None:  # noqa: ANN001
     rng = np.random.default_rng(0)
-    words = "the cat sat on a mat while seven dogs ran far away".split()
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "seven", "dogs", "ran", "far", "away"]
     specs = [(" ".join(rng.choice(words, int(rng.integers(1, 60)))), int(rng.integers(1, 40)), i % 2 == 0)
              for i in range(232)]
     expected = [alone(engine, prompt, n) for prompt, n, _ in specs]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import Any
 
@@ -113,7 +114,12 @@ class Server:
             raise
         shapes = Shapes(request.id, self.model_name, chat, self.engine.tokenizer)
         if body.stream:
-            return EventSourceResponse(self._stream(request, body, shapes), ping=5), True
+            def closed() -> None:  # however the response ended, even before its first event
+                assert self.loop is not None
+                self.loop.cancel(request)  # a client gone mid-stream: its row is freed before the next step
+                self.admitted -= 1
+
+            return _EventStream(self._stream(request, body, shapes), closed), True
         return await self._collect(http, request, shapes), False
 
     def _submit(self, request: Request, body: ChatRequest | CompletionRequest) -> None:
@@ -137,24 +143,19 @@ class Server:
 
     async def _stream(self, request: Request, body: Sampling, shapes: Shapes) -> AsyncIterator[dict[str, str]]:
         """Server-sent events: a chunk per step's tokens, the final chunk, the usage chunk if asked, [DONE]."""
-        assert self.loop is not None
         finished, first = False, True
-        try:
-            while not finished:
-                update = await request.updates.get()
-                finished = update.finish_reason is not None
-                text = "".join(c.text for c in update.chunks)
-                if text or first or finished or update.logprobs:
-                    chunk = shapes.chunk(text, update.finish_reason, update.logprobs, first=first)
-                    yield {"data": _json(chunk)}
-                    first = False
-            if body.include_usage:
-                yield {"data": _json(shapes.usage_chunk(self._usage(request)))}
-            yield {"data": "[DONE]"}
-        finally:
-            if not finished:  # the client went away: free its row before the next step
-                self.loop.cancel(request)
-            self.admitted -= 1
+        while not finished:
+            update = await request.updates.get()
+            finished = update.finish_reason is not None
+            if update.error:
+                yield {"data": _json(error_body(f"the engine failed: {update.error}", "server_error"))}
+            text = "".join(c.text for c in update.chunks)
+            if text or first or finished or update.logprobs:
+                yield {"data": _json(shapes.chunk(text, update.finish_reason, update.logprobs, first=first))}
+                first = False
+        if body.include_usage:
+            yield {"data": _json(shapes.usage_chunk(self._usage(request)))}
+        yield {"data": "[DONE]"}
 
     async def _collect(self, http: HttpRequest, request: Request, shapes: Shapes) -> Response:
         """The whole answer; a client that disconnects meanwhile cancels its request."""
@@ -213,8 +214,6 @@ async def _disconnected(http: HttpRequest) -> None:
 
 
 def _json(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, separators=(",", ":"))
 
 
@@ -256,6 +255,21 @@ def create_app(server: Server) -> FastAPI:
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+class _EventStream(EventSourceResponse):
+    """An SSE response that runs ``closed`` when it ends, whether it finished, the client left, or it never
+    started (a generator's own ``finally`` does not run when it was never iterated)."""
+
+    def __init__(self, events: AsyncIterator[dict[str, str]], closed: Callable[[], None]) -> None:
+        super().__init__(events, ping=5)
+        self._closed = closed
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._closed()
 
 
 def _loaded(server: Server, task: asyncio.Future[None]) -> None:

@@ -43,6 +43,7 @@ class Request:
     updates: asyncio.Queue[Update] = field(default_factory=asyncio.Queue)
     handle: Handle | None = None
     cancelled: bool = False
+    finished: bool = False  # its last update is on its way (set by the loop thread)
     first_at: float = 0.0
     last_at: float = 0.0
     logprobs_sent: int = 0
@@ -76,7 +77,7 @@ class EngineLoop:
 
     def cancel(self, request: Request) -> None:
         with self._lock:
-            if request.cancelled:
+            if request.cancelled or request.finished:
                 return
             request.cancelled = True
             if request.handle is not None:
@@ -141,6 +142,7 @@ class EngineLoop:
                 logprobs, request.logprobs_sent = handle.seq.logprobs[request.logprobs_sent : end], end
             if handle.done:
                 finished.append(request)
+                request.finished = True
                 reason = FINISH_REASONS[handle.seq.finish_reason]
                 self._record(request, reason, now)
                 request.push(Update(chunks, reason, logprobs))
