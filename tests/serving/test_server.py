@@ -191,6 +191,7 @@ BAD = [
     ("can never fit", "completions", {**OK, "max_tokens": CONTEXT}, 400, f"the model's context is {CONTEXT}"),
     ("prompt fills the context", "completions", {"model": MODEL, "prompt": [65] * CONTEXT}, 400,
      f"the model's context is {CONTEXT}"),
+    ("logprobs on completions", "completions", {**OK, "logprobs": 2}, 400, "/v1/chat/completions with logprobs"),
     ("unknown model", "completions", {**OK, "model": "gpt-4"}, 404, "use 'tiny'"),
 ]
 

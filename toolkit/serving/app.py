@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import signal
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +27,7 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request as HttpRequest
 
 from toolkit.errors import ToolkitError
-from toolkit.runtime import Engine, GenerationConfig, load
+from toolkit.runtime import Engine, GenerationConfig, load, read_contract
 from toolkit.serving.config import ServeConfig, source_hash
 from toolkit.serving.loop import EngineLoop, Request, Update
 from toolkit.serving.metrics import Metrics
@@ -274,9 +275,8 @@ class _EventStream(EventSourceResponse):
 
 def _loaded(server: Server, task: asyncio.Future[None]) -> None:
     exc = None if task.cancelled() else task.exception()
-    if exc is not None:
-        server.load_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ToolkitError) else str(exc)
-        log.error("error: %s", server.load_error)
+    if exc is not None:  # the server stops (see _Uvicorn.on_tick) and ``serve`` raises it as one line
+        server.load_error = str(exc) if isinstance(exc, ToolkitError) else f"{type(exc).__name__}: {exc}"
 
 
 class _Uvicorn(uvicorn.Server):
@@ -305,15 +305,32 @@ class _Uvicorn(uvicorn.Server):
 
 
 def serve(config: ServeConfig) -> None:
-    """Run until SIGTERM; a export that fails to load is reported as a ToolkitError after the server stops."""
+    """Run until SIGTERM; an export that fails to load is reported as a ToolkitError after the server stops."""
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    read_contract(config.export)  # a folder that is no export is refused before the port is taken
+    listening = listen(config.host, config.port)
     server = Server(config)
     uv = _Uvicorn(uvicorn.Config(create_app(server), host=config.host, port=config.port, access_log=False,
                                  log_level="warning", lifespan="on"), server)
-    uv.run()
+    with listening:
+        uv.run(sockets=[listening])
     if server.load_error:
-        raise ToolkitError(f"{config.export}: {server.load_error}")
+        raise ToolkitError(server.load_error)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here so that a taken port is one line, not uvicorn's log and exit 1."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ToolkitError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port or "
+                           "--host, or stop what holds it") from exc
+    return sock

@@ -91,6 +91,14 @@ class ChatRequest(Sampling):
 
 class CompletionRequest(Sampling):
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    logprobs: int | None = None  # the legacy shape: refused, see below
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: int | None) -> None:
+        if value is not None:
+            raise ValueError("not served on /v1/completions: ask /v1/chat/completions with logprobs: true and "
+                             "top_logprobs")
 
     @property
     def token_limit(self) -> int | None:
