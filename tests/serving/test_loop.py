@@ -27,8 +27,10 @@ def test_tokens_arrive_in_order_and_a_failing_step_ends_the_requests(folder: Pat
     config = GenerationConfig(max_new_tokens=6, stop_token_ids=())
     expected = engine.generate("hello", config).token_ids
 
+    metrics = Metrics("tiny")
+
     async def scenario() -> tuple[list[Update], list[Update]]:
-        loop = EngineLoop(engine, Metrics("tiny"))
+        loop = EngineLoop(engine, metrics)
         try:
             ok = Request("ok", time.perf_counter(), asyncio.get_running_loop())
             await asyncio.to_thread(loop.submit, ok, engine.encode("hello"), config)
@@ -48,3 +50,12 @@ def test_tokens_arrive_in_order_and_a_failing_step_ends_the_requests(folder: Pat
     assert [c.token_id for u in good for c in u.chunks] == expected and good[-1].finish_reason == "length"
     assert bad[-1].finish_reason == "abort" and bad[-1].error == "RuntimeError: the graph failed"
     assert engine.pool.blocks_in_use == 0 and not engine.scheduler.busy
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value("toolkit:" + name, {"model_name": "tiny", **labels})
+
+    prompt = len(engine.encode("hello"))  # both were prefilled; the failing one chose its first token, then failed
+    assert (sample("prompt_tokens_total"), sample("generation_tokens_total")) == (2 * prompt, len(expected) + 1)
+    assert sample("request_success_total", finished_reason="length") == 1
+    assert sample("request_success_total", finished_reason="abort") == 1
+    assert sample("time_to_first_token_seconds_count") == 2 and sample("inter_token_latency_seconds_count") == 5

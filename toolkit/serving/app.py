@@ -311,6 +311,7 @@ def serve(config: ServeConfig) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+        log.propagate = False  # one line per request, whatever the root logger does
     read_contract(config.export)  # a folder that is no export is refused before the port is taken
     listening = listen(config.host, config.port)
     server = Server(config)

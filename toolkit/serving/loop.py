@@ -47,6 +47,7 @@ class Request:
     first_at: float = 0.0
     last_at: float = 0.0
     logprobs_sent: int = 0
+    tokens_counted: int = 0  # generated tokens already added to the counter
 
     def push(self, update: Update) -> None:
         self.aio.call_soon_threadsafe(self.updates.put_nowait, update)
@@ -131,6 +132,7 @@ class EngineLoop:
             chunks = list(handle.chunks)
             handle.chunks.clear()
             if chunks:
+                self._count(request, now)
                 if not request.first_at:
                     request.first_at = now
                 else:
@@ -152,12 +154,26 @@ class EngineLoop:
             with self._lock:
                 self._live = [r for r in self._live if r not in finished]
 
+    def _count(self, request: Request, now: float) -> None:
+        """The token counters as tokens arrive (a rate over a long request is smooth); the stop token is not one."""
+        m, name = self.metrics, self.metrics.model_name
+        assert request.handle is not None
+        seq = request.handle.seq
+        if not request.first_at:
+            m.prompt_tokens.labels(name).inc(len(seq.prompt_ids))
+        if len(seq.generated) > request.tokens_counted:
+            m.generation_tokens.labels(name).inc(len(seq.generated) - request.tokens_counted)
+            request.tokens_counted = len(seq.generated)
+
     def _fail_all(self, message: str) -> None:
         with self._lock:
             live, self._live, self._cancels = self._live, [], []
+        now = time.perf_counter()
         for request in live:
             assert request.handle is not None
             self.engine.cancel(request.handle)
+            request.finished = True
+            self._record(request, "abort", now)
             request.push(Update([], "abort", error=message))
 
     def _record(self, request: Request, reason: str, now: float) -> None:
@@ -174,8 +190,6 @@ class EngineLoop:
             m.ttft.labels(name).observe(request.first_at - request.arrival)
             m.prefill.labels(name).observe(request.first_at - admitted)
             m.decode.labels(name).observe(now - request.first_at)
-            m.prompt_tokens.labels(name).inc(len(seq.prompt_ids))
-        m.generation_tokens.labels(name).inc(generated)
         ms = lambda t: round(t * 1000, 2)  # noqa: E731
         log.info(json.dumps({
             "request": request.id, "prompt_tokens": len(seq.prompt_ids), "generated_tokens": generated,
