@@ -168,6 +168,17 @@ def test_sampling_with_a_seed_repeats_and_differs_from_greedy(server: Served) ->
     assert runs[0] == runs[1] != greedy
 
 
+def test_vllm_extensions_and_neutral_openai_fields_are_served(server: Served, engine) -> None:  # noqa: ANN001
+    assert alone(engine, "holder 1", 40).finish_reason == "stop_token"  # the tiny model's eos comes early here
+    expected = engine.generate("holder 1", GenerationConfig(max_new_tokens=40, stop_token_ids=(), top_k=5,
+                                                            repetition_penalty=1.3))
+    answer = server.client().completions.create(
+        model=MODEL, prompt="holder 1", max_tokens=40, temperature=0, presence_penalty=0, frequency_penalty=0,
+        user="someone", extra_body={"ignore_eos": True, "min_tokens": 40, "top_k": 5, "repetition_penalty": 1.3})
+    assert answer.choices[0].text == expected.text and answer.choices[0].finish_reason == "length"
+    assert answer.usage is not None and answer.usage.completion_tokens == 40
+
+
 # --- refusals --------------------------------------------------------------------------------------------
 OK = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
 BAD = [
@@ -191,6 +202,11 @@ BAD = [
     ("can never fit", "completions", {**OK, "max_tokens": CONTEXT}, 400, f"the model's context is {CONTEXT}"),
     ("prompt fills the context", "completions", {"model": MODEL, "prompt": [65] * CONTEXT}, 400,
      f"the model's context is {CONTEXT}"),
+    ("a field not served", "chat/completions", {"model": MODEL, "messages": CHAT, "response_format": {}}, 400,
+     "response_format: this server does not serve this field"),
+    ("a penalty not served", "completions", {**OK, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("min_tokens above max_tokens", "completions", {**OK, "min_tokens": 5}, 400,
+     "min_tokens (5) must not exceed max_tokens (4)"),
     ("logprobs on completions", "completions", {**OK, "logprobs": 2}, 400, "/v1/chat/completions with logprobs"),
     ("unknown model", "completions", {**OK, "model": "gpt-4"}, 404, "use 'tiny'"),
 ]

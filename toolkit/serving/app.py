@@ -45,7 +45,10 @@ def refusal(status: int, message: str, kind: str = "invalid_request_error", retr
 def _validation_message(exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "body"
-    return f"{where}: {first['msg']}" + (f" ({exc.error_count()} problems)" if exc.error_count() > 1 else "")
+    what = first["msg"]
+    if first["type"] == "extra_forbidden":
+        what = "this server does not serve this field; leave it out (README, Serving: the fields it takes)"
+    return f"{where}: {what}" + (f" ({exc.error_count()} problems)" if exc.error_count() > 1 else "")
 
 
 class Server:
@@ -203,10 +206,16 @@ class Server:
 
 
 def generation_config(body: ChatRequest | CompletionRequest, max_new_tokens: int) -> GenerationConfig:
+    """OpenAI's settings in the runtime's terms (its checks refuse what OpenAI's bounds let through, e.g.
+    min_tokens above max_tokens)."""
+    if body.min_tokens > max_new_tokens:
+        raise ToolkitError(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_new_tokens})")
     greedy = body.temperature == 0
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy,
-                            temperature=1.0 if greedy else body.temperature, top_p=body.top_p, seed=body.seed,
-                            stop_strings=body.stop_strings, logprobs=body.logprobs_count)
+    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=body.min_tokens, do_sample=not greedy,
+                            temperature=1.0 if greedy else body.temperature, top_k=max(body.top_k, 0),
+                            top_p=body.top_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
+                            stop_token_ids=() if body.ignore_eos else None, stop_strings=body.stop_strings,
+                            logprobs=body.logprobs_count)
 
 
 async def _disconnected(http: HttpRequest) -> None:

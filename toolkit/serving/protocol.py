@@ -1,8 +1,11 @@
 """OpenAI's request and response shapes for ``/v1/chat/completions`` and ``/v1/completions``.
 
 Requests are pydantic models with strict types (a string where a number belongs is refused, not coerced) and
-the bounds OpenAI documents; fields this server does not know are ignored, as OpenAI's own API does. Responses
-are plain dicts built here, so every route answers in the same shape.
+the bounds OpenAI documents. A field this server does not serve is refused, as OpenAI's own API refuses an
+unrecognized argument, rather than ignored (a client asking for ``response_format`` must not get plain text
+silently); OpenAI's bookkeeping fields (``user``, ``metadata``, ``store``), its penalties at their neutral 0, and
+vLLM's extensions that load generators send (``top_k``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``)
+are taken. Responses are plain dicts built here, so every route answers in the same shape.
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ Tokens = Annotated[int, Field(ge=1)]
 STOP_LIMIT = 4  # stop sequences per request, as OpenAI
 
 
+STRICT = ConfigDict(strict=True, extra="forbid")
+Neutral = Annotated[float, Field(ge=0, le=0)]  # presence/frequency penalties: only their no-op value is served
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class Sampling(BaseModel):
     """The fields both endpoints share. ``temperature`` 0 is greedy; OpenAI's default (1) samples."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = STRICT
     model: str
     max_tokens: Tokens | None = None
     temperature: Temperature = 1.0
@@ -40,6 +47,16 @@ class Sampling(BaseModel):
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: Neutral = 0.0
+    frequency_penalty: Neutral = 0.0
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    # vLLM's extensions
+    top_k: Annotated[int, Field(ge=-1)] = -1  # -1 or 0: no top-k filter
+    repetition_penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -59,15 +76,16 @@ class Sampling(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = STRICT
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[TextPart]
+    name: str | None = None
 
     def as_template(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
