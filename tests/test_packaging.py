@@ -195,10 +195,11 @@ def test_compiler_modules_are_the_compiler_extra() -> None:
 
 
 def test_the_lock_holds_every_dependency_install_sh_installs() -> None:
-    """install.sh installs requirements.lock with --no-deps: the core, the compiler extra and the tools must be in it."""
+    """install.sh installs requirements.lock with --no-deps: the core, the compiler and serve extras and the tools
+    must be in it."""
     lock = {_normal(line.split("==")[0]) for line in (ROOT / "requirements.lock").read_text().splitlines()
             if line and not line.startswith("#")}
     extras = PYPROJECT["optional-dependencies"]
     wanted = _requirement_names(PYPROJECT["dependencies"] + [r for name in extras for r in extras[name]])
     assert wanted - lock == set()
-    assert 'install -q --no-deps -e ".[compiler]"' in (ROOT / "install.sh").read_text()
+    assert 'install -q --no-deps -e ".[compiler,serve]"' in (ROOT / "install.sh").read_text()
