@@ -185,16 +185,22 @@ class SequenceState:
         return len(self.generated) < self.config.min_new_tokens and bool(self.stop_ids)
 
     @property
+    def _reads_logits(self) -> bool:
+        """Sampling, the penalty and logprobs read every step's logits."""
+        c = self.config
+        return c.do_sample or self.seen is not None or c.logprobs is not None
+
+    @property
     def needs_logits(self) -> bool:
-        """Whether this row's next decode step must return its logits: sampling and the penalty read them, and
-        while stop ids are masked a greedy row reads them when the argmax is one of them."""
-        return self.config.do_sample or self.seen is not None or self._masks_stops
+        """Whether this row's next decode step must return its logits: ``_reads_logits``, and while stop ids are
+        masked a greedy row reads them when the argmax is one of them."""
+        return self._reads_logits or self._masks_stops
 
     def choose_next(self, argmax: int, logits: np.ndarray | None) -> int:
         """The token after a decode step from its argmax [the backend's next-token id] where that is the answer:
-        greedy without penalty, and the argmax is not a masked stop id (masking only lowers other entries, so the
-        first maximum stays the first). Otherwise from the logits, which ``needs_logits`` asked for."""
-        if not (self.config.do_sample or self.seen is not None or (self._masks_stops and argmax in self.stop_ids)):
+        greedy without penalty or logprobs, and the argmax is not a masked stop id (masking only lowers other
+        entries, so the first maximum stays the first). Otherwise from the logits, which ``needs_logits`` asked for."""
+        if not (self._reads_logits or (self._masks_stops and argmax in self.stop_ids)):
             return argmax
         assert logits is not None, "the scheduler asks for logits when needs_logits says so"
         return self.choose(logits)

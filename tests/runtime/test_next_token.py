@@ -181,3 +181,13 @@ def test_min_new_tokens_reads_the_logits_when_the_argmax_is_a_masked_stop_id(fol
     assert got == _masked_greedy(OrtBackend(folder, BackendOptions(threads=1, next_token=False)), ids, 12, stops)
     assert not set(stops) & set(got) and got != free
     assert 1 < len(choices) < 12  # after the prefill's choice, some decode steps (not all) read the logits
+
+
+def test_greedy_rows_with_logprobs_read_the_logits_every_step(folder):
+    engine = engine_of(folder, max_batch=1)
+    plain = engine.generate(PROMPTS[2], GenerationConfig(max_new_tokens=10, stop_token_ids=())).token_ids
+    handle = engine.submit(PROMPTS[2], GenerationConfig(max_new_tokens=10, logprobs=2, stop_token_ids=()))
+    while not handle.done:
+        engine.step()
+    assert handle.seq.generated == plain
+    assert [lp.token_id for lp in handle.seq.logprobs] == plain  # one per token, decode steps included
