@@ -36,10 +36,10 @@ def test_tokens_arrive_in_order_and_a_failing_step_ends_the_requests(folder: Pat
             await asyncio.to_thread(loop.submit, ok, engine.encode("hello"), config)
             good = await updates_of(ok)
 
-            def boom(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+            def boom(tokens: np.ndarray, lengths: np.ndarray, with_logits: bool) -> tuple[np.ndarray, None]:
                 raise RuntimeError("the graph failed")
 
-            engine.backend.decode = boom  # type: ignore[method-assign]
+            engine.backend.decode_next = boom  # type: ignore[method-assign]  # the scheduler's decode call
             failing = Request("bad", time.perf_counter(), asyncio.get_running_loop())
             await asyncio.to_thread(loop.submit, failing, engine.encode("hello"), config)
             return good, await updates_of(failing)
