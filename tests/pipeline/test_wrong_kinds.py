@@ -235,7 +235,9 @@ def test_a_library_exception_that_is_not_an_exception_is_still_one_line(tmp_path
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"opset": 99}, "opset must be at most"),
+    ({"opset": 99}, "target 'ort' takes opset 23 to"),
+    ({"target": "standard", "opset": 23}, "target 'standard' takes opset 24 (TensorScatter; TensorRT's parser reads "
+                                          "no later one), got 23"),
     ({"threads": 0}, "threads (onnxruntime's, for the export's self-check) must be in 1..1024, got 0"),
     ({"threads": 100_000}, "threads (onnxruntime's, for the export's self-check) must be in 1..1024, got 100000"),
 ])
