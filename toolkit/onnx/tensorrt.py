@@ -36,8 +36,14 @@ def parser_problems(proto: onnx.ModelProto) -> list[str]:
     """One line per node or setting TensorRT's parser would refuse (empty: parsable as far as documented)."""
     problems = [f"opset {o.version} of domain {o.domain or 'ai.onnx'} (TensorRT reads ai.onnx up to {MAX_OPSET})"
                 for o in proto.opset_import if (o.domain not in ("", "ai.onnx")) or o.version > MAX_OPSET]
-    graph = onnx.shape_inference.infer_shapes(proto, strict_mode=False).graph
-    types = {v.name: v.type.tensor_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    known = onnx.ModelProto()
+    known.CopyFrom(proto)  # shape inference stops at a node of a domain onnx does not know: infer without those
+    kept = [n for n in known.graph.node if n.domain in ("", "ai.onnx")]
+    del known.graph.node[:]
+    known.graph.node.extend(kept)
+    inferred = onnx.shape_inference.infer_shapes(known, strict_mode=False).graph
+    graph = proto.graph
+    types = {v.name: v.type.tensor_type for v in (*inferred.value_info, *graph.input, *graph.output)}
     inits = {t.name: t for t in graph.initializer}
     types.update({name: onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)).tensor_type
                   for name, t in inits.items()})
