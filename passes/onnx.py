@@ -1,7 +1,8 @@
 """Export to ONNX with a KV cache, fused attention and the exact quantized weights; validated against PyTorch.
 
 ``target: ort`` uses onnxruntime contrib ops (GroupQueryAttention, MatMulNBits, GatherBlockQuantized,
-SkipSimplifiedLayerNormalization); ``target: standard`` uses only ONNX opset >= 23 ops. The folder holds
+SkipSimplifiedLayerNormalization); ``target: standard`` uses only ONNX opset 24 ops, the graph TensorRT's ONNX
+parser reads (checked against its documented operator list, ``toolkit.onnx.tensorrt``). The folder holds
 ``model.onnx`` + ``model.onnx.data`` (external weights, relative location), the tokenizer, ``export.json``
 (the ``ExportContract`` the runtime reads, toolkit.runtime.contract) and, for ``ort``, a ``genai_config.json``
 for onnxruntime-genai generated from the same contract.
@@ -123,10 +124,16 @@ class ONNXConfig(ExportConfig):
         return self.left_padding or self.target == "standard"
 
 
-def check_spec(scheme: QuantScheme) -> None:
+def check_spec(scheme: QuantScheme, config: PassConfig | None = None) -> None:
     """The graph computes with float activations (MatMulNBits / DequantizeLinear on the weights only): a scheme
-    that quantizes activations is refused when the recipe is read."""
-    scheme.weight_only(ONNXConfig.name)
+    that quantizes activations is refused when the recipe is read, and so is an asymmetric one for the standard
+    target (TensorRT's parser takes DequantizeLinear only with zero zero-points; the graph refuses such weights
+    too, ``graph._symmetric_codes``)."""
+    spec = scheme.weight_only(ONNXConfig.name)
+    if isinstance(config, ONNXConfig) and config.target == "standard" and not spec.symmetric:
+        raise ToolkitError("the standard ONNX target holds symmetric codes only (TensorRT's parser takes "
+                           "DequantizeLinear without zero points): quantize with symmetric: true, or export with "
+                           "target: ort")
 
 
 def _write(model: PreTrainedModel, config: ONNXConfig, folder: Path, contract: ExportContract,

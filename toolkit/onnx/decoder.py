@@ -5,8 +5,8 @@ What a runtime feeds (both targets; ``P`` cached columns, ``S`` new tokens, rows
 - input ids ``[B,S] int64``; position ids ``[B,S] int64`` = ``cumsum(attention_mask) - 1`` at the new columns
   (read by the standard target's RotaryEmbedding; the ort graph ignores it, see below);
 - attention mask ``[B,M] int64``: 1 for real tokens, 0 for left padding, one column per cache column.
-  Without buffer sharing ``M = P+S`` and each layer's past key and value are ``[B,KVH,P,D]`` (P=0 for the
-  prefill: a zero-length tensor); its present key and value come back as ``[B,KVH,P+S,D]``.
+  ort target without buffer sharing: ``M = P+S`` and each layer's past key and value are ``[B,KVH,P,D]`` (P=0
+  for the prefill: a zero-length tensor); its present key and value come back as ``[B,KVH,P+S,D]``.
 - ort target, shared buffer (onnxruntime-genai's ``past_present_share_buffer``): bind the SAME preallocated
   ``[B,KVH,C,D]`` OrtValue as a layer's past key and its present key (likewise value) through IO
   binding; GroupQueryAttention sees equal pointers and writes the S new rows in place at columns ``[P, P+S)``.
@@ -15,7 +15,12 @@ What a runtime feeds (both targets; ``P`` cached columns, ``S`` new tokens, rows
   written from column 0, its mask ``1`` up to its own last column): the runtime decodes ragged batches this
   way. Requirements: ``P+S <= C <= max_positions``, and a step with ``S > 1`` after the prefill needs
   ``B = 1`` (GroupQueryAttention's rule for chunked prompts).
-The standard target has no buffer sharing: feed ``present`` back as ``past``.
+- standard target (what TensorRT's ONNX parser reads): each layer's past key and value are the whole
+  fixed-capacity cache ``[B,KVH,C,D]`` and present has the same shape: TensorScatter (axis -2) writes the S new
+  rows at each row's columns ``[last-S, last)`` and Attention (no past/present inputs) attends over all C columns
+  under a mask that hides padding, unwritten columns and the future. Bind one buffer as past and present
+  (onnxruntime's TensorScatter then writes in place), or feed the whole row and take present back. The mask
+  may be ``[B, M]`` for any ``P+S <= M <= C``; ragged rows and chunked prompts work as in the ort target.
 
 Masking, computed in the graph from ``attention_mask [B, M]``:
 ``last[b]`` = 1 + index of the last 1 in the row = the number of cache columns in use after this step.

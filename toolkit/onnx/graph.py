@@ -8,7 +8,9 @@ layer's present key and value.
 Two targets:
 - ``ort``: onnxruntime contrib ops (GroupQueryAttention with fused rotary, MatMulNBits carrying our exact codes,
   GatherBlockQuantized for a tied quantized embedding, (Skip)SimplifiedLayerNormalization).
-- ``standard``: ONNX opset >= 23 only (Attention, RotaryEmbedding, RMSNormalization, blocked DequantizeLinear).
+- ``standard``: ONNX opset 24 ops that TensorRT's ONNX parser reads (``toolkit.onnx.tensorrt``): Attention without
+  past inputs, TensorScatter for the cache, RotaryEmbedding, RMSNormalization, blocked int4 / int8
+  DequantizeLinear of signed codes without zero points (symmetric weights only).
 """
 
 from __future__ import annotations
