@@ -10,12 +10,11 @@ in by implementing the same methods.
 ``OrtBackend.forward`` is the one place that feeds an ONNX decoder (names from the export contract):
 the runtime's prefill and decode, the exporter's validation, perplexity on exports and the benchmarks
 all go through it. Two ways to hold the cache, both in buffers allocated once (``# k: [SLOTS, KVH, CAP, D]``):
-- shared (GroupQueryAttention graphs): the same buffer is bound as past and present, the graph writes the
-  new columns in place (onnxruntime-genai's ``past_present_share_buffer``);
-- copied (any graph): the used columns are fed as past (a TensorScatter graph, the standard target: the
-  whole row, its fixed capacity) and the present the graph returns is copied back into the buffer.
-The standard target scatters the new columns into a fixed-capacity past (TensorScatter), so it shares the
-buffer as GroupQueryAttention graphs do (onnxruntime's TensorScatter then skips its copy of past).
+- shared (GroupQueryAttention graphs, and the standard target's TensorScatter ones): the same buffer is bound as
+  past and present, the graph writes the new columns in place (onnxruntime-genai's ``past_present_share_buffer``;
+  onnxruntime's TensorScatter skips its copy of past when both are one buffer);
+- copied (any graph): past is fed (the used columns, or the whole fixed-capacity row for a TensorScatter graph)
+  and the present the graph returns is copied back into the buffer.
 """
 
 from __future__ import annotations

@@ -88,9 +88,9 @@ Resident = Callable[[list[str]], AbstractContextManager[object]]  # module paths
 
 @dataclass
 class MaskValues:
-    seqlens_k: str  # int32 [B]: columns in use after this step, minus one
-    total: str  # int32 scalar T
-    bias: str  # ort: float [B,1,S,T] additive or "" (right padding only); standard: bool [B,1,S,T] (True = attend)
+    seqlens_k: str  # ort: int32 [B]: columns in use after this step, minus one
+    total: str  # ort: int32 scalar T
+    bias: str  # ort: float [B,1,S,T] additive or "" (right padding only); standard: bool [B,1,S,C] (True = attend)
     q_col: str = ""  # standard: int64 [B,1,S,1] cache column of each query
     k_col: str = ""  # standard: int64 [1,C] key columns (the whole cache capacity C)
     write_at: str = ""  # standard: int64 [B] first cache column this step writes, per row (TensorScatter)
