@@ -12,6 +12,7 @@ import numpy as np
 
 from toolkit.errors import ToolkitError
 from toolkit.runtime import sampling
+from toolkit.runtime.speculative import DraftLength, Proposer, SpecStats
 from toolkit.runtime.tokenizer import Tokenizer
 from toolkit.schema import check_numbers
 
@@ -28,6 +29,10 @@ class GenerationConfig:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's eos ids
     stop_strings: tuple[str, ...] = ()
+    # speculative decoding: the longest draft (0: none); drafts come from the engine's draft export, or with
+    # prompt_lookup from n-gram matches in the prompt and the generated text
+    num_draft_tokens: int = 4
+    prompt_lookup: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -40,6 +45,8 @@ class GenerationConfig:
             raise ToolkitError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0 or self.repetition_penalty <= 0:
             raise ToolkitError("top_k must be >= 0 and repetition_penalty > 0 (1.0 disables it)")
+        if self.num_draft_tokens < 0 or (self.prompt_lookup and self.num_draft_tokens == 0):
+            raise ToolkitError(f"num_draft_tokens must be >= 0, and >= 1 with prompt_lookup (got {self.num_draft_tokens})")
         if any(not s for s in self.stop_strings):
             raise ToolkitError("stop_strings must not contain an empty string")
         # what the bounds above cannot see, for every field: NaN compares false, a negative seed reaches numpy
@@ -72,6 +79,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "length" | "stop_token" | "stop_string" | "cancelled"
     timings: Timings
+    speculation: SpecStats | None = None  # None: the sequence did not speculate
 
 
 @dataclass
@@ -142,6 +150,12 @@ class SequenceState:
             self.seen[prompt_ids] = True
         self.timings = Timings(prompt_tokens=len(prompt_ids))
         self.start = time.perf_counter()
+        self.proposer: Proposer | None = None  # set by the engine when the sequence speculates
+        self.draft_length = DraftLength(config.num_draft_tokens, config.num_draft_tokens)
+        self.spec_stats: SpecStats | None = None
+
+    def speculate(self, proposer: Proposer) -> None:
+        self.proposer, self.spec_stats = proposer, SpecStats()
 
     @property
     def budget(self) -> int:
@@ -151,13 +165,28 @@ class SequenceState:
     def prefilled(self) -> bool:
         return self.length >= len(self.prompt_ids)
 
-    def choose(self, logits: np.ndarray) -> int:
-        c = self.config
-        if len(self.generated) < c.min_new_tokens and self.stop_ids:
+    def _masked(self, logits: np.ndarray, generated: int) -> np.ndarray:
+        if generated < self.config.min_new_tokens and self.stop_ids:
             logits = logits.copy()
             logits[list(self.stop_ids)] = -np.inf
+        return logits
+
+    def choose(self, logits: np.ndarray) -> int:
         seen = np.flatnonzero(self.seen) if self.seen is not None else None
-        return sampling.choose(logits, c, self.rng, seen).token
+        return sampling.choose(self._masked(logits, len(self.generated)), self.config, self.rng, seen).token
+
+    def scores(self, logits: np.ndarray, drafted: list[int]) -> np.ndarray:
+        """The logits ``choose`` sees once ``drafted`` tokens have been accepted: stop ids masked while fewer than
+        min_new_tokens exist, repetition penalty over the prompt, the generated and the drafted tokens."""
+        logits = self._masked(logits, len(self.generated) + len(drafted))
+        if self.seen is None:
+            return logits
+        seen = np.union1d(np.flatnonzero(self.seen), drafted) if drafted else np.flatnonzero(self.seen)
+        return sampling.repetition_penalty(logits, seen, self.config.repetition_penalty)
+
+    def processed(self, logits: np.ndarray, drafted: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution ``choose`` draws from once ``drafted`` tokens have been accepted (ids, probs)."""
+        return sampling.distribution(self.scores(logits, drafted), self.config)
 
     def accept(self, token: int) -> str:
         """Record ``token``; sets finish_reason when a stop rule fires. Returns newly final text."""

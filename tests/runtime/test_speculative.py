@@ -1,0 +1,204 @@
+"""Speculative decoding: greedy output equal to plain greedy token for token (both draft sources, batches of rows
+with different acceptance lengths), lossless sampling by a chi-square test, and the draft's refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit.errors import ToolkitError
+from toolkit.models.tiny import tiny_llama, tiny_tokenizer
+from toolkit.passes.onnx import ONNXConfig, export
+from toolkit.paths import atomic_dir
+from toolkit.runtime import GenerationConfig, load, sampling
+from toolkit.runtime.speculative import DraftLength, PromptLookup, accept_or_resample, lookup, residual
+
+PROMPTS = ["Hello tiny world", "The quick brown fox jumps", "abcabcabc", "def f(x): return x + 1",
+           "Once upon a time", "1, 2, 3, 4,", "quote: 'to be or not'", "zzz"]
+N = 256
+
+
+def _export(out: Path, model: torch.nn.Module) -> Path:
+    with atomic_dir(out) as tmp:
+        export(model, tiny_tokenizer(), ONNXConfig(target="ort"), tmp)
+    return out
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory) -> Path:
+    return _export(tmp_path_factory.mktemp("spec") / "target", tiny_llama())
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory) -> Path:
+    """The target's weights plus noise: it agrees with the target often, not always."""
+    model = tiny_llama()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return _export(tmp_path_factory.mktemp("spec") / "draft", model)
+
+
+def greedy(**kw: object) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=N, min_new_tokens=N, stop_token_ids=(), **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def plain(target) -> list[list[int]]:
+    engine = load(target, threads=1, max_batch=1)
+    return [engine.generate(p, greedy(num_draft_tokens=0)).token_ids for p in PROMPTS]
+
+
+@pytest.mark.parametrize("source", ["draft", "prompt_lookup"])
+def test_speculative_greedy_equals_plain_greedy_over_256_tokens(target, draft, plain, source):
+    engine = load(target, threads=1, max_batch=4, draft=draft if source == "draft" else None)
+    config = greedy(num_draft_tokens=8, prompt_lookup=source == "prompt_lookup")
+    alone = [engine.generate(p, config) for p in PROMPTS]
+    assert [r.token_ids for r in alone] == plain
+    stats = [r.speculation for r in alone]
+    assert all(s is not None and s.num_accepted_tokens > 0 for s in stats)
+    assert sum(s.tokens_per_target_call for s in stats if s) / len(stats) > 1.2  # it did speculate
+    # a batch of 4 decoding together, rows accepting different lengths in the same steps
+    together = engine.generate_batch(PROMPTS[:4], config)
+    assert [r.token_ids for r in together] == plain[:4]
+    rates = {round(r.speculation.acceptance_rate, 3) for r in together if r.speculation}
+    assert len(rates) > 1
+
+
+def test_a_perturbed_verify_path_breaks_the_equality(target, draft, plain, monkeypatch):
+    """The equality test can fail: logits from score that are off by a little more than the verify margin
+    (as int8-activation kernels can be) change the greedy output."""
+    engine = load(target, threads=1, max_batch=1, draft=draft)
+    score = engine.backend.score
+    rng = np.random.default_rng(0)
+
+    def noisy(rows, tokens, lengths):  # type: ignore[no-untyped-def]
+        logits = score(rows, tokens, lengths)
+        return logits + rng.normal(0, 0.3, logits.shape).astype(logits.dtype)
+
+    monkeypatch.setattr(engine.backend, "score", noisy)
+    out = [engine.generate(p, greedy(num_draft_tokens=4)).token_ids for p in PROMPTS]
+    assert out != plain
+
+
+def test_a_close_call_is_left_to_the_one_token_decode(target, draft, plain, monkeypatch):
+    """With every position too close to call, verification keeps nothing and plain decode makes every token."""
+    engine = load(target, threads=1, max_batch=1, draft=draft)
+    monkeypatch.setattr(engine.scheduler, "verify_margin", np.inf)
+    result = engine.generate(PROMPTS[0], greedy(num_draft_tokens=4))
+    assert result.token_ids == plain[0]
+    assert result.speculation is not None and result.speculation.num_accepted_tokens == 0
+
+
+def test_stop_rules_apply_per_token_inside_an_accepted_draft(target, plain):
+    engine = load(target, threads=1, max_batch=1)
+    # the token that appears last for the first time, after a run that prompt lookup drafts several at once
+    first, i = max((out.index(t), i) for i, out in enumerate(plain) for t in set(out))
+    assert first > 10
+    config = GenerationConfig(max_new_tokens=N, stop_token_ids=(plain[i][first],), prompt_lookup=True,
+                              num_draft_tokens=8)
+    chunks = list(engine.stream(PROMPTS[i], config))
+    assert [c.token_id for c in chunks] == plain[i][: first + 1]
+    result = engine.generate(PROMPTS[i], config)
+    assert result.token_ids == plain[i][:first] and result.finish_reason == "stop_token"
+    assert result.speculation is not None and result.speculation.num_accepted_tokens > 0
+
+
+def test_a_draft_with_another_tokenizer_is_refused_before_loading(target, draft, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(draft, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ToolkitError, match="cannot draft for .* tokenizers differ"):
+        load(target, threads=1, draft=other)
+
+
+def test_draft_settings_are_checked():
+    with pytest.raises(ToolkitError, match="num_draft_tokens"):
+        GenerationConfig(num_draft_tokens=-1)
+    with pytest.raises(ToolkitError, match="num_draft_tokens"):
+        GenerationConfig(num_draft_tokens=0, prompt_lookup=True)
+
+
+def test_prompt_lookup_continues_the_latest_longest_match():
+    ctx = np.array([5, 1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2])
+    assert lookup(ctx, 3, 3, 1) == [3, 7, 8]  # "1 2" last seen before 3 7 8
+    assert lookup(np.array([1, 2, 3]), 2, 3, 1) == []
+    assert PromptLookup(2, 2).max_ngram == 2
+    with pytest.raises(ToolkitError, match="min_ngram"):
+        PromptLookup(1, 2)
+
+
+def test_draft_length_grows_shrinks_pauses_and_turns_down_with_the_batch():
+    d = DraftLength(k=2, max_k=8)
+    d.update(2, 2)
+    assert d.k == 3 and d.allowed(1) == 3 and d.allowed(4) == 2 and d.allowed(9) == 0
+    d.update(3, 1)
+    assert d.k == 2
+    for _ in range(3):
+        d.update(d.k, 0)
+    assert [d.allowed(1) for _ in range(17)] == [0] * 16 + [1]
+    assert d.pause == 32
+
+
+def test_residual_is_normalized_and_guards_all_zero():
+    p = np.array([0.5, 0.3, 0.2])
+    np.testing.assert_allclose(residual(p, np.array([0.2, 0.6, 0.2])), [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(residual(p, p), p)
+
+
+# --- lossless sampling -----------------------------------------------------------------------------------
+SETTINGS = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9)
+V = 12
+
+
+def _logits(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 2, V)
+
+
+def speculative_first_token(p_logits: np.ndarray, q_logits: np.ndarray, rng: np.random.Generator,
+                            rule: str = "right") -> int:
+    """One round with one drafted token: the draft samples from q, the target keeps it or resamples."""
+    ids, probs = sampling.distribution(q_logits, SETTINGS)
+    q = sampling.Choice(0, ids, probs).dense(V)
+    token = int(rng.choice(V, p=q))
+    if rule == "q_before_top_p":  # the ratio uses q after temperature only, as transformers once did
+        q = np.exp(q_logits / 0.7 - (q_logits / 0.7).max())
+        q /= q.sum()
+    p_ids, p_probs = sampling.distribution(p_logits, SETTINGS)
+    p = sampling.Choice(0, p_ids, p_probs).dense(V)
+    if rule == "no_residual":
+        return token if rng.random() * q[token] < p[token] else int(rng.choice(V, p=q))
+    return accept_or_resample(p, q, token, rng)[1]
+
+
+def chi_square_ok(counts: np.ndarray, expected: np.ndarray) -> bool:
+    """Pearson's chi-square goodness of fit at the 1 % level (Wilson-Hilferty quantile: no scipy at run time)."""
+    if counts[expected == 0].sum():
+        return False  # a token outside the target's support was drawn
+    keep = expected > 0
+    e = expected[keep] / expected[keep].sum() * counts.sum()
+    stat, df = float((((counts[keep] - e) ** 2) / e).sum()), int(keep.sum()) - 1
+    z = 2.326  # the standard normal's 99th percentile
+    return stat < df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("rule,passes", [("right", True), ("q_before_top_p", False), ("no_residual", False)])
+def test_speculative_sampling_draws_the_targets_distribution(rule, passes):
+    p_logits, q_logits = _logits(1), _logits(2)
+    ids, probs = sampling.distribution(p_logits, SETTINGS)
+    expected = sampling.Choice(0, ids, probs).dense(V)
+    rng = np.random.default_rng(0)
+    counts = np.bincount([speculative_first_token(p_logits, q_logits, rng, rule) for _ in range(20000)],
+                         minlength=V)
+    assert chi_square_ok(counts, expected) == passes
