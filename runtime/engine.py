@@ -23,7 +23,7 @@ from toolkit.runtime.generation import (
 )
 from toolkit.runtime.kv_cache import BlockPool
 from toolkit.runtime.scheduler import Handle, Scheduler
-from toolkit.runtime.speculative import DraftModel, PromptLookup
+from toolkit.runtime.speculative import DraftModel, PromptLookup, SpecStats
 from toolkit.runtime.tokenizer import Tokenizer
 
 Prompt = str | list[dict[str, str]]  # text, or chat messages [{"role": ..., "content": ...}]
@@ -56,6 +56,11 @@ class Engine:
     def last_timings(self) -> Timings | None:
         """Timings of the calling thread's last finished ``generate`` or ``stream``."""
         return getattr(self._local, "timings", None)
+
+    @property
+    def last_speculation(self) -> SpecStats | None:
+        """Speculation counters of the calling thread's last finished ``generate`` or ``stream``."""
+        return getattr(self._local, "speculation", None)
 
     # --- prompts ---------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -122,13 +127,13 @@ class Engine:
         handle = self.submit(prompt, config, with_text=False)
         for _ in self.follow(handle):
             pass
-        self._local.timings = handle.timings
+        self._local.timings, self._local.speculation = handle.timings, handle.seq.spec_stats
         return self.result(handle)
 
     def stream(self, prompt: Prompt | list[int], config: GenerationConfig | None = None) -> Iterator[StreamChunk]:
         handle = self.submit(prompt, config)
         yield from self.follow(handle)
-        self._local.timings = handle.timings
+        self._local.timings, self._local.speculation = handle.timings, handle.seq.spec_stats
 
     def generate_batch(self, prompts: Sequence[Prompt | list[int]],
                        config: GenerationConfig | None = None) -> list[GenerationResult]:
