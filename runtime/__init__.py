@@ -13,8 +13,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from toolkit.runtime.artifact import check_external_data, open_export
 from toolkit.errors import ToolkitError
+from toolkit.runtime.artifact import check_external_data, open_export
 from toolkit.runtime.backend import Backend, BackendOptions, OrtBackend
 from toolkit.runtime.contract import ExportContract, TensorNames, read_contract
 from toolkit.runtime.engine import Engine
