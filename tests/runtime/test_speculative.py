@@ -257,3 +257,18 @@ def test_speculative_sampling_on_a_tiny_model_keeps_the_targets_distribution(sha
             rejected += result.speculation.num_accepted_tokens == 0
     assert len(seconds) > 500 and rejected > 100  # the residual matters often enough to be seen
     assert chi_square_ok(np.bincount(seconds, minlength=len(expected)), expected) == (not broken)
+
+
+def test_generate_cli_speculates_and_refuses_bad_draft_options(target, draft, tmp_path, capsys):
+    from toolkit.cli import main
+
+    base = ["generate", str(target), "--prompt", "abc", "--no-chat", "--max-new-tokens", "12"]
+    assert main([*base, "--prompt-lookup", "--num-draft-tokens", "3"]) == 0
+    assert "speculative:" in capsys.readouterr().err
+    assert main([*base, "--draft", str(draft)]) == 0
+    assert "tokens per target call" in capsys.readouterr().err
+    for extra, message in ((["--draft", str(tmp_path)], "not an ONNX export"),
+                           (["--draft", str(draft), "--prompt-lookup"], "choose one"),
+                           (["--prompt-lookup", "--num-draft-tokens", "0"], "num_draft_tokens")):
+        assert main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
