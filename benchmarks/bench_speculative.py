@@ -36,7 +36,9 @@ def run_one(name: str, a: argparse.Namespace) -> dict[str, float]:
     from toolkit.runtime import GenerationConfig, load
 
     folder = a.target if name in ("target", "draft") else a.int4
-    engine = load(folder, threads=a.threads, max_batch=1, draft=a.draft if name == "draft" else None)
+    level = a.accuracy_level if folder == a.int4 else None
+    engine = load(folder, threads=a.threads, max_batch=1, draft=a.draft if name == "draft" else None,
+                  accuracy_level=level)
     prompts = NO_COPY if name.endswith("nocopy") else COPY
     config = GenerationConfig(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
                               num_draft_tokens=a.k if name.startswith(("draft", "lookup")) else 0,
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=Path, required=True, help="the verified export (e.g. float32)")
     p.add_argument("--draft", type=Path, help="the drafting export (same tokenizer)")
     p.add_argument("--int4", type=Path, help="an int4 export for prompt lookup vs its plain decode")
+    p.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits level for the --int4 runs (0: "
+                   "float activations, where verify and decode round alike; None: the export's)")
     p.add_argument("--genai", type=Path, help="an onnxruntime-genai build (genai_config.json) of the same model")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=128)

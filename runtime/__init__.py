@@ -11,6 +11,7 @@ What a deployment imports: onnxruntime, onnx (graph checks), numpy, tokenizers a
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
@@ -31,7 +32,7 @@ __all__ = [
 
 
 def load(folder: str | Path, threads: int | None = None, max_batch: int = 8, prefill_chunk: int = 256,
-         spin: bool = True, draft: str | Path | None = None) -> Engine:
+         spin: bool = True, draft: str | Path | None = None, accuracy_level: int | None = None) -> Engine:
     """Open an export folder (refusing unsafe external data) and return a ready ``Engine``.
 
     threads: ORT intra-op threads (default: physical cores); max_batch: cache rows decoded together;
@@ -39,19 +40,21 @@ def load(folder: str | Path, threads: int | None = None, max_batch: int = 8, pre
     step (running rows decode between the chunks of a long prompt);
     spin: let ORT worker threads spin between ops (faster decode on an idle machine; turn it off where
     other processes compete for the cores);
-    draft: an export with the same tokenizer that drafts tokens for speculative decoding (checked before loading).
+    draft: an export with the same tokenizer that drafts tokens for speculative decoding (checked before loading);
+    accuracy_level: the target's MatMulNBits activation precision (0 float, 4 int8; None: the export's); a
+    speculating int4 target needs 0 for its k-token verify to round as its one-token decode does.
     """
     folder = Path(folder)
     tokenizer = Tokenizer.from_folder(folder)
     if draft is not None:
         check_same_tokenizer(tokenizer, Tokenizer.from_folder(Path(draft)), folder, Path(draft))
-    options = BackendOptions(threads=threads, prefill_chunk=prefill_chunk, spin=spin)
+    options = BackendOptions(threads=threads, prefill_chunk=prefill_chunk, spin=spin, accuracy_level=accuracy_level)
     backend = OrtBackend(folder, options)
     if max_batch > 1 and not backend.supports_ragged_batch():
         warnings.warn(f"{folder}: the graph cannot decode rows of different lengths together (its attention "
                       "bias assumes aligned left padding); sequences run one at a time", stacklevel=2)
         max_batch = 1
-    draft_backend = OrtBackend(Path(draft), options) if draft is not None else None
+    draft_backend = OrtBackend(Path(draft), replace(options, accuracy_level=None)) if draft is not None else None
     return Engine(backend, tokenizer, max_batch=max_batch, step_tokens=prefill_chunk, draft=draft_backend)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import requires_smollm2
 from toolkit.errors import ToolkitError
 from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes.onnx import ONNXConfig, export
@@ -272,3 +273,46 @@ def test_generate_cli_speculates_and_refuses_bad_draft_options(target, draft, tm
                            (["--prompt-lookup", "--num-draft-tokens", "0"], "num_draft_tokens")):
         assert main([*base, *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@requires_smollm2
+def test_smollm2_float32_speculative_greedy_with_an_int4_draft_equals_plain_greedy(tmp_path):
+    """The real case: SmolLM2 float32 verifying its own int4 RTN export (accuracy_level 4, the default), and
+    prompt lookup on the float32 target, 128 tokens on two prompts, alone and as a batch."""
+    from toolkit import models
+    from toolkit.passes.rtn import RTNConfig
+    from toolkit.passes.rtn import apply as rtn_apply
+
+    torch.set_num_threads(2)
+    loaded = models.load("smollm2")
+    with atomic_dir(tmp_path / "fp32") as tmp:
+        export(loaded.model, loaded.tokenizer, ONNXConfig(target="ort"), tmp)
+    rtn_apply(loaded.model, RTNConfig(bits=4, group_size=32, symmetric=True))
+    with atomic_dir(tmp_path / "int4") as tmp:
+        export(loaded.model, loaded.tokenizer, ONNXConfig(target="ort"), tmp)
+    engine = load(tmp_path / "fp32", threads=2, max_batch=2, draft=tmp_path / "int4")
+    messages = [[{"role": "user", "content": "Quote this sentence exactly: the quick brown fox jumps over it."}],
+                [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]]
+    plain = [engine.generate(m, GenerationConfig(max_new_tokens=128, min_new_tokens=128, num_draft_tokens=0))
+             for m in messages]
+    for extra in ({"num_draft_tokens": 4}, {"num_draft_tokens": 4, "prompt_lookup": True}):
+        config = GenerationConfig(max_new_tokens=128, min_new_tokens=128, **extra)  # type: ignore[arg-type]
+        spec = engine.generate_batch(messages, config)
+        assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+        assert all(r.speculation and r.speculation.tokens_per_target_call > 1.0 for r in spec)
+
+
+def test_verify_margin_follows_the_activation_precision_the_target_runs_at(tmp_path):
+    """int8 activations round differently for k rows than for one: close calls then need a wider margin."""
+    from toolkit.passes.rtn import RTNConfig
+    from toolkit.passes.rtn import apply as rtn_apply
+    from toolkit.runtime import scheduler
+
+    model = tiny_llama()
+    rtn_apply(model, RTNConfig(bits=4, group_size=32))
+    with atomic_dir(tmp_path / "int4") as tmp:
+        export(model, tiny_tokenizer(), ONNXConfig(target="ort", accuracy_level=4), tmp)
+    assert load(tmp_path / "int4", threads=1).scheduler.verify_margin == scheduler.VERIFY_MARGIN_INT8
+    engine = load(tmp_path / "int4", threads=1, accuracy_level=0)
+    assert engine.scheduler.verify_margin == scheduler.VERIFY_MARGIN
