@@ -168,6 +168,9 @@ class Scheduler:
 
     def decode(self) -> None:
         """Advance every running sequence: speculating rows by their accepted draft, the rest by one token."""
+        if all(h.seq.proposer is None for h in self.running):
+            self.decode_one_token()
+            return
         busy = len(self.running)
         plain = []
         for handle in list(self.running):
