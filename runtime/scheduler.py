@@ -190,8 +190,7 @@ class Scheduler:
         assert stats is not None and proposer is not None
         t0 = time.perf_counter()
         draft = proposer.propose(seq, k)
-        t1 = time.perf_counter()
-        stats.draft_s += t1 - t0
+        stats.draft_s += time.perf_counter() - t0
         if not draft.tokens:
             return False
         tokens = np.array([[seq.generated[-1], *draft.tokens]], np.int64)  # [1, k+1]: pending token, then drafts
@@ -201,12 +200,12 @@ class Scheduler:
         proposer.advance(seq, len(draft.tokens), accepted)
         seq.draft_length.update(len(draft.tokens), accepted)
         stats.record(len(draft.tokens), accepted)
+        stats.target_calls += 1
         if not kept:
             return False
         # columns written: the pending token and the accepted drafts; a target choice after them becomes pending.
         # Without one (a deferred position) the last accepted draft is pending and the decode re-feeds it.
         seq.length += accepted + chose
-        stats.target_calls += 1
         stats.emitted_tokens += len(kept)
         dt = (time.perf_counter() - t0) / len(kept)
         for token in kept:
