@@ -318,3 +318,16 @@ def test_verify_margin_follows_the_activation_precision_the_target_runs_at(tmp_p
     assert load(tmp_path / "int4", threads=1).scheduler.verify_margin == scheduler.VERIFY_MARGIN_INT8
     engine = load(tmp_path / "int4", threads=1, accuracy_level=0)
     assert engine.scheduler.verify_margin == scheduler.VERIFY_MARGIN
+
+
+def test_prompt_lookup_on_the_standard_target_with_a_copied_cache(tmp_path):
+    """Past and present as separate tensors: verify copies the k+1 columns back, rolling back is still a length."""
+    with atomic_dir(tmp_path / "std") as tmp:
+        export(tiny_llama(), tiny_tokenizer(), ONNXConfig(target="standard", accuracy_level=0), tmp)
+    engine = load(tmp_path / "std", threads=1, max_batch=2)
+    config = GenerationConfig(max_new_tokens=64, min_new_tokens=64, stop_token_ids=())
+    plain = [engine.generate(p, GenerationConfig(**{**config.__dict__, "num_draft_tokens": 0})).token_ids
+             for p in PROMPTS[:2]]
+    spec = engine.generate_batch(PROMPTS[:2], GenerationConfig(**{**config.__dict__, "prompt_lookup": True}))
+    assert [r.token_ids for r in spec] == plain
+    assert all(r.speculation and r.speculation.num_accepted_tokens > 0 for r in spec)
