@@ -5,9 +5,11 @@ Configurations (greedy, the same new tokens for every prompt; speculation does n
 - ``draft``: the target verifying drafts of ``--draft`` (e.g. the AWQ+GPTQ int4 export);
 - ``int4`` / ``lookup``: plain decode of ``--int4`` and prompt lookup on it, on the copy-heavy and the no-copy
   prompt sets (speculative_prompts.py, from pydoc_data.topics);
-- ``genai``: onnxruntime-genai's og.Generator on ``--genai`` (a folder with genai_config.json), plain decode.
-  Its Python API (0.18) has GeneratorParams.set_speculative_options(**kwargs) and Generator.get_speculative_stats();
-  their keys are not documented in the binding (see the note), so its speculative run is not driven here.
+- ``genai`` / ``genai-lookup``: onnxruntime-genai's og.Generator on ``--genai`` (a folder with genai_config.json)
+  on the copy-heavy prompts, plain and with its n-gram speculation. Its Python API (0.18) offers
+  GeneratorParams.set_speculative_options(max_draft_tokens, ngram_size, ngram_chained_lookup, min_adaptive_k,
+  cooldown) and Generator.get_speculative_stats() (acceptance_rate, target_forward_passes, ...); a draft *model*
+  is not among those options (an MtpGenerator covers multi-token-prediction heads), so no genai draft-model run.
 
 Reports per configuration the median decode tokens/s, per-round ratios to its baseline, acceptance rate, tokens
 per target call and the draft's share of the decode time.
@@ -28,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speculative_prompts import COPY, NO_COPY  # noqa: E402
 
-BASELINES = {"draft": "target", "lookup-copy": "int4-copy", "lookup-nocopy": "int4-nocopy"}
+BASELINES = {"draft": "target", "lookup-copy": "int4-copy", "lookup-nocopy": "int4-nocopy", "genai-lookup": "genai"}
 
 
 def run_one(name: str, a: argparse.Namespace) -> dict[str, float]:
@@ -56,27 +58,36 @@ def run_one(name: str, a: argparse.Namespace) -> dict[str, float]:
             "tokens_per_call": emitted / calls if calls else 1.0, "draft_share": draft_s / seconds}
 
 
-def run_genai(a: argparse.Namespace) -> dict[str, float]:
+def run_genai(a: argparse.Namespace, speculate: bool) -> dict[str, float]:
     import time
 
     import onnxruntime_genai as og
 
-    model, tok = None, None
+    from toolkit.runtime import Tokenizer
+
     model = og.Model(str(a.genai))
-    tok = og.Tokenizer(model)
-    tokens, seconds = 0, 0.0
+    tok = Tokenizer.from_folder(a.genai)  # the same chat-templated ids as our runs
+    tokens, seconds, accepted, proposed = 0, 0.0, 0.0, 0.0
     for prompt in COPY:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=4096, min_length=0)
+        if speculate:
+            params.set_speculative_options(ngram_size=3, max_draft_tokens=a.k)
         gen = og.Generator(model, params)
-        gen.append_tokens(tok.encode(prompt))
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        gen.append_tokens(tok.encode(text, add_special_tokens=False))
         gen.generate_next_token()
         t0 = time.perf_counter()
         for _ in range(a.new_tokens - 1):
             gen.generate_next_token()
         seconds += time.perf_counter() - t0
         tokens += a.new_tokens - 1
-    return {"tok_s": tokens / seconds, "acceptance": 0.0, "tokens_per_call": 1.0, "draft_share": 0.0}
+        if speculate:
+            stats = gen.get_speculative_stats()
+            accepted += stats["draft_tokens_accepted"]
+            proposed += stats["draft_tokens_evaluated"]
+    return {"tok_s": tokens / seconds, "acceptance": accepted / proposed if proposed else 0.0,
+            "tokens_per_call": 1.0, "draft_share": 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,13 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration here and print its JSON
     a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(run_genai(a) if a.one == "genai" else run_one(a.one, a)))
+        genai = a.one.startswith("genai")
+        print(json.dumps(run_genai(a, a.one == "genai-lookup") if genai else run_one(a.one, a)))
         return 0
     names = ["target"] + (["draft"] if a.draft else [])
     names += ["int4-copy", "lookup-copy", "int4-nocopy", "lookup-nocopy"] if a.int4 else []
-    names += ["genai"] if a.genai else []
+    names += ["genai", "genai-lookup"] if a.genai else []
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    passthrough = [x for x in (argv if argv is not None else sys.argv[1:])]
+    passthrough = list(argv if argv is not None else sys.argv[1:])
     for _ in range(a.rounds):
         for name in names:  # interleaved: load on a shared machine hits every configuration alike
             out = subprocess.run([sys.executable, __file__, *passthrough, "--one", name], check=True,
