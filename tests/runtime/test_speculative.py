@@ -302,7 +302,8 @@ def test_smollm2_float32_speculative_greedy_with_an_int4_draft_equals_plain_gree
         config = GenerationConfig(max_new_tokens=128, min_new_tokens=128, **extra)  # type: ignore[arg-type]
         spec = engine.generate_batch(messages, config)
         assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
-        assert all(r.speculation and r.speculation.tokens_per_target_call > 1.0 for r in spec)
+        helped = spec if "prompt_lookup" not in extra else spec[:1]  # the story has nothing to copy
+        assert all(r.speculation and r.speculation.tokens_per_target_call > 1.0 for r in helped)
 
 
 def test_verify_margin_follows_the_activation_precision_the_target_runs_at(tmp_path):
