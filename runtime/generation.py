@@ -16,6 +16,8 @@ from toolkit.runtime.speculative import DraftLength, Proposer, SpecStats
 from toolkit.runtime.tokenizer import Tokenizer
 from toolkit.schema import check_numbers
 
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -29,6 +31,7 @@ class GenerationConfig:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's eos ids
     stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None  # record the chosen token's log-probability and this many top alternatives
     # speculative decoding: the longest draft (0: none); drafts come from the engine's draft export, or with
     # prompt_lookup from n-gram matches in the prompt and the generated text
     num_draft_tokens: int = 4
@@ -47,6 +50,8 @@ class GenerationConfig:
             raise ToolkitError("top_k must be >= 0 and repetition_penalty > 0 (1.0 disables it)")
         if self.num_draft_tokens < 0 or (self.prompt_lookup and self.num_draft_tokens == 0):
             raise ToolkitError(f"num_draft_tokens must be >= 0, and >= 1 with prompt_lookup (got {self.num_draft_tokens})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ToolkitError(f"logprobs must be in [0, {MAX_LOGPROBS}] (got {self.logprobs})")
         if any(not s for s in self.stop_strings):
             raise ToolkitError("stop_strings must not contain an empty string")
         # what the bounds above cannot see, for every field: NaN compares false, a negative seed reaches numpy
@@ -59,6 +64,7 @@ class Timings:
     ttft_s: float = 0.0  # request start to first token chosen (includes prefill)
     prefill_s: float = 0.0
     token_latencies_s: list[float] = field(default_factory=list)  # one per decode step
+    admitted_at: float = 0.0  # perf_counter when the scheduler gave the sequence a cache row (0: still waiting)
 
     @property
     def decode_s(self) -> float:
@@ -80,6 +86,22 @@ class GenerationResult:
     finish_reason: str  # "length" | "stop_token" | "stop_string" | "cancelled"
     timings: Timings
     speculation: SpecStats | None = None  # None: the sequence did not speculate
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The model's log-probabilities (log-softmax of the raw logits, before sampling settings) at one choice."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely ids and their log-probabilities, most likely first
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> TokenLogprobs:
+    logp = logits.astype(np.float64) - logits.max()
+    logp -= np.log(np.exp(logp).sum())  # [V] log-softmax
+    ids = np.argsort(-logp, kind="stable")[:top]
+    return TokenLogprobs(token, float(logp[token]), [(int(i), float(logp[i])) for i in ids])
 
 
 @dataclass
@@ -130,6 +152,12 @@ class Detokenizer:
         return out
 
     def finish(self) -> str:
+        """The rest of the text, with the bytes still waiting for a complete character decoded as they are (as a
+        decode of all the ids would), unless a stop string ended the text."""
+        if not self.stopped and self.read < len(self.ids):
+            before = self._decode(self.ids[self.prefix : self.read])
+            self.text += self._decode(self.ids[self.prefix :])[len(before) :]
+            self.prefix = self.read = len(self.ids)
         out, self.emitted = self.text[self.emitted :], len(self.text)
         return out
 
@@ -143,6 +171,7 @@ class SequenceState:
         self.slot = -1
         self.length = 0  # positions written in the cache row (during prefill: the prompt tokens written so far)
         self.generated: list[int] = []
+        self.logprobs: list[TokenLogprobs] = []  # one per choice (the stop token's too) when config.logprobs is set
         self.finish_reason = ""
         self.rng = np.random.default_rng(config.seed)
         self.seen = np.zeros(vocab, bool) if config.repetition_penalty != 1.0 else None
@@ -165,24 +194,33 @@ class SequenceState:
     def prefilled(self) -> bool:
         return self.length >= len(self.prompt_ids)
 
-    def _masked(self, logits: np.ndarray, generated: int) -> np.ndarray:
-        if generated < self.config.min_new_tokens and self.stop_ids:
-            logits = logits.copy()
-            logits[list(self.stop_ids)] = -np.inf
-        return logits
-
     def choose(self, logits: np.ndarray) -> int:
         seen = np.flatnonzero(self.seen) if self.seen is not None else None
-        return sampling.choose(self._masked(logits, len(self.generated)), self.config, self.rng, seen).token
+        masked = self.masked(logits)
+        token = sampling.choose(masked, self.config, self.rng, seen).token
+        self.record_logprobs(masked, token)
+        return token
+
+    def record_logprobs(self, masked: np.ndarray, token: int) -> None:
+        """One entry per choice when config.logprobs is set; ``masked``: the logits with stop ids masked."""
+        if self.config.logprobs is not None:
+            self.logprobs.append(token_logprobs(masked, token, self.config.logprobs))
 
     def scores(self, logits: np.ndarray, drafted: list[int]) -> np.ndarray:
         """The logits ``choose`` sees once ``drafted`` tokens have been accepted: stop ids masked while fewer than
         min_new_tokens exist, repetition penalty over the prompt, the generated and the drafted tokens."""
-        logits = self._masked(logits, len(self.generated) + len(drafted))
+        logits = self.masked(logits, len(drafted))
         if self.seen is None:
             return logits
         seen = np.union1d(np.flatnonzero(self.seen), drafted) if drafted else np.flatnonzero(self.seen)
         return sampling.repetition_penalty(logits, seen, self.config.repetition_penalty)
+
+    def masked(self, logits: np.ndarray, drafted: int = 0) -> np.ndarray:
+        """Stop ids masked while fewer than min_new_tokens exist once ``drafted`` more tokens are accepted."""
+        if len(self.generated) + drafted < self.config.min_new_tokens and self.stop_ids:
+            logits = logits.copy()
+            logits[list(self.stop_ids)] = -np.inf
+        return logits
 
     def processed(self, logits: np.ndarray, drafted: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """The distribution ``choose`` draws from once ``drafted`` tokens have been accepted (ids, probs)."""

@@ -111,6 +111,7 @@ class Scheduler:
         while self.waiting and self.pool.has_free_slot():
             handle = self.waiting.popleft()
             handle.seq.slot = self.pool.admit(handle.seq.budget)
+            handle.seq.timings.admitted_at = time.perf_counter()
             admitted.append(handle)
         if admitted:  # one growth for everything admitted in this step
             self._fit_cache(max(h.seq.slot for h in admitted), max(h.seq.budget for h in admitted))
@@ -208,8 +209,9 @@ class Scheduler:
         seq.length += accepted + chose
         stats.emitted_tokens += len(kept)
         dt = (time.perf_counter() - t0) / len(kept)
-        for token in kept:
+        for i, token in enumerate(kept):
             seq.timings.token_latencies_s.append(dt)
+            seq.record_logprobs(seq.masked(logits[i]), token)
             self._emit(handle, token)
             if handle.done:  # a stop rule mid-draft: the rest is dropped
                 return True

@@ -332,3 +332,17 @@ def test_prompt_lookup_on_the_standard_target_with_a_copied_cache(tmp_path):
     spec = engine.generate_batch(PROMPTS[:2], GenerationConfig(**{**config.__dict__, "prompt_lookup": True}))
     assert [r.token_ids for r in spec] == plain
     assert all(r.speculation and r.speculation.num_accepted_tokens > 0 for r in spec)
+
+
+def test_speculated_tokens_record_the_same_logprobs_as_plain_decode(target, plain):
+    engine = load(target, threads=1, max_batch=1)
+    got = []
+    for extra in ({"num_draft_tokens": 0}, {"prompt_lookup": True}):
+        config = GenerationConfig(max_new_tokens=48, min_new_tokens=48, stop_token_ids=(), logprobs=2, **extra)  # type: ignore[arg-type]
+        handle = engine.submit(PROMPTS[7], config, with_text=False)
+        for _ in engine.follow(handle):
+            pass
+        got.append(handle.seq.logprobs)
+    assert len(got[1]) == 48 and [t.token_id for t in got[1]] == plain[7][:48]
+    for a, b in zip(*got, strict=True):
+        assert [i for i, _ in a.top] == [i for i, _ in b.top] and abs(a.logprob - b.logprob) < 1e-4
