@@ -34,6 +34,7 @@ from toolkit.passes import (
     gptq,
     onnx,
     rtn,
+    smoothquant,
 )
 from toolkit.passes.base import PassConfig
 from toolkit.quant.spec import QuantScheme
@@ -52,6 +53,7 @@ PASSES: dict[type[PassConfig], Pass] = {
     rtn.RTNConfig: Pass(rtn.apply, stream=rtn.stream),
     gptq.GPTQConfig: Pass(gptq.apply, stream=gptq.stream),
     awq.AWQConfig: Pass(awq.apply, stream=awq.stream),
+    smoothquant.SmoothQuantConfig: Pass(smoothquant.apply),
     distill.DistillConfig: Pass(distill.apply),
     onnx.ONNXConfig: Pass(onnx.export, stream=onnx.stream, holds=onnx.check_spec),
     export_hf_gptq.ExportHFGPTQConfig: Pass(export_hf_gptq.export, holds=export_hf_gptq.check_spec),
