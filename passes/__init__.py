@@ -31,6 +31,7 @@ from toolkit.passes import (
     export_compressed_tensors,
     export_gguf,
     export_hf_gptq,
+    export_modelopt,
     gptq,
     onnx,
     rtn,
@@ -60,6 +61,7 @@ PASSES: dict[type[PassConfig], Pass] = {
     export_gguf.ExportGGUFConfig: Pass(export_gguf.export, holds=export_gguf.check_spec),
     export_compressed_tensors.ExportCompressedTensorsConfig: Pass(export_compressed_tensors.export,
                                                                 holds=export_compressed_tensors.check_spec),
+    export_modelopt.ExportModelOptConfig: Pass(export_modelopt.export, holds=export_modelopt.check_spec),
 }
 
 

@@ -17,8 +17,6 @@ equal, since vLLM runs them as one matmul with one input scale.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -35,9 +33,16 @@ from toolkit.interop import compressed_tensors as ct
 from toolkit.models.architectures import decoder_layers, layout_of
 from toolkit.models.shards import SINGLE
 from toolkit.passes.base import ExportConfig, PassConfig
-from toolkit.quant.arithmetic import fake_quantize_activations
-from toolkit.quant.modules import FP8Linear, QuantEmbedding, QuantizedLinear, QuantLinear, quantized_linears
-from toolkit.quant.spec import ActivationSpec, QuantScheme
+from toolkit.quant.modules import (
+    FP8Linear,
+    QuantEmbedding,
+    QuantizedLinear,
+    QuantLinear,
+    input_quantizer,
+    quantized_linears,
+    stored_floats,
+)
+from toolkit.quant.spec import QuantScheme
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -142,14 +147,8 @@ def _reload_float(folder: Path) -> tuple[PreTrainedModel, dict[str, ct.Packed | 
     model.tie_weights()
     for name, p in packed.items():
         if isinstance(p, ct.Dense) and p.input_activations is not None:
-            model.get_submodule(name).register_forward_pre_hook(_input_quantizer(p.input_activations, p.input_scale))
+            model.get_submodule(name).register_forward_pre_hook(input_quantizer(p.input_activations, p.input_scale))
     return model.eval(), packed
-
-
-def _input_quantizer(act: ActivationSpec, scale: torch.Tensor | None) -> Callable[..., tuple[torch.Tensor]]:
-    def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
-        return (fake_quantize_activations(args[0], act.type, act.strategy, scale),)
-    return hook
 
 
 def _same(p: ct.Packed | ct.Dense, m: QuantizedLinear) -> bool:
@@ -181,17 +180,6 @@ def _check_fused_scales(model: PreTrainedModel, linears: dict[str, QuantizedLine
                                    "(rtn or gptq with input_activations do)")
 
 
-def _stored_floats(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
-    """A copy of ``model`` whose float parameters (embedding, norms, biases, a float head) went through the
-    export's ``dtype``: with quantized activations a float16 rounding upstream flips activation codes, so the
-    export is compared with the model it stores, not with one it cannot hold."""
-    copy = deepcopy(model)
-    with torch.no_grad():
-        for p in copy.parameters():
-            p.copy_(p.to(dtype))
-    return copy
-
-
 def _check_codes(linears: dict[str, QuantizedLinear], packed: dict[str, ct.Packed | ct.Dense]) -> None:
     if set(packed) != set(linears):
         raise ToolkitError(f"the export holds packed weights for {len(packed)} linears, the model has {len(linears)}")
@@ -219,7 +207,7 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     quantized_inputs = any(m.act is not None for m in linears.values())
     if quantized_inputs:  # another attention kernel's last-bit differences would flip activation codes
         exported.set_attn_implementation(model.config._attn_implementation)
-    reference = _stored_floats(model, DTYPES[config.dtype]) if quantized_inputs else model
+    reference = stored_floats(model, DTYPES[config.dtype]) if quantized_inputs else model
     error = check_reloaded(reference, exported, config.tolerance, "compressed-tensors checkpoint")
     return {"relative_logit_error": error, "bytes": (folder / SINGLE).stat().st_size,
             "quantized_linears": len(linears), "bit_exact_codes": True}

@@ -20,12 +20,11 @@ from toolkit.passes import rtn
 from toolkit.passes.context import PassContext
 from toolkit.passes.export_compressed_tensors import (
     ExportCompressedTensorsConfig,
-    _stored_floats,
     check_spec,
     export,
 )
 from toolkit.paths import atomic_dir
-from toolkit.quant.modules import quantized_linears
+from toolkit.quant.modules import quantized_linears, stored_floats
 from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
 
 requires_ct = pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None,
@@ -114,7 +113,7 @@ def test_transformers_decompresses_codes_and_scales_exactly_and_computes_the_log
         else:
             assert torch.equal(got.weight.data, m.dequantized_weight().float()), module_name
     with torch.no_grad():
-        ref, got = _stored_floats(model, torch.float16)(IDS).logits, hf(IDS).logits
+        ref, got = stored_floats(model, torch.float16)(IDS).logits, hf(IDS).logits
     error = float((ref - got).abs().max() / ref.abs().max())
     # compressed-tensors' own dynamic int8 scale is absmax / 127.5 (vLLM's kernel, and ours: absmax / 127), so
     # a few activation codes differ there; static scales and fp8 compute the same numbers

@@ -7,6 +7,9 @@ so evaluation measures the numbers the deployed W8A8 / FP8 kernel multiplies.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from copy import deepcopy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -198,6 +201,25 @@ def activation_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
     """The quantized linears that quantize their inputs or hold fp8 weights: what a consumer computing with float
     activations and integer codes cannot run."""
     return {n: m for n, m in quantized_linears(model).items() if m.act is not None or isinstance(m, FP8Linear)}
+
+
+def input_quantizer(act: ActivationSpec, scale: torch.Tensor | None) -> Callable[..., tuple[torch.Tensor]]:
+    """A forward pre-hook quantizing a plain ``nn.Linear``'s input as ``act`` says (static: with ``scale``): how an
+    exporter's float reload computes what the deployed kernel does, without ``QuantLinear``."""
+    def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        return (fake_quantize_activations(args[0], act.type, act.strategy, scale),)
+    return hook
+
+
+def stored_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` whose float parameters (embedding, norms, biases, a float head) went through ``dtype``,
+    as an export stores them: with quantized activations a float16 rounding upstream flips activation codes, so an
+    export is compared with the model it holds, not with one it cannot hold."""
+    copy = deepcopy(model)
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.copy_(p.to(dtype))
+    return copy
 
 
 def check_weight_only(model: nn.Module, consumer: str) -> None:
