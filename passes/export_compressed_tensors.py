@@ -62,7 +62,7 @@ class ExportCompressedTensorsConfig(ExportConfig):
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
 
 
-def check_spec(scheme: QuantScheme) -> None:
+def check_spec(scheme: QuantScheme, config: PassConfig | None = None) -> None:
     """Integer weights with float activations (``pack-quantized``), or 8-bit per-channel symmetric weights with
     quantized activations (W8A8 ``int-quantized``, FP8 ``float-quantized``): the layouts vLLM's compressed-tensors
     schemes load; refused otherwise when the recipe is read (and again on the model)."""

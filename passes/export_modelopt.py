@@ -56,7 +56,7 @@ class ExportModelOptConfig(ExportConfig):
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
 
 
-def check_spec(scheme: QuantScheme) -> None:
+def check_spec(scheme: QuantScheme, config: PassConfig | None = None) -> None:
     """The one scheme this export holds: fp8 per-channel weights, fp8 per-token dynamic inputs."""
     if scheme != SCHEME:
         raise ToolkitError(f"{ExportModelOptConfig.name} writes ModelOpt {modelopt.ALGO} (fp8 per-channel weights, "
