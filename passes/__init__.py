@@ -31,9 +31,11 @@ from toolkit.passes import (
     export_compressed_tensors,
     export_gguf,
     export_hf_gptq,
+    export_modelopt,
     gptq,
     onnx,
     rtn,
+    smoothquant,
 )
 from toolkit.passes.base import PassConfig
 from toolkit.quant.spec import QuantScheme
@@ -52,12 +54,14 @@ PASSES: dict[type[PassConfig], Pass] = {
     rtn.RTNConfig: Pass(rtn.apply, stream=rtn.stream),
     gptq.GPTQConfig: Pass(gptq.apply, stream=gptq.stream),
     awq.AWQConfig: Pass(awq.apply, stream=awq.stream),
+    smoothquant.SmoothQuantConfig: Pass(smoothquant.apply),
     distill.DistillConfig: Pass(distill.apply),
     onnx.ONNXConfig: Pass(onnx.export, stream=onnx.stream, holds=onnx.check_spec),
     export_hf_gptq.ExportHFGPTQConfig: Pass(export_hf_gptq.export, holds=export_hf_gptq.check_spec),
     export_gguf.ExportGGUFConfig: Pass(export_gguf.export, holds=export_gguf.check_spec),
     export_compressed_tensors.ExportCompressedTensorsConfig: Pass(export_compressed_tensors.export,
                                                                 holds=export_compressed_tensors.check_spec),
+    export_modelopt.ExportModelOptConfig: Pass(export_modelopt.export, holds=export_modelopt.check_spec),
 }
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from toolkit.algorithms.awq import clip_weight, search_clip, search_scales
+from toolkit.algorithms.smoothing import fold_scales, prev_rows
 from toolkit.models.architectures import Architecture, ScaleMapping, layout_of
 from toolkit.models.shape import ModelShape
 from toolkit.models.streaming import SkeletonModel
@@ -82,40 +83,13 @@ def _input_stats(layer: nn.Module, inputs: LayerInputs, name: str, module: nn.Mo
     return moments.abs_mean(), moments.second_moment()
 
 
-def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm_offset: float = 0.0,
-                rows: slice = slice(None)) -> None:
-    """``W ← W·diag(s)`` for each linear and ``1/s`` into ``prev``: a norm weight, or the output ``rows`` of a
-    linear. A norm computing ``x̂·(offset + w)`` (Gemma's offset 1) needs ``w ← (offset + w)/s - offset``."""
-    w = prev.weight.data  # type: ignore[union-attr]
-    if isinstance(prev, nn.Linear):
-        w[rows].div_(s.view(-1, 1))
-        if prev.bias is not None:
-            prev.bias.data[rows].div_(s)
-    else:
-        w.copy_((w + norm_offset) / s - norm_offset)  # type: ignore[operator]
-    for m in linears:
-        m.weight.data.mul_(s)
-
-
-def _prev_rows(layer: nn.Module, mapping: ScaleMapping, linears: list[nn.Linear]) -> slice | None:
-    """The output rows of a linear ``prev`` that are the linears' inputs; None when they are not
-    (grouped-query attention: v_proj emits fewer channels than o_proj reads)."""
-    prev = layer.get_submodule(mapping.prev)
-    if not isinstance(prev, nn.Linear):
-        return slice(None)
-    size, rest = divmod(prev.out_features, mapping.chunks)
-    if rest or size != linears[0].in_features:
-        return None
-    return slice(mapping.chunk * size, (mapping.chunk + 1) * size)
-
-
 def _scale_mapping(layer: nn.Module, prefix: str, inputs: LayerInputs, mapping: ScaleMapping,
                    targets: dict[str, nn.Linear], config: AWQConfig, arch: Architecture) -> dict[str, Any]:
     names = [n for n in mapping.linears if f"{prefix}.{n}" in targets]
     if len(names) != len(mapping.linears):  # a skipped linear must keep its input: no fold
         return {"skipped": "some linears are in skip"}
     linears = [layer.get_submodule(n) for n in names]
-    rows = _prev_rows(layer, mapping, linears)  # type: ignore[arg-type]
+    rows = prev_rows(layer, mapping, linears)  # type: ignore[arg-type]
     if rows is None:
         return {"skipped": f"{mapping.prev} outputs are not {names[0]}'s inputs (grouped-query attention)"}
     for n, m in zip(names, linears, strict=False):

@@ -56,6 +56,10 @@ class PassConfig:
     def check_followers(self, later: tuple[PassConfig, ...]) -> None:
         """Raise ValueError when the passes after this one in a recipe cannot follow it (read before any pass runs)."""
 
+    def streams(self) -> bool:
+        """Whether this config runs in the pass's layer-by-layer form (where it has one)."""
+        return True
+
 
 @dataclass(frozen=True)
 class QuantPassConfig(WeightQuantConfig, PassConfig):
@@ -64,6 +68,10 @@ class QuantPassConfig(WeightQuantConfig, PassConfig):
     def __post_init__(self) -> None:
         WeightQuantConfig.__post_init__(self)
         PassConfig.__post_init__(self)
+
+    def streams(self) -> bool:
+        """The layer-by-layer writers hold integer weight-only linears: W8A8 and fp8 schemes run in memory."""
+        return self.input_activations is None and self.type == "int"
 
     def shared_settings(self) -> dict[str, Any]:
         """The settings every weight-quantization pass has, by name: to build another pass's config from this one."""

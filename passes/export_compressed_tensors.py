@@ -1,4 +1,6 @@
-"""Export a quantized model as a compressed-tensors ``pack-quantized`` checkpoint (transformers, vLLM, SGLang).
+"""Export a quantized model as a compressed-tensors checkpoint (transformers, vLLM, SGLang, TensorRT-LLM):
+``pack-quantized`` for integer weights with float activations, ``int-quantized`` for W8A8 int8 and
+``float-quantized`` for FP8 (``toolkit.interop.compressed_tensors``).
 
 compressed-tensors holds signed codes ``v = q - 2^(b-1)`` and zero points ``zero - 2^(b-1)`` and packs
 ``v + 2^(b-1)``, so our unsigned codes are written unchanged (``toolkit.interop.compressed_tensors``);
@@ -7,7 +9,9 @@ config group; the head (int8 in our models, and a tied embedding) is written deq
 listed in ``ignore``, as llm-compressor leaves ``lm_head`` unquantized. The export proves itself: the folder
 is read back by ``toolkit.interop.compressed_tensors.read`` (no compressed-tensors package needed), its
 codes, scales and zero points must equal the model's bit for bit, and a plain float model dequantized from
-it must give the source model's logits on two shapes.
+it (its linears' inputs quantized as the folder's ``input_activations`` and ``input_scale`` say) must give the
+source model's logits on two shapes. Static input scales of linears a consumer fuses (q/k/v, gate/up) must be
+equal, since vLLM runs them as one matmul with one input scale.
 """
 
 from __future__ import annotations
@@ -26,10 +30,18 @@ from transformers.initialization import no_init_weights
 from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import compressed_tensors as ct
-from toolkit.models.architectures import layout_of
+from toolkit.models.architectures import decoder_layers, layout_of
 from toolkit.models.shards import SINGLE
 from toolkit.passes.base import ExportConfig, PassConfig
-from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
+from toolkit.quant.modules import (
+    FP8Linear,
+    QuantEmbedding,
+    QuantizedLinear,
+    QuantLinear,
+    input_quantizer,
+    quantized_linears,
+    stored_floats,
+)
 from toolkit.quant.spec import QuantScheme
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -51,29 +63,48 @@ class ExportCompressedTensorsConfig(ExportConfig):
 
 
 def check_spec(scheme: QuantScheme, config: PassConfig | None = None) -> None:
-    """``ct.quantization_config`` maps input activations too, but this export proves itself against a model that
-    computes with float activations, so a scheme that quantizes them is refused when the recipe is read."""
-    scheme.weight_only(ExportCompressedTensorsConfig.name)
+    """Integer weights with float activations (``pack-quantized``), or 8-bit per-channel symmetric weights with
+    quantized activations (W8A8 ``int-quantized``, FP8 ``float-quantized``): the layouts vLLM's compressed-tensors
+    schemes load; refused otherwise when the recipe is read (and again on the model)."""
+    w, a = scheme.weights, scheme.input_activations
+    if a is None and w.type == "int":
+        return
+    if w.bits == 8 and w.group_size == -1 and w.symmetric:
+        return
+    raise ToolkitError(f"{ExportCompressedTensorsConfig.name} writes quantized activations with 8-bit per-channel "
+                       f"symmetric weights (W8A8 int8, FP8), not this {scheme.name} scheme (bits {w.bits}, group_size "
+                       f"{w.group_size}): use bits: 8, group_size: -1, symmetric: true, or drop input_activations")
 
 
-def _linears(model: PreTrainedModel) -> tuple[dict[str, QuantLinear], list[str]]:
+def _linears(model: PreTrainedModel) -> tuple[dict[str, QuantizedLinear], list[str]]:
     head = layout_of(model).head
-    linears = {n: m for n, m in quantized_modules(model).items() if n != head}
+    linears = {n: m for n, m in quantized_linears(model).items() if n != head}
     if not linears:
         raise ToolkitError("export_compressed_tensors needs a quantized model; run rtn, gptq or awq before it")
     floats = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head]
+    for scheme in {m.scheme for m in linears.values()}:
+        check_spec(scheme)
     for name, m in linears.items():
-        if m.spec.symmetric and bool((m.qzeros != 2 ** (m.spec.bits - 1)).any()):
+        if isinstance(m, QuantLinear) and m.spec.symmetric and bool((m.qzeros != 2 ** (m.spec.bits - 1)).any()):
             raise ToolkitError(f"{name}: symmetric codes must have zero point {2 ** (m.spec.bits - 1)} "
                                "(compressed-tensors stores none for symmetric weights)")
     return linears, floats
 
 
-def _tensors(model: PreTrainedModel, linears: dict[str, QuantLinear], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _linear_tensors(name: str, m: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    input_scale = getattr(m, "input_scale", None)
+    if isinstance(m, FP8Linear):
+        return ct.dense_tensors(name, m.weight, m.weight_scale, input_scale)
+    if ct.format_of(m.scheme) == "int-quantized":  # signed int8 codes: ours minus the zero point 128
+        return ct.dense_tensors(name, (m.codes().to(torch.int16) - 128).to(torch.int8), m.scales, input_scale)
+    return ct.linear_tensors(name, m.codes(), m.scales.to(dtype), m.qzeros, m.spec)
+
+
+def _tensors(model: PreTrainedModel, linears: dict[str, QuantizedLinear], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     layout = layout_of(model)
     out: dict[str, torch.Tensor] = {}
     for name, m in linears.items():
-        out.update(ct.linear_tensors(name, m.codes(), m.scales.to(dtype), m.qzeros, m.spec))
+        out.update(_linear_tensors(name, m, dtype))
         if m.bias is not None:
             out[f"{name}.bias"] = m.bias.detach().to(dtype)
     head = model.get_submodule(layout.head)
@@ -87,10 +118,11 @@ def _tensors(model: PreTrainedModel, linears: dict[str, QuantLinear], dtype: tor
     return out
 
 
-def _config(model: PreTrainedModel, linears: dict[str, QuantLinear], floats: list[str], dtype: str) -> dict[str, Any]:
+def _config(model: PreTrainedModel, linears: dict[str, QuantizedLinear], floats: list[str],
+            dtype: str) -> dict[str, Any]:
     groups: dict[QuantScheme, list[str]] = {}
     for name, m in linears.items():
-        groups.setdefault(QuantScheme(m.spec), []).append(name)
+        groups.setdefault(m.scheme, []).append(name)
     d = model.config.to_dict()
     d.pop("_name_or_path", None)  # where this process read the model from; save_pretrained leaves it out too
     d["dtype"] = dtype
@@ -98,8 +130,9 @@ def _config(model: PreTrainedModel, linears: dict[str, QuantLinear], floats: lis
     return d
 
 
-def _reload_float(folder: Path) -> tuple[PreTrainedModel, dict[str, ct.Packed]]:
-    """A plain float32 model dequantized from the written folder (independent of ``QuantLinear``)."""
+def _reload_float(folder: Path) -> tuple[PreTrainedModel, dict[str, ct.Packed | ct.Dense]]:
+    """A plain float32 model dequantized from the written folder (independent of ``QuantLinear``); the inputs of
+    its 8-bit linears are quantized as the folder's config groups and input scales say."""
     config, packed, floats = ct.read(folder)
     config.pop("quantization_config")
     state = {k: v.float() for k, v in floats.items()}
@@ -112,16 +145,46 @@ def _reload_float(folder: Path) -> tuple[PreTrainedModel, dict[str, ct.Packed]]:
     if missing or unexpected:
         raise ToolkitError(f"the exported checkpoint is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
+    for name, p in packed.items():
+        if isinstance(p, ct.Dense) and p.input_activations is not None:
+            model.get_submodule(name).register_forward_pre_hook(input_quantizer(p.input_activations, p.input_scale))
     return model.eval(), packed
 
 
-def _check_codes(linears: dict[str, QuantLinear], packed: dict[str, ct.Packed]) -> None:
+def _same(p: ct.Packed | ct.Dense, m: QuantizedLinear) -> bool:
+    """The exported codes and scales are the model's, bit for bit."""
+    if isinstance(p, ct.Packed):
+        return (isinstance(m, QuantLinear) and torch.equal(p.codes, m.codes()) and torch.equal(p.zeros, m.qzeros)
+                and torch.equal(p.scales.to(torch.float32), m.scales.to(torch.float32)))
+    if isinstance(m, FP8Linear):
+        codes, scales = m.weight.view(torch.uint8), m.weight_scale
+        same = p.weight.dtype == m.weight.dtype and torch.equal(p.weight.view(torch.uint8), codes)
+    else:
+        codes, scales = m.codes().to(torch.int16) - 128, m.scales.to(torch.float32)
+        same = p.weight.dtype == torch.int8 and torch.equal(p.weight.to(torch.int16), codes)
+    ours = getattr(m, "input_scale", None)
+    inputs = (ours is None) == (p.input_scale is None) and (ours is None or torch.equal(p.input_scale, ours))
+    return same and torch.equal(p.scales, scales.to(torch.float32)) and inputs and p.input_activations == m.act
+
+
+def _check_fused_scales(model: PreTrainedModel, linears: dict[str, QuantizedLinear]) -> None:
+    """Static input scales of the linears one input feeds (q/k/v, gate/up) are equal: vLLM fuses them."""
+    arch = layout_of(model)
+    for i in range(len(decoder_layers(model))):
+        for group in (arch.attention_projections(), arch.mlp_projections()):
+            scales = {float(s) for rel in group
+                      if (s := getattr(linears.get(f"{arch.layers}.{i}.{rel}"), "input_scale", None)) is not None}
+            if len(scales) > 1:
+                raise ToolkitError(f"layer {i}: the static input scales of {', '.join(group)} differ ({sorted(scales)}); "
+                                   "vLLM fuses these linears with one input scale: calibrate them on one input "
+                                   "(rtn or gptq with input_activations do)")
+
+
+def _check_codes(linears: dict[str, QuantizedLinear], packed: dict[str, ct.Packed | ct.Dense]) -> None:
     if set(packed) != set(linears):
         raise ToolkitError(f"the export holds packed weights for {len(packed)} linears, the model has {len(linears)}")
     for name, m in linears.items():
-        p = packed[name]
-        same = (torch.equal(p.codes, m.codes()) and torch.equal(p.zeros, m.qzeros)
-                and torch.equal(p.scales.to(torch.float32), m.scales.to(torch.float32)))
+        same = _same(packed[name], m)
         if not same:
             raise ToolkitError(f"{name}: the exported codes, scales or zero points differ from the model's; "
                                "this is a bug in the exporter, please report it")
@@ -133,6 +196,7 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     Its ``quantization_config`` states the format only (no quantizer settings): ``history`` is unused."""
     folder = Path(folder)
     linears, floats = _linears(model)
+    _check_fused_scales(model, linears)
     tensors = _tensors(model, linears, DTYPES[config.dtype])
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / SINGLE), metadata={"format": "pt"})
@@ -140,6 +204,10 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     tokenizer.save_pretrained(folder)
     exported, packed = _reload_float(folder)
     _check_codes(linears, packed)
-    error = check_reloaded(model, exported, config.tolerance, "compressed-tensors checkpoint")
+    quantized_inputs = any(m.act is not None for m in linears.values())
+    if quantized_inputs:  # another attention kernel's last-bit differences would flip activation codes
+        exported.set_attn_implementation(model.config._attn_implementation)
+    reference = stored_floats(model, DTYPES[config.dtype]) if quantized_inputs else model
+    error = check_reloaded(reference, exported, config.tolerance, "compressed-tensors checkpoint")
     return {"relative_logit_error": error, "bytes": (folder / SINGLE).stat().st_size,
             "quantized_linears": len(linears), "bit_exact_codes": True}

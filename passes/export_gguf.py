@@ -29,7 +29,7 @@ from toolkit.models import gguf_reader
 from toolkit.models.architectures import layout_of
 from toolkit.passes.base import ExportConfig, PassConfig
 from toolkit.quant.formats import GGUFQ4_1, PackedFormat
-from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
+from toolkit.quant.modules import QuantEmbedding, QuantLinear, check_weight_only, quantized_modules
 from toolkit.quant.spec import QuantScheme
 
 FILE = "model.gguf"
@@ -217,6 +217,7 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
            folder: Path, *, history: tuple[PassConfig, ...] = ()) -> dict[str, Any]:
     """Write ``folder/model.gguf`` (the folder is made atomic by the caller), validate it, return its metrics.
     The GGUF records no quantizer settings: ``history`` is unused."""
+    check_weight_only(model, ExportGGUFConfig.name)
     folder = Path(folder)
     plan = _plan(model)
     folder.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from toolkit.models.architectures import layout_of
 from toolkit.models.shards import SINGLE
 from toolkit.passes.base import ExportConfig, PassConfig, QuantPassConfig
 from toolkit.passes.gptq import GPTQConfig
-from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules
+from toolkit.quant.modules import QuantEmbedding, QuantLinear, check_weight_only, quantized_modules
 from toolkit.quant.spec import QuantScheme, QuantSpec
 from toolkit.schema import record
 
@@ -130,6 +130,7 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
            history: tuple[PassConfig, ...] = ()) -> dict[str, Any]:
     """Write the checkpoint into ``folder`` (made atomic by the caller) and return its metrics; ``history``: the
     model passes that made ``model`` (``provenance``)."""
+    check_weight_only(model, ExportHFGPTQConfig.name)
     folder = Path(folder)
     linears, spec = _decoder_spec(model)
     tensors = _tensors(model, linears, config.checkpoint_format)

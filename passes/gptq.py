@@ -44,7 +44,14 @@ from toolkit.quant.streaming import (
     head_inputs_hessian,
     stream_calibrated,
 )
-from toolkit.quant.surgery import LinearCodes, check_group_size, install, quantize_head, target_linears
+from toolkit.quant.surgery import (
+    LinearCodes,
+    check_group_size,
+    install,
+    quantize_head,
+    static_input_scales,
+    target_linears,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,11 @@ class GPTQConfig(QuantPassConfig):
             raise ValueError("lm_head_method 'gptq' needs lm_head_bits (4 or 8): a float head is not quantized")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 window, got {self.batch_size}")
+
+    @property
+    def spec(self) -> QuantSpec:
+        """GPTQ writes integer codes and runs quantized input activations too (int8 W8A8)."""
+        return self.scheme.runnable(self.name, float_weights=False)
 
     def streaming_bytes(self, shape: ModelShape, calibration_tokens: int, activations_budget: int) -> float:
         """A GPTQ head also holds the head's float32 weight while the body's hidden states are carried."""
@@ -161,10 +173,13 @@ def quantize_layer(model: PreTrainedModel, prefix: str, layer: nn.Module, inputs
 
 @torch.no_grad()
 def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTrainedModel:
-    """Quantize every decoder linear in place with GPTQ on ``ctx.calibration()`` windows."""
-    config.scheme.weight_only(config.name)  # refuses a scheme this pass cannot run, before any work
+    """Quantize every decoder linear in place with GPTQ on ``ctx.calibration()`` windows; static activation scales
+    are calibrated on the float model first."""
+    spec = config.spec  # refuses a scheme this pass cannot run, before any work
+    act = config.input_activations
     targets = target_linears(model, config.skip)
     check_group_size(targets, config.group_size)
+    input_scales = static_input_scales(model, targets, act, ctx.calibration(), config.batch_size)
     report: dict[str, Any] = {}
     done: list[LinearCodes] = []
 
@@ -173,7 +188,9 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
 
     walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, one_layer, ctx.progress)
     for q in done:
-        install(model, q.name, q.linear, q.codes, q.scales, q.zeros, config.spec)
+        module = install(model, q.name, q.linear, q.codes, q.scales, q.zeros, spec, act)
+        if q.name in input_scales:
+            module.input_scale.copy_(input_scales[q.name])
     if config.lm_head_method == "gptq":
         report["lm_head"] = _quantize_head_gptq(model, config, ctx)
     elif config.lm_head_bits is not None:
@@ -186,7 +203,7 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
 def stream(src: SkeletonModel, out: Path, config: GPTQConfig, ctx: PassContext, options: StreamOptions) -> dict[str, Any]:
     """GPTQ with one decoder layer resident at a time (``toolkit.quant.streaming``); the same per-layer
     function as ``apply``, so the packed result is the same."""
-    config.scheme.weight_only(config.name)  # refuses a scheme this pass cannot run, before any work
+    config.scheme.weight_only(f"{config.name} layer by layer")  # the runner streams weight-only configs only
     targets = target_linears(src.model, config.skip)
     report: dict[str, Any] = {}
 

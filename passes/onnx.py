@@ -62,7 +62,7 @@ from toolkit.onnx.tensorrt import parser_problems
 from toolkit.onnx.validate import Probe, Reference, model_reference, op_census, probe_sequences, run_checks
 from toolkit.passes.base import ExportConfig, PassConfig
 from toolkit.passes.context import PassContext
-from toolkit.quant.modules import quantized_modules
+from toolkit.quant.modules import check_weight_only, quantized_modules
 from toolkit.quant.spec import QuantScheme
 from toolkit.quant.streaming import StreamOptions
 from toolkit.runtime.backend import MAX_THREADS, BackendOptions, OrtBackend
@@ -241,6 +241,7 @@ def stream(src: SkeletonModel, folder: Path, config: ONNXConfig, ctx: PassContex
 
 def _export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ONNXConfig, folder: Path,
             resident: Resident, reference: Reference) -> dict[str, Any]:
+    check_weight_only(model, ONNXConfig.name)
     contract = contract_of(model, tokenizer, config)
     census = _write(model, config, folder, contract, resident)
     tokenizer.save_pretrained(str(folder))

@@ -267,7 +267,7 @@ def test_a_width_our_codes_cannot_have_is_refused(exported: Path) -> None:
 
 def test_a_foreign_quantization_config_is_refused(exported: Path) -> None:
     config = json.loads((exported / "config.json").read_text())
-    config["quantization_config"]["format"] = "naive-quantized"
+    config["quantization_config"]["format"] = "marlin-24"
     (exported / "config.json").write_text(json.dumps(config))
     one_line_refusal(exported, "not compressed-tensors pack-quantized")
 

@@ -49,7 +49,7 @@ V1_TEXT = """{
 
 def test_the_v1_record_loads_and_writes_back_byte_identical() -> None:
     record = PackedCheckpoint.from_json(V1_TEXT)
-    assert record.format == FORMAT and record.embedding_from == "lm_head"
+    assert record.format == checkpoint.V1 != FORMAT and record.embedding_from == "lm_head"
     assert record.modules["model.layers.0.self_attn.q_proj"] == PackedLinear(4, -1, False, 64, 64, True)
     assert record.modules["lm_head"].spec == QuantSpec(bits=8, group_size=16, symmetric=True)
     assert record.to_json() == V1_TEXT
@@ -108,6 +108,10 @@ def _modules(**change: object) -> str:
     (_modules(bits=True), "'modules' must map module names to {bits, group_size, symmetric, in_features, out_"),
     (_modules().replace('"embedding_from": null', '"embedding_from": []'), "'embedding_from' is \\[\\]"),
     (_modules().replace('"embedding_from": null', '"embedding_from": "lm_head"'), "'embedding_from' is 'lm_head'"),
+    (_modules(zero=8), r"module 'q' of a llm-toolkit-packed-v2 record: unknown keys \['zero'\]"),
+    (_modules(type="fp4"), "module 'q' .*weight type must be 'int' or 'float'"),
+    (_modules(input_activations={"strategy": "token", "dynamic": False}), "module 'q' .*use dynamic: true"),
+    (_modules(type="float").replace(FORMAT, checkpoint.V1), r"llm-toolkit-packed-v1 record: unknown keys \['type'\]"),
 ])
 def test_a_malformed_record_is_one_line(text: str, message: str) -> None:
     with pytest.raises(ToolkitError, match=message) as info:

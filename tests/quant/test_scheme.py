@@ -95,7 +95,8 @@ def test_fp8_weights_have_no_integer_arithmetic() -> None:
 def test_weight_only_returns_the_weights_or_refuses_in_one_line() -> None:
     assert QuantScheme(QuantSpec(3, 16)).weight_only("rtn") == QuantSpec(3, 16)
     with pytest.raises(ToolkitError, match=r"^rtn quantizes weights only; this W8A8 scheme also quantizes input "
-                       r"activations \(int8 dynamic per-token\).*drop input_activations$") as err:
+                       r"activations \(int8 dynamic per-token\), which it does not run: drop input_activations \(rtn and gptq "
+                       r"run them, export_compressed_tensors holds them\)$") as err:
         SCHEMES[2].weight_only("rtn")
     assert "\n" not in str(err.value)
     with pytest.raises(ToolkitError, match="^export_gguf writes integer codes; this scheme holds fp8 weights"):

@@ -1,8 +1,9 @@
 """Adding an activation scheme touches one file: this one. A W4A8 scheme (int4 group-32 weights, int8 dynamic
-per-token input activations, compressed-tensors' ``W4A8``) and a pass config asking for it, written the way
-an activation-quantizing pass will declare it: the scheme is checked and serialized by ``toolkit.quant.spec``,
-exported by ``toolkit.interop.compressed_tensors``'s mapping, and refused, before any work and in one line,
-by every pass and export that computes with float activations."""
+per-token input activations, compressed-tensors' ``W4A8``) and a pass config asking for it, declared as the
+activation-quantizing passes (rtn, gptq) declare theirs: the scheme is checked and serialized by
+``toolkit.quant.spec``, exported by ``toolkit.interop.compressed_tensors``'s mapping, computed by rtn and gptq in
+memory, and refused, before any work and in one line, by every pass and export that computes with float
+activations and by the layer-by-layer writers."""
 
 from __future__ import annotations
 
@@ -33,14 +34,11 @@ class W4A8Config(rtn.RTNConfig):
     """RTN's settings plus input activations: the shape an activation pass's config takes."""
 
     name: ClassVar[str] = "w4a8"
-    input_activations: ActivationSpec = ActivationSpec("int", 8, "token", dynamic=True)
-
-    @property
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(QuantSpec(self.bits, self.group_size, self.symmetric), self.input_activations)
+    input_activations: ActivationSpec | None = ActivationSpec("int", 8, "token", dynamic=True)
 
 
 REFUSAL = r"^{} quantizes weights only; this W4A8 scheme also quantizes input activations \(int8 dynamic per-token\)"
+CT_REFUSAL = "^export_compressed_tensors writes quantized activations with 8-bit per-channel symmetric weights"
 
 
 def test_the_scheme_is_checked_serialized_and_named() -> None:
@@ -69,7 +67,20 @@ def _ctx(tmp_path: Path) -> PassContext:
                        original_loader=tiny_llama, workdir=tmp_path / "work")
 
 
-@pytest.mark.parametrize("module", [rtn, gptq, awq], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("module", [rtn, gptq], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_activation_passes_compute_with_it(tmp_path: Path, module: ModuleType) -> None:
+    model = tiny_llama()
+    ctx = PassContext(tokenizer=tiny_tokenizer(), calibration_loader=lambda: torch.randint(0, 200, (4, 16)),
+                      original_loader=tiny_llama, workdir=tmp_path / "work")
+    config = W4A8Config() if module is rtn else gptq.GPTQConfig(**W4A8Config().shared_settings())
+    module.apply(model, config, ctx)
+    body = {n: m for n, m in quantized_modules(model).items() if n != "lm_head"}
+    assert body and all(m.scheme == W4A8 for m in body.values())
+    assert quantized_modules(model)["lm_head"].act is None  # the head keeps float inputs
+    assert not config.streams()
+
+
+@pytest.mark.parametrize("module", [awq], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_weight_only_passes_refuse_it_before_any_work(tmp_path: Path, module: ModuleType) -> None:
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -84,7 +95,7 @@ def test_streaming_passes_refuse_it_before_writing(tmp_path: Path, module: Modul
     src = tmp_path / "src"
     tiny_llama().save_pretrained(src)
     tiny_tokenizer().save_pretrained(src)
-    with pytest.raises(ToolkitError, match=REFUSAL.format("w4a8")):
+    with pytest.raises(ToolkitError, match=REFUSAL.format("w4a8( layer by layer)?")):
         module.stream(SkeletonModel(src), tmp_path / "out", W4A8Config(), _ctx(tmp_path), StreamOptions())
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
 
@@ -95,12 +106,14 @@ EXPORTS = {cls.name: record for cls, record in PASSES.items() if cls.kind == "ex
 @pytest.mark.parametrize("export", sorted(EXPORTS))
 def test_exports_refuse_it_when_the_recipe_is_read(export: str) -> None:
     holds = EXPORTS[export].holds
-    assert holds is not None  # every export computes with float activations
-    with pytest.raises(ToolkitError, match=REFUSAL.format(export)):
+    assert holds is not None  # every export refuses it: float activations, or (compressed-tensors) W8A8 / FP8 only
+    match = {"export_compressed_tensors": CT_REFUSAL, "export_modelopt": "^export_modelopt writes ModelOpt "
+             "FP8_PER_CHANNEL_PER_TOKEN .* not this W4A8 scheme"}.get(export, REFUSAL.format(export))
+    with pytest.raises(ToolkitError, match=match):
         holds(W4A8)
 
 
-@pytest.mark.parametrize("export", ["export_gguf", "export_hf_gptq", "export_compressed_tensors", "onnx"])
+@pytest.mark.parametrize("export", ["export_gguf", "export_hf_gptq", "onnx"])
 def test_a_recipe_with_it_before_such_an_export_is_refused_when_read(monkeypatch: pytest.MonkeyPatch,
                                                                      export: str) -> None:
     from toolkit.pipeline import recipes

@@ -1,7 +1,14 @@
-"""compressed-tensors ``pack-quantized`` checkpoints (the format llm-compressor writes; transformers and vLLM
-read it): ``<linear>.weight_packed`` int32, ``.weight_scale``, ``.weight_shape`` and, when asymmetric,
-``.weight_zero_point`` int32 packed along the output dimension (``toolkit.quant.formats.CompressedTensorsPacked``),
-described by ``quantization_config`` with ``config_groups`` in ``config.json``.
+"""compressed-tensors checkpoints (the formats llm-compressor writes; transformers, vLLM and TensorRT-LLM read them),
+described by ``quantization_config`` with ``config_groups`` in ``config.json``:
+
+- ``pack-quantized`` (integer weights, float activations): ``<linear>.weight_packed`` int32, ``.weight_scale``,
+  ``.weight_shape`` and, when asymmetric, ``.weight_zero_point`` int32 packed along the output dimension
+  (``toolkit.quant.formats.CompressedTensorsPacked``);
+- ``int-quantized`` (W8A8: int8 per-channel symmetric weights, int8 activations) and ``float-quantized`` (fp8 e4m3
+  per-channel weights, fp8 activations): ``<linear>.weight`` int8 / float8_e4m3fn ``[out, in]``,
+  ``.weight_scale`` float32 ``[out, 1]`` and, for static activations, ``.input_scale`` float32 ``[1]``, which
+  vLLM's ``CompressedTensorsW8A8Int8`` / ``CompressedTensorsW8A8Fp8`` schemes load (``naive-quantized``: the same
+  tensors for fp8 weights with float activations).
 
 ``read`` checks a folder without the compressed-tensors package and dequantizes it independently of
 ``QuantLinear``; the exporter and the tests use it.
@@ -24,7 +31,28 @@ from toolkit.quant.formats import CompressedTensorsPacked
 from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
 
 FORMAT = "pack-quantized"
-SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")
+DENSE_FORMATS = ("int-quantized", "float-quantized", "naive-quantized")  # one 8-bit value per weight, not packed
+MIXED = "mixed-precision"  # the top-level format when config groups use several
+SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", ".input_scale")
+DENSE_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
+
+def format_of(scheme: QuantScheme) -> str:
+    """The compressed-tensors format that holds ``scheme`` (as llm-compressor infers it)."""
+    w, a = scheme.weights, scheme.input_activations
+    if w.type == "float":
+        return "float-quantized" if a is not None else "naive-quantized"
+    return "int-quantized" if a is not None and w.bits == 8 else FORMAT
+
+
+def dense_tensors(name: str, weight: torch.Tensor, scale: torch.Tensor,
+                  input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """An 8-bit linear's tensors: ``weight`` int8 (signed codes ``q - 128``) or fp8, per-channel float32 scales
+    ``[out, 1]``, and a static ``input_scale`` ``[1]``."""
+    out = {f"{name}.weight": weight.contiguous(), f"{name}.weight_scale": scale.to(torch.float32).reshape(-1, 1)}
+    if input_scale is not None:
+        out[f"{name}.input_scale"] = input_scale.to(torch.float32).reshape(1)
+    return out
 
 
 def linear_tensors(name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -54,15 +82,16 @@ def scheme_group(scheme: QuantScheme, targets: list[str]) -> dict[str, Any]:
     acts = scheme.input_activations
     return {"targets": targets, "weights": weights_args(scheme.weights),
             "input_activations": None if acts is None else activation_args(acts),
-            "output_activations": None, "format": FORMAT}
+            "output_activations": None, "format": format_of(scheme)}
 
 
 def quantization_config(groups: dict[QuantScheme, list[str]], ignore: list[str]) -> dict[str, Any]:
     """``groups``: scheme -> target module names; a single scheme targets every ``Linear`` not ignored."""
     single = len(groups) == 1
+    formats = {format_of(scheme) for scheme in groups}
     return {
         "quant_method": "compressed-tensors",
-        "format": FORMAT,
+        "format": formats.pop() if len(formats) == 1 else MIXED,
         "quantization_status": "compressed",
         "config_groups": {
             f"group_{i}": scheme_group(scheme, ["Linear"] if single else sorted(names))
@@ -90,14 +119,39 @@ class Packed:
         return w.reshape(out_f, in_f)
 
 
-def _spec_of(module: str, groups: dict[str, Any]) -> dict[str, Any]:
+@dataclass
+class Dense:
+    """One 8-bit linear as read from disk (``int-quantized`` / ``float-quantized``): its weight (int8 signed codes
+    or fp8), per-channel scales ``[out, 1]``, the static input scale, and the input activations' args."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor
+    input_scale: torch.Tensor | None
+    input_activations: ActivationSpec | None
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.to(torch.float32) * self.scales.to(torch.float32)
+
+
+def _group_of(module: str, groups: dict[str, Any]) -> dict[str, Any]:
     for g in groups.values():
         if "Linear" in g["targets"] or module in g["targets"]:
-            return dict(g["weights"])
-    raise ToolkitError(f"{module} holds packed weights but no config group targets it")
+            return dict(g)
+    raise ToolkitError(f"{module} holds quantized weights but no config group targets it")
 
 
-def read(folder: Path) -> tuple[dict[str, Any], dict[str, Packed], dict[str, torch.Tensor]]:
+def _spec_of(module: str, groups: dict[str, Any]) -> dict[str, Any]:
+    return dict(_group_of(module, groups)["weights"])
+
+
+def _activations(args: dict[str, Any] | None) -> ActivationSpec | None:
+    if args is None:
+        return None
+    return ActivationSpec(args["type"], int(args["num_bits"]), args["strategy"], bool(args["dynamic"]),
+                          bool(args["symmetric"]))
+
+
+def read(folder: Path) -> tuple[dict[str, Any], dict[str, Packed | Dense], dict[str, torch.Tensor]]:
     """``config.json`` (with its quantization_config), the packed linears and the float tensors of a folder.
     Raises ToolkitError with one line when the folder is incomplete, truncated or inconsistent."""
     folder = Path(folder)
@@ -110,19 +164,39 @@ def read(folder: Path) -> tuple[dict[str, Any], dict[str, Packed], dict[str, tor
         groups = qc["config_groups"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ToolkitError(f"{folder}/config.json: no readable quantization_config ({type(exc).__name__}: {exc})") from None
-    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != FORMAT:
-        raise ToolkitError(f"{folder}: quantization_config is not compressed-tensors {FORMAT} "
+    readable = (FORMAT, *DENSE_FORMATS, MIXED)
+    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") not in readable:
+        raise ToolkitError(f"{folder}: quantization_config is not compressed-tensors {' / '.join(readable)} "
                            f"(quant_method {qc.get('quant_method')!r}, format {qc.get('format')!r})")
     try:
         state = load_file(str(folder / SINGLE))
     except (SafetensorError, OSError) as exc:
         raise ToolkitError(f"{folder}/{SINGLE}: unreadable (truncated or corrupt): {exc}") from None
-    packed: dict[str, Packed] = {}
+    packed: dict[str, Packed | Dense] = {}
     for key in [k for k in state if k.endswith(".weight_packed")]:
         module = key[: -len(".weight_packed")]
         packed[module] = _unpack(module, state, _spec_of(module, groups), folder)
-    floats = {k: v for k, v in state.items() if not k.endswith(SUFFIXES)}
+    dense = [k[: -len(".weight")] for k, v in state.items() if k.endswith(".weight") and v.dtype in DENSE_DTYPES]
+    for module in dense:
+        packed[module] = _dense(module, state, _group_of(module, groups), folder)
+    floats = {k: v for k, v in state.items()
+              if not k.endswith(SUFFIXES) and k[: -len(".weight")] not in dense}
     return config, packed, floats
+
+
+def _dense(module: str, state: dict[str, torch.Tensor], group: dict[str, Any], folder: Path) -> Dense:
+    where = f"{folder}: {module}"
+    weight, scales = state[module + ".weight"], state.get(module + ".weight_scale")
+    acts = _activations(group.get("input_activations"))
+    if scales is None or tuple(scales.shape) != (weight.shape[0], 1):
+        found = None if scales is None else list(scales.shape)
+        raise ToolkitError(f"{where}: inconsistent checkpoint: weight_scale is {found}, a per-channel "
+                           f"{list(weight.shape)} weight needs [{weight.shape[0]}, 1]")
+    input_scale = state.get(module + ".input_scale")
+    if (acts is not None and not acts.dynamic) != (input_scale is not None):
+        raise ToolkitError(f"{where}: inconsistent checkpoint: input_scale is "
+                           f"{'missing' if input_scale is None else 'present'} for {acts and acts.name} activations")
+    return Dense(weight, scales, input_scale, acts)
 
 
 def _unpack(module: str, state: dict[str, torch.Tensor], args: dict[str, Any], folder: Path) -> Packed:

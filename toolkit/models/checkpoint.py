@@ -23,7 +23,7 @@ from transformers import (
 from toolkit.errors import ToolkitError, panics_as_errors
 from toolkit.manifest import MANIFEST, read_manifest
 from toolkit.models.architectures import layout_of
-from toolkit.models.shards import ShardedWeights, listed, non_finite
+from toolkit.models.shards import ShardedWeights, finite, listed, non_finite
 from toolkit.models.streaming import check_config_sizes, empty_model, read_config, tied_head
 from toolkit.paths import sha256_file, sha256_json
 
@@ -63,8 +63,7 @@ def verify_weight_files(folder: Path) -> None:
 
 def check_finite(model: PreTrainedModel, folder: Path) -> None:
     """Refuse NaN or Inf weights, naming the tensors, before any figure is computed from them."""
-    bad = [name for name, t in model.state_dict().items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [name for name, t in model.state_dict().items() if not finite(t)]
     if bad:
         raise non_finite(folder, bad)
 

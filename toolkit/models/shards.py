@@ -32,6 +32,7 @@ SINGLE = "model.safetensors"
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
     torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",  # fp8 weights are codes: stored exactly as written
 }
 
 
@@ -52,9 +53,16 @@ def non_finite(where: Path, names: Iterable[str]) -> ToolkitError:
 
 def checked(where: Path, name: str, t: torch.Tensor) -> torch.Tensor:
     """``t`` as read from the checkpoint, refused when it holds NaN or Inf; float64 comes back as float32."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not finite(t):
         raise non_finite(where, [name])
     return t.to(READ_AS.get(t.dtype, t.dtype))
+
+
+def finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t`` (integer tensors always; fp8, which has no ``isfinite``, through float16)."""
+    if not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.to(torch.float16) if t.element_size() == 1 else t).all())
 
 
 def shard_name(index: int, count: int) -> str:
@@ -154,7 +162,8 @@ class ShardedWeights:
                 continue
             if shape != list(want.shape):
                 shapes.append(f"{name} {shape} (expected {list(want.shape)})")
-            fits = dtype in FLOAT_DTYPES if want.is_floating_point() else dtype == DTYPE_NAMES.get(want.dtype)
+            codes = not want.is_floating_point() or want.dtype == torch.float8_e4m3fn
+            fits = dtype == DTYPE_NAMES.get(want.dtype) if codes else dtype in FLOAT_DTYPES
             if not fits:
                 dtypes.append(f"{name} {dtype}")
         if absent:

@@ -84,7 +84,7 @@ class _State:
     def can_stream(self, step: Step) -> bool:
         """Run ``step`` layer by layer from the shards: it has a streaming form and its input is a checkpoint
         on disk that is not already in memory (float, or for an export also packed)."""
-        return (entry(step.config).stream is not None and self.model is None and self.folder is not None
+        return (entry(step.config).stream is not None and step.config.streams() and self.model is None and self.folder is not None
                 and (step.is_export or not checkpoint.is_packed(self.folder)))
 
 
@@ -153,7 +153,7 @@ def check_memory(recipe: Recipe, ref: models.ModelRef, options: StreamOptions,
         return None
     streams, streaming = [], float_folder(ref.folder)
     for step in (s for s in recipe.passes if not s.is_export):
-        streaming = streaming and entry(step.config).stream is not None
+        streaming = streaming and entry(step.config).stream is not None and step.config.streams()
         streams.append(streaming)
     # an export streams from the folder the last pass wrote, or from the input folder (float or packed)
     export_streams = ref.folder is not None and all(streams) and all(

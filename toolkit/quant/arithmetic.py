@@ -70,3 +70,48 @@ def rtn_quantize(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     """Round-to-nearest: ``(codes, scales, zeros)`` for ``w: [out, in]``."""
     scale, zero = compute_qparams(w, spec)
     return quantize(w, scale, zero, spec), scale, zero
+
+
+# ---------------------------------------------------------------- fp8 weights and quantized input activations
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+INT8_MAX = 127.0
+
+
+def fp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 e4m3 weights with one float32 scale per output row: ``w: [out, in]`` -> ``(w8 [out, in], scale
+    [out, 1])``, ``w ≈ w8 · scale`` with ``scale = absmax / 448`` (compressed-tensors' channel strategy)."""
+    absmax = w.float().abs().amax(dim=1, keepdim=True)
+    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_dequantize(w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return w8.to(torch.float32) * scale.to(torch.float32)
+
+
+def activation_range(kind: str) -> float:
+    """The largest code of an activation type: int8 symmetric 127, fp8 e4m3 448."""
+    return INT8_MAX if kind == "int" else FP8_MAX
+
+
+def activation_scale(absmax: torch.Tensor, kind: str) -> torch.Tensor:
+    """Symmetric scale(s) ``absmax / range`` (never zero: an all-zero input keeps scale 1)."""
+    absmax = absmax.float()
+    return torch.where(absmax > 0, absmax / activation_range(kind), torch.ones_like(absmax))
+
+
+def fake_quantize_activations(x: torch.Tensor, kind: str, strategy: str, scale: torch.Tensor | None) -> torch.Tensor:
+    """Input activations ``x: [..., in]`` quantized and dequantized, as the deployed kernel sees them: int8
+    (round, clamp to [-128, 127]) or fp8 e4m3 (cast, saturating at ±448), symmetric; ``scale`` is the static
+    per-tensor scale, None computes it per call (per token: one scale per row of ``x``, or per tensor)."""
+    xf = x.float()
+    if scale is None:
+        absmax = xf.abs().amax(dim=-1, keepdim=True) if strategy == "token" else xf.abs().amax()
+        scale = activation_scale(absmax, kind)
+    if kind == "int":
+        q = torch.round(xf / scale).clamp(-INT8_MAX - 1, INT8_MAX)
+    else:
+        q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).to(torch.float32)
+    return (q * scale).to(x.dtype)

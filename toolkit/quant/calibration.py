@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import decoder_layers, layer_types
 from toolkit.quant.activations import ActivationBuffer
+from toolkit.quant.moments import InputMaxima
 
 
 class _Stop(Exception):
@@ -132,6 +133,32 @@ def stream_module_inputs(model: PreTrainedModel, module: nn.Module, windows: tor
         raise _Stop
 
     _run_until(model, module.register_forward_pre_hook(hook), windows, batch_size)
+
+
+@torch.no_grad()
+def input_maxima(model: PreTrainedModel, modules: dict[str, nn.Module], stop_at: nn.Module, windows: torch.Tensor,
+                 batch_size: int) -> dict[str, InputMaxima]:
+    """``max |x|`` per input channel of each of ``modules`` (``nn.Linear``) when ``model`` runs ``windows: [N, L]``;
+    each forward ends at ``stop_at`` (the head: its matmul is not needed)."""
+    maxima = {n: InputMaxima(m.in_features, m.weight.device) for n, m in modules.items()}  # type: ignore[arg-type]
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            check_finite(x, f"the input of {name}")
+            maxima[name].add(x)
+        return hook
+
+    def stop(_: nn.Module, args: tuple[Any, ...]) -> None:
+        raise _Stop
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    try:
+        _run_until(model, stop_at.register_forward_pre_hook(stop), windows, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return maxima
 
 
 def _layer_out(layer: nn.Module, hidden: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:

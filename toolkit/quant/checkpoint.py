@@ -3,9 +3,12 @@ record, ``quantization.json``, that both writers fill and every reader checks.
 
 The folder keeps the Hugging Face ``config.json`` and tokenizer files; its safetensors (one file, or shards from
 the streaming writer) hold every tensor: a quantized linear as its ``QuantLinear`` buffers (packed codes, float16
-scales, uint8 zero points, a float bias), everything else as stored. ``PackedCheckpoint`` names each quantized
-linear with its scheme and shape, and the head a tied quantized embedding reads. Its ``format`` is the version:
-``FORMAT`` is written, every version in ``READABLE`` loads.
+scales, uint8 zero points, a float bias) or its ``FP8Linear`` buffers (fp8 e4m3 weight, float32 per-channel
+scales), with a static ``input_scale`` where its activations are calibrated; everything else as stored.
+``PackedCheckpoint`` names each quantized linear with its scheme and shape, and the head a tied quantized
+embedding reads. Its ``format`` is the version: ``FORMAT`` is written, every version in ``READABLE`` loads
+(v1: integer weight-only linears; v2 adds a linear's ``type`` and ``input_activations`` keys, written only where
+the scheme has them, so a weight-only v2 record is the v1 record under another name).
 
 ``load_model`` and ``open_streaming`` take a folder of either kind; ``load`` is ``toolkit.models.load`` for any
 source, packed folders included.
@@ -15,9 +18,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import get_type_hints
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -37,12 +40,22 @@ from toolkit.models.streaming import (
     set_tensor,
     tied_head,
 )
-from toolkit.quant.modules import QuantEmbedding, QuantLinear, quantized_modules, set_module
-from toolkit.quant.spec import QuantSpec
+from toolkit.quant.modules import (
+    FP8Linear,
+    QuantEmbedding,
+    QuantizedLinear,
+    QuantLinear,
+    quantized_linears,
+    set_module,
+)
+from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
 
 FILE = "quantization.json"
-FORMAT = "llm-toolkit-packed-v1"  # the version written; also the safetensors metadata of a packed folder
-READABLE = (FORMAT,)  # the versions this reader loads: a new version keeps the older ones here
+FORMAT = "llm-toolkit-packed-v2"  # the version written; also the safetensors metadata of a packed folder
+V1 = "llm-toolkit-packed-v1"  # integer weight-only linears: the same keys without type / input_activations
+READABLE = (FORMAT, V1)  # the versions this reader loads: a new version keeps the older ones here
+SCHEME_KEYS = ("type", "input_activations")  # what v2 adds to a module's record, only where the scheme has it
+BASE_TYPES = {"bits": int, "group_size": int, "symmetric": bool, "in_features": int, "out_features": int, "bias": bool}
 WEIGHTS_METADATA = {"format": FORMAT}
 
 
@@ -56,20 +69,43 @@ class PackedLinear:
     in_features: int
     out_features: int
     bias: bool
+    type: str = "int"  # the weights: "int" (packed codes) or "float" (fp8 e4m3)
+    input_activations: ActivationSpec | None = None  # None: float activations
 
     @classmethod
-    def of(cls, module: QuantLinear) -> PackedLinear:
+    def of(cls, module: QuantizedLinear) -> PackedLinear:
         spec = module.spec
         return cls(spec.bits, spec.group_size, spec.symmetric, module.in_features, module.out_features,
-                   module.bias is not None)
+                   module.bias is not None, spec.type, module.act)
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                         type=self.type)  # type: ignore[arg-type]
 
-    def module(self) -> QuantLinear:
-        """The empty ``QuantLinear`` whose buffers the folder stores (on the current default device)."""
-        return QuantLinear(self.in_features, self.out_features, self.spec, bias=self.bias)
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.spec, self.input_activations)
+
+    def to_record(self) -> dict[str, Any]:
+        shape = {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias}
+        return {**self.scheme.to_dict(), **shape}
+
+    @classmethod
+    def from_record(cls, m: dict[str, Any], version: str) -> PackedLinear:
+        """One module's record; raises ValueError naming what is wrong."""
+        extra = sorted(set(m) - set(BASE_TYPES) - (set(SCHEME_KEYS) if version != V1 else set()))
+        if extra:
+            raise ValueError(f"unknown keys {extra}")
+        scheme = QuantScheme.from_dict({k: m[k] for k in ("bits", "group_size", "symmetric", *SCHEME_KEYS) if k in m})
+        return cls(m["bits"], m["group_size"], m["symmetric"], m["in_features"], m["out_features"], m["bias"],
+                   scheme.weights.type, scheme.input_activations)
+
+    def module(self) -> QuantizedLinear:
+        """The empty ``QuantLinear`` or ``FP8Linear`` whose buffers the folder stores (on the current default
+        device)."""
+        kind = FP8Linear if self.type == "float" else QuantLinear
+        return kind(self.in_features, self.out_features, self.spec, bias=self.bias, act=self.input_activations)
 
 
 @dataclass(frozen=True)
@@ -84,14 +120,14 @@ class PackedCheckpoint:
     @classmethod
     def of_model(cls, model: nn.Module) -> PackedCheckpoint:
         """The record of an in-memory quantized ``model``."""
-        qmods = quantized_modules(model)
+        qmods = quantized_linears(model)
         embedding = model.get_input_embeddings()  # type: ignore[operator]
         tied = isinstance(embedding, QuantEmbedding)
         head = next((n for n, m in qmods.items() if tied and m is embedding.weight_source), None)
         return cls({name: PackedLinear.of(m) for name, m in qmods.items()}, head)
 
     def to_json(self) -> str:
-        record = {"format": self.format, "modules": {n: asdict(m) for n, m in self.modules.items()},
+        record = {"format": self.format, "modules": {n: m.to_record() for n, m in self.modules.items()},
                   "embedding_from": self.embedding_from}
         return json.dumps(record, indent=2, sort_keys=True)
 
@@ -107,17 +143,23 @@ class PackedCheckpoint:
             raise ToolkitError(f"{where}: unknown format {found!r}; expected {' or '.join(READABLE)}; "
                                "re-create the artifact with this version of the toolkit")
         modules = record.get("modules")
-        types = get_type_hints(PackedLinear)  # a bool is no int here: ``"bits": true`` is refused
+        # a bool is no int here: ``"bits": true`` is refused
         if not isinstance(modules, dict) or not all(
-            isinstance(m, dict) and all(type(m.get(k)) is t for k, t in types.items()) for m in modules.values()
+            isinstance(m, dict) and all(type(m.get(k)) is t for k, t in BASE_TYPES.items()) for m in modules.values()
         ):
-            raise ToolkitError(f"{where}: 'modules' must map module names to {{{', '.join(types)}}}; "
+            raise ToolkitError(f"{where}: 'modules' must map module names to {{{', '.join(BASE_TYPES)}}}; "
                                "re-create the artifact")
         head = record.get("embedding_from")
         if head is not None and (not isinstance(head, str) or head not in modules):
             raise ToolkitError(f"{where}: 'embedding_from' is {head!r}, not one of its quantized modules; "
                                "re-create the artifact")
-        linears = {name: PackedLinear(**{k: m[k] for k in types}) for name, m in modules.items()}
+        linears: dict[str, PackedLinear] = {}
+        for name, m in modules.items():
+            try:
+                linears[name] = PackedLinear.from_record(m, record["format"])
+            except (ValueError, TypeError) as exc:
+                raise ToolkitError(f"{where}: module {name!r} of a {record['format']} record: {exc}; "
+                                   "re-create the artifact") from None
         return cls(linears, head, record["format"])
 
     def write(self, folder: Path) -> None:

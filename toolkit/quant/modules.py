@@ -1,14 +1,22 @@
-"""Quantized modules that compute from packed storage (``QuantLinear``, a tied ``QuantEmbedding``)."""
+"""Quantized modules that compute from packed storage (``QuantLinear``, ``FP8Linear``, a tied ``QuantEmbedding``).
+
+Both linears optionally quantize their input activations (``ActivationSpec``: int8 or fp8 e4m3, dynamic per token
+or static per tensor with a calibrated ``input_scale``): on CPU as quantize -> dequantize before a float matmul,
+so evaluation measures the numbers the deployed W8A8 / FP8 kernel multiplies.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.quant.arithmetic import dequantize
+from toolkit.quant.arithmetic import FP8, dequantize, fake_quantize_activations, fp8_dequantize, fp8_quantize
 from toolkit.quant.formats import ToolkitPacked, packed_width
-from toolkit.quant.spec import QuantScheme, QuantSpec
+from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
 
 BLOCK_WEIGHTS = 1 << 25  # linears above 32 M weights dequantize in output-row blocks (SmolLM2's head: 28 M)
 
@@ -17,13 +25,16 @@ class QuantLinear(nn.Module):
     """A linear layer computing from packed integer weights.
 
     Buffers: ``qweight`` (packed codes, ``[out, in/2]`` for <=4 bits, ``[out, in]`` for 8),
-    ``scales`` (float16 ``[out, G]``), ``qzeros`` (uint8 ``[out, G]``), optional ``bias``.
+    ``scales`` (float16 ``[out, G]``), ``qzeros`` (uint8 ``[out, G]``), optional ``bias``, and ``input_scale``
+    (float32 ``[1]``) when ``act`` is static.
     """
 
-    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
+                 act: ActivationSpec | None = None) -> None:
         super().__init__()
         QuantScheme(spec).weight_only("a quantized linear (QuantLinear)")  # integer codes only
-        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.in_features, self.out_features, self.spec, self.act = in_features, out_features, spec, act
+        _input_scale_buffer(self, act)
         groups = spec.groups(in_features)
         self.register_buffer("qweight", torch.zeros(out_features, packed_width(spec.bits, in_features), dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
@@ -32,10 +43,11 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_codes(
-        cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None
+        cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None,
+        act: ActivationSpec | None = None,
     ) -> QuantLinear:
         out_f, in_f = q.shape
-        layer = cls(in_f, out_f, spec, bias=bias is not None)
+        layer = cls(in_f, out_f, spec, bias=bias is not None, act=act)
         for key, t in ToolkitPacked.pack(q, scale, zero, spec).items():
             getattr(layer, key).copy_(t)
         if bias is not None and layer.bias is not None:
@@ -53,7 +65,12 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, rows: slice = slice(None)) -> torch.Tensor:
         return dequantize(*self.unpacked(rows), self.spec.group(self.in_features))
 
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.spec, self.act)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = quantized_input(self, x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.out_features * self.in_features <= BLOCK_WEIGHTS:
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
@@ -67,7 +84,75 @@ class QuantLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, bits={self.spec.bits}, "
             f"group={self.spec.group_size}, symmetric={self.spec.symmetric}"
+            + ("" if self.act is None else f", input={self.act.name}")
         )
+
+
+class FP8Linear(nn.Module):
+    """A linear layer computing from fp8 e4m3 weights with one float32 scale per output channel.
+
+    Buffers: ``weight`` (float8_e4m3fn ``[out, in]``), ``weight_scale`` (float32 ``[out, 1]``), optional ``bias``,
+    and ``input_scale`` (float32 ``[1]``) when ``act`` is static.
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
+                 act: ActivationSpec | None = None) -> None:
+        super().__init__()
+        QuantScheme(spec, act).runnable("a quantized linear (FP8Linear)")  # per-channel fp8, symmetric inputs
+        if spec.type != "float":
+            raise ValueError(f"FP8Linear holds fp8 weights, not {spec}; integer weights are a QuantLinear")
+        self.in_features, self.out_features, self.spec, self.act = in_features, out_features, spec, act
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=FP8))
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32))
+        _input_scale_buffer(self, act)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None,
+                    act: ActivationSpec | None = None) -> FP8Linear:
+        """Round ``w: [out, in]`` to fp8 e4m3 with per-channel scales."""
+        out_f, in_f = w.shape
+        layer = cls(in_f, out_f, spec, bias=bias is not None, act=act)
+        w8, scale = fp8_quantize(w)
+        layer.weight.copy_(w8)
+        layer.weight_scale.copy_(scale)
+        if bias is not None and layer.bias is not None:
+            layer.bias.data.copy_(bias.detach().float())
+        return layer
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.spec, self.act)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return fp8_dequantize(self.weight, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = quantized_input(self, x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel"
+                + ("" if self.act is None else f", input={self.act.name}"))
+
+
+QuantizedLinear = QuantLinear | FP8Linear
+
+
+def _input_scale_buffer(module: nn.Module, act: ActivationSpec | None) -> None:
+    """A static activation scale is a buffer (saved with the weights); a dynamic one is computed per call."""
+    if act is not None and not act.dynamic:
+        module.register_buffer("input_scale", torch.ones(1, dtype=torch.float32))
+
+
+def quantized_input(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the module's kernel reads it: unchanged (float activations) or fake-quantized by ``module.act``."""
+    act = module.act
+    if act is None:
+        return x
+    scale = None if act.dynamic else module.input_scale
+    return fake_quantize_activations(x, act.type, act.strategy, scale)  # type: ignore[arg-type]
 
 
 class QuantEmbedding(nn.Module):
@@ -103,7 +188,46 @@ def reads_head(model: nn.Module, head_name: str) -> bool:
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    """The integer-weight linears (what the weight-only exporters read)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """Every quantized linear, integer or fp8 weights (what the packed checkpoint stores)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear | FP8Linear)}
+
+
+def activation_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """The quantized linears that quantize their inputs or hold fp8 weights: what a consumer computing with float
+    activations and integer codes cannot run."""
+    return {n: m for n, m in quantized_linears(model).items() if m.act is not None or isinstance(m, FP8Linear)}
+
+
+def input_quantizer(act: ActivationSpec, scale: torch.Tensor | None) -> Callable[..., tuple[torch.Tensor]]:
+    """A forward pre-hook quantizing a plain ``nn.Linear``'s input as ``act`` says (static: with ``scale``): how an
+    exporter's float reload computes what the deployed kernel does, without ``QuantLinear``."""
+    def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        return (fake_quantize_activations(args[0], act.type, act.strategy, scale),)
+    return hook
+
+
+def stored_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` whose float parameters (embedding, norms, biases, a float head) went through ``dtype``,
+    as an export stores them: with quantized activations a float16 rounding upstream flips activation codes, so an
+    export is compared with the model it holds, not with one it cannot hold."""
+    copy = deepcopy(model)
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.copy_(p.to(dtype))
+    return copy
+
+
+def check_weight_only(model: nn.Module, consumer: str) -> None:
+    """Refuse, in one line before any work, a model whose linears quantize their inputs or hold fp8 weights, for
+    ``consumer`` (an export) that computes with float activations and integer codes: the recipe check sees the
+    recipe's scheme, this one the model (read from a cached or given folder)."""
+    for m in activation_modules(model).values():
+        m.scheme.weight_only(consumer)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

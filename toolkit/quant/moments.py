@@ -33,3 +33,17 @@ class InputMoments:
         if self.abs_sum is None:
             raise ValueError("InputMoments(track_abs=False) does not keep |x|; create it with track_abs=True")
         return self.abs_sum / max(self.count, 1)
+
+
+class InputMaxima:
+    """Running ``max |x|`` per input channel over batches ``x: [..., d]`` (SmoothQuant's activation range, and the
+    per-tensor range a static activation scale is calibrated from)."""
+
+    def __init__(self, dim: int, device: torch.device | str | None = None) -> None:
+        self.abs_max = torch.zeros(dim, device=device)  # [d]
+
+    def add(self, x: torch.Tensor) -> None:
+        torch.maximum(self.abs_max, x.reshape(-1, x.shape[-1]).float().abs().amax(0), out=self.abs_max)
+
+    def tensor_max(self) -> float:
+        return float(self.abs_max.max())

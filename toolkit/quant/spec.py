@@ -9,9 +9,10 @@ one scale and one integer zero point per group of ``group_size`` consecutive inp
 onnxruntime's MatMulNBits uses with its default zero point 8. The arithmetic is ``toolkit.quant.arithmetic``,
 reachable from a spec as ``spec.qparams``, ``spec.quantize``, ``spec.rtn`` and ``spec.dequantize``.
 
-Float weights (fp8 e4m3) and quantized input activations (int8 or fp8 e4m3, dynamic or static, per token or
-per tensor) are described here but run by no pass yet: ``QuantScheme.weight_only`` is the one place that
-says so, and every weight-only pass and export reaches its spec through it.
+Float weights (fp8 e4m3, per output channel) and quantized input activations (int8 or fp8 e4m3, dynamic per token
+or static per tensor, symmetric) are run by ``rtn`` and ``gptq`` (``QuantScheme.runnable`` says which) and computed
+by ``toolkit.quant.modules``; ``QuantScheme.weight_only`` is the one place a consumer that computes with float
+activations and integer codes (GGUF, ONNX, the GPTQ export) refuses the rest.
 """
 
 from __future__ import annotations
@@ -146,16 +147,31 @@ class QuantScheme:
         acts = "16" if a is None else "FP8" if a.type == "float" else str(a.bits)
         return f"W{weights}A{acts}"
 
+    def runnable(self, consumer: str, float_weights: bool = True) -> QuantSpec:
+        """The weight spec, for ``consumer`` (a pass) whose model computes with quantized input activations
+        (``toolkit.quant.modules``); refuses what those modules do not compute: asymmetric activations, fp8
+        weights other than per output channel, or fp8 weights where ``float_weights`` is false."""
+        w, a = self.weights, self.input_activations
+        if a is not None and not a.symmetric:
+            raise ToolkitError(f"{consumer} quantizes input activations symmetrically (no zero point), as vLLM's "
+                               "int8 and fp8 kernels read them: use symmetric: true in input_activations")
+        if w.type == "float" and not float_weights:
+            raise ToolkitError(f"{consumer} writes integer codes; fp8 weights are rounded by rtn: use rtn for "
+                               "type: float, or type: int here")
+        if w.type == "float" and w.group_size != -1:
+            raise ToolkitError(f"fp8 weights have one scale per output channel: use group_size: -1, not {w.group_size}")
+        return w
+
     def weight_only(self, consumer: str) -> QuantSpec:
         """The integer weight spec, for ``consumer`` (a pass or an export) that computes with float activations
         and integer codes; refuses a scheme it cannot run rather than run part of it."""
         if self.input_activations is not None:
             raise ToolkitError(f"{consumer} quantizes weights only; this {self.name} scheme also quantizes input "
-                               f"activations ({self.input_activations.name}), which no pass runs yet: "
-                               "drop input_activations")
+                               f"activations ({self.input_activations.name}), which it does not run: "
+                               "drop input_activations (rtn and gptq run them, export_compressed_tensors holds them)")
         if self.weights.type != "int":
-            raise ToolkitError(f"{consumer} writes integer codes; this scheme holds fp8 weights, which no pass "
-                               "runs yet: use integer weights (type: int)")
+            raise ToolkitError(f"{consumer} writes integer codes; this scheme holds fp8 weights: use integer "
+                               "weights (type: int) (rtn rounds fp8 weights, export_compressed_tensors holds them)")
         return self.weights
 
     def to_dict(self) -> dict[str, Any]:

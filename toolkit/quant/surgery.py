@@ -13,9 +13,10 @@ from transformers import PreTrainedModel
 
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import layout_of
-from toolkit.quant.arithmetic import rtn_quantize
-from toolkit.quant.modules import QuantEmbedding, QuantLinear, set_module
-from toolkit.quant.spec import QuantScheme, QuantSpec, valid_group_sizes
+from toolkit.quant.arithmetic import activation_scale, rtn_quantize
+from toolkit.quant.calibration import input_maxima
+from toolkit.quant.modules import FP8Linear, QuantEmbedding, QuantLinear, set_module
+from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec, QuantType, valid_group_sizes
 from toolkit.schema import SENTINELS
 
 HEAD_BITS = (4, 8)
@@ -38,15 +39,18 @@ class WeightQuantConfig:
     symmetric: bool = True
     skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
     lm_head_bits: int | None = 8  # the head (and a tied embedding) at higher precision; None keeps it float
+    type: QuantType = "int"  # the weights: "int" codes, or "float": fp8 e4m3 (bits 8, group_size -1)
+    # quantized input activations of every quantized linear (None: float, W{bits}A16); the head keeps float inputs
+    input_activations: ActivationSpec | None = None
 
     def __post_init__(self) -> None:
-        QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
+        QuantSpec(self.bits, self.group_size, self.symmetric, self.type)  # validates bits, group size and type
         check_head_bits(self.lm_head_bits)
 
     @property
     def scheme(self) -> QuantScheme:
-        """What this config asks for: integer weights, float activations (W{bits}A16)."""
-        return QuantScheme(QuantSpec(self.bits, self.group_size, self.symmetric))
+        """What this config asks for: weights and, optionally, input activations (W8A8, WFP8AFP8 ...)."""
+        return QuantScheme(QuantSpec(self.bits, self.group_size, self.symmetric, self.type), self.input_activations)
 
     @property
     def spec(self) -> QuantSpec:
@@ -91,10 +95,30 @@ def check_group_size(linears: dict[str, nn.Module], group_size: int) -> None:
 
 
 def install(model: nn.Module, name: str, linear: nn.Linear, codes: torch.Tensor,
-            scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> QuantLinear:
-    qlinear = QuantLinear.from_codes(codes, scale, zero, spec, linear.bias)
+            scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, act: ActivationSpec | None = None) -> QuantLinear:
+    qlinear = QuantLinear.from_codes(codes, scale, zero, spec, linear.bias, act)
     set_module(model, name, qlinear)
     return qlinear
+
+
+def install_fp8(model: nn.Module, name: str, linear: nn.Linear, spec: QuantSpec,
+                act: ActivationSpec | None = None) -> FP8Linear:
+    """Round ``linear`` to fp8 e4m3 weights (per-channel scales) and put it in place."""
+    qlinear = FP8Linear.from_weight(linear.weight.data, spec, linear.bias, act)
+    set_module(model, name, qlinear)
+    return qlinear
+
+
+def static_input_scales(model: PreTrainedModel, linears: dict[str, nn.Linear], act: ActivationSpec | None,
+                        windows: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Per-tensor input scales ``[1]`` of ``linears`` from ``max |x|`` over the calibration ``windows`` on the model
+    as it is now (before its linears are replaced); empty unless ``act`` is static. Linears that read one
+    input (q/k/v, gate/up) see the same maximum, so the scale a consumer's fused kernel needs equal is equal."""
+    if act is None or act.dynamic:
+        return {}
+    head = model.get_submodule(layout_of(model).head)
+    maxima = input_maxima(model, dict(linears), head, windows, batch_size)
+    return {n: activation_scale(torch.tensor([m.tensor_max()]), act.type) for n, m in maxima.items()}
 
 
 Quantizer = Callable[[torch.Tensor, QuantSpec], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

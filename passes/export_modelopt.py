@@ -1,0 +1,147 @@
+"""Export an FP8 model as NVIDIA ModelOpt's unified Hugging Face checkpoint (TensorRT-LLM, vLLM ``modelopt``):
+``quant_algo: FP8_PER_CHANNEL_PER_TOKEN`` (``toolkit.interop.modelopt``), from a model whose linears hold fp8 e4m3
+per-channel weights with fp8 per-token dynamic inputs (``rtn`` with ``type: float`` and such
+``input_activations``). The head and every float linear are written at ``dtype`` and listed in
+``exclude_modules``.
+
+The export proves itself: read back by ``toolkit.interop.modelopt.read``, its fp8 codes and scales must equal the
+model's bit for bit, and a plain float model dequantized from it, its fp8 linears' inputs quantized per token,
+must give the model's logits (its float tensors as stored) on two shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
+
+from toolkit.errors import ToolkitError
+from toolkit.evaluation.perplexity import check_reloaded
+from toolkit.interop import modelopt
+from toolkit.models.architectures import layout_of
+from toolkit.models.shards import SINGLE
+from toolkit.passes.base import ExportConfig, PassConfig
+from toolkit.quant.modules import (
+    FP8Linear,
+    QuantEmbedding,
+    QuantLinear,
+    input_quantizer,
+    quantized_linears,
+    stored_floats,
+)
+from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SCHEME = QuantScheme(QuantSpec(8, -1, type="float"), ActivationSpec("float", 8, "token", dynamic=True))
+
+
+@dataclass(frozen=True)
+class ExportModelOptConfig(ExportConfig):
+    name: ClassVar[str] = "export_modelopt"
+    reads_calibration: ClassVar[bool] = False
+
+    dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"  # float tensors; fp8 scales are float32
+    tolerance: float = 2e-2  # max |Δlogit| / max |logit| between the export and the source model
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
+
+
+def check_spec(scheme: QuantScheme, config: PassConfig | None = None) -> None:
+    """The one scheme this export holds: fp8 per-channel weights, fp8 per-token dynamic inputs."""
+    if scheme != SCHEME:
+        raise ToolkitError(f"{ExportModelOptConfig.name} writes ModelOpt {modelopt.ALGO} (fp8 per-channel weights, "
+                           f"fp8 per-token dynamic inputs), not this {scheme.name} scheme: quantize with rtn type: "
+                           "float, group_size: -1 and input_activations {type: float, strategy: token, dynamic: true}")
+
+
+def _linears(model: PreTrainedModel) -> tuple[dict[str, FP8Linear], list[str]]:
+    head = layout_of(model).head
+    quantized = {n: m for n, m in quantized_linears(model).items() if n != head}
+    if not quantized:
+        raise ToolkitError("export_modelopt needs an fp8 model; run rtn with type: float before it")
+    for m in quantized.values():
+        check_spec(m.scheme)
+    floats = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head]
+    return {n: m for n, m in quantized.items() if isinstance(m, FP8Linear)}, floats
+
+
+def _tensors(model: PreTrainedModel, linears: dict[str, FP8Linear], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    layout = layout_of(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, m in linears.items():
+        out.update(modelopt.linear_tensors(name, m.weight, m.weight_scale))
+        if m.bias is not None:
+            out[f"{name}.bias"] = m.bias.detach().to(dtype)
+    head = model.get_submodule(layout.head)
+    head_w = head.dequantized_weight() if isinstance(head, QuantLinear) else head.weight.detach()
+    tied = isinstance(model.get_input_embeddings(), QuantEmbedding) or bool(model.config.tie_word_embeddings)
+    out[f"{layout.embed}.weight" if tied else f"{layout.head}.weight"] = head_w.to(dtype).contiguous()
+    for pname, p in model.named_parameters():
+        owner = pname.rsplit(".", 1)[0]
+        if owner not in linears and owner != layout.head and pname not in out and not (tied and owner == layout.embed):
+            out[pname] = p.detach().to(dtype).contiguous()
+    return out
+
+
+def _reload_float(folder: Path) -> tuple[PreTrainedModel, dict[str, modelopt.FP8Weight]]:
+    """A plain float32 model dequantized from the folder, its fp8 linears' inputs quantized per token."""
+    config, linears, floats = modelopt.read(folder)
+    config.pop("quantization_config")
+    state = {k: v.float() for k, v in floats.items()}
+    state.update({f"{name}.weight": w.dequantize() for name, w in linears.items()})
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config),
+                                                 dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ToolkitError(f"the exported checkpoint is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    for name in linears:
+        model.get_submodule(name).register_forward_pre_hook(input_quantizer(SCHEME.input_activations, None))  # type: ignore[arg-type]
+    return model.eval(), linears
+
+
+def _check_codes(linears: dict[str, FP8Linear], read: dict[str, modelopt.FP8Weight]) -> None:
+    if set(read) != set(linears):
+        raise ToolkitError(f"the export holds fp8 weights for {len(read)} linears, the model has {len(linears)}")
+    for name, m in linears.items():
+        w = read[name]
+        if not (torch.equal(w.weight.view(torch.uint8), m.weight.view(torch.uint8))
+                and torch.equal(w.scale, m.weight_scale.reshape(-1))):
+            raise ToolkitError(f"{name}: the exported fp8 weights or scales differ from the model's; "
+                               "this is a bug in the exporter, please report it")
+
+
+def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ExportModelOptConfig,
+           folder: Path, *, history: tuple[PassConfig, ...] = ()) -> dict[str, Any]:
+    """Write the checkpoint into ``folder`` (made atomic by the caller), validate it, return its metrics."""
+    folder = Path(folder)
+    linears, floats = _linears(model)
+    exclude = [layout_of(model).head, *floats]
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(_tensors(model, linears, DTYPES[config.dtype]), str(folder / SINGLE), metadata={"format": "pt"})
+    d = model.config.to_dict()
+    d.pop("_name_or_path", None)
+    d["dtype"] = config.dtype
+    d["quantization_config"] = modelopt.quantization_config(exclude)
+    (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True))
+    (folder / modelopt.HF_QUANT_CONFIG).write_text(json.dumps(modelopt.hf_quant_config(exclude), indent=2))
+    tokenizer.save_pretrained(folder)
+    exported, read = _reload_float(folder)
+    _check_codes(linears, read)
+    exported.set_attn_implementation(model.config._attn_implementation)  # last-bit differences flip fp8 codes
+    reference = stored_floats(model, DTYPES[config.dtype])
+    error = check_reloaded(reference, exported, config.tolerance, "ModelOpt checkpoint")
+    return {"relative_logit_error": error, "bytes": (folder / SINGLE).stat().st_size,
+            "quantized_linears": len(linears), "bit_exact_codes": True, "quant_algo": modelopt.ALGO}
