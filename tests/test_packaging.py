@@ -203,3 +203,16 @@ def test_the_lock_holds_every_dependency_install_sh_installs() -> None:
     wanted = _requirement_names(PYPROJECT["dependencies"] + [r for name in extras for r in extras[name]])
     assert wanted - lock == set()
     assert 'install -q --no-deps -e ".[compiler,serve]"' in (ROOT / "install.sh").read_text()
+
+
+def test_every_package_folder_is_shipped() -> None:
+    """A non-editable install ships only the packages pyproject lists: every folder of the three namespaces that
+    holds an ``__init__.py`` must be among them (toolkit.serving was once left out)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = config["package-dir"]  # namespace -> folder
+    found = set()
+    for namespace, folder in folders.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((namespace, *parts)))
+    assert found == set(config["packages"])
