@@ -89,17 +89,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def context(a: argparse.Namespace) -> int:
+    """Tokens one request may need: the longest prompt (re-tokenized text may run a little longer) and its output."""
+    return (LONG_TOKENS if a.ttft_long else max(SHORT_TOKENS)) + 256 + a.max_tokens
+
+
 def ours(export: Path, port: int, a: argparse.Namespace) -> Server:
-    toolkit = Path(sys.executable).parent / "toolkit"
-    cmd = [str(toolkit), "serve", str(export), "--host", "127.0.0.1", "--port", str(port), "--max-batch",
-           str(max(LEVELS))]
-    if "--threads" in subprocess.run([str(toolkit), "serve", "--help"], capture_output=True, text=True).stdout:
-        cmd += ["--threads", str(a.threads)]  # else its default, the physical cores (2 on the dev machines)
-    return Server(OURS, cmd, export.name, {}, {"OMP_NUM_THREADS": str(a.threads)})
+    cmd = [str(Path(sys.executable).parent / "toolkit"), "serve", str(export), "--host", "127.0.0.1", "--port",
+           str(port), "--max-batch", str(max(LEVELS)), "--threads", str(a.threads), "--served-model-name", OURS]
+    return Server(OURS, cmd, OURS, {})  # OpenAI's fields only: it ignores unknown ones such as ignore_eos
 
 
 def llama_server(gguf: Path, port: int, a: argparse.Namespace) -> Server:
-    slot = LONG_TOKENS + 256 + a.max_tokens  # every slot can hold the long prompt
+    slot = context(a)  # every slot can hold the longest request
     cmd = [str(peers.llama_server()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "-t", str(a.threads), "-tb", str(a.threads), "-np", str(max(LEVELS)), "-c", str(slot * max(LEVELS)),
            "--alias", "llama-server"]
@@ -110,7 +112,7 @@ def vllm(folder: Path, port: int, a: argparse.Namespace) -> Server:
     cmd = [str(peers.vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
            "--served-model-name", "vllm", "--dtype", "bfloat16",  # its CPU W4A16 kernel computes in bfloat16
            "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max(LEVELS)),
-           "--max-model-len", str(LONG_TOKENS + 256 + a.max_tokens)]
+           "--max-model-len", str(context(a))]
     env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{a.threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
     return Server("vllm", cmd, "vllm", {"ignore_eos": True, "min_tokens": a.max_tokens}, env)
 
