@@ -45,7 +45,7 @@ class Pass:
 
     run: Callable[..., Any]
     stream: Callable[..., Any] | None = None
-    holds: Callable[[QuantScheme], None] | None = None
+    holds: Callable[[QuantScheme, PassConfig], None] | None = None  # (an earlier pass's scheme, the export's config)
 
 
 PASSES: dict[type[PassConfig], Pass] = {

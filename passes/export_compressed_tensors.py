@@ -51,7 +51,7 @@ class ExportCompressedTensorsConfig(ExportConfig):
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
 
 
-def check_spec(scheme: QuantScheme) -> None:
+def check_spec(scheme: QuantScheme, config: PassConfig | None = None) -> None:
     """``ct.quantization_config`` maps input activations too, but this export proves itself against a model that
     computes with float activations, so a scheme that quantizes them is refused when the recipe is read."""
     scheme.weight_only(ExportCompressedTensorsConfig.name)

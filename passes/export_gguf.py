@@ -69,7 +69,7 @@ class _Tensor:
     offset: float = 0.0  # added to the float values (Gemma's norms: llama.cpp scales by w, Gemma by 1 + w)
 
 
-def check_spec(scheme: QuantScheme) -> None:
+def check_spec(scheme: QuantScheme, config: PassConfig | None = None) -> None:
     """Refuse a quantization no GGUF block type holds (recipes call it before any pass runs); a whole-row group
     (-1) depends on the model's widths and is checked on the model."""
     spec = scheme.weight_only(ExportGGUFConfig.name)

@@ -47,7 +47,7 @@ class ExportHFGPTQConfig(ExportConfig):
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
 
 
-def check_spec(scheme: QuantScheme) -> None:
+def check_spec(scheme: QuantScheme, config: PassConfig | None = None) -> None:
     """Refuse a quantization the GPTQ int32 layout cannot hold (recipes call it before any pass runs)."""
     spec = scheme.weight_only(ExportHFGPTQConfig.name)
     if spec.bits not in hf_gptq.BITS:

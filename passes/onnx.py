@@ -1,7 +1,8 @@
 """Export to ONNX with a KV cache, fused attention and the exact quantized weights; validated against PyTorch.
 
 ``target: ort`` uses onnxruntime contrib ops (GroupQueryAttention, MatMulNBits, GatherBlockQuantized,
-SkipSimplifiedLayerNormalization); ``target: standard`` uses only ONNX opset >= 23 ops. The folder holds
+SkipSimplifiedLayerNormalization); ``target: standard`` uses only ONNX opset 24 ops, the graph TensorRT's ONNX
+parser reads (checked against its documented operator list, ``toolkit.onnx.tensorrt``). The folder holds
 ``model.onnx`` + ``model.onnx.data`` (external weights, relative location), the tokenizer, ``export.json``
 (the ``ExportContract`` the runtime reads, toolkit.runtime.contract) and, for ``ort``, a ``genai_config.json``
 for onnxruntime-genai generated from the same contract.
@@ -57,6 +58,7 @@ from toolkit.models.streaming import SkeletonModel
 from toolkit.onnx.decoder import Resident, build_model, in_memory
 from toolkit.onnx.external import ExternalData
 from toolkit.onnx.graph import Dims, GraphOptions, dims_of
+from toolkit.onnx.tensorrt import parser_problems
 from toolkit.onnx.validate import Probe, Reference, model_reference, op_census, probe_sequences, run_checks
 from toolkit.passes.base import ExportConfig, PassConfig
 from toolkit.passes.context import PassContext
@@ -66,8 +68,9 @@ from toolkit.quant.streaming import StreamOptions
 from toolkit.runtime.backend import MAX_THREADS, BackendOptions, OrtBackend
 from toolkit.runtime.contract import DATA_FILE, EXPORT_FILE, GENAI_FILE, MODEL_FILE, ExportContract, Target
 
-MIN_OPSET = {"ort": 23, "standard": 23}  # RMSNormalization, RotaryEmbedding, Attention
-MAX_OPSET = onnx.defs.onnx_opset_version()  # a later opset names operator versions the installed onnx does not know
+MIN_OPSET = {"ort": 23, "standard": 24}  # RMSNormalization, RotaryEmbedding, Attention; TensorScatter (24)
+# a later opset names operator versions the installed onnx does not know; TensorRT 10.15's parser reads up to 24
+MAX_OPSET = {"ort": onnx.defs.onnx_opset_version(), "standard": 24}
 
 @dataclass(frozen=True)
 class ONNXConfig(ExportConfig):
@@ -75,7 +78,7 @@ class ONNXConfig(ExportConfig):
     reads_calibration: ClassVar[bool] = False
 
     target: Target = "ort"
-    opset: int = 23
+    opset: int = 0  # 0: the target's own, ort 23 and standard 24 (MIN_OPSET)
     dtype: Literal["float32", "float16"] = "float32"  # float weights and activations: float32 or float16 (see the module docstring)
     accuracy_level: int = 4  # MatMulNBits: 0 float activations; 4 int8 activations (fastest on CPU)
     # strict check: max |Δlogits| (exact weights, float activations). Summation order alone gives ~1e-4 on
@@ -93,10 +96,13 @@ class ONNXConfig(ExportConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.opset < MIN_OPSET[self.target]:
-            raise ValueError(f"target '{self.target}' needs opset >= {MIN_OPSET[self.target]}, got {self.opset}")
-        if self.opset > MAX_OPSET:
-            raise ValueError(f"opset must be at most {MAX_OPSET} (the newest the installed onnx knows), got {self.opset}")
+        low, high = MIN_OPSET[self.target], MAX_OPSET[self.target]
+        if self.opset and not low <= self.opset <= high:
+            span = f"opset {low}" if low == high else f"opset {low} to {high}"
+            why = {"ort": "the installed onnx knows no later one", "standard": "TensorScatter; TensorRT's parser reads "
+                   "no later one"}
+            raise ValueError(f"target '{self.target}' takes {span} ({why[self.target]}), got {self.opset}; "
+                             "or leave opset out for the target's own")
         if not 1 <= self.threads <= MAX_THREADS:
             raise ValueError(f"threads (onnxruntime's, for the export's self-check) must be in 1..{MAX_THREADS}, "
                              f"got {self.threads}")
@@ -109,7 +115,8 @@ class ONNXConfig(ExportConfig):
 
     def graph_options(self, accuracy_level: int | None = None) -> GraphOptions:
         level = self.accuracy_level if accuracy_level is None else accuracy_level
-        return GraphOptions(self.target, self.opset, level, self.max_positions, self.pads_left, self.dtype)
+        opset = self.opset or MIN_OPSET[self.target]
+        return GraphOptions(self.target, opset, level, self.max_positions, self.pads_left, self.dtype)
 
     @property
     def pads_left(self) -> bool:
@@ -117,10 +124,16 @@ class ONNXConfig(ExportConfig):
         return self.left_padding or self.target == "standard"
 
 
-def check_spec(scheme: QuantScheme) -> None:
+def check_spec(scheme: QuantScheme, config: PassConfig | None = None) -> None:
     """The graph computes with float activations (MatMulNBits / DequantizeLinear on the weights only): a scheme
-    that quantizes activations is refused when the recipe is read."""
-    scheme.weight_only(ONNXConfig.name)
+    that quantizes activations is refused when the recipe is read, and so is an asymmetric one for the standard
+    target (TensorRT's parser takes DequantizeLinear only with zero zero-points; the graph refuses such weights
+    too, ``graph._symmetric_codes``)."""
+    spec = scheme.weight_only(ONNXConfig.name)
+    if isinstance(config, ONNXConfig) and config.target == "standard" and not spec.symmetric:
+        raise ToolkitError("the standard ONNX target holds symmetric codes only (TensorRT's parser takes "
+                           "DequantizeLinear without zero points): quantize with symmetric: true, or export with "
+                           "target: ort")
 
 
 def _write(model: PreTrainedModel, config: ONNXConfig, folder: Path, contract: ExportContract,
@@ -130,6 +143,10 @@ def _write(model: PreTrainedModel, config: ONNXConfig, folder: Path, contract: E
     with ExternalData(folder / contract.data_file, contract.data_file) as data:
         proto = build_model(model, config.graph_options(), contract.names, data, resident)
     census = op_census(proto)
+    refused = parser_problems(proto) if config.target == "standard" else []
+    if refused:
+        raise ToolkitError(f"the standard ONNX graph has what TensorRT's parser refuses: {'; '.join(refused[:3])}. "
+                           "This is a bug in the exporter; please report it with the recipe")
     onnx.save_model(proto, str(folder / contract.model_file))
     del proto
     onnx.checker.check_model(str(folder / contract.model_file))  # by path: the checker reads the external data too
@@ -187,12 +204,12 @@ def contract_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conf
         eos_token_ids=_token_ids(c.eos_token_id if c.eos_token_id is not None else tokenizer.eos_token_id),
         bos_token_id=c.bos_token_id if c.bos_token_id is not None else tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        # batches this graph serves: GQA masks by seqlens_k (right), the bias adds left; standard concatenates past
-        padding={"standard": "left"}.get(config.target, "left or right" if config.left_padding else "right"),
+        # batches this graph serves: GQA masks by seqlens_k (right), the bias adds left; standard writes and masks per row
+        padding="left or right" if config.pads_left else "right",
         weights="int" if quantized_modules(model) else config.dtype,
         cache_dtype=config.dtype,
         accuracy_level=config.accuracy_level,
-        share_buffer=config.target == "ort",
+        share_buffer=True,  # GroupQueryAttention (ort) and TensorScatter (standard) write the cache in place
     )
 
 

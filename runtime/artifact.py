@@ -18,7 +18,9 @@ from toolkit.errors import ToolkitError
 from toolkit.runtime.contract import MODEL_FILE, ExportContract, description_file, read_contract
 
 # Ops whose past/present outputs may alias one preallocated buffer (seqlens from the attention mask).
-SHARED_BUFFER_OPS = ("GroupQueryAttention",)
+SHARED_BUFFER_OPS = ("GroupQueryAttention", "TensorScatter")
+# Ops whose past input is the whole fixed-capacity cache (present has its shape), not the columns in use.
+WHOLE_CACHE_OPS = ("TensorScatter",)
 # Where each rotary op reads its cos cache ([max_positions, rotary_dim / 2]): the rows bound the context.
 COS_CACHE_INPUT = {"GroupQueryAttention": 7, "RotaryEmbedding": 1}
 PACKED_4BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
@@ -111,6 +113,10 @@ def check_external_data(folder: Path, model_path: Path) -> onnx.ModelProto:
 
 def uses_shared_buffer(proto: onnx.ModelProto) -> bool:
     return any(node.op_type in SHARED_BUFFER_OPS for node in proto.graph.node)
+
+
+def takes_whole_cache(proto: onnx.ModelProto) -> bool:
+    return any(node.op_type in WHOLE_CACHE_OPS for node in proto.graph.node)
 
 
 def graph_context_length(proto: onnx.ModelProto) -> int | None:

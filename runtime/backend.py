@@ -10,10 +10,11 @@ in by implementing the same methods.
 ``OrtBackend.forward`` is the one place that feeds an ONNX decoder (names from the export contract):
 the runtime's prefill and decode, the exporter's validation, perplexity on exports and the benchmarks
 all go through it. Two ways to hold the cache, both in buffers allocated once (``# k: [SLOTS, KVH, CAP, D]``):
-- shared (GroupQueryAttention graphs): the same buffer is bound as past and present, the graph writes the
-  new columns in place (onnxruntime-genai's ``past_present_share_buffer``);
-- copied (any graph, e.g. the standard target's Attention): the used columns are fed as past and the
-  present the graph returns is copied back into the buffer.
+- shared (GroupQueryAttention graphs, and the standard target's TensorScatter ones): the same buffer is bound as
+  past and present, the graph writes the new columns in place (onnxruntime-genai's ``past_present_share_buffer``;
+  onnxruntime's TensorScatter skips its copy of past when both are one buffer);
+- copied (any graph): past is fed (the used columns, or the whole fixed-capacity row for a TensorScatter graph)
+  and the present the graph returns is copied back into the buffer.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import onnxruntime as ort
 import psutil
 
 from toolkit.errors import ToolkitError
-from toolkit.runtime.artifact import open_export, uses_shared_buffer
+from toolkit.runtime.artifact import open_export, takes_whole_cache, uses_shared_buffer
 from toolkit.runtime.contract import ExportContract
 from toolkit.runtime.kv_cache import KVCache
 
@@ -107,6 +108,8 @@ def _session(folder: Path, model_path: Path, proto: onnx.ModelProto, contract: E
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
+    if takes_whole_cache(proto):  # TensorScatter warns at every call of the copied path that it copies past
+        so.log_severity_level = 3
     level = contract.accuracy_level if options.accuracy_level is None else options.accuracy_level
     if level is not None:  # the standard target's DequantizeLinear->MatMul is fused into MatMulNBits at this level
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
@@ -125,6 +128,7 @@ class OrtBackend:
         options = options or BackendOptions()
         self.contract, proto, model_path = open_export(folder)
         self.can_share_buffer = self.contract.share_buffer and uses_shared_buffer(proto)
+        self.whole_cache = takes_whole_cache(proto)  # past is the whole [B, KVH, CAP, D] row, not the used columns
         self.session = _session(folder, model_path, proto, self.contract, options)
         del proto
         self.names = self.contract.names
@@ -217,7 +221,7 @@ class OrtBackend:
             self._bind_shared(io, row, row + B)
             self.session.run_with_iobinding(io)
             return io.copy_outputs_to_cpu()[0]
-        past = mask.shape[1] - S
+        past = cache.capacity if self.whole_cache else mask.shape[1] - S
         for (past_name, present_name), buffer in zip(self._pairs, cache.buffers, strict=True):
             io.bind_cpu_input(past_name, np.ascontiguousarray(buffer[row : row + B, :, :past]))  # [B, KVH, P, D]
             io.bind_output(present_name)
@@ -304,7 +308,7 @@ class OrtBackend:
         ids, positions = tokens.reshape(-1, 1).astype(np.int64), lengths.reshape(-1, 1).astype(np.int64)
         if self._require_cache().shared:
             return self.forward(ids, self._mask(lengths + 1), positions, row)[:, 0]
-        if self.can_share_buffer and len(set(lengths.tolist())) > 1:
+        if self.can_share_buffer and not self.whole_cache and len(set(lengths.tolist())) > 1:
             raise ToolkitError("GroupQueryAttention rotates keys by cache column: rows of different lengths decode "
                                "together only with a shared cache (allocate with share_buffer=True)")
         # The graph appends the new column at P = the longest row; a shorter row sees its own columns, a masked

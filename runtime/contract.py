@@ -74,7 +74,7 @@ class ExportContract:
     weights: str = "float32"  # "int": quantized linears
     accuracy_level: int | None = None  # MatMulNBits' level as exported; None: not recorded (foreign folders)
     cache_dtype: str = "float32"
-    share_buffer: bool = True  # past and present may be bound to one preallocated buffer (GroupQueryAttention)
+    share_buffer: bool = True  # past and present may be bound to one preallocated buffer (GQA, TensorScatter)
     names: TensorNames = field(default_factory=TensorNames)
     model_file: str = MODEL_FILE
     data_file: str = DATA_FILE

@@ -15,6 +15,8 @@ from toolkit.runtime import sampling
 from toolkit.runtime.tokenizer import Tokenizer
 from toolkit.schema import check_numbers
 
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -28,6 +30,7 @@ class GenerationConfig:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's eos ids
     stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None  # record the chosen token's log-probability and this many top alternatives
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -40,6 +43,8 @@ class GenerationConfig:
             raise ToolkitError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0 or self.repetition_penalty <= 0:
             raise ToolkitError("top_k must be >= 0 and repetition_penalty > 0 (1.0 disables it)")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ToolkitError(f"logprobs must be in [0, {MAX_LOGPROBS}] (got {self.logprobs})")
         if any(not s for s in self.stop_strings):
             raise ToolkitError("stop_strings must not contain an empty string")
         # what the bounds above cannot see, for every field: NaN compares false, a negative seed reaches numpy
@@ -52,6 +57,7 @@ class Timings:
     ttft_s: float = 0.0  # request start to first token chosen (includes prefill)
     prefill_s: float = 0.0
     token_latencies_s: list[float] = field(default_factory=list)  # one per decode step
+    admitted_at: float = 0.0  # perf_counter when the scheduler gave the sequence a cache row (0: still waiting)
 
     @property
     def decode_s(self) -> float:
@@ -72,6 +78,22 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "length" | "stop_token" | "stop_string" | "cancelled"
     timings: Timings
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The model's log-probabilities (log-softmax of the raw logits, before sampling settings) at one choice."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely ids and their log-probabilities, most likely first
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> TokenLogprobs:
+    logp = logits.astype(np.float64) - logits.max()
+    logp -= np.log(np.exp(logp).sum())  # [V] log-softmax
+    ids = np.argsort(-logp, kind="stable")[:top]
+    return TokenLogprobs(token, float(logp[token]), [(int(i), float(logp[i])) for i in ids])
 
 
 @dataclass
@@ -122,6 +144,12 @@ class Detokenizer:
         return out
 
     def finish(self) -> str:
+        """The rest of the text, with the bytes still waiting for a complete character decoded as they are (as a
+        decode of all the ids would), unless a stop string ended the text."""
+        if not self.stopped and self.read < len(self.ids):
+            before = self._decode(self.ids[self.prefix : self.read])
+            self.text += self._decode(self.ids[self.prefix :])[len(before) :]
+            self.prefix = self.read = len(self.ids)
         out, self.emitted = self.text[self.emitted :], len(self.text)
         return out
 
@@ -135,6 +163,7 @@ class SequenceState:
         self.slot = -1
         self.length = 0  # positions written in the cache row (during prefill: the prompt tokens written so far)
         self.generated: list[int] = []
+        self.logprobs: list[TokenLogprobs] = []  # one per choice (the stop token's too) when config.logprobs is set
         self.finish_reason = ""
         self.rng = np.random.default_rng(config.seed)
         self.seen = np.zeros(vocab, bool) if config.repetition_penalty != 1.0 else None
@@ -157,7 +186,10 @@ class SequenceState:
             logits = logits.copy()
             logits[list(self.stop_ids)] = -np.inf
         seen = np.flatnonzero(self.seen) if self.seen is not None else None
-        return sampling.choose(logits, c, self.rng, seen).token
+        token = sampling.choose(logits, c, self.rng, seen).token
+        if c.logprobs is not None:
+            self.logprobs.append(token_logprobs(logits, token, c.logprobs))
+        return token
 
     def accept(self, token: int) -> str:
         """Record ``token``; sets finish_reason when a stop rule fires. Returns newly final text."""

@@ -97,6 +97,7 @@ class Scheduler:
         while self.waiting and self.pool.has_free_slot():
             handle = self.waiting.popleft()
             handle.seq.slot = self.pool.admit(handle.seq.budget)
+            handle.seq.timings.admitted_at = time.perf_counter()
             admitted.append(handle)
         if admitted:  # one growth for everything admitted in this step
             self._fit_cache(max(h.seq.slot for h in admitted), max(h.seq.budget for h in admitted))

@@ -31,11 +31,13 @@ def _requirement_names(requirements: list[str]) -> set[str]:
     return {_normal(re.match(r"[A-Za-z0-9_.\-]+", r).group()) for r in requirements}  # type: ignore[union-attr]
 
 
-def _runtime_distributions() -> set[str]:
-    """The core dependencies and everything they require (their extras left out), as installed here."""
+def _runtime_distributions(extras: tuple[str, ...] = ()) -> set[str]:
+    """The core dependencies (plus those of ``extras``) and everything they require (their own extras left out),
+    as installed here."""
     from packaging.requirements import Requirement
 
-    todo, seen = list(_requirement_names(PYPROJECT["dependencies"])), set()
+    wanted = PYPROJECT["dependencies"] + [r for extra in extras for r in PYPROJECT["optional-dependencies"][extra]]
+    todo, seen = list(_requirement_names(wanted)), set()
     while todo:
         name = todo.pop()
         if name in seen:
@@ -48,9 +50,9 @@ def _runtime_distributions() -> set[str]:
     return seen
 
 
-def _blocked_modules() -> set[str]:
-    """Top-level modules that only distributions outside the runtime's install provide."""
-    runtime = _runtime_distributions()
+def _blocked_modules(extras: tuple[str, ...] = ()) -> set[str]:
+    """Top-level modules that only distributions outside the runtime's install (with ``extras``) provide."""
+    runtime = _runtime_distributions(extras)
     return {module for module, dists in importlib.metadata.packages_distributions().items()
             if not {_normal(d) for d in dists} & runtime and module != "toolkit"}
 
@@ -68,9 +70,14 @@ sys.exit(main(ARGV))
 """
 
 
+def runtime_only_code(*argv: str, extras: tuple[str, ...] = ()) -> str:
+    """Python code running ``toolkit ARGV`` where only the runtime's (and ``extras``') distributions can be imported."""
+    return f"BLOCKED = {sorted(_blocked_modules(extras))!r}\nARGV = {list(argv)!r}\n{BLOCKER}"
+
+
 def toolkit_runtime_only(*argv: str) -> subprocess.CompletedProcess[str]:
     """``toolkit ARGV`` where only the runtime's distributions can be imported."""
-    code = f"BLOCKED = {sorted(_blocked_modules())!r}\nARGV = {list(argv)!r}\n{BLOCKER}"
+    code = runtime_only_code(*argv)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
@@ -105,7 +112,7 @@ def test_generate_and_help_run_from_the_runtime_alone(export: Path) -> None:
     done = toolkit_runtime_only("inspect", str(export), "--verify")  # what a deployment asks of a folder it received
     assert done.returncode == 0, done.stderr[-2000:]
     assert "every file of 1 manifest(s) matches" in done.stdout
-    for argv in (["--help"], ["generate", "--help"], ["compare", "--help"]):
+    for argv in (["--help"], ["generate", "--help"], ["compare", "--help"], ["serve", "--help"]):
         done = toolkit_runtime_only(*argv)
         assert done.returncode == 0, (argv, done.stderr[-2000:])
         assert "usage: toolkit" in done.stdout
@@ -133,6 +140,52 @@ def test_compiler_side_refuses_only_the_compiler_extra_missing() -> None:
         raise ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime")
 
 
+def test_serve_refuses_in_one_line_without_the_serve_extra(export: Path) -> None:
+    done = toolkit_runtime_only("serve", str(export), "--port", "0")
+    assert done.returncode == 2, done.stderr[-2000:]
+    line, = done.stderr.splitlines()
+    assert line.startswith("error: `toolkit serve` needs the serve extra (")
+    assert "pip install 'llm-toolkit[serve]'" in line
+
+
+def test_serve_runs_from_the_runtime_and_the_serve_extra_alone(export: Path) -> None:
+    """What a deployment installs (``pip install 'llm-toolkit[serve]'``): the server starts, answers, and drains
+    on SIGTERM with no torch importable."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = runtime_only_code("serve", str(export), "--port", str(port), "--threads", "1", extras=("serve",))
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, status = time.monotonic() + 60, 0
+        while status != 200 and time.monotonic() < deadline and process.poll() is None:
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status
+            except OSError:
+                time.sleep(0.2)
+        assert status == 200, "the server did not start"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        stderr = process.communicate()[1]
+    assert "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_serve_modules_are_the_serve_extra() -> None:
+    extra = _requirement_names(PYPROJECT["optional-dependencies"]["serve"])
+    assert {_normal(d) for d in cli.SERVE_MODULES.values()} == extra
+    provides = importlib.metadata.packages_distributions()
+    for module, dist in cli.SERVE_MODULES.items():
+        assert _normal(dist) in {_normal(d) for d in provides[module]}, module
+
+
 def test_compiler_modules_are_the_compiler_extra() -> None:
     extra = _requirement_names(PYPROJECT["optional-dependencies"]["compiler"])
     assert {_normal(d) for d in cli.COMPILER_MODULES.values()} == extra
@@ -142,10 +195,11 @@ def test_compiler_modules_are_the_compiler_extra() -> None:
 
 
 def test_the_lock_holds_every_dependency_install_sh_installs() -> None:
-    """install.sh installs requirements.lock with --no-deps: the core, the compiler extra and the tools must be in it."""
+    """install.sh installs requirements.lock with --no-deps: the core, the compiler and serve extras and the tools
+    must be in it."""
     lock = {_normal(line.split("==")[0]) for line in (ROOT / "requirements.lock").read_text().splitlines()
             if line and not line.startswith("#")}
     extras = PYPROJECT["optional-dependencies"]
     wanted = _requirement_names(PYPROJECT["dependencies"] + [r for name in extras for r in extras[name]])
     assert wanted - lock == set()
-    assert 'install -q --no-deps -e ".[compiler]"' in (ROOT / "install.sh").read_text()
+    assert 'install -q --no-deps -e ".[compiler,serve]"' in (ROOT / "install.sh").read_text()

@@ -1,4 +1,4 @@
-"""Command line: ``toolkit run | eval | generate | inspect | compare``.
+"""Command line: ``toolkit run | eval | generate | serve | inspect | compare``.
 
 Options of ``eval`` are generated from ``EvaluationSpec`` so CLI and recipe defaults cannot drift.
 Every failure prints one line (at most ``MESSAGE_LIMIT`` characters) and exits non-zero: 2 for bad
@@ -203,6 +203,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# what the ``serve`` extra adds: import name -> distribution (pyproject.toml's extra; a test keeps the two equal)
+SERVE_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "sse_starlette": "sse-starlette",
+                 "prometheus_client": "prometheus-client"}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the OpenAI-compatible server until SIGTERM (then drain and exit 0)."""
+    from toolkit.serving.config import ServeConfig
+
+    config = ServeConfig(Path(args.export), host=args.host, port=args.port, max_batch=args.max_batch,
+                         max_queue=args.max_queue, threads=args.threads, shutdown_timeout=args.shutdown_timeout,
+                         served_model_name=args.served_model_name)  # refuses bad settings before any import
+    try:
+        from toolkit.serving.app import serve
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").partition(".")[0]
+        if top not in SERVE_MODULES:
+            raise
+        raise ToolkitError(f"`toolkit serve` needs the serve extra ({SERVE_MODULES[top]} is not installed): "
+                           "pip install 'llm-toolkit[serve]' (in the toolkit's checkout: pip install '.[serve]')"
+                           ) from exc
+    serve(config)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Print (and optionally write) the markdown report; 0 when nothing regressed, 1 otherwise."""
     from toolkit.evaluation import compare
@@ -252,6 +277,22 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="ORT threads (default: physical cores)")
     parser.add_argument("--no-spin", dest="spin", action="store_false",
                         help="keep ORT threads from spinning (for machines where other processes need the cores)")
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from toolkit.serving.config import ServeConfig
+
+    helps = {"max_batch": "requests decoded together (cache rows)",
+             "max_queue": "requests waiting for a row; past it, 503 with Retry-After",
+             "threads": "ORT threads (default: physical cores)",
+             "shutdown_timeout": "seconds in-flight requests get to finish after SIGTERM",
+             "served_model_name": "the model name clients send (default: the export folder's name)"}
+    parser.add_argument("export", help="export folder (model.onnx + model.onnx.data + tokenizer)")
+    hints = typing.get_type_hints(ServeConfig)
+    for f in dataclasses.fields(ServeConfig)[1:]:  # the defaults are ServeConfig's, declared once
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+                            help=helps.get(f.name, "") + ("" if f.default is None else f" (default: {f.default})"))
 
 
 def _fraction_option(text: str) -> float:
@@ -310,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from an ONNX export (runtime) or a model (uses the chat template)")
     _add_generate_arguments(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve an ONNX export over an OpenAI-compatible HTTP API (the serve extra)")
+    _add_serve_arguments(srv)
+    srv.set_defaults(func=cmd_serve)
 
     cmp = sub.add_parser("compare", help="CI gate: fail when the candidate report regressed against the baseline")
     _add_compare_arguments(cmp)

@@ -89,9 +89,8 @@ def test_export_matches_pytorch(tmp_path: Path, target: str, group: int | None) 
     loaded = load_tiny(group)
     result = run_export(loaded, tmp_path / "out", target=target)
     strict = result["validation"]["strict"]
-    expected = {"prefill_7", "prefill_13", "decode", "right_pad_batch2" if target == "ort" else "left_pad_batch2"}
-    if target == "ort":
-        expected |= {"shared_buffer_capacity_mask", "shared_buffer_current_mask"}
+    expected = {"prefill_7", "prefill_13", "decode", "right_pad_batch2" if target == "ort" else "left_pad_batch2",
+                "shared_buffer_capacity_mask", "shared_buffer_current_mask"}  # GQA / TensorScatter write in place
     assert set(strict) == expected
     assert max(m["max_abs"] for m in strict.values()) <= 1e-3
     if group is not None:  # the deployed accuracy level (int8 activations) is validated too
@@ -105,8 +104,11 @@ def test_export_matches_pytorch(tmp_path: Path, target: str, group: int | None) 
     if group is not None and target == "ort":
         assert census.get("MatMul", 0) == 0  # every linear (head included) is a MatMulNBits
         assert census["MatMulNBits"] == 4 * layers + 1 and census["GatherBlockQuantized"] == 1
+    if target == "standard":
+        assert census["TensorScatter"] == 2 * layers  # each layer's key and value cache
     if group is not None and target == "standard":
-        assert census["DequantizeLinear"] == census["MatMul"] + 1  # every MatMul reads dequantized codes (+ embedding)
+        assert census["DequantizeLinear"] == census["MatMul"]  # every MatMul reads dequantized codes (the head
+        # multiplies by the table the embedding gathers from)
     _check_folder(tmp_path / "out", target)
 
 
@@ -201,10 +203,8 @@ def test_asymmetric_codes_export_with_zero_points(tmp_path: Path) -> None:
     assert any(t.name.endswith(".zero_points") for t in proto.graph.initializer)
 
 
-@pytest.mark.parametrize("target", ["ort", "standard"])
-def test_asymmetric_4bit_tied_head_exports(tmp_path: Path, target: str) -> None:
-    """An asymmetric int4 head (GPTQ's lm_head_method) is shared with the embedding, zero points included."""
-    loaded = load_tiny(16, symmetric=False)
+def _asymmetric_tied_head(symmetric_body: bool) -> models.LoadedModel:
+    loaded = load_tiny(16, symmetric=symmetric_body)
     head = loaded.model.lm_head
     w = head.dequantized_weight()
     codes, scale, zero = rtn_quantize(w, QuantSpec(4, 16, symmetric=False))
@@ -212,12 +212,28 @@ def test_asymmetric_4bit_tied_head_exports(tmp_path: Path, target: str) -> None:
     qhead = install(loaded.model, "lm_head", torch.nn.Linear(w.shape[1], w.shape[0], bias=False), codes, scale, zero,
                     QuantSpec(4, 16, symmetric=False))
     loaded.model.set_input_embeddings(QuantEmbedding(qhead))
-    result = run_export(loaded, tmp_path / "out", target=target)
+    return loaded
+
+
+def test_asymmetric_4bit_tied_head_exports(tmp_path: Path) -> None:
+    """An asymmetric int4 head (GPTQ's lm_head_method) is shared with the embedding, zero points included."""
+    result = run_export(_asymmetric_tied_head(symmetric_body=False), tmp_path / "out", target="ort")
     assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
-    if target == "ort":
-        proto = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False)
-        gbq = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
-        assert len(gbq.input) == 4  # data, ids, scales, zero points
+    proto = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False)
+    gbq = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
+    assert len(gbq.input) == 4  # data, ids, scales, zero points
+
+
+@pytest.mark.parametrize("symmetric_body", [False, True])
+def test_standard_target_refuses_zero_points(tmp_path: Path, symmetric_body: bool) -> None:
+    """TensorRT's parser takes DequantizeLinear only with zero zero-points: an asymmetric linear (the body's,
+    or only the tied head's) is refused with one line, and nothing is left behind."""
+    loaded = _asymmetric_tied_head(symmetric_body)
+    with pytest.raises(ToolkitError, match="symmetric codes only .* quantize with symmetric: true, or export "
+                                           "with target: ort") as caught:
+        run_export(loaded, tmp_path / "out", target="standard")
+    assert "\n" not in str(caught.value) and (not symmetric_body or str(caught.value).startswith("lm_head"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_deployed_metric_is_a_per_position_median() -> None:
@@ -286,6 +302,7 @@ def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", [{"target": "tensorrt"}, {"target": "standard", "opset": 21},
+                                 {"target": "standard", "opset": 25}, {"target": "ort", "opset": 22},
                                  {"accuracy_level": 5}, {"tolerance": 0}])
 def test_config_rejects_bad_values(bad: dict) -> None:
     with pytest.raises(ValueError):

@@ -134,6 +134,9 @@ def test_the_runtime_refuses_an_absurd_thread_count():
     ({"rtn": {"bits": 3}}, "export_gguf", "passes[0].rtn then export_gguf: int3 group 32 symmetric has no GGUF block"),
     ({"rtn": {"bits": 4, "group_size": 16}}, "export_gguf", "int4 group 16 symmetric has no GGUF block type"),
     ({"awq": {"bits": 8, "symmetric": False}}, "export_gguf", "int8 group 32 asymmetric has no GGUF block type"),
+    ({"gptq": {"symmetric": False}}, {"onnx": {"target": "standard"}},
+     "passes[0].gptq then onnx: the standard ONNX target holds symmetric codes only (TensorRT's parser takes "
+     "DequantizeLinear without zero points): quantize with symmetric: true, or export with target: ort"),
 ])
 def test_an_export_that_cannot_hold_the_quantization_is_refused_before_any_pass(
         tmp_path, capsys, monkeypatch, quantize, export, message):
@@ -141,7 +144,7 @@ def test_an_export_that_cannot_hold_the_quantization_is_refused_before_any_pass(
         fail = lambda *a, **k: pytest.fail("a pass ran although the recipe is refused")  # noqa: E731
         monkeypatch.setitem(PASSES, config, dataclasses.replace(PASSES[config], run=fail))
     out = tmp_path / "out"
-    path = recipe_file(tmp_path, out, passes=[quantize, {export: {}}])
+    path = recipe_file(tmp_path, out, passes=[quantize, export if isinstance(export, dict) else {export: {}}])
     refused(capsys, "run", str(path), match=message)
     assert not out.exists()
 
@@ -164,6 +167,8 @@ def test_exports_accept_what_they_hold():
     recipes.parse({**TINY_RECIPE, "output": "o", "passes": [{"rtn": {"symmetric": False}}, {"export_gguf": {}}]}, "r")
     recipes.parse({**TINY_RECIPE, "output": "o", "passes": [{"rtn": {"bits": 3}}, {"export_compressed_tensors": {}}]},
                   "r")
+    recipes.parse({**TINY_RECIPE, "output": "o", "passes": [{"rtn": {"symmetric": False}}, {"onnx": {}}]}, "r")
+    recipes.parse({**TINY_RECIPE, "output": "o", "passes": [{"rtn": {}}, {"onnx": {"target": "standard"}}]}, "r")
 
 
 # ----------------------------------------------------------------------------- a chat template that does not parse
@@ -235,7 +240,9 @@ def test_a_library_exception_that_is_not_an_exception_is_still_one_line(tmp_path
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"opset": 99}, "opset must be at most"),
+    ({"opset": 99}, "target 'ort' takes opset 23 to"),
+    ({"target": "standard", "opset": 23}, "target 'standard' takes opset 24 (TensorScatter; TensorRT's parser reads "
+                                          "no later one), got 23"),
     ({"threads": 0}, "threads (onnxruntime's, for the export's self-check) must be in 1..1024, got 0"),
     ({"threads": 100_000}, "threads (onnxruntime's, for the export's self-check) must be in 1..1024, got 100000"),
 ])

@@ -51,13 +51,14 @@ def test_loading_and_generating_imports_no_torch(tmp_path):
 
 @pytest.mark.parametrize("group", [None, 32])
 def test_standard_target_export_runs_in_the_runtime(tmp_path, group):
-    """Past and present are separate tensors there: the backend copies present back into its cache rows."""
+    """Its cache is fixed-capacity, written by TensorScatter: the backend binds one buffer as past and present, as
+    for GroupQueryAttention, and rows of different lengths decode together."""
     loaded = models.load("tiny-llama")
     if group:
         rtn.apply(loaded.model, rtn.RTNConfig(bits=4, group_size=group))
     _export(loaded, tmp_path / "std", target="standard", accuracy_level=0)
     engine = load(tmp_path / "std", threads=1)
-    assert not engine.backend.can_share_buffer and engine.max_batch > 1
+    assert engine.backend.can_share_buffer and engine.backend.whole_cache and engine.max_batch > 1
     config = GenerationConfig(max_new_tokens=12, stop_token_ids=())
     alone = [engine.generate(p, config) for p in PROMPTS]
     for prompt, result in zip(PROMPTS, alone, strict=True):

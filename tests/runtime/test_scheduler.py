@@ -29,7 +29,7 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def standard_folder(tmp_path_factory) -> Path:
-    """The standard target: past and present are separate tensors, the backend copies present back."""
+    """The standard target: a fixed-capacity cache that TensorScatter writes (past and present share the buffer)."""
     out = tmp_path_factory.mktemp("sched") / "std"
     with atomic_dir(out) as tmp:
         export(tiny_llama(), tiny_tokenizer(), ONNXConfig(target="standard", accuracy_level=0), tmp)

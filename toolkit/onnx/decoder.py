@@ -5,8 +5,8 @@ What a runtime feeds (both targets; ``P`` cached columns, ``S`` new tokens, rows
 - input ids ``[B,S] int64``; position ids ``[B,S] int64`` = ``cumsum(attention_mask) - 1`` at the new columns
   (read by the standard target's RotaryEmbedding; the ort graph ignores it, see below);
 - attention mask ``[B,M] int64``: 1 for real tokens, 0 for left padding, one column per cache column.
-  Without buffer sharing ``M = P+S`` and each layer's past key and value are ``[B,KVH,P,D]`` (P=0 for the
-  prefill: a zero-length tensor); its present key and value come back as ``[B,KVH,P+S,D]``.
+  ort target without buffer sharing: ``M = P+S`` and each layer's past key and value are ``[B,KVH,P,D]`` (P=0
+  for the prefill: a zero-length tensor); its present key and value come back as ``[B,KVH,P+S,D]``.
 - ort target, shared buffer (onnxruntime-genai's ``past_present_share_buffer``): bind the SAME preallocated
   ``[B,KVH,C,D]`` OrtValue as a layer's past key and its present key (likewise value) through IO
   binding; GroupQueryAttention sees equal pointers and writes the S new rows in place at columns ``[P, P+S)``.
@@ -15,7 +15,12 @@ What a runtime feeds (both targets; ``P`` cached columns, ``S`` new tokens, rows
   written from column 0, its mask ``1`` up to its own last column): the runtime decodes ragged batches this
   way. Requirements: ``P+S <= C <= max_positions``, and a step with ``S > 1`` after the prefill needs
   ``B = 1`` (GroupQueryAttention's rule for chunked prompts).
-The standard target has no buffer sharing: feed ``present`` back as ``past``.
+- standard target (what TensorRT's ONNX parser reads): each layer's past key and value are the whole
+  fixed-capacity cache ``[B,KVH,C,D]`` and present has the same shape: TensorScatter (axis -2) writes the S new
+  rows at each row's columns ``[last-S, last)`` and Attention (no past/present inputs) attends over all C columns
+  under a mask that hides padding, unwritten columns and the future. Bind one buffer as past and present
+  (onnxruntime's TensorScatter then writes in place), or feed the whole row and take present back. The mask
+  may be ``[B, M]`` for any ``P+S <= M <= C``; ragged rows and chunked prompts work as in the ort target.
 
 Masking, computed in the graph from ``attention_mask [B, M]``:
 ``last[b]`` = 1 + index of the last 1 in the row = the number of cache columns in use after this step.
@@ -83,11 +88,12 @@ Resident = Callable[[list[str]], AbstractContextManager[object]]  # module paths
 
 @dataclass
 class MaskValues:
-    seqlens_k: str  # int32 [B]: columns in use after this step, minus one
-    total: str  # int32 scalar T
-    bias: str  # ort: float [B,1,S,T] additive or "" (right padding only); standard: bool [B,1,S,T] (True = attend)
+    seqlens_k: str  # ort: int32 [B]: columns in use after this step, minus one
+    total: str  # ort: int32 scalar T
+    bias: str  # ort: float [B,1,S,T] additive or "" (right padding only); standard: bool [B,1,S,C] (True = attend)
     q_col: str = ""  # standard: int64 [B,1,S,1] cache column of each query
-    k_col: str = ""  # standard: int64 [1,T] key columns
+    k_col: str = ""  # standard: int64 [1,C] key columns (the whole cache capacity C)
+    write_at: str = ""  # standard: int64 [B] first cache column this step writes, per row (TensorScatter)
     windowed: dict[int, str] | None = None  # standard: bias of sliding-window layers, by window (built on demand)
 
     def standard_bias(self, b: Builder, window: int | None) -> str:
@@ -146,9 +152,11 @@ def mask_values(b: Builder, opts: GraphOptions, names: TensorNames) -> MaskValue
     width = b.one("Squeeze", [b.one("Shape", [names.attention_mask], start=1, end=2)])
     col1 = b.one("Range", [one, b.one("Add", [width, one]), one])  # [M]: 1..M
     last = b.one("ReduceMax", [b.one("Mul", [names.attention_mask, col1]), b.ints([1])], keepdims=0)  # [B]
+    if opts.target == "standard":
+        return _cache_mask(b, names, last, width)
     total = b.one("ReduceMax", [last], keepdims=0)  # scalar T
     seqlens_k = b.one("Cast", [b.one("Sub", [last, one])], to=TensorProto.INT32)
-    if opts.target == "ort" and not opts.left_padding:  # GQA masks by seqlens_k: right-padded rows need nothing more
+    if not opts.left_padding:  # GQA masks by seqlens_k: right-padded rows need nothing more
         return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), "")
     zero = b.const("zero_i64", np.array(0, np.int64))
     new = b.one("Squeeze", [b.one("Shape", [names.input_ids], start=1, end=2)])
@@ -160,14 +168,32 @@ def mask_values(b: Builder, opts: GraphOptions, names: TensorNames) -> MaskValue
     start = b.one("Unsqueeze", [b.one("Sub", [last, new]), b.ints([1])])  # [B,1]
     q_col = b.one("Unsqueeze", [b.one("Add", [start, offsets]), b.ints([1, 3])])  # [B,1,S,1]
     k_col = b.one("Unsqueeze", [b.one("Range", [zero, total, one]), b.ints([0])])  # [1,T]
-    allowed = b.one("Or", [visible, b.one("Equal", [q_col, k_col])])  # [B,1,S,T]
-    if opts.target == "ort":  # GroupQueryAttention applies the causal part itself
-        neg = max(MASK_NEG, float(np.finfo(b.float_dtype).min))  # float16: -65504, not -inf
-        bias = b.one("Where", [allowed, b.fconst("zero_f", 0.0), b.fconst("mask_neg", neg)])
-    else:
-        bias = b.one("And", [allowed, b.one("LessOrEqual", [k_col, q_col])])
-        return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), bias, q_col, k_col)
+    allowed = b.one("Or", [visible, b.one("Equal", [q_col, k_col])])  # [B,1,S,T]; GQA applies the causal part
+    neg = max(MASK_NEG, float(np.finfo(b.float_dtype).min))  # float16: -65504, not -inf
+    bias = b.one("Where", [allowed, b.fconst("zero_f", 0.0), b.fconst("mask_neg", neg)])
     return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), bias)
+
+
+def _cache_mask(b: Builder, names: TensorNames, last: str, width: str) -> MaskValues:
+    """The standard target's mask over the whole cache capacity ``C`` (its past inputs' length): shapes follow
+    the inputs' shapes, never the mask's values. Key column ``t`` is visible to a query at column ``q`` when
+    ``t <= q`` and ``mask[b, t] = 1`` (or ``t = q``); columns at or past ``M`` (unwritten) are later than every
+    query, so causality hides them."""
+    zero, one = b.const("zero_i64", np.array(0, np.int64)), b.const("one_i64", np.array(1, np.int64))
+    capacity = b.one("Shape", [names.past(0, KINDS[0])], start=2, end=3)  # [1]: C
+    new = b.one("Squeeze", [b.one("Shape", [names.input_ids], start=1, end=2)])
+    write_at = b.one("Sub", [last, new])  # [B]: each row's new columns are [last-S, last)
+    pads = b.one("Concat", [b.ints([0, 0, 0]), b.one("Sub", [capacity, b.one("Unsqueeze", [width, b.ints([0])])])],
+                 axis=0)
+    visible = b.one("Cast", [b.one("Pad", [names.attention_mask, pads])], to=TensorProto.BOOL)  # [B,C]
+    visible = b.one("Unsqueeze", [visible, b.ints([1, 2])])  # [B,1,1,C]
+    offsets = b.one("Range", [zero, new, one])  # [S]
+    q_col = b.one("Unsqueeze", [b.one("Add", [b.one("Unsqueeze", [write_at, b.ints([1])]), offsets]),
+                                b.ints([1, 3])])  # [B,1,S,1]
+    k_col = b.one("Unsqueeze", [b.one("Range", [zero, b.one("Squeeze", [capacity]), one]), b.ints([0])])  # [1,C]
+    allowed = b.one("Or", [visible, b.one("Equal", [q_col, k_col])])
+    bias = b.one("And", [allowed, b.one("LessOrEqual", [k_col, q_col])])  # [B,1,S,C]
+    return MaskValues("", "", bias, q_col, k_col, write_at=write_at)
 
 
 def _qk_norm(b: Builder, x: str, weight: np.ndarray, heads: int, name: str, d: Dims) -> str:
@@ -218,21 +244,48 @@ def _attention_ort(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskVa
     return out[0]
 
 
+def _heads(b: Builder, x: str, heads: int, d: Dims) -> str:
+    """``[B,S,heads*D] -> [B,heads,S,D]``: TensorRT's parser takes Attention's inputs 4-D only."""
+    return b.one("Transpose", [b.one("Reshape", [x, b.ints([0, 0, heads, d.head_dim])])], perm=[0, 2, 1, 3])
+
+
 def _attention_standard(b: Builder, h: str, i: int, layer: torch.nn.Module, m: MaskValues, arch: Architecture,
                         la: LayerAttention, d: Dims, opts: GraphOptions, names: TensorNames) -> str:
+    """The cache is fixed-capacity: past ``[B,KVH,C,D]`` in, the new keys and values scattered at each row's
+    ``write_at`` (TensorScatter, axis -2) out as present, and Attention (no past inputs) reads all C columns."""
     q, k, v = _qkv(b, h, i, layer, arch, la, d, opts)
-    if la.cos:
+    q, k, v = _heads(b, q, d.heads, d), _heads(b, k, d.kv_heads, d), _heads(b, v, d.kv_heads, d)
+    if la.cos:  # 4-D input: heads come from the shape
         partial = {"rotary_embedding_dim": la.rotary_dim} if la.rotary_dim < d.head_dim else {}
-        q = b.one("RotaryEmbedding", [q, la.cos, la.sin, names.position_ids], num_heads=d.heads, **partial)
-        k = b.one("RotaryEmbedding", [k, la.cos, la.sin, names.position_ids], num_heads=d.kv_heads, **partial)
-    past = [names.past(i, kind) for kind in KINDS]
-    present = [names.present(i, kind) for kind in KINDS]
-    extra: dict[str, Any] = {"scale": la.scale} if abs(la.scale - d.head_dim ** -0.5) > 1e-12 else {}
+        q = b.one("RotaryEmbedding", [q, la.cos, la.sin, names.position_ids], **partial)
+        k = b.one("RotaryEmbedding", [k, la.cos, la.sin, names.position_ids], **partial)
+    keys, values = (b.one("TensorScatter", [names.past(i, kind), new, m.write_at], outs=[names.present(i, kind)],
+                          axis=-2) for kind, new in zip(KINDS, (k, v), strict=True))  # [B,KVH,C,D]
+    mask = m.standard_bias(b, la.window)
     if la.softcap:
-        extra["softcap"] = la.softcap
-    out = b.op("Attention", [q, k, v, m.standard_bias(b, la.window), *past], outs=[b.fresh("attn"), *present],
-               q_num_heads=d.heads, kv_num_heads=d.kv_heads, is_causal=0, **extra)
-    return out[0]
+        out = _softcapped_attention(b, q, keys, values, mask, la, d)
+    else:
+        extra: dict[str, Any] = {"scale": la.scale} if abs(la.scale - d.head_dim ** -0.5) > 1e-12 else {}
+        out = b.one("Attention", [q, keys, values, mask], is_causal=0, **extra)  # [B,H,S,D]
+    return b.one("Reshape", [b.one("Transpose", [out], perm=[0, 2, 1, 3]), b.ints([0, 0, d.heads * d.head_dim])])
+
+
+def _softcapped_attention(b: Builder, q: str, keys: str, values: str, mask: str, la: LayerAttention,
+                          d: Dims) -> str:
+    """Gemma 2's ``softmax(cap · tanh(q kᵀ scale / cap))`` in plain ops: TensorRT's parser refuses Attention's
+    softcap attribute. Each KV head is repeated for its ``H/KVH`` query heads."""
+    group = d.heads // d.kv_heads
+
+    def repeat(x: str) -> str:  # [B,KVH,C,D] -> [B,H,C,D]
+        wide = b.one("Expand", [b.one("Unsqueeze", [x, b.ints([2])]), b.ints([1, 1, group, 1, 1])])
+        return b.one("Reshape", [wide, b.ints([0, d.heads, -1, d.head_dim])])
+
+    scores = b.one("MatMul", [q, b.one("Transpose", [repeat(keys)], perm=[0, 1, 3, 2])])  # [B,H,S,C]
+    scores = _softcap(b, b.one("Mul", [scores, b.fconst(f"attn.scale_{la.scale}", la.scale)]), la.softcap,  # type: ignore[arg-type]
+                      f"attn_{la.softcap}")
+    neg = max(MASK_NEG, float(np.finfo(b.float_dtype).min))
+    scores = b.one("Where", [mask, scores, b.fconst("mask_neg", neg)])
+    return b.one("MatMul", [b.one("Softmax", [scores], axis=-1), repeat(values)])  # [B,H,S,D]
 
 
 def _pre_norm(b: Builder, delta: str | None, residual: str, layer: torch.nn.Module, norm: str | None,
@@ -321,9 +374,12 @@ def _qk_norms(layer: torch.nn.Module, arch: Architecture, la: LayerAttention) ->
     return replace(la, qk_norms=norms)
 
 
-def _io(d: Dims, names: TensorNames, float_type: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+def _io(d: Dims, names: TensorNames, opts: GraphOptions) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    float_type = opts.float_type
     kv_in = ["batch_size", d.kv_heads, "past_sequence_length", d.head_dim]
     kv_out = ["batch_size", d.kv_heads, "present_sequence_length", d.head_dim]
+    if opts.target == "standard":  # present is past with the new columns scattered in: one fixed capacity
+        kv_in = kv_out = ["batch_size", d.kv_heads, "cache_capacity", d.head_dim]
     inputs = [
         helper.make_tensor_value_info(names.input_ids, TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info(names.attention_mask, TensorProto.INT64, ["batch_size", "mask_length"]),
@@ -398,9 +454,9 @@ def _finish(b: Builder, logits: str, model: PreTrainedModel, d: Dims, opts: Grap
     if opts.float_type != TensorProto.FLOAT:  # logits in float32: what runtimes sample from and compare
         logits = b.one("Cast", [logits], to=TensorProto.FLOAT)
     b.nodes.append(helper.make_node("Identity", [logits], [names.logits], name="logits_out"))
-    inputs, outputs = _io(d, names, opts.float_type)
+    inputs, outputs = _io(d, names, opts)
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
-    opsets = [helper.make_opsetid("", opts.opset), helper.make_opsetid(MS, 1)]
+    opsets = [helper.make_opsetid("", opts.opset)] + ([helper.make_opsetid(MS, 1)] if opts.target == "ort" else [])
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="llm-toolkit")
     proto.ir_version = IR_VERSION
     return proto

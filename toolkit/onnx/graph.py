@@ -8,7 +8,9 @@ layer's present key and value.
 Two targets:
 - ``ort``: onnxruntime contrib ops (GroupQueryAttention with fused rotary, MatMulNBits carrying our exact codes,
   GatherBlockQuantized for a tied quantized embedding, (Skip)SimplifiedLayerNormalization).
-- ``standard``: ONNX opset >= 23 only (Attention, RotaryEmbedding, RMSNormalization, blocked DequantizeLinear).
+- ``standard``: ONNX opset 24 ops that TensorRT's ONNX parser reads (``toolkit.onnx.tensorrt``): Attention without
+  past inputs, TensorScatter for the cache, RotaryEmbedding, RMSNormalization, blocked int4 / int8
+  DequantizeLinear of signed codes without zero points (symmetric weights only).
 """
 
 from __future__ import annotations
@@ -196,18 +198,29 @@ def _nbits_scales(b: Builder, w: LinearWeight, name: str) -> str:
     return b.memo[key]
 
 
+def _symmetric_codes(w: LinearWeight, name: str) -> torch.Tensor:
+    """The codes ``[N, K]`` of a symmetric weight (every zero point ``2^(bits-1)``): the standard target stores
+    ``q - 2^(bits-1)`` and no zero point, the only DequantizeLinear TensorRT's ONNX parser accepts."""
+    if bool((w.zeros != 2 ** (w.bits - 1)).any()):  # type: ignore[operator]
+        raise ToolkitError(f"{name}: the standard ONNX target holds symmetric codes only (TensorRT's parser takes "
+                           "DequantizeLinear without zero points) and this weight has its own zero points: quantize "
+                           "with symmetric: true, or export with target: ort")
+    return w.codes  # type: ignore[return-value]
+
+
+def _signed_codes(b: Builder, name: str, codes: torch.Tensor, bits: int) -> str:
+    """Symmetric codes ``[R, C]`` as an ``int4`` (<= 4 bits) or ``int8`` initializer of ``q - 2^(bits-1)``."""
+    raw = DequantizeLinear.signed_raw(codes, bits)
+    if bits == 8:
+        return b.const(name, raw.numpy())
+    return b.raw(name, TensorProto.INT4, tuple(codes.shape), raw.numpy().tobytes())
+
+
 def _dequantize_t(b: Builder, w: LinearWeight, name: str) -> str:
     """Blocked DequantizeLinear of ``Wᵀ [K, N]`` along axis 0 (the DQ->MatMul pattern onnxruntime fuses)."""
-    t = DequantizeLinear.pack(w.codes, torch.from_numpy(w.scales), torch.from_numpy(w.zeros), w.spec)  # type: ignore[arg-type]
-    groups = w.k // w.group
-    if w.bits == 8:
-        q = b.const(f"{name}.qweight_t", t["qweight_t"].numpy())
-        z = b.const(f"{name}.zero_points_t", t["zero_points_t"].numpy())
-    else:
-        q = b.raw(f"{name}.qweight_t", TensorProto.UINT4, (w.k, w.n), t["qweight_t"].numpy().tobytes())
-        z = b.raw(f"{name}.zero_points_t", TensorProto.UINT4, (groups, w.n), t["zero_points_t"].numpy().tobytes())
-    s = b.fconst(f"{name}.scales_t", t["scales_t"].numpy())
-    return b.one("DequantizeLinear", [q, s, z], axis=0, block_size=w.group)
+    q = _signed_codes(b, f"{name}.qweight_t", _symmetric_codes(w, name).t(), w.bits)
+    s = b.fconst(f"{name}.scales_t", w.scales.T)  # type: ignore[union-attr]
+    return b.one("DequantizeLinear", [q, s], axis=0, block_size=w.group)
 
 
 # ---------------------------------------------------------------- embedding / head
@@ -221,7 +234,7 @@ def embed(b: Builder, ids: str, model: PreTrainedModel, head: str, opts: GraphOp
     if not w.quantized:
         return b.one("Gather", [_float_rows(b, w, head), ids])
     if opts.target != "ort":
-        return _gather_dequantize(b, ids, w, head)
+        return b.one("Gather", [_dequantized_table(b, w, head), ids])
     if w.bits == 8 and opts.split_int8:  # the head is stored as two 4-bit planes: gather both and add (exact)
         hi, lo = nibble_planes(w)
         return b.one("Add", [_gather_block_quantized(b, ids, hi, f"{head}.hi"),
@@ -269,23 +282,20 @@ def _gather_block_quantized(b: Builder, ids: str, w: LinearWeight, head: str, ze
     return b.one("Reshape", [rows, b.ints([0, 0, w.k])])
 
 
-def _row_tables(b: Builder, w: LinearWeight, head: str) -> tuple[str, str, str]:
-    """Codes ``[V, H]``, scales and zero points ``[V, G]`` in row order, shared by embedding and head (standard)."""
-    return (b.const(f"{head}.codes_rows", w.codes.numpy()),  # type: ignore[union-attr]
-            b.fconst(f"{head}.scales_rows", w.scales),  # type: ignore[union-attr,arg-type]
-            b.const(f"{head}.zeros_rows", w.zeros))  # type: ignore[arg-type]
-
-
-def _gather_dequantize(b: Builder, ids: str, w: LinearWeight, head: str) -> str:
-    """Standard ops: gather code rows, scales and zeros by id, then a blocked DequantizeLinear along the last axis."""
-    rows, scales, zeros = (b.one("Gather", [t, ids]) for t in _row_tables(b, w, head))
-    return b.one("DequantizeLinear", [rows, scales, zeros], axis=-1, block_size=w.group)
+def _dequantized_table(b: Builder, w: LinearWeight, head: str) -> str:
+    """A tied quantized table ``W [V, H]`` dequantized once from row-major codes (standard): the embedding
+    gathers its rows and the head multiplies by its transpose (TensorRT's Gather takes no int8 or int4 data)."""
+    key = f"{head}.dequantized"
+    if key not in b.memo:
+        q = _signed_codes(b, f"{head}.codes_rows", _symmetric_codes(w, head), w.bits)
+        s = b.fconst(f"{head}.scales_rows", w.scales)  # type: ignore[arg-type]
+        b.memo[key] = b.one("DequantizeLinear", [q, s], axis=1, block_size=w.group)
+    return b.memo[key]
 
 
 def head_linear(b: Builder, x: str, model: PreTrainedModel, head: str, opts: GraphOptions) -> str:
     w = linear_weight(model.get_submodule(head))
     if opts.target == "standard" and w.quantized and reads_head(model, head):
-        # the row-major codes gathered by the embedding serve the head too: dequantize [V, H] and multiply by its ᵀ
-        full = b.one("DequantizeLinear", list(_row_tables(b, w, head)), axis=1, block_size=w.group)
-        return b.one("MatMul", [x, b.one("Transpose", [full], perm=[1, 0])])
+        # the table the embedding gathers from serves the head too: multiply by its ᵀ
+        return b.one("MatMul", [x, b.one("Transpose", [_dequantized_table(b, w, head)], perm=[1, 0])])
     return linear(b, x, w, head, opts)

@@ -167,7 +167,7 @@ def _check_chain(steps: tuple[Step, ...], origin: str) -> None:
     for i, step in enumerate(steps[:-1]):
         if isinstance(step.config, QuantPassConfig):
             try:
-                holds(step.config.scheme)
+                holds(step.config.scheme, steps[-1].config)
             except ToolkitError as exc:
                 raise ToolkitError(f"{origin}: passes[{i}].{step.name} then {steps[-1].name}: {exc}") from None
 

@@ -247,6 +247,15 @@ class DequantizeLinear(PackedFormat):
                 "zero_points_t": cls._raw(zeros.t(), spec.bits)}
 
     @classmethod
+    def signed_raw(cls, codes: torch.Tensor, bits: int) -> torch.Tensor:
+        """Symmetric codes ``[R, C]`` (zero point ``2^(bits-1)``) as ``v = q - 2^(bits-1)``: the raw data of an
+        ``int4`` tensor up to 4 bits (two's complement nibbles in the uint4 layout above), an ``int8`` tensor at 8.
+        A DequantizeLinear of these takes no zero point, the only kind TensorRT's ONNX parser accepts."""
+        cls.check_bits(bits)
+        v = codes.to(torch.int16) - 2 ** (bits - 1)
+        return v.to(torch.int8).contiguous() if bits == 8 else cls._raw((v & 0xF).to(torch.uint8), 4)
+
+    @classmethod
     def unpack(cls, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> Codes:
         out_f, in_f = shape
         scales_t = tensors["scales_t"]
