@@ -177,8 +177,8 @@ async def one_request(client: Any, server: Server, prompt: str, max_tokens: int)
             chunks.append(time.perf_counter() - start)
         if chunk.usage is not None:
             usage = chunk.usage
-    if not chunks:
-        raise RuntimeError(f"{server.name} streamed no text for a request")
+    if not chunks:  # e.g. a random tiny model's bytes that never complete a UTF-8 character, which servers hold
+        raise RuntimeError(f"{server.name} streamed no text for a request (usage: {usage}); benchmark a real model")
     output = usage.completion_tokens if usage is not None else len(chunks)
     prompt_tokens = usage.prompt_tokens if usage is not None else 0
     return Timing(chunks[0], time.perf_counter() - start, chunks, output, prompt_tokens)
