@@ -185,7 +185,8 @@ def vllm_dtype(folder: Path) -> str:
 
 
 def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], new_tokens: int) -> dict[str, Any]:
-    longest = max(len(x) for x in [*windows, *(p + [0] * new_tokens for p in prompts)])
+    # a scored window asks for one token after it: vLLM refuses prompt + output past max_model_len
+    longest = max(len(x) for x in [*(w + [0] for w in windows), *(p + [0] * new_tokens for p in prompts)])
     return {"folder": str(folder), "dtype": vllm_dtype(folder), "prompts": prompts, "new_tokens": new_tokens,
             "top_logprobs": VLLM_TOP, "windows": windows, "max_model_len": longest}
 
