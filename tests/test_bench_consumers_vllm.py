@@ -60,3 +60,10 @@ def test_chat_prompts_are_the_probe_questions_in_the_template() -> None:
     prompts = bench.chat_prompts(tok)
     assert len(prompts) == bench.VLLM_PROMPTS
     assert tok.decode(prompts[0]) == f"<|user|>{bench.QUESTION}\n<|assistant|>"
+
+
+def test_max_model_len_holds_a_window_and_the_token_after_it(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"format": "pack-quantized"}}))
+    job = bench.vllm_job(tmp_path, [[1, 2, 3]], [list(range(512))], new_tokens=32)
+    assert job["max_model_len"] == 513 and job["dtype"] == "bfloat16"
+    assert bench.vllm_job(tmp_path, [[1] * 40], [], new_tokens=32)["max_model_len"] == 72
