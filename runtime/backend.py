@@ -127,6 +127,9 @@ class OrtBackend:
         folder = Path(folder)
         options = options or BackendOptions()
         self.contract, proto, model_path = open_export(folder)
+        level = self.contract.accuracy_level if options.accuracy_level is None else options.accuracy_level
+        # MatMulNBits at level 4 quantizes activations to int8 and rounds differently for one row than for several
+        self.int8_activations = self.contract.weights != "float32" and level == 4
         self.can_share_buffer = self.contract.share_buffer and uses_shared_buffer(proto)
         self.whole_cache = takes_whole_cache(proto)  # past is the whole [B, KVH, CAP, D] row, not the used columns
         self.session = _session(folder, model_path, proto, self.contract, options)

@@ -23,6 +23,7 @@ from toolkit.runtime.generation import (
 )
 from toolkit.runtime.kv_cache import BlockPool
 from toolkit.runtime.scheduler import Handle, Scheduler
+from toolkit.runtime.speculative import DraftModel, PromptLookup, SpecStats
 from toolkit.runtime.tokenizer import Tokenizer
 
 Prompt = str | list[dict[str, str]]  # text, or chat messages [{"role": ..., "content": ...}]
@@ -30,8 +31,9 @@ Prompt = str | list[dict[str, str]]  # text, or chat messages [{"role": ..., "co
 
 class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, max_batch: int = 8, block_size: int = 16,
-                 step_tokens: int = 256) -> None:
-        """step_tokens: prompt tokens prefilled per step (bounds how long running rows wait for a new prompt)."""
+                 step_tokens: int = 256, draft: Backend | None = None) -> None:
+        """step_tokens: prompt tokens prefilled per step (bounds how long running rows wait for a new prompt);
+        draft: another export's backend (same tokenizer) that proposes tokens for speculative decoding."""
         if max_batch < 1 or block_size < 1:
             raise ToolkitError(f"max_batch and block_size must be >= 1 (got {max_batch}, {block_size})")
         self.backend, self.tokenizer = backend, tokenizer
@@ -40,6 +42,11 @@ class Engine:
         self.scheduler = Scheduler(backend, max_batch, block_size, step_tokens)
         self._lock = threading.Lock()
         self._local = threading.local()
+        if draft is not None and draft.contract.vocab_size != self.contract.vocab_size:
+            raise ToolkitError(f"the draft's vocabulary has {draft.contract.vocab_size} entries, the target's "
+                               f"{self.contract.vocab_size}: a draft must come from the target's model family")
+        self.draft = DraftModel(draft) if draft is not None else None
+        self.prompt_lookup = PromptLookup()
 
     @property
     def pool(self) -> BlockPool:
@@ -49,6 +56,11 @@ class Engine:
     def last_timings(self) -> Timings | None:
         """Timings of the calling thread's last finished ``generate`` or ``stream``."""
         return getattr(self._local, "timings", None)
+
+    @property
+    def last_speculation(self) -> SpecStats | None:
+        """Speculation counters of the calling thread's last finished ``generate`` or ``stream``."""
+        return getattr(self._local, "speculation", None)
 
     # --- prompts ---------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -66,7 +78,11 @@ class Engine:
         ids = ids or self.encode(prompt)  # type: ignore[arg-type]
         stop_ids = config.stop_token_ids if config.stop_token_ids is not None else self.contract.eos_token_ids
         detok = Detokenizer(self.tokenizer, config.stop_strings) if with_text or config.stop_strings else None
-        return SequenceState(ids, config, tuple(stop_ids), detok, self.contract.vocab_size)
+        seq = SequenceState(ids, config, tuple(stop_ids), detok, self.contract.vocab_size)
+        proposer = self.prompt_lookup if config.prompt_lookup else self.draft
+        if proposer is not None and config.num_draft_tokens > 0:
+            seq.speculate(proposer)
+        return seq
 
     # --- the scheduler, under the lock -----------------------------------------------------------
     def submit(self, prompt: Prompt | list[int], config: GenerationConfig | None = None,
@@ -104,20 +120,20 @@ class Engine:
     def result(self, handle: Handle) -> GenerationResult:
         seq = handle.seq
         text = seq.detok.text if seq.detok else str(self.tokenizer.decode(seq.generated, skip_special_tokens=True))
-        return GenerationResult(text, list(seq.generated), seq.finish_reason, seq.timings)
+        return GenerationResult(text, list(seq.generated), seq.finish_reason, seq.timings, seq.spec_stats)
 
     # --- the public API --------------------------------------------------------------------------
     def generate(self, prompt: Prompt | list[int], config: GenerationConfig | None = None) -> GenerationResult:
         handle = self.submit(prompt, config, with_text=False)
         for _ in self.follow(handle):
             pass
-        self._local.timings = handle.timings
+        self._local.timings, self._local.speculation = handle.timings, handle.seq.spec_stats
         return self.result(handle)
 
     def stream(self, prompt: Prompt | list[int], config: GenerationConfig | None = None) -> Iterator[StreamChunk]:
         handle = self.submit(prompt, config)
         yield from self.follow(handle)
-        self._local.timings = handle.timings
+        self._local.timings, self._local.speculation = handle.timings, handle.seq.spec_stats
 
     def generate_batch(self, prompts: Sequence[Prompt | list[int]],
                        config: GenerationConfig | None = None) -> list[GenerationResult]:

@@ -12,6 +12,7 @@ import numpy as np
 
 from toolkit.errors import ToolkitError
 from toolkit.runtime import sampling
+from toolkit.runtime.speculative import DraftLength, Proposer, SpecStats
 from toolkit.runtime.tokenizer import Tokenizer
 from toolkit.schema import check_numbers
 
@@ -31,6 +32,10 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's eos ids
     stop_strings: tuple[str, ...] = ()
     logprobs: int | None = None  # record the chosen token's log-probability and this many top alternatives
+    # speculative decoding: the longest draft (0: none); drafts come from the engine's draft export, or with
+    # prompt_lookup from n-gram matches in the prompt and the generated text
+    num_draft_tokens: int = 4
+    prompt_lookup: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -43,6 +48,8 @@ class GenerationConfig:
             raise ToolkitError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0 or self.repetition_penalty <= 0:
             raise ToolkitError("top_k must be >= 0 and repetition_penalty > 0 (1.0 disables it)")
+        if self.num_draft_tokens < 0 or (self.prompt_lookup and self.num_draft_tokens == 0):
+            raise ToolkitError(f"num_draft_tokens must be >= 0, and >= 1 with prompt_lookup (got {self.num_draft_tokens})")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ToolkitError(f"logprobs must be in [0, {MAX_LOGPROBS}] (got {self.logprobs})")
         if any(not s for s in self.stop_strings):
@@ -78,6 +85,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "length" | "stop_token" | "stop_string" | "cancelled"
     timings: Timings
+    speculation: SpecStats | None = None  # None: the sequence did not speculate
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,12 @@ class SequenceState:
             self.seen[prompt_ids] = True
         self.timings = Timings(prompt_tokens=len(prompt_ids))
         self.start = time.perf_counter()
+        self.proposer: Proposer | None = None  # set by the engine when the sequence speculates
+        self.draft_length = DraftLength(config.num_draft_tokens, config.num_draft_tokens)
+        self.spec_stats: SpecStats | None = None
+
+    def speculate(self, proposer: Proposer) -> None:
+        self.proposer, self.spec_stats = proposer, SpecStats()
 
     @property
     def budget(self) -> int:
@@ -181,15 +195,36 @@ class SequenceState:
         return self.length >= len(self.prompt_ids)
 
     def choose(self, logits: np.ndarray) -> int:
-        c = self.config
-        if len(self.generated) < c.min_new_tokens and self.stop_ids:
+        seen = np.flatnonzero(self.seen) if self.seen is not None else None
+        masked = self.masked(logits)
+        token = sampling.choose(masked, self.config, self.rng, seen).token
+        self.record_logprobs(masked, token)
+        return token
+
+    def record_logprobs(self, masked: np.ndarray, token: int) -> None:
+        """One entry per choice when config.logprobs is set; ``masked``: the logits with stop ids masked."""
+        if self.config.logprobs is not None:
+            self.logprobs.append(token_logprobs(masked, token, self.config.logprobs))
+
+    def scores(self, logits: np.ndarray, drafted: list[int]) -> np.ndarray:
+        """The logits ``choose`` sees once ``drafted`` tokens have been accepted: stop ids masked while fewer than
+        min_new_tokens exist, repetition penalty over the prompt, the generated and the drafted tokens."""
+        logits = self.masked(logits, len(drafted))
+        if self.seen is None:
+            return logits
+        seen = np.union1d(np.flatnonzero(self.seen), drafted) if drafted else np.flatnonzero(self.seen)
+        return sampling.repetition_penalty(logits, seen, self.config.repetition_penalty)
+
+    def masked(self, logits: np.ndarray, drafted: int = 0) -> np.ndarray:
+        """Stop ids masked while fewer than min_new_tokens exist once ``drafted`` more tokens are accepted."""
+        if len(self.generated) + drafted < self.config.min_new_tokens and self.stop_ids:
             logits = logits.copy()
             logits[list(self.stop_ids)] = -np.inf
-        seen = np.flatnonzero(self.seen) if self.seen is not None else None
-        token = sampling.choose(logits, c, self.rng, seen).token
-        if c.logprobs is not None:
-            self.logprobs.append(token_logprobs(logits, token, c.logprobs))
-        return token
+        return logits
+
+    def processed(self, logits: np.ndarray, drafted: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution ``choose`` draws from once ``drafted`` tokens have been accepted (ids, probs)."""
+        return sampling.distribution(self.scores(logits, drafted), self.config)
 
     def accept(self, token: int) -> str:
         """Record ``token``; sets finish_reason when a stop rule fires. Returns newly final text."""

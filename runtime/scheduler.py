@@ -2,7 +2,9 @@
 
 Each ``step`` (continuous batching with chunked prefill, as in Sarathi-Serve and vLLM):
 1. admit waiting sequences into free cache rows (first come, first served);
-2. decode one token for every running row in one batched call (decodes first: running rows never wait for a prompt);
+2. advance every running row: rows that speculate score their draft (one call per row, speculative.py decides what
+   is kept), the others, and any whose draft came back empty, decode one token in one batched call (decodes
+   first: running rows never wait for a prompt);
 3. prefill one chunk of at most ``step_tokens`` prompt tokens of the oldest admitted sequence. Its chunks start
    at multiples of ``step_tokens``, so a prompt is cut the same way whatever else runs.
 
@@ -24,6 +26,16 @@ from toolkit.errors import ToolkitError
 from toolkit.runtime.backend import Backend
 from toolkit.runtime.generation import SequenceState, StreamChunk, Timings
 from toolkit.runtime.kv_cache import BlockPool, blocks_for
+from toolkit.runtime.speculative import Draft, accept_or_resample, dense, top2_margin
+
+# Greedy verification keeps a target choice only where its top-2 logit gap exceeds this; a closer call is left to
+# the one-token decode. A k-token score and a one-token decode of SmolLM2 float32 differ by at most 7.2e-5 in any
+# logit (180 positions measured; SmolLM2 int4 at accuracy_level 0: 9.7e-5): a gap over twice the difference cannot
+# flip the argmax. int8-activation graphs (MatMulNBits accuracy_level 4) round differently per call shape (up to
+# 1.8 measured, 3 flipped argmaxes in 180 positions): VERIFY_MARGIN_INT8 leaves most positions to the decode, so
+# an int4 target that speculates is best loaded with accuracy_level=0.
+VERIFY_MARGIN = 1e-3
+VERIFY_MARGIN_INT8 = 4.0
 
 
 class Handle:
@@ -53,6 +65,8 @@ class Scheduler:
         self.prefilling: list[Handle] = []  # admitted, prompt not fully written; oldest first
         self.running: list[Handle] = []  # prompt written, decoding
         self.rows: dict[int, Handle] = {}  # cache row -> the sequence holding it
+        int8 = getattr(backend, "int8_activations", backend.contract.accuracy_level == 4)
+        self.verify_margin = VERIFY_MARGIN_INT8 if int8 else VERIFY_MARGIN
 
     # --- requests --------------------------------------------------------------------------------
     def check(self, seq: SequenceState) -> None:
@@ -88,7 +102,7 @@ class Scheduler:
     def step(self) -> None:
         self._admit()
         if self.running:
-            self.decode_one_token()
+            self.decode()
         if self.prefilling:
             self.prefill(self.prefilling[0])
 
@@ -123,6 +137,8 @@ class Scheduler:
 
     def _release(self, handle: Handle) -> None:
         seq = handle.seq
+        if seq.proposer is not None:
+            seq.proposer.release(seq)
         self.pool.release(seq.slot)
         del self.rows[seq.slot]
         (self.prefilling if handle in self.prefilling else self.running).remove(handle)
@@ -151,23 +167,103 @@ class Scheduler:
             self.running.append(handle)
             self._emit(handle, token)
 
-    def decode_one_token(self) -> None:
-        """Advance every running sequence by one token in one batched call over rows 0..highest in use."""
+    def decode(self) -> None:
+        """Advance every running sequence: speculating rows by their accepted draft, the rest by one token."""
+        if all(h.seq.proposer is None for h in self.running):
+            self.decode_one_token()
+            return
+        busy = len(self.running)
+        plain = []
+        for handle in list(self.running):
+            seq = handle.seq
+            remaining = seq.config.max_new_tokens - len(seq.generated)  # the draft and its bonus fit the budget
+            k = min(seq.draft_length.allowed(busy), remaining - 1) if seq.proposer is not None else 0
+            if k <= 0 or not self.speculate(handle, k):
+                plain.append(handle)
+        if plain:
+            self.decode_one_token(plain)
+
+    def speculate(self, handle: Handle, k: int) -> bool:
+        """Score up to k drafted tokens after the row's pending one and emit what the target keeps; False when the
+        row still needs a one-token decode this step (no draft, or a position too close to call)."""
+        seq = handle.seq
+        stats, proposer = seq.spec_stats, seq.proposer
+        assert stats is not None and proposer is not None
+        t0 = time.perf_counter()
+        draft = proposer.propose(seq, k)
+        stats.draft_s += time.perf_counter() - t0
+        if not draft.tokens:
+            return False
+        tokens = np.array([[seq.generated[-1], *draft.tokens]], np.int64)  # [1, k+1]: pending token, then drafts
+        logits = self.backend.score(np.array([seq.slot]), tokens, np.array([seq.length]))[0]  # [k+1, V]
+        kept, chose = self._verify(seq, draft, logits)
+        accepted = len(kept) - chose
+        proposer.advance(seq, len(draft.tokens), accepted)
+        seq.draft_length.update(len(draft.tokens), accepted)
+        stats.record(len(draft.tokens), accepted)
+        stats.target_calls += 1
+        if not kept:
+            return False
+        # columns written: the pending token and the accepted drafts; a target choice after them becomes pending.
+        # Without one (a deferred position) the last accepted draft is pending and the decode re-feeds it.
+        seq.length += accepted + chose
+        stats.emitted_tokens += len(kept)
+        dt = (time.perf_counter() - t0) / len(kept)
+        for i, token in enumerate(kept):
+            seq.timings.token_latencies_s.append(dt)
+            seq.record_logprobs(seq.masked(logits[i]), token)
+            self._emit(handle, token)
+            if handle.done:  # a stop rule mid-draft: the rest is dropped
+                return True
+        return chose
+
+    def _verify(self, seq: SequenceState, draft: Draft, logits: np.ndarray) -> tuple[list[int], bool]:
+        """The tokens the target keeps: accepted drafts, then its own choice at the first rejection (or the bonus
+        after all k), and whether that choice is there: greedy stops short, before any choice, at a position whose
+        top-2 gap is too close to call."""
+        kept: list[int] = []
+        vocab, k = logits.shape[-1], len(draft.tokens)
+        r = seq.config.repetition_penalty
+        for i in range(k + 1):
+            if not seq.config.do_sample:
+                scores = seq.scores(logits[i], draft.tokens[:i])
+                if top2_margin(scores) < self.verify_margin * max(r, 1 / r):  # the penalty scales differences
+                    return kept, False
+                token = int(scores.argmax())
+            else:
+                ids, probs = seq.processed(logits[i], draft.tokens[:i])
+                if i == k:  # all k kept: the bonus token
+                    token = int(ids[seq.rng.choice(len(ids), p=probs)])
+                else:
+                    q = None if draft.q is None else dense(*draft.q[i], vocab)
+                    _, token = accept_or_resample(dense(ids, probs, vocab), q, draft.tokens[i], seq.rng)
+            kept.append(token)
+            if i == k or token != draft.tokens[i]:
+                return kept, True
+        raise AssertionError("unreachable: the last position always chooses")
+
+    def decode_one_token(self, handles: list[Handle] | None = None) -> None:
+        """Advance ``handles`` (default: every running sequence) by one token in one batched call over rows
+        0..highest in use."""
+        handles = self.running if handles is None else handles
         n = self.pool.highest_in_use() + 1
         # A row that is not decoding computes a throwaway token at its next free column (0 for a free row; for a
         # row mid-prefill, the column its next chunk overwrites), so no written column is touched.
         tokens, lengths = np.zeros(n, np.int64), np.zeros(n, np.int64)
         for slot, handle in self.rows.items():
             lengths[slot] = handle.seq.length
-        for handle in self.running:
+        for handle in handles:
             tokens[handle.seq.slot] = handle.seq.generated[-1]
         t0 = time.perf_counter()
         logits = self.backend.decode(tokens, lengths)  # [n, V], valid until the next call
         chosen = []
-        for handle in self.running:
+        for handle in handles:
             handle.seq.length += 1
             chosen.append((handle, handle.seq.choose(logits[handle.seq.slot])))
         dt = time.perf_counter() - t0
         for handle, token in chosen:
             handle.seq.timings.token_latencies_s.append(dt)
+            if handle.seq.spec_stats is not None:
+                handle.seq.spec_stats.target_calls += 1
+                handle.seq.spec_stats.emitted_tokens += 1
             self._emit(handle, token)

@@ -160,7 +160,8 @@ def _generation_config(args: argparse.Namespace) -> Any:
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        stop_strings=tuple(args.stop),
+        stop_strings=tuple(args.stop), prompt_lookup=args.prompt_lookup,
+        num_draft_tokens=args.num_draft_tokens if args.draft or args.prompt_lookup else 0,
     )
 
 
@@ -168,7 +169,10 @@ def _stream_onnx(folder: Path, args: argparse.Namespace, config: Any) -> int:
     """Stream the answer to stdout and the timings to stderr."""
     from toolkit.runtime import load
 
-    engine = load(folder, threads=args.threads, spin=args.spin)
+    draft = _onnx_folder(args.draft) if args.draft else None
+    if args.draft and draft is None:
+        raise ToolkitError(f"--draft {args.draft} is not an ONNX export (no model.onnx): give an export folder")
+    engine = load(folder, threads=args.threads, spin=args.spin, draft=draft)
     system = [{"role": "system", "content": args.system}] if args.system else []
     prompt = args.prompt if args.no_chat else [*system, {"role": "user", "content": args.prompt}]
     tokens = 0
@@ -182,12 +186,21 @@ def _stream_onnx(folder: Path, args: argparse.Namespace, config: Any) -> int:
     if seq is not None:
         print(f"[{seq.prompt_tokens} prompt tokens, {tokens} generated; first token {seq.ttft_s * 1000:.0f} ms, "
               f"decode {seq.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    spec = engine.last_speculation
+    if spec is not None:
+        print(f"[speculative: {spec.num_accepted_tokens}/{spec.num_draft_tokens} drafted tokens accepted in "
+              f"{spec.num_drafts} drafts, {spec.tokens_per_target_call:.2f} tokens per target call]", file=sys.stderr)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     config = _generation_config(args)  # refuses max_new_tokens <= 0 and other bad settings before any work
     onnx_folder = _onnx_folder(args.artifact)
+    if (args.draft or args.prompt_lookup) and onnx_folder is None:
+        raise ToolkitError(f"--draft and --prompt-lookup speculate in the ONNX runtime, and {args.artifact} is not an "
+                           "ONNX export: give an export folder")
+    if args.draft and args.prompt_lookup:
+        raise ToolkitError("--draft and --prompt-lookup are two draft sources: choose one")
     if onnx_folder is not None:
         return _stream_onnx(onnx_folder, args, config)
     with compiler_side("generate", f" for {args.artifact} (it holds no model.onnx, so it is not an ONNX export)"):
@@ -274,6 +287,12 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--draft", default=None, help="speculative decoding: an export with the same tokenizer "
+                        "drafts tokens that this one verifies (the output is unchanged)")
+    parser.add_argument("--prompt-lookup", action="store_true",
+                        help="speculative decoding with drafts copied from n-gram matches in the prompt and output")
+    parser.add_argument("--num-draft-tokens", type=int, default=d.num_draft_tokens,
+                        help="the longest draft (with --draft or --prompt-lookup)")
     parser.add_argument("--threads", type=int, default=None, help="ORT threads (default: physical cores)")
     parser.add_argument("--no-spin", dest="spin", action="store_false",
                         help="keep ORT threads from spinning (for machines where other processes need the cores)")

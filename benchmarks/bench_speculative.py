@@ -1,0 +1,134 @@
+"""Speculative decoding vs plain decode: each configuration in a fresh process, rounds interleaved.
+
+Configurations (greedy, the same new tokens for every prompt; speculation does not change them):
+- ``target``: plain decode of the target export (e.g. SmolLM2 float32);
+- ``draft``: the target verifying drafts of ``--draft`` (e.g. the AWQ+GPTQ int4 export);
+- ``int4`` / ``lookup``: plain decode of ``--int4`` and prompt lookup on it, on the copy-heavy and the no-copy
+  prompt sets (speculative_prompts.py, from pydoc_data.topics);
+- ``genai`` / ``genai-lookup``: onnxruntime-genai's og.Generator on ``--genai`` (a folder with genai_config.json)
+  on the copy-heavy prompts, plain and with its n-gram speculation. Its Python API (0.18) offers
+  GeneratorParams.set_speculative_options(max_draft_tokens, ngram_size, ngram_chained_lookup, min_adaptive_k,
+  cooldown) and Generator.get_speculative_stats() (acceptance_rate, target_forward_passes, ...); a draft *model*
+  is not among those options (an MtpGenerator covers multi-token-prediction heads), so no genai draft-model run.
+
+Reports per configuration the median decode tokens/s, per-round ratios to its baseline, acceptance rate, tokens
+per target call and the draft's share of the decode time.
+
+    .venv/bin/python benchmarks/bench_speculative.py --target runs/smollm2-fp32-onnx/export \
+        --draft runs/smollm2-int4-awq-gptq-onnx/export --int4 runs/smollm2-int4-gptq-head4-onnx/export --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speculative_prompts import COPY, NO_COPY  # noqa: E402
+
+BASELINES = {"draft": "target", "lookup-copy": "int4-copy", "lookup-nocopy": "int4-nocopy", "genai-lookup": "genai"}
+
+
+def run_one(name: str, a: argparse.Namespace) -> dict[str, float]:
+    """One configuration in this process: decode tokens/s over its prompt set and the speculation counters."""
+    from toolkit.runtime import GenerationConfig, load
+
+    folder = a.target if name in ("target", "draft") else a.int4
+    level = a.accuracy_level if folder == a.int4 else None
+    engine = load(folder, threads=a.threads, max_batch=1, draft=a.draft if name == "draft" else None,
+                  accuracy_level=level)
+    prompts = NO_COPY if name.endswith("nocopy") else COPY
+    config = GenerationConfig(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
+                              num_draft_tokens=a.k if name.startswith(("draft", "lookup")) else 0,
+                              prompt_lookup=name.startswith("lookup"))
+    engine.generate(prompts[0], GenerationConfig(max_new_tokens=8, num_draft_tokens=0))  # warm-up
+    tokens = seconds = drafted = accepted = calls = emitted = draft_s = 0.0
+    for prompt in prompts:
+        r = engine.generate([{"role": "user", "content": prompt}], config)
+        tokens, seconds = tokens + len(r.timings.token_latencies_s), seconds + r.timings.decode_s
+        s = r.speculation
+        if s is not None:
+            drafted, accepted, draft_s = drafted + s.num_draft_tokens, accepted + s.num_accepted_tokens, draft_s + s.draft_s
+            calls, emitted = calls + s.target_calls, emitted + s.emitted_tokens
+    return {"tok_s": tokens / seconds, "acceptance": accepted / drafted if drafted else 0.0,
+            "tokens_per_call": emitted / calls if calls else 1.0, "draft_share": draft_s / seconds}
+
+
+def run_genai(a: argparse.Namespace, speculate: bool) -> dict[str, float]:
+    import time
+
+    import onnxruntime_genai as og
+
+    from toolkit.runtime import Tokenizer
+
+    model = og.Model(str(a.genai))
+    tok = Tokenizer.from_folder(a.genai)  # the same chat-templated ids as our runs
+    tokens, seconds, accepted, proposed = 0, 0.0, 0.0, 0.0
+    for prompt in COPY:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=4096, min_length=0)
+        if speculate:
+            params.set_speculative_options(ngram_size=3, max_draft_tokens=a.k)
+        gen = og.Generator(model, params)
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        gen.append_tokens(tok.encode(text, add_special_tokens=False))
+        gen.generate_next_token()
+        t0 = time.perf_counter()
+        for _ in range(a.new_tokens - 1):
+            gen.generate_next_token()
+        seconds += time.perf_counter() - t0
+        tokens += a.new_tokens - 1
+        if speculate:
+            stats = gen.get_speculative_stats()
+            accepted += stats["draft_tokens_accepted"]
+            proposed += stats["draft_tokens_evaluated"]
+    return {"tok_s": tokens / seconds, "acceptance": accepted / proposed if proposed else 0.0,
+            "tokens_per_call": 1.0, "draft_share": 0.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", type=Path, required=True, help="the verified export (e.g. float32)")
+    p.add_argument("--draft", type=Path, help="the drafting export (same tokenizer)")
+    p.add_argument("--int4", type=Path, help="an int4 export for prompt lookup vs its plain decode")
+    p.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits level for the --int4 runs (0: "
+                   "float activations, where verify and decode round alike; None: the export's)")
+    p.add_argument("--genai", type=Path, help="an onnxruntime-genai build (genai_config.json) of the same model")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--k", type=int, default=4, help="the longest draft")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration here and print its JSON
+    a = p.parse_args(argv)
+    if a.one:
+        genai = a.one.startswith("genai")
+        print(json.dumps(run_genai(a, a.one == "genai-lookup") if genai else run_one(a.one, a)))
+        return 0
+    names = ["target"] + (["draft"] if a.draft else [])
+    names += ["int4-copy", "lookup-copy", "int4-nocopy", "lookup-nocopy"] if a.int4 else []
+    names += ["genai", "genai-lookup"] if a.genai else []
+    results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    passthrough = list(argv if argv is not None else sys.argv[1:])
+    for _ in range(a.rounds):
+        for name in names:  # interleaved: load on a shared machine hits every configuration alike
+            out = subprocess.run([sys.executable, __file__, *passthrough, "--one", name], check=True,
+                                 capture_output=True, text=True).stdout
+            results[name].append(json.loads(out.strip().splitlines()[-1]))
+    print(f"{'config':>14} {'tok/s':>8} {'ratio':>6}  per-round ratios            accept  tok/call  draft share")
+    for name in names:
+        runs = results[name]
+        base = results.get(BASELINES.get(name, ""), runs)
+        ratios = [r["tok_s"] / b["tok_s"] for r, b in zip(runs, base, strict=True)]
+        med = statistics.median
+        print(f"{name:>14} {med(r['tok_s'] for r in runs):8.1f} {med(ratios):6.2f}  "
+              f"{' '.join(f'{x:.2f}' for x in ratios):<27} {med(r['acceptance'] for r in runs):6.2f}  "
+              f"{med(r['tokens_per_call'] for r in runs):8.2f}  {med(r['draft_share'] for r in runs):11.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

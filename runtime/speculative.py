@@ -1,0 +1,217 @@
+"""Speculative decoding: who proposes the draft, how long it is, and the rule that keeps the target's output.
+
+A speculating row's pending token and k drafted tokens are scored by the target in one call (``Backend.score``,
+the scheduler's orchestration); the target's processed distribution at each of the k+1 positions then decides:
+- greedy: a drafted token is kept while it equals the target's own choice; the first mismatch is replaced by the
+  target's choice, and when all k match the target's choice after them is a bonus token;
+- sampling: Leviathan et al. 2023 (alg. 1) / Chen et al. 2023: keep draft token x with probability
+  min(1, p(x)/q(x)), at the first rejection draw from normalize(max(0, p - q)), bonus draw from p when all are
+  kept. p and q are the distributions *after* penalty, temperature, top-k and top-p; for prompt lookup q is one-hot.
+
+Draft sources: ``PromptLookup`` (n-gram match in the prompt and the generated text, no model) and ``DraftModel``
+(another export with the same tokenizer, on its own backend and cache rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from toolkit.errors import ToolkitError
+from toolkit.runtime import sampling
+from toolkit.runtime.backend import Backend
+from toolkit.runtime.kv_cache import blocks_for
+
+
+@dataclass
+class SpecStats:
+    """Counters per sequence, named as vLLM's spec_decode_* metrics (a server sums them)."""
+
+    num_drafts: int = 0  # verification rounds with at least one drafted token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)  # [k_max]: drafts accepted at position i
+    target_calls: int = 0  # target calls that advanced this sequence (score and plain decode)
+    emitted_tokens: int = 0  # tokens those calls produced
+    draft_s: float = 0.0  # time spent proposing (the draft model's share of the decode time)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        return self.emitted_tokens / self.target_calls if self.target_calls else 0.0
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += drafted
+        self.num_accepted_tokens += accepted
+        if len(self.num_accepted_tokens_per_pos) < drafted:
+            self.num_accepted_tokens_per_pos += [0] * (drafted - len(self.num_accepted_tokens_per_pos))
+        for i in range(accepted):
+            self.num_accepted_tokens_per_pos[i] += 1
+
+
+@dataclass
+class DraftLength:
+    """Adaptive draft length: +1 after a fully accepted draft, down to accepted+1 after a rejection. After
+    ``patience`` zero-accept rounds in a row drafting pauses for ``pause`` tokens (doubling each time), so a
+    source that never helps costs almost nothing."""
+
+    k: int
+    max_k: int
+    patience: int = 3
+    pause: int = 16
+    zero_rounds: int = 0
+    paused_for: int = 0
+
+    def allowed(self, busy_rows: int) -> int:
+        """The draft length this step. One score call per speculating row replaces a share of one batched decode,
+        so the length shrinks as 1/busy_rows and speculation stops when the batch exceeds max_k."""
+        if self.paused_for > 0:
+            self.paused_for -= 1
+            return 0
+        return min(self.k, self.max_k // max(busy_rows, 1))
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if accepted == drafted:
+            self.k, self.zero_rounds = min(self.max_k, self.k + 1), 0
+            return
+        self.k = max(1, accepted + 1)
+        self.zero_rounds = self.zero_rounds + 1 if accepted == 0 else 0
+        if self.zero_rounds >= self.patience:
+            self.paused_for, self.pause, self.zero_rounds = self.pause, 2 * self.pause, 0
+
+
+@dataclass(frozen=True)
+class Draft:
+    tokens: list[int]  # [k]
+    # per token, the draft's processed distribution it was drawn from (ids, probs); None: one-hot (prompt lookup)
+    q: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+
+class Context(Protocol):
+    """What a proposer reads of a sequence (``SequenceState`` has these)."""
+
+    slot: int
+    prompt_ids: list[int]
+    generated: list[int]
+    rng: np.random.Generator
+
+    @property
+    def budget(self) -> int: ...
+    def processed(self, logits: np.ndarray, drafted: list[int]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class Proposer(Protocol):
+    def propose(self, seq: Context, k: int) -> Draft: ...
+    def advance(self, seq: Context, drafted: int, accepted: int) -> None: ...
+    def release(self, seq: Context) -> None: ...
+
+
+class PromptLookup:
+    """The continuation of the latest earlier occurrence of the context's last n tokens (n = max_ngram down to
+    min_ngram), as in vLLM's n-gram proposer and llama.cpp's lookup decoding."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ToolkitError(f"prompt lookup needs 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, seq: Context, k: int) -> Draft:
+        return Draft(lookup(np.asarray(seq.prompt_ids + seq.generated), k, self.max_ngram, self.min_ngram))
+
+    def advance(self, seq: Context, drafted: int, accepted: int) -> None:
+        pass
+
+    def release(self, seq: Context) -> None:
+        pass
+
+
+def lookup(context: np.ndarray, k: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """Up to k tokens following the latest earlier match of the context's last n tokens (longest n first)."""
+    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
+        windows = sliding_window_view(context[:-1], n)  # [L-n, n]: every earlier n-gram
+        hits = np.flatnonzero((windows == context[-n:]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return [int(t) for t in context[start : start + k]]
+    return []
+
+
+class DraftModel:
+    """Another export with the target's tokenizer. Its cache row for a sequence is the target's row number;
+    ``written`` counts the positions of that row that hold the sequence's accepted tokens."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.written: dict[int, int] = {}  # row -> positions holding the sequence's accepted tokens
+        self.proposed_at: dict[int, int] = {}  # row -> context length when the last draft was proposed
+
+    def _fit(self, slot: int, budget: int) -> None:
+        cache = self.backend.cache
+        capacity = blocks_for(budget, 16) * 16
+        if cache is None or cache.slots <= slot or cache.capacity < capacity:
+            slots = max(slot + 1, cache.slots if cache else 1)
+            self.backend.allocate(slots, max(capacity, cache.capacity if cache else 0))
+
+    def propose(self, seq: Context, k: int) -> Draft:
+        self._fit(seq.slot, seq.budget)
+        context = seq.prompt_ids + seq.generated
+        start = min(self.written.get(seq.slot, 0), len(context) - 1)  # at least the last token: its logits
+        logits = self.backend.prefill(seq.slot, np.asarray(context[start:], np.int64), start)  # [V]
+        tokens: list[int] = []
+        q: list[tuple[np.ndarray, np.ndarray]] = []
+        while True:
+            ids, probs = seq.processed(logits, tokens)
+            token = int(ids[seq.rng.choice(len(ids), p=probs)]) if len(ids) > 1 else int(ids[0])
+            tokens.append(token)
+            q.append((ids, probs))
+            if len(tokens) == k:
+                break
+            logits = self.backend.prefill(seq.slot, np.array([token], np.int64), len(context) + len(tokens) - 1)
+        self.written[seq.slot], self.proposed_at[seq.slot] = len(context) + k - 1, len(context)
+        return Draft(tokens, q)
+
+    def advance(self, seq: Context, drafted: int, accepted: int) -> None:
+        """Keep the context and the accepted drafts that were fed; the rest is overwritten next time."""
+        self.written[seq.slot] = self.proposed_at[seq.slot] + min(accepted, drafted - 1)
+
+    def release(self, seq: Context) -> None:
+        self.written.pop(seq.slot, None)
+        self.proposed_at.pop(seq.slot, None)
+
+
+def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """normalize(max(0, p - q)); p itself when that is all zero (p == q: a rejection had probability 0)."""
+    r = np.maximum(p - q, 0.0)
+    total = r.sum()
+    return p if total <= 0 else r / total
+
+
+def accept_or_resample(p: np.ndarray, q: np.ndarray | None, token: int, rng: np.random.Generator) -> tuple[bool, int]:
+    """p, q: dense [V] target and draft distributions (q None: one-hot on ``token``). Keep ``token`` with
+    probability min(1, p/q); otherwise a token drawn from the residual."""
+    q_token = 1.0 if q is None else float(q[token])
+    if rng.random() * q_token < p[token]:
+        return True, token
+    if q is None:
+        q = np.zeros_like(p)
+        q[token] = 1.0
+    r = residual(p, q)
+    return False, int(rng.choice(len(r), p=r))
+
+
+def dense(ids: np.ndarray, probs: np.ndarray, vocab: int) -> np.ndarray:
+    return sampling.Choice(int(ids[0]), ids, probs).dense(vocab)
+
+
+def top2_margin(logits: np.ndarray) -> float:
+    """Gap between the two largest logits: a verify call whose logits differ from a one-token decode's by less
+    than half of it picks the same argmax."""
+    top = np.partition(logits, -2)[-2:]
+    return float(top[1] - top[0])

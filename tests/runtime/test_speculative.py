@@ -1,0 +1,348 @@
+"""Speculative decoding: greedy output equal to plain greedy token for token (both draft sources, batches of rows
+with different acceptance lengths), lossless sampling by a chi-square test, and the draft's refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import requires_smollm2
+from toolkit.errors import ToolkitError
+from toolkit.models.tiny import tiny_llama, tiny_tokenizer
+from toolkit.passes.onnx import ONNXConfig, export
+from toolkit.paths import atomic_dir
+from toolkit.runtime import GenerationConfig, load, sampling
+from toolkit.runtime.speculative import DraftLength, PromptLookup, accept_or_resample, lookup, residual
+
+PROMPTS = ["Hello tiny world", "The quick brown fox jumps", "abcabcabc", "def f(x): return x + 1",
+           "Once upon a time", "1, 2, 3, 4,", "quote: 'to be or not'", "zzz"]
+N = 256
+
+
+def _export(out: Path, model: torch.nn.Module) -> Path:
+    with atomic_dir(out) as tmp:
+        export(model, tiny_tokenizer(), ONNXConfig(target="ort"), tmp)
+    return out
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory) -> Path:
+    return _export(tmp_path_factory.mktemp("spec") / "target", tiny_llama())
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory) -> Path:
+    """The target's weights plus noise: it agrees with the target often, not always."""
+    model = tiny_llama()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return _export(tmp_path_factory.mktemp("spec") / "draft", model)
+
+
+def greedy(**kw: object) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=N, min_new_tokens=N, stop_token_ids=(), **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def plain(target) -> list[list[int]]:
+    engine = load(target, threads=1, max_batch=1)
+    return [engine.generate(p, greedy(num_draft_tokens=0)).token_ids for p in PROMPTS]
+
+
+@pytest.mark.parametrize("source", ["draft", "prompt_lookup"])
+def test_speculative_greedy_equals_plain_greedy_over_256_tokens(target, draft, plain, source):
+    engine = load(target, threads=1, max_batch=4, draft=draft if source == "draft" else None)
+    config = greedy(num_draft_tokens=8, prompt_lookup=source == "prompt_lookup")
+    alone = [engine.generate(p, config) for p in PROMPTS]
+    assert [r.token_ids for r in alone] == plain
+    stats = [r.speculation for r in alone]
+    assert all(s is not None and s.num_accepted_tokens > 0 for s in stats)
+    assert sum(s.tokens_per_target_call for s in stats if s) / len(stats) > 1.2  # it did speculate
+    # a batch of 4 decoding together, rows accepting different lengths in the same steps
+    together = engine.generate_batch(PROMPTS[:4], config)
+    assert [r.token_ids for r in together] == plain[:4]
+    rates = {round(r.speculation.acceptance_rate, 3) for r in together if r.speculation}
+    assert len(rates) > 1
+
+
+def test_a_perturbed_verify_path_breaks_the_equality(target, draft, plain, monkeypatch):
+    """The equality test can fail: logits from score that are off by a little more than the verify margin
+    (as int8-activation kernels can be) change the greedy output."""
+    engine = load(target, threads=1, max_batch=1, draft=draft)
+    score = engine.backend.score
+    rng = np.random.default_rng(0)
+
+    def noisy(rows, tokens, lengths):  # type: ignore[no-untyped-def]
+        logits = score(rows, tokens, lengths)
+        return logits + rng.normal(0, 0.3, logits.shape).astype(logits.dtype)
+
+    monkeypatch.setattr(engine.backend, "score", noisy)
+    out = [engine.generate(p, greedy(num_draft_tokens=4)).token_ids for p in PROMPTS]
+    assert out != plain
+
+
+def test_a_close_call_is_left_to_the_one_token_decode(target, draft, plain, monkeypatch):
+    """With every position too close to call, verification keeps nothing and plain decode makes every token."""
+    engine = load(target, threads=1, max_batch=1, draft=draft)
+    monkeypatch.setattr(engine.scheduler, "verify_margin", np.inf)
+    result = engine.generate(PROMPTS[0], greedy(num_draft_tokens=4))
+    assert result.token_ids == plain[0]
+    stats = result.speculation
+    assert stats is not None and stats.num_accepted_tokens == 0 and stats.num_drafts > 0
+    assert stats.tokens_per_target_call < 1  # the wasted verify calls are counted as target calls
+
+
+def test_stop_rules_apply_per_token_inside_an_accepted_draft(target, plain):
+    engine = load(target, threads=1, max_batch=1)
+    # the token that appears last for the first time, after a run that prompt lookup drafts several at once
+    first, i = max((out.index(t), i) for i, out in enumerate(plain) for t in set(out))
+    assert first > 10
+    config = GenerationConfig(max_new_tokens=N, stop_token_ids=(plain[i][first],), prompt_lookup=True,
+                              num_draft_tokens=8)
+    chunks = list(engine.stream(PROMPTS[i], config))
+    assert [c.token_id for c in chunks] == plain[i][: first + 1]
+    result = engine.generate(PROMPTS[i], config)
+    assert result.token_ids == plain[i][:first] and result.finish_reason == "stop_token"
+    assert result.speculation is not None and result.speculation.num_accepted_tokens > 0
+
+
+def test_a_draft_with_another_tokenizer_is_refused_before_loading(target, draft, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(draft, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ToolkitError, match="cannot draft for .* tokenizers differ"):
+        load(target, threads=1, draft=other)
+
+
+def test_draft_settings_are_checked():
+    with pytest.raises(ToolkitError, match="num_draft_tokens"):
+        GenerationConfig(num_draft_tokens=-1)
+    with pytest.raises(ToolkitError, match="num_draft_tokens"):
+        GenerationConfig(num_draft_tokens=0, prompt_lookup=True)
+
+
+def test_prompt_lookup_continues_the_latest_longest_match():
+    ctx = np.array([5, 1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2])
+    assert lookup(ctx, 3, 3, 1) == [3, 7, 8]  # "1 2" last seen before 3 7 8
+    assert lookup(np.array([1, 2, 3]), 2, 3, 1) == []
+    assert PromptLookup(2, 2).max_ngram == 2
+    with pytest.raises(ToolkitError, match="min_ngram"):
+        PromptLookup(1, 2)
+
+
+def test_draft_length_grows_shrinks_pauses_and_turns_down_with_the_batch():
+    d = DraftLength(k=2, max_k=8)
+    d.update(2, 2)
+    assert d.k == 3 and d.allowed(1) == 3 and d.allowed(4) == 2 and d.allowed(9) == 0
+    d.update(3, 1)
+    assert d.k == 2
+    for _ in range(3):
+        d.update(d.k, 0)
+    assert [d.allowed(1) for _ in range(17)] == [0] * 16 + [1]
+    assert d.pause == 32
+
+
+def test_residual_is_normalized_and_guards_all_zero():
+    p = np.array([0.5, 0.3, 0.2])
+    np.testing.assert_allclose(residual(p, np.array([0.2, 0.6, 0.2])), [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(residual(p, p), p)
+
+
+# --- lossless sampling -----------------------------------------------------------------------------------
+SETTINGS = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9)
+V = 12
+
+
+def _logits(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 2, V)
+
+
+def speculative_first_token(p_logits: np.ndarray, q_logits: np.ndarray, rng: np.random.Generator,
+                            rule: str = "right") -> int:
+    """One round with one drafted token: the draft samples from q, the target keeps it or resamples."""
+    ids, probs = sampling.distribution(q_logits, SETTINGS)
+    q = sampling.Choice(0, ids, probs).dense(V)
+    token = int(rng.choice(V, p=q))
+    if rule == "q_before_top_p":  # the ratio uses q after temperature only, as transformers once did
+        q = np.exp(q_logits / 0.7 - (q_logits / 0.7).max())
+        q /= q.sum()
+    p_ids, p_probs = sampling.distribution(p_logits, SETTINGS)
+    p = sampling.Choice(0, p_ids, p_probs).dense(V)
+    if rule == "no_residual":
+        return token if rng.random() * q[token] < p[token] else int(rng.choice(V, p=q))
+    return accept_or_resample(p, q, token, rng)[1]
+
+
+def chi_square_ok(counts: np.ndarray, expected: np.ndarray) -> bool:
+    """Pearson's chi-square goodness of fit at the 1 % level (Wilson-Hilferty quantile: no scipy at run time)."""
+    if counts[expected == 0].sum():
+        return False  # a token outside the target's support was drawn
+    e = expected / expected.sum() * counts.sum()
+    small = (e > 0) & (e < 5)  # cells expecting fewer than 5 draws are pooled into one
+    e, counts = np.append(e[e >= 5], e[small].sum()), np.append(counts[e >= 5], counts[small].sum())
+    keep = e > 0
+    stat, df = float((((counts[keep] - e[keep]) ** 2) / e[keep]).sum()), int(keep.sum()) - 1
+    z = 2.326  # the standard normal's 99th percentile
+    return stat < df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("rule,passes", [("right", True), ("q_before_top_p", False), ("no_residual", False)])
+def test_speculative_sampling_draws_the_targets_distribution(rule, passes):
+    p_logits, q_logits = _logits(1), _logits(2)
+    ids, probs = sampling.distribution(p_logits, SETTINGS)
+    expected = sampling.Choice(0, ids, probs).dense(V)
+    rng = np.random.default_rng(0)
+    counts = np.bincount([speculative_first_token(p_logits, q_logits, rng, rule) for _ in range(20000)],
+                         minlength=V)
+    assert chi_square_ok(counts, expected) == passes
+
+
+def _sharp(noise: float) -> torch.nn.Module:
+    """The tiny model with 2x larger logits (a peaked distribution a chi-square test can resolve), plus noise."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2.0)
+        gen = torch.Generator().manual_seed(2)
+        for p in model.parameters():
+            if p.dim() == 2 and noise:
+                p.add_(torch.randn(p.shape, generator=gen) * noise)
+    return model
+
+
+@pytest.fixture(scope="module")
+def sharp_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A target and a draft that often disagrees with it, so that rejections (and the residual) shape the result."""
+    root = tmp_path_factory.mktemp("sharp")
+    return _export(root / "target", _sharp(0.0)), _export(root / "draft", _sharp(0.01))
+
+
+def _second_token_distribution(engine, prompt: list[int], config: GenerationConfig) -> tuple[int, np.ndarray]:
+    """The target's most likely first token t1 and its exact distribution of the next one, p(t2 | t1)."""
+    backend = engine.backend
+    backend.allocate(1, 64)
+    t1 = int(sampling.distribution(backend.prefill(0, np.array(prompt), 0).copy(), config)[0][0])
+    ids, probs = sampling.distribution(backend.prefill(0, np.array([t1]), len(prompt)).copy(), config)
+    return t1, sampling.Choice(t1, ids, probs).dense(backend.contract.vocab_size)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_speculative_sampling_on_a_tiny_model_keeps_the_targets_distribution(sharp_pair, monkeypatch, broken):
+    """Thousands of seeded requests: the second token comes from one verification round (draft or residual)."""
+    from toolkit.runtime import scheduler
+
+    prompt = [72, 105]
+    config = GenerationConfig(max_new_tokens=3, do_sample=True, temperature=0.7, top_p=0.9, stop_token_ids=(),
+                              num_draft_tokens=1)
+    engine = load(sharp_pair[0], threads=1, max_batch=1, draft=sharp_pair[1])
+    t1, expected = _second_token_distribution(engine, prompt, config)
+    if broken:  # on a rejection, draw from p instead of normalize(max(0, p - q))
+        def no_residual(p, q, token, rng):  # type: ignore[no-untyped-def]
+            return (True, token) if rng.random() * q[token] < p[token] else (False, int(rng.choice(len(p), p=p)))
+        monkeypatch.setattr(scheduler, "accept_or_resample", no_residual)
+    seconds, rejected = [], 0
+    for seed in range(3000):
+        result = engine.generate(prompt, GenerationConfig(**{**config.__dict__, "seed": seed}))
+        assert result.speculation is not None and result.speculation.num_draft_tokens == 1
+        if result.token_ids[0] == t1:  # the second token's distribution given the most likely first one
+            seconds.append(result.token_ids[1])
+            rejected += result.speculation.num_accepted_tokens == 0
+    assert len(seconds) > 500 and rejected > 100  # the residual matters often enough to be seen
+    assert chi_square_ok(np.bincount(seconds, minlength=len(expected)), expected) == (not broken)
+
+
+def test_generate_cli_speculates_and_refuses_bad_draft_options(target, draft, tmp_path, capsys):
+    from toolkit.cli import main
+
+    base = ["generate", str(target), "--prompt", "abc", "--no-chat", "--max-new-tokens", "12"]
+    assert main([*base, "--prompt-lookup", "--num-draft-tokens", "3"]) == 0
+    assert "speculative:" in capsys.readouterr().err
+    assert main([*base, "--draft", str(draft)]) == 0
+    assert "tokens per target call" in capsys.readouterr().err
+    for extra, message in ((["--draft", str(tmp_path)], "not an ONNX export"),
+                           (["--draft", str(draft), "--prompt-lookup"], "choose one"),
+                           (["--prompt-lookup", "--num-draft-tokens", "0"], "num_draft_tokens")):
+        assert main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@requires_smollm2
+def test_smollm2_float32_speculative_greedy_with_an_int4_draft_equals_plain_greedy(tmp_path):
+    """The real case: SmolLM2 float32 verifying its own int4 RTN export (accuracy_level 4, the default), and
+    prompt lookup on the float32 target, 128 tokens on two prompts, alone and as a batch."""
+    from toolkit import models
+    from toolkit.passes.rtn import RTNConfig
+    from toolkit.passes.rtn import apply as rtn_apply
+
+    torch.set_num_threads(2)
+    loaded = models.load("smollm2")
+    with atomic_dir(tmp_path / "fp32") as tmp:
+        export(loaded.model, loaded.tokenizer, ONNXConfig(target="ort"), tmp)
+    rtn_apply(loaded.model, RTNConfig(bits=4, group_size=32, symmetric=True))
+    with atomic_dir(tmp_path / "int4") as tmp:
+        export(loaded.model, loaded.tokenizer, ONNXConfig(target="ort"), tmp)
+    engine = load(tmp_path / "fp32", threads=2, max_batch=2, draft=tmp_path / "int4")
+    messages = [[{"role": "user", "content": "Quote this sentence exactly: the quick brown fox jumps over it."}],
+                [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]]
+    plain = [engine.generate(m, GenerationConfig(max_new_tokens=128, min_new_tokens=128, num_draft_tokens=0))
+             for m in messages]
+    for extra in ({"num_draft_tokens": 4}, {"num_draft_tokens": 4, "prompt_lookup": True}):
+        config = GenerationConfig(max_new_tokens=128, min_new_tokens=128, **extra)  # type: ignore[arg-type]
+        spec = engine.generate_batch(messages, config)
+        assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+        helped = spec if "prompt_lookup" not in extra else spec[:1]  # the story has nothing to copy
+        assert all(r.speculation and r.speculation.tokens_per_target_call > 1.0 for r in helped)
+
+
+def test_verify_margin_follows_the_activation_precision_the_target_runs_at(tmp_path):
+    """int8 activations round differently for k rows than for one: close calls then need a wider margin."""
+    from toolkit.passes.rtn import RTNConfig
+    from toolkit.passes.rtn import apply as rtn_apply
+    from toolkit.runtime import scheduler
+
+    model = tiny_llama()
+    rtn_apply(model, RTNConfig(bits=4, group_size=32))
+    with atomic_dir(tmp_path / "int4") as tmp:
+        export(model, tiny_tokenizer(), ONNXConfig(target="ort", accuracy_level=4), tmp)
+    assert load(tmp_path / "int4", threads=1).scheduler.verify_margin == scheduler.VERIFY_MARGIN_INT8
+    engine = load(tmp_path / "int4", threads=1, accuracy_level=0)
+    assert engine.scheduler.verify_margin == scheduler.VERIFY_MARGIN
+
+
+def test_prompt_lookup_on_the_standard_target_with_a_copied_cache(tmp_path):
+    """Past and present as separate tensors: verify copies the k+1 columns back, rolling back is still a length."""
+    with atomic_dir(tmp_path / "std") as tmp:
+        export(tiny_llama(), tiny_tokenizer(), ONNXConfig(target="standard", accuracy_level=0), tmp)
+    engine = load(tmp_path / "std", threads=1, max_batch=2)
+    config = GenerationConfig(max_new_tokens=64, min_new_tokens=64, stop_token_ids=())
+    plain = [engine.generate(p, GenerationConfig(**{**config.__dict__, "num_draft_tokens": 0})).token_ids
+             for p in PROMPTS[:2]]
+    spec = engine.generate_batch(PROMPTS[:2], GenerationConfig(**{**config.__dict__, "prompt_lookup": True}))
+    assert [r.token_ids for r in spec] == plain
+    assert all(r.speculation and r.speculation.num_accepted_tokens > 0 for r in spec)
+
+
+def test_speculated_tokens_record_the_same_logprobs_as_plain_decode(target, plain):
+    engine = load(target, threads=1, max_batch=1)
+    got = []
+    for extra in ({"num_draft_tokens": 0}, {"prompt_lookup": True}):
+        config = GenerationConfig(max_new_tokens=48, min_new_tokens=48, stop_token_ids=(), logprobs=2, **extra)  # type: ignore[arg-type]
+        handle = engine.submit(PROMPTS[7], config, with_text=False)
+        for _ in engine.follow(handle):
+            pass
+        got.append(handle.seq.logprobs)
+    assert len(got[1]) == 48 and [t.token_id for t in got[1]] == plain[7][:48]
+    for a, b in zip(*got, strict=True):
+        assert [i for i, _ in a.top] == [i for i, _ in b.top] and abs(a.logprob - b.logprob) < 1e-4
