@@ -14,6 +14,18 @@ two GGUFs (processes on shared machines vary by 10-20 %, so compare ratios from 
         --compressed-tensors ct=runs/smollm2-int4-gptq-compressed-tensors/export \
         --torch toolkit=runs/smollm2-int4-gptq/model --report out/consumers.json
 
+vLLM (CPU build, its own environment: ``benchmarks/peers.py setup --only vllm``) as a consumer of compressed-tensors
+exports: ``--vllm LABEL=FOLDER`` (a model of ``--tokenizer``, e.g. recipe smollm2-int4-rtn-compressed-tensors) and
+``--vllm-tiny FAMILY ...`` (tiny seeded models of those families, int4 RTN group 32 symmetric, exported here). vLLM
+runs ``vllm_consumer.py`` in a subprocess on token ids: greedy tokens over 3 chat prompts x 32 tokens (EOS ignored)
+are compared with ours (the first divergence, and the logit margin there on both sides), and for ``--vllm`` the
+perplexity from ``prompt_logprobs`` on the same windows. Ours is the toolkit's model for tiny families and the
+export reloaded in float32 by transformers + compressed-tensors for folders (equal to the toolkit's model's logits
+within 1e-5: tests/interop/test_export_compressed_tensors.py).
+
+    .venv/bin/python benchmarks/bench_consumers.py --vllm smollm2-w4a16=runs/smollm2-int4-rtn-compressed-tensors/export \
+        --vllm-tiny llama qwen3 phi3 gemma3 --report out/consumers-vllm.json
+
 ``--quantize-q4_0 LABEL=F32_GGUF`` makes llama.cpp's own Q4_0 (``llama_model_quantize``, its round-to-nearest;
 it keeps a tied embedding at Q8_0, its default) from a float GGUF (recipe ``smollm2-fp32-gguf.yaml``).
 """
@@ -23,13 +35,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+HERE = Path(__file__).resolve().parent
 
 QUESTION = "What is the capital of France?"
 # short factual chat questions and a pattern the right answer contains (greedy, 40 tokens): a coarse check that
@@ -143,12 +164,160 @@ def hf_perplexity(folder: Path, wins: torch.Tensor, compressed: bool) -> dict[st
     return {"perplexity": perplexity.evaluate(model, wins)["perplexity"]}
 
 
+# compressed-tensors ``format`` -> the dtype vLLM's CPU kernels compute that scheme in. W4A16 (pack-quantized): its
+# CPU kernel takes uint4 / uint4b8 in bfloat16 only (float32 fails). W8A8 int8 (int-quantized): vLLM's CPU int8
+# path, also bfloat16 activations; listed so that export plugs in, not yet run here.
+VLLM_DTYPE = {"pack-quantized": "bfloat16", "int-quantized": "bfloat16"}
+VLLM_PROMPTS = 3
+VLLM_TOP = 5  # log-probabilities vLLM returns per step: enough to find our token at a divergence
+
+
+def vllm_dtype(folder: Path) -> str:
+    """The dtype vLLM runs ``folder`` in, from its compressed-tensors format; refused before any work."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SystemExit(f"{folder} has no config.json: give the export folder of a compressed-tensors recipe")
+    fmt = json.loads(config_path.read_text()).get("quantization_config", {}).get("format")
+    if fmt not in VLLM_DTYPE:
+        raise SystemExit(f"{folder}: compressed-tensors format {fmt!r} has no vLLM dtype; known: "
+                         f"{', '.join(VLLM_DTYPE)} (add it to VLLM_DTYPE in bench_consumers.py)")
+    return VLLM_DTYPE[fmt]
+
+
+def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], new_tokens: int) -> dict[str, Any]:
+    # a scored window asks for one token after it: vLLM refuses prompt + output past max_model_len
+    longest = max(len(x) for x in [*(w + [0] for w in windows), *(p + [0] * new_tokens for p in prompts)])
+    return {"folder": str(folder), "dtype": vllm_dtype(folder), "prompts": prompts, "new_tokens": new_tokens,
+            "top_logprobs": VLLM_TOP, "windows": windows, "max_model_len": longest}
+
+
+def vllm_run(jobs: list[dict[str, Any]], threads: int) -> list[dict[str, Any]]:
+    """vLLM's greedy tokens and window NLLs per job, from ``vllm_consumer.py`` in the vLLM environment."""
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs_path, results_path, log = Path(tmp) / "jobs.json", Path(tmp) / "results.json", Path(tmp) / "vllm.log"
+        jobs_path.write_text(json.dumps(jobs))
+        with log.open("w") as out:
+            code = subprocess.run([str(peers.vllm_python()), str(HERE / "vllm_consumer.py"), str(jobs_path),
+                                   str(results_path)], stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        done = json.loads(results_path.read_text()) if results_path.is_file() else []
+        tail = " | ".join(log.read_text().strip().splitlines()[-3:])
+    return done + [{"error": f"vLLM exited with {code}: {tail}"}] * (len(jobs) - len(done))
+
+
+def greedy(model: Any, prompt: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Our greedy continuation (EOS ignored, as vLLM is asked) and the logits that chose each token."""
+    ids, steps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            steps.append(logits)
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):], steps
+
+
+def divergence(ours: list[int], theirs: list[int], our_logits: list[torch.Tensor],
+               their_top: list[dict[str, float]]) -> dict[str, Any]:
+    """Where two greedy runs first differ, and how close each side was to the other's choice there."""
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
+    if at is None:
+        return {"equal": True}
+    mine, other = ours[at], theirs[at]
+    logits, top = our_logits[at], their_top[at]
+    return {"equal": False, "first_divergence": at, "ours": mine, "vllm": other,
+            # logit(ours) - logit(vLLM's) in our model; logprob(vLLM's) - logprob(ours) in vLLM's (None: not in top-k)
+            "our_margin": float(logits[mine] - logits[other]),
+            "vllm_margin": top[str(other)] - top[str(mine)] if str(mine) in top else None}
+
+
+def chat_prompts(tokenizer: Any) -> list[list[int]]:
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True) for q, _ in PROBES[:VLLM_PROMPTS]]
+    return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+
+
+def vllm_compare(model: Any, prompts: list[list[int]], got: dict[str, Any], wins: torch.Tensor | None
+                 ) -> dict[str, Any]:
+    """vLLM's run of one model against ours: greedy tokens prompt by prompt, and perplexity on ``wins``."""
+    if "error" in got:
+        return {"engine": "vLLM (CPU)", **got}
+    comparisons = []
+    for prompt, gen in zip(prompts, got["generations"], strict=True):
+        tokens, logits = greedy(model, prompt, len(gen["tokens"]))
+        comparisons.append(divergence(tokens, gen["tokens"], logits, gen["top_logprobs"]))
+    out: dict[str, Any] = {"engine": "vLLM (CPU)", "dtype": got["dtype"], "greedy": comparisons,
+                           "greedy_equal": sum(c["equal"] for c in comparisons)}
+    if wins is not None:
+        from toolkit.evaluation import perplexity
+
+        nll = sum(w["nll"] for w in got["windows"]) / sum(w["tokens"] for w in got["windows"])
+        out["perplexity"] = math.exp(nll)
+        out["our_perplexity"] = perplexity.evaluate(model, wins)["perplexity"]
+    return out
+
+
+def vllm_consumers(a: argparse.Namespace, wins: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """``--vllm`` folders (scored on ``wins`` too) and ``--vllm-tiny`` families, all in one vLLM process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    entries = []  # label, our model, folder, tokenizer, windows
+    for label, folder in labelled(a.vllm):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        entries.append((label, model, folder, AutoTokenizer.from_pretrained(folder), wins))
+    for family in a.vllm_tiny:
+        entries.append((f"tiny-{family}", *tiny_export(family, a.workdir), None))
+    prompts = [chat_prompts(tokenizer) for _, _, _, tokenizer, _ in entries]
+    jobs = [vllm_job(folder, p, [] if w is None else w.tolist(), a.vllm_tokens)
+            for (_, _, folder, _, w), p in zip(entries, prompts, strict=True)]
+    results = {}
+    for (label, model, _, _, w), p, got in zip(entries, prompts, vllm_run(jobs, a.threads), strict=True):
+        results[label] = vllm_compare(model, p, got, w)
+        print_vllm(label, results[label])
+    return results
+
+
+def tiny_export(family: str, workdir: Path) -> tuple[Any, Path, Any]:
+    """A tiny ``family`` model, int4 RTN group 32 symmetric (head int8), exported as compressed-tensors W4A16."""
+    from toolkit.models.tiny import tiny_model, tiny_tokenizer
+    from toolkit.passes.export_compressed_tensors import ExportCompressedTensorsConfig, export
+    from toolkit.passes.rtn import RTNConfig
+    from toolkit.passes.rtn import apply as rtn_apply
+    from toolkit.paths import atomic_dir
+
+    model, tokenizer = tiny_model(family), tiny_tokenizer()
+    rtn_apply(model, RTNConfig(bits=4, group_size=32, symmetric=True, lm_head_bits=8))
+    folder = workdir / f"tiny-{family}-w4a16"
+    if not folder.is_dir():
+        with atomic_dir(folder) as tmp:
+            export(model, tokenizer, ExportCompressedTensorsConfig(dtype="float16"), tmp)
+    return model, folder, tokenizer
+
+
+def print_vllm(label: str, r: dict[str, Any]) -> None:
+    if "error" in r:
+        print(f"{label}: vLLM: {r['error']}")
+        return
+    print(f"{label}: vLLM ({r['dtype']}) greedy equal to ours on {r['greedy_equal']}/{len(r['greedy'])} prompts")
+    for i, c in enumerate(r["greedy"]):
+        if not c["equal"]:
+            vm = "not in its top-5" if c["vllm_margin"] is None else f"{c['vllm_margin']:.4f}"
+            print(f"  prompt {i}: first divergence at token {c['first_divergence']} (ours {c['ours']}, vLLM "
+                  f"{c['vllm']}): our logit margin {c['our_margin']:.4f}, vLLM logprob margin {vm}")
+    if "perplexity" in r:
+        print(f"  perplexity vLLM {r['perplexity']:.3f} vs ours {r['our_perplexity']:.3f} "
+              f"({100 * (r['perplexity'] / r['our_perplexity'] - 1):+.2f} %)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", action="append", default=[], help="LABEL=FILE.gguf (llama.cpp)")
     p.add_argument("--quantize-q4_0", action="append", default=[], help="LABEL=F32.gguf: llama.cpp's own Q4_0 of it")
     p.add_argument("--compressed-tensors", action="append", default=[], help="LABEL=FOLDER (transformers)")
     p.add_argument("--torch", action="append", default=[], help="LABEL=MODEL_FOLDER (the toolkit's PyTorch model)")
+    p.add_argument("--vllm", action="append", default=[], help="LABEL=FOLDER: compressed-tensors export in vLLM (CPU)")
+    p.add_argument("--vllm-tiny", nargs="*", default=[], metavar="FAMILY",
+                   help="tiny models of these families, exported as W4A16 and run in vLLM (CPU)")
+    p.add_argument("--vllm-tokens", type=int, default=32, help="greedy tokens per prompt compared with vLLM")
     p.add_argument("--tokenizer", default="smollm2", help="model source whose tokenizer makes the windows")
     p.add_argument("--count", type=int, default=16)
     p.add_argument("--length", type=int, default=512)
@@ -160,6 +329,14 @@ def main() -> None:
     p.add_argument("--report", type=Path)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    for _, folder in labelled(a.vllm):
+        vllm_dtype(folder)
+    if a.vllm or a.vllm_tiny:
+        try:
+            peers.vllm_python()
+        except peers.PeerUnavailable as err:
+            print(f"vLLM: skipped: {err}")
+            a.vllm, a.vllm_tiny = [], []
     ggufs = labelled(a.gguf)
     for label, src in labelled(a.quantize_q4_0):
         out = a.workdir / f"{label}.gguf"
@@ -173,6 +350,8 @@ def main() -> None:
     for label, folder in labelled(a.compressed_tensors):
         results[label] = {"engine": "transformers + compressed-tensors", **hf_perplexity(folder, wins, compressed=True)}
         print(f"{label}: perplexity {results[label]['perplexity']:.3f}", flush=True)
+    if a.vllm or a.vllm_tiny:
+        results.update(vllm_consumers(a, wins))
     for label, folder in labelled(a.torch):
         results[label] = {"engine": "toolkit PyTorch", **hf_perplexity(folder, wins, compressed=False)}
         print(f"{label}: perplexity {results[label]['perplexity']:.3f}", flush=True)
@@ -193,6 +372,8 @@ def main() -> None:
     print("| system | engine | perplexity | decode tok/s | prefill ms | MB | GB/s read |")
     print("|---|---|---|---|---|---|---|")
     for label, r in results.items():
+        if "perplexity" not in r:  # a tiny model in vLLM, or a vLLM that failed: printed above
+            continue
         speed = (f"{r['decode_tok_s']:.1f} | {r['prefill_ms']:.0f} | {r['bytes'] / 1e6:.1f} | {r['read_gb_s']:.1f}"
                  if "decode_tok_s" in r else " | | | ")
         print(f"| {label} | {r['engine']} | {r['perplexity']:.3f} | {speed} |")

@@ -31,6 +31,7 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import compressed_tensors as ct
 from toolkit.models.architectures import decoder_layers, layout_of
+from toolkit.models.checkpoint import config_dict
 from toolkit.models.shards import SINGLE
 from toolkit.passes.base import ExportConfig, PassConfig
 from toolkit.quant.modules import (
@@ -123,8 +124,7 @@ def _config(model: PreTrainedModel, linears: dict[str, QuantizedLinear], floats:
     groups: dict[QuantScheme, list[str]] = {}
     for name, m in linears.items():
         groups.setdefault(m.scheme, []).append(name)
-    d = model.config.to_dict()
-    d.pop("_name_or_path", None)  # where this process read the model from; save_pretrained leaves it out too
+    d = config_dict(model)
     d["dtype"] = dtype
     d["quantization_config"] = ct.quantization_config(groups, [layout_of(model).head, *floats])
     return d

@@ -24,6 +24,7 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import hf_gptq
 from toolkit.models.architectures import layout_of
+from toolkit.models.checkpoint import config_dict
 from toolkit.models.shards import SINGLE
 from toolkit.passes.base import ExportConfig, PassConfig, QuantPassConfig
 from toolkit.passes.gptq import GPTQConfig
@@ -106,7 +107,7 @@ def provenance(history: tuple[PassConfig, ...]) -> dict[str, Any]:
 
 def _config(model: PreTrainedModel, spec: QuantSpec, config: ExportHFGPTQConfig,
             history: tuple[PassConfig, ...]) -> dict[str, Any]:
-    d = model.config.to_dict()
+    d = config_dict(model)
     d["dtype"] = d["torch_dtype"] = "float16"  # transformers 5 reads dtype, older readers torch_dtype
     d["quantization_config"] = {**hf_gptq.quantization_config(spec, config.checkpoint_format), **provenance(history)}
     return d

@@ -26,6 +26,7 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import modelopt
 from toolkit.models.architectures import layout_of
+from toolkit.models.checkpoint import config_dict
 from toolkit.models.shards import SINGLE
 from toolkit.passes.base import ExportConfig, PassConfig
 from toolkit.quant.modules import (
@@ -131,8 +132,7 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     exclude = [layout_of(model).head, *floats]
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_tensors(model, linears, DTYPES[config.dtype]), str(folder / SINGLE), metadata={"format": "pt"})
-    d = model.config.to_dict()
-    d.pop("_name_or_path", None)
+    d = config_dict(model)
     d["dtype"] = config.dtype
     d["quantization_config"] = modelopt.quantization_config(exclude)
     (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True))

@@ -288,3 +288,21 @@ def test_smollm2_export_loads_in_transformers(tmp_path: Path) -> None:
         ref, got = loaded.model(**text).logits, hf(**text).logits
     assert float((ref - got).abs().max() / ref.abs().max()) < 1e-5
     assert torch.equal(ref.argmax(-1), got.argmax(-1))
+
+
+@pytest.mark.parametrize("exporter", ["compressed_tensors", "hf_gptq"])
+def test_exported_config_names_the_class_that_loads_it(tmp_path: Path, exporter: str) -> None:
+    """A model made from a config has no ``architectures``; vLLM then loads the headless base model (an embedding
+    runner). Both Hugging Face exporters name the causal-LM class, as save_pretrained does, and drop the path."""
+    from toolkit.passes import export_hf_gptq
+
+    model = tiny_model("qwen3")
+    assert model.config.architectures is None
+    rtn_apply(model, RTNConfig(bits=4, group_size=32, symmetric=True, lm_head_bits=8))
+    with atomic_dir(tmp_path / "out") as tmp:
+        if exporter == "compressed_tensors":
+            export(model, tiny_tokenizer(), ExportCompressedTensorsConfig(dtype="float32"), tmp)
+        else:
+            export_hf_gptq.export(model, tiny_tokenizer(), export_hf_gptq.ExportHFGPTQConfig(), tmp)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and "_name_or_path" not in config

@@ -98,6 +98,17 @@ def load_float(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedMo
     return model.eval()
 
 
+def config_dict(model: PreTrainedModel) -> dict:
+    """``config.json``'s content as ``save_pretrained`` writes it, for exporters that write their own folder: the
+    class that loads it named in ``architectures`` (vLLM picks its model by that name; without it a model made from
+    a config, as the tiny ones are, loads in vLLM as the headless base model, an embedding runner), and no
+    ``_name_or_path`` (where this process read the model from)."""
+    d = model.config.to_dict()
+    d.pop("_name_or_path", None)
+    d["architectures"] = [type(model).__name__]
+    return d
+
+
 def save_float(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """Write a float ``model`` and ``tokenizer`` into ``folder`` (which the caller makes atomic), loadable by
     any transformers user."""

@@ -1,0 +1,58 @@
+"""Runs inside the vLLM environment (benchmarks/peers.py setup --only vllm), started by bench_consumers.py.
+
+    $TOOLKIT_PEERS/vllm/bin/python benchmarks/vllm_consumer.py JOBS.json RESULTS.json
+
+JOBS: a list of {"folder", "dtype", "prompts": [[ids]], "new_tokens", "top_logprobs", "windows": [[ids]] or [],
+"max_model_len"}, one per model. RESULTS: per job, per prompt vLLM's greedy tokens (EOS ignored) with the top log-probabilities at each
+step, and per window the summed NLL of tokens 1..L-1 from ``prompt_logprobs`` (the toolkit's formula) and its
+count (or {"error"} for a model vLLM refused). Token ids in, token ids out: vLLM never tokenizes, so both sides see the same ids. Imports no toolkit code
+(this environment has its own torch and transformers).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=job["folder"], dtype=job["dtype"], max_model_len=job["max_model_len"], seed=0,
+              skip_tokenizer_init=True, enforce_eager=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True,
+                            logprobs=job["top_logprobs"], detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], greedy, use_tqdm=False)
+    generations = [{"tokens": list(o.outputs[0].token_ids),
+                    "top_logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]}
+                   for o in outs]
+    windows = []
+    if job["windows"]:
+        scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        for o in llm.generate([TokensPrompt(prompt_token_ids=w) for w in job["windows"]], scoring, use_tqdm=False):
+            ids = o.prompt_token_ids
+            # prompt_logprobs[i]: {token: Logprob} for position i, the actual token always among them; [0] is None
+            nll = -sum(o.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids)))
+            windows.append({"nll": nll, "tokens": len(ids) - 1})
+    del llm  # shuts its engine process down before the next model loads
+    gc.collect()
+    return {"dtype": job["dtype"], "generations": generations, "windows": windows}
+
+
+def main(jobs_path: str, results_path: str) -> None:
+    """Every job in one process: vLLM's import and start-up cost minutes on 2 busy cores."""
+    results = []
+    for job in json.loads(Path(jobs_path).read_text()):
+        try:
+            results.append(run_job(job))
+        except Exception as err:  # one model vLLM cannot run must not hide the others' results
+            results.append({"error": f"{type(err).__name__}: {err}".splitlines()[0]})
+        Path(results_path).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":  # vLLM spawns its engine process, which re-imports this file
+    main(*sys.argv[1:3])
