@@ -12,7 +12,7 @@ The load generator is the official ``openai`` client under asyncio: at each conc
 a closed loop of that many clients sends streamed ``/v1/completions`` with ``stream_options.include_usage``, taking
 the prompts in order from one seeded set cut from ``pydoc_data.topics`` at mixed token lengths (the same prompts,
 in the same order, for every server). Output length is fixed by ``max_tokens`` plus, where the server has it,
-``ignore_eos`` (llama-server, vLLM; vLLM also ``min_tokens``); the report records which, and the tokens each
+``ignore_eos`` (all three; vLLM also ``min_tokens``); the report records which, and the tokens each
 request returned. With ``--vllm-bench``, vLLM's own ``vllm bench serve`` (run from the vLLM environment, its
 request-rate loop) drives every server too on the same prompts, as a second opinion on the same metrics.
 
@@ -97,7 +97,7 @@ def context(a: argparse.Namespace) -> int:
 def ours(export: Path, port: int, a: argparse.Namespace) -> Server:
     cmd = [str(Path(sys.executable).parent / "toolkit"), "serve", str(export), "--host", "127.0.0.1", "--port",
            str(port), "--max-batch", str(max(LEVELS)), "--threads", str(a.threads), "--served-model-name", OURS]
-    return Server(OURS, cmd, OURS, {})  # OpenAI's fields only: it ignores unknown ones such as ignore_eos
+    return Server(OURS, cmd, OURS, {"ignore_eos": True})  # vLLM's extension, which toolkit serve takes too
 
 
 def llama_server(gguf: Path, port: int, a: argparse.Namespace) -> Server:
