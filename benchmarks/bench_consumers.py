@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -123,8 +124,6 @@ def gguf_speed(path: Path, prompt: list[int], new_tokens: int, threads: int) -> 
 
 def gguf_answers(path: Path, threads: int) -> dict[str, Any]:
     """Greedy chat answers to ``PROBES`` through the GGUF's own chat template; how many contain the right word."""
-    import re
-
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, verbose=False)
@@ -164,24 +163,46 @@ def hf_perplexity(folder: Path, wins: torch.Tensor, compressed: bool) -> dict[st
     return {"perplexity": perplexity.evaluate(model, wins)["perplexity"]}
 
 
-# compressed-tensors ``format`` -> the dtype vLLM's CPU kernels compute that scheme in. W4A16 (pack-quantized): its
-# CPU kernel takes uint4 / uint4b8 in bfloat16 only (float32 fails). W8A8 int8 (int-quantized): vLLM's CPU int8
-# path, also bfloat16 activations; listed so that export plugs in, not yet run here.
-VLLM_DTYPE = {"pack-quantized": "bfloat16", "int-quantized": "bfloat16"}
+# checkpoint scheme -> the dtype vLLM's CPU kernels compute it in. The compressed-tensors ``format`` names the scheme;
+# a ModelOpt checkpoint is named by its quant_method. W4A16 (pack-quantized): its CPU kernel takes uint4 / uint4b8 in
+# bfloat16 only (float32 fails). W8A8 int8 (int-quantized): the oneDNN int8 kernel writes the model's dtype, so
+# float32, the precision ours computes in. FP8 (float-quantized, modelopt): vLLM CPU's fp8 kernels need AMX and
+# write bfloat16 or float32.
+VLLM_DTYPE = {"pack-quantized": "bfloat16", "int-quantized": "float32", "float-quantized": "float32",
+              "modelopt": "float32"}
 VLLM_PROMPTS = 3
 VLLM_TOP = 5  # log-probabilities vLLM returns per step: enough to find our token at a divergence
 
 
 def vllm_dtype(folder: Path) -> str:
-    """The dtype vLLM runs ``folder`` in, from its compressed-tensors format; refused before any work."""
+    """The dtype vLLM runs ``folder`` in, from its checkpoint's scheme; refused before any work."""
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise SystemExit(f"{folder} has no config.json: give the export folder of a compressed-tensors recipe")
-    fmt = json.loads(config_path.read_text()).get("quantization_config", {}).get("format")
-    if fmt not in VLLM_DTYPE:
-        raise SystemExit(f"{folder}: compressed-tensors format {fmt!r} has no vLLM dtype; known: "
+        raise SystemExit(f"{folder} has no config.json: give the export folder of a compressed-tensors or "
+                         "ModelOpt recipe")
+    quant = json.loads(config_path.read_text()).get("quantization_config", {})
+    scheme = quant.get("format") if quant.get("quant_method") == "compressed-tensors" else quant.get("quant_method")
+    if scheme not in VLLM_DTYPE:
+        raise SystemExit(f"{folder}: checkpoint scheme {scheme!r} has no vLLM dtype; known: "
                          f"{', '.join(VLLM_DTYPE)} (add it to VLLM_DTYPE in bench_consumers.py)")
-    return VLLM_DTYPE[fmt]
+    return VLLM_DTYPE[scheme]
+
+
+# vLLM CPU's attention backend (CPUAttentionBackend.get_supported_head_sizes); any other head_dim kills its engine
+# ("Unsupported CPU attention configuration: head_dim=16"), so it is refused here before vLLM starts
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def head_dim(config: dict[str, Any]) -> int:
+    """A model's attention head size from its config.json: ``head_dim``, else hidden size / heads."""
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def check_vllm_head_dim(folder: Path) -> None:
+    size = head_dim(json.loads((folder / "config.json").read_text()))
+    if size not in VLLM_CPU_HEAD_SIZES:
+        raise SystemExit(f"{folder}: head_dim {size} is not one vLLM CPU's attention runs "
+                         f"({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); give a model with one of those")
 
 
 def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], new_tokens: int) -> dict[str, Any]:
@@ -191,18 +212,52 @@ def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], n
             "top_logprobs": VLLM_TOP, "windows": windows, "max_model_len": longest}
 
 
-def vllm_run(jobs: list[dict[str, Any]], threads: int) -> list[dict[str, Any]]:
-    """vLLM's greedy tokens and window NLLs per job, from ``vllm_consumer.py`` in the vLLM environment."""
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# VLLM_CPU_INT4_W4A8=0: on a CPU with AMX, vLLM's default (1) runs W4A16 checkpoints with int8 dynamic per-token
+# activations (its W4A8 kernel), a different model from the one the checkpoint describes (SmolLM2 W4A16: perplexity
+# 20.509 with it, +3.24 % over ours, the size of naive W8A8's loss). Off, vLLM computes W4A16 in bfloat16.
+VLLM_ENV = {"VLLM_CPU_INT4_W4A8": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+JOB_MARK = "=== vllm_consumer job"  # vllm_consumer.py's line before each job
+# a line of vLLM's log that names an exception, bare or logged at ERROR level by one of its processes:
+# "(Worker pid=9) ERROR 12-06 09:49:31 [multiproc_executor.py:1063] RuntimeError: ..." (WARNING lines are not causes)
+EXCEPTION_LINE = re.compile(r"^(?:\([^)]*\) )?(?:ERROR [\d-]+ [\d:]+ \[[^\]]*\] )?"
+                            r"((?:[\w.]+\.)?\w*(?:Error|Exception)\b.*)$")
+
+
+def root_cause(log: str, job: int) -> str | None:
+    """The first exception that job ``job``'s part of vLLM's log names: the engine process's own error, which the
+    caller only sees as ``EngineDeadError`` ("see stack trace above")."""
+    parts = re.split(rf"^{re.escape(JOB_MARK)} \d+ .*$", log, flags=re.MULTILINE)
+    if job + 1 >= len(parts):
+        return None
+    for line in parts[job + 1].splitlines():
+        match = EXCEPTION_LINE.match(line.strip())
+        if match and not match.group(1).startswith(("EngineDeadError", "vllm.v1.engine.exceptions.EngineDeadError")):
+            return match.group(1)
+    return None
+
+
+def vllm_run(jobs: list[dict[str, Any]], threads: int, log: Path) -> list[dict[str, Any]]:
+    """vLLM's greedy tokens and window NLLs per job, from ``vllm_consumer.py`` in the vLLM environment; its output
+    is kept in ``log``, and a job that failed names the root cause found there."""
+    env = {**os.environ, **VLLM_ENV, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
+    log.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        jobs_path, results_path, log = Path(tmp) / "jobs.json", Path(tmp) / "results.json", Path(tmp) / "vllm.log"
+        jobs_path, results_path = Path(tmp) / "jobs.json", Path(tmp) / "results.json"
         jobs_path.write_text(json.dumps(jobs))
         with log.open("w") as out:
             code = subprocess.run([str(peers.vllm_python()), str(HERE / "vllm_consumer.py"), str(jobs_path),
                                    str(results_path)], stdout=out, stderr=subprocess.STDOUT, env=env).returncode
         done = json.loads(results_path.read_text()) if results_path.is_file() else []
-        tail = " | ".join(log.read_text().strip().splitlines()[-3:])
-    return done + [{"error": f"vLLM exited with {code}: {tail}"}] * (len(jobs) - len(done))
+    text = log.read_text(errors="replace")
+    tail = " | ".join(text.strip().splitlines()[-3:])
+    results = done + [{"error": f"vLLM exited with {code}: {tail}"}] * (len(jobs) - len(done))
+    for i, r in enumerate(results):
+        cause = root_cause(text, i) if "error" in r else None
+        if cause is not None:
+            r["root_cause"] = cause
+        if "error" in r:
+            r["log"] = str(log)
+    return results
 
 
 def greedy(model: Any, prompt: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
@@ -265,28 +320,58 @@ def vllm_consumers(a: argparse.Namespace, wins: torch.Tensor) -> dict[str, dict[
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         entries.append((label, model, folder, AutoTokenizer.from_pretrained(folder), wins))
     for family in a.vllm_tiny:
-        entries.append((f"tiny-{family}", *tiny_export(family, a.workdir), None))
+        for scheme in a.vllm_tiny_schemes:
+            entries.append((f"tiny-{family}-{scheme}", *tiny_export(family, scheme, a.workdir), None))
     prompts = [chat_prompts(tokenizer) for _, _, _, tokenizer, _ in entries]
     jobs = [vllm_job(folder, p, [] if w is None else w.tolist(), a.vllm_tokens)
             for (_, _, folder, _, w), p in zip(entries, prompts, strict=True)]
     results = {}
-    for (label, model, _, _, w), p, got in zip(entries, prompts, vllm_run(jobs, a.threads), strict=True):
+    for (label, model, _, _, w), p, got in zip(entries, prompts, vllm_run(jobs, a.threads, a.workdir / "vllm.log"), strict=True):
         results[label] = vllm_compare(model, p, got, w)
         print_vllm(label, results[label])
     return results
 
 
-def tiny_export(family: str, workdir: Path) -> tuple[Any, Path, Any]:
-    """A tiny ``family`` model, int4 RTN group 32 symmetric (head int8), exported as compressed-tensors W4A16."""
+TINY_SCHEMES = ("w4a16", "w8a8")  # --vllm-tiny exports each family in these compressed-tensors schemes
+
+
+def tiny_rtn(scheme: str) -> Any:
+    """RTN settings of a ``TINY_SCHEMES`` entry: W4A16 int4 group 32 symmetric with an int8 head (pack-quantized),
+    or W8A8 int8 per-channel weights with int8 dynamic per-token activations, head float (int-quantized)."""
+    from toolkit.passes.rtn import RTNConfig
+    from toolkit.quant.spec import ActivationSpec
+
+    if scheme == "w4a16":
+        return RTNConfig(bits=4, group_size=32, symmetric=True, lm_head_bits=8)
+    return RTNConfig(bits=8, group_size=-1, symmetric=True, lm_head_bits=None,
+                     input_activations=ActivationSpec("int", 8, "token", dynamic=True))
+
+
+def vllm_head_override(family: str) -> dict[str, int]:
+    """``head_dim=32`` for a tiny family whose head size vLLM CPU's attention does not run (tiny mistral's 16),
+    none for the others: the same architecture, with heads vLLM can load."""
+    from toolkit.models.tiny import family_config
+
+    config = family_config(family).to_dict()
+    if head_dim(config) in VLLM_CPU_HEAD_SIZES:
+        return {}
+    if "head_dim" not in config:
+        raise SystemExit(f"tiny {family}: head size {head_dim(config)} is not one vLLM CPU runs, and its config "
+                         "has no head_dim to set; leave it out of --vllm-tiny")
+    return {"head_dim": 32}
+
+
+def tiny_export(family: str, scheme: str, workdir: Path) -> tuple[Any, Path, Any]:
+    """A tiny ``family`` model (heads vLLM CPU runs) quantized by RTN as ``tiny_rtn(scheme)`` says, exported as
+    compressed-tensors."""
     from toolkit.models.tiny import tiny_model, tiny_tokenizer
     from toolkit.passes.export_compressed_tensors import ExportCompressedTensorsConfig, export
-    from toolkit.passes.rtn import RTNConfig
     from toolkit.passes.rtn import apply as rtn_apply
     from toolkit.paths import atomic_dir
 
-    model, tokenizer = tiny_model(family), tiny_tokenizer()
-    rtn_apply(model, RTNConfig(bits=4, group_size=32, symmetric=True, lm_head_bits=8))
-    folder = workdir / f"tiny-{family}-w4a16"
+    model, tokenizer = tiny_model(family, **vllm_head_override(family)), tiny_tokenizer()
+    rtn_apply(model, tiny_rtn(scheme))
+    folder = workdir / f"tiny-{family}-{scheme}"
     if not folder.is_dir():
         with atomic_dir(folder) as tmp:
             export(model, tokenizer, ExportCompressedTensorsConfig(dtype="float16"), tmp)
@@ -295,7 +380,8 @@ def tiny_export(family: str, workdir: Path) -> tuple[Any, Path, Any]:
 
 def print_vllm(label: str, r: dict[str, Any]) -> None:
     if "error" in r:
-        print(f"{label}: vLLM: {r['error']}")
+        cause = f"; root cause: {r['root_cause']}" if "root_cause" in r else ""
+        print(f"{label}: vLLM: {r['error']}{cause} (log: {r['log']})")
         return
     print(f"{label}: vLLM ({r['dtype']}) greedy equal to ours on {r['greedy_equal']}/{len(r['greedy'])} prompts")
     for i, c in enumerate(r["greedy"]):
@@ -317,6 +403,8 @@ def main() -> None:
     p.add_argument("--vllm", action="append", default=[], help="LABEL=FOLDER: compressed-tensors export in vLLM (CPU)")
     p.add_argument("--vllm-tiny", nargs="*", default=[], metavar="FAMILY",
                    help="tiny models of these families, exported as W4A16 and run in vLLM (CPU)")
+    p.add_argument("--vllm-tiny-schemes", nargs="+", default=list(TINY_SCHEMES), choices=TINY_SCHEMES,
+                   help="the compressed-tensors schemes each --vllm-tiny family is exported in")
     p.add_argument("--vllm-tokens", type=int, default=32, help="greedy tokens per prompt compared with vLLM")
     p.add_argument("--tokenizer", default="smollm2", help="model source whose tokenizer makes the windows")
     p.add_argument("--count", type=int, default=16)
@@ -331,6 +419,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     for _, folder in labelled(a.vllm):
         vllm_dtype(folder)
+        check_vllm_head_dim(folder)
     if a.vllm or a.vllm_tiny:
         try:
             peers.vllm_python()

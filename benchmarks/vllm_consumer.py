@@ -43,10 +43,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return {"dtype": job["dtype"], "generations": generations, "windows": windows}
 
 
+JOB_MARK = "=== vllm_consumer job"  # bench_consumers.py cuts the log at these lines to find a job's root cause
+
+
 def main(jobs_path: str, results_path: str) -> None:
     """Every job in one process: vLLM's import and start-up cost minutes on 2 busy cores."""
     results = []
-    for job in json.loads(Path(jobs_path).read_text()):
+    for i, job in enumerate(json.loads(Path(jobs_path).read_text())):
+        print(f"{JOB_MARK} {i} {job['folder']}", flush=True)  # where this job's part of the log begins
         try:
             results.append(run_job(job))
         except Exception as err:  # one model vLLM cannot run must not hide the others' results

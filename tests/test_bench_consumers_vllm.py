@@ -43,11 +43,19 @@ def test_our_greedy_is_argmax_and_ignores_eos() -> None:
     assert torch.equal(steps[0], first.float())
 
 
-def test_w4a16_runs_in_bfloat16_and_unknown_formats_are_refused(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"format": "pack-quantized"}}))
-    assert bench.vllm_dtype(tmp_path) == "bfloat16"
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"format": "marlin-24"}}))
-    with pytest.raises(SystemExit, match="format 'marlin-24' has no vLLM dtype"):
+def _config(folder: Path, **quant: str) -> None:
+    (folder / "config.json").write_text(json.dumps({"quantization_config": quant}))
+
+
+def test_each_scheme_runs_in_its_kernels_dtype_and_unknown_schemes_are_refused(tmp_path: Path) -> None:
+    _config(tmp_path, quant_method="compressed-tensors", format="pack-quantized")
+    assert bench.vllm_dtype(tmp_path) == "bfloat16"  # vLLM CPU's W4A16 kernel: bfloat16 only
+    _config(tmp_path, quant_method="compressed-tensors", format="int-quantized")
+    assert bench.vllm_dtype(tmp_path) == "float32"  # its oneDNN int8 kernel writes the model's dtype
+    _config(tmp_path, quant_method="modelopt", quant_algo="FP8_PER_CHANNEL_PER_TOKEN")
+    assert bench.vllm_dtype(tmp_path) == "float32"
+    _config(tmp_path, quant_method="compressed-tensors", format="marlin-24")
+    with pytest.raises(SystemExit, match="scheme 'marlin-24' has no vLLM dtype"):
         bench.vllm_dtype(tmp_path)
     with pytest.raises(SystemExit, match="has no config.json"):
         bench.vllm_dtype(tmp_path / "missing")
@@ -63,7 +71,42 @@ def test_chat_prompts_are_the_probe_questions_in_the_template() -> None:
 
 
 def test_max_model_len_holds_a_window_and_the_token_after_it(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"format": "pack-quantized"}}))
+    _config(tmp_path, quant_method="compressed-tensors", format="pack-quantized")
     job = bench.vllm_job(tmp_path, [[1, 2, 3]], [list(range(512))], new_tokens=32)
     assert job["max_model_len"] == 513 and job["dtype"] == "bfloat16"
     assert bench.vllm_job(tmp_path, [[1] * 40], [], new_tokens=32)["max_model_len"] == 72
+
+
+def test_root_cause_is_the_failing_jobs_engine_error_not_engine_dead() -> None:
+    log = "\n".join([
+        f"{bench.JOB_MARK} 0 /a", "(EngineCore pid=7) INFO loading", "ok",
+        f"{bench.JOB_MARK} 1 /b", "(EngineCore pid=9) ERROR 12-06 [core.py:1] EngineCore failed to start.",
+        "(EngineCore pid=9) Traceback (most recent call last):", '(EngineCore pid=9)   File "x.py", line 3',
+        "(EngineCore pid=9) ValueError: sliding window 8 is not supported", "Traceback (most recent call last):",
+        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.",
+        f"{bench.JOB_MARK} 2 /c", "RuntimeError: later job"])
+    assert bench.root_cause(log, 1) == "ValueError: sliding window 8 is not supported"
+    assert bench.root_cause(log, 0) is None  # job 0's part names no exception
+    assert bench.root_cause(log, 2) == "RuntimeError: later job"
+    assert bench.root_cause(log, 3) is None  # a job the log never reached
+
+
+def test_tiny_schemes_export_the_formats_vllm_is_given(tmp_path: Path) -> None:
+    for scheme, fmt in (("w4a16", "pack-quantized"), ("w8a8", "int-quantized")):
+        _, folder, _ = bench.tiny_export("llama", scheme, tmp_path)
+        quant = json.loads((folder / "config.json").read_text())["quantization_config"]
+        assert quant["format"] == fmt and folder.name == f"tiny-llama-{scheme}"
+    assert quant["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
+
+
+def test_head_sizes_vllm_cpu_cannot_run_are_refused_before_it_starts(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
+    with pytest.raises(SystemExit, match="head_dim 16 is not one vLLM CPU's attention runs"):
+        bench.check_vllm_head_dim(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4, "head_dim": 32}))
+    bench.check_vllm_head_dim(tmp_path)
+
+
+def test_tiny_mistral_gets_heads_vllm_runs_and_the_others_keep_theirs() -> None:
+    assert bench.vllm_head_override("mistral") == {"head_dim": 32}  # its own head_dim 16 killed vLLM's engine
+    assert bench.vllm_head_override("qwen3") == {}
