@@ -15,13 +15,16 @@ two GGUFs (processes on shared machines vary by 10-20 %, so compare ratios from 
         --torch toolkit=runs/smollm2-int4-gptq/model --report out/consumers.json
 
 vLLM (CPU build, its own environment: ``benchmarks/peers.py setup --only vllm``) as a consumer of compressed-tensors
-exports: ``--vllm LABEL=FOLDER`` (a model of ``--tokenizer``, e.g. recipe smollm2-int4-rtn-compressed-tensors) and
-``--vllm-tiny FAMILY ...`` (tiny seeded models of those families, int4 RTN group 32 symmetric, exported here). vLLM
+and ModelOpt exports: ``--vllm LABEL=FOLDER`` (a model of ``--tokenizer``, e.g. recipes smollm2-int4-rtn-compressed-
+tensors, smollm2-w8a8-smoothquant, smollm2-fp8-dynamic, smollm2-fp8-modelopt; each scheme in the dtype
+``VLLM_DTYPE`` gives) and ``--vllm-tiny FAMILY ...`` (tiny seeded models of those families, exported here as W4A16
+and W8A8 int8, ``--vllm-tiny-schemes``). vLLM's log is kept in ``WORKDIR/vllm.log``; a model it refuses is reported
+with the root cause found there. vLLM
 runs ``vllm_consumer.py`` in a subprocess on token ids: greedy tokens over 3 chat prompts x 32 tokens (EOS ignored)
 are compared with ours (the first divergence, and the logit margin there on both sides), and for ``--vllm`` the
-perplexity from ``prompt_logprobs`` on the same windows. Ours is the toolkit's model for tiny families and the
-export reloaded in float32 by transformers + compressed-tensors for folders (equal to the toolkit's model's logits
-within 1e-5: tests/interop/test_export_compressed_tensors.py).
+perplexity from ``prompt_logprobs`` on the same windows. Ours is the toolkit's model for tiny families and, for
+folders, the float32 model the exporter's self-check reads back (``our_reading``: activations quantized as the
+folder says; equal to the toolkit's model: tests/interop/test_export_compressed_tensors.py).
 
     .venv/bin/python benchmarks/bench_consumers.py --vllm smollm2-w4a16=runs/smollm2-int4-rtn-compressed-tensors/export \
         --vllm-tiny llama qwen3 phi3 gemma3 --report out/consumers-vllm.json
@@ -311,14 +314,23 @@ def vllm_compare(model: Any, prompts: list[list[int]], got: dict[str, Any], wins
     return out
 
 
+def our_reading(folder: Path) -> Any:
+    """The export as ours computes it: the float32 model its exporter's self-check reads back (weights dequantized
+    from the stored codes, 8-bit linears' inputs quantized as the folder says), equal to the toolkit's model."""
+    from toolkit.passes import export_compressed_tensors, export_modelopt
+
+    quant_method = json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"]
+    read = export_modelopt._reload_float if quant_method == "modelopt" else export_compressed_tensors._reload_float
+    return read(folder)[0]
+
+
 def vllm_consumers(a: argparse.Namespace, wins: torch.Tensor) -> dict[str, dict[str, Any]]:
     """``--vllm`` folders (scored on ``wins`` too) and ``--vllm-tiny`` families, all in one vLLM process."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     entries = []  # label, our model, folder, tokenizer, windows
     for label, folder in labelled(a.vllm):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        entries.append((label, model, folder, AutoTokenizer.from_pretrained(folder), wins))
+        entries.append((label, our_reading(folder), folder, AutoTokenizer.from_pretrained(folder), wins))
     for family in a.vllm_tiny:
         for scheme in a.vllm_tiny_schemes:
             entries.append((f"tiny-{family}-{scheme}", *tiny_export(family, scheme, a.workdir), None))
