@@ -168,11 +168,11 @@ def hf_perplexity(folder: Path, wins: torch.Tensor, compressed: bool) -> dict[st
 
 # checkpoint scheme -> the dtype vLLM's CPU kernels compute it in. The compressed-tensors ``format`` names the scheme;
 # a ModelOpt checkpoint is named by its quant_method. W4A16 (pack-quantized): its CPU kernel takes uint4 / uint4b8 in
-# bfloat16 only (float32 fails). W8A8 int8 (int-quantized): the oneDNN int8 kernel writes the model's dtype, so
-# float32, the precision ours computes in. FP8 (float-quantized, modelopt): vLLM CPU's fp8 kernels need AMX and
-# write bfloat16 or float32.
-VLLM_DTYPE = {"pack-quantized": "bfloat16", "int-quantized": "float32", "float-quantized": "float32",
-              "modelopt": "float32"}
+# bfloat16 only (float32 fails). W8A8 int8 (int-quantized): on a CPU with AMX it runs int8_scaled_mm_with_quant,
+# which takes bfloat16 or half activations only (float32: "expect A to be bfloat16 or half"). FP8 (float-quantized,
+# modelopt): vLLM CPU's fp8 kernels need AMX and write bfloat16 or float32; bfloat16 like the others.
+VLLM_DTYPE = {"pack-quantized": "bfloat16", "int-quantized": "bfloat16", "float-quantized": "bfloat16",
+              "modelopt": "bfloat16"}
 VLLM_PROMPTS = 3
 VLLM_TOP = 5  # log-probabilities vLLM returns per step: enough to find our token at a divergence
 

@@ -53,9 +53,9 @@ def test_each_scheme_runs_in_its_kernels_dtype_and_unknown_schemes_are_refused(t
     _config(tmp_path, quant_method="compressed-tensors", format="pack-quantized")
     assert bench.vllm_dtype(tmp_path) == "bfloat16"  # vLLM CPU's W4A16 kernel: bfloat16 only
     _config(tmp_path, quant_method="compressed-tensors", format="int-quantized")
-    assert bench.vllm_dtype(tmp_path) == "float32"  # its oneDNN int8 kernel writes the model's dtype
+    assert bench.vllm_dtype(tmp_path) == "bfloat16"  # its AMX int8 kernel takes bfloat16 or half activations
     _config(tmp_path, quant_method="modelopt", quant_algo="FP8_PER_CHANNEL_PER_TOKEN")
-    assert bench.vllm_dtype(tmp_path) == "float32"
+    assert bench.vllm_dtype(tmp_path) == "bfloat16"
     _config(tmp_path, quant_method="compressed-tensors", format="marlin-24")
     with pytest.raises(SystemExit, match="scheme 'marlin-24' has no vLLM dtype"):
         bench.vllm_dtype(tmp_path)
