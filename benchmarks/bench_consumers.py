@@ -344,19 +344,23 @@ def vllm_consumers(a: argparse.Namespace, wins: torch.Tensor) -> dict[str, dict[
     return results
 
 
-TINY_SCHEMES = ("w4a16", "w8a8")  # --vllm-tiny exports each family in these compressed-tensors schemes
+# --vllm-tiny exports each family in these schemes (default: the two vLLM CPU runs; fp8 ones are tried on request)
+TINY_SCHEMES = ("w4a16", "w8a8", "fp8", "fp8-modelopt")
 
 
 def tiny_rtn(scheme: str) -> Any:
-    """RTN settings of a ``TINY_SCHEMES`` entry: W4A16 int4 group 32 symmetric with an int8 head (pack-quantized),
-    or W8A8 int8 per-channel weights with int8 dynamic per-token activations, head float (int-quantized)."""
+    """RTN settings of a ``TINY_SCHEMES`` entry: W4A16 int4 group 32 symmetric with an int8 head (pack-quantized);
+    W8A8 int8 per-channel weights with int8 dynamic per-token activations, head float (int-quantized); FP8 dynamic
+    (fp8 e4m3 per-channel weights, fp8 per-token activations, head float), as compressed-tensors float-quantized or
+    a ModelOpt checkpoint."""
     from toolkit.passes.rtn import RTNConfig
     from toolkit.quant.spec import ActivationSpec
 
     if scheme == "w4a16":
         return RTNConfig(bits=4, group_size=32, symmetric=True, lm_head_bits=8)
-    return RTNConfig(bits=8, group_size=-1, symmetric=True, lm_head_bits=None,
-                     input_activations=ActivationSpec("int", 8, "token", dynamic=True))
+    kind = "int" if scheme == "w8a8" else "float"
+    return RTNConfig(bits=8, group_size=-1, symmetric=True, type=kind, lm_head_bits=None,
+                     input_activations=ActivationSpec(kind, 8, "token", dynamic=True))
 
 
 def vllm_head_override(family: str) -> dict[str, int]:
@@ -377,7 +381,7 @@ def tiny_export(family: str, scheme: str, workdir: Path) -> tuple[Any, Path, Any
     """A tiny ``family`` model (heads vLLM CPU runs) quantized by RTN as ``tiny_rtn(scheme)`` says, exported as
     compressed-tensors."""
     from toolkit.models.tiny import tiny_model, tiny_tokenizer
-    from toolkit.passes.export_compressed_tensors import ExportCompressedTensorsConfig, export
+    from toolkit.passes import export_compressed_tensors, export_modelopt
     from toolkit.passes.rtn import apply as rtn_apply
     from toolkit.paths import atomic_dir
 
@@ -386,7 +390,11 @@ def tiny_export(family: str, scheme: str, workdir: Path) -> tuple[Any, Path, Any
     folder = workdir / f"tiny-{family}-{scheme}"
     if not folder.is_dir():
         with atomic_dir(folder) as tmp:
-            export(model, tokenizer, ExportCompressedTensorsConfig(dtype="float16"), tmp)
+            if scheme == "fp8-modelopt":
+                export_modelopt.export(model, tokenizer, export_modelopt.ExportModelOptConfig(), tmp)
+            else:
+                export_compressed_tensors.export(model, tokenizer,
+                                                 export_compressed_tensors.ExportCompressedTensorsConfig(), tmp)
     return model, folder, tokenizer
 
 
@@ -415,7 +423,7 @@ def main() -> None:
     p.add_argument("--vllm", action="append", default=[], help="LABEL=FOLDER: compressed-tensors export in vLLM (CPU)")
     p.add_argument("--vllm-tiny", nargs="*", default=[], metavar="FAMILY",
                    help="tiny models of these families, exported as W4A16 and run in vLLM (CPU)")
-    p.add_argument("--vllm-tiny-schemes", nargs="+", default=list(TINY_SCHEMES), choices=TINY_SCHEMES,
+    p.add_argument("--vllm-tiny-schemes", nargs="+", default=["w4a16", "w8a8"], choices=TINY_SCHEMES,
                    help="the compressed-tensors schemes each --vllm-tiny family is exported in")
     p.add_argument("--vllm-tokens", type=int, default=32, help="greedy tokens per prompt compared with vLLM")
     p.add_argument("--tokenizer", default="smollm2", help="model source whose tokenizer makes the windows")
