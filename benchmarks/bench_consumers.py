@@ -222,8 +222,9 @@ VLLM_ENV = {"VLLM_CPU_INT4_W4A8": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 JOB_MARK = "=== vllm_consumer job"  # vllm_consumer.py's line before each job
 # a line of vLLM's log that names an exception, bare or logged at ERROR level by one of its processes:
 # "(Worker pid=9) ERROR 12-06 09:49:31 [multiproc_executor.py:1063] RuntimeError: ..." (WARNING lines are not causes)
+# A worker killed by a signal inside a native kernel leaves no exception, only "Worker proc ... died unexpectedly".
 EXCEPTION_LINE = re.compile(r"^(?:\([^)]*\) )?(?:ERROR [\d-]+ [\d:]+ \[[^\]]*\] )?"
-                            r"((?:[\w.]+\.)?\w*(?:Error|Exception)\b.*)$")
+                            r"((?:[\w.]+\.)?\w*(?:Error|Exception)\b.*|Worker proc .* died unexpectedly.*)$")
 
 
 def root_cause(log: str, job: int) -> str | None:

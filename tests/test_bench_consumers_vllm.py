@@ -91,6 +91,10 @@ def test_root_cause_is_the_failing_jobs_engine_error_not_engine_dead() -> None:
     assert bench.root_cause(log, 0) is None  # job 0's part names no exception
     assert bench.root_cause(log, 2) == "RuntimeError: later job"
     assert bench.root_cause(log, 3) is None  # a job the log never reached
+    crash = "\n".join([f"{bench.JOB_MARK} 0 /a", "(EngineCore pid=9) ERROR 12-06 10:02:03 [multiproc_executor.py:315] "
+                        "Worker proc VllmWorker-0 died unexpectedly (exit code: None), shutting down executor.",
+                        "(EngineCore pid=9) ERROR 12-06 10:02:03 [core.py:1512] RuntimeError: cancelled"])
+    assert bench.root_cause(crash, 0).startswith("Worker proc VllmWorker-0 died unexpectedly")  # not "cancelled"
 
 
 def test_tiny_schemes_export_the_formats_vllm_is_given(tmp_path: Path) -> None:
