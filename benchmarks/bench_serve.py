@@ -192,9 +192,15 @@ async def one_request(client: Any, server: Server, prompt: str, max_tokens: int)
 async def drive(url: str, server: Server, prompts: list[str], concurrency: int, max_tokens: int
                 ) -> tuple[list[Timing], float]:
     """A closed loop of ``concurrency`` clients over ``prompts`` in order; the timings and the wall time."""
-    from openai import AsyncOpenAI
+    import httpx2
+    from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
-    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    # A fresh loopback connection per request, for every server alike: llama-server says Keep-Alive on a streamed
+    # response, then closes the connection after its last chunk (cpp-httplib reads the stream provider's final
+    # `false` as a cancel). A pooled client reuses the socket before it sees the close, and with no retries the
+    # next request fails with APIConnectionError: under load, when the server thread closes late, every few requests.
+    http = DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=None, max_keepalive_connections=0))
+    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600, http_client=http)
     queue = list(enumerate(prompts))
     timings: list[Timing | None] = [None] * len(prompts)
 
