@@ -69,10 +69,14 @@ class Server:
     model: str  # the name requests carry
     extra_body: dict[str, Any]  # how this server is told to produce exactly max_tokens
     env: dict[str, str] = field(default_factory=dict)
+    min_tokens: bool = False  # also ask for min_tokens = each request's max_tokens (vLLM refuses min > max)
+
+    def body(self, max_tokens: int) -> dict[str, Any]:
+        return {**self.extra_body, "min_tokens": max_tokens} if self.min_tokens else self.extra_body
 
     @property
     def forced_length(self) -> str:
-        return ", ".join(sorted(self.extra_body)) or "max_tokens only"
+        return ", ".join(sorted(self.body(1))) or "max_tokens only"
 
 
 @dataclass
@@ -119,7 +123,7 @@ def vllm(folder: Path, port: int, a: argparse.Namespace) -> Server:
            "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max(LEVELS)),
            "--max-model-len", str(context(a))]
     env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{a.threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    return Server("vllm", cmd, "vllm", {"ignore_eos": True, "min_tokens": a.max_tokens}, env)
+    return Server("vllm", cmd, "vllm", {"ignore_eos": True}, env, min_tokens=True)
 
 
 @contextlib.contextmanager
@@ -176,7 +180,7 @@ async def one_request(client: Any, server: Server, prompt: str, max_tokens: int)
     usage = None
     stream = await client.completions.create(model=server.model, prompt=prompt, max_tokens=max_tokens,
                                              temperature=0.0, stream=True, stream_options={"include_usage": True},
-                                             extra_body=server.extra_body)
+                                             extra_body=server.body(max_tokens))
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             chunks.append(time.perf_counter() - start)

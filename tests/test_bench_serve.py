@@ -132,3 +132,16 @@ def test_engine_batch_reports_the_forced_length_on_a_tiny_export(folder: Path) -
     out = bench.engine_batch(folder, ["hello there", "a longer prompt than that", "x"], args)
     assert out["output_tokens"] == [6, 6, 6] and out["requests"] == 3
     assert out["decode_tok_s"] > 0 and out["output_tok_s"] > 0
+
+
+def test_vllm_is_asked_for_min_tokens_equal_to_each_requests_max_tokens(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path) -> None:
+    """The warm-up asks for fewer tokens than the levels: a fixed min_tokens above its max_tokens is a 400."""
+    monkeypatch.setenv("TOOLKIT_PEERS", str(tmp_path))
+    (tmp_path / "vllm" / "bin").mkdir(parents=True)
+    (tmp_path / "vllm" / "bin" / "python").touch()
+    args = argparse.Namespace(max_tokens=64, threads=2, ttft_long=False)
+    server = bench.vllm(tmp_path, 8000, args)
+    assert server.body(8) == {"ignore_eos": True, "min_tokens": 8} and server.body(64)["min_tokens"] == 64
+    assert server.forced_length == "ignore_eos, min_tokens"
+    assert bench.ours(tmp_path, 8000, args).body(8) == {"ignore_eos": True}
