@@ -348,6 +348,16 @@ def test_an_int8_target_scores_and_decodes_bit_identically(int8_target):
     assert not np.array_equal(scored, decoded)
 
 
+def test_a_full_row_decodes_and_scores_its_last_column_without_the_pad(int8_target):
+    """The pad needs the column after the token; at the row's last column the call runs unpaired, as it must."""
+    backend = OrtBackend(int8_target, BackendOptions(threads=1, paired_decode=True))
+    backend.allocate(1, 16)
+    backend.prefill(0, np.arange(10, 25), 0)  # columns 0..14: column 15 is the last
+    assert backend.score(np.array([0]), np.array([[40]]), np.array([15])).shape == (1, 1, 259)
+    next_token, logits = backend.decode_next(np.array([40]), np.array([15]), True)
+    assert logits is not None and next_token[0] == logits[0].argmax()
+
+
 def test_verify_margin_follows_the_activation_precision_the_target_runs_at(int8_target, draft):
     """int8 activations: paired one-row calls are exact (no margin; on by default with a draft), unpaired ones
     need the int8 margin; float activations: the float margin."""
