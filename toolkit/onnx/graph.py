@@ -153,7 +153,10 @@ def _require_block(group: int, what: str) -> None:
 
 
 def linear(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -> str:
-    """``x [.., K] -> [.., N]``: MatMul on float weights, MatMulNBits (ort) or DequantizeLinear+MatMul (standard)."""
+    """``x [.., K] -> [.., N]``: MatMul on float weights, MatMulNBits (ort) or DequantizeLinear+MatMul (standard);
+    a linear that quantizes its inputs runs as ``w8a8_linear``."""
+    if w.act is not None:
+        return w8a8_linear(b, x, w, name)
     if not w.quantized:
         y = b.one("MatMul", [x, b.fconst(f"{name}.weight_t", w.weight.T)])  # type: ignore[union-attr]
     elif opts.target == "ort":
@@ -177,6 +180,36 @@ def _matmul_nbits(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOpt
         inputs += [""] * (5 - len(inputs)) + [b.fconst(f"{name}.bias", w.bias)]
     return b.one("MatMulNBits", inputs, domain=MS, K=w.k, N=w.n, bits=bits, block_size=w.group,
                  accuracy_level=opts.accuracy_level)
+
+
+def w8a8_linear(b: Builder, x: str, w: LinearWeight, name: str) -> str:
+    """``x [.., K] -> [.., N]`` with int8 inputs and int8 per-channel symmetric weights, as the PyTorch model
+    computes it (``fake_quantize_activations``): ``s_x`` = max|x| / 127 per token (or the calibrated per-tensor
+    scale), ``q_x`` = clip(round_half_even(x / s_x), -128, 127); MatMulInteger (int8 x int8, exact int32 sums),
+    then one float multiply by ``s_x`` and the weight scales ``s_w [N]`` (onnxruntime fuses the chain into
+    MatMulIntegerToFloat; ``benchmarks/w8a8_matmul_ab.py``). Against PyTorch's float product of the dequantized
+    values only float32 rounding differs, plus an activation code where x lands on a rounding midpoint."""
+    if w.act is None or w.act.type != "int" or w.bits != 8 or w.group != w.k:
+        raise ToolkitError(f"{name}: the W8A8 ONNX linear takes int8 activations and int8 per-channel weights "
+                           "(group_size: -1); quantize with that scheme, or drop input_activations")
+    if w.act.dynamic:
+        absmax = b.one("ReduceMax", [b.one("Abs", [x]), b.ints([-1])], keepdims=1)  # [.., 1]
+        positive = b.one("Greater", [absmax, b.const("w8a8.zero", np.float32(0))])
+        # an all-zero row keeps scale 1 (activation_scale): its codes are 0 either way, and nothing divides by 0
+        scale = b.one("Where", [positive, b.one("Div", [absmax, b.const("w8a8.int8_max", np.float32(127))]),
+                                b.const("w8a8.one", np.float32(1))])
+    else:
+        scale = b.const(f"{name}.input_scale", np.float32(w.input_scale))
+    # q_x + 128 as uint8 with zero point 128: the same integers, in the u8 x s8 form MLAS has fast kernels for
+    # (int8 x int8 MatMulInteger ran ~5x slower than a float MatMul on this CPU)
+    shifted = b.one("Add", [b.one("Round", [b.one("Div", [x, scale])]), b.const("w8a8.offset", np.float32(128))])
+    codes = b.one("Clip", [shifted, b.const("w8a8.u8_min", np.float32(0)), b.const("w8a8.u8_max", np.float32(255))])
+    acc = b.one("MatMulInteger", [b.one("Cast", [codes], to=TensorProto.UINT8),
+                                  _signed_codes(b, f"{name}.qweight_t", _symmetric_codes(w, name).t(), 8),
+                                  b.const("w8a8.zero_point", np.uint8(128))])  # int32 [.., N]
+    weight_scales = b.const(f"{name}.weight_scales", w.scales[:, 0].astype(np.float32))  # type: ignore[index]
+    y = b.one("Mul", [b.one("Cast", [acc], to=TensorProto.FLOAT), b.one("Mul", [scale, weight_scales])])
+    return y if w.bias is None else b.one("Add", [y, b.const(f"{name}.bias", w.bias.astype(np.float32))])
 
 
 def _nbits_weight(b: Builder, w: LinearWeight, name: str) -> str:
