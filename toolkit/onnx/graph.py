@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import check_rope, layout_of, rope_parameters
 from toolkit.onnx.external import ExternalData, InlineData
-from toolkit.onnx.weights import LinearWeight, embedding_source, linear_weight, nibble_planes
+from toolkit.onnx.weights import LinearWeight, embedding_source, linear_weight, nibble_planes, row_blocks
 from toolkit.quant.formats import DequantizeLinear, MatMulNBits
 from toolkit.quant.modules import reads_head
 
@@ -167,6 +167,7 @@ def linear(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -
 
 
 def _matmul_nbits(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -> str:
+    w = row_blocks(w)
     _require_block(w.group, name)
     if w.bits == 8 and opts.split_int8:
         hi, lo = nibble_planes(w)
@@ -208,8 +209,12 @@ def w8a8_linear(b: Builder, x: str, w: LinearWeight, name: str) -> str:
                                   _signed_codes(b, f"{name}.qweight_t", _symmetric_codes(w, name).t(), 8),
                                   b.const("w8a8.zero_point", np.uint8(128))])  # int32 [.., N]
     weight_scales = b.const(f"{name}.weight_scales", w.scales[:, 0].astype(np.float32))  # type: ignore[index]
+    # onnxruntime fuses MatMulInteger -> Cast -> Mul(s_x * s_w) into MatMulIntegerToFloat (one factor: as
+    # (acc * s_w) * s_x it fuses nothing). It fuses a following bias Add too, and with a per-token s_x the fused
+    # node then computes wrong values (onnxruntime 1.32, test_w8a8_bias_is_not_fused): the bias goes in with Sum,
+    # which that fusion does not match
     y = b.one("Mul", [b.one("Cast", [acc], to=TensorProto.FLOAT), b.one("Mul", [scale, weight_scales])])
-    return y if w.bias is None else b.one("Add", [y, b.const(f"{name}.bias", w.bias.astype(np.float32))])
+    return y if w.bias is None else b.one("Sum", [y, b.const(f"{name}.bias", w.bias.astype(np.float32))])
 
 
 def _nbits_weight(b: Builder, w: LinearWeight, name: str) -> str:
@@ -300,6 +305,7 @@ def _float_rows(b: Builder, w: LinearWeight, head: str) -> str:
 def _gather_block_quantized(b: Builder, ids: str, w: LinearWeight, head: str, zero_points: bool = False) -> str:
     """Rows of the head's MatMulNBits bytes, with its zero points when they are not the default 2^(bits-1)
     (always for ``zero_points``: a nibble plane's)."""
+    w = row_blocks(w)
     _require_block(w.group, "tied embedding")
     bits = MatMulNBits.storage_bits(w.bits)
     zero_points = zero_points or bool((torch.from_numpy(w.zeros) != 2 ** (bits - 1)).any())  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ Nothing is re-quantized: codes are copied, scales widened from float16 to float3
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -106,6 +106,21 @@ def embedding_source(model: nn.Module, head_name: str) -> LinearWeight | torch.T
             return linear_weight(head)
         return embed.weight.detach()
     raise ToolkitError(f"cannot export input embedding of type {type(embed).__name__}")
+
+
+def row_blocks(w: LinearWeight) -> LinearWeight:
+    """A whole-row (per-channel) quantized weight as blocks of the largest power of two >= 16 dividing K, its scale
+    and zero point repeated in each block: the same numbers in a shape MatMulNBits / GatherBlockQuantized take
+    (their block is a power of two; SmolLM2's K = 576 runs as 9 blocks of 64). The packed bytes are unchanged:
+    codes run along K either way. Any other weight is returned as it is."""
+    if not w.quantized or w.group != w.k or w.k & (w.k - 1) == 0:
+        return w
+    block = w.k & -w.k  # the largest power of two dividing K
+    if block < 16:
+        return w
+    repeat = w.k // block
+    return replace(w, group=block, scales=np.repeat(w.scales, repeat, axis=1),  # type: ignore[arg-type]
+                   zeros=np.repeat(w.zeros, repeat, axis=1))  # type: ignore[arg-type]
 
 
 def nibble_planes(w: LinearWeight) -> tuple[LinearWeight, LinearWeight]:
