@@ -22,6 +22,13 @@ Attention do not, and onnxruntime inserts casts and runs those in float32 (a flo
 load). So on CPU float16 pays off for int4 weights on the ``ort`` target; the other graphs run correctly but
 gain only the smaller file. Its strict check is relative (``float16_tolerance``).
 
+A W8A8 int8 model (``input_activations`` int8, per token dynamic or per tensor static; int8 per-channel symmetric
+weights) exports on the ``ort`` target: each such linear quantizes its input as the PyTorch model does and runs
+MatMulInteger (``graph.w8a8_linear``; onnxruntime fuses it to MatMulIntegerToFloat). onnxruntime's own dynamic
+forms (DynamicQuantizeLinear, DynamicQuantizeMatMul) are per tensor and asymmetric uint8, another model than the
+one evaluated, and were no faster (``benchmarks/w8a8_matmul_ab.py``). Its strict check is relative
+(``activation_tolerance``).
+
 Validation fails the export (ToolkitError), it never only warns. It runs the folder through the runtime's
 backend twice:
 - ``strict``: MatMulNBits / fused DequantizeLinear at accuracy_level 0 (float activations), so the only

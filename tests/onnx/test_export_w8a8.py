@@ -165,3 +165,16 @@ def test_a_w8a8_model_for_the_standard_target_is_refused_before_any_work(tmp_pat
     with pytest.raises(ToolkitError, match="^the standard ONNX target computes with float activations"):
         PASSES[ONNXConfig].run(model, tiny_tokenizer(), ONNXConfig(target="standard"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_w8a8_recipe_parses_and_a_standard_target_for_it_is_refused_when_read() -> None:
+    import yaml
+
+    from toolkit.pipeline import recipes
+
+    path = Path(__file__).parents[2] / "recipes" / "smollm2-w8a8-smoothquant-onnx.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert [p.name for p in recipes.parse(data, "r.yaml").passes] == ["smoothquant", "rtn", "onnx"]
+    data["passes"][2] = {"onnx": {"target": "standard"}}
+    with pytest.raises(ToolkitError, match=r"^r.yaml: passes\[1\].rtn then onnx: the standard ONNX target computes"):
+        recipes.parse(data, "r.yaml")
