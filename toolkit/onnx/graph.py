@@ -195,26 +195,30 @@ def w8a8_linear(b: Builder, x: str, w: LinearWeight, name: str) -> str:
                            "(group_size: -1); quantize with that scheme, or drop input_activations")
     if w.act.dynamic:
         absmax = b.one("ReduceMax", [b.one("Abs", [x]), b.ints([-1])], keepdims=1)  # [.., 1]
-        positive = b.one("Greater", [absmax, b.const("w8a8.zero", np.float32(0))])
+        positive = b.one("Greater", [absmax, _scalar(b, "w8a8.zero", 0)])
         # an all-zero row keeps scale 1 (activation_scale): its codes are 0 either way, and nothing divides by 0
-        scale = b.one("Where", [positive, b.one("Div", [absmax, b.const("w8a8.int8_max", np.float32(127))]),
-                                b.const("w8a8.one", np.float32(1))])
+        scale = b.one("Where", [positive, b.one("Div", [absmax, _scalar(b, "w8a8.int8_max", 127)]),
+                                _scalar(b, "w8a8.one", 1)])
     else:
-        scale = b.const(f"{name}.input_scale", np.float32(w.input_scale))
+        scale = b.const(f"{name}.input_scale", np.array(w.input_scale, np.float32))
     # q_x + 128 as uint8 with zero point 128: the same integers, in the u8 x s8 form MLAS has fast kernels for
-    # (int8 x int8 MatMulInteger ran ~5x slower than a float MatMul on this CPU)
-    shifted = b.one("Add", [b.one("Round", [b.one("Div", [x, scale])]), b.const("w8a8.offset", np.float32(128))])
-    codes = b.one("Clip", [shifted, b.const("w8a8.u8_min", np.float32(0)), b.const("w8a8.u8_max", np.float32(255))])
+    # (int8 x int8 MatMulInteger ran ~5x slower than a float MatMul in one A/B run on the 2-core machine)
+    shifted = b.one("Add", [b.one("Round", [b.one("Div", [x, scale])]), _scalar(b, "w8a8.offset", 128)])
+    codes = b.one("Clip", [shifted, _scalar(b, "w8a8.u8_min", 0), _scalar(b, "w8a8.u8_max", 255)])
     acc = b.one("MatMulInteger", [b.one("Cast", [codes], to=TensorProto.UINT8),
                                   _signed_codes(b, f"{name}.qweight_t", _symmetric_codes(w, name).t(), 8),
-                                  b.const("w8a8.zero_point", np.uint8(128))])  # int32 [.., N]
+                                  _scalar(b, "w8a8.zero_point", 128, np.uint8)])  # int32 [.., N]
     weight_scales = b.const(f"{name}.weight_scales", w.scales[:, 0].astype(np.float32))  # type: ignore[index]
     # onnxruntime fuses MatMulInteger -> Cast -> Mul(s_x * s_w) into MatMulIntegerToFloat (one factor: as
     # (acc * s_w) * s_x it fuses nothing). It fuses a following bias Add too, and with a per-token s_x the fused
-    # node then computes wrong values (onnxruntime 1.32, test_w8a8_bias_is_not_fused): the bias goes in with Sum,
+    # node then computes wrong values (onnxruntime 1.32; tests/onnx/test_export_w8a8.py): the bias goes in with Sum,
     # which that fusion does not match
     y = b.one("Mul", [b.one("Cast", [acc], to=TensorProto.FLOAT), b.one("Mul", [scale, weight_scales])])
     return y if w.bias is None else b.one("Sum", [y, b.const(f"{name}.bias", w.bias.astype(np.float32))])
+
+
+def _scalar(b: Builder, name: str, value: float, dtype: type[np.generic] = np.float32) -> str:
+    return b.const(name, np.array(value, dtype))
 
 
 def _nbits_weight(b: Builder, w: LinearWeight, name: str) -> str:
