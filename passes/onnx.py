@@ -27,7 +27,8 @@ weights) exports on the ``ort`` target: each such linear quantizes its input as 
 MatMulInteger (``graph.w8a8_linear``; onnxruntime fuses it to MatMulIntegerToFloat). onnxruntime's own dynamic
 forms (DynamicQuantizeLinear, DynamicQuantizeMatMul) are per tensor and asymmetric uint8, another model than the
 one evaluated, and were no faster (``benchmarks/w8a8_matmul_ab.py``). Its strict check is relative
-(``activation_tolerance``).
+(``activation_tolerance``: the int8 codes are exact, but a deep W8A8 model amplifies an activation code
+that float rounding flips at a midpoint).
 
 Validation fails the export (ToolkitError), it never only warns. It runs the folder through the runtime's
 backend twice:
@@ -104,10 +105,12 @@ class ONNXConfig(ExportConfig):
     # relative, so no absolute bound fits every model (the tiny families give <= 1.7e-3, a broken graph ~1)
     float16_tolerance: float = 1e-2
     # strict check of a W8A8 export (quantized inputs): median over positions of RMS(Δlogits) / RMS(logits). The
-    # graph computes the model's integers exactly, so float32 rounding gives ~3e-7 on every tiny family; where x
-    # lands within rounding of a code midpoint one activation code flips, which moves that position's logits by up
-    # to ~0.03 (max |Δ|, so no absolute bound fits) but leaves the median; a wrong scale or layout gives ~0.4
-    activation_tolerance: float = 1e-3
+    # graph computes the model's integers exactly (float32 rounding alone: ~3e-7 on every tiny family), but where x
+    # lies within rounding of a code midpoint an activation code flips, and a deep W8A8 model amplifies flips: the
+    # PyTorch W8A8 SmolLM2 itself moves by a median 0.021 (random-token probe; 0.11 on text) when its input
+    # embeddings are multiplied by 1 + 1e-6 noise, and its export measured 0.023-0.028. A graph with a wrong bias
+    # (an onnxruntime fusion bug, tiny qwen2) gave 0.36-0.43; exactness itself is tested at 1e-5 on the tiny models
+    activation_tolerance: float = 0.1
     max_positions: int = 0  # longest context the export serves (rotary cache rows); 0: the model's own
     # ort: batches are right-padded (each row from column 0, as our runtime and onnxruntime-genai feed them) unless
     # this is true, which adds an attention bias for left-padded batches (Hugging Face style) at ~4 % of decode speed

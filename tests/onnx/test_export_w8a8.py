@@ -128,8 +128,8 @@ def test_a_wrong_weight_scale_fails_the_export(tmp_path: Path, monkeypatch: pyte
         return w if w.act is None else replace(w, scales=w.scales * 1.05)  # type: ignore[operator]
 
     monkeypatch.setattr(decoder, "linear_weight", tampered)
-    with pytest.raises(ToolkitError, match="strict .*median relative RMS .* > 0.001"):
-        _export(rtn.apply(tiny_llama(), W8A8), tmp_path / "out")
+    with pytest.raises(ToolkitError, match="strict .*median relative RMS .* > 0.001"):  # a tiny model's bound
+        _export(rtn.apply(tiny_llama(), W8A8), tmp_path / "out", activation_tolerance=1e-3)
     assert not (tmp_path / "out").exists()
 
 
