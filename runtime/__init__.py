@@ -32,7 +32,8 @@ __all__ = [
 
 
 def load(folder: str | Path, threads: int | None = None, max_batch: int = 8, prefill_chunk: int = 256,
-         spin: bool = True, draft: str | Path | None = None, accuracy_level: int | None = None) -> Engine:
+         spin: bool = True, draft: str | Path | None = None, accuracy_level: int | None = None,
+         paired_decode: bool | None = None) -> Engine:
     """Open an export folder (refusing unsafe external data) and return a ready ``Engine``.
 
     threads: ORT intra-op threads (default: physical cores); max_batch: cache rows decoded together;
@@ -41,15 +42,18 @@ def load(folder: str | Path, threads: int | None = None, max_batch: int = 8, pre
     spin: let ORT worker threads spin between ops (faster decode on an idle machine; turn it off where
     other processes compete for the cores);
     draft: an export with the same tokenizer that drafts tokens for speculative decoding (checked before loading);
-    accuracy_level: the target's MatMulNBits activation precision (0 float, 4 int8; None: the export's); a
-    speculating int4 target needs 0 for its k-token verify to round as its one-token decode does.
+    accuracy_level: the target's MatMulNBits activation precision (0 float, 4 int8; None: the export's);
+    paired_decode: at accuracy_level 4, decode one row as a pair so that verify and decode agree bit for bit and
+    greedy speculation keeps every position (see ``BackendOptions``); None: on when a draft is given. Without it an
+    int8 target's verify defers close calls (``VERIFY_MARGIN_INT8``) and speculation gains little.
     """
     folder = Path(folder)
     tokenizer = Tokenizer.from_folder(folder)
     if draft is not None:
         check_same_tokenizer(tokenizer, Tokenizer.from_folder(Path(draft)), folder, Path(draft))
+    paired = draft is not None if paired_decode is None else paired_decode
     options = BackendOptions(threads=threads, prefill_chunk=prefill_chunk, spin=spin, accuracy_level=accuracy_level)
-    backend = OrtBackend(folder, options)
+    backend = OrtBackend(folder, replace(options, paired_decode=paired))
     if max_batch > 1 and not backend.supports_ragged_batch():
         warnings.warn(f"{folder}: the graph cannot decode rows of different lengths together (its attention "
                       "bias assumes aligned left padding); sequences run one at a time", stacklevel=2)

@@ -75,6 +75,7 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+PAD_TOKEN = 0  # fills a call to an even token count (``OrtBackend.pairs``); only its own, discarded, outputs see it
 MAX_THREADS = 1024  # onnxruntime takes an int32 and starts them all; more is a typo, not a machine
 
 
@@ -91,6 +92,11 @@ class BackendOptions:
     # give a graph without the exporter's next-token output one at load (an ArgMax on the logits), so greedy steps
     # read n ids instead of [n, V] floats; False runs the graph as it is
     next_token: bool = True
+    # int8-activation graphs: decode one row as a pair [token, pad] so that a k-token verify and a one-token decode
+    # run the same kernels and agree bit for bit (greedy speculation needs no margin); costs ~25 % more CPU per
+    # one-row decode step (SmolLM2 int4 GPTQ block 64, 2 threads, median of 12 interleaved rounds), so it is for
+    # targets that speculate
+    paired_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
@@ -159,9 +165,15 @@ class OrtBackend:
         options = options or BackendOptions()
         self.contract, proto, model_path = open_export(folder)
         level = self.contract.accuracy_level if options.accuracy_level is None else options.accuracy_level
-        # MatMulNBits at level 4 quantizes activations to int8 and rounds differently for one row than for several
+        # MatMulNBits at level 4 quantizes activations to int8, so a last-bit difference upstream can move a rounding
         self.int8_activations = self.contract.weights != "float32" and level == 4
         self.can_share_buffer = self.contract.share_buffer and uses_shared_buffer(proto)
+        # One token is computed by other kernels than k: MLAS's int8 MatMulNBits (block 64) sums a one-row tile's
+        # lanes in another order than a two-row tile's, and GroupQueryAttention's M=1 GEMM is MLAS's M=1 kernel.
+        # Those last bits grow through 30 int8-requantized layers to ~0.5 in the logits. With ``paired_decode`` a
+        # single row decodes as a pair [token, pad] and score feeds an even count: every call takes two-row tiles and M>1
+        # GEMMs, and a token's logits and cache columns do not depend on the call (see _run_pair).
+        self.pairs = options.paired_decode and self.int8_activations and self.can_share_buffer
         self.whole_cache = takes_whole_cache(proto)  # past is the whole [B, KVH, CAP, D] row, not the used columns
         contract = self.contract
         if self.can_share_buffer and options.next_token:  # the decode path that reads it binds a shared cache
@@ -176,7 +188,7 @@ class OrtBackend:
         self.dtype = np.dtype(ORT_DTYPES.get(inputs[self._pairs[0][0]].type, np.float32))
         self.prefill_chunk = options.prefill_chunk
         self.cache: KVCache | None = None
-        self._decode_bindings: dict[tuple[int, bool], ort.IOBinding] = {}  # (rows, logits bound) -> binding
+        self._decode_bindings: dict[tuple[int, bool], ort.IOBinding] = {}  # (rows, logits bound) -> binding; rows -1: the pair
 
     def _check_names(self, model_path: Path) -> list[tuple[str, str]]:
         inputs = {i.name for i in self.session.get_inputs()}
@@ -217,6 +229,10 @@ class OrtBackend:
         self._mask_buffer = np.empty(slots * capacity, np.int64)  # a decode step's mask [n, M] is a prefix of it
         self._decode_logits = np.empty((slots, 1, d.vocab_size), np.float32)  # [SLOTS, 1, V]
         self._decode_next = np.empty((slots, 1), np.int64)  # [SLOTS, 1], the graph's argmax
+        # a paired one-row decode: [token, pad] at [length, length+1]; the pad's column is overwritten next step
+        self._pair_ids, self._pair_pos = np.zeros((1, 2), np.int64), np.zeros((1, 2), np.int64)
+        self._pair_logits = np.empty((1, 2, d.vocab_size), np.float32)  # [1, 2, V]
+        self._pair_next = np.empty((1, 2), np.int64)
         self._prefill_logits = np.empty((1, min(self.prefill_chunk, capacity), d.vocab_size), np.float32)
         return self.cache
 
@@ -294,11 +310,15 @@ class OrtBackend:
         """tokens [B, k] after each row's past -> logits [B, k, V] (a new array); writes the k columns per row.
 
         One call per row: GroupQueryAttention takes several new tokens after a past only for a batch of one.
+        With ``pairs`` an odd k gets a pad token where the row has room (its column is past the row's length).
         """
         if tokens.ndim != 2 or len(rows) != len(tokens) or len(lengths) != len(tokens):
             raise ToolkitError(f"score takes tokens [B, k] and B rows and lengths (got tokens {tokens.shape}, "
                                f"{len(rows)} rows, {len(lengths)} lengths)")
-        return np.stack([self.prefill(int(r), tokens[b], int(n), all_logits=True)
+        k = tokens.shape[1]
+        if self.pairs and k % 2 and int(lengths.max()) + k < self._require_cache().capacity:
+            tokens = np.concatenate([tokens, np.full((len(tokens), 1), PAD_TOKEN, np.int64)], axis=1)
+        return np.stack([self.prefill(int(r), tokens[b], int(n), all_logits=True)[:k]
                          for b, (r, n) in enumerate(zip(rows, lengths, strict=True))])
 
     def _prefill_chunk(self, slot: int, chunk: np.ndarray, start: int) -> np.ndarray:
@@ -345,6 +365,33 @@ class OrtBackend:
         np.less(self._columns[:total], lengths_after[:, None], out=mask, casting="unsafe")
         return ort.OrtValue.ortvalue_from_numpy(mask)
 
+    def _paired(self, lengths: np.ndarray) -> bool:
+        """Decode this step as a pair: one row, ``pairs`` on, and room for the pad column."""
+        return self.pairs and len(lengths) == 1 and int(lengths[0]) + 2 <= self._require_cache().capacity
+
+    def _pair_binding(self, logits: bool) -> ort.IOBinding:
+        io = self._decode_bindings.get((-1, logits))
+        if io is None:
+            io = self.session.io_binding()
+            io.bind_ortvalue_input(self.names.input_ids, ort.OrtValue.ortvalue_from_numpy(self._pair_ids))
+            if self.has_positions:
+                io.bind_ortvalue_input(self.names.position_ids, ort.OrtValue.ortvalue_from_numpy(self._pair_pos))  # type: ignore[arg-type]
+            if logits:
+                io.bind_ortvalue_output(self.names.logits, ort.OrtValue.ortvalue_from_numpy(self._pair_logits))
+            if self.has_next_token:
+                io.bind_ortvalue_output(self.names.next_token, ort.OrtValue.ortvalue_from_numpy(self._pair_next))  # type: ignore[arg-type]
+            self._bind_shared(io, 0, 1)
+            self._decode_bindings[-1, logits] = io
+        return io
+
+    def _run_pair(self, token: int, length: int, logits: bool) -> None:
+        """Row 0's token at ``length`` and a pad after it, in one call (the rows of a ``score``'s tiles)."""
+        io = self._pair_binding(logits)
+        self._pair_ids[0] = token, PAD_TOKEN
+        self._pair_pos[0] = length, length + 1
+        io.bind_ortvalue_input(self.names.attention_mask, self._decode_mask(np.array([length + 2])))
+        self.session.run_with_iobinding(io)
+
     def _run_decode(self, tokens: np.ndarray, lengths: np.ndarray, logits: bool) -> None:
         n = len(tokens)
         io = self._decode_binding(n, logits)
@@ -357,6 +404,9 @@ class OrtBackend:
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         if not self._require_cache().shared:
             return self._decode_at(0, tokens, lengths)
+        if self._paired(lengths):
+            self._run_pair(int(tokens[0]), int(lengths[0]), logits=True)
+            return self._pair_logits[:, 0]  # [1, V], valid until the next call
         self._run_decode(tokens, lengths, logits=True)
         return self._decode_logits[: len(tokens), 0]  # [n, V], valid until the next call
 
@@ -366,6 +416,9 @@ class OrtBackend:
         if not (self.has_next_token and self._require_cache().shared):
             logits = self.decode(tokens, lengths)
             return logits.argmax(axis=1), logits if with_logits else None
+        if self._paired(lengths):
+            self._run_pair(int(tokens[0]), int(lengths[0]), logits=with_logits)
+            return self._pair_next[:, 0], self._pair_logits[:, 0] if with_logits else None
         n = len(tokens)
         self._run_decode(tokens, lengths, logits=with_logits)
         return self._decode_next[:n, 0], self._decode_logits[:n, 0] if with_logits else None  # valid until next call

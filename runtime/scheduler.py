@@ -31,9 +31,12 @@ from toolkit.runtime.speculative import Draft, accept_or_resample, dense, top2_m
 # Greedy verification keeps a target choice only where its top-2 logit gap exceeds this; a closer call is left to
 # the one-token decode. A k-token score and a one-token decode of SmolLM2 float32 differ by at most 7.2e-5 in any
 # logit (180 positions measured; SmolLM2 int4 at accuracy_level 0: 9.7e-5): a gap over twice the difference cannot
-# flip the argmax. int8-activation graphs (MatMulNBits accuracy_level 4) round differently per call shape (up to
-# 1.8 measured, 3 flipped argmaxes in 180 positions): VERIFY_MARGIN_INT8 leaves most positions to the decode, so
-# an int4 target that speculates is best loaded with accuracy_level=0.
+# flip the argmax. int8-activation graphs (MatMulNBits accuracy_level 4) amplify such last-bit differences to 0.4-1.8
+# (3 flipped argmaxes in 180 positions), and the cache columns a verify writes differ too, so later decodes drift
+# whatever the margin (SmolLM2 int4 GPTQ, prompt lookup, 128 tokens: 2 of 3 prompts changed at margin 4.0). A
+# speculating int8 target therefore computes one row as a pair (``OrtBackend.pairs``): decode and verify then give
+# identical logits and cache columns and need no margin. VERIFY_MARGIN_INT8 (over twice the largest difference
+# measured) is for an int8 target without pairing: it leaves most positions to the decode and is not exact.
 VERIFY_MARGIN = 1e-3
 VERIFY_MARGIN_INT8 = 4.0
 
@@ -66,7 +69,7 @@ class Scheduler:
         self.running: list[Handle] = []  # prompt written, decoding
         self.rows: dict[int, Handle] = {}  # cache row -> the sequence holding it
         int8 = getattr(backend, "int8_activations", backend.contract.accuracy_level == 4)
-        self.verify_margin = VERIFY_MARGIN_INT8 if int8 else VERIFY_MARGIN
+        self.verify_margin = 0.0 if getattr(backend, "pairs", False) else VERIFY_MARGIN_INT8 if int8 else VERIFY_MARGIN
 
     # --- requests --------------------------------------------------------------------------------
     def check(self, seq: SequenceState) -> None:

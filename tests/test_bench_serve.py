@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.runtime.test_scheduler import folder  # noqa: F401  (the tiny export, built once per module)
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -101,3 +104,44 @@ def test_missing_peers_say_how_to_set_them_up(monkeypatch: pytest.MonkeyPatch, t
         peers.vllm_python()
     with pytest.raises(peers.PeerUnavailable, match="peers.py setup --only llama-server"):
         peers.llama_server()
+
+
+def test_decode_rate_counts_tokens_after_the_first_over_the_decode_span() -> None:
+    # two requests sent at 10.0 and 10.5: first tokens at 11.0 and 11.5, last at 13.0 and 12.5 -> span 11.0..13.0
+    timings = [bench.Timing(1.0, 3.1, [1.0, 2.0, 3.0], 5, 10, sent=10.0),
+               bench.Timing(1.0, 2.1, [1.0, 2.0], 3, 10, sent=10.5)]
+    assert bench.server_decode_rate(timings) == pytest.approx((4 + 2) / 2.0)
+    assert bench.summarize(timings, 3.0, 1.0, 1.0)["decode_tok_s"] == pytest.approx(3.0)
+    assert bench.decode_rate([0.0], [0.0], [1]) is None  # one token each: nothing decoded
+
+
+def test_the_gate_is_the_servers_decode_rate_over_the_engines() -> None:
+    met = bench.gate({"decode_tok_s": 95.0}, {"decode_tok_s": 100.0})
+    assert met["ratio"] == pytest.approx(0.95) and met["met"] and met["target"] == 0.90
+    missed = bench.gate({"decode_tok_s": 80.0}, {"decode_tok_s": 100.0})
+    assert missed["ratio"] == pytest.approx(0.8) and not missed["met"]
+    assert not bench.gate({"decode_tok_s": None}, {"decode_tok_s": 100.0})["met"]
+    report = {"levels": {}, "ratios": {}, "max_tokens": 5, "threads": 2, "forced_length": {},
+              "goodput": {"ttft_ms": 1000, "tpot_ms": 100}, "gate": missed}
+    assert "80.0 aggregate decode tok/s vs Engine.generate_batch 100.0" in bench.markdown(report)
+    assert "0.80x (target >= 0.90: not met)" in bench.markdown(report)
+
+
+def test_engine_batch_reports_the_forced_length_on_a_tiny_export(folder: Path) -> None:  # noqa: F811
+    args = argparse.Namespace(threads=1, max_tokens=6)
+    out = bench.engine_batch(folder, ["hello there", "a longer prompt than that", "x"], args)
+    assert out["output_tokens"] == [6, 6, 6] and out["requests"] == 3
+    assert out["decode_tok_s"] > 0 and out["output_tok_s"] > 0
+
+
+def test_vllm_is_asked_for_min_tokens_equal_to_each_requests_max_tokens(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path) -> None:
+    """The warm-up asks for fewer tokens than the levels: a fixed min_tokens above its max_tokens is a 400."""
+    monkeypatch.setenv("TOOLKIT_PEERS", str(tmp_path))
+    (tmp_path / "vllm" / "bin").mkdir(parents=True)
+    (tmp_path / "vllm" / "bin" / "python").touch()
+    args = argparse.Namespace(max_tokens=64, threads=2, ttft_long=False)
+    server = bench.vllm(tmp_path, 8000, args)
+    assert server.body(8) == {"ignore_eos": True, "min_tokens": 8} and server.body(64)["min_tokens"] == 64
+    assert server.forced_length == "ignore_eos, min_tokens"
+    assert bench.ours(tmp_path, 8000, args).body(8) == {"ignore_eos": True}

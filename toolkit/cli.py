@@ -172,7 +172,9 @@ def _stream_onnx(folder: Path, args: argparse.Namespace, config: Any) -> int:
     draft = _onnx_folder(args.draft) if args.draft else None
     if args.draft and draft is None:
         raise ToolkitError(f"--draft {args.draft} is not an ONNX export (no model.onnx): give an export folder")
-    engine = load(folder, threads=args.threads, spin=args.spin, draft=draft)
+    # a speculating int8 target decodes one row as a pair, so verify and decode agree bit for bit
+    engine = load(folder, threads=args.threads, spin=args.spin, draft=draft,
+                  paired_decode=bool(args.draft or args.prompt_lookup))
     system = [{"role": "system", "content": args.system}] if args.system else []
     prompt = args.prompt if args.no_chat else [*system, {"role": "user", "content": args.prompt}]
     tokens = 0

@@ -14,7 +14,7 @@ import torch
 from tests.conftest import load_tiny
 from toolkit import models
 from toolkit.errors import ToolkitError
-from toolkit.onnx import decoder
+from toolkit.onnx import decoder, graph
 from toolkit.onnx.validate import metrics
 from toolkit.onnx.weights import LinearWeight
 from toolkit.passes import PASSES, configs
@@ -187,13 +187,17 @@ def test_int4_weights_are_stored_once_as_codes(tmp_path: Path) -> None:
 
 
 def test_standard_target_takes_any_group_size(tmp_path: Path) -> None:
-    """Whole-row groups (96 / 160 inputs) are no MatMulNBits block: ort refuses clearly, standard exports."""
+    """Whole-row groups (96 / 160 inputs) run on ort as MatMulNBits blocks of 32 (``row_blocks``); a row with no
+    power-of-two block >= 16 (40 inputs) is refused clearly there; standard exports any group."""
     loaded = load_tiny(-1)
-    with pytest.raises(ToolkitError, match="target: standard"):
-        run_export(loaded, tmp_path / "ort", target="ort")
-    assert not (tmp_path / "ort").exists()
-    result = run_export(loaded, tmp_path / "std", target="standard")
-    assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
+    for target in ("ort", "standard"):
+        result = run_export(loaded, tmp_path / target, target=target)
+        assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
+    codes = torch.randint(0, 256, (8, 40), dtype=torch.uint8)
+    w = LinearWeight.from_codes(codes, np.ones((8, 1), np.float32), np.full((8, 1), 128, np.uint8), bits=8, group=40)
+    opts = ONNXConfig().graph_options()
+    with pytest.raises(ToolkitError, match="^lin: group size 40 cannot be a MatMulNBits.*target: standard"):
+        graph.linear(graph.Builder(), "x", w, "lin", opts)
 
 
 def test_asymmetric_codes_export_with_zero_points(tmp_path: Path) -> None:

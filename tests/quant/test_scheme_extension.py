@@ -38,6 +38,7 @@ class W4A8Config(rtn.RTNConfig):
 
 
 REFUSAL = r"^{} quantizes weights only; this W4A8 scheme also quantizes input activations \(int8 dynamic per-token\)"
+ONNX_REFUSAL = r"^onnx runs quantized input activations only as W8A8 int8 .*this W4A8 scheme has int 4-bit weights"
 CT_REFUSAL = "^export_compressed_tensors writes quantized activations with 8-bit per-channel symmetric weights"
 
 
@@ -107,7 +108,7 @@ EXPORTS = {cls.name: record for cls, record in PASSES.items() if cls.kind == "ex
 def test_exports_refuse_it_when_the_recipe_is_read(export: str) -> None:
     holds = EXPORTS[export].holds
     assert holds is not None  # every export refuses it: float activations, or (compressed-tensors) W8A8 / FP8 only
-    match = {"export_compressed_tensors": CT_REFUSAL, "export_modelopt": "^export_modelopt writes ModelOpt "
+    match = {"export_compressed_tensors": CT_REFUSAL, "onnx": ONNX_REFUSAL, "export_modelopt": "^export_modelopt writes ModelOpt "
              "FP8_PER_CHANNEL_PER_TOKEN .* not this W4A8 scheme"}.get(export, REFUSAL.format(export))
     with pytest.raises(ToolkitError, match=match):
         holds(W4A8)
@@ -120,6 +121,6 @@ def test_a_recipe_with_it_before_such_an_export_is_refused_when_read(monkeypatch
 
     monkeypatch.setitem(PASSES, W4A8Config, Pass(rtn.apply))  # the registry entry an activation pass adds
     data = {"model": "tiny-llama", "output": "out", "passes": [{"w4a8": {}}, {export: {}}]}
-    with pytest.raises(ToolkitError, match=f"^r.yaml: passes\\[0\\].w4a8 then {export}: {export} quantizes weights "
-                       "only; this W4A8 scheme"):
+    refusal = ONNX_REFUSAL[1:] if export == "onnx" else f"{export} quantizes weights only; this W4A8 scheme"
+    with pytest.raises(ToolkitError, match=f"^r.yaml: passes\\[0\\].w4a8 then {export}: {refusal}"):
         recipes.parse(data, "r.yaml")

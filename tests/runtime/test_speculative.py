@@ -17,6 +17,7 @@ from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes.onnx import ONNXConfig, export
 from toolkit.paths import atomic_dir
 from toolkit.runtime import GenerationConfig, load, sampling
+from toolkit.runtime.backend import BackendOptions, OrtBackend
 from toolkit.runtime.speculative import DraftLength, PromptLookup, accept_or_resample, lookup, residual
 
 PROMPTS = ["Hello tiny world", "The quick brown fox jumps", "abcabcabc", "def f(x): return x + 1",
@@ -306,19 +307,75 @@ def test_smollm2_float32_speculative_greedy_with_an_int4_draft_equals_plain_gree
         assert all(r.speculation and r.speculation.tokens_per_target_call > 1.0 for r in helped)
 
 
-def test_verify_margin_follows_the_activation_precision_the_target_runs_at(tmp_path):
-    """int8 activations round differently for k rows than for one: close calls then need a wider margin."""
+@pytest.fixture(scope="module")
+def int8_target(tmp_path_factory) -> Path:
+    """An int4 export run with int8 activations (accuracy_level 4), block 64: the block length whose MLAS kernel
+    sums a one-row tile in another order than a two-row tile."""
     from toolkit.passes.rtn import RTNConfig
     from toolkit.passes.rtn import apply as rtn_apply
+
+    model = tiny_llama(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2)
+    rtn_apply(model, RTNConfig(bits=4, group_size=64))
+    out = tmp_path_factory.mktemp("spec") / "int4"
+    with atomic_dir(out) as tmp:
+        export(model, tiny_tokenizer(), ONNXConfig(target="ort", accuracy_level=4), tmp)
+    return out
+
+
+def _score_and_decode(folder: Path, pairs: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """Logits [k, V] and cache columns of k tokens after a prompt: one score call, then k one-token decodes."""
+    backend = OrtBackend(folder, BackendOptions(threads=1, paired_decode=pairs))
+    assert backend.pairs == pairs
+    cache = backend.allocate(1, 64)
+    prompt, tokens = np.arange(10, 30), np.arange(40, 47)  # k = 7: odd, so score pads too
+    backend.prefill(0, prompt, 0)
+    scored = backend.score(np.array([0]), tokens[None], np.array([len(prompt)]))[0]
+    scored_cache = [b[0, :, : len(prompt) + len(tokens)].copy() for b in cache.buffers]
+    backend.prefill(0, prompt, 0)
+    decoded = np.stack([backend.decode(tokens[i : i + 1], np.array([len(prompt) + i]))[0].copy()
+                        for i in range(len(tokens))])
+    decoded_cache = [b[0, :, : len(prompt) + len(tokens)].copy() for b in cache.buffers]
+    return scored, decoded, scored_cache, decoded_cache
+
+
+def test_an_int8_target_scores_and_decodes_bit_identically(int8_target):
+    """Verify and one-token decode compute a token identically (logits and cache), so greedy needs no margin;
+    without pairing the one-row call takes other kernels and the comparison fails."""
+    scored, decoded, scored_cache, decoded_cache = _score_and_decode(int8_target, pairs=True)
+    assert np.array_equal(scored, decoded)
+    assert all(np.array_equal(a, b) for a, b in zip(scored_cache, decoded_cache, strict=True))
+    scored, decoded, _, _ = _score_and_decode(int8_target, pairs=False)
+    assert not np.array_equal(scored, decoded)
+
+
+def test_a_full_row_decodes_and_scores_its_last_column_without_the_pad(int8_target):
+    """The pad needs the column after the token; at the row's last column the call runs unpaired, as it must."""
+    backend = OrtBackend(int8_target, BackendOptions(threads=1, paired_decode=True))
+    backend.allocate(1, 16)
+    backend.prefill(0, np.arange(10, 25), 0)  # columns 0..14: column 15 is the last
+    assert backend.score(np.array([0]), np.array([[40]]), np.array([15])).shape == (1, 1, 259)
+    next_token, logits = backend.decode_next(np.array([40]), np.array([15]), True)
+    assert logits is not None and next_token[0] == logits[0].argmax()
+
+
+def test_verify_margin_follows_the_activation_precision_the_target_runs_at(int8_target, draft):
+    """int8 activations: paired one-row calls are exact (no margin; on by default with a draft), unpaired ones
+    need the int8 margin; float activations: the float margin."""
     from toolkit.runtime import scheduler
 
-    model = tiny_llama()
-    rtn_apply(model, RTNConfig(bits=4, group_size=32))
-    with atomic_dir(tmp_path / "int4") as tmp:
-        export(model, tiny_tokenizer(), ONNXConfig(target="ort", accuracy_level=4), tmp)
-    assert load(tmp_path / "int4", threads=1).scheduler.verify_margin == scheduler.VERIFY_MARGIN_INT8
-    engine = load(tmp_path / "int4", threads=1, accuracy_level=0)
-    assert engine.scheduler.verify_margin == scheduler.VERIFY_MARGIN
+    for kw, margin in (({"paired_decode": True}, 0.0), ({"draft": draft}, 0.0), ({}, scheduler.VERIFY_MARGIN_INT8),
+                       ({"paired_decode": True, "accuracy_level": 0}, scheduler.VERIFY_MARGIN)):
+        engine = load(int8_target, threads=1, **kw)  # type: ignore[arg-type]
+        assert engine.backend.pairs == (margin == 0.0) and engine.scheduler.verify_margin == margin
+
+
+def test_int8_speculative_greedy_equals_plain_greedy_with_no_margin(int8_target):
+    """With no close-call margin every verified position is the target's choice in the verify call itself."""
+    engine = load(int8_target, threads=1, max_batch=1, paired_decode=True)
+    plain = [engine.generate(p, greedy(num_draft_tokens=0)).token_ids for p in PROMPTS]
+    spec = [engine.generate(p, greedy(num_draft_tokens=8, prompt_lookup=True)) for p in PROMPTS]
+    assert [r.token_ids for r in spec] == plain
+    assert all(r.speculation is not None and r.speculation.num_accepted_tokens > 0 for r in spec)
 
 
 def test_prompt_lookup_on_the_standard_target_with_a_copied_cache(tmp_path):

@@ -1,16 +1,23 @@
-"""The engine loop on its own: tokens reach asyncio in order, and a failing engine step ends the requests in
-flight with its message instead of leaving them waiting."""
+"""The engine loop: tokens reach asyncio in order and leave as events when they are made, and a failing engine step
+ends the requests in flight with its message instead of leaving them waiting."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx2 as httpx  # the HTTP client the openai package is built on
 import numpy as np
+import uvicorn
 
 from tests.runtime.test_scheduler import folder  # noqa: F401  (the tiny export, built once per module)
 from toolkit.runtime import GenerationConfig, load
+from toolkit.serving.app import Server, create_app, listen
+from toolkit.serving.config import ServeConfig
 from toolkit.serving.loop import EngineLoop, Request, Update
 from toolkit.serving.metrics import Metrics
 
@@ -59,3 +66,49 @@ def test_tokens_arrive_in_order_and_a_failing_step_ends_the_requests(folder: Pat
     assert sample("request_success_total", finished_reason="length") == 1
     assert sample("request_success_total", finished_reason="abort") == 1
     assert sample("time_to_first_token_seconds_count") == 2 and sample("inter_token_latency_seconds_count") == 5
+
+
+def test_tokens_of_a_slow_engine_arrive_one_event_each_as_they_are_made(folder: Path) -> None:  # noqa: F811
+    """Each decode step's token leaves as its own server-sent event when it is chosen: neither the hand-over from the
+    loop thread to asyncio nor sse-starlette holds tokens back to send them in a burst."""
+    step_s, tokens = 0.1, 6
+
+    class SlowServer(Server):
+        def load(self) -> None:
+            super().load()
+            assert self.engine is not None
+            decode = self.engine.backend.decode_next
+
+            def slow(*args: Any) -> Any:
+                time.sleep(step_s)  # a large model's step: the GIL is free meanwhile, as inside session.run
+                return decode(*args)
+
+            self.engine.backend.decode_next = slow  # type: ignore[method-assign]
+
+    server = SlowServer(ServeConfig(folder, threads=1, served_model_name="tiny"))
+    sock = listen("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (server.engine and httpx.get(url + "/health").status_code == 200):
+            assert time.monotonic() < deadline, "the server did not load in 60 s"
+            time.sleep(0.05)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": tokens,
+                "temperature": 0, "ignore_eos": True, "logprobs": True, "stream": True}
+        events = []  # (arrival, tokens in the event): logprobs name every token, even one that is no text yet
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    choices = json.loads(line[len("data: "):])["choices"]
+                    if choices and choices[0]["logprobs"]:
+                        events.append((time.perf_counter(), len(choices[0]["logprobs"]["content"])))
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+        sock.close()
+    assert [n for _, n in events] == [1] * tokens
+    gaps = np.diff([t for t, _ in events])
+    assert gaps.min() > step_s / 2, f"tokens arrived in bursts: gaps {np.round(gaps * 1000, 1)} ms"

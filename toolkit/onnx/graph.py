@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import check_rope, layout_of, rope_parameters
 from toolkit.onnx.external import ExternalData, InlineData
-from toolkit.onnx.weights import LinearWeight, embedding_source, linear_weight, nibble_planes
+from toolkit.onnx.weights import LinearWeight, embedding_source, linear_weight, nibble_planes, row_blocks
 from toolkit.quant.formats import DequantizeLinear, MatMulNBits
 from toolkit.quant.modules import reads_head
 
@@ -153,7 +153,10 @@ def _require_block(group: int, what: str) -> None:
 
 
 def linear(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -> str:
-    """``x [.., K] -> [.., N]``: MatMul on float weights, MatMulNBits (ort) or DequantizeLinear+MatMul (standard)."""
+    """``x [.., K] -> [.., N]``: MatMul on float weights, MatMulNBits (ort) or DequantizeLinear+MatMul (standard);
+    a linear that quantizes its inputs runs as ``w8a8_linear``."""
+    if w.act is not None:
+        return w8a8_linear(b, x, w, name)
     if not w.quantized:
         y = b.one("MatMul", [x, b.fconst(f"{name}.weight_t", w.weight.T)])  # type: ignore[union-attr]
     elif opts.target == "ort":
@@ -164,6 +167,7 @@ def linear(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -
 
 
 def _matmul_nbits(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOptions) -> str:
+    w = row_blocks(w)
     _require_block(w.group, name)
     if w.bits == 8 and opts.split_int8:
         hi, lo = nibble_planes(w)
@@ -177,6 +181,44 @@ def _matmul_nbits(b: Builder, x: str, w: LinearWeight, name: str, opts: GraphOpt
         inputs += [""] * (5 - len(inputs)) + [b.fconst(f"{name}.bias", w.bias)]
     return b.one("MatMulNBits", inputs, domain=MS, K=w.k, N=w.n, bits=bits, block_size=w.group,
                  accuracy_level=opts.accuracy_level)
+
+
+def w8a8_linear(b: Builder, x: str, w: LinearWeight, name: str) -> str:
+    """``x [.., K] -> [.., N]`` with int8 inputs and int8 per-channel symmetric weights, as the PyTorch model
+    computes it (``fake_quantize_activations``): ``s_x`` = max|x| / 127 per token (or the calibrated per-tensor
+    scale), ``q_x`` = clip(round_half_even(x / s_x), -128, 127); MatMulInteger (int8 x int8, exact int32 sums),
+    then one float multiply by ``s_x`` and the weight scales ``s_w [N]`` (onnxruntime fuses the chain into
+    MatMulIntegerToFloat; ``benchmarks/w8a8_matmul_ab.py``). Against PyTorch's float product of the dequantized
+    values only float32 rounding differs, plus an activation code where x lands on a rounding midpoint."""
+    if w.act is None or w.act.type != "int" or w.bits != 8 or w.group != w.k:
+        raise ToolkitError(f"{name}: the W8A8 ONNX linear takes int8 activations and int8 per-channel weights "
+                           "(group_size: -1); quantize with that scheme, or drop input_activations")
+    if w.act.dynamic:
+        absmax = b.one("ReduceMax", [b.one("Abs", [x]), b.ints([-1])], keepdims=1)  # [.., 1]
+        positive = b.one("Greater", [absmax, _scalar(b, "w8a8.zero", 0)])
+        # an all-zero row keeps scale 1 (activation_scale): its codes are 0 either way, and nothing divides by 0
+        scale = b.one("Where", [positive, b.one("Div", [absmax, _scalar(b, "w8a8.int8_max", 127)]),
+                                _scalar(b, "w8a8.one", 1)])
+    else:
+        scale = b.const(f"{name}.input_scale", np.array(w.input_scale, np.float32))
+    # q_x + 128 as uint8 with zero point 128: the same integers, in the u8 x s8 form MLAS has fast kernels for
+    # (int8 x int8 MatMulInteger ran ~5x slower than a float MatMul in one A/B run on the 2-core machine)
+    shifted = b.one("Add", [b.one("Round", [b.one("Div", [x, scale])]), _scalar(b, "w8a8.offset", 128)])
+    codes = b.one("Clip", [shifted, _scalar(b, "w8a8.u8_min", 0), _scalar(b, "w8a8.u8_max", 255)])
+    acc = b.one("MatMulInteger", [b.one("Cast", [codes], to=TensorProto.UINT8),
+                                  _signed_codes(b, f"{name}.qweight_t", _symmetric_codes(w, name).t(), 8),
+                                  _scalar(b, "w8a8.zero_point", 128, np.uint8)])  # int32 [.., N]
+    weight_scales = b.const(f"{name}.weight_scales", w.scales[:, 0].astype(np.float32))  # type: ignore[index]
+    # onnxruntime fuses MatMulInteger -> Cast -> Mul(s_x * s_w) into MatMulIntegerToFloat (one factor: as
+    # (acc * s_w) * s_x it fuses nothing). It fuses a following bias Add too, and with a per-token s_x the fused
+    # node then computes wrong values (onnxruntime 1.32; tests/onnx/test_export_w8a8.py): the bias goes in with Sum,
+    # which that fusion does not match
+    y = b.one("Mul", [b.one("Cast", [acc], to=TensorProto.FLOAT), b.one("Mul", [scale, weight_scales])])
+    return y if w.bias is None else b.one("Sum", [y, b.const(f"{name}.bias", w.bias.astype(np.float32))])
+
+
+def _scalar(b: Builder, name: str, value: float, dtype: type[np.generic] = np.float32) -> str:
+    return b.const(name, np.array(value, dtype))
 
 
 def _nbits_weight(b: Builder, w: LinearWeight, name: str) -> str:
@@ -267,6 +309,7 @@ def _float_rows(b: Builder, w: LinearWeight, head: str) -> str:
 def _gather_block_quantized(b: Builder, ids: str, w: LinearWeight, head: str, zero_points: bool = False) -> str:
     """Rows of the head's MatMulNBits bytes, with its zero points when they are not the default 2^(bits-1)
     (always for ``zero_points``: a nibble plane's)."""
+    w = row_blocks(w)
     _require_block(w.group, "tied embedding")
     bits = MatMulNBits.storage_bits(w.bits)
     zero_points = zero_points or bool((torch.from_numpy(w.zeros) != 2 ** (bits - 1)).any())  # type: ignore[arg-type]

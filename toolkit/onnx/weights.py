@@ -6,7 +6,7 @@ Nothing is re-quantized: codes are copied, scales widened from float16 to float3
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 from toolkit.errors import ToolkitError
 from toolkit.quant.formats import ToolkitPacked
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, reads_head
-from toolkit.quant.spec import QuantSpec
+from toolkit.quant.spec import ActivationSpec, QuantSpec
 
 
 @dataclass
@@ -35,6 +35,8 @@ class LinearWeight:
     bits: int = 0
     group: int = 0
     bias: np.ndarray | None = None  # float32 [N]
+    act: ActivationSpec | None = None  # input activations quantized (W8A8, ``graph.w8a8_linear``), None: float
+    input_scale: float | None = None  # the calibrated per-tensor scale of a static ``act``
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: np.ndarray, zeros: np.ndarray, bits: int, group: int,
@@ -65,7 +67,8 @@ def linear_weight(module: nn.Module) -> LinearWeight:
         return LinearWeight(
             n=module.out_features, k=module.in_features, qweight=module.qweight,
             scales=module.scales.float().numpy(), zeros=module.qzeros.numpy().copy(),
-            bits=module.spec.bits, group=module.spec.group(module.in_features), bias=b,
+            bits=module.spec.bits, group=module.spec.group(module.in_features), bias=b, act=module.act,
+            input_scale=float(module.input_scale) if module.act is not None and not module.act.dynamic else None,
         )
     if isinstance(module, nn.Linear):
         w = module.weight.detach().float().numpy()
@@ -76,7 +79,8 @@ def linear_weight(module: nn.Module) -> LinearWeight:
 def concat_rows(parts: list[LinearWeight]) -> LinearWeight | None:
     """Stack linears that read the same input (q, k, v) into one ``[sum N, K]`` linear, or None if formats differ."""
     first = parts[0]
-    same = all(p.quantized == first.quantized and p.bits == first.bits and p.group == first.group for p in parts)
+    same = all(p.quantized == first.quantized and p.bits == first.bits and p.group == first.group
+               and p.act == first.act and p.input_scale == first.input_scale for p in parts)
     if not same or any((p.bias is None) != (first.bias is None) for p in parts):
         return None
     bias = None if first.bias is None else np.concatenate([p.bias for p in parts])  # type: ignore[misc]
@@ -86,7 +90,7 @@ def concat_rows(parts: list[LinearWeight]) -> LinearWeight | None:
     return LinearWeight(
         n=n, k=first.k, qweight=torch.cat([p.qweight for p in parts]),  # type: ignore[misc]
         scales=np.concatenate([p.scales for p in parts]), zeros=np.concatenate([p.zeros for p in parts]),  # type: ignore[misc]
-        bits=first.bits, group=first.group, bias=bias,
+        bits=first.bits, group=first.group, bias=bias, act=first.act, input_scale=first.input_scale,
     )
 
 
@@ -102,6 +106,21 @@ def embedding_source(model: nn.Module, head_name: str) -> LinearWeight | torch.T
             return linear_weight(head)
         return embed.weight.detach()
     raise ToolkitError(f"cannot export input embedding of type {type(embed).__name__}")
+
+
+def row_blocks(w: LinearWeight) -> LinearWeight:
+    """A whole-row (per-channel) quantized weight as blocks of the largest power of two >= 16 dividing K, its scale
+    and zero point repeated in each block: the same numbers in a shape MatMulNBits / GatherBlockQuantized take
+    (their block is a power of two; SmolLM2's K = 576 runs as 9 blocks of 64). The packed bytes are unchanged:
+    codes run along K either way. Any other weight is returned as it is."""
+    if not w.quantized or w.group != w.k or w.k & (w.k - 1) == 0:
+        return w
+    block = w.k & -w.k  # the largest power of two dividing K
+    if block < 16:
+        return w
+    repeat = w.k // block
+    return replace(w, group=block, scales=np.repeat(w.scales, repeat, axis=1),  # type: ignore[arg-type]
+                   zeros=np.repeat(w.zeros, repeat, axis=1))  # type: ignore[arg-type]
 
 
 def nibble_planes(w: LinearWeight) -> tuple[LinearWeight, LinearWeight]:

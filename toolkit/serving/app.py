@@ -150,6 +150,10 @@ class Server:
         finished, first = False, True
         while not finished:
             update = await request.updates.get()
+            # steps that finished while this stream waited for the event loop go out as one event: a burst of
+            # back-to-back events would only look like tokens made microseconds apart
+            while update.finish_reason is None and not request.updates.empty():
+                update = update.then(request.updates.get_nowait())
             finished = update.finish_reason is not None
             if update.error:
                 yield {"data": _json(error_body(f"the engine failed: {update.error}", "server_error"))}

@@ -32,6 +32,12 @@ class Update:
     logprobs: list[TokenLogprobs] | None = None  # of the generated tokens among the chunks (the stop token's not)
     error: str | None = None  # the engine failed: the request ends with this message
 
+    def then(self, later: Update) -> Update:
+        """This update followed by a later one, as one."""
+        logprobs = None if self.logprobs is None and later.logprobs is None else \
+            (self.logprobs or []) + (later.logprobs or [])
+        return Update(self.chunks + later.chunks, later.finish_reason, logprobs, later.error)
+
 
 @dataclass
 class Request:
