@@ -24,14 +24,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.initialization import no_init_weights
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import compressed_tensors as ct
 from toolkit.models.architectures import decoder_layers, layout_of
-from toolkit.models.checkpoint import config_dict
+from toolkit.models.checkpoint import config_dict, float_model
 from toolkit.models.shards import SINGLE
 from toolkit.passes.base import ExportConfig, PassConfig
 from toolkit.quant.modules import (
@@ -134,21 +133,13 @@ def _reload_float(folder: Path) -> tuple[PreTrainedModel, dict[str, ct.Packed | 
     """A plain float32 model dequantized from the written folder (independent of ``QuantLinear``); the inputs of
     its 8-bit linears are quantized as the folder's config groups and input scales say."""
     config, packed, floats = ct.read(folder)
-    config.pop("quantization_config")
     state = {k: v.float() for k, v in floats.items()}
     state.update({f"{name}.weight": p.dequantize() for name, p in packed.items()})
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config),
-                                                 dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ToolkitError(f"the exported checkpoint is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
+    model = float_model(config, state)
     for name, p in packed.items():
         if isinstance(p, ct.Dense) and p.input_activations is not None:
             model.get_submodule(name).register_forward_pre_hook(input_quantizer(p.input_activations, p.input_scale))
-    return model.eval(), packed
+    return model, packed
 
 
 def _same(p: ct.Packed | ct.Dense, m: QuantizedLinear) -> bool:

@@ -17,14 +17,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.initialization import no_init_weights
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import hf_gptq
 from toolkit.models.architectures import layout_of
-from toolkit.models.checkpoint import config_dict
+from toolkit.models.checkpoint import config_dict, float_model
 from toolkit.models.shards import SINGLE
 from toolkit.passes.base import ExportConfig, PassConfig, QuantPassConfig
 from toolkit.passes.gptq import GPTQConfig
@@ -116,15 +115,7 @@ def _config(model: PreTrainedModel, spec: QuantSpec, config: ExportHFGPTQConfig,
 def reload_float(folder: Path) -> PreTrainedModel:
     """A plain float32 model dequantized from the written checkpoint (independent of ``QuantLinear``)."""
     d, floats = hf_gptq.read(folder)
-    d.pop("quantization_config")
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d), dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(floats, strict=False)
-    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ToolkitError(f"the exported checkpoint is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
-    return model.eval()
+    return float_model(d, floats)
 
 
 def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ExportHFGPTQConfig, folder: Path, *,

@@ -19,14 +19,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.initialization import no_init_weights
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import modelopt
 from toolkit.models.architectures import layout_of
-from toolkit.models.checkpoint import config_dict
+from toolkit.models.checkpoint import config_dict, float_model
 from toolkit.models.shards import SINGLE
 from toolkit.passes.base import ExportConfig, PassConfig
 from toolkit.quant.modules import (
@@ -97,20 +96,12 @@ def _tensors(model: PreTrainedModel, linears: dict[str, FP8Linear], dtype: torch
 def _reload_float(folder: Path) -> tuple[PreTrainedModel, dict[str, modelopt.FP8Weight]]:
     """A plain float32 model dequantized from the folder, its fp8 linears' inputs quantized per token."""
     config, linears, floats = modelopt.read(folder)
-    config.pop("quantization_config")
     state = {k: v.float() for k, v in floats.items()}
     state.update({f"{name}.weight": w.dequantize() for name, w in linears.items()})
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config),
-                                                 dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ToolkitError(f"the exported checkpoint is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
+    model = float_model(config, state)
     for name in linears:
         model.get_submodule(name).register_forward_pre_hook(input_quantizer(SCHEME.input_activations, None))  # type: ignore[arg-type]
-    return model.eval(), linears
+    return model, linears
 
 
 def _check_codes(linears: dict[str, FP8Linear], read: dict[str, modelopt.FP8Weight]) -> None:

@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.initialization import no_init_weights
 
 from toolkit.errors import ToolkitError, panics_as_errors
 from toolkit.manifest import MANIFEST, read_manifest
@@ -76,6 +78,22 @@ def check_float_weights(folder: Path) -> None:
     check_config_sizes(config, weights, folder)
     model = empty_model(config)
     weights.check_stored(model.state_dict(keep_vars=True), tied_head(model, layout_of(model)))
+
+
+def float_model(config: dict, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """A float32 model built from a ``config.json`` dict (its ``quantization_config`` ignored) and a complete state
+    dict, for exporters that check their own folder independently of the quantized modules; refuses a missing or
+    unexpected tensor (a tied head may be absent)."""
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config),
+                                                 dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ToolkitError(f"the exported checkpoint is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model.eval()
 
 
 def load_float(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
