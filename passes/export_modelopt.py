@@ -24,14 +24,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import modelopt
+from toolkit.interop.hf_tensors import checkpoint_tensors
 from toolkit.models.architectures import layout_of
 from toolkit.models.checkpoint import config_dict, float_model
 from toolkit.models.shards import SINGLE
 from toolkit.passes.base import ExportConfig, PassConfig
 from toolkit.quant.modules import (
     FP8Linear,
-    QuantEmbedding,
-    QuantLinear,
     input_quantizer,
     quantized_linears,
     stored_floats,
@@ -76,21 +75,8 @@ def _linears(model: PreTrainedModel) -> tuple[dict[str, FP8Linear], list[str]]:
 
 
 def _tensors(model: PreTrainedModel, linears: dict[str, FP8Linear], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    layout = layout_of(model)
-    out: dict[str, torch.Tensor] = {}
-    for name, m in linears.items():
-        out.update(modelopt.linear_tensors(name, m.weight, m.weight_scale))
-        if m.bias is not None:
-            out[f"{name}.bias"] = m.bias.detach().to(dtype)
-    head = model.get_submodule(layout.head)
-    head_w = head.dequantized_weight() if isinstance(head, QuantLinear) else head.weight.detach()
-    tied = isinstance(model.get_input_embeddings(), QuantEmbedding) or bool(model.config.tie_word_embeddings)
-    out[f"{layout.embed}.weight" if tied else f"{layout.head}.weight"] = head_w.to(dtype).contiguous()
-    for pname, p in model.named_parameters():
-        owner = pname.rsplit(".", 1)[0]
-        if owner not in linears and owner != layout.head and pname not in out and not (tied and owner == layout.embed):
-            out[pname] = p.detach().to(dtype).contiguous()
-    return out
+    return checkpoint_tensors(model, linears, dtype,
+                              lambda name, m: modelopt.linear_tensors(name, m.weight, m.weight_scale))
 
 
 def _reload_float(folder: Path) -> tuple[PreTrainedModel, dict[str, modelopt.FP8Weight]]:
