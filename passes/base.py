@@ -13,7 +13,7 @@ high; ``toolkit.pipeline.budget`` adds them up phase by phase.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from toolkit.models.shape import ModelShape
@@ -100,3 +100,16 @@ class ExportConfig(PassConfig):
     def in_memory_bytes(self, shape: ModelShape, calibration_tokens: int) -> float:
         """The exporter holds the float32 model and its graph's initializers."""
         return 3 * 4 * shape.parameters
+
+
+@dataclass(frozen=True)
+class CheckpointExportConfig(ExportConfig):
+    """An export that writes a Hugging Face checkpoint and checks it by reloading it as a float model. ``tolerance``
+    is keyword-only, so a subclass's own fields keep their positions."""
+
+    tolerance: float = field(default=2e-2, kw_only=True)  # max |Δlogit| / max |logit|: export vs source model
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")

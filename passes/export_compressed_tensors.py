@@ -33,7 +33,7 @@ from toolkit.interop.hf_tensors import checkpoint_tensors
 from toolkit.models.architectures import decoder_layers, layout_of
 from toolkit.models.checkpoint import config_dict, float_model
 from toolkit.models.shards import SINGLE
-from toolkit.passes.base import ExportConfig, PassConfig
+from toolkit.passes.base import CheckpointExportConfig, PassConfig
 from toolkit.quant.modules import (
     FP8Linear,
     QuantizedLinear,
@@ -48,18 +48,12 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
-class ExportCompressedTensorsConfig(ExportConfig):
+class ExportCompressedTensorsConfig(CheckpointExportConfig):
     name: ClassVar[str] = "export_compressed_tensors"
     reads_calibration: ClassVar[bool] = False
 
     # float tensors and scales; float16 holds our scales exactly (bfloat16 would not)
     dtype: Literal["float16", "float32"] = "float16"
-    tolerance: float = 2e-2  # max |Δlogit| / max |logit| between the export and the source model
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 < self.tolerance < 1:
-            raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
 
 
 def check_spec(scheme: QuantScheme, config: PassConfig | None = None) -> None:

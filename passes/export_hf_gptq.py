@@ -25,7 +25,7 @@ from toolkit.interop import hf_gptq
 from toolkit.models.architectures import layout_of
 from toolkit.models.checkpoint import config_dict, float_model
 from toolkit.models.shards import SINGLE
-from toolkit.passes.base import ExportConfig, PassConfig, QuantPassConfig
+from toolkit.passes.base import CheckpointExportConfig, PassConfig, QuantPassConfig
 from toolkit.passes.gptq import GPTQConfig
 from toolkit.quant.modules import QuantEmbedding, QuantLinear, check_weight_only, quantized_modules
 from toolkit.quant.spec import QuantScheme, QuantSpec
@@ -33,17 +33,11 @@ from toolkit.schema import record
 
 
 @dataclass(frozen=True)
-class ExportHFGPTQConfig(ExportConfig):
+class ExportHFGPTQConfig(CheckpointExportConfig):
     name: ClassVar[str] = "export_hf_gptq"
     reads_calibration: ClassVar[bool] = False
 
     checkpoint_format: Literal["gptq", "gptq_v2"] = "gptq"  # v1 (zeros stored minus one; widest support) or v2
-    tolerance: float = 2e-2  # max |Δlogit| / max |logit| between the export and the source model
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 < self.tolerance < 1:
-            raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
 
 
 def check_spec(scheme: QuantScheme, config: PassConfig | None = None) -> None:

@@ -28,7 +28,7 @@ from toolkit.interop.hf_tensors import checkpoint_tensors
 from toolkit.models.architectures import layout_of
 from toolkit.models.checkpoint import config_dict, float_model
 from toolkit.models.shards import SINGLE
-from toolkit.passes.base import ExportConfig, PassConfig
+from toolkit.passes.base import CheckpointExportConfig, PassConfig
 from toolkit.quant.modules import (
     FP8Linear,
     input_quantizer,
@@ -42,17 +42,11 @@ SCHEME = QuantScheme(QuantSpec(8, -1, type="float"), ActivationSpec("float", 8, 
 
 
 @dataclass(frozen=True)
-class ExportModelOptConfig(ExportConfig):
+class ExportModelOptConfig(CheckpointExportConfig):
     name: ClassVar[str] = "export_modelopt"
     reads_calibration: ClassVar[bool] = False
 
     dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"  # float tensors; fp8 scales are float32
-    tolerance: float = 2e-2  # max |Δlogit| / max |logit| between the export and the source model
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 < self.tolerance < 1:
-            raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
 
 
 def check_spec(scheme: QuantScheme, config: PassConfig | None = None) -> None:
