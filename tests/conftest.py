@@ -60,3 +60,18 @@ def hf_greedy(model: torch.nn.Module, ids: list[int], n: int) -> list[int]:
     out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     return out[0, len(ids):].tolist()
+
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):  # -> the module benchmarks/NAME.py (a folder of scripts, not a package)
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import load_benchmark
 from toolkit.quant.modules import stored_floats
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-spec = importlib.util.spec_from_file_location("bench_consumers", BENCH / "bench_consumers.py")
-assert spec is not None and spec.loader is not None
-bench = importlib.util.module_from_spec(spec)
-sys.modules["bench_consumers"] = bench
-spec.loader.exec_module(bench)
+bench = load_benchmark("bench_consumers")
 
 
 def test_equal_runs_have_no_divergence() -> None:

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.conftest import load_benchmark
 from toolkit.quant.arithmetic import fake_quantize_activations
 from toolkit.quant.modules import FP8Linear
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
-assert spec is not None and spec.loader is not None
-gpu_check = importlib.util.module_from_spec(spec)
-sys.modules["gpu_check"] = gpu_check
-spec.loader.exec_module(gpu_check)
+gpu_check = load_benchmark("gpu_check")
 
 
 @pytest.fixture(scope="module")
