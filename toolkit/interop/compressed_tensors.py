@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from toolkit.errors import ToolkitError
-from toolkit.models.shards import SINGLE
+from toolkit.models.shards import SINGLE, load_single
 from toolkit.quant.formats import CompressedTensorsPacked
 from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
 
@@ -168,10 +166,7 @@ def read(folder: Path) -> tuple[dict[str, Any], dict[str, Packed | Dense], dict[
     if qc.get("quant_method") != "compressed-tensors" or qc.get("format") not in readable:
         raise ToolkitError(f"{folder}: quantization_config is not compressed-tensors {' / '.join(readable)} "
                            f"(quant_method {qc.get('quant_method')!r}, format {qc.get('format')!r})")
-    try:
-        state = load_file(str(folder / SINGLE))
-    except (SafetensorError, OSError) as exc:
-        raise ToolkitError(f"{folder}/{SINGLE}: unreadable (truncated or corrupt): {exc}") from None
+    state = load_single(folder)
     packed: dict[str, Packed | Dense] = {}
     for key in [k for k in state if k.endswith(".weight_packed")]:
         module = key[: -len(".weight_packed")]

@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from toolkit import __version__
 from toolkit.errors import ToolkitError
-from toolkit.models.shards import SINGLE
+from toolkit.models.shards import SINGLE, load_single
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 ALGO = "FP8_PER_CHANNEL_PER_TOKEN"
@@ -69,10 +67,7 @@ def read(folder: Path) -> tuple[dict[str, Any], dict[str, FP8Weight], dict[str, 
     if algos != (ALGO, ALGO):
         raise ToolkitError(f"{folder}: quant_algo {algos[0]!r} (config.json) / {algos[1]!r} ({HF_QUANT_CONFIG}); "
                            f"this reader holds {ALGO}")
-    try:
-        state = load_file(str(folder / SINGLE))
-    except (SafetensorError, OSError) as exc:
-        raise ToolkitError(f"{folder}/{SINGLE}: unreadable (truncated or corrupt): {exc}") from None
+    state = load_single(folder)
     linears: dict[str, FP8Weight] = {}
     for key in [k for k, v in state.items() if k.endswith(".weight") and v.dtype == torch.float8_e4m3fn]:
         module = key[: -len(".weight")]

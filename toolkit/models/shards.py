@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from toolkit.errors import ToolkitError
 from toolkit.paths import names_a_file_in
@@ -295,3 +296,11 @@ def write_planned_shard(path: Path, plan: Iterable[tuple[str, list[int], torch.d
             if written != expected:
                 raise ValueError(f"{name}: produced {written} bytes, planned {expected}")
     return 8 + len(raw) + offset
+
+
+def load_single(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``folder``'s single safetensors file; a truncated or corrupt file is one line."""
+    try:
+        return load_file(str(Path(folder) / SINGLE))
+    except (SafetensorError, OSError) as exc:
+        raise ToolkitError(f"{folder}/{SINGLE}: unreadable (truncated or corrupt): {exc}") from None
