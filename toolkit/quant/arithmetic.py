@@ -79,11 +79,19 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 INT8_MAX = 127.0
 
 
-def fp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8 e4m3 weights with one float32 scale per output row: ``w: [out, in]`` -> ``(w8 [out, in], scale
-    [out, 1])``, ``w ≈ w8 · scale`` with ``scale = absmax / 448`` (compressed-tensors' channel strategy)."""
-    absmax = w.float().abs().amax(dim=1, keepdim=True)
-    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+def fp8_weight_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """The float32 fp8 scale ``absmax / 448`` of weights whose largest magnitude is ``absmax`` (1 for zeros)."""
+    absmax = absmax.float()
+    return torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+
+
+def fp8_quantize(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 e4m3 weights: ``w: [out, in]`` -> ``(w8 [out, in], scale)``, ``w ≈ w8 · scale``. By default one float32
+    scale per output row (``[out, 1]``, compressed-tensors' channel strategy); a given ``scale`` (``[1, 1]``: one per
+    tensor, as ModelOpt FP8 and compressed-tensors' tensor strategy hold it, possibly shared by fused linears) is
+    used as it is."""
+    if scale is None:
+        scale = fp8_weight_scale(w.float().abs().amax(dim=1, keepdim=True))
     return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
