@@ -347,19 +347,25 @@ def vllm_consumers(a: argparse.Namespace, wins: torch.Tensor) -> dict[str, dict[
 
 
 # --vllm-tiny exports each family in these schemes (default: the two vLLM CPU runs; fp8 ones are tried on request)
-TINY_SCHEMES = ("w4a16", "w8a8", "fp8", "fp8-modelopt")
+TINY_SCHEMES = ("w4a16", "w8a8", "fp8", "fp8-modelopt", "fp8-static", "fp8-static-modelopt")
+# token ids the static fp8 schemes calibrate their input scales on (a tiny model has no calibration text)
+TINY_CALIBRATION = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
 def tiny_rtn(scheme: str) -> Any:
     """RTN settings of a ``TINY_SCHEMES`` entry: W4A16 int4 group 32 symmetric with an int8 head (pack-quantized);
     W8A8 int8 per-channel weights with int8 dynamic per-token activations, head float (int-quantized); FP8 dynamic
-    (fp8 e4m3 per-channel weights, fp8 per-token activations, head float), as compressed-tensors float-quantized or
-    a ModelOpt checkpoint."""
+    (fp8 e4m3 per-channel weights, fp8 per-token activations, head float) and FP8 static (per-tensor weights and
+    calibrated per-tensor inputs: compressed-tensors' FP8 preset, ModelOpt's FP8), as compressed-tensors
+    float-quantized or a ModelOpt checkpoint."""
     from toolkit.passes.rtn import RTNConfig
     from toolkit.quant.spec import ActivationSpec
 
     if scheme == "w4a16":
         return RTNConfig(bits=4, group_size=32, symmetric=True, lm_head_bits=8)
+    if scheme.startswith("fp8-static"):
+        return RTNConfig(bits=8, group_size=-1, symmetric=True, type="float", strategy="tensor", lm_head_bits=None,
+                         input_activations=ActivationSpec("float", 8, "tensor", dynamic=False))
     kind = "int" if scheme == "w8a8" else "float"
     return RTNConfig(bits=8, group_size=-1, symmetric=True, type=kind, lm_head_bits=None,
                      input_activations=ActivationSpec(kind, 8, "token", dynamic=True))
@@ -384,15 +390,17 @@ def tiny_export(family: str, scheme: str, workdir: Path) -> tuple[Any, Path, Any
     compressed-tensors."""
     from toolkit.models.tiny import tiny_model, tiny_tokenizer
     from toolkit.passes import export_compressed_tensors, export_modelopt
+    from toolkit.passes.context import PassContext
     from toolkit.passes.rtn import apply as rtn_apply
     from toolkit.paths import atomic_dir
 
     model, tokenizer = tiny_model(family, **vllm_head_override(family)), tiny_tokenizer()
-    rtn_apply(model, tiny_rtn(scheme))
+    ctx = PassContext(tokenizer, lambda: TINY_CALIBRATION, lambda: model, workdir)
+    rtn_apply(model, tiny_rtn(scheme), ctx)
     folder = workdir / f"tiny-{family}-{scheme}"
     if not folder.is_dir():
         with atomic_dir(folder) as tmp:
-            if scheme == "fp8-modelopt":
+            if scheme.endswith("modelopt"):
                 export_modelopt.export(model, tokenizer, export_modelopt.ExportModelOptConfig(), tmp)
             else:
                 export_compressed_tensors.export(model, tokenizer,
