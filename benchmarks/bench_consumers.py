@@ -218,7 +218,8 @@ def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], n
 # VLLM_CPU_INT4_W4A8=0: on a CPU with AMX, vLLM's default (1) runs W4A16 checkpoints with int8 dynamic per-token
 # activations (its W4A8 kernel), a different model from the one the checkpoint describes (SmolLM2 W4A16: perplexity
 # 20.509 with it, +3.24 % over ours, the size of naive W8A8's loss). Off, vLLM computes W4A16 in bfloat16 (19.893,
-# +0.14 %); that kernel's worker dies on the tiny models (hidden 64 / 96), reported as their root cause.
+# +0.14 %). That kernel uses AMX tiles without asking Linux for them, which killed the tiny models' worker (SIGILL);
+# vllm_consumer.py asks in every vLLM process.
 VLLM_ENV = {"VLLM_CPU_INT4_W4A8": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 JOB_MARK = "=== vllm_consumer job"  # vllm_consumer.py's line before each job
 # a line of vLLM's log that names an exception, bare or logged at ERROR level by one of its processes:
