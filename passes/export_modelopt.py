@@ -110,7 +110,8 @@ def _check_codes(linears: dict[str, FP8Linear], read: dict[str, modelopt.FP8Weig
         raise ToolkitError(f"the export holds fp8 weights for {len(read)} linears, the model has {len(linears)}")
     for name, m in linears.items():
         w, ours = read[name], getattr(m, "input_scale", None)
-        inputs = (ours is None) == (w.input_scale is None) and (ours is None or torch.equal(w.input_scale.reshape(1), ours))
+        theirs = None if w.input_scale is None else w.input_scale.reshape(1)
+        inputs = theirs is None if ours is None else theirs is not None and torch.equal(theirs, ours)
         if not (torch.equal(w.weight.view(torch.uint8), m.weight.view(torch.uint8))
                 and torch.equal(w.scale.reshape(-1), m.weight_scale.reshape(-1)) and inputs):
             raise ToolkitError(f"{name}: the exported fp8 weights or scales differ from the model's; "

@@ -4,7 +4,7 @@ record, ``quantization.json``, that both writers fill and every reader checks.
 The folder keeps the Hugging Face ``config.json`` and tokenizer files; its safetensors (one file, or shards from
 the streaming writer) hold every tensor: a quantized linear as its ``QuantLinear`` buffers (packed codes, float16
 scales, uint8 zero points, a float bias) or its ``FP8Linear`` buffers (fp8 e4m3 weight, float32 per-channel
-scales), with a static ``input_scale`` where its activations are calibrated; everything else as stored.
+or per-tensor scales), with a static ``input_scale`` where its activations are calibrated; everything else as stored.
 ``PackedCheckpoint`` names each quantized linear with its scheme and shape, and the head a tied quantized
 embedding reads. Its ``format`` is the version: ``FORMAT`` is written, every version in ``READABLE`` loads
 (v1: integer weight-only linears; v2 adds a linear's ``type`` and ``input_activations`` keys, v3 its weight
