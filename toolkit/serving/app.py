@@ -215,12 +215,12 @@ def generation_config(body: ChatRequest | CompletionRequest, max_new_tokens: int
     if body.min_tokens > max_new_tokens:
         raise ToolkitError(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_new_tokens})")
     k = server.max_draft_tokens if body.num_speculative_tokens is None else body.num_speculative_tokens
+    if k > server.max_draft_tokens and not server.speculates:
+        raise ToolkitError("num_speculative_tokens: this server does not speculate (it was started without --draft "
+                           "or --prompt-lookup): leave the field out or send 0")
     if k > server.max_draft_tokens:
-        raise ToolkitError(
-            f"num_speculative_tokens ({k}) must not exceed the server's --num-draft-tokens "
-            f"({server.max_draft_tokens}): send a smaller one, or 0 to turn speculation off" if server.speculates else
-            "num_speculative_tokens: this server does not speculate (it was started without --draft or "
-            "--prompt-lookup): leave the field out or send 0")
+        raise ToolkitError(f"num_speculative_tokens ({k}) must not exceed the server's --num-draft-tokens "
+                           f"({server.max_draft_tokens}): send a smaller one, or 0 to turn speculation off")
     greedy = body.temperature == 0
     return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=body.min_tokens, do_sample=not greedy,
                             temperature=1.0 if greedy else body.temperature, top_k=max(body.top_k, 0),
