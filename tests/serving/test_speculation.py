@@ -128,7 +128,7 @@ def test_concurrent_greedy_requests_equal_plain_greedy_and_the_counters_add_up(
         assert [lp for _, lp in tokens] == pytest.approx([lp for _, lp in expected_tokens], abs=1e-3), i
     lines = [log_lines(drafted)[rid] for rid, _, _ in answers]
     assert all(line["generated_tokens"] == N for line in lines)
-    rates = {line["spec_accepted_tokens"] / line["spec_draft_tokens"] for line in lines}
+    rates = {line["spec_accepted_tokens"] / max(line["spec_draft_tokens"], 1) for line in lines}
     assert len(rates) > 1 and max(rates) > 0  # they speculated, and accepted different lengths
     now = spec_metrics(drafted)
     after = {name: now[name] - before[name] for name in now}
@@ -223,8 +223,8 @@ def test_speculation_turns_itself_down_as_the_server_loops_batch_grows(target: P
         loop = EngineLoop(engine, Metrics("tiny", 2))
         requests = [Request(str(i), time.perf_counter(), asyncio.get_running_loop()) for i in range(4)]
         try:
-            for request, prompt in zip(requests, PROMPTS, strict=False):
-                await asyncio.to_thread(loop.submit, request, engine.encode(prompt), config)
+            ids = [engine.encode(p) for p in PROMPTS[:4]]
+            await asyncio.to_thread(lambda: [loop.submit(r, i, config) for r, i in zip(requests, ids, strict=True)])
             tokens: list[list[int]] = []
             for request in requests:
                 out = [await asyncio.wait_for(request.updates.get(), 60)]
@@ -236,7 +236,7 @@ def test_speculation_turns_itself_down_as_the_server_loops_batch_grows(target: P
             loop.stop()
 
     assert asyncio.run(scenario()) == plain
-    assert widths.count(4) >= 10  # the four rows decoded together for a while (they are submitted one by one)
+    assert widths.count(4) >= 10  # the four rows decoded together (submitted one by one, they start apart)
     assert calls and all(1 <= k <= 2 // rows for rows, k in calls)  # drafts only while one or two rows ran
 
 
