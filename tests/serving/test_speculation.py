@@ -57,12 +57,26 @@ def plain_chat(target: Path) -> dict[str, tuple[str, Tokens]]:  # noqa: F811
     return out
 
 
-@pytest.fixture(scope="module")
-def drafted(target: Path, draft: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:  # noqa: F811
-    served = start(target, tmp_path_factory.mktemp("spec-serve"), "--max-batch", "4", "--draft", str(draft),
+def speculating(source: list[str], tmp_path_factory: pytest.TempPathFactory, target: Path) -> Iterator[Served]:  # noqa: F811
+    served = start(target, tmp_path_factory.mktemp("spec-serve"), "--max-batch", "4", *source,
                    "--num-draft-tokens", str(K))
     yield served
     assert stop(served) == 0
+
+
+@pytest.fixture(scope="module")
+def drafted(target: Path, draft: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:  # noqa: F811
+    yield from speculating(["--draft", str(draft)], tmp_path_factory, target)
+
+
+@pytest.fixture(scope="module", params=["draft", "prompt_lookup"])
+def either(request: pytest.FixtureRequest, drafted: Served, target: Path,  # noqa: F811
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The server with each draft source in turn."""
+    if request.param == "draft":
+        yield drafted
+        return
+    yield from speculating(["--prompt-lookup"], tmp_path_factory, target)
 
 
 def log_lines(served: Served) -> dict[str, dict[str, Any]]:
@@ -103,13 +117,13 @@ async def complete(client: openai.AsyncOpenAI, prompt: str, streamed: bool, **ex
 
 
 def test_concurrent_greedy_requests_equal_plain_greedy_and_the_counters_add_up(
-        drafted: Served, plain_chat: dict[str, tuple[str, Tokens]]) -> None:
-    before = spec_metrics(drafted)  # vLLM's names, every position's counter there from the start
+        either: Served, plain_chat: dict[str, tuple[str, Tokens]]) -> None:
+    before = spec_metrics(either)  # vLLM's names, every position's counter there from the start
     assert set(before) == {"num_drafts_total", "num_draft_tokens_total", "num_accepted_tokens_total",
                            *(f'num_accepted_tokens_per_pos_total{{position="{i}"}}' for i in range(K))}
 
     async def drive() -> list[tuple[str, str, Tokens]]:
-        client, gate = drafted.async_client(), asyncio.Semaphore(4)
+        client, gate = either.async_client(), asyncio.Semaphore(4)
 
         async def one(i: int) -> tuple[str, str, Tokens]:
             async with gate:
@@ -126,11 +140,11 @@ def test_concurrent_greedy_requests_equal_plain_greedy_and_the_counters_add_up(
         assert text == expected_text and [t for t, _ in tokens] == [t for t, _ in expected_tokens], i
         # a verify row's logits differ from a one-token decode's in the last bits (< 1e-3: scheduler.py)
         assert [lp for _, lp in tokens] == pytest.approx([lp for _, lp in expected_tokens], abs=1e-3), i
-    lines = [log_lines(drafted)[rid] for rid, _, _ in answers]
+    lines = [log_lines(either)[rid] for rid, _, _ in answers]
     assert all(line["generated_tokens"] == N for line in lines)
     rates = {line["spec_accepted_tokens"] / max(line["spec_draft_tokens"], 1) for line in lines}
     assert len(rates) > 1 and max(rates) > 0  # they speculated, and accepted different lengths
-    now = spec_metrics(drafted)
+    now = spec_metrics(either)
     after = {name: now[name] - before[name] for name in now}
     for name, field in (("num_drafts_total", "spec_drafts"), ("num_draft_tokens_total", "spec_draft_tokens"),
                         ("num_accepted_tokens_total", "spec_accepted_tokens")):
