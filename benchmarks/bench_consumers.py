@@ -170,7 +170,10 @@ def hf_perplexity(folder: Path, wins: torch.Tensor, compressed: bool) -> dict[st
 # a ModelOpt checkpoint is named by its quant_method. W4A16 (pack-quantized): its CPU kernel takes uint4 / uint4b8 in
 # bfloat16 only (float32 fails). W8A8 int8 (int-quantized): on a CPU with AMX it runs int8_scaled_mm_with_quant,
 # which takes bfloat16 or half activations only (float32: "expect A to be bfloat16 or half"). FP8 (float-quantized,
-# modelopt): vLLM CPU's fp8 kernels need AMX and write bfloat16 or float32; bfloat16 like the others.
+# modelopt): vLLM CPU's fp8 kernels need AMX and write bfloat16 or float32; bfloat16 like the others. Static per-tensor
+# FP8 on CPU (vLLM 0.32): ModelOpt FP8 runs as W8A16 (CPUFp8PerTensorScaledMMLinearKernel leaves the inputs in
+# bfloat16, so the checkpoint's input scales are not applied: not the model the checkpoint describes), and
+# compressed-tensors' FP8 preset fails at engine start (its CPU build has no static_scaled_fp8_quant).
 VLLM_DTYPE = {"pack-quantized": "bfloat16", "int-quantized": "bfloat16", "float-quantized": "bfloat16",
               "modelopt": "bfloat16"}
 VLLM_PROMPTS = 3
