@@ -222,8 +222,10 @@ def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], n
 # activations (its W4A8 kernel), a different model from the one the checkpoint describes (SmolLM2 W4A16: perplexity
 # 20.509 with it, +3.24 % over ours, the size of naive W8A8's loss). Off, vLLM computes W4A16 in bfloat16 (19.893,
 # +0.14 %). That kernel uses AMX tiles without asking Linux for them, which killed the tiny models' worker (SIGILL);
-# vllm_consumer.py asks in every vLLM process.
-VLLM_ENV = {"VLLM_CPU_INT4_W4A8": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# vllm_consumer.py asks in every vLLM process. VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS: FP8 dynamic on CPU runs torch's
+# unfused fallback, and one 4096-token prefill step with full-vocabulary log-probabilities outlasted vLLM's default 300 s
+# on a busy 2-core host ("RPC call to execute_model timed out"), killing the engine.
+VLLM_ENV = {"VLLM_CPU_INT4_W4A8": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}
 JOB_MARK = "=== vllm_consumer job"  # vllm_consumer.py's line before each job
 # a line of vLLM's log that names an exception, bare or logged at ERROR level by one of its processes:
 # "(Worker pid=9) ERROR 12-06 09:49:31 [multiproc_executor.py:1063] RuntimeError: ..." (WARNING lines are not causes)
