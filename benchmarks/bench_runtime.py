@@ -182,7 +182,8 @@ def run_genai(a: argparse.Namespace) -> dict[str, Any]:
         params.set_search_options(max_length=total, min_length=total, do_sample=False)
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
-        gen.append_tokens(ids)  # prefill; the first token is chosen from these logits
+        gen.append_tokens(ids)  # prefill
+        gen.generate_next_token()  # the first token, chosen from the prefill's logits: no model run, so not a decode step
         gen.get_next_tokens()
         ttft = time.perf_counter() - t0
         lat = []
