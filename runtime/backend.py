@@ -58,7 +58,8 @@ class Backend(Protocol):
     def decode_next(self, tokens: np.ndarray, lengths: np.ndarray,
                     with_logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """``decode``, returning each row's argmax token [n] (numpy's: the first index on ties) and the logits
-        [n, V] only ``with_logits`` (greedy steps need no [n, V] copy or scan)."""
+        [n, V] only ``with_logits`` (a backend whose logits live on a device may then take the token in the graph
+        and copy n ids instead of [n, V] floats)."""
         ...
 
     def score(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
