@@ -58,7 +58,8 @@ class Backend(Protocol):
     def decode_next(self, tokens: np.ndarray, lengths: np.ndarray,
                     with_logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """``decode``, returning each row's argmax token [n] (numpy's: the first index on ties) and the logits
-        [n, V] only ``with_logits`` (greedy steps need no [n, V] copy or scan)."""
+        [n, V] only ``with_logits`` (a backend whose logits live on a device may then take the token in the graph
+        and copy n ids instead of [n, V] floats)."""
         ...
 
     def score(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -89,9 +90,12 @@ class BackendOptions:
     # MatMulNBits (and the standard target's fused DequantizeLinear): 0 keeps activations float, 4 quantizes them
     # to int8 per block; None: the level the graph was exported with
     accuracy_level: int | None = None
-    # give a graph without the exporter's next-token output one at load (an ArgMax on the logits), so greedy steps
-    # read n ids instead of [n, V] floats; False runs the graph as it is
-    next_token: bool = True
+    # True: greedy steps read the graph's next-token output (an ArgMax on the logits; added at load where the graph has
+    # none). False: the token is numpy's argmax of the logits, which a decode step binds into a preallocated buffer
+    # anyway (no copy), and the graph's ArgMax is removed at load, since onnxruntime runs every node whatever outputs a
+    # call asks for: its CPU ArgMax takes ~50 us per row (every prompt token of a prefill, every row of a decode step),
+    # numpy's ~3 us (49,152 floats, one thread)
+    next_token: bool = False
     # int8-activation graphs: decode one row as a pair [token, pad] so that a k-token verify and a one-token decode
     # run the same kernels and agree bit for bit (greedy speculation needs no margin); costs ~25 % more CPU per
     # one-row decode step (SmolLM2 int4 GPTQ block 64, 2 threads, median of 12 interleaved rounds), so it is for
@@ -136,6 +140,19 @@ def add_next_token(proto: onnx.ModelProto, contract: ExportContract) -> ExportCo
     return dataclasses.replace(contract, names=dataclasses.replace(names, next_token=name))
 
 
+def drop_next_token(proto: onnx.ModelProto, contract: ExportContract) -> ExportContract:
+    """Remove the graph's next-token ArgMax and its output from the weightless graph; returns the contract that no
+    longer names it (unchanged if the graph has none, or the output is not an ArgMax that only the caller reads)."""
+    name = contract.names.next_token
+    producers = [n for n in proto.graph.node if name and name in n.output]
+    if (len(producers) != 1 or producers[0].op_type != "ArgMax"
+            or any(name in n.input for n in proto.graph.node)):
+        return contract
+    proto.graph.node.remove(producers[0])
+    proto.graph.output.remove(next(o for o in proto.graph.output if o.name == name))
+    return dataclasses.replace(contract, names=dataclasses.replace(contract.names, next_token=None))
+
+
 def _session(folder: Path, model_path: Path, proto: onnx.ModelProto, contract: ExportContract,
              options: BackendOptions, rewritten: bool = False) -> ort.InferenceSession:
     so = ort.SessionOptions()
@@ -176,7 +193,9 @@ class OrtBackend:
         self.pairs = options.paired_decode and self.int8_activations and self.can_share_buffer
         self.whole_cache = takes_whole_cache(proto)  # past is the whole [B, KVH, CAP, D] row, not the used columns
         contract = self.contract
-        if self.can_share_buffer and options.next_token:  # the decode path that reads it binds a shared cache
+        if not options.next_token:
+            self.contract = drop_next_token(proto, contract)
+        elif self.can_share_buffer:  # the decode path that reads it binds a shared cache
             self.contract = add_next_token(proto, contract)
         self.session = _session(folder, model_path, proto, self.contract, options, self.contract is not contract)
         del proto
