@@ -1,21 +1,28 @@
 """Perplexity of SmolLM2 with quantized activations (W8A8 int8, FP8) under the default evaluation protocol.
 
-    python benchmarks/activation_quality.py                       # every row below (about 15 min on 2 cores)
+    python benchmarks/activation_quality.py                       # every row below (hours on a shared 2-core host)
     python benchmarks/activation_quality.py --rows float,w8a8-sq --alphas 0.5
+    python benchmarks/activation_quality.py --model tiny-llama --windows 1 --calib-count 2 --calib-length 32
 
-Rows: float; naive W8A8 (int8 per-channel RTN weights, int8 per-token dynamic activations, no smoothing);
-W8A8 + SmoothQuant (alpha 0.5: the ``smollm2-w8a8-smoothquant`` recipe); W8A8 static (per-tensor activation scales
-calibrated after SmoothQuant); FP8 dynamic (fp8 e4m3 per-channel weights, per-token dynamic activations: the
-``smollm2-fp8-dynamic`` recipe); then the SmoothQuant alpha sweep. Heads stay float (as the recipes keep them),
-so every difference is the body's. Prints a markdown table with the change against float.
+Rows: float; FP8 dynamic (fp8 e4m3 per-channel weights rounded to nearest, per-token dynamic activations); FP8
+dynamic with GPTQ on the e4m3 grid (the ``smollm2-fp8-dynamic`` recipe: the same checkpoint format), and with
+SmoothQuant (alpha 0.5) before it; naive W8A8 (int8 per-channel RTN weights, int8 per-token dynamic activations, no
+smoothing); W8A8 + SmoothQuant (alpha 0.5: the ``smollm2-w8a8-smoothquant`` recipe); W8A8 static (per-tensor
+activation scales calibrated, with and without SmoothQuant); then the SmoothQuant alpha sweep of W8A8 dynamic.
+Calibration (SmoothQuant, GPTQ, static scales): 32 random 512-token windows of the calibration half. Heads stay
+float (as the recipes keep them), so every difference is the body's. Prints a markdown table with the change
+against float; rows can run in separate processes (``--rows``, ``--alphas ""``), float is then read from the
+process that ran it.
 
-Measured 2026-12-06 (2 threads, machine shared with other sessions; the run was cut at the report deadline, the
-remaining rows were not reached):
+Measured 2026-12-06 (2 threads, machine shared with other sessions, load 12-18 on 2 cores):
 | model | perplexity | vs float |
 |---|---|---|
 | float | 14.805 | - |
-| w8a8-naive | 15.182 | +2.55 % |
-| w8a8-sq (alpha 0.5) | 14.952 | +0.99 % |
+| fp8-dynamic | 15.311 | +3.42 % |
+| fp8-dynamic-gptq | 14.975 | +1.15 % |
+(fp8-dynamic-gptq ran in its own process, ``--rows fp8-dynamic-gptq --alphas ""``.) Earlier run (same code path):
+w8a8-naive 15.182 (+2.55 %), w8a8-sq alpha 0.5 14.952 (+0.99 %). The remaining rows (fp8-dynamic-sq-gptq, the
+static rows, the alpha sweep) were stopped unfinished at the report deadline.
 """
 
 from __future__ import annotations
