@@ -71,7 +71,8 @@ class DraftLength:
     tokens per second (Leviathan et al. 2023, sec. 3.4): E[tokens | j] / (j * draft_step + verify(j)), with
     E[tokens | j] = (1 - a^(j+1)) / (1 - a) for a per-token acceptance a. When even the best length is slower than
     a plain one-token decode (measured, or a verify call as its upper bound), drafting pauses: a draft that does not
-    pay is turned off rather than slowing decode. After ``patience`` zero-accept rounds in a row drafting also
+    pay is turned off rather than slowing decode; when the pause ends, drafts of the acceptance length measure the
+    costs again before the next decision (a noisy measurement cannot keep drafting off). After ``patience`` zero-accept rounds in a row drafting also
     pauses. A pause lasts ``pause`` tokens and doubles each time, so a source that never helps costs almost nothing.
     """
 
@@ -82,6 +83,7 @@ class DraftLength:
     pause: int = 16
     zero_rounds: int = 0
     paused_for: int = 0
+    probing: bool = False  # a pause ended: draft by acceptance until a steady round has measured the costs again
     # measured online, decayed so the estimates follow the text: drafted tokens kept / first rejections, seconds per
     # drafted token (catch-up included), a verify call's seconds by draft length, a plain decode step's seconds
     kept: float = 0.0
@@ -95,9 +97,10 @@ class DraftLength:
         so the length shrinks as 1/busy_rows and speculation stops when the batch exceeds max_k."""
         if self.paused_for > 0:
             self.paused_for -= 1
+            self.probing = self.paused_for == 0
             return 0
         limit = self.max_k // max(busy_rows, 1)
-        if limit < 1 or not self.by_cost or self.draft_step_s is None or not self.verify_s:
+        if limit < 1 or not self.by_cost or self.probing or self.draft_step_s is None or not self.verify_s:
             return min(self.k, limit)
         rate, j = max((self.expected_tokens(j) / self.round_s(j), j) for j in range(1, limit + 1))
         plain = self.decode_s if self.decode_s is not None else min(self.verify_s.values())
@@ -127,8 +130,8 @@ class DraftLength:
 
     def update(self, drafted: int, accepted: int, draft_s: float | None = None, verify_s: float | None = None) -> None:
         self.kept, self.rejected = DECAY * self.kept + accepted, DECAY * self.rejected + (accepted < drafted)
-        if draft_s is not None and drafted:
-            self.draft_step_s = _ema(self.draft_step_s, draft_s / drafted)
+        if draft_s is not None and drafted:  # None: the draft first caught up on what it missed (not a steady round)
+            self.draft_step_s, self.probing = _ema(self.draft_step_s, draft_s / drafted), False
         if verify_s is not None:
             self.verify_s[drafted] = _ema(self.verify_s.get(drafted), verify_s)
         if accepted == drafted:

@@ -417,8 +417,12 @@ def _measured(draft_step: float, acceptance: float, by_cost: bool = True) -> Dra
 
 def test_draft_length_by_cost_turns_off_a_draft_as_slow_as_the_target():
     slow = _measured(draft_step=1.0, acceptance=0.9)
-    assert [slow.allowed(1) for _ in range(18)] == [0] * 18  # paused for 16 tokens, then measured again: paused again
-    assert slow.pause == 64 and slow.paused_for == 32
+    assert [slow.allowed(1) for _ in range(17)] == [0] * 17 and slow.pause == 32  # paused for 16 tokens
+    assert slow.allowed(1) == 2 and slow.allowed(1) == 2  # then drafts by acceptance until costs are measured again
+    slow.update(2, 1, draft_s=None, verify_s=1.1)  # a round that caught up after the pause measures no draft step
+    assert slow.allowed(1) == 2
+    slow.update(2, 1, draft_s=2.0, verify_s=1.1)
+    assert slow.allowed(1) == 0 and slow.pause == 64  # still too slow: paused twice as long
     assert _measured(draft_step=1.0, acceptance=0.9, by_cost=False).allowed(1) == 2  # acceptance alone: drafts
 
 
