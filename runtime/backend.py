@@ -1,9 +1,10 @@
 """Backends run the decoder graph on rows of a KV cache. ONNX Runtime (CPU) is the one we ship.
 
 A backend only knows tensors: ``prefill`` fills one cache row from a chunk of tokens, ``decode``
-advances rows [0, n) by one token each, ``score`` feeds k tokens to each of several rows (a speculative
-decoder's verification). Rows' lengths belong to the caller and are passed with every call: rolling a row
-back is passing a shorter length next time (the columns past it are masked, then overwritten), no copy.
+advances rows [0, n) by one token each, ``extend`` feeds a few tokens to one row and returns each one's argmax
+(a draft's steps, a speculative decoder's verification), ``score`` feeds k tokens to each of several rows.
+Rows' lengths belong to the caller and are passed with every call: rolling a row back is passing a shorter
+length next time (the columns past it are masked, then overwritten), no copy.
 Tokenizing, sampling and scheduling live in generation.py and scheduler.py, so a TensorRT engine plugs
 in by implementing the same methods.
 
