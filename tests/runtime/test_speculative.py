@@ -18,7 +18,14 @@ from toolkit.passes.onnx import ONNXConfig, export
 from toolkit.paths import atomic_dir
 from toolkit.runtime import GenerationConfig, load, sampling
 from toolkit.runtime.backend import BackendOptions, OrtBackend
-from toolkit.runtime.speculative import DraftLength, PromptLookup, accept_or_resample, lookup, residual
+from toolkit.runtime.speculative import (
+    DraftLength,
+    PromptLookup,
+    accept_or_resample,
+    lookup,
+    residual,
+    top2_margin,
+)
 
 PROMPTS = ["Hello tiny world", "The quick brown fox jumps", "abcabcabc", "def f(x): return x + 1",
            "Once upon a time", "1, 2, 3, 4,", "quote: 'to be or not'", "zzz"]
@@ -502,3 +509,9 @@ def test_a_speculating_target_and_its_draft_stop_spinning_after_each_call(target
     assert isinstance(alone, OrtBackend)
     with pytest.raises(RuntimeError, match="does not have configuration"):  # plain decode spins between calls
         alone.session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+
+
+def test_top2_margin_reads_the_gap_to_the_next_largest_logit_at_either_end_and_on_ties():
+    assert top2_margin(np.array([1.0, 3.0, 2.5]), 1) == 0.5
+    assert top2_margin(np.array([3.0, 1.0, 2.0]), 0) == 1.0 and top2_margin(np.array([1.0, 2.0, 4.0]), 2) == 2.0
+    assert top2_margin(np.array([2.0, 2.0, 1.0]), 0) == 0.0  # a tie is too close to call at any margin
