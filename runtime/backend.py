@@ -59,7 +59,8 @@ class Backend(Protocol):
     def decode_next(self, tokens: np.ndarray, lengths: np.ndarray,
                     with_logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """``decode``, returning each row's argmax token [n] (numpy's: the first index on ties) and the logits
-        [n, V] only ``with_logits`` (greedy steps need no [n, V] copy or scan)."""
+        [n, V] only ``with_logits`` (a backend whose logits live on a device may then take the token in the graph
+        and copy n ids instead of [n, V] floats)."""
         ...
 
     def score(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -96,9 +97,12 @@ class BackendOptions:
     # MatMulNBits (and the standard target's fused DequantizeLinear): 0 keeps activations float, 4 quantizes them
     # to int8 per block; None: the level the graph was exported with
     accuracy_level: int | None = None
-    # give a graph without the exporter's next-token output one at load (an ArgMax on the logits), so greedy steps
-    # read n ids instead of [n, V] floats; False runs the graph as it is
-    next_token: bool = True
+    # True: greedy steps read the graph's next-token output (an ArgMax on the logits; added at load where the graph has
+    # none). False: the token is numpy's argmax of the logits, which a decode step binds into a preallocated buffer
+    # anyway (no copy), and the graph's ArgMax is removed at load, since onnxruntime runs every node whatever outputs a
+    # call asks for: its CPU ArgMax takes ~50 us per row (every prompt token of a prefill, every row of a decode step),
+    # numpy's ~3 us (49,152 floats, one thread)
+    next_token: bool = False
     # stop the intra-op pool's spinning when a call ends: for sessions that take turns on the same cores (a target
     # and its draft), where one pool spinning after its call takes the cores the other's call needs
     stop_spinning: bool = False
@@ -146,6 +150,19 @@ def add_next_token(proto: onnx.ModelProto, contract: ExportContract) -> ExportCo
     return dataclasses.replace(contract, names=dataclasses.replace(names, next_token=name))
 
 
+def drop_next_token(proto: onnx.ModelProto, contract: ExportContract) -> ExportContract:
+    """Remove the graph's next-token ArgMax and its output from the weightless graph; returns the contract that no
+    longer names it (unchanged if the graph has none, or the output is not an ArgMax that only the caller reads)."""
+    name = contract.names.next_token
+    producers = [n for n in proto.graph.node if name and name in n.output]
+    if (len(producers) != 1 or producers[0].op_type != "ArgMax"
+            or any(name in n.input for n in proto.graph.node)):
+        return contract
+    proto.graph.node.remove(producers[0])
+    proto.graph.output.remove(next(o for o in proto.graph.output if o.name == name))
+    return dataclasses.replace(contract, names=dataclasses.replace(contract.names, next_token=None))
+
+
 def _session(folder: Path, model_path: Path, proto: onnx.ModelProto, contract: ExportContract,
              options: BackendOptions, rewritten: bool = False) -> ort.InferenceSession:
     so = ort.SessionOptions()
@@ -188,7 +205,9 @@ class OrtBackend:
         self.pairs = options.paired_decode and self.int8_activations and self.can_share_buffer
         self.whole_cache = takes_whole_cache(proto)  # past is the whole [B, KVH, CAP, D] row, not the used columns
         contract = self.contract
-        if self.can_share_buffer and options.next_token:  # the decode path that reads it binds a shared cache
+        if not options.next_token:
+            self.contract = drop_next_token(proto, contract)
+        elif self.can_share_buffer:  # the decode path that reads it binds a shared cache
             self.contract = add_next_token(proto, contract)
         self.session = _session(folder, model_path, proto, self.contract, options, self.contract is not contract)
         del proto
@@ -339,8 +358,9 @@ class OrtBackend:
     def extend(self, slot: int, tokens: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
         """tokens [S] at positions start..start+S-1 of row ``slot`` -> (argmax [S], logits [S, V]), views of
         buffers allocated once, valid until the next call. Up to MAX_EXTEND tokens on a shared cache go through a
-        binding kept per (row, S) and read the graph's next-token output (a greedy caller reads no logits); longer
-        calls, or other graphs, prefill. With ``pairs`` an odd S gets a pad token where the row has room (its
+        binding kept per (row, S) that writes the logits in place (the argmax: the graph's next-token output where
+        it has one, else numpy's of the bound logits; a greedy caller reads nothing else); longer calls, or other
+        graphs, prefill. With ``pairs`` an odd S gets a pad token where the row has room (its
         column is past the row's length), so a verify runs the kernels of a paired decode.
         """
         cache = self._require_cache()
@@ -348,7 +368,7 @@ class OrtBackend:
         if self.pairs and S % 2 and start + S < cache.capacity:
             tokens = np.append(np.asarray(tokens, np.int64), PAD_TOKEN)
         n = len(tokens)
-        if not (self.has_next_token and cache.shared) or n > self._ext_ids.shape[1]:
+        if not cache.shared or n > self._ext_ids.shape[1]:
             logits = self.prefill(slot, np.asarray(tokens, np.int64), start, all_logits=True)[:S]  # [S, V]
             return logits.argmax(axis=1), logits
         if start + n > cache.capacity:
@@ -358,7 +378,8 @@ class OrtBackend:
         self._ext_pos[0, :n] = np.arange(start, start + n)
         io.bind_ortvalue_input(self.names.attention_mask, ort.OrtValue.ortvalue_from_numpy(self._ones[:, : start + n]))
         self.session.run_with_iobinding(io)
-        return self._ext_next[0, :S], self._prefill_logits[0, :S]
+        logits = self._prefill_logits[0, :S]  # [S, V]
+        return (self._ext_next[0, :S] if self.has_next_token else logits.argmax(axis=1)), logits
 
     def _extend_binding(self, slot: int, n: int) -> ort.IOBinding:
         io = self._extend_bindings.get((slot, n))
@@ -368,7 +389,8 @@ class OrtBackend:
             if self.has_positions:
                 io.bind_ortvalue_input(self.names.position_ids, ort.OrtValue.ortvalue_from_numpy(self._ext_pos[:, :n]))  # type: ignore[arg-type]
             io.bind_ortvalue_output(self.names.logits, ort.OrtValue.ortvalue_from_numpy(self._prefill_logits[:, :n]))
-            io.bind_ortvalue_output(self.names.next_token, ort.OrtValue.ortvalue_from_numpy(self._ext_next[:, :n]))  # type: ignore[arg-type]
+            if self.has_next_token:
+                io.bind_ortvalue_output(self.names.next_token, ort.OrtValue.ortvalue_from_numpy(self._ext_next[:, :n]))  # type: ignore[arg-type]
             self._bind_shared(io, slot, slot + 1)
             self._extend_bindings[slot, n] = io
         return io

@@ -17,6 +17,9 @@ from toolkit.runtime.tokenizer import Tokenizer
 from toolkit.schema import check_numbers
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+# The longest draft: a verify call returns [k+1, V] float logits (k = 10,000 with SmolLM2's 49,152-entry vocabulary
+# would be 2 GB a call), and the adaptive length seldom passes 8 (README: 2.5-2.7 tokens per target call)
+MAX_DRAFT_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,9 @@ class GenerationConfig:
             raise ToolkitError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0 or self.repetition_penalty <= 0:
             raise ToolkitError("top_k must be >= 0 and repetition_penalty > 0 (1.0 disables it)")
-        if self.num_draft_tokens < 0 or (self.prompt_lookup and self.num_draft_tokens == 0):
-            raise ToolkitError(f"num_draft_tokens must be >= 0, and >= 1 with prompt_lookup (got {self.num_draft_tokens})")
+        if not 0 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS or (self.prompt_lookup and self.num_draft_tokens == 0):
+            raise ToolkitError(f"num_draft_tokens must be in [0, {MAX_DRAFT_TOKENS}], and >= 1 with prompt_lookup "
+                               f"(got {self.num_draft_tokens})")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ToolkitError(f"logprobs must be in [0, {MAX_LOGPROBS}] (got {self.logprobs})")
         if any(not s for s in self.stop_strings):

@@ -229,7 +229,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(Path(args.export), host=args.host, port=args.port, max_batch=args.max_batch,
                          max_queue=args.max_queue, threads=args.threads, shutdown_timeout=args.shutdown_timeout,
-                         served_model_name=args.served_model_name)  # refuses bad settings before any import
+                         served_model_name=args.served_model_name, draft=args.draft, prompt_lookup=args.prompt_lookup,
+                         num_draft_tokens=args.num_draft_tokens)  # refuses bad settings before any import
     try:
         from toolkit.serving.app import serve
     except ModuleNotFoundError as exc:
@@ -301,18 +302,30 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from toolkit.runtime import GenerationConfig
     from toolkit.serving.config import ServeConfig
 
     helps = {"max_batch": "requests decoded together (cache rows)",
              "max_queue": "requests waiting for a row; past it, 503 with Retry-After",
              "threads": "ORT threads (default: physical cores)",
              "shutdown_timeout": "seconds in-flight requests get to finish after SIGTERM",
-             "served_model_name": "the model name clients send (default: the export folder's name)"}
+             "served_model_name": "the model name clients send (default: the export folder's name)",
+             "draft": "speculative decoding for every request: an export with the same tokenizer drafts tokens "
+                      "that the served export verifies (the output is unchanged)",
+             "prompt_lookup": "speculative decoding for every request with drafts copied from n-gram matches in "
+                              "the prompt and output",
+             "num_draft_tokens": "the longest draft, with --draft or --prompt-lookup (default: "
+                                 f"{GenerationConfig.num_draft_tokens}; a request may ask for less with "
+                                 "num_speculative_tokens, 0 to turn it off)"}
     parser.add_argument("export", help="export folder (model.onnx + model.onnx.data + tokenizer)")
     hints = typing.get_type_hints(ServeConfig)
     for f in dataclasses.fields(ServeConfig)[1:]:  # the defaults are ServeConfig's, declared once
-        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+        flag, kind = "--" + f.name.replace("_", "-"), next(t for t in typing.get_args(hints[f.name]) or
+                                                           (hints[f.name],) if t is not type(None))
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=helps.get(f.name, ""))
+            continue
+        parser.add_argument(flag, type=kind, default=f.default,
                             help=helps.get(f.name, "") + ("" if f.default is None else f" (default: {f.default})"))
 
 

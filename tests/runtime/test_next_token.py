@@ -1,5 +1,7 @@
-"""The graph's next-token output (ArgMax over the logits): exports write it, the runtime adds it to graphs without
-one, greedy steps read only it, and every token is the one the logits' argmax gave before."""
+"""The graph's next-token output (ArgMax over the logits): exports write it; by default the runtime removes it at
+load (onnxruntime runs every node, and its CPU ArgMax costs more than numpy's argmax of the logits a step binds
+anyway); with ``next_token=True`` it adds one to graphs without, greedy steps read only it, and every token is the
+one the logits' argmax gives."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes.onnx import ONNXConfig, export
 from toolkit.paths import atomic_dir
 from toolkit.runtime import GenerationConfig
-from toolkit.runtime.backend import BackendOptions, OrtBackend, add_next_token
+from toolkit.runtime.backend import BackendOptions, OrtBackend, add_next_token, drop_next_token
 from toolkit.runtime.contract import EXPORT_FILE, MODEL_FILE, ExportContract, read_contract
 from toolkit.runtime.engine import Engine
 from toolkit.runtime.generation import SequenceState
@@ -72,10 +74,37 @@ def test_exports_name_the_output_and_older_descriptions_read_without_it(folder, 
 
 
 def test_which_argmax_each_backend_reads(folder, old_folder):
-    assert OrtBackend(folder, BackendOptions(threads=1)).has_next_token  # the export's own node
-    added = OrtBackend(old_folder, BackendOptions(threads=1))
+    assert OrtBackend(folder, BackendOptions(threads=1, next_token=True)).has_next_token  # the export's own node
+    added = OrtBackend(old_folder, BackendOptions(threads=1, next_token=True))
     assert added.has_next_token and added.contract.names.next_token == "next_token"  # added at load
-    assert not OrtBackend(old_folder, BackendOptions(threads=1, next_token=False)).has_next_token
+    assert not OrtBackend(old_folder, BackendOptions(threads=1)).has_next_token
+
+
+def test_by_default_the_export_argmax_is_removed_from_the_session(folder):
+    """onnxruntime computes every node whatever outputs a call binds: the node itself must go, not just its read."""
+    backend = OrtBackend(folder, BackendOptions(threads=1))
+    assert not backend.has_next_token and backend.contract.names.next_token is None
+    assert "next_token" not in {o.name for o in backend.session.get_outputs()}
+    assert read_contract(folder).names.next_token == "next_token"  # the folder itself is untouched
+    assert "next_token" in {o.name for o in onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph.output}
+
+
+def test_an_output_that_is_no_plain_argmax_is_kept():
+    """Only an ArgMax nothing else reads is removed: a graph whose next_token is computed otherwise, or feeds
+    another node, keeps it (and the contract keeps naming it)."""
+    proto, contract = _ties_model("logits")
+    named = add_next_token(proto, _renamed(contract, next_token=None))
+    consumer = onnx.helper.make_node("Identity", [named.names.next_token], ["copy"])
+    proto.graph.node.append(consumer)
+    assert drop_next_token(proto, named) is named and len(proto.graph.node) == 3
+    proto.graph.node.remove(consumer)
+    proto.graph.node[1].op_type = "TopK"  # not an ArgMax: another computation the graph may want
+    assert drop_next_token(proto, named) is named and len(proto.graph.node) == 2
+    proto.graph.node[1].op_type = "ArgMax"
+    dropped = drop_next_token(proto, named)
+    assert dropped.names.next_token is None and [n.op_type for n in proto.graph.node] == ["Identity"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert drop_next_token(proto, dropped) is dropped  # nothing left to remove
 
 
 def _renamed(contract: ExportContract, **names: str | None) -> ExportContract:
@@ -115,10 +144,11 @@ def test_a_graph_that_uses_the_name_gets_another():
 
 
 def test_greedy_tokens_are_the_same_from_the_graph_argmax_and_from_the_logits(folder, old_folder):
-    """The new export, an old export given the node at load, and an old export read as before (numpy's argmax
-    of the logits): alone and as one ragged batch, the same tokens."""
+    """The new export, an old export given the node at load, the new export with its node removed and an old
+    export (numpy's argmax of the logits): alone and as one ragged batch, the same tokens."""
     config = GenerationConfig(max_new_tokens=24, stop_token_ids=())
-    engines = [engine_of(folder), engine_of(old_folder), engine_of(old_folder, next_token=False)]
+    engines = [engine_of(folder), engine_of(old_folder), engine_of(folder, next_token=False),
+               engine_of(old_folder, next_token=False)]
     before = engines[-1]
     reference = [before.generate(p, config).token_ids for p in PROMPTS]
     assert len({tuple(t) for t in reference}) > 1  # the prompts lead somewhere different: the test can tell rows apart

@@ -141,6 +141,9 @@ def test_draft_settings_are_checked():
         GenerationConfig(num_draft_tokens=-1)
     with pytest.raises(ToolkitError, match="num_draft_tokens"):
         GenerationConfig(num_draft_tokens=0, prompt_lookup=True)
+    with pytest.raises(ToolkitError, match=r"num_draft_tokens must be in \[0, 32\]"):
+        GenerationConfig(num_draft_tokens=33)
+    assert GenerationConfig(num_draft_tokens=32).num_draft_tokens == 32
 
 
 def test_prompt_lookup_continues_the_latest_longest_match():

@@ -174,7 +174,8 @@ def test_vllm_extensions_and_neutral_openai_fields_are_served(server: Served, en
                                                             repetition_penalty=1.3))
     answer = server.client().completions.create(
         model=MODEL, prompt="holder 1", max_tokens=40, temperature=0, presence_penalty=0, frequency_penalty=0,
-        user="someone", extra_body={"ignore_eos": True, "min_tokens": 40, "top_k": 5, "repetition_penalty": 1.3})
+        user="someone", extra_body={"ignore_eos": True, "min_tokens": 40, "top_k": 5, "repetition_penalty": 1.3,
+                                    "num_speculative_tokens": 0})
     assert answer.choices[0].text == expected.text and answer.choices[0].finish_reason == "length"
     assert answer.usage is not None and answer.usage.completion_tokens == 40
 
@@ -208,6 +209,8 @@ BAD = [
     ("min_tokens above max_tokens", "completions", {**OK, "min_tokens": 5}, 400,
      "min_tokens (5) must not exceed max_tokens (4)"),
     ("logprobs on completions", "completions", {**OK, "logprobs": 2}, 400, "/v1/chat/completions with logprobs"),
+    ("speculation without a draft source", "completions", {**OK, "num_speculative_tokens": 2}, 400,
+     "this server does not speculate (it was started without --draft or --prompt-lookup)"),
     ("unknown model", "completions", {**OK, "model": "gpt-4"}, 404, "use 'tiny'"),
 ]
 

@@ -27,7 +27,7 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request as HttpRequest
 
 from toolkit.errors import ToolkitError
-from toolkit.runtime import Engine, GenerationConfig, load, read_contract
+from toolkit.runtime import Engine, GenerationConfig, Tokenizer, check_same_tokenizer, load, read_contract
 from toolkit.serving.config import ServeConfig, source_hash
 from toolkit.serving.loop import EngineLoop, Request, Update
 from toolkit.serving.metrics import Metrics
@@ -57,7 +57,7 @@ class Server:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.model_name, self.version = config.model_name, source_hash(config.export)
-        self.metrics = Metrics(self.model_name)
+        self.metrics = Metrics(self.model_name, config.max_draft_tokens)
         self.engine: Engine | None = None
         self.loop: EngineLoop | None = None
         self.load_error: str | None = None
@@ -70,7 +70,9 @@ class Server:
 
     def load(self) -> None:
         """Open the export (in a worker thread: /health answers 503 meanwhile) and start the engine loop."""
-        engine = load(self.config.export, threads=self.config.threads, max_batch=self.config.max_batch)
+        # a speculating int8 target decodes one row as a pair, so verify and decode agree bit for bit (README)
+        engine = load(self.config.export, threads=self.config.threads, max_batch=self.config.max_batch,
+                      draft=self.config.draft, paired_decode=self.config.speculates)
         self.loop = EngineLoop(engine, self.metrics)
         pool = engine.pool
         self.metrics.watch(running=lambda: len(engine.scheduler.rows),
@@ -143,24 +145,21 @@ class Server:
         if body.token_limit is None and room < 1:
             raise ToolkitError(f"the prompt has {len(ids)} tokens and the model's context is "
                                f"{contract.context_length}: shorten the prompt")
-        self.loop.submit(request, ids, generation_config(body, body.token_limit or room))
+        self.loop.submit(request, ids, generation_config(body, body.token_limit or room, self.config))
 
     async def _stream(self, request: Request, body: Sampling, shapes: Shapes) -> AsyncIterator[dict[str, str]]:
-        """Server-sent events: a chunk per step's tokens, the final chunk, the usage chunk if asked, [DONE]."""
+        """Server-sent events: a chunk per token (a step that kept several drafted tokens sends one for each, as a
+        client counts tokens by chunks), the final chunk, the usage chunk if asked, [DONE]."""
         finished, first = False, True
         while not finished:
             update = await request.updates.get()
-            # steps that finished while this stream waited for the event loop go out as one event: a burst of
-            # back-to-back events would only look like tokens made microseconds apart
-            while update.finish_reason is None and not request.updates.empty():
-                update = update.then(request.updates.get_nowait())
             finished = update.finish_reason is not None
             if update.error:
                 yield {"data": _json(error_body(f"the engine failed: {update.error}", "server_error"))}
-            text = "".join(c.text for c in update.chunks)
-            if text or first or finished or update.logprobs:
-                yield {"data": _json(shapes.chunk(text, update.finish_reason, update.logprobs, first=first))}
-                first = False
+            for text, logprobs, reason in update.per_token():
+                if text or first or reason or logprobs:  # a token that is no text yet sends nothing
+                    yield {"data": _json(shapes.chunk(text, reason, logprobs, first=first))}
+                    first = False
         if body.include_usage:
             yield {"data": _json(shapes.usage_chunk(self._usage(request)))}
         yield {"data": "[DONE]"}
@@ -209,17 +208,26 @@ class Server:
         stop.should_exit = True
 
 
-def generation_config(body: ChatRequest | CompletionRequest, max_new_tokens: int) -> GenerationConfig:
+def generation_config(body: ChatRequest | CompletionRequest, max_new_tokens: int,
+                      server: ServeConfig) -> GenerationConfig:
     """OpenAI's settings in the runtime's terms (its checks refuse what OpenAI's bounds let through, e.g.
-    min_tokens above max_tokens)."""
+    min_tokens above max_tokens), with the server's speculation unless the request asks for less."""
     if body.min_tokens > max_new_tokens:
         raise ToolkitError(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_new_tokens})")
+    k = server.max_draft_tokens if body.num_speculative_tokens is None else body.num_speculative_tokens
+    if k > server.max_draft_tokens and not server.speculates:
+        raise ToolkitError("num_speculative_tokens: this server does not speculate (it was started without --draft "
+                           "or --prompt-lookup): leave the field out or send 0")
+    if k > server.max_draft_tokens:
+        raise ToolkitError(f"num_speculative_tokens ({k}) must not exceed the server's --num-draft-tokens "
+                           f"({server.max_draft_tokens}): send a smaller one, or 0 to turn speculation off")
     greedy = body.temperature == 0
     return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=body.min_tokens, do_sample=not greedy,
                             temperature=1.0 if greedy else body.temperature, top_k=max(body.top_k, 0),
                             top_p=body.top_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
                             stop_token_ids=() if body.ignore_eos else None, stop_strings=body.stop_strings,
-                            logprobs=body.logprobs_count)
+                            logprobs=body.logprobs_count, num_draft_tokens=k,
+                            prompt_lookup=server.prompt_lookup and k > 0)
 
 
 async def _disconnected(http: HttpRequest) -> None:
@@ -326,6 +334,10 @@ def serve(config: ServeConfig) -> None:
         log.setLevel(logging.INFO)
         log.propagate = False  # one line per request, whatever the root logger does
     read_contract(config.export)  # a folder that is no export is refused before the port is taken
+    if config.draft is not None:  # so is a draft that is no export or speaks another vocabulary
+        read_contract(config.draft)
+        check_same_tokenizer(Tokenizer.from_folder(config.export), Tokenizer.from_folder(config.draft),
+                             config.export, config.draft)
     listening = listen(config.host, config.port)
     server = Server(config)
     uv = _Uvicorn(uvicorn.Config(create_app(server), host=config.host, port=config.port, access_log=False,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from toolkit.errors import ToolkitError
 from toolkit.manifest import read_if_any
+from toolkit.runtime.generation import MAX_DRAFT_TOKENS, GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,11 @@ class ServeConfig:
     threads: int | None = None  # ORT intra-op threads (default: physical cores)
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     served_model_name: str | None = None  # default: the export folder's name (its run's name for run/export)
+    # speculative decoding for every request (a request may turn it off or shorten it): drafts from another export
+    # with the same tokenizer, or from n-gram matches in the prompt and the generated text
+    draft: Path | None = None
+    prompt_lookup: bool = False
+    num_draft_tokens: int | None = None  # the longest draft (None: GenerationConfig's default)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 0:
@@ -32,6 +38,33 @@ class ServeConfig:
             raise ToolkitError(f"--threads must be >= 1 (got {self.threads})")
         if not (self.export / "model.onnx").is_file():
             raise ToolkitError(f"{self.export} holds no model.onnx: give the folder an ONNX export was written to")
+        self._check_speculation()
+
+    def _check_speculation(self) -> None:
+        if self.draft is not None and self.prompt_lookup:
+            raise ToolkitError("--draft and --prompt-lookup are two draft sources: choose one")
+        if self.num_draft_tokens is not None:
+            if not self.speculates:
+                raise ToolkitError("--num-draft-tokens is the longest draft of --draft or --prompt-lookup: give "
+                                   "one of them, or leave it out")
+            if not 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS:
+                raise ToolkitError(f"--num-draft-tokens must be in [1, {MAX_DRAFT_TOKENS}] (got "
+                                   f"{self.num_draft_tokens}); to serve without speculation leave --draft and "
+                                   "--prompt-lookup out")
+        if self.draft is not None and not (self.draft / "model.onnx").is_file():
+            raise ToolkitError(f"--draft {self.draft} holds no model.onnx: give the folder an ONNX export of a "
+                               "model with the served export's tokenizer was written to")
+
+    @property
+    def speculates(self) -> bool:
+        return self.draft is not None or self.prompt_lookup
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """The longest draft a request may ask for (0: the server does not speculate)."""
+        if not self.speculates:
+            return 0
+        return self.num_draft_tokens if self.num_draft_tokens is not None else GenerationConfig.num_draft_tokens
 
     @property
     def model_name(self) -> str:

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from toolkit.runtime import Engine, GenerationConfig, Handle, StreamChunk
+from toolkit.runtime import Engine, GenerationConfig, Handle, SpecStats, StreamChunk
 from toolkit.runtime.generation import TokenLogprobs
 from toolkit.serving.metrics import Metrics
 
@@ -32,11 +32,13 @@ class Update:
     logprobs: list[TokenLogprobs] | None = None  # of the generated tokens among the chunks (the stop token's not)
     error: str | None = None  # the engine failed: the request ends with this message
 
-    def then(self, later: Update) -> Update:
-        """This update followed by a later one, as one."""
-        logprobs = None if self.logprobs is None and later.logprobs is None else \
-            (self.logprobs or []) + (later.logprobs or [])
-        return Update(self.chunks + later.chunks, later.finish_reason, logprobs, later.error)
+    def per_token(self) -> list[tuple[str, list[TokenLogprobs] | None, str | None]]:
+        """(text, logprobs, finish reason) for each token, the finish reason with the last; one entry for an update
+        with no token (a request ended between steps). A step that kept several drafted tokens gives several."""
+        parts = [(c.text, None if self.logprobs is None else self.logprobs[i : i + 1])
+                 for i, c in enumerate(self.chunks)] or [("", None if self.logprobs is None else [])]
+        return [(text, logprobs, self.finish_reason if i == len(parts) - 1 else None)
+                for i, (text, logprobs) in enumerate(parts)]
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Request:
     last_at: float = 0.0
     logprobs_sent: int = 0
     tokens_counted: int = 0  # generated tokens already added to the counter
+    spec_counted: SpecStats = field(default_factory=SpecStats)  # its speculation already added to the counters
 
     def push(self, update: Update) -> None:
         self.aio.call_soon_threadsafe(self.updates.put_nowait, update)
@@ -137,6 +140,7 @@ class EngineLoop:
             assert handle is not None
             chunks = list(handle.chunks)
             handle.chunks.clear()
+            self._count_speculation(request)
             if chunks:
                 self._count(request, now)
                 if not request.first_at:
@@ -171,6 +175,13 @@ class EngineLoop:
             m.generation_tokens.labels(name).inc(len(seq.generated) - request.tokens_counted)
             request.tokens_counted = len(seq.generated)
 
+    def _count_speculation(self, request: Request) -> None:
+        """The spec_decode counters as drafts are verified, like the token counters."""
+        assert request.handle is not None
+        stats = request.handle.seq.spec_stats
+        if stats is not None and self.metrics.spec_decode is not None:
+            self.metrics.spec_decode.add(stats, request.spec_counted)
+
     def _fail_all(self, message: str) -> None:
         with self._lock:
             live, self._live, self._cancels = self._live, [], []
@@ -188,6 +199,7 @@ class EngineLoop:
         assert request.handle is not None
         seq = request.handle.seq
         admitted, generated = seq.timings.admitted_at, len(seq.generated)
+        self._count_speculation(request)
         m.success.labels(name, reason).inc()
         m.e2e.labels(name).observe(now - request.arrival)
         if admitted:
@@ -203,5 +215,8 @@ class EngineLoop:
             "ttft_ms": ms(request.first_at - request.arrival) if request.first_at else None,
             "decode_ms": ms(now - request.first_at) if request.first_at else None,
             "e2e_ms": ms(now - request.arrival), "finish_reason": reason,
+            **({} if seq.spec_stats is None else {"spec_drafts": seq.spec_stats.num_drafts,
+                                                  "spec_draft_tokens": seq.spec_stats.num_draft_tokens,
+                                                  "spec_accepted_tokens": seq.spec_stats.num_accepted_tokens}),
         }))
 

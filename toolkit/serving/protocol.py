@@ -3,9 +3,10 @@
 Requests are pydantic models with strict types (a string where a number belongs is refused, not coerced) and
 the bounds OpenAI documents. A field this server does not serve is refused, as OpenAI's own API refuses an
 unrecognized argument, rather than ignored (a client asking for ``response_format`` must not get plain text
-silently); OpenAI's bookkeeping fields (``user``, ``metadata``, ``store``), its penalties at their neutral 0, and
+silently); OpenAI's bookkeeping fields (``user``, ``metadata``, ``store``), its penalties at their neutral 0,
 vLLM's extensions that load generators send (``top_k``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``)
-are taken. Responses are plain dicts built here, so every route answers in the same shape.
+and our ``num_speculative_tokens`` are taken. Responses are plain dicts built here, so every route answers in the
+same shape.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class Sampling(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
+    # ours (vLLM sets speculation per server only; the name is its setting's): the longest draft for this request,
+    # 0 to turn speculation off, at most the server's --num-draft-tokens (None: the server's)
+    num_speculative_tokens: Annotated[int, Field(ge=0)] | None = None
 
     @field_validator("stop")
     @classmethod
