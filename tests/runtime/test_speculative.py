@@ -481,7 +481,7 @@ def test_extend_in_one_call_writes_the_cache_and_chooses_as_one_token_calls(targ
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_a_greedy_draft_reads_the_graphs_argmax_and_its_prompt_at_prefill(target, draft, plain, monkeypatch):
+def test_a_greedy_draft_reads_only_the_argmax_and_its_prompt_at_prefill(target, draft, plain, monkeypatch):
     """Greedy drafting without a penalty or masked stop ids never processes logits in Python, and the draft's row
     holds the prompt once the target's does (its first draft reads only the pending token)."""
     from toolkit.runtime.generation import SequenceState
