@@ -12,6 +12,7 @@ genai, ours, ...) and compares the medians of each step's CPU time of the callin
 of the CPU, not what the neighbours leave it. Wall-time effects of two threads (spinning, wake-ups) do not show.
 
     .venv/bin/python benchmarks/ab_genai.py out/smol-int4 --cpu --pairs 4
+    .venv/bin/python benchmarks/ab_genai.py out/smol-int4 --cpu --genai genai-int4  # our graph vs genai's build
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--no-spin", dest="spin", action="store_false")
     p.add_argument("--cpu", action="store_true", help="CPU time per interleaved step, one thread (shared machines)")
+    p.add_argument("--genai", type=Path, help="--cpu: the graph genai runs (e.g. its own int4 build); default: artifact")
     a = p.parse_args(argv)
     if a.cpu:
         return cpu_steps(a)
@@ -90,7 +92,7 @@ def cpu_steps(a: argparse.Namespace) -> int:
 
     ids = prompt_ids(Tokenizer.from_folder(a.artifact), a.prompt_tokens)
     total = len(ids) + a.new_tokens
-    model = og.Model(str(genai_folder(a.artifact, 1)))
+    model = og.Model(str(genai_folder(a.genai or a.artifact, 1)))
 
     def ours(next_token: bool) -> Callable[[], Iterator[float]]:
         backend = OrtBackend(a.artifact, BackendOptions(threads=1, next_token=next_token))
