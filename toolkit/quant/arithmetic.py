@@ -82,9 +82,20 @@ INT8_MAX = 127.0
 def fp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8 e4m3 weights with one float32 scale per output row: ``w: [out, in]`` -> ``(w8 [out, in], scale
     [out, 1])``, ``w ≈ w8 · scale`` with ``scale = absmax / 448`` (compressed-tensors' channel strategy)."""
+    scale = fp8_weight_scale(w)
+    return fp8_codes(w, scale), scale
+
+
+def fp8_weight_scale(w: torch.Tensor) -> torch.Tensor:
+    """One float32 scale per output row of ``w: [out, in]``: ``absmax / 448`` (1 for an all-zero row) ``[out, 1]``."""
     absmax = w.float().abs().amax(dim=1, keepdim=True)
-    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
-    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+
+
+def fp8_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes of ``w / scale`` (``scale`` broadcast over ``w``'s columns): the cast rounds to nearest even,
+    saturating at ±448, as compressed-tensors' fp8 quantizer and vLLM's cast do."""
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def fp8_dequantize(w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

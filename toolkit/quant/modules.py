@@ -111,11 +111,17 @@ class FP8Linear(nn.Module):
     def from_weight(cls, w: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None,
                     act: ActivationSpec | None = None) -> FP8Linear:
         """Round ``w: [out, in]`` to fp8 e4m3 with per-channel scales."""
-        out_f, in_f = w.shape
+        return cls.from_codes(*fp8_quantize(w), spec, bias, act)
+
+    @classmethod
+    def from_codes(cls, w8: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None,
+                   act: ActivationSpec | None = None) -> FP8Linear:
+        """The layer holding e4m3 codes ``w8: [out, in]`` with per-channel ``scale: [out, 1]`` (rounded elsewhere:
+        GPTQ)."""
+        out_f, in_f = w8.shape
         layer = cls(in_f, out_f, spec, bias=bias is not None, act=act)
-        w8, scale = fp8_quantize(w)
         layer.weight.copy_(w8)
-        layer.weight_scale.copy_(scale)
+        layer.weight_scale.copy_(scale.reshape(out_f, 1))
         if bias is not None and layer.bias is not None:
             layer.bias.data.copy_(bias.detach().float())
         return layer

@@ -102,9 +102,13 @@ def install(model: nn.Module, name: str, linear: nn.Linear, codes: torch.Tensor,
 
 
 def install_fp8(model: nn.Module, name: str, linear: nn.Linear, spec: QuantSpec,
-                act: ActivationSpec | None = None) -> FP8Linear:
-    """Round ``linear`` to fp8 e4m3 weights (per-channel scales) and put it in place."""
-    qlinear = FP8Linear.from_weight(linear.weight.data, spec, linear.bias, act)
+                act: ActivationSpec | None = None, codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> FP8Linear:
+    """Put ``linear`` in place as fp8 e4m3 weights with per-channel scales: rounded to nearest here, or the
+    ``codes = (w8, scale)`` found elsewhere (GPTQ)."""
+    if codes is None:
+        qlinear = FP8Linear.from_weight(linear.weight.data, spec, linear.bias, act)
+    else:
+        qlinear = FP8Linear.from_codes(*codes, spec, linear.bias, act)
     set_module(model, name, qlinear)
     return qlinear
 
