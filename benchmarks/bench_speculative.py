@@ -12,7 +12,10 @@ Configurations (greedy, the same new tokens for every prompt; speculation does n
   is not among those options (an MtpGenerator covers multi-token-prediction heads), so no genai draft-model run.
 
 Reports per configuration the median decode tokens/s, per-round ratios to its baseline, acceptance rate, tokens
-per target call and the draft's share of the decode time.
+per target call and the draft's share of the decode time; then where a speculating configuration's decode time went
+(per phase, from ``SpecStats``): draft calls (ms per drafted token, catch-up included), verify calls (ms each),
+one-token decodes of speculating rows (paused drafting, empty drafts, positions too close to call) and the rest
+(the scheduler's Python), beside the plain configuration's ms per token.
 
     .venv/bin/python benchmarks/bench_speculative.py --target runs/smollm2-fp32-onnx/export \
         --draft runs/smollm2-int4-awq-gptq-onnx/export --int4 runs/smollm2-int4-gptq-head4-onnx/export --rounds 5
@@ -48,16 +51,24 @@ def run_one(name: str, a: argparse.Namespace) -> dict[str, float]:
                               num_draft_tokens=a.k if speculates else 0,
                               prompt_lookup=name.startswith("lookup"))
     engine.generate(prompts[0], GenerationConfig(max_new_tokens=8, num_draft_tokens=0))  # warm-up
-    tokens = seconds = drafted = accepted = calls = emitted = draft_s = 0.0
+    tokens = seconds = 0.0
+    totals = dict.fromkeys(("num_drafts", "num_draft_tokens", "num_accepted_tokens", "target_calls", "emitted_tokens",
+                            "deferred", "draft_s", "score_s", "plain_s"), 0.0)
     for prompt in prompts:
         r = engine.generate([{"role": "user", "content": prompt}], config)
         tokens, seconds = tokens + len(r.timings.token_latencies_s), seconds + r.timings.decode_s
-        s = r.speculation
-        if s is not None:
-            drafted, accepted, draft_s = drafted + s.num_draft_tokens, accepted + s.num_accepted_tokens, draft_s + s.draft_s
-            calls, emitted = calls + s.target_calls, emitted + s.emitted_tokens
-    return {"tok_s": tokens / seconds, "acceptance": accepted / drafted if drafted else 0.0,
-            "tokens_per_call": emitted / calls if calls else 1.0, "draft_share": draft_s / seconds}
+        if r.speculation is not None:
+            for key in totals:
+                totals[key] += getattr(r.speculation, key)
+    t = totals
+    return {"tok_s": tokens / seconds, "ms_per_token": 1e3 * seconds / tokens,
+            "acceptance": t["num_accepted_tokens"] / t["num_draft_tokens"] if t["num_draft_tokens"] else 0.0,
+            "tokens_per_call": t["emitted_tokens"] / t["target_calls"] if t["target_calls"] else 1.0,
+            "draft_share": t["draft_s"] / seconds, "verify_share": t["score_s"] / seconds,
+            "plain_share": t["plain_s"] / seconds,
+            "draft_ms_per_token": 1e3 * t["draft_s"] / t["num_draft_tokens"] if t["num_draft_tokens"] else 0.0,
+            "verify_ms": 1e3 * t["score_s"] / t["num_drafts"] if t["num_drafts"] else 0.0,
+            "deferred": t["deferred"] / t["num_drafts"] if t["num_drafts"] else 0.0}
 
 
 def run_genai(a: argparse.Namespace, speculate: bool) -> dict[str, float]:
@@ -88,8 +99,8 @@ def run_genai(a: argparse.Namespace, speculate: bool) -> dict[str, float]:
             stats = gen.get_speculative_stats()
             accepted += stats["draft_tokens_accepted"]
             proposed += stats["draft_tokens_evaluated"]
-    return {"tok_s": tokens / seconds, "acceptance": accepted / proposed if proposed else 0.0,
-            "tokens_per_call": 1.0, "draft_share": 0.0}
+    return {"tok_s": tokens / seconds, "ms_per_token": 1e3 * seconds / tokens,
+            "acceptance": accepted / proposed if proposed else 0.0, "tokens_per_call": 1.0, "draft_share": 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +140,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>14} {med(r['tok_s'] for r in runs):8.1f} {med(ratios):6.2f}  "
               f"{' '.join(f'{x:.2f}' for x in ratios):<27} {med(r['acceptance'] for r in runs):6.2f}  "
               f"{med(r['tokens_per_call'] for r in runs):8.2f}  {med(r['draft_share'] for r in runs):11.2f}")
+    print_phases(results)
     return 0
+
+
+def print_phases(results: dict[str, list[dict[str, float]]]) -> None:
+    """Where each speculating configuration's decode time went (medians over rounds), beside its baseline's plain
+    ms per token: what a round costs against what the arithmetic allows."""
+    med = statistics.median
+    rows = [name for name, runs in results.items() if "verify_ms" in runs[0] and med(r["verify_ms"] for r in runs)]
+    if not rows:
+        return
+    print(f"\n{'phases':>14} {'ms/tok':>7} {'plain':>6}  draft  verify  1-token  python  "
+          f"{'draft ms/tok':>12} {'verify ms':>9} deferred")
+    for name in rows:
+        runs, base = results[name], results.get(BASELINES.get(name, ""), results[name])
+        draft, verify, plain = (med(r[k] for r in runs) for k in ("draft_share", "verify_share", "plain_share"))
+        print(f"{name:>14} {med(r['ms_per_token'] for r in runs):7.2f} {med(r['ms_per_token'] for r in base):6.2f}  "
+              f"{draft:5.2f}  {verify:6.2f}  {plain:7.2f}  {1 - draft - verify - plain:6.2f}  "
+              f"{med(r['draft_ms_per_token'] for r in runs):12.2f} {med(r['verify_ms'] for r in runs):9.2f} "
+              f"{med(r['deferred'] for r in runs):8.2f}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Each decoder layer is calibrated on the outputs of the already-quantized layers before it. Inside a
 layer, true-sequential order (q/k/v, o, gate/up, down) lets later linears see the quantized earlier
 ones. Linears reading the same input share one Hessian and are quantized as one concatenated matrix.
-The head is RTN (8 bits: near-lossless) or, with ``lm_head_method: gptq``, GPTQ calibrated on the final
+Integer codes, or fp8 e4m3 weights (``type: float``, one
+scale per output channel: GPTQ's error feedback on the e4m3 grid, the same FP8 checkpoint RTN writes). The head is
+RTN (8 bits: near-lossless) or, with ``lm_head_method: gptq``, GPTQ calibrated on the final
 norm's output. Per-layer results (the dampening actually used, dead input channels) go to
 ``<workdir>/gptq.json``.
 """
@@ -27,7 +29,7 @@ from toolkit.models.shape import ModelShape
 from toolkit.models.streaming import SkeletonModel
 from toolkit.passes.base import QuantPassConfig
 from toolkit.passes.context import PassContext
-from toolkit.quant.arithmetic import dequantize
+from toolkit.quant.arithmetic import dequantize, fp8_dequantize
 from toolkit.quant.calibration import (
     LayerInputs,
     check_finite,
@@ -35,6 +37,7 @@ from toolkit.quant.calibration import (
     stream_module_inputs,
     walk_layers,
 )
+from toolkit.quant.modules import QuantizedLinear
 from toolkit.quant.moments import InputMoments
 from toolkit.quant.spec import QuantSpec
 from toolkit.quant.streaming import (
@@ -48,6 +51,7 @@ from toolkit.quant.surgery import (
     LinearCodes,
     check_group_size,
     install,
+    install_fp8,
     quantize_head,
     static_input_scales,
     target_linears,
@@ -83,8 +87,14 @@ class GPTQConfig(QuantPassConfig):
 
     @property
     def spec(self) -> QuantSpec:
-        """GPTQ writes integer codes and runs quantized input activations too (int8 W8A8)."""
-        return self.scheme.runnable(self.name, float_weights=False)
+        """GPTQ writes integer or fp8 codes (fp8 with one scale per output channel) and runs quantized input
+        activations too (int8 W8A8, FP8)."""
+        spec = self.scheme.runnable(self.name)
+        if spec.per_tensor:
+            raise ToolkitError(f"{self.name} rounds fp8 weights with one scale per output channel; one scale per "
+                               "tensor (strategy: tensor) is rounded by rtn: use rtn, or group_size: -1 without "
+                               "strategy: tensor here")
+        return spec
 
     def streaming_bytes(self, shape: ModelShape, calibration_tokens: int, activations_budget: int) -> float:
         """A GPTQ head also holds the head's float32 weight while the body's hidden states are carried."""
@@ -129,10 +139,16 @@ def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, c
     for n, m in zip(names, linears, strict=True):
         rows = slice(row, row + m.out_features)  # type: ignore[operator]
         q = LinearCodes(n, m, res.codes[rows], res.scales[rows], res.zeros[rows])  # type: ignore[arg-type]
-        m.weight.data.copy_(dequantize(q.codes, q.scales, q.zeros, config.spec.group(q.codes.shape[1])))
+        m.weight.data.copy_(_dequantized(q, config.spec))
         done.append(q)
         row = rows.stop
     return {"damp": res.damp, "dead_columns": res.dead_columns}
+
+
+def _dequantized(q: LinearCodes, spec: QuantSpec) -> torch.Tensor:
+    if spec.type == "float":
+        return fp8_dequantize(q.codes, q.scales)
+    return dequantize(q.codes, q.scales, q.zeros, spec.group(q.codes.shape[1]))
 
 
 def _quantize_head_gptq(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> dict[str, Any]:
@@ -188,7 +204,10 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
 
     walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, one_layer, ctx.progress)
     for q in done:
-        module = install(model, q.name, q.linear, q.codes, q.scales, q.zeros, spec, act)
+        if spec.type == "float":
+            module: QuantizedLinear = install_fp8(model, q.name, q.linear, spec, act, codes=(q.codes, q.scales))
+        else:
+            module = install(model, q.name, q.linear, q.codes, q.scales, q.zeros, spec, act)
         if q.name in input_scales:
             module.input_scale.copy_(input_scales[q.name])
     if config.lm_head_method == "gptq":

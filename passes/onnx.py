@@ -267,7 +267,9 @@ def contract_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conf
         cache_dtype=config.dtype,
         accuracy_level=config.accuracy_level,
         share_buffer=True,  # GroupQueryAttention (ort) and TensorScatter (standard) write the cache in place
-        names=TensorNames() if config.target == "ort" else TensorNames(next_token=None),
+        # no next-token ArgMax: onnxruntime runs every node whatever a call reads, and the runtime takes numpy's
+        # argmax of the logits it binds anyway (exports made before still load: the runtime drops their ArgMax)
+        names=TensorNames(next_token=None),
     )
 
 

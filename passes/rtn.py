@@ -63,7 +63,7 @@ def apply(model: PreTrainedModel, config: RTNConfig, ctx: PassContext | None = N
     weight_scales = fused_weight_scales(model, linears) if spec.per_tensor else {}
     for name, linear in linears.items():
         if spec.type == "float":
-            module = install_fp8(model, name, linear, spec, act, weight_scales.get(name))
+            module = install_fp8(model, name, linear, spec, act, scale=weight_scales.get(name))
         else:
             codes, scale, zero = rtn_quantize(linear.weight.data, spec)
             module = install(model, name, linear, codes, scale, zero, spec, act)

@@ -52,7 +52,9 @@ def load(folder: str | Path, threads: int | None = None, max_batch: int = 8, pre
     if draft is not None:
         check_same_tokenizer(tokenizer, Tokenizer.from_folder(Path(draft)), folder, Path(draft))
     paired = draft is not None if paired_decode is None else paired_decode
-    options = BackendOptions(threads=threads, prefill_chunk=prefill_chunk, spin=spin, accuracy_level=accuracy_level)
+    # a target and its draft take turns on the same cores: neither pool may spin on past the end of its call
+    options = BackendOptions(threads=threads, prefill_chunk=prefill_chunk, spin=spin, accuracy_level=accuracy_level,
+                             stop_spinning=draft is not None)
     backend = OrtBackend(folder, replace(options, paired_decode=paired))
     if max_batch > 1 and not backend.supports_ragged_batch():
         warnings.warn(f"{folder}: the graph cannot decode rows of different lengths together (its attention "

@@ -1,9 +1,10 @@
 """Backends run the decoder graph on rows of a KV cache. ONNX Runtime (CPU) is the one we ship.
 
 A backend only knows tensors: ``prefill`` fills one cache row from a chunk of tokens, ``decode``
-advances rows [0, n) by one token each, ``score`` feeds k tokens to each of several rows (a speculative
-decoder's verification). Rows' lengths belong to the caller and are passed with every call: rolling a row
-back is passing a shorter length next time (the columns past it are masked, then overwritten), no copy.
+advances rows [0, n) by one token each, ``extend`` feeds a few tokens to one row and returns each one's argmax
+(a draft's steps, a speculative decoder's verification), ``score`` feeds k tokens to each of several rows.
+Rows' lengths belong to the caller and are passed with every call: rolling a row back is passing a shorter
+length next time (the columns past it are masked, then overwritten), no copy.
 Tokenizing, sampling and scheduling live in generation.py and scheduler.py, so a TensorRT engine plugs
 in by implementing the same methods.
 
@@ -58,12 +59,18 @@ class Backend(Protocol):
     def decode_next(self, tokens: np.ndarray, lengths: np.ndarray,
                     with_logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """``decode``, returning each row's argmax token [n] (numpy's: the first index on ties) and the logits
-        [n, V] only ``with_logits`` (greedy steps need no [n, V] copy or scan)."""
+        [n, V] only ``with_logits`` (a backend whose logits live on a device may then take the token in the graph
+        and copy n ids instead of [n, V] floats)."""
         ...
 
     def score(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """tokens: [B, k] at positions lengths[b]..lengths[b]+k-1 of row rows[b], written to the cache;
         returns the logits of every position [B, k, V]."""
+        ...
+
+    def extend(self, slot: int, tokens: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """tokens: [S] (a few) at positions start..start+S-1 of row ``slot``, written to the cache; returns each
+        position's argmax [S] and logits [S, V], valid until the next call (a draft's steps, a row's verify)."""
         ...
 
     def reset(self) -> None:
@@ -75,6 +82,7 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+MAX_EXTEND = 16  # tokens per ``extend`` call through a kept binding (a draft and its bonus); longer ones prefill
 PAD_TOKEN = 0  # fills a call to an even token count (``OrtBackend.pairs``); only its own, discarded, outputs see it
 MAX_THREADS = 1024  # onnxruntime takes an int32 and starts them all; more is a typo, not a machine
 
@@ -89,9 +97,15 @@ class BackendOptions:
     # MatMulNBits (and the standard target's fused DequantizeLinear): 0 keeps activations float, 4 quantizes them
     # to int8 per block; None: the level the graph was exported with
     accuracy_level: int | None = None
-    # give a graph without the exporter's next-token output one at load (an ArgMax on the logits), so greedy steps
-    # read n ids instead of [n, V] floats; False runs the graph as it is
-    next_token: bool = True
+    # True: greedy steps read the graph's next-token output (an ArgMax on the logits; added at load where the graph has
+    # none). False: the token is numpy's argmax of the logits, which a decode step binds into a preallocated buffer
+    # anyway (no copy), and the graph's ArgMax is removed at load, since onnxruntime runs every node whatever outputs a
+    # call asks for: its CPU ArgMax takes ~50 us per row (every prompt token of a prefill, every row of a decode step),
+    # numpy's ~3 us (49,152 floats, one thread)
+    next_token: bool = False
+    # stop the intra-op pool's spinning when a call ends: for sessions that take turns on the same cores (a target
+    # and its draft), where one pool spinning after its call takes the cores the other's call needs
+    stop_spinning: bool = False
     # int8-activation graphs: decode one row as a pair [token, pad] so that a k-token verify and a one-token decode
     # run the same kernels and agree bit for bit (greedy speculation needs no margin); costs ~25 % more CPU per
     # one-row decode step (SmolLM2 int4 GPTQ block 64, 2 threads, median of 12 interleaved rounds), so it is for
@@ -136,6 +150,19 @@ def add_next_token(proto: onnx.ModelProto, contract: ExportContract) -> ExportCo
     return dataclasses.replace(contract, names=dataclasses.replace(names, next_token=name))
 
 
+def drop_next_token(proto: onnx.ModelProto, contract: ExportContract) -> ExportContract:
+    """Remove the graph's next-token ArgMax and its output from the weightless graph; returns the contract that no
+    longer names it (unchanged if the graph has none, or the output is not an ArgMax that only the caller reads)."""
+    name = contract.names.next_token
+    producers = [n for n in proto.graph.node if name and name in n.output]
+    if (len(producers) != 1 or producers[0].op_type != "ArgMax"
+            or any(name in n.input for n in proto.graph.node)):
+        return contract
+    proto.graph.node.remove(producers[0])
+    proto.graph.output.remove(next(o for o in proto.graph.output if o.name == name))
+    return dataclasses.replace(contract, names=dataclasses.replace(contract.names, next_token=None))
+
+
 def _session(folder: Path, model_path: Path, proto: onnx.ModelProto, contract: ExportContract,
              options: BackendOptions, rewritten: bool = False) -> ort.InferenceSession:
     so = ort.SessionOptions()
@@ -143,6 +170,8 @@ def _session(folder: Path, model_path: Path, proto: onnx.ModelProto, contract: E
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
+    if options.stop_spinning:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     if takes_whole_cache(proto):  # TensorScatter warns at every call of the copied path that it copies past
         so.log_severity_level = 3
     level = contract.accuracy_level if options.accuracy_level is None else options.accuracy_level
@@ -176,7 +205,9 @@ class OrtBackend:
         self.pairs = options.paired_decode and self.int8_activations and self.can_share_buffer
         self.whole_cache = takes_whole_cache(proto)  # past is the whole [B, KVH, CAP, D] row, not the used columns
         contract = self.contract
-        if self.can_share_buffer and options.next_token:  # the decode path that reads it binds a shared cache
+        if not options.next_token:
+            self.contract = drop_next_token(proto, contract)
+        elif self.can_share_buffer:  # the decode path that reads it binds a shared cache
             self.contract = add_next_token(proto, contract)
         self.session = _session(folder, model_path, proto, self.contract, options, self.contract is not contract)
         del proto
@@ -189,6 +220,7 @@ class OrtBackend:
         self.prefill_chunk = options.prefill_chunk
         self.cache: KVCache | None = None
         self._decode_bindings: dict[tuple[int, bool], ort.IOBinding] = {}  # (rows, logits bound) -> binding; rows -1: the pair
+        self._extend_bindings: dict[tuple[int, int], ort.IOBinding] = {}  # (row, tokens) -> binding
 
     def _check_names(self, model_path: Path) -> list[tuple[str, str]]:
         inputs = {i.name for i in self.session.get_inputs()}
@@ -234,10 +266,15 @@ class OrtBackend:
         self._pair_logits = np.empty((1, 2, d.vocab_size), np.float32)  # [1, 2, V]
         self._pair_next = np.empty((1, 2), np.int64)
         self._prefill_logits = np.empty((1, min(self.prefill_chunk, capacity), d.vocab_size), np.float32)
+        # extend: [1, E] ids, positions and next-token ids; its logits are a prefix of _prefill_logits
+        width = min(MAX_EXTEND, self.prefill_chunk, capacity)
+        self._ext_ids, self._ext_pos = np.zeros((1, width), np.int64), np.zeros((1, width), np.int64)
+        self._ext_next = np.empty((1, width), np.int64)
         return self.cache
 
     def reset(self) -> None:
         self._decode_bindings.clear()
+        self._extend_bindings.clear()
 
     def _require_cache(self) -> KVCache:
         if self.cache is None:
@@ -309,17 +346,54 @@ class OrtBackend:
     def score(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """tokens [B, k] after each row's past -> logits [B, k, V] (a new array); writes the k columns per row.
 
-        One call per row: GroupQueryAttention takes several new tokens after a past only for a batch of one.
-        With ``pairs`` an odd k gets a pad token where the row has room (its column is past the row's length).
+        One call per row (``extend``): GroupQueryAttention takes several new tokens after a past only for a batch
+        of one.
         """
         if tokens.ndim != 2 or len(rows) != len(tokens) or len(lengths) != len(tokens):
             raise ToolkitError(f"score takes tokens [B, k] and B rows and lengths (got tokens {tokens.shape}, "
                                f"{len(rows)} rows, {len(lengths)} lengths)")
-        k = tokens.shape[1]
-        if self.pairs and k % 2 and int(lengths.max()) + k < self._require_cache().capacity:
-            tokens = np.concatenate([tokens, np.full((len(tokens), 1), PAD_TOKEN, np.int64)], axis=1)
-        return np.stack([self.prefill(int(r), tokens[b], int(n), all_logits=True)[:k]
+        return np.stack([self.extend(int(r), tokens[b], int(n))[1].copy()  # a view, overwritten by the next row's
                          for b, (r, n) in enumerate(zip(rows, lengths, strict=True))])
+
+    def extend(self, slot: int, tokens: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """tokens [S] at positions start..start+S-1 of row ``slot`` -> (argmax [S], logits [S, V]), views of
+        buffers allocated once, valid until the next call. Up to MAX_EXTEND tokens on a shared cache go through a
+        binding kept per (row, S) that writes the logits in place (the argmax: the graph's next-token output where
+        it has one, else numpy's of the bound logits; a greedy caller reads nothing else); longer calls, or other
+        graphs, prefill. With ``pairs`` an odd S gets a pad token where the row has room (its
+        column is past the row's length), so a verify runs the kernels of a paired decode.
+        """
+        cache = self._require_cache()
+        S = len(tokens)
+        if self.pairs and S % 2 and start + S < cache.capacity:
+            tokens = np.append(np.asarray(tokens, np.int64), PAD_TOKEN)
+        n = len(tokens)
+        if not cache.shared or n > self._ext_ids.shape[1]:
+            logits = self.prefill(slot, np.asarray(tokens, np.int64), start, all_logits=True)[:S]  # [S, V]
+            return logits.argmax(axis=1), logits
+        if start + n > cache.capacity:
+            raise ToolkitError(f"{start + n} positions do not fit a cache row of {cache.capacity}")
+        io = self._extend_binding(slot, n)
+        self._ext_ids[0, :n] = tokens
+        self._ext_pos[0, :n] = np.arange(start, start + n)
+        io.bind_ortvalue_input(self.names.attention_mask, ort.OrtValue.ortvalue_from_numpy(self._ones[:, : start + n]))
+        self.session.run_with_iobinding(io)
+        logits = self._prefill_logits[0, :S]  # [S, V]
+        return (self._ext_next[0, :S] if self.has_next_token else logits.argmax(axis=1)), logits
+
+    def _extend_binding(self, slot: int, n: int) -> ort.IOBinding:
+        io = self._extend_bindings.get((slot, n))
+        if io is None:  # inputs and outputs are prefixes of buffers allocated once: later calls write them in place
+            io = self.session.io_binding()
+            io.bind_ortvalue_input(self.names.input_ids, ort.OrtValue.ortvalue_from_numpy(self._ext_ids[:, :n]))
+            if self.has_positions:
+                io.bind_ortvalue_input(self.names.position_ids, ort.OrtValue.ortvalue_from_numpy(self._ext_pos[:, :n]))  # type: ignore[arg-type]
+            io.bind_ortvalue_output(self.names.logits, ort.OrtValue.ortvalue_from_numpy(self._prefill_logits[:, :n]))
+            if self.has_next_token:
+                io.bind_ortvalue_output(self.names.next_token, ort.OrtValue.ortvalue_from_numpy(self._ext_next[:, :n]))  # type: ignore[arg-type]
+            self._bind_shared(io, slot, slot + 1)
+            self._extend_bindings[slot, n] = io
+        return io
 
     def _prefill_chunk(self, slot: int, chunk: np.ndarray, start: int) -> np.ndarray:
         S = len(chunk)
@@ -460,7 +534,8 @@ class OrtBackend:
         for b, s in zip(cache.buffers, snapshot, strict=True):
             b[:] = s
         alone = self._decode_at(1, tokens[1:], lengths[1:])[0]
-        self.cache, self._decode_bindings = None, {}  # the probe's cache is not a request's cache
+        self.cache = None  # the probe's cache is not a request's cache
+        self.reset()
         # Judged relative to the logits: int8-activation kernels (accuracy_level 4) may take another path for two
         # rows than for one (a small relative RMS), while a row that sees the stale column is off by a relative
         # RMS of order one.

@@ -42,7 +42,7 @@ class TensorNames:
     position_ids: str | None = "position_ids"  # int64 [B, S]; None: the graph takes none
     logits: str = "logits"  # float32 [B, S, V]
     # int64 [B, S]: ArgMax of the logits over V (the first index on ties, as numpy's argmax); None: the graph has
-    # none (older exports, onnxruntime-genai's), the runtime then takes the argmax of the logits itself
+    # none (the exporter's since it stopped writing one, onnxruntime-genai's): the runtime takes the argmax itself
     next_token: str | None = NEXT_TOKEN
     past_key: str = "past_key_values.%d.key"  # [B, KVH, P, D]
     past_value: str = "past_key_values.%d.value"

@@ -39,6 +39,9 @@ class GenerationConfig:
     # prompt_lookup from n-gram matches in the prompt and the generated text
     num_draft_tokens: int = 4
     prompt_lookup: bool = False
+    # choose the draft length by measured cost and pause a draft that does not pay (speculative.DraftLength);
+    # False drafts whatever it costs (acceptance as a fidelity figure, tests on tiny models)
+    draft_by_cost: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -184,7 +187,7 @@ class SequenceState:
         self.timings = Timings(prompt_tokens=len(prompt_ids))
         self.start = time.perf_counter()
         self.proposer: Proposer | None = None  # set by the engine when the sequence speculates
-        self.draft_length = DraftLength(config.num_draft_tokens, config.num_draft_tokens)
+        self.draft_length = DraftLength(config.num_draft_tokens, config.num_draft_tokens, by_cost=config.draft_by_cost)
         self.spec_stats: SpecStats | None = None
 
     def speculate(self, proposer: Proposer) -> None:
@@ -222,6 +225,12 @@ class SequenceState:
             return argmax
         assert logits is not None, "the scheduler asks for logits when needs_logits says so"
         return self.choose(logits)
+
+    def argmax_decides(self, argmax: int, drafted: int = 0) -> bool:
+        """Whether the raw logits' argmax is the greedy choice once ``drafted`` more tokens are accepted: greedy,
+        no penalty, and not a stop id that is still masked (masking only lowers other entries)."""
+        masked = len(self.generated) + drafted < self.config.min_new_tokens and argmax in self.stop_ids
+        return not self.config.do_sample and self.seen is None and not masked
 
     def choose(self, logits: np.ndarray) -> int:
         seen = np.flatnonzero(self.seen) if self.seen is not None else None

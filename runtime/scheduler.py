@@ -39,6 +39,7 @@ from toolkit.runtime.speculative import Draft, accept_or_resample, dense, top2_m
 # measured) is for an int8 target without pairing: it leaves most positions to the decode and is not exact.
 VERIFY_MARGIN = 1e-3
 VERIFY_MARGIN_INT8 = 4.0
+CATCH_UP = 2  # tokens a draft model reads before drafting in a steady round: the pending one, an accepted draft
 
 
 class Handle:
@@ -162,6 +163,8 @@ class Scheduler:
         seq.length += len(chunk)
         if seq.prefilled:
             token = seq.choose(logits)
+            if seq.proposer is not None:
+                seq.proposer.prefill(seq)
         now = time.perf_counter()
         seq.timings.prefill_s += now - t0
         if seq.prefilled:
@@ -194,17 +197,23 @@ class Scheduler:
         assert stats is not None and proposer is not None
         t0 = time.perf_counter()
         draft = proposer.propose(seq, k)
-        stats.draft_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        stats.draft_s += t1 - t0
         if not draft.tokens:
             return False
-        tokens = np.array([[seq.generated[-1], *draft.tokens]], np.int64)  # [1, k+1]: pending token, then drafts
-        logits = self.backend.score(np.array([seq.slot]), tokens, np.array([seq.length]))[0]  # [k+1, V]
-        kept, chose = self._verify(seq, draft, logits)
+        tokens = np.array([seq.generated[-1], *draft.tokens], np.int64)  # [k+1]: pending token, then drafts
+        ids, logits = self.backend.extend(seq.slot, tokens, seq.length)  # [k+1], [k+1, V]: until the next call
+        t2 = time.perf_counter()
+        stats.score_s += t2 - t1
+        kept, chose = self._verify(seq, draft, ids, logits)
         accepted = len(kept) - chose
         proposer.advance(seq, len(draft.tokens), accepted)
-        seq.draft_length.update(len(draft.tokens), accepted)
+        # a draft that first caught up on many tokens (after a pause) does not say what a draft step costs
+        draft_s = t1 - t0 if draft.fed <= CATCH_UP else None
+        seq.draft_length.update(len(draft.tokens), accepted, draft_s=draft_s, verify_s=t2 - t1)
         stats.record(len(draft.tokens), accepted)
         stats.target_calls += 1
+        stats.deferred += not chose
         if not kept:
             return False
         # columns written: the pending token and the accepted drafts; a target choice after them becomes pending.
@@ -214,36 +223,48 @@ class Scheduler:
         dt = (time.perf_counter() - t0) / len(kept)
         for i, token in enumerate(kept):
             seq.timings.token_latencies_s.append(dt)
-            seq.record_logprobs(seq.masked(logits[i]), token)
+            if seq.config.logprobs is not None:
+                seq.record_logprobs(seq.masked(logits[i]), token)
             self._emit(handle, token)
             if handle.done:  # a stop rule mid-draft: the rest is dropped
                 return True
         return chose
 
-    def _verify(self, seq: SequenceState, draft: Draft, logits: np.ndarray) -> tuple[list[int], bool]:
+    def _verify(self, seq: SequenceState, draft: Draft, ids: np.ndarray, logits: np.ndarray) -> tuple[list[int], bool]:
         """The tokens the target keeps: accepted drafts, then its own choice at the first rejection (or the bonus
         after all k), and whether that choice is there: greedy stops short, before any choice, at a position whose
-        top-2 gap is too close to call."""
+        top-2 gap is too close to call. ids, logits: the target's argmax [k+1] and logits [k+1, V]."""
         kept: list[int] = []
         vocab, k = logits.shape[-1], len(draft.tokens)
-        r = seq.config.repetition_penalty
         for i in range(k + 1):
             if not seq.config.do_sample:
-                scores = seq.scores(logits[i], draft.tokens[:i])
-                if top2_margin(scores) < self.verify_margin * max(r, 1 / r):  # the penalty scales differences
+                choice = self._greedy(seq, logits[i], int(ids[i]), draft.tokens[:i])
+                if choice is None:
                     return kept, False
-                token = int(scores.argmax())
+                token = choice
             else:
-                ids, probs = seq.processed(logits[i], draft.tokens[:i])
+                choice_ids, probs = seq.processed(logits[i], draft.tokens[:i])
                 if i == k:  # all k kept: the bonus token
-                    token = int(ids[seq.rng.choice(len(ids), p=probs)])
+                    token = int(choice_ids[seq.rng.choice(len(choice_ids), p=probs)])
                 else:
                     q = None if draft.q is None else dense(*draft.q[i], vocab)
-                    _, token = accept_or_resample(dense(ids, probs, vocab), q, draft.tokens[i], seq.rng)
+                    _, token = accept_or_resample(dense(choice_ids, probs, vocab), q, draft.tokens[i], seq.rng)
             kept.append(token)
             if i == k or token != draft.tokens[i]:
                 return kept, True
         raise AssertionError("unreachable: the last position always chooses")
+
+    def _greedy(self, seq: SequenceState, logits: np.ndarray, argmax: int, drafted: list[int]) -> int | None:
+        """The target's greedy choice at one verified position (the graph's ``argmax`` unless a penalty or a masked
+        stop id changes the scores), None when its top-2 gap is too close to call."""
+        scores = logits
+        if not seq.argmax_decides(argmax, len(drafted)):
+            scores = seq.scores(logits, drafted)
+            argmax = int(scores.argmax())
+        r = seq.config.repetition_penalty
+        if self.verify_margin and top2_margin(scores, argmax) < self.verify_margin * max(r, 1 / r):
+            return None  # the penalty scales differences
+        return argmax
 
     def decode_one_token(self, handles: list[Handle] | None = None) -> None:
         """Advance ``handles`` (default: every running sequence) by one token in one batched call over rows
@@ -271,4 +292,6 @@ class Scheduler:
             if handle.seq.spec_stats is not None:
                 handle.seq.spec_stats.target_calls += 1
                 handle.seq.spec_stats.emitted_tokens += 1
+                handle.seq.spec_stats.plain_s += dt
+                handle.seq.draft_length.record_decode(dt)  # what drafting must beat
             self._emit(handle, token)

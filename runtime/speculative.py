@@ -36,7 +36,13 @@ class SpecStats:
     num_accepted_tokens_per_pos: list[int] = field(default_factory=list)  # [k_max]: drafts accepted at position i
     target_calls: int = 0  # target calls that advanced this sequence (score and plain decode)
     emitted_tokens: int = 0  # tokens those calls produced
-    draft_s: float = 0.0  # time spent proposing (the draft model's share of the decode time)
+    deferred: int = 0  # greedy verifies that stopped at a position too close to call (a one-token decode follows)
+    # where the decode time went (wall seconds): proposing (the draft model's share), the target's verify calls,
+    # its one-token decodes of this sequence (paused drafting, empty drafts, deferred positions); the rest of
+    # the decode time is the scheduler's Python
+    draft_s: float = 0.0
+    score_s: float = 0.0
+    plain_s: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -58,33 +64,98 @@ class SpecStats:
 
 @dataclass
 class DraftLength:
-    """Adaptive draft length: +1 after a fully accepted draft, down to accepted+1 after a rejection. After
-    ``patience`` zero-accept rounds in a row drafting pauses for ``pause`` tokens (doubling each time), so a
-    source that never helps costs almost nothing."""
+    """The draft length each step, from acceptance and from measured cost.
+
+    Before costs are measured: +1 after a fully accepted draft, down to accepted+1 after a rejection. Once the
+    scheduler has timed a draft and a verify (``update``'s seconds), the length is the one that maximises expected
+    tokens per second (Leviathan et al. 2023, sec. 3.4): E[tokens | j] / (j * draft_step + verify(j)), with
+    E[tokens | j] = (1 - a^(j+1)) / (1 - a) for a per-token acceptance a. When even the best length is slower than
+    a plain one-token decode (measured, or a verify call as its upper bound), drafting pauses: a draft that does not
+    pay is turned off rather than slowing decode; when the pause ends, drafts of the acceptance length measure the
+    costs again before the next decision (a noisy measurement cannot keep drafting off). After ``patience`` zero-accept rounds in a row drafting also
+    pauses. A pause lasts ``pause`` tokens and doubles each time, so a source that never helps costs almost nothing.
+    """
 
     k: int
     max_k: int
+    by_cost: bool = True  # False: acceptance alone sets the length
     patience: int = 3
     pause: int = 16
     zero_rounds: int = 0
     paused_for: int = 0
+    probing: bool = False  # a pause ended: draft by acceptance until a steady round has measured the costs again
+    # measured online, decayed so the estimates follow the text: drafted tokens kept / first rejections, seconds per
+    # drafted token (catch-up included), a verify call's seconds by draft length, a plain decode step's seconds
+    kept: float = 0.0
+    rejected: float = 0.0
+    draft_step_s: float | None = None
+    verify_s: dict[int, float] = field(default_factory=dict)
+    decode_s: float | None = None
 
     def allowed(self, busy_rows: int) -> int:
         """The draft length this step. One score call per speculating row replaces a share of one batched decode,
         so the length shrinks as 1/busy_rows and speculation stops when the batch exceeds max_k."""
         if self.paused_for > 0:
             self.paused_for -= 1
+            self.probing = self.paused_for == 0
             return 0
-        return min(self.k, self.max_k // max(busy_rows, 1))
+        limit = self.max_k // max(busy_rows, 1)
+        if limit < 1 or not self.by_cost or self.probing or self.draft_step_s is None or not self.verify_s:
+            return min(self.k, limit)
+        rate, j = max((self.expected_tokens(j) / self.round_s(j), j) for j in range(1, limit + 1))
+        plain = self.decode_s if self.decode_s is not None else min(self.verify_s.values())
+        if rate * plain < 1.0:  # a plain decode makes tokens faster
+            self._pause()
+            return 0
+        return j
 
-    def update(self, drafted: int, accepted: int) -> None:
+    def acceptance(self) -> float:
+        """Per-token acceptance: kept / (kept + first rejections), the maximum-likelihood estimate of a
+        geometric acceptance from drafts that stop at their first rejection."""
+        seen = self.kept + self.rejected
+        return self.kept / seen if seen else 0.0
+
+    def expected_tokens(self, j: int) -> float:
+        """Tokens one round with a j-token draft emits: accepted drafts and the target's own choice."""
+        a = min(self.acceptance(), 1.0 - 1e-9)
+        return (1.0 - a ** (j + 1)) / (1.0 - a)
+
+    def round_s(self, j: int) -> float:
+        """j draft steps and a verify of j+1 tokens; an unmeasured length takes the nearest measured one's cost."""
+        assert self.draft_step_s is not None
+        verify = self.verify_s.get(j)
+        if verify is None:
+            verify = self.verify_s[min(self.verify_s, key=lambda m: (abs(m - j), m))]
+        return j * self.draft_step_s + verify
+
+    def update(self, drafted: int, accepted: int, draft_s: float | None = None, verify_s: float | None = None) -> None:
+        self.kept, self.rejected = DECAY * self.kept + accepted, DECAY * self.rejected + (accepted < drafted)
+        if draft_s is not None and drafted:  # None: the draft first caught up on what it missed (not a steady round)
+            self.draft_step_s, self.probing = _ema(self.draft_step_s, draft_s / drafted), False
+        if verify_s is not None:
+            self.verify_s[drafted] = _ema(self.verify_s.get(drafted), verify_s)
         if accepted == drafted:
             self.k, self.zero_rounds = min(self.max_k, self.k + 1), 0
             return
         self.k = max(1, accepted + 1)
         self.zero_rounds = self.zero_rounds + 1 if accepted == 0 else 0
         if self.zero_rounds >= self.patience:
-            self.paused_for, self.pause, self.zero_rounds = self.pause, 2 * self.pause, 0
+            self._pause()
+
+    def record_decode(self, seconds: float) -> None:
+        """A plain one-token decode step of this sequence took ``seconds``."""
+        self.decode_s = _ema(self.decode_s, seconds)
+
+    def _pause(self) -> None:
+        self.paused_for, self.pause, self.zero_rounds = self.pause, 2 * self.pause, 0
+
+
+DECAY = 0.9  # weight of the past in the acceptance counts (about the last ten rounds)
+EMA = 0.3  # weight of a new timing in the cost estimates
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EMA) * old + EMA * new
 
 
 @dataclass(frozen=True)
@@ -92,6 +163,7 @@ class Draft:
     tokens: list[int]  # [k]
     # per token, the draft's processed distribution it was drawn from (ids, probs); None: one-hot (prompt lookup)
     q: list[tuple[np.ndarray, np.ndarray]] | None = None
+    fed: int = 0  # tokens a draft model read before its first drafted token (the pending one, accepted drafts it lacks)
 
 
 class Context(Protocol):
@@ -105,9 +177,11 @@ class Context(Protocol):
     @property
     def budget(self) -> int: ...
     def processed(self, logits: np.ndarray, drafted: list[int]) -> tuple[np.ndarray, np.ndarray]: ...
+    def argmax_decides(self, argmax: int, drafted: int) -> bool: ...
 
 
 class Proposer(Protocol):
+    def prefill(self, seq: Context) -> None: ...
     def propose(self, seq: Context, k: int) -> Draft: ...
     def advance(self, seq: Context, drafted: int, accepted: int) -> None: ...
     def release(self, seq: Context) -> None: ...
@@ -121,6 +195,9 @@ class PromptLookup:
         if not 1 <= min_ngram <= max_ngram:
             raise ToolkitError(f"prompt lookup needs 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def prefill(self, seq: Context) -> None:
+        pass
 
     def propose(self, seq: Context, k: int) -> Draft:
         return Draft(lookup(np.asarray(seq.prompt_ids + seq.generated), k, self.max_ngram, self.min_ngram))
@@ -159,23 +236,34 @@ class DraftModel:
             slots = max(slot + 1, cache.slots if cache else 1)
             self.backend.allocate(slots, max(capacity, cache.capacity if cache else 0))
 
+    def prefill(self, seq: Context) -> None:
+        """Write the prompt to the draft's row while the target's is written (prefill time, not decode time)."""
+        self._fit(seq.slot, seq.budget)
+        self.backend.prefill(seq.slot, np.asarray(seq.prompt_ids, np.int64), 0)
+        self.written[seq.slot] = len(seq.prompt_ids)
+
     def propose(self, seq: Context, k: int) -> Draft:
+        """k tokens: one call feeds what the draft's row lacks (accepted drafts it never saw, then the pending
+        token), then one call per drafted token. A greedy draft reads the graph's argmax, not the logits."""
         self._fit(seq.slot, seq.budget)
         context = seq.prompt_ids + seq.generated
         start = min(self.written.get(seq.slot, 0), len(context) - 1)  # at least the last token: its logits
-        logits = self.backend.prefill(seq.slot, np.asarray(context[start:], np.int64), start)  # [V]
+        ids, logits = self.backend.extend(seq.slot, np.asarray(context[start:], np.int64), start)  # [S], [S, V]
         tokens: list[int] = []
         q: list[tuple[np.ndarray, np.ndarray]] = []
         while True:
-            ids, probs = seq.processed(logits, tokens)
-            token = int(ids[seq.rng.choice(len(ids), p=probs)]) if len(ids) > 1 else int(ids[0])
+            token = int(ids[-1])
+            if not seq.argmax_decides(token, len(tokens)):  # sampling, a penalty or a masked stop id
+                choice_ids, probs = seq.processed(logits[-1], tokens)
+                token = int(choice_ids[seq.rng.choice(len(choice_ids), p=probs)]) if len(choice_ids) > 1 else int(choice_ids[0])
+                q.append((choice_ids, probs))
             tokens.append(token)
-            q.append((ids, probs))
             if len(tokens) == k:
                 break
-            logits = self.backend.prefill(seq.slot, np.array([token], np.int64), len(context) + len(tokens) - 1)
+            ids, logits = self.backend.extend(seq.slot, np.array([token], np.int64), len(context) + len(tokens) - 1)
         self.written[seq.slot], self.proposed_at[seq.slot] = len(context) + k - 1, len(context)
-        return Draft(tokens, q)
+        # q is read only by sampling's acceptance rule, and there every token came from its distribution
+        return Draft(tokens, q if len(q) == k else None, fed=len(context) - start)
 
     def advance(self, seq: Context, drafted: int, accepted: int) -> None:
         """Keep the context and the accepted drafts that were fed; the rest is overwritten next time."""
@@ -210,8 +298,8 @@ def dense(ids: np.ndarray, probs: np.ndarray, vocab: int) -> np.ndarray:
     return sampling.Choice(int(ids[0]), ids, probs).dense(vocab)
 
 
-def top2_margin(logits: np.ndarray) -> float:
-    """Gap between the two largest logits: a verify call whose logits differ from a one-token decode's by less
-    than half of it picks the same argmax."""
-    top = np.partition(logits, -2)[-2:]
-    return float(top[1] - top[0])
+def top2_margin(logits: np.ndarray, top: int) -> float:
+    """Gap between the largest logit (at ``top``) and the next: a verify call whose logits differ from a one-token
+    decode's by less than half of it picks the same argmax. Two reads of the row, no copy."""
+    rest = max(logits[:top].max(initial=-np.inf), logits[top + 1 :].max(initial=-np.inf))
+    return float(logits[top] - rest)

@@ -18,7 +18,15 @@ from toolkit.interop import hf_gptq
 from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes import awq, export_hf_gptq, gptq, rtn
 from toolkit.passes.context import PassContext
-from toolkit.quant.arithmetic import dequantize, rtn_quantize
+from toolkit.quant.arithmetic import (
+    FP8,
+    FP8_MAX,
+    dequantize,
+    fp8_dequantize,
+    fp8_quantize,
+    fp8_weight_scale,
+    rtn_quantize,
+)
 from toolkit.quant.calibration import capture_layer_inputs
 from toolkit.quant.formats import GPTQInt32
 from toolkit.quant.modules import QuantLinear, quantized_modules
@@ -75,6 +83,34 @@ def test_gptq_output_error_below_rtn(spec: QuantSpec, act_order: bool) -> None:
     res = gptq_quantize(w, h, spec, block_size=16, act_order=act_order)
     gptq_w = dequantize(res.codes, res.scales, res.zeros, spec.group(64))
     assert layer_error(w, gptq_w, x) < 0.9 * layer_error(w, fake_quantize(w, spec), x)
+
+
+FP8_WEIGHTS = QuantSpec(8, -1, True, "float")
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_fp8_gptq_with_identity_hessian_is_fp8_rtn(act_order: bool) -> None:
+    w = torch.randn(5, 32) * torch.logspace(-2, 1, 5).view(-1, 1)
+    res = gptq_quantize(w, torch.eye(32), FP8_WEIGHTS, act_order=act_order)
+    w8, scale = fp8_quantize(w)
+    assert res.codes.dtype == FP8 and torch.equal(res.codes.view(torch.uint8), w8.view(torch.uint8))
+    assert torch.equal(res.scales, scale)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_fp8_gptq_lands_on_the_e4m3_grid_and_beats_fp8_rtn_with_outliers(act_order: bool) -> None:
+    w = torch.randn(24, 64)
+    x = correlated_inputs(512, 64, outliers=(3, 40))
+    res = gptq_quantize(w, 2 * x.t() @ x / x.shape[0], FP8_WEIGHTS, block_size=16, act_order=act_order)
+    assert res.codes.dtype == FP8 and torch.equal(res.scales, fp8_weight_scale(w))  # same scales: same format
+    assert float(res.codes.float().abs().max()) <= FP8_MAX and not torch.equal(res.codes, fp8_quantize(w)[0])
+    assert layer_error(w, fp8_dequantize(res.codes, res.scales), x) < 0.8 * layer_error(
+        w, fp8_dequantize(*fp8_quantize(w)), x)
+
+
+def test_fp8_gptq_refuses_groups() -> None:
+    with pytest.raises(ToolkitError, match="fp8 weights have one scale per output channel: use group_size -1"):
+        gptq_quantize(torch.randn(4, 32), torch.eye(32), QuantSpec(8, 16, True, "float"))
 
 
 def test_gptq_handles_dead_and_duplicated_columns() -> None:

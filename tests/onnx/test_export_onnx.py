@@ -103,7 +103,11 @@ def test_export_matches_pytorch(tmp_path: Path, target: str, group: int | None) 
     assert "Softmax" not in census
     if group is not None and target == "ort":
         assert census.get("MatMul", 0) == 0  # every linear (head included) is a MatMulNBits
-        assert census["MatMulNBits"] == 4 * layers + 1 and census["GatherBlockQuantized"] == 1
+        # qkv fused (GQA takes it packed), o, gate and up apart (no Split), down; and the head
+        assert census["MatMulNBits"] == 5 * layers + 1 and census["GatherBlockQuantized"] == 1
+    if target == "ort":  # nothing per step beyond what onnxruntime-genai's graph runs
+        assert "Split" not in census and "Identity" not in census and "ArgMax" not in census
+        assert census["SkipSimplifiedLayerNormalization"] == 2 * layers  # every residual add folded in
     if target == "standard":
         assert census["TensorScatter"] == 2 * layers  # each layer's key and value cache
     if group is not None and target == "standard":
@@ -142,13 +146,45 @@ def test_nibble_planes_reconstruct_int8_weights_exactly() -> None:
     assert np.array_equal(hi.scales.astype(np.float16).astype(np.float32), hi.scales)  # 16 s is exact in float16
 
 
+def test_split_rows_inverts_concat_rows() -> None:
+    """Phi-3's stored gate_up exports as gate and up: the rows, codes, scales, zeros and bias of each half."""
+    from toolkit.onnx.weights import concat_rows, split_rows
+
+    rng = np.random.default_rng(0)
+    parts = [LinearWeight.from_codes(torch.from_numpy(rng.integers(0, 16, (n, 64)).astype(np.uint8)),
+                                     rng.random((n, 2)).astype(np.float32), rng.integers(0, 16, (n, 2)).astype(np.uint8),
+                                     bits=4, group=32, bias=rng.random(n).astype(np.float32)) for n in (3, 5)]
+    fused = concat_rows(parts)
+    assert fused is not None
+    for got, want in zip(split_rows(fused, [3, 5]), parts, strict=True):
+        assert got.n == want.n and got.k == want.k and got.bits == 4 and got.group == 32
+        assert torch.equal(got.qweight, want.qweight)  # type: ignore[arg-type]
+        for field in ("scales", "zeros", "bias"):
+            assert np.array_equal(getattr(got, field), getattr(want, field))
+    floats = split_rows(LinearWeight(n=4, k=2, weight=np.arange(8, dtype=np.float32).reshape(4, 2)), [1, 3])
+    assert [p.weight.tolist() for p in floats] == [[[0, 1]], [[2, 3], [4, 5], [6, 7]]]  # type: ignore[union-attr]
+    with pytest.raises(ToolkitError, match="cannot split a linear of 8 rows"):
+        split_rows(fused, [3, 4])
+
+
+def test_right_padded_ort_graph_reads_last_columns_as_the_mask_sum(tmp_path: Path) -> None:
+    """Without left padding each row's 1s start at column 0: ReduceSum of the mask, not the 10-node
+    index-of-the-last-1 form (the validation's right-padded batch and shared-buffer masks check the values)."""
+    result = run_export(load_tiny(32), tmp_path / "out")
+    assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
+    census = result["op_census"]
+    assert census["ReduceSum"] == 1 and "Range" not in census and "Where" not in census
+    padded = run_export(load_tiny(32), tmp_path / "left", left_padding=True)["op_census"]
+    assert "ReduceSum" not in padded and padded["Range"] >= 1 and padded["Where"] == 1
+
+
 def test_float_activation_export_runs_the_int8_head_as_two_4bit_planes(tmp_path: Path) -> None:
     """accuracy_level 0: no 8-bit MatMulNBits (onnxruntime's CPU has no float-activation kernel for it)."""
     loaded = load_tiny(32)
     result = run_export(loaded, tmp_path / "out", accuracy_level=0)
     assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
     census, layers = result["op_census"], loaded.model.config.num_hidden_layers
-    assert census["MatMulNBits"] == 4 * layers + 2 and census["GatherBlockQuantized"] == 2
+    assert census["MatMulNBits"] == 5 * layers + 2 and census["GatherBlockQuantized"] == 2
     proto = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False)
     bits = {a.i for n in proto.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
             for a in n.attribute if a.name == "bits"}

@@ -138,8 +138,8 @@ def test_gptq_runs_int8_w8a8_with_static_scales(tmp_path: Path) -> None:
         "int", 8, "tensor", dynamic=False, symmetric=False)), ctx), "use symmetric: true in input_activations"),
     (lambda ctx: rtn.apply(tiny_llama(), rtn.RTNConfig(bits=8, group_size=32, type="float"), ctx),
      "fp8 weights have one scale per output channel: use group_size: -1"),
-    (lambda ctx: gptq.apply(tiny_llama(), gptq.GPTQConfig(bits=8, group_size=-1, type="float"), ctx),
-     "gptq writes integer codes; fp8 weights are rounded by rtn"),
+    (lambda ctx: gptq.apply(tiny_llama(), gptq.GPTQConfig(bits=8, group_size=32, type="float"), ctx),
+     "fp8 weights have one scale per output channel: use group_size: -1"),
     (lambda ctx: rtn.apply(tiny_llama(), CONFIGS["w8a8-static"], None),
      "static activation scales calibrates them: give it calibration data"),
 ])

@@ -1,5 +1,7 @@
-"""The graph's next-token output (ArgMax over the logits): exports write it, the runtime adds it to graphs without
-one, greedy steps read only it, and every token is the one the logits' argmax gave before."""
+"""The graph's next-token output (ArgMax over the logits): exports no longer write it, and for exports written with
+it the runtime by default removes it at load (onnxruntime runs every node, and its CPU ArgMax costs more than numpy's argmax of the logits a step binds
+anyway); with ``next_token=True`` it adds one to graphs without, greedy steps read only it, and every token is the
+one the logits' argmax gives."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes.onnx import ONNXConfig, export
 from toolkit.paths import atomic_dir
 from toolkit.runtime import GenerationConfig
-from toolkit.runtime.backend import BackendOptions, OrtBackend, add_next_token
+from toolkit.runtime.backend import BackendOptions, OrtBackend, add_next_token, drop_next_token
 from toolkit.runtime.contract import EXPORT_FILE, MODEL_FILE, ExportContract, read_contract
 from toolkit.runtime.engine import Engine
 from toolkit.runtime.generation import SequenceState
@@ -26,31 +28,25 @@ PROMPTS = ["Hello tiny world, this is a prompt", "a", "The quick brown fox jumps
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("next") / "new"
+def plain_folder(tmp_path_factory) -> Path:
+    """An export as the exporter writes it now: logits only, no ArgMax node, no next-token name."""
+    out = tmp_path_factory.mktemp("next") / "plain"
     with atomic_dir(out) as tmp:
         export(tiny_llama(), tiny_tokenizer(), ONNXConfig(target="ort"), tmp)
     return out
 
 
 @pytest.fixture(scope="module")
-def old_folder(folder: Path, tmp_path_factory) -> Path:
-    """The same export as written before the next-token output: no ArgMax node, no output, no contract name."""
-    out = tmp_path_factory.mktemp("next") / "old"
+def folder(plain_folder: Path, tmp_path_factory) -> Path:
+    """The same export as written while the exporter added the next-token ArgMax: its node, output and name."""
+    out = tmp_path_factory.mktemp("next") / "argmax"
     out.mkdir()
-    for f in folder.iterdir():
+    for f in plain_folder.iterdir():
         (out / f.name).write_bytes(f.read_bytes())
     proto = onnx.load(str(out / MODEL_FILE), load_external_data=False)
-    keep = [n for n in proto.graph.node if n.op_type != "ArgMax"]
-    del proto.graph.node[:]
-    proto.graph.node.extend(keep)
-    outputs = [o for o in proto.graph.output if o.name != "next_token"]
-    del proto.graph.output[:]
-    proto.graph.output.extend(outputs)
+    contract = add_next_token(proto, read_contract(out))
     onnx.save_model(proto, str(out / MODEL_FILE))
-    description = json.loads((out / EXPORT_FILE).read_text())
-    del description["outputs"]["next_token"]
-    (out / EXPORT_FILE).write_text(json.dumps(description))
+    (out / EXPORT_FILE).write_text(json.dumps(contract.to_json()))
     return out
 
 
@@ -59,23 +55,50 @@ def engine_of(folder: Path, next_token: bool = True, max_batch: int = 4) -> Engi
     return Engine(backend, Tokenizer.from_folder(folder), max_batch=max_batch)
 
 
-def test_exports_name_the_output_and_older_descriptions_read_without_it(folder, old_folder):
-    new, old = read_contract(folder), read_contract(old_folder)
-    assert new.names.next_token == "next_token"
-    assert old.names.next_token is None
-    assert ExportContract.from_json(new.to_json(), "x") == new
-    assert ExportContract.from_json(old.to_json(), "x") == old
+def test_exports_write_no_argmax_and_descriptions_with_one_still_read(folder, plain_folder):
+    with_argmax, plain = read_contract(folder), read_contract(plain_folder)
+    assert with_argmax.names.next_token == "next_token"
+    assert plain.names.next_token is None
+    assert ExportContract.from_json(with_argmax.to_json(), "x") == with_argmax
+    assert ExportContract.from_json(plain.to_json(), "x") == plain
     graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
     assert [n.op_type for n in graph.graph.node if "next_token" in n.output] == ["ArgMax"]
-    assert "next_token" not in {o.name for o in onnx.load(str(old_folder / MODEL_FILE),
-                                                          load_external_data=False).graph.output}
+    written = onnx.load(str(plain_folder / MODEL_FILE), load_external_data=False).graph
+    assert "ArgMax" not in {n.op_type for n in written.node} and [o.name for o in written.output][0] == "logits"
 
 
-def test_which_argmax_each_backend_reads(folder, old_folder):
-    assert OrtBackend(folder, BackendOptions(threads=1)).has_next_token  # the export's own node
-    added = OrtBackend(old_folder, BackendOptions(threads=1))
+def test_which_argmax_each_backend_reads(folder, plain_folder):
+    assert OrtBackend(folder, BackendOptions(threads=1, next_token=True)).has_next_token  # the export's own node
+    added = OrtBackend(plain_folder, BackendOptions(threads=1, next_token=True))
     assert added.has_next_token and added.contract.names.next_token == "next_token"  # added at load
-    assert not OrtBackend(old_folder, BackendOptions(threads=1, next_token=False)).has_next_token
+    assert not OrtBackend(plain_folder, BackendOptions(threads=1)).has_next_token
+
+
+def test_by_default_the_export_argmax_is_removed_from_the_session(folder):
+    """onnxruntime computes every node whatever outputs a call binds: the node itself must go, not just its read."""
+    backend = OrtBackend(folder, BackendOptions(threads=1))
+    assert not backend.has_next_token and backend.contract.names.next_token is None
+    assert "next_token" not in {o.name for o in backend.session.get_outputs()}
+    assert read_contract(folder).names.next_token == "next_token"  # the folder itself is untouched
+    assert "next_token" in {o.name for o in onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph.output}
+
+
+def test_an_output_that_is_no_plain_argmax_is_kept():
+    """Only an ArgMax nothing else reads is removed: a graph whose next_token is computed otherwise, or feeds
+    another node, keeps it (and the contract keeps naming it)."""
+    proto, contract = _ties_model("logits")
+    named = add_next_token(proto, _renamed(contract, next_token=None))
+    consumer = onnx.helper.make_node("Identity", [named.names.next_token], ["copy"])
+    proto.graph.node.append(consumer)
+    assert drop_next_token(proto, named) is named and len(proto.graph.node) == 3
+    proto.graph.node.remove(consumer)
+    proto.graph.node[1].op_type = "TopK"  # not an ArgMax: another computation the graph may want
+    assert drop_next_token(proto, named) is named and len(proto.graph.node) == 2
+    proto.graph.node[1].op_type = "ArgMax"
+    dropped = drop_next_token(proto, named)
+    assert dropped.names.next_token is None and [n.op_type for n in proto.graph.node] == ["Identity"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert drop_next_token(proto, dropped) is dropped  # nothing left to remove
 
 
 def _renamed(contract: ExportContract, **names: str | None) -> ExportContract:
@@ -114,11 +137,12 @@ def test_a_graph_that_uses_the_name_gets_another():
     assert session.run(["next_token_"], {"x": np.eye(8, dtype=np.float32)[None, 2:4]})[0].tolist() == [[2, 3]]
 
 
-def test_greedy_tokens_are_the_same_from_the_graph_argmax_and_from_the_logits(folder, old_folder):
-    """The new export, an old export given the node at load, and an old export read as before (numpy's argmax
-    of the logits): alone and as one ragged batch, the same tokens."""
+def test_greedy_tokens_are_the_same_from_the_graph_argmax_and_from_the_logits(folder, plain_folder):
+    """An export with the node, a plain export given the node at load, the first with its node removed and a
+    plain export (numpy's argmax of the logits): alone and as one ragged batch, the same tokens."""
     config = GenerationConfig(max_new_tokens=24, stop_token_ids=())
-    engines = [engine_of(folder), engine_of(old_folder), engine_of(old_folder, next_token=False)]
+    engines = [engine_of(folder), engine_of(plain_folder), engine_of(folder, next_token=False),
+               engine_of(plain_folder, next_token=False)]
     before = engines[-1]
     reference = [before.generate(p, config).token_ids for p in PROMPTS]
     assert len({tuple(t) for t in reference}) > 1  # the prompts lead somewhere different: the test can tell rows apart

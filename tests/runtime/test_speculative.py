@@ -18,7 +18,14 @@ from toolkit.passes.onnx import ONNXConfig, export
 from toolkit.paths import atomic_dir
 from toolkit.runtime import GenerationConfig, load, sampling
 from toolkit.runtime.backend import BackendOptions, OrtBackend
-from toolkit.runtime.speculative import DraftLength, PromptLookup, accept_or_resample, lookup, residual
+from toolkit.runtime.speculative import (
+    DraftLength,
+    PromptLookup,
+    accept_or_resample,
+    lookup,
+    residual,
+    top2_margin,
+)
 
 PROMPTS = ["Hello tiny world", "The quick brown fox jumps", "abcabcabc", "def f(x): return x + 1",
            "Once upon a time", "1, 2, 3, 4,", "quote: 'to be or not'", "zzz"]
@@ -49,7 +56,8 @@ def draft(tmp_path_factory) -> Path:
 
 
 def greedy(**kw: object) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=N, min_new_tokens=N, stop_token_ids=(), **kw)  # type: ignore[arg-type]
+    """Drafting whatever it costs: a tiny draft costs as much as the tiny target, so by cost it would pause."""
+    return GenerationConfig(max_new_tokens=N, min_new_tokens=N, stop_token_ids=(), draft_by_cost=False, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +83,18 @@ def test_speculative_greedy_equals_plain_greedy_over_256_tokens(target, draft, p
 
 
 def test_a_perturbed_verify_path_breaks_the_equality(target, draft, plain, monkeypatch):
-    """The equality test can fail: logits from score that are off by a little more than the verify margin
-    (as int8-activation kernels can be) change the greedy output."""
+    """The equality test can fail: verify logits that are off by a little more than the verify margin (as
+    int8-activation kernels can be), and the argmax taken of them, change the greedy output."""
     engine = load(target, threads=1, max_batch=1, draft=draft)
-    score = engine.backend.score
+    extend = engine.backend.extend
     rng = np.random.default_rng(0)
 
-    def noisy(rows, tokens, lengths):  # type: ignore[no-untyped-def]
-        logits = score(rows, tokens, lengths)
-        return logits + rng.normal(0, 0.3, logits.shape).astype(logits.dtype)
+    def noisy(slot, tokens, start):  # type: ignore[no-untyped-def]
+        logits = extend(slot, tokens, start)[1]
+        logits = logits + rng.normal(0, 0.3, logits.shape).astype(logits.dtype)
+        return logits.argmax(axis=1), logits
 
-    monkeypatch.setattr(engine.backend, "score", noisy)
+    monkeypatch.setattr(engine.backend, "extend", noisy)
     out = [engine.generate(p, greedy(num_draft_tokens=4)).token_ids for p in PROMPTS]
     assert out != plain
 
@@ -386,7 +395,7 @@ def test_prompt_lookup_on_the_standard_target_with_a_copied_cache(tmp_path):
     with atomic_dir(tmp_path / "std") as tmp:
         export(tiny_llama(), tiny_tokenizer(), ONNXConfig(target="standard", accuracy_level=0), tmp)
     engine = load(tmp_path / "std", threads=1, max_batch=2)
-    config = GenerationConfig(max_new_tokens=64, min_new_tokens=64, stop_token_ids=())
+    config = GenerationConfig(max_new_tokens=64, min_new_tokens=64, stop_token_ids=(), draft_by_cost=False)
     plain = [engine.generate(p, GenerationConfig(**{**config.__dict__, "num_draft_tokens": 0})).token_ids
              for p in PROMPTS[:2]]
     spec = engine.generate_batch(PROMPTS[:2], GenerationConfig(**{**config.__dict__, "prompt_lookup": True}))
@@ -406,3 +415,106 @@ def test_speculated_tokens_record_the_same_logprobs_as_plain_decode(target, plai
     assert len(got[1]) == 48 and [t.token_id for t in got[1]] == plain[7][:48]
     for a, b in zip(*got, strict=True):
         assert [i for i, _ in a.top] == [i for i, _ in b.top] and abs(a.logprob - b.logprob) < 1e-4
+
+
+def _measured(draft_step: float, acceptance: float, by_cost: bool = True) -> DraftLength:
+    """A DraftLength that has seen ten rounds: a plain decode costs 1.0, a verify of j+1 tokens 1 + 0.05 j."""
+    d = DraftLength(k=2, max_k=6, by_cost=by_cost)
+    d.kept, d.rejected = 10 * acceptance, 10 * (1 - acceptance)
+    d.draft_step_s, d.verify_s, d.decode_s = draft_step, {j: 1 + 0.05 * j for j in (1, 2, 4)}, 1.0
+    return d
+
+
+def test_draft_length_by_cost_turns_off_a_draft_as_slow_as_the_target():
+    slow = _measured(draft_step=1.0, acceptance=0.9)
+    assert [slow.allowed(1) for _ in range(17)] == [0] * 17 and slow.pause == 32  # paused for 16 tokens
+    assert slow.allowed(1) == 2 and slow.allowed(1) == 2  # then drafts by acceptance until costs are measured again
+    slow.update(2, 1, draft_s=None, verify_s=1.1)  # a round that caught up after the pause measures no draft step
+    assert slow.allowed(1) == 2
+    slow.update(2, 1, draft_s=2.0, verify_s=1.1)
+    assert slow.allowed(1) == 0 and slow.pause == 64  # still too slow: paused twice as long
+    assert _measured(draft_step=1.0, acceptance=0.9, by_cost=False).allowed(1) == 2  # acceptance alone: drafts
+
+
+def test_draft_length_by_cost_takes_the_length_with_most_tokens_per_second():
+    cheap = _measured(draft_step=0.3, acceptance=0.76)  # the int4 draft of float32 SmolLM2
+    rates = {j: cheap.expected_tokens(j) / cheap.round_s(j) for j in range(1, 7)}
+    assert cheap.allowed(1) == max(rates, key=rates.__getitem__) == 3 and rates[3] > 1.35 > rates[1]
+    assert cheap.round_s(3) == pytest.approx(3 * 0.3 + 1.1)  # an unmeasured length: the nearest measured verify
+    assert _measured(draft_step=0.05, acceptance=0.95).allowed(1) == 6  # cheap and right: the longest draft
+    assert _measured(draft_step=0.3, acceptance=0.76).allowed(3) == 2  # the batch still caps it (6 // 3)
+    assert cheap.expected_tokens(2) == pytest.approx(1 + 0.76 + 0.76**2)
+
+
+def test_draft_length_measures_acceptance_and_costs_from_rounds():
+    d = DraftLength(k=4, max_k=4)
+    d.update(4, 4, draft_s=0.4, verify_s=1.2)
+    d.update(4, 1, draft_s=0.8, verify_s=1.0)
+    assert d.acceptance() == pytest.approx((0.9 * 4 + 1) / (0.9 * 4 + 1 + 1))  # kept / (kept + first rejections)
+    assert d.draft_step_s == pytest.approx(0.7 * 0.1 + 0.3 * 0.2) and d.verify_s == {4: pytest.approx(1.14)}
+    d.record_decode(2.0)
+    assert d.decode_s == 2.0
+
+
+def test_extend_in_one_call_writes_the_cache_and_chooses_as_one_token_calls(target):
+    """A draft's catch-up: k tokens in one call give the argmax, logits and cache columns of k one-token calls;
+    past MAX_EXTEND tokens it prefills, with the same result."""
+    backend = OrtBackend(target, BackendOptions(threads=1))
+    cache = backend.allocate(2, 64)
+    prompt, tokens = np.arange(10, 30), np.arange(40, 60)
+    results = []
+    for width in (1, 5, len(tokens)):  # a token a call, five a call (kept bindings), all twenty at once (prefill)
+        backend.prefill(1, prompt, 0)
+        ids, logits = [], []
+        for j in range(0, len(tokens), width):
+            i, x = backend.extend(1, tokens[j : j + width], len(prompt) + j)  # views until the next call
+            ids.append(i.copy())
+            logits.append(x.copy())
+        columns = [b[1, :, : len(prompt) + len(tokens)].copy() for b in cache.buffers]
+        results.append((np.concatenate(ids), np.concatenate(logits), columns))
+    ids0, logits0, columns0 = results[0]
+    assert np.array_equal(ids0, logits0.argmax(axis=1))
+    for ids, logits, columns in results[1:]:
+        assert np.array_equal(ids, ids0)
+        np.testing.assert_allclose(logits, logits0, atol=1e-4)
+        for a, b in zip(columns, columns0, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_greedy_draft_reads_only_the_argmax_and_its_prompt_at_prefill(target, draft, plain, monkeypatch):
+    """Greedy drafting without a penalty or masked stop ids never processes logits in Python, and the draft's row
+    holds the prompt once the target's does (its first draft reads only the pending token)."""
+    from toolkit.runtime.generation import SequenceState
+
+    engine = load(target, threads=1, max_batch=1, draft=draft)
+    processed = []
+    monkeypatch.setattr(SequenceState, "processed", lambda self, *a: processed.append(a))
+    propose, fed = engine.draft.propose, []
+
+    def spy(seq, k):  # type: ignore[no-untyped-def]
+        out = propose(seq, k)
+        fed.append(out.fed)
+        return out
+
+    monkeypatch.setattr(engine.draft, "propose", spy)
+    config = GenerationConfig(max_new_tokens=64, stop_token_ids=(), num_draft_tokens=4, draft_by_cost=False)
+    assert engine.generate(PROMPTS[1], config).token_ids == plain[1][:64]
+    assert processed == [] and fed[0] == 1
+
+
+def test_a_speculating_target_and_its_draft_stop_spinning_after_each_call(target, draft):
+    engine = load(target, threads=1, max_batch=1, draft=draft)
+    assert engine.draft is not None
+    for backend in (engine.backend, engine.draft.backend):
+        assert isinstance(backend, OrtBackend) and not backend.pairs  # a float target pays for no pairs
+        assert backend.session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+    alone = load(target, threads=1, max_batch=1).backend
+    assert isinstance(alone, OrtBackend)
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # plain decode spins between calls
+        alone.session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+
+
+def test_top2_margin_reads_the_gap_to_the_next_largest_logit_at_either_end_and_on_ties():
+    assert top2_margin(np.array([1.0, 3.0, 2.5]), 1) == 0.5
+    assert top2_margin(np.array([3.0, 1.0, 2.0]), 0) == 1.0 and top2_margin(np.array([1.0, 2.0, 4.0]), 2) == 2.0
+    assert top2_margin(np.array([2.0, 2.0, 1.0]), 0) == 0.0  # a tie is too close to call at any margin

@@ -2,7 +2,9 @@
 
 Pure functions on one weight ``w: [out, in]`` and its Hessian ``h = 2 X Xᵀ / n: [in, in]``. Rows are
 independent given ``h``, so linears that read the same input (q, k, v) can be quantized as one
-concatenated matrix. Output codes, scales and zeros follow ``toolkit.quant.spec`` exactly.
+concatenated matrix. Output codes, scales and zeros follow ``toolkit.quant.spec`` exactly; for fp8 e4m3
+weights (``spec.type == "float"``) the grid is e4m3 against one scale per output row, the codes those
+``toolkit.quant.arithmetic.fp8_quantize`` writes (llm-compressor runs GPTQ for FP8 the same way).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from toolkit.errors import ToolkitError
-from toolkit.quant.arithmetic import compute_qparams
+from toolkit.quant.arithmetic import FP8, compute_qparams, fp8_codes, fp8_weight_scale
 from toolkit.quant.spec import QuantSpec
 
 MAX_DAMP = 1.0  # dampening is raised x10 per failed Cholesky up to this fraction of mean(diag H)
@@ -26,9 +28,9 @@ class SingularHessianError(ToolkitError):
 
 @dataclass(frozen=True)
 class GPTQResult:
-    codes: torch.Tensor  # uint8 [out, in]
-    scales: torch.Tensor  # float32 (fp16-representable) [out, G]
-    zeros: torch.Tensor  # uint8 [out, G]
+    codes: torch.Tensor  # uint8 [out, in]; float8_e4m3fn for fp8 weights
+    scales: torch.Tensor  # float32 (fp16-representable) [out, G]; fp8: absmax / 448 [out, 1]
+    zeros: torch.Tensor  # uint8 [out, G]; fp8: [out, 1] zeros (no zero point)
     damp: float  # dampening fraction actually used
     dead_columns: int  # inputs never activated (diag H == 0), quantized as zero weights
 
@@ -87,11 +89,23 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _quant_dequant(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and dequantized values of ``col: [out]`` (same arithmetic as ``toolkit.quant.arithmetic.quantize``)."""
+def _quant_dequant(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and dequantized values of ``col: [out]`` (same arithmetic as ``toolkit.quant.arithmetic.quantize``,
+    or ``fp8_codes`` for fp8 weights)."""
+    if spec.type == "float":
+        q8 = fp8_codes(col, scale)
+        return q8, q8.float() * scale
     z = zero.float()
-    q = torch.round(col / scale + z).clamp(0, qmax)
+    q = torch.round(col / scale + z).clamp(0, spec.qmax)
     return q.to(torch.uint8), (q - z) * scale
+
+
+def _qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros of ``w: [out, in]`` before the sweep: min/max per group, or fp8's absmax / 448 per row."""
+    if spec.type == "float":
+        scale = fp8_weight_scale(w)
+        return scale, torch.zeros_like(scale, dtype=torch.uint8)
+    return compute_qparams(w, spec)
 
 
 def gptq_quantize(
@@ -110,6 +124,8 @@ def gptq_quantize(
         raise ToolkitError("the weight holds NaN or Inf values; fix the model before quantizing")
     if not torch.isfinite(h).all():
         raise ToolkitError("the Hessian holds NaN or Inf values: the calibration activations overflowed")
+    if spec.type == "float" and spec.group_size != -1:
+        raise ToolkitError(f"fp8 weights have one scale per output channel: use group_size -1, not {spec.group_size}")
     out_f, in_f = w.shape
     group = spec.group(in_f)
     W = w.detach().float().clone()
@@ -117,7 +133,7 @@ def gptq_quantize(
     dead = diag == 0
     diag[dead] = 1.0  # an unused input: ordered as inverse_hessian_factor treats it; its weight is zeroed
     W[:, dead] = 0.0
-    scales, zeros = compute_qparams(W, spec)  # static groups (and per-row params)
+    scales, zeros = _qparams(W, spec)  # static groups (and per-row params)
     perm = torch.argsort(diag, descending=True) if act_order else torch.arange(in_f, device=W.device)
     W = W[:, perm]
     U, used = inverse_hessian_factor(h.detach().float(), damp, order=perm)  # no permuted float32 copy of h
@@ -138,7 +154,7 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, qparams: tuple[
     scales, zeros, static = qparams
     out_f, in_f = W.shape
     group = spec.group(in_f)
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
+    codes = torch.zeros(out_f, in_f, dtype=FP8 if spec.type == "float" else torch.uint8, device=W.device)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         W1, err1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, device=W.device)
@@ -149,7 +165,7 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, qparams: tuple[
             if not static and col % group == 0:
                 s, z = compute_qparams(W1[:, i : i + group], QuantSpec(spec.bits, -1, spec.symmetric))
                 scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-            q, deq = _quant_dequant(W1[:, i], scales[:, g], zeros[:, g], spec.qmax)
+            q, deq = _quant_dequant(W1[:, i], scales[:, g], zeros[:, g], spec)
             codes[:, col] = q
             err = (W1[:, i] - deq) / u1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)  # OBS update of the remaining columns

@@ -79,7 +79,7 @@ from toolkit.onnx.graph import (
     head_linear,
     linear,
 )
-from toolkit.onnx.weights import concat_rows, linear_weight
+from toolkit.onnx.weights import concat_rows, linear_weight, split_rows
 from toolkit.quant.modules import reads_head
 from toolkit.runtime.artifact import next_token_node
 from toolkit.runtime.contract import KINDS, TensorNames
@@ -150,6 +150,8 @@ def rotary_caches(model: PreTrainedModel, dims: Dims, layer_type: str | None = N
 
 def mask_values(b: Builder, opts: GraphOptions, names: TensorNames) -> MaskValues:
     one = b.const("one_i64", np.array(1, np.int64))
+    if opts.target == "ort" and not opts.left_padding:  # rows written from column 0: the count of 1s is last
+        return _right_padded_mask(b, names, one)
     width = b.one("Squeeze", [b.one("Shape", [names.attention_mask], start=1, end=2)])
     col1 = b.one("Range", [one, b.one("Add", [width, one]), one])  # [M]: 1..M
     last = b.one("ReduceMax", [b.one("Mul", [names.attention_mask, col1]), b.ints([1])], keepdims=0)  # [B]
@@ -157,8 +159,6 @@ def mask_values(b: Builder, opts: GraphOptions, names: TensorNames) -> MaskValue
         return _cache_mask(b, names, last, width)
     total = b.one("ReduceMax", [last], keepdims=0)  # scalar T
     seqlens_k = b.one("Cast", [b.one("Sub", [last, one])], to=TensorProto.INT32)
-    if not opts.left_padding:  # GQA masks by seqlens_k: right-padded rows need nothing more
-        return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), "")
     zero = b.const("zero_i64", np.array(0, np.int64))
     new = b.one("Squeeze", [b.one("Shape", [names.input_ids], start=1, end=2)])
     visible = b.one("Slice", [names.attention_mask, b.ints([0]), b.one("Unsqueeze", [total, b.ints([0])]), b.ints([1])])
@@ -173,6 +173,14 @@ def mask_values(b: Builder, opts: GraphOptions, names: TensorNames) -> MaskValue
     neg = max(MASK_NEG, float(np.finfo(b.float_dtype).min))  # float16: -65504, not -inf
     bias = b.one("Where", [allowed, b.fconst("zero_f", 0.0), b.fconst("mask_neg", neg)])
     return MaskValues(seqlens_k, b.one("Cast", [total], to=TensorProto.INT32), bias)
+
+
+def _right_padded_mask(b: Builder, names: TensorNames, one: str) -> MaskValues:
+    """A graph without left padding (GQA masks by seqlens_k: right-padded rows need no bias): each row's 1s run
+    from column 0 to its last, so ``last`` is their sum (5 nodes a step; the general form takes 10)."""
+    last = b.one("ReduceSum", [names.attention_mask, b.ints([1])], keepdims=0)  # [B]
+    total = b.one("Cast", [b.one("ReduceMax", [last], keepdims=0)], to=TensorProto.INT32)  # scalar T
+    return MaskValues(b.one("Cast", [b.one("Sub", [last, one])], to=TensorProto.INT32), total, "")
 
 
 def _cache_mask(b: Builder, names: TensorNames, last: str, width: str) -> MaskValues:
@@ -332,21 +340,15 @@ def _norm_weight(module: torch.nn.Module, arch: Architecture) -> np.ndarray:
 
 def _gate_up(b: Builder, h: str, layer: torch.nn.Module, arch: Architecture, i: int,
              opts: GraphOptions) -> tuple[str, str]:
-    """Gate and up projections read the same input: one MatMulNBits of both (ort; Phi-3 stores them fused),
-    then a Split."""
+    """Gate and up projections: two linears (Phi-3's stored gate_up split by rows), as onnxruntime-genai's graph
+    has them. Not one fused MatMulNBits and a Split, as for q/k/v (GroupQueryAttention takes them packed): the
+    Split copies both halves every step, ~1 % of SmolLM2's decode node time under onnxruntime's profiler."""
     if arch.gate_up:
         fused = linear_weight(layer.get_submodule(arch.gate_up))
-        sizes = [fused.n // 2, fused.n // 2]
+        gate_w, up_w = split_rows(fused, [fused.n // 2, fused.n // 2])
     else:
         gate_w, up_w = (linear_weight(layer.get_submodule(n)) for n in (arch.gate, arch.up))  # type: ignore[arg-type]
-        fused = concat_rows([gate_w, up_w]) if opts.target == "ort" else None  # type: ignore[assignment]
-        if fused is None:
-            return (linear(b, h, gate_w, f"layers.{i}.gate_proj", opts),
-                    linear(b, h, up_w, f"layers.{i}.up_proj", opts))
-        sizes = [gate_w.n, up_w.n]
-    both = linear(b, h, fused, f"layers.{i}.gate_up_proj", opts)
-    gate, up = b.op("Split", [both, b.ints(sizes)], n_out=2, axis=-1)
-    return gate, up
+    return linear(b, h, gate_w, f"layers.{i}.gate_proj", opts), linear(b, h, up_w, f"layers.{i}.up_proj", opts)
 
 
 def _layer_attention(model: PreTrainedModel, d: Dims, b: Builder) -> list[LayerAttention]:
@@ -454,10 +456,12 @@ def _finish(b: Builder, logits: str, model: PreTrainedModel, d: Dims, opts: Grap
         logits = _softcap(b, logits, cap, "logits")
     if opts.float_type != TensorProto.FLOAT:  # logits in float32: what runtimes sample from and compare
         logits = b.one("Cast", [logits], to=TensorProto.FLOAT)
-    b.nodes.append(helper.make_node("Identity", [logits], [names.logits], name="logits_out"))
+    # the last node writes the output itself: an Identity to the output's name copies [B, S, V] every step
+    producer = next(n for n in reversed(b.nodes) if logits in n.output)
+    producer.output[list(producer.output).index(logits)] = names.logits
     inputs, outputs = _io(d, names, opts)
     if names.next_token:  # greedy decoding reads B ids instead of copying and scanning [B, V] floats
-        b.nodes.append(next_token_node(logits, names.next_token, "next_token_out"))
+        b.nodes.append(next_token_node(names.logits, names.next_token, "next_token_out"))
         outputs.insert(1, helper.make_tensor_value_info(names.next_token, TensorProto.INT64,
                                                         ["batch_size", "sequence_length"]))
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)

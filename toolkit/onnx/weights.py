@@ -94,6 +94,23 @@ def concat_rows(parts: list[LinearWeight]) -> LinearWeight | None:
     )
 
 
+def split_rows(w: LinearWeight, sizes: list[int]) -> list[LinearWeight]:
+    """A linear's consecutive row ranges (``sizes`` summing to N) as linears of their own: Phi-3's stored
+    gate_up as gate and up (the inverse of ``concat_rows``)."""
+    if sum(sizes) != w.n:
+        raise ToolkitError(f"cannot split a linear of {w.n} rows into {sizes}")
+    edges = np.cumsum([0, *sizes])
+    parts = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        rows = slice(int(lo), int(hi))
+        parts.append(replace(
+            w, n=int(hi - lo), weight=None if w.weight is None else w.weight[rows],
+            qweight=None if w.qweight is None else w.qweight[rows],
+            scales=None if w.scales is None else w.scales[rows], zeros=None if w.zeros is None else w.zeros[rows],
+            bias=None if w.bias is None else w.bias[rows]))
+    return parts
+
+
 def embedding_source(model: nn.Module, head_name: str) -> LinearWeight | torch.Tensor:
     """The head's weight when the embedding reads its rows (tied), else the embedding table ``[V, H]`` as the
     model holds it (its own dtype, not copied: the exporter converts it in row blocks)."""

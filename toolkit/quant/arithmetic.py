@@ -79,20 +79,27 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 INT8_MAX = 127.0
 
 
-def fp8_weight_scale(absmax: torch.Tensor) -> torch.Tensor:
-    """The float32 fp8 scale ``absmax / 448`` of weights whose largest magnitude is ``absmax`` (1 for zeros)."""
-    absmax = absmax.float()
+def fp8_quantize(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 e4m3 weights: ``w: [out, in]`` -> ``(w8 [out, in], scale)``, ``w ≈ w8 · scale``. By default one float32
+    scale per output row (``[out, 1]``, ``absmax / 448``: compressed-tensors' channel strategy); a given ``scale``
+    (``[1, 1]``: one per tensor, as ModelOpt FP8 and compressed-tensors' tensor strategy hold it, possibly shared by
+    fused linears) is used as it is."""
+    if scale is None:
+        scale = fp8_weight_scale(w)
+    return fp8_codes(w, scale), scale
+
+
+def fp8_weight_scale(w: torch.Tensor) -> torch.Tensor:
+    """One float32 scale per output row of ``w: [out, in]``: ``absmax / 448`` (1 for an all-zero row) ``[out, 1]``
+    (of ``absmax.reshape(1, 1)``: the one scale of a tensor whose largest magnitude is ``absmax``)."""
+    absmax = w.float().abs().amax(dim=1, keepdim=True)
     return torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
 
 
-def fp8_quantize(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8 e4m3 weights: ``w: [out, in]`` -> ``(w8 [out, in], scale)``, ``w ≈ w8 · scale``. By default one float32
-    scale per output row (``[out, 1]``, compressed-tensors' channel strategy); a given ``scale`` (``[1, 1]``: one per
-    tensor, as ModelOpt FP8 and compressed-tensors' tensor strategy hold it, possibly shared by fused linears) is
-    used as it is."""
-    if scale is None:
-        scale = fp8_weight_scale(w.float().abs().amax(dim=1, keepdim=True))
-    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+def fp8_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes of ``w / scale`` (``scale`` broadcast over ``w``'s columns): the cast rounds to nearest even,
+    saturating at ±448, as compressed-tensors' fp8 quantizer and vLLM's cast do."""
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def fp8_dequantize(w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

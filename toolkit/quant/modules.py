@@ -120,13 +120,19 @@ class FP8Linear(nn.Module):
                     act: ActivationSpec | None = None, scale: torch.Tensor | None = None) -> FP8Linear:
         """Round ``w: [out, in]`` to fp8 e4m3 with per-channel scales, or per tensor: ``scale`` ``[1, 1]`` when given
         (one shared by linears a consumer fuses), else ``max |w| / 448``."""
-        out_f, in_f = w.shape
-        layer = cls(in_f, out_f, spec, bias=bias is not None, act=act)
         if spec.per_tensor and scale is None:
             scale = fp8_weight_scale(w.abs().amax().reshape(1, 1))
-        w8, scale = fp8_quantize(w, scale)
+        return cls.from_codes(*fp8_quantize(w, scale), spec, bias, act)
+
+    @classmethod
+    def from_codes(cls, w8: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None,
+                   act: ActivationSpec | None = None) -> FP8Linear:
+        """The layer holding e4m3 codes ``w8: [out, in]`` with ``scale`` ``[out, 1]`` (per channel) or ``[1, 1]``
+        (per tensor), rounded here or elsewhere (GPTQ)."""
+        out_f, in_f = w8.shape
+        layer = cls(in_f, out_f, spec, bias=bias is not None, act=act)
         layer.weight.copy_(w8)
-        layer.weight_scale.copy_(scale)
+        layer.weight_scale.copy_(scale.reshape(layer.weight_scale.shape))
         if bias is not None and layer.bias is not None:
             layer.bias.data.copy_(bias.detach().float())
         return layer

@@ -163,18 +163,14 @@ class QuantScheme:
         acts = "16" if a is None else "FP8" if a.type == "float" else str(a.bits)
         return f"W{weights}A{acts}"
 
-    def runnable(self, consumer: str, float_weights: bool = True) -> QuantSpec:
+    def runnable(self, consumer: str) -> QuantSpec:
         """The weight spec, for ``consumer`` (a pass) whose model computes with quantized input activations
-        (``toolkit.quant.modules``); refuses what those modules do not compute: asymmetric activations, grouped
-        fp8 weights (fp8 has one scale per output channel or per tensor), or fp8 weights where ``float_weights``
-        is false."""
+        (``toolkit.quant.modules``); refuses what those modules do not compute: asymmetric activations, or grouped
+        fp8 weights (fp8 has one scale per output channel or per tensor)."""
         w, a = self.weights, self.input_activations
         if a is not None and not a.symmetric:
             raise ToolkitError(f"{consumer} quantizes input activations symmetrically (no zero point), as vLLM's "
                                "int8 and fp8 kernels read them: use symmetric: true in input_activations")
-        if w.type == "float" and not float_weights:
-            raise ToolkitError(f"{consumer} writes integer codes; fp8 weights are rounded by rtn: use rtn for "
-                               "type: float, or type: int here")
         if w.type == "float" and w.group_size != -1:
             raise ToolkitError(f"fp8 weights have one scale per output channel: use group_size: -1, not {w.group_size} "
                                "(with strategy: tensor for one scale per tensor)")
@@ -189,7 +185,7 @@ class QuantScheme:
                                "drop input_activations (rtn and gptq run them, export_compressed_tensors holds them)")
         if self.weights.type != "int":
             raise ToolkitError(f"{consumer} writes integer codes; this scheme holds fp8 weights: use integer "
-                               "weights (type: int) (rtn rounds fp8 weights, export_compressed_tensors holds them)")
+                               "weights (type: int) (rtn and gptq round fp8 weights, export_compressed_tensors holds them)")
         return self.weights
 
     def to_dict(self) -> dict[str, Any]:

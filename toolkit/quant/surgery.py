@@ -113,10 +113,14 @@ def install(model: nn.Module, name: str, linear: nn.Linear, codes: torch.Tensor,
 
 
 def install_fp8(model: nn.Module, name: str, linear: nn.Linear, spec: QuantSpec,
-                act: ActivationSpec | None = None, scale: torch.Tensor | None = None) -> FP8Linear:
-    """Round ``linear`` to fp8 e4m3 weights (per-channel scales, or per tensor: ``scale`` when given) and put it
-    in place."""
-    qlinear = FP8Linear.from_weight(linear.weight.data, spec, linear.bias, act, scale)
+                act: ActivationSpec | None = None, *, scale: torch.Tensor | None = None,
+                codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> FP8Linear:
+    """Put ``linear`` in place as fp8 e4m3 weights: rounded to nearest here (per-channel scales, or per tensor:
+    ``scale`` when given), or the ``codes = (w8, scale)`` found elsewhere (GPTQ)."""
+    if codes is None:
+        qlinear = FP8Linear.from_weight(linear.weight.data, spec, linear.bias, act, scale)
+    else:
+        qlinear = FP8Linear.from_codes(*codes, spec, linear.bias, act)
     set_module(model, name, qlinear)
     return qlinear
 
