@@ -170,7 +170,10 @@ def hf_perplexity(folder: Path, wins: torch.Tensor, compressed: bool) -> dict[st
 # a ModelOpt checkpoint is named by its quant_method. W4A16 (pack-quantized): its CPU kernel takes uint4 / uint4b8 in
 # bfloat16 only (float32 fails). W8A8 int8 (int-quantized): on a CPU with AMX it runs int8_scaled_mm_with_quant,
 # which takes bfloat16 or half activations only (float32: "expect A to be bfloat16 or half"). FP8 (float-quantized,
-# modelopt): vLLM CPU's fp8 kernels need AMX and write bfloat16 or float32; bfloat16 like the others.
+# modelopt): vLLM CPU's fp8 kernels need AMX and write bfloat16 or float32; bfloat16 like the others. Static per-tensor
+# FP8 on CPU (vLLM 0.32): ModelOpt FP8 runs as W8A16 (CPUFp8PerTensorScaledMMLinearKernel leaves the inputs in
+# bfloat16, so the checkpoint's input scales are not applied: not the model the checkpoint describes), and
+# compressed-tensors' FP8 preset fails at engine start (its CPU build has no static_scaled_fp8_quant).
 VLLM_DTYPE = {"pack-quantized": "bfloat16", "int-quantized": "bfloat16", "float-quantized": "bfloat16",
               "modelopt": "bfloat16"}
 VLLM_PROMPTS = 3
@@ -218,8 +221,11 @@ def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], n
 # VLLM_CPU_INT4_W4A8=0: on a CPU with AMX, vLLM's default (1) runs W4A16 checkpoints with int8 dynamic per-token
 # activations (its W4A8 kernel), a different model from the one the checkpoint describes (SmolLM2 W4A16: perplexity
 # 20.509 with it, +3.24 % over ours, the size of naive W8A8's loss). Off, vLLM computes W4A16 in bfloat16 (19.893,
-# +0.14 %); that kernel's worker dies on the tiny models (hidden 64 / 96), reported as their root cause.
-VLLM_ENV = {"VLLM_CPU_INT4_W4A8": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# +0.14 %). That kernel uses AMX tiles without asking Linux for them, which killed the tiny models' worker (SIGILL);
+# vllm_consumer.py asks in every vLLM process. VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS: FP8 dynamic on CPU runs torch's
+# unfused fallback, and one 4096-token prefill step with full-vocabulary log-probabilities outlasted vLLM's default 300 s
+# on a busy 2-core host ("RPC call to execute_model timed out"), killing the engine.
+VLLM_ENV = {"VLLM_CPU_INT4_W4A8": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}
 JOB_MARK = "=== vllm_consumer job"  # vllm_consumer.py's line before each job
 # a line of vLLM's log that names an exception, bare or logged at ERROR level by one of its processes:
 # "(Worker pid=9) ERROR 12-06 09:49:31 [multiproc_executor.py:1063] RuntimeError: ..." (WARNING lines are not causes)
@@ -347,19 +353,25 @@ def vllm_consumers(a: argparse.Namespace, wins: torch.Tensor) -> dict[str, dict[
 
 
 # --vllm-tiny exports each family in these schemes (default: the two vLLM CPU runs; fp8 ones are tried on request)
-TINY_SCHEMES = ("w4a16", "w8a8", "fp8", "fp8-modelopt")
+TINY_SCHEMES = ("w4a16", "w8a8", "fp8", "fp8-modelopt", "fp8-static", "fp8-static-modelopt")
+# token ids the static fp8 schemes calibrate their input scales on (a tiny model has no calibration text)
+TINY_CALIBRATION = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
 def tiny_rtn(scheme: str) -> Any:
     """RTN settings of a ``TINY_SCHEMES`` entry: W4A16 int4 group 32 symmetric with an int8 head (pack-quantized);
     W8A8 int8 per-channel weights with int8 dynamic per-token activations, head float (int-quantized); FP8 dynamic
-    (fp8 e4m3 per-channel weights, fp8 per-token activations, head float), as compressed-tensors float-quantized or
-    a ModelOpt checkpoint."""
+    (fp8 e4m3 per-channel weights, fp8 per-token activations, head float) and FP8 static (per-tensor weights and
+    calibrated per-tensor inputs: compressed-tensors' FP8 preset, ModelOpt's FP8), as compressed-tensors
+    float-quantized or a ModelOpt checkpoint."""
     from toolkit.passes.rtn import RTNConfig
     from toolkit.quant.spec import ActivationSpec
 
     if scheme == "w4a16":
         return RTNConfig(bits=4, group_size=32, symmetric=True, lm_head_bits=8)
+    if scheme.startswith("fp8-static"):
+        return RTNConfig(bits=8, group_size=-1, symmetric=True, type="float", strategy="tensor", lm_head_bits=None,
+                         input_activations=ActivationSpec("float", 8, "tensor", dynamic=False))
     kind = "int" if scheme == "w8a8" else "float"
     return RTNConfig(bits=8, group_size=-1, symmetric=True, type=kind, lm_head_bits=None,
                      input_activations=ActivationSpec(kind, 8, "token", dynamic=True))
@@ -384,15 +396,17 @@ def tiny_export(family: str, scheme: str, workdir: Path) -> tuple[Any, Path, Any
     compressed-tensors."""
     from toolkit.models.tiny import tiny_model, tiny_tokenizer
     from toolkit.passes import export_compressed_tensors, export_modelopt
+    from toolkit.passes.context import PassContext
     from toolkit.passes.rtn import apply as rtn_apply
     from toolkit.paths import atomic_dir
 
     model, tokenizer = tiny_model(family, **vllm_head_override(family)), tiny_tokenizer()
-    rtn_apply(model, tiny_rtn(scheme))
+    ctx = PassContext(tokenizer, lambda: TINY_CALIBRATION, lambda: model, workdir)
+    rtn_apply(model, tiny_rtn(scheme), ctx)
     folder = workdir / f"tiny-{family}-{scheme}"
     if not folder.is_dir():
         with atomic_dir(folder) as tmp:
-            if scheme == "fp8-modelopt":
+            if scheme.endswith("modelopt"):
                 export_modelopt.export(model, tokenizer, export_modelopt.ExportModelOptConfig(), tmp)
             else:
                 export_compressed_tensors.export(model, tokenizer,

@@ -17,6 +17,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+# vLLM CPU's W4A16 kernel (cpu_gemm_wna16, ISA "amx" for bfloat16) runs AMX tile instructions without asking Linux for
+# them (arch_prctl ARCH_REQ_XCOMP_PERM); in a process that never asked, the first one kills the worker with SIGILL
+# (exit code -4): every tiny model died so, at any size (hidden 96 to 576). SmolLM2 survived because something else in
+# its worker asked first. Asked here, at import: multiprocessing's spawn re-imports this file in every process vLLM
+# starts (as __mp_main__), its engine and worker included. False (and harmless) on a CPU without AMX.
+torch.cpu._init_amx()
+
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams

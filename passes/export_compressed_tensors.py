@@ -10,8 +10,8 @@ listed in ``ignore``, as llm-compressor leaves ``lm_head`` unquantized. The expo
 is read back by ``toolkit.interop.compressed_tensors.read`` (no compressed-tensors package needed), its
 codes, scales and zero points must equal the model's bit for bit, and a plain float model dequantized from
 it (its linears' inputs quantized as the folder's ``input_activations`` and ``input_scale`` say) must give the
-source model's logits on two shapes. Static input scales of linears a consumer fuses (q/k/v, gate/up) must be
-equal, since vLLM runs them as one matmul with one input scale.
+source model's logits on two shapes. Static input scales and per-tensor fp8 weight scales of linears a consumer
+fuses (q/k/v, gate/up) must be equal, since vLLM runs them as one matmul with one scale of each.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluation.perplexity import check_reloaded
 from toolkit.interop import compressed_tensors as ct
 from toolkit.interop.hf_tensors import checkpoint_tensors
-from toolkit.models.architectures import decoder_layers, layout_of
+from toolkit.models.architectures import layout_of
 from toolkit.models.checkpoint import config_dict, float_model
 from toolkit.models.shards import SINGLE
 from toolkit.passes.base import CheckpointExportConfig, PassConfig
@@ -43,6 +43,7 @@ from toolkit.quant.modules import (
     stored_floats,
 )
 from toolkit.quant.spec import QuantScheme
+from toolkit.quant.surgery import check_fused_scales
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -88,7 +89,7 @@ def _linears(model: PreTrainedModel) -> tuple[dict[str, QuantizedLinear], list[s
 def _linear_tensors(name: str, m: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     input_scale = getattr(m, "input_scale", None)
     if isinstance(m, FP8Linear):
-        return ct.dense_tensors(name, m.weight, m.weight_scale, input_scale)
+        return ct.dense_tensors(name, m.weight, m.weight_scale, input_scale, m.spec.per_tensor)
     if ct.format_of(m.scheme) == "int-quantized":  # signed int8 codes: ours minus the zero point 128
         return ct.dense_tensors(name, (m.codes().to(torch.int16) - 128).to(torch.int8), m.scales, input_scale)
     return ct.linear_tensors(name, m.codes(), m.scales.to(dtype), m.qzeros, m.spec)
@@ -135,20 +136,8 @@ def _same(p: ct.Packed | ct.Dense, m: QuantizedLinear) -> bool:
         same = p.weight.dtype == torch.int8 and torch.equal(p.weight.to(torch.int16), codes)
     ours = getattr(m, "input_scale", None)
     inputs = (ours is None) == (p.input_scale is None) and (ours is None or torch.equal(p.input_scale, ours))
-    return same and torch.equal(p.scales, scales.to(torch.float32)) and inputs and p.input_activations == m.act
-
-
-def _check_fused_scales(model: PreTrainedModel, linears: dict[str, QuantizedLinear]) -> None:
-    """Static input scales of the linears one input feeds (q/k/v, gate/up) are equal: vLLM fuses them."""
-    arch = layout_of(model)
-    for i in range(len(decoder_layers(model))):
-        for group in (arch.attention_projections(), arch.mlp_projections()):
-            scales = {float(s) for rel in group
-                      if (s := getattr(linears.get(f"{arch.layers}.{i}.{rel}"), "input_scale", None)) is not None}
-            if len(scales) > 1:
-                raise ToolkitError(f"layer {i}: the static input scales of {', '.join(group)} differ ({sorted(scales)}); "
-                                   "vLLM fuses these linears with one input scale: calibrate them on one input "
-                                   "(rtn or gptq with input_activations do)")
+    same_scales = torch.equal(p.scales.reshape(-1), scales.to(torch.float32).reshape(-1))
+    return same and same_scales and inputs and p.input_activations == m.act
 
 
 def _check_codes(linears: dict[str, QuantizedLinear], packed: dict[str, ct.Packed | ct.Dense]) -> None:
@@ -167,7 +156,7 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     Its ``quantization_config`` states the format only (no quantizer settings): ``history`` is unused."""
     folder = Path(folder)
     linears, floats = _linears(model)
-    _check_fused_scales(model, linears)
+    check_fused_scales(model, linears, ExportCompressedTensorsConfig.name)
     tensors = _tensors(model, linears, DTYPES[config.dtype])
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / SINGLE), metadata={"format": "pt"})

@@ -87,8 +87,14 @@ class GPTQConfig(QuantPassConfig):
 
     @property
     def spec(self) -> QuantSpec:
-        """GPTQ writes integer or fp8 codes and runs quantized input activations too (int8 W8A8, FP8)."""
-        return self.scheme.runnable(self.name)
+        """GPTQ writes integer or fp8 codes (fp8 with one scale per output channel) and runs quantized input
+        activations too (int8 W8A8, FP8)."""
+        spec = self.scheme.runnable(self.name)
+        if spec.per_tensor:
+            raise ToolkitError(f"{self.name} rounds fp8 weights with one scale per output channel; one scale per "
+                               "tensor (strategy: tensor) is rounded by rtn: use rtn, or group_size: -1 without "
+                               "strategy: tensor here")
+        return spec
 
     def streaming_bytes(self, shape: ModelShape, calibration_tokens: int, activations_budget: int) -> float:
         """A GPTQ head also holds the head's float32 weight while the body's hidden states are carried."""
@@ -199,7 +205,7 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
     walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, one_layer, ctx.progress)
     for q in done:
         if spec.type == "float":
-            module: QuantizedLinear = install_fp8(model, q.name, q.linear, spec, act, (q.codes, q.scales))
+            module: QuantizedLinear = install_fp8(model, q.name, q.linear, spec, act, codes=(q.codes, q.scales))
         else:
             module = install(model, q.name, q.linear, q.codes, q.scales, q.zeros, spec, act)
         if q.name in input_scales:

@@ -1,6 +1,7 @@
 """Round-to-nearest quantization: integer weights (int2/3/4/8, symmetric or asymmetric, grouped) or fp8 e4m3
-(per output channel), optionally with quantized input activations (W8A8 int8, FP8: dynamic per token, or static per
-tensor, whose scales are the one thing this pass calibrates)."""
+(per output channel, or per tensor with one scale shared by fused linears), optionally with quantized input
+activations (W8A8 int8, FP8: dynamic per token, or static per tensor, whose scales are the one thing this pass
+calibrates)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from toolkit.quant.spec import QuantSpec
 from toolkit.quant.streaming import StreamOptions, stream_rtn
 from toolkit.quant.surgery import (
     check_group_size,
+    fused_weight_scales,
     install,
     install_fp8,
     quantize_head,
@@ -58,9 +60,10 @@ def apply(model: PreTrainedModel, config: RTNConfig, ctx: PassContext | None = N
     linears = target_linears(model, config.skip)
     check_group_size(linears, config.group_size)
     input_scales = static_input_scales(model, linears, act, ctx.calibration()) if ctx and config.reads_calibration else {}
+    weight_scales = fused_weight_scales(model, linears) if spec.per_tensor else {}
     for name, linear in linears.items():
         if spec.type == "float":
-            module = install_fp8(model, name, linear, spec, act)
+            module = install_fp8(model, name, linear, spec, act, scale=weight_scales.get(name))
         else:
             codes, scale, zero = rtn_quantize(linear.weight.data, spec)
             module = install(model, name, linear, codes, scale, zero, spec, act)

@@ -94,17 +94,22 @@ def test_root_cause_is_the_failing_jobs_engine_error_not_engine_dead() -> None:
 def test_tiny_schemes_export_the_formats_vllm_is_given(tmp_path: Path) -> None:
     ids = torch.tensor([[256, 10, 20, 30, 40]])
     for scheme, fmt in (("w4a16", "pack-quantized"), ("w8a8", "int-quantized"), ("fp8", "float-quantized"),
-                        ("fp8-modelopt", "modelopt")):
+                        ("fp8-modelopt", "modelopt"), ("fp8-static", "float-quantized"),
+                        ("fp8-static-modelopt", "modelopt")):
         model, folder, _ = bench.tiny_export("llama", scheme, tmp_path)
         quant = json.loads((folder / "config.json").read_text())["quantization_config"]
         assert quant.get("format", quant["quant_method"]) == fmt and folder.name == f"tiny-llama-{scheme}"
-        stored_dtype = torch.bfloat16 if scheme == "fp8-modelopt" else torch.float16  # each exporter's default
+        stored_dtype = torch.bfloat16 if scheme.endswith("modelopt") else torch.float16  # each exporter's default
         stored = stored_floats(model, stored_dtype)  # our model with its floats as the export stores them
         with torch.no_grad():  # ours for a folder: the exporter's reading, which computes what our model does
             ref, got = stored(input_ids=ids).logits, bench.our_reading(folder)(input_ids=ids).logits
         assert (got - ref).abs().max() <= 1e-3 * ref.abs().max(), scheme
         if scheme == "w8a8":
             assert quant["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
+        if scheme == "fp8-static":
+            assert quant["config_groups"]["group_0"]["weights"]["strategy"] == "tensor"
+        if scheme == "fp8-static-modelopt":
+            assert quant["quant_algo"] == "FP8"
 
 
 def test_head_sizes_vllm_cpu_cannot_run_are_refused_before_it_starts(tmp_path: Path) -> None:

@@ -41,6 +41,8 @@ SCHEMES = {  # name -> (rtn settings, compressed-tensors preset, format)
                     "float-quantized"),
     "FP8-static": ({**FP8, "input_activations": ActivationSpec("float", 8, "tensor", dynamic=False)}, None,
                    "float-quantized"),
+    "FP8": ({**FP8, "strategy": "tensor", "input_activations": ActivationSpec("float", 8, "tensor", dynamic=False)},
+            "FP8", "float-quantized"),  # per-tensor weights and inputs: compressed-tensors' FP8 preset
 }
 
 
@@ -69,11 +71,15 @@ def test_the_tensors_are_what_vllms_w8a8_schemes_load(tmp_path: Path, name: str)
         w = state[f"{module_name}.weight"]
         assert w.dtype == (torch.float8_e4m3fn if "FP8" in name else torch.int8) and w.shape == (m.out_features,
                                                                                                  m.in_features)
-        assert state[f"{module_name}.weight_scale"].shape == (m.out_features, 1)
+        assert state[f"{module_name}.weight_scale"].shape == ((1,) if name == "FP8" else (m.out_features, 1))
         assert state[f"{module_name}.weight_scale"].dtype == torch.float32
-        assert (f"{module_name}.input_scale" in state) == static
-        if static:
+        assert (f"{module_name}.input_scale" in state) == (static or name == "FP8")
+        if static or name == "FP8":
             assert state[f"{module_name}.input_scale"].shape == (1,)
+    if name == "FP8":  # vLLM fuses q/k/v and gate/up: one weight scale and one input scale each
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            for key in ("weight_scale", "input_scale"):
+                assert len({float(state[f"model.layers.1.{n}.{key}"]) for n in group}) == 1, (group, key)
     if "W8A8" in name:  # symmetric int8: codes in [-127, 127], the full range used per row
         w = state["model.layers.0.mlp.down_proj.weight"]
         assert int(w.abs().max()) == 127 and bool((w.abs().amax(1) == 127).all())
@@ -122,7 +128,7 @@ def test_transformers_decompresses_codes_and_scales_exactly_and_computes_the_log
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_exports_w8a8_and_fp8(tmp_path: Path, family: str) -> None:
-    for name in ("W8A8-static", "FP8_DYNAMIC"):
+    for name in ("W8A8-static", "FP8_DYNAMIC", "FP8"):
         metrics = run_export(quantized(family, name), tmp_path / name)
         assert metrics["bit_exact_codes"] and metrics["relative_logit_error"] <= 1e-5, (family, name)
 
@@ -133,6 +139,31 @@ def test_schemes_vllm_does_not_load_this_way_are_refused() -> None:
                        "per-channel symmetric weights .* not this W4A8 scheme"):
         check_spec(w4a8)
     check_spec(QuantScheme(QuantSpec(8, -1), ActivationSpec("int", 8, "token", dynamic=True)))  # W8A8 passes
+
+
+def test_unequal_per_tensor_weight_scales_across_fused_linears_are_refused(tmp_path: Path) -> None:
+    model = quantized("llama", "FP8")
+    model.model.layers[0].mlp.up_proj.weight_scale.mul_(2)
+    with pytest.raises(ToolkitError, match=r"^layer 0: the per-tensor weight scales of mlp.gate_proj, mlp.up_proj "
+                       "differ .*quantize them with one shared scale"):
+        run_export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_per_tensor_scale_of_the_wrong_shape_is_refused_by_the_reader(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from toolkit.interop import compressed_tensors as ct
+
+    run_export(quantized("llama", "FP8"), tmp_path / "out")
+    path = tmp_path / "out" / SINGLE
+    state = load_file(str(path))
+    key = "model.layers.0.self_attn.o_proj.weight_scale"
+    state[key] = state[key].expand(96, 1).contiguous()  # a per-channel scale under a tensor-strategy group
+    save_file(state, str(path))
+    with pytest.raises(ToolkitError, match=r"o_proj: inconsistent checkpoint: weight_scale is \[96, 1\], a \[96, 96\] "
+                       r"weight of strategy tensor needs \[1\]"):
+        ct.read(tmp_path / "out")
 
 
 def test_unequal_static_scales_across_fused_inputs_are_refused(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""ModelOpt unified HF checkpoint, FP8_PER_CHANNEL_PER_TOKEN: the two config files vLLM's modelopt loader and
-TensorRT-LLM read, the tensors they load (fp8 weight, float32 weight_scale [out], no input_scale), bit-exact codes,
-every family, and refusals of what it does not hold."""
+"""ModelOpt unified HF checkpoint, FP8_PER_CHANNEL_PER_TOKEN and FP8 (per tensor, static inputs): the two config
+files vLLM's modelopt loader and TensorRT-LLM read, the tensors they load (fp8 weight, float32 weight_scale [out] and
+no input_scale, or float32 scalar weight_scale and input_scale, equal across fused linears), bit-exact codes, every
+family, and refusals of what it does not hold."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from toolkit.interop import modelopt
 from toolkit.models.shards import SINGLE
 from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import rtn
+from toolkit.passes.context import PassContext
 from toolkit.passes.export_modelopt import ExportModelOptConfig, check_spec, export
 from toolkit.paths import atomic_dir
 from toolkit.quant.modules import FP8Linear, quantized_linears
@@ -23,6 +25,15 @@ from toolkit.quant.spec import ActivationSpec
 
 FP8_DYNAMIC = rtn.RTNConfig(bits=8, group_size=-1, type="float", lm_head_bits=None,
                             input_activations=ActivationSpec("float", 8, "token", dynamic=True))
+FP8_STATIC = rtn.RTNConfig(bits=8, group_size=-1, type="float", strategy="tensor", lm_head_bits=None,
+                           input_activations=ActivationSpec("float", 8, "tensor", dynamic=False))
+CALIB = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def fp8_static(family: str) -> torch.nn.Module:
+    ctx = PassContext(tiny_tokenizer(), lambda: CALIB, lambda: tiny_model(family), Path("/nonexistent"))
+    return rtn.apply(tiny_model(family), FP8_STATIC, ctx)
 
 
 def run_export(model: torch.nn.Module, folder: Path) -> dict:
@@ -50,10 +61,62 @@ def test_the_checkpoint_is_what_the_modelopt_loaders_read(tmp_path: Path) -> Non
     assert not any(k.endswith("input_scale") for k in state)
 
 
+def test_the_static_checkpoint_is_quant_algo_fp8_with_scalar_scales_as_modelopt_writes(tmp_path: Path) -> None:
+    model = fp8_static("llama")
+    metrics = run_export(model, tmp_path / "out")
+    assert metrics["bit_exact_codes"] and metrics["relative_logit_error"] <= 1e-5 and metrics["quant_algo"] == "FP8"
+    hf = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())
+    assert hf["quantization"] == {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "FP8"
+    state = load_file(str(tmp_path / "out" / SINGLE))
+    for name, m in quantized_linears(model).items():
+        assert state[f"{name}.weight"].dtype == torch.float8_e4m3fn
+        for key, ours in (("weight_scale", m.weight_scale), ("input_scale", m.input_scale)):
+            t = state[f"{name}.{key}"]  # ModelOpt's amax / 448: a float32 scalar
+            assert t.dtype == torch.float32 and t.shape == () and float(t) == float(ours), (name, key)
+    for i in range(2):  # one weight scale and one input scale per fused group, as ModelOpt's export equalizes them
+        for group in FUSED:
+            for key in ("weight_scale", "input_scale"):
+                assert len({float(state[f"model.layers.{i}.{n}.{key}"]) for n in group}) == 1, (i, group, key)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_exports(tmp_path: Path, family: str) -> None:
-    metrics = run_export(rtn.apply(tiny_model(family), FP8_DYNAMIC), tmp_path / "out")
+    metrics = run_export(rtn.apply(tiny_model(family), FP8_DYNAMIC), tmp_path / "dynamic")
     assert metrics["bit_exact_codes"] and metrics["relative_logit_error"] <= 1e-5, family
+    metrics = run_export(fp8_static(family), tmp_path / "static")
+    assert metrics["quant_algo"] == "FP8" and metrics["relative_logit_error"] <= 1e-5, family
+
+
+def test_unequal_scales_across_fused_linears_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    model = fp8_static("llama")
+    model.model.layers[1].self_attn.v_proj.weight_scale.mul_(2)
+    with pytest.raises(ToolkitError, match=r"^layer 1: the per-tensor weight scales of self_attn.q_proj, "
+                       "self_attn.k_proj, self_attn.v_proj differ .*export_modelopt's consumers fuse"):
+        run_export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_mixing_the_two_algorithms_is_refused(tmp_path: Path) -> None:
+    model = fp8_static("llama")
+    dynamic = rtn.apply(tiny_model("llama"), FP8_DYNAMIC)
+    model.model.layers[0].mlp.down_proj = dynamic.model.layers[0].mlp.down_proj
+    with pytest.raises(ToolkitError, match="^export_modelopt writes one quant_algo; this model mixes FP8 and "
+                       "FP8_PER_CHANNEL_PER_TOKEN"):
+        run_export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_static_checkpoint_without_its_input_scales_is_refused_by_the_reader(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    run_export(fp8_static("llama"), tmp_path / "out")
+    path = tmp_path / "out" / SINGLE
+    state = {k: v for k, v in load_file(str(path)).items() if k != "model.layers.0.mlp.down_proj.input_scale"}
+    save_file(state, str(path))
+    with pytest.raises(ToolkitError, match=r"down_proj: input_scale is missing, FP8 needs a scalar \[\]"):
+        modelopt.read(tmp_path / "out")
 
 
 def test_other_schemes_are_refused_before_anything_is_written(tmp_path: Path) -> None:
@@ -64,9 +127,11 @@ def test_other_schemes_are_refused_before_anything_is_written(tmp_path: Path) ->
         run_export(w8a8, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     static = rtn.RTNConfig(bits=8, group_size=-1, type="float", input_activations=ActivationSpec(
-        "float", 8, "tensor", dynamic=False))
+        "float", 8, "tensor", dynamic=False))  # per-channel weights with a static input scale: neither algorithm
     with pytest.raises(ToolkitError, match="not this WFP8AFP8 scheme"):
         check_spec(static.scheme)
+    check_spec(FP8_STATIC.scheme)
+    check_spec(FP8_DYNAMIC.scheme)
 
 
 def test_a_folder_whose_configs_disagree_is_refused(tmp_path: Path) -> None:

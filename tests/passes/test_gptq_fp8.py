@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from toolkit.algorithms.gptq import gptq_quantize
+from toolkit.errors import ToolkitError
 from toolkit.models.tiny import FAMILIES, tiny_llama, tiny_model, tiny_tokenizer
 from toolkit.passes import export_compressed_tensors, export_modelopt, gptq, rtn, smoothquant
 from toolkit.passes.context import PassContext
@@ -93,3 +94,11 @@ def test_gptq_fp8_is_closer_to_float_than_rtn_fp8_with_outliers(tmp_path: Path) 
     found = error(gptq.apply(_with_outliers(), GPTQ_FP8, ctx))
     smoothed = error(gptq.apply(smoothquant.apply(_with_outliers(), smoothquant.SmoothQuantConfig(), ctx), GPTQ_FP8, ctx))
     assert found < 0.85 * plain and smoothed < 0.85 * plain, (plain, found, smoothed)  # fp8 inputs: a floor
+
+
+def test_per_tensor_fp8_is_refused_by_gptq_in_one_line() -> None:
+    """GPTQ's fp8 grid has one scale per output channel; a per-tensor scheme is rtn's (refused before any work)."""
+    config = gptq.GPTQConfig(bits=8, group_size=-1, type="float", strategy="tensor", lm_head_bits=None,
+                             input_activations=ActivationSpec("float", 8, "tensor", dynamic=False))
+    with pytest.raises(ToolkitError, match=r"one scale per tensor \(strategy: tensor\) is rounded by rtn: use rtn"):
+        _ = config.spec

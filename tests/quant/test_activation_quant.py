@@ -29,6 +29,8 @@ CONFIGS = {
     "fp8-dynamic": rtn.RTNConfig(bits=8, group_size=-1, type="float", input_activations=FP8_DYNAMIC,
                                  lm_head_bits=None),
     "fp8-static": rtn.RTNConfig(bits=8, group_size=-1, type="float", input_activations=FP8_STATIC, lm_head_bits=None),
+    "fp8-static-tensor": rtn.RTNConfig(bits=8, group_size=-1, type="float", strategy="tensor",
+                                       input_activations=FP8_STATIC, lm_head_bits=None),
 }
 WINDOWS = torch.randint(0, 250, (4, 24), generator=torch.Generator().manual_seed(1))
 
@@ -88,6 +90,25 @@ def test_rtn_writes_the_scheme_and_the_packed_folder_reloads_it_exactly(tmp_path
     for n, m in quantized_linears(loaded).items():
         for key, t in m.state_dict().items():
             assert torch.equal(t, quantized_linears(model)[n].state_dict()[key]), (n, key)
+
+
+@torch.no_grad()
+def test_per_tensor_fp8_weights_share_one_scale_across_the_linears_a_consumer_fuses(tmp_path: Path) -> None:
+    model = rtn.apply(tiny_llama(), CONFIGS["fp8-static-tensor"], _ctx(tmp_path))
+    source = tiny_llama()
+    for i, layer in enumerate(model.model.layers):
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            absmax = max(float(source.model.layers[i].get_submodule(n).weight.abs().max()) for n in group)
+            for n in group:
+                m = layer.get_submodule(n)
+                assert isinstance(m, FP8Linear) and m.weight_scale.shape == (1, 1)
+                assert float(m.weight_scale) == pytest.approx(absmax / FP8_MAX, rel=1e-6), (i, n)
+                own = float(source.model.layers[i].get_submodule(n).weight.abs().max()) / float(m.weight_scale)
+                assert float(m.weight.float().abs().max()) == pytest.approx(own, rel=2 ** -3)  # its own max, on that scale
+        down = layer.mlp.down_proj  # alone: its own max lands on 448
+        assert float(down.weight.float().abs().max()) == FP8_MAX
+    scales = {float(layer.self_attn.q_proj.weight_scale) for layer in model.model.layers}
+    assert len(scales) == len(model.model.layers)  # one per layer and group, not one for the model
 
 
 @torch.no_grad()

@@ -108,10 +108,13 @@ def _modules(**change: object) -> str:
     (_modules(bits=True), "'modules' must map module names to {bits, group_size, symmetric, in_features, out_"),
     (_modules().replace('"embedding_from": null', '"embedding_from": []'), "'embedding_from' is \\[\\]"),
     (_modules().replace('"embedding_from": null', '"embedding_from": "lm_head"'), "'embedding_from' is 'lm_head'"),
-    (_modules(zero=8), r"module 'q' of a llm-toolkit-packed-v2 record: unknown keys \['zero'\]"),
+    (_modules(zero=8), r"module 'q' of a llm-toolkit-packed-v3 record: unknown keys \['zero'\]"),
     (_modules(type="fp4"), "module 'q' .*weight type must be 'int' or 'float'"),
     (_modules(input_activations={"strategy": "token", "dynamic": False}), "module 'q' .*use dynamic: true"),
     (_modules(type="float").replace(FORMAT, checkpoint.V1), r"llm-toolkit-packed-v1 record: unknown keys \['type'\]"),
+    (_modules(type="float", group_size=-1, strategy="tensor").replace(FORMAT, checkpoint.V2),
+     r"llm-toolkit-packed-v2 record: unknown keys \['strategy'\]"),
+    (_modules(strategy="tensor"), "module 'q' .*strategy: tensor\\) is for fp8 weights"),
 ])
 def test_a_malformed_record_is_one_line(text: str, message: str) -> None:
     with pytest.raises(ToolkitError, match=message) as info:

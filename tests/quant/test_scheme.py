@@ -23,6 +23,7 @@ SCHEMES = [
     QuantScheme(QuantSpec(4, 16, False), ActivationSpec("int", 8, "tensor", dynamic=False, symmetric=False)),
     QuantScheme(FP8, ActivationSpec("float", 8, "tensor", dynamic=False)),
     QuantScheme(FP8),
+    QuantScheme(QuantSpec(8, -1, type="float", strategy="tensor"), ActivationSpec("float", 8, "tensor", dynamic=False)),
 ]
 
 
@@ -31,6 +32,9 @@ SCHEMES = [
     (lambda: QuantSpec(type="fp4"), "weight type must be 'int' or 'float'"),  # type: ignore[arg-type]
     (lambda: QuantSpec(4, type="float"), "fp8 e4m3: bits 8 and symmetric"),
     (lambda: QuantSpec(8, -1, symmetric=False, type="float"), "fp8 e4m3: bits 8 and symmetric"),
+    (lambda: QuantSpec(8, -1, strategy="tensor"), r"strategy: tensor\) is for fp8 weights: use type: float"),
+    (lambda: QuantSpec(8, 32, type="float", strategy="tensor"), "and group_size: -1, or strategy: group"),
+    (lambda: QuantSpec(8, -1, type="float", strategy="channel"), "strategy must be 'group' or 'tensor'"),  # type: ignore[arg-type]
     (lambda: ActivationSpec(bits=4), "bits must be 8"),
     (lambda: ActivationSpec(type="uint"), "activation type must be"),  # type: ignore[arg-type]
     (lambda: ActivationSpec(strategy="group"), "strategy must be 'token' or 'tensor'"),  # type: ignore[arg-type]
@@ -51,7 +55,8 @@ def test_weight_only_integer_records_keep_their_three_keys() -> None:
     """The packed record stores these per module: weight-only int schemes must write what they always wrote."""
     assert QuantScheme(QuantSpec(4, 32, True)).to_dict() == {"bits": 4, "group_size": 32, "symmetric": True}
     assert QuantSpec(8, -1, False).to_dict() == {"bits": 8, "group_size": -1, "symmetric": False}
-    assert FP8.to_dict()["type"] == "float"
+    assert FP8.to_dict()["type"] == "float" and "strategy" not in FP8.to_dict()
+    assert QuantSpec(8, -1, type="float", strategy="tensor").to_dict()["strategy"] == "tensor"
 
 
 @pytest.mark.parametrize("record,match", [
@@ -68,7 +73,7 @@ def test_bad_records_are_refused(record: dict, match: str) -> None:
 
 
 def test_names_follow_compressed_tensors_presets() -> None:
-    assert [s.name for s in SCHEMES] == ["W4A16", "W3A16", "W8A8", "W4A8", "WFP8AFP8", "WFP8A16"]
+    assert [s.name for s in SCHEMES] == ["W4A16", "W3A16", "W8A8", "W4A8", "WFP8AFP8", "WFP8A16", "WFP8AFP8"]
 
 
 def test_the_arithmetic_is_the_specs_own() -> None:

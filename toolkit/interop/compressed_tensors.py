@@ -5,8 +5,9 @@ described by ``quantization_config`` with ``config_groups`` in ``config.json``:
   ``.weight_shape`` and, when asymmetric, ``.weight_zero_point`` int32 packed along the output dimension
   (``toolkit.quant.formats.CompressedTensorsPacked``);
 - ``int-quantized`` (W8A8: int8 per-channel symmetric weights, int8 activations) and ``float-quantized`` (fp8 e4m3
-  per-channel weights, fp8 activations): ``<linear>.weight`` int8 / float8_e4m3fn ``[out, in]``,
-  ``.weight_scale`` float32 ``[out, 1]`` and, for static activations, ``.input_scale`` float32 ``[1]``, which
+  weights, per channel or per tensor (the ``FP8`` preset), fp8 activations): ``<linear>.weight`` int8 /
+  float8_e4m3fn ``[out, in]``, ``.weight_scale`` float32 ``[out, 1]`` (tensor strategy: ``[1]``) and, for static
+  activations, ``.input_scale`` float32 ``[1]``, which
   vLLM's ``CompressedTensorsW8A8Int8`` / ``CompressedTensorsW8A8Fp8`` schemes load (``naive-quantized``: the same
   tensors for fp8 weights with float activations).
 
@@ -43,11 +44,18 @@ def format_of(scheme: QuantScheme) -> str:
     return "int-quantized" if a is not None and w.bits == 8 else FORMAT
 
 
-def dense_tensors(name: str, weight: torch.Tensor, scale: torch.Tensor,
-                  input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """An 8-bit linear's tensors: ``weight`` int8 (signed codes ``q - 128``) or fp8, per-channel float32 scales
-    ``[out, 1]``, and a static ``input_scale`` ``[1]``."""
-    out = {f"{name}.weight": weight.contiguous(), f"{name}.weight_scale": scale.to(torch.float32).reshape(-1, 1)}
+def scale_shape(weight_shape: tuple[int, ...] | torch.Size, per_tensor: bool) -> tuple[int, ...]:
+    """The ``weight_scale`` shape compressed-tensors gives an 8-bit ``[out, in]`` weight: ``[out, 1]`` per channel,
+    ``[1]`` per tensor."""
+    return (1,) if per_tensor else (weight_shape[0], 1)
+
+
+def dense_tensors(name: str, weight: torch.Tensor, scale: torch.Tensor, input_scale: torch.Tensor | None,
+                  per_tensor: bool = False) -> dict[str, torch.Tensor]:
+    """An 8-bit linear's tensors: ``weight`` int8 (signed codes ``q - 128``) or fp8, float32 scales (per channel
+    ``[out, 1]``, per tensor ``[1]``), and a static ``input_scale`` ``[1]``."""
+    out = {f"{name}.weight": weight.contiguous(),
+           f"{name}.weight_scale": scale.to(torch.float32).reshape(scale_shape(weight.shape, per_tensor))}
     if input_scale is not None:
         out[f"{name}.input_scale"] = input_scale.to(torch.float32).reshape(1)
     return out
@@ -61,8 +69,8 @@ def linear_tensors(name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: 
 
 def weights_args(spec: QuantSpec) -> dict[str, Any]:
     """A ``QuantizationArgs`` record for our weights (group -1, one group per row, is the channel strategy)."""
-    return {"num_bits": spec.bits, "type": spec.type, "symmetric": spec.symmetric,
-            "strategy": "channel" if spec.group_size == -1 else "group",
+    strategy = "tensor" if spec.per_tensor else "channel" if spec.group_size == -1 else "group"
+    return {"num_bits": spec.bits, "type": spec.type, "symmetric": spec.symmetric, "strategy": strategy,
             "group_size": None if spec.group_size == -1 else spec.group_size,
             "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}, "block_structure": None}
 
@@ -120,7 +128,8 @@ class Packed:
 @dataclass
 class Dense:
     """One 8-bit linear as read from disk (``int-quantized`` / ``float-quantized``): its weight (int8 signed codes
-    or fp8), per-channel scales ``[out, 1]``, the static input scale, and the input activations' args."""
+    or fp8), scales (per channel ``[out, 1]``, per tensor ``[1]``), the static input scale, and the input
+    activations' args."""
 
     weight: torch.Tensor
     scales: torch.Tensor
@@ -183,10 +192,12 @@ def _dense(module: str, state: dict[str, torch.Tensor], group: dict[str, Any], f
     where = f"{folder}: {module}"
     weight, scales = state[module + ".weight"], state.get(module + ".weight_scale")
     acts = _activations(group.get("input_activations"))
-    if scales is None or tuple(scales.shape) != (weight.shape[0], 1):
+    strategy = group["weights"].get("strategy")
+    expected = scale_shape(weight.shape, strategy == "tensor")
+    if scales is None or tuple(scales.shape) != expected:
         found = None if scales is None else list(scales.shape)
-        raise ToolkitError(f"{where}: inconsistent checkpoint: weight_scale is {found}, a per-channel "
-                           f"{list(weight.shape)} weight needs [{weight.shape[0]}, 1]")
+        raise ToolkitError(f"{where}: inconsistent checkpoint: weight_scale is {found}, a {list(weight.shape)} weight "
+                           f"of strategy {strategy} needs {list(expected)}")
     input_scale = state.get(module + ".input_scale")
     if (acts is not None and not acts.dynamic) != (input_scale is not None):
         raise ToolkitError(f"{where}: inconsistent checkpoint: input_scale is "

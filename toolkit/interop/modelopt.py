@@ -1,11 +1,15 @@
 """NVIDIA ModelOpt's unified Hugging Face checkpoint for FP8 (what TensorRT-LLM and vLLM's ``modelopt`` loader
 read): ``hf_quant_config.json`` with ``quantization.quant_algo``, the same in ``config.json``'s
 ``quantization_config`` (``quant_method: modelopt``), and per linear ``weight`` float8_e4m3fn ``[out, in]``
-with ``weight_scale`` float32.
+with ``weight_scale`` float32. Two algorithms:
 
-``FP8_PER_CHANNEL_PER_TOKEN``: one weight scale per output channel (``weight_scale: [out]``), activations quantized
-per token at run time (no ``input_scale``): our ``fp8_dynamic`` scheme. (``FP8``, per-tensor weight and static input
-scales, has no pass writing it yet.) ``read`` checks a folder without the ModelOpt package.
+- ``FP8_PER_CHANNEL_PER_TOKEN``: one weight scale per output channel (``weight_scale: [out]``), activations
+  quantized per token at run time (no ``input_scale``): our ``fp8_dynamic`` scheme.
+- ``FP8``: one weight scale per tensor and one calibrated input scale per tensor, both float32 scalars (shape
+  ``[]``, ModelOpt's ``amax / 448``): compressed-tensors' ``FP8`` preset. ModelOpt's export gives linears vLLM fuses
+  (q/k/v, gate/up) the largest of their weight and input scales, and vLLM requantizes unequal ones to the largest.
+
+``read`` checks a folder without the ModelOpt package.
 """
 
 from __future__ import annotations
@@ -22,39 +26,51 @@ from toolkit.errors import ToolkitError
 from toolkit.models.shards import SINGLE, load_single
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
-ALGO = "FP8_PER_CHANNEL_PER_TOKEN"
+PER_CHANNEL = "FP8_PER_CHANNEL_PER_TOKEN"
+PER_TENSOR = "FP8"
+ALGOS = (PER_CHANNEL, PER_TENSOR)
 
 
-def hf_quant_config(exclude: list[str]) -> dict[str, Any]:
+def hf_quant_config(algo: str, exclude: list[str]) -> dict[str, Any]:
     """``hf_quant_config.json``: the producer, the algorithm and the modules left in float."""
     return {"producer": {"name": "llm-toolkit", "version": __version__},
-            "quantization": {"quant_algo": ALGO, "kv_cache_quant_algo": None, "exclude_modules": sorted(exclude)}}
+            "quantization": {"quant_algo": algo, "kv_cache_quant_algo": None, "exclude_modules": sorted(exclude)}}
 
 
-def quantization_config(exclude: list[str]) -> dict[str, Any]:
+def quantization_config(algo: str, exclude: list[str]) -> dict[str, Any]:
     """``config.json``'s ``quantization_config``: the keys vLLM's ``ModelOptFp8Config`` reads there."""
-    return {"quant_method": "modelopt", "quant_algo": ALGO, "kv_cache_scheme": None, "ignore": sorted(exclude),
+    return {"quant_method": "modelopt", "quant_algo": algo, "kv_cache_scheme": None, "ignore": sorted(exclude),
             "producer": {"name": "llm-toolkit", "version": __version__}}
 
 
-def linear_tensors(name: str, weight: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
-    """An fp8 linear's tensors: ``weight`` e4m3 ``[out, in]`` and its per-channel ``weight_scale`` ``[out]``."""
-    return {f"{name}.weight": weight.contiguous(), f"{name}.weight_scale": scale.to(torch.float32).reshape(-1)}
+def scale_shape(algo: str, out_features: int) -> tuple[int, ...]:
+    """The ``weight_scale`` shape of an ``[out, in]`` weight: ``[out]`` per channel, a scalar per tensor."""
+    return (out_features,) if algo == PER_CHANNEL else ()
+
+
+def linear_tensors(name: str, algo: str, weight: torch.Tensor, scale: torch.Tensor,
+                   input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """An fp8 linear's tensors: ``weight`` e4m3 ``[out, in]``, its float32 ``weight_scale`` (``scale_shape``) and,
+    for ``FP8``, the static ``input_scale`` (a float32 scalar)."""
+    out = {f"{name}.weight": weight.contiguous(),
+           f"{name}.weight_scale": scale.to(torch.float32).reshape(scale_shape(algo, weight.shape[0]))}
+    if input_scale is not None:
+        out[f"{name}.input_scale"] = input_scale.to(torch.float32).reshape(())
+    return out
 
 
 @dataclass
 class FP8Weight:
     weight: torch.Tensor  # float8_e4m3fn [out, in]
-    scale: torch.Tensor  # float32 [out]
+    scale: torch.Tensor  # float32 [out] (per channel) or [] (per tensor)
+    input_scale: torch.Tensor | None = None  # float32 [] (FP8: static per tensor); None: dynamic per token
 
     def dequantize(self) -> torch.Tensor:
-        return self.weight.to(torch.float32) * self.scale.view(-1, 1)
+        return self.weight.to(torch.float32) * self.scale.reshape(-1, 1)
 
 
-def read(folder: Path) -> tuple[dict[str, Any], dict[str, FP8Weight], dict[str, torch.Tensor]]:
-    """``config.json``, the fp8 linears and the float tensors of a folder; one-line ToolkitError when the folder is
-    incomplete or its two configs disagree."""
-    folder = Path(folder)
+def _configs(folder: Path) -> str:
+    """The algorithm both config files name; one-line ToolkitError when they are missing, unreadable or disagree."""
     for name in ("config.json", HF_QUANT_CONFIG, SINGLE):
         if not (folder / name).is_file():
             raise ToolkitError(f"{folder}: not a ModelOpt FP8 checkpoint: {name} is missing")
@@ -64,19 +80,34 @@ def read(folder: Path) -> tuple[dict[str, Any], dict[str, FP8Weight], dict[str, 
         algos = (config["quantization_config"]["quant_algo"], hf["quantization"]["quant_algo"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ToolkitError(f"{folder}: no readable ModelOpt quantization config ({type(exc).__name__}: {exc})") from None
-    if algos != (ALGO, ALGO):
+    if algos[0] != algos[1] or algos[0] not in ALGOS:
         raise ToolkitError(f"{folder}: quant_algo {algos[0]!r} (config.json) / {algos[1]!r} ({HF_QUANT_CONFIG}); "
-                           f"this reader holds {ALGO}")
+                           f"this reader holds {' or '.join(ALGOS)}, named alike in both")
+    return str(algos[0])
+
+
+def read(folder: Path) -> tuple[dict[str, Any], str, dict[str, FP8Weight], dict[str, torch.Tensor]]:
+    """``config.json``, the algorithm, the fp8 linears and the float tensors of a folder; one-line ToolkitError when
+    the folder is incomplete, its two configs disagree or a linear's scales do not fit the algorithm."""
+    folder = Path(folder)
+    algo = _configs(folder)
+    config = json.loads((folder / "config.json").read_text())
     state = load_single(folder)
     linears: dict[str, FP8Weight] = {}
     for key in [k for k, v in state.items() if k.endswith(".weight") and v.dtype == torch.float8_e4m3fn]:
         module = key[: -len(".weight")]
-        scale = state.get(module + ".weight_scale")
-        if scale is None or tuple(scale.shape) != (state[key].shape[0],):
+        scale, input_scale = state.get(module + ".weight_scale"), state.get(module + ".input_scale")
+        expected = scale_shape(algo, state[key].shape[0])
+        if scale is None or tuple(scale.shape) != expected:
             found = None if scale is None else list(scale.shape)
-            raise ToolkitError(f"{folder}: {module}: weight_scale is {found}, a per-channel weight needs "
-                               f"[{state[key].shape[0]}]")
-        linears[module] = FP8Weight(state[key], scale)
-    floats = {k: v for k, v in state.items()
-              if not k.endswith(".weight_scale") and k[: -len(".weight")] not in linears}
-    return config, linears, floats
+            raise ToolkitError(f"{folder}: {module}: weight_scale is {found}, a {algo} weight needs {list(expected)}")
+        wanted = () if algo == PER_TENSOR else None  # FP8's static input scale is a scalar; per-token has none
+        found_input = None if input_scale is None else tuple(input_scale.shape)
+        if found_input != wanted:
+            have = "missing" if found_input is None else list(found_input)
+            raise ToolkitError(f"{folder}: {module}: input_scale is {have}, "
+                               f"{algo} needs {'a scalar []' if wanted is not None else 'none'}")
+        linears[module] = FP8Weight(state[key], scale, input_scale)
+    suffixes = (".weight_scale", ".input_scale")
+    floats = {k: v for k, v in state.items() if not k.endswith(suffixes) and k[: -len(".weight")] not in linears}
+    return config, algo, linears, floats

@@ -79,15 +79,19 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 INT8_MAX = 127.0
 
 
-def fp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8 e4m3 weights with one float32 scale per output row: ``w: [out, in]`` -> ``(w8 [out, in], scale
-    [out, 1])``, ``w ≈ w8 · scale`` with ``scale = absmax / 448`` (compressed-tensors' channel strategy)."""
-    scale = fp8_weight_scale(w)
+def fp8_quantize(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 e4m3 weights: ``w: [out, in]`` -> ``(w8 [out, in], scale)``, ``w ≈ w8 · scale``. By default one float32
+    scale per output row (``[out, 1]``, ``absmax / 448``: compressed-tensors' channel strategy); a given ``scale``
+    (``[1, 1]``: one per tensor, as ModelOpt FP8 and compressed-tensors' tensor strategy hold it, possibly shared by
+    fused linears) is used as it is."""
+    if scale is None:
+        scale = fp8_weight_scale(w)
     return fp8_codes(w, scale), scale
 
 
 def fp8_weight_scale(w: torch.Tensor) -> torch.Tensor:
-    """One float32 scale per output row of ``w: [out, in]``: ``absmax / 448`` (1 for an all-zero row) ``[out, 1]``."""
+    """One float32 scale per output row of ``w: [out, in]``: ``absmax / 448`` (1 for an all-zero row) ``[out, 1]``
+    (of ``absmax.reshape(1, 1)``: the one scale of a tensor whose largest magnitude is ``absmax``)."""
     absmax = w.float().abs().amax(dim=1, keepdim=True)
     return torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
 

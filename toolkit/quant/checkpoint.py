@@ -4,11 +4,12 @@ record, ``quantization.json``, that both writers fill and every reader checks.
 The folder keeps the Hugging Face ``config.json`` and tokenizer files; its safetensors (one file, or shards from
 the streaming writer) hold every tensor: a quantized linear as its ``QuantLinear`` buffers (packed codes, float16
 scales, uint8 zero points, a float bias) or its ``FP8Linear`` buffers (fp8 e4m3 weight, float32 per-channel
-scales), with a static ``input_scale`` where its activations are calibrated; everything else as stored.
+or per-tensor scales), with a static ``input_scale`` where its activations are calibrated; everything else as stored.
 ``PackedCheckpoint`` names each quantized linear with its scheme and shape, and the head a tied quantized
 embedding reads. Its ``format`` is the version: ``FORMAT`` is written, every version in ``READABLE`` loads
-(v1: integer weight-only linears; v2 adds a linear's ``type`` and ``input_activations`` keys, written only where
-the scheme has them, so a weight-only v2 record is the v1 record under another name).
+(v1: integer weight-only linears; v2 adds a linear's ``type`` and ``input_activations`` keys, v3 its weight
+``strategy`` (fp8 per tensor), each written only where the scheme has it, so a weight-only v3 record is the v1 record
+under another name).
 
 ``load_model`` and ``open_streaming`` take a folder of either kind; ``load`` is ``toolkit.models.load`` for any
 source, packed folders included.
@@ -51,10 +52,12 @@ from toolkit.quant.modules import (
 from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
 
 FILE = "quantization.json"
-FORMAT = "llm-toolkit-packed-v2"  # the version written; also the safetensors metadata of a packed folder
-V1 = "llm-toolkit-packed-v1"  # integer weight-only linears: the same keys without type / input_activations
-READABLE = (FORMAT, V1)  # the versions this reader loads: a new version keeps the older ones here
-SCHEME_KEYS = ("type", "input_activations")  # what v2 adds to a module's record, only where the scheme has it
+FORMAT = "llm-toolkit-packed-v3"  # the version written; also the safetensors metadata of a packed folder
+V2 = "llm-toolkit-packed-v2"  # adds type / input_activations to v1
+V1 = "llm-toolkit-packed-v1"  # integer weight-only linears
+READABLE = (FORMAT, V2, V1)  # the versions this reader loads: a new version keeps the older ones here
+# what each version adds to a module's record, only where the scheme has it
+SCHEME_KEYS = {V1: (), V2: ("type", "input_activations"), FORMAT: ("type", "input_activations", "strategy")}
 BASE_TYPES = {"bits": int, "group_size": int, "symmetric": bool, "in_features": int, "out_features": int, "bias": bool}
 WEIGHTS_METADATA = {"format": FORMAT}
 
@@ -71,17 +74,18 @@ class PackedLinear:
     bias: bool
     type: str = "int"  # the weights: "int" (packed codes) or "float" (fp8 e4m3)
     input_activations: ActivationSpec | None = None  # None: float activations
+    strategy: str = "group"  # "tensor": one fp8 weight scale for the matrix
 
     @classmethod
     def of(cls, module: QuantizedLinear) -> PackedLinear:
         spec = module.spec
         return cls(spec.bits, spec.group_size, spec.symmetric, module.in_features, module.out_features,
-                   module.bias is not None, spec.type, module.act)
+                   module.bias is not None, spec.type, module.act, spec.strategy)
 
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                         type=self.type)  # type: ignore[arg-type]
+                         type=self.type, strategy=self.strategy)  # type: ignore[arg-type]
 
     @property
     def scheme(self) -> QuantScheme:
@@ -94,12 +98,13 @@ class PackedLinear:
     @classmethod
     def from_record(cls, m: dict[str, Any], version: str) -> PackedLinear:
         """One module's record; raises ValueError naming what is wrong."""
-        extra = sorted(set(m) - set(BASE_TYPES) - (set(SCHEME_KEYS) if version != V1 else set()))
+        keys = SCHEME_KEYS[version]
+        extra = sorted(set(m) - set(BASE_TYPES) - set(keys))
         if extra:
             raise ValueError(f"unknown keys {extra}")
-        scheme = QuantScheme.from_dict({k: m[k] for k in ("bits", "group_size", "symmetric", *SCHEME_KEYS) if k in m})
+        scheme = QuantScheme.from_dict({k: m[k] for k in ("bits", "group_size", "symmetric", *keys) if k in m})
         return cls(m["bits"], m["group_size"], m["symmetric"], m["in_features"], m["out_features"], m["bias"],
-                   scheme.weights.type, scheme.input_activations)
+                   scheme.weights.type, scheme.input_activations, scheme.weights.strategy)
 
     def module(self) -> QuantizedLinear:
         """The empty ``QuantLinear`` or ``FP8Linear`` whose buffers the folder stores (on the current default

@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.quant.arithmetic import FP8, dequantize, fake_quantize_activations, fp8_dequantize, fp8_quantize
+from toolkit.quant.arithmetic import (
+    FP8,
+    dequantize,
+    fake_quantize_activations,
+    fp8_dequantize,
+    fp8_quantize,
+    fp8_weight_scale,
+)
 from toolkit.quant.formats import ToolkitPacked, packed_width
 from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
 
@@ -89,39 +96,43 @@ class QuantLinear(nn.Module):
 
 
 class FP8Linear(nn.Module):
-    """A linear layer computing from fp8 e4m3 weights with one float32 scale per output channel.
+    """A linear layer computing from fp8 e4m3 weights with one float32 scale per output channel, or one for the
+    whole matrix (``spec.strategy == "tensor"``).
 
-    Buffers: ``weight`` (float8_e4m3fn ``[out, in]``), ``weight_scale`` (float32 ``[out, 1]``), optional ``bias``,
-    and ``input_scale`` (float32 ``[1]``) when ``act`` is static.
+    Buffers: ``weight`` (float8_e4m3fn ``[out, in]``), ``weight_scale`` (float32 ``[out, 1]``, per tensor ``[1, 1]``),
+    optional ``bias``, and ``input_scale`` (float32 ``[1]``) when ``act`` is static.
     """
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
                  act: ActivationSpec | None = None) -> None:
         super().__init__()
-        QuantScheme(spec, act).runnable("a quantized linear (FP8Linear)")  # per-channel fp8, symmetric inputs
+        QuantScheme(spec, act).runnable("a quantized linear (FP8Linear)")  # per-channel or -tensor fp8, symmetric inputs
         if spec.type != "float":
             raise ValueError(f"FP8Linear holds fp8 weights, not {spec}; integer weights are a QuantLinear")
         self.in_features, self.out_features, self.spec, self.act = in_features, out_features, spec, act
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=FP8))
-        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32))
+        self.register_buffer("weight_scale", torch.ones(1 if spec.per_tensor else out_features, 1, dtype=torch.float32))
         _input_scale_buffer(self, act)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None,
-                    act: ActivationSpec | None = None) -> FP8Linear:
-        """Round ``w: [out, in]`` to fp8 e4m3 with per-channel scales."""
-        return cls.from_codes(*fp8_quantize(w), spec, bias, act)
+                    act: ActivationSpec | None = None, scale: torch.Tensor | None = None) -> FP8Linear:
+        """Round ``w: [out, in]`` to fp8 e4m3 with per-channel scales, or per tensor: ``scale`` ``[1, 1]`` when given
+        (one shared by linears a consumer fuses), else ``max |w| / 448``."""
+        if spec.per_tensor and scale is None:
+            scale = fp8_weight_scale(w.abs().amax().reshape(1, 1))
+        return cls.from_codes(*fp8_quantize(w, scale), spec, bias, act)
 
     @classmethod
     def from_codes(cls, w8: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None,
                    act: ActivationSpec | None = None) -> FP8Linear:
-        """The layer holding e4m3 codes ``w8: [out, in]`` with per-channel ``scale: [out, 1]`` (rounded elsewhere:
-        GPTQ)."""
+        """The layer holding e4m3 codes ``w8: [out, in]`` with ``scale`` ``[out, 1]`` (per channel) or ``[1, 1]``
+        (per tensor), rounded here or elsewhere (GPTQ)."""
         out_f, in_f = w8.shape
         layer = cls(in_f, out_f, spec, bias=bias is not None, act=act)
         layer.weight.copy_(w8)
-        layer.weight_scale.copy_(scale.reshape(out_f, 1))
+        layer.weight_scale.copy_(scale.reshape(layer.weight_scale.shape))
         if bias is not None and layer.bias is not None:
             layer.bias.data.copy_(bias.detach().float())
         return layer
@@ -139,7 +150,7 @@ class FP8Linear(nn.Module):
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel"
+        return (f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-{'tensor' if self.spec.per_tensor else 'channel'}"
                 + ("" if self.act is None else f", input={self.act.name}"))
 
 

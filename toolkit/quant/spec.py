@@ -9,8 +9,8 @@ one scale and one integer zero point per group of ``group_size`` consecutive inp
 onnxruntime's MatMulNBits uses with its default zero point 8. The arithmetic is ``toolkit.quant.arithmetic``,
 reachable from a spec as ``spec.qparams``, ``spec.quantize``, ``spec.rtn`` and ``spec.dequantize``.
 
-Float weights (fp8 e4m3, per output channel) and quantized input activations (int8 or fp8 e4m3, dynamic per token
-or static per tensor, symmetric) are run by ``rtn`` and ``gptq`` (``QuantScheme.runnable`` says which) and computed
+Float weights (fp8 e4m3, one scale per output channel, or per tensor with ``strategy: tensor``) and quantized
+input activations (int8 or fp8 e4m3, dynamic per token or static per tensor, symmetric) are run by ``rtn`` and ``gptq`` (``QuantScheme.runnable`` says which) and computed
 by ``toolkit.quant.modules``; ``QuantScheme.weight_only`` is the one place a consumer that computes with float
 activations and integer codes (GGUF, ONNX, the GPTQ export) refuses the rest.
 """
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     import torch
 
 QuantType = Literal["int", "float"]
+# group: one scale per group_size input channels of a row (group_size -1: per output channel);
+# tensor: one scale for the whole matrix (fp8 only: ModelOpt FP8, compressed-tensors' FP8 preset)
+WeightStrategy = Literal["group", "tensor"]
 ActivationStrategy = Literal["token", "tensor"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)  # integer weights
@@ -42,16 +45,22 @@ def _check_type(value: object, where: str) -> None:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """The weights' part of a scheme (compressed-tensors' ``weights`` args): group strategy, or channel
-    (``group_size: -1``, one group per whole row)."""
+    """The weights' part of a scheme (compressed-tensors' ``weights`` args): group strategy, channel
+    (``group_size: -1``, one group per whole row), or tensor (``strategy: tensor``, fp8 weights only)."""
 
     bits: int = 4
     group_size: int = 32  # -1: one group per whole row
     symmetric: bool = True
     type: QuantType = "int"
+    strategy: WeightStrategy = "group"
 
     def __post_init__(self) -> None:
         _check_type(self.type, "weight")
+        if self.strategy not in get_args(WeightStrategy):
+            raise ValueError(f"weight strategy must be 'group' or 'tensor', got {self.strategy!r}")
+        if self.strategy == "tensor" and (self.type != "float" or self.group_size != -1):
+            raise ValueError("one weight scale per tensor (strategy: tensor) is for fp8 weights: use type: float and "
+                             f"group_size: -1, or strategy: group; got type {self.type}, group_size {self.group_size}")
         if self.type == "int" and self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.type == "float" and (self.bits not in FLOAT_BITS or not self.symmetric):
@@ -86,10 +95,17 @@ class QuantSpec:
         """``(q - zero) * scale`` for codes ``q: [out, in]``."""
         return arithmetic.dequantize(q, scale, zero, self.group(q.shape[1]))
 
+    @property
+    def per_tensor(self) -> bool:
+        return self.strategy == "tensor"
+
     def to_dict(self) -> dict[str, Any]:
-        """The record a packed checkpoint stores per module; integer weights keep today's three keys."""
+        """The record a packed checkpoint stores per module; integer weights keep today's three keys, per-channel
+        fp8 adds ``type``, per-tensor fp8 ``strategy`` too."""
         d: dict[str, Any] = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
-        return d if self.type == "int" else {**d, "type": self.type}
+        if self.type != "int":
+            d["type"] = self.type
+        return {**d, "strategy": self.strategy} if self.per_tensor else d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
@@ -149,14 +165,15 @@ class QuantScheme:
 
     def runnable(self, consumer: str) -> QuantSpec:
         """The weight spec, for ``consumer`` (a pass) whose model computes with quantized input activations
-        (``toolkit.quant.modules``); refuses what those modules do not compute: asymmetric activations, or fp8
-        weights other than per output channel."""
+        (``toolkit.quant.modules``); refuses what those modules do not compute: asymmetric activations, or grouped
+        fp8 weights (fp8 has one scale per output channel or per tensor)."""
         w, a = self.weights, self.input_activations
         if a is not None and not a.symmetric:
             raise ToolkitError(f"{consumer} quantizes input activations symmetrically (no zero point), as vLLM's "
                                "int8 and fp8 kernels read them: use symmetric: true in input_activations")
         if w.type == "float" and w.group_size != -1:
-            raise ToolkitError(f"fp8 weights have one scale per output channel: use group_size: -1, not {w.group_size}")
+            raise ToolkitError(f"fp8 weights have one scale per output channel: use group_size: -1, not {w.group_size} "
+                               "(with strategy: tensor for one scale per tensor)")
         return w
 
     def weight_only(self, consumer: str) -> QuantSpec:

@@ -12,11 +12,18 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from toolkit.errors import ToolkitError
-from toolkit.models.architectures import layout_of
-from toolkit.quant.arithmetic import activation_scale, rtn_quantize
+from toolkit.models.architectures import decoder_layers, layout_of
+from toolkit.quant.arithmetic import activation_scale, fp8_weight_scale, rtn_quantize
 from toolkit.quant.calibration import input_maxima
 from toolkit.quant.modules import FP8Linear, QuantEmbedding, QuantLinear, set_module
-from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec, QuantType, valid_group_sizes
+from toolkit.quant.spec import (
+    ActivationSpec,
+    QuantScheme,
+    QuantSpec,
+    QuantType,
+    WeightStrategy,
+    valid_group_sizes,
+)
 from toolkit.schema import SENTINELS
 
 HEAD_BITS = (4, 8)
@@ -40,17 +47,21 @@ class WeightQuantConfig:
     skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
     lm_head_bits: int | None = 8  # the head (and a tied embedding) at higher precision; None keeps it float
     type: QuantType = "int"  # the weights: "int" codes, or "float": fp8 e4m3 (bits 8, group_size -1)
+    # fp8 weights: "tensor" gives one scale per matrix (ModelOpt FP8, compressed-tensors' FP8 preset), shared by the
+    # linears a consumer fuses (q/k/v, gate/up); "group" follows group_size (-1: per output channel)
+    strategy: WeightStrategy = "group"
     # quantized input activations of every quantized linear (None: float, W{bits}A16); the head keeps float inputs
     input_activations: ActivationSpec | None = None
 
     def __post_init__(self) -> None:
-        QuantSpec(self.bits, self.group_size, self.symmetric, self.type)  # validates bits, group size and type
+        QuantSpec(self.bits, self.group_size, self.symmetric, self.type, self.strategy)  # validates them
         check_head_bits(self.lm_head_bits)
 
     @property
     def scheme(self) -> QuantScheme:
         """What this config asks for: weights and, optionally, input activations (W8A8, WFP8AFP8 ...)."""
-        return QuantScheme(QuantSpec(self.bits, self.group_size, self.symmetric, self.type), self.input_activations)
+        weights = QuantSpec(self.bits, self.group_size, self.symmetric, self.type, self.strategy)
+        return QuantScheme(weights, self.input_activations)
 
     @property
     def spec(self) -> QuantSpec:
@@ -102,15 +113,60 @@ def install(model: nn.Module, name: str, linear: nn.Linear, codes: torch.Tensor,
 
 
 def install_fp8(model: nn.Module, name: str, linear: nn.Linear, spec: QuantSpec,
-                act: ActivationSpec | None = None, codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> FP8Linear:
-    """Put ``linear`` in place as fp8 e4m3 weights with per-channel scales: rounded to nearest here, or the
-    ``codes = (w8, scale)`` found elsewhere (GPTQ)."""
+                act: ActivationSpec | None = None, *, scale: torch.Tensor | None = None,
+                codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> FP8Linear:
+    """Put ``linear`` in place as fp8 e4m3 weights: rounded to nearest here (per-channel scales, or per tensor:
+    ``scale`` when given), or the ``codes = (w8, scale)`` found elsewhere (GPTQ)."""
     if codes is None:
-        qlinear = FP8Linear.from_weight(linear.weight.data, spec, linear.bias, act)
+        qlinear = FP8Linear.from_weight(linear.weight.data, spec, linear.bias, act, scale)
     else:
         qlinear = FP8Linear.from_codes(*codes, spec, linear.bias, act)
     set_module(model, name, qlinear)
     return qlinear
+
+
+def fused_groups(model: PreTrainedModel) -> list[tuple[int, tuple[str, ...], list[str]]]:
+    """``(layer, relative names, full names)`` of every group of linears one input feeds and a consumer fuses into
+    one matmul (q/k/v, gate/up: the architecture table's projections; an already fused projection is a group of
+    one)."""
+    arch = layout_of(model)
+    return [(i, group, [f"{arch.layers}.{i}.{rel}" for rel in group])
+            for i in range(len(decoder_layers(model)))
+            for group in (arch.attention_projections(), arch.mlp_projections())]
+
+
+def fused_weight_scales(model: PreTrainedModel, linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """One per-tensor fp8 weight scale ``[1, 1]`` for each of ``linears``, shared by the linears a consumer fuses
+    (``fused_groups``): their largest ``max |w|`` / 448. vLLM requantizes fused shards with unequal scales to the
+    largest (a second rounding), and ModelOpt's export equalizes them the same way, so with one shared scale the
+    checkpoint holds exactly the numbers the consumer multiplies."""
+    absmax = {n: m.weight.detach().abs().amax().float() for n, m in linears.items()}
+    for _, _, names in fused_groups(model):
+        present = [n for n in names if n in absmax]
+        if present:
+            shared = torch.stack([absmax[n] for n in present]).amax()
+            absmax.update(dict.fromkeys(present, shared))
+    return {n: fp8_weight_scale(a.reshape(1, 1)) for n, a in absmax.items()}
+
+
+def _per_tensor_scale(m: nn.Module | None) -> torch.Tensor | None:
+    return m.weight_scale if isinstance(m, FP8Linear) and m.spec.per_tensor else None
+
+
+def check_fused_scales(model: PreTrainedModel, linears: dict[str, nn.Module], consumer: str) -> None:
+    """Refuse, for ``consumer`` (an export), unequal static input scales or per-tensor fp8 weight scales among
+    linears a consumer fuses: vLLM runs them with one input scale (the largest) and requantizes unequal weight
+    scales to the largest, so unequal ones are not the numbers our model computes with."""
+    kinds = (("static input scales", lambda m: getattr(m, "input_scale", None),
+              "calibrate them on one input (rtn or gptq with input_activations do)"),
+             ("per-tensor weight scales", _per_tensor_scale, "quantize them with one shared scale (rtn does)"))
+    for i, group, names in fused_groups(model):
+        members = [linears.get(n) for n in names]
+        for what, scale_of, fix in kinds:
+            scales = {float(s) for m in members if (s := scale_of(m)) is not None}
+            if len(scales) > 1:
+                raise ToolkitError(f"layer {i}: the {what} of {', '.join(group)} differ ({sorted(scales)}); "
+                                   f"{consumer}'s consumers fuse these linears with one scale: {fix}")
 
 
 def static_input_scales(model: PreTrainedModel, linears: dict[str, nn.Linear], act: ActivationSpec | None,
