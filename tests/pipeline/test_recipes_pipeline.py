@@ -121,7 +121,7 @@ def test_manifest_hashes_every_file(tmp_path):
     manifest = json.loads((result.output / "manifest.json").read_text())
     # the manifest records every setting, defaults included
     assert manifest["recipe"]["passes"] == [{"rtn": {"bits": 4, "group_size": 32, "symmetric": True,
-                                                     "skip": [], "lm_head_bits": 8, "type": "int",
+                                                     "skip": [], "lm_head_bits": 8, "type": "int", "strategy": "group",
                                                      "input_activations": None}}]
     assert "torch" in manifest["versions"] and manifest["steps"][0]["name"] == "rtn"
     assert "peak_rss_mb" in manifest["steps"][0] and "seconds" in manifest["steps"][0]
