@@ -75,3 +75,16 @@ def load_benchmark(name: str):  # -> the module benchmarks/NAME.py (a folder of 
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def tiny_llama_with_outliers() -> torch.nn.Module:
+    """tiny_llama whose norms emit a few channels 40x larger than the rest (LLM.int8()'s outlier features): what
+    SmoothQuant and GPTQ's error feedback are for."""
+    from toolkit.models.tiny import tiny_llama
+
+    model = tiny_llama(seed=2)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[[3, 17]] *= 40
+    return model

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import tiny_llama_with_outliers
 from toolkit.algorithms.gptq import gptq_quantize
 from toolkit.errors import ToolkitError
-from toolkit.models.tiny import FAMILIES, tiny_llama, tiny_model, tiny_tokenizer
+from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import export_compressed_tensors, export_modelopt, gptq, rtn, smoothquant
 from toolkit.passes.context import PassContext
 from toolkit.paths import atomic_dir
@@ -72,27 +73,17 @@ def test_the_scale_is_the_rtn_one_even_when_columns_are_dead() -> None:
     assert torch.equal(res.scales, fp8_weight_scale(w)) and torch.all(res.codes[:, 4].float() == 0)
 
 
-def _with_outliers() -> torch.nn.Module:
-    """tiny_llama whose norms emit a few channels 40x larger than the rest (LLM.int8()'s outlier features)."""
-    model = tiny_llama(seed=2)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[[3, 17]] *= 40
-    return model
-
-
 @torch.no_grad()
 def test_gptq_fp8_is_closer_to_float_than_rtn_fp8_with_outliers(tmp_path: Path) -> None:
-    reference = _with_outliers()(HELD_OUT).logits  # windows the calibration did not see
+    reference = tiny_llama_with_outliers()(HELD_OUT).logits  # windows the calibration did not see
 
     def error(model: torch.nn.Module) -> float:
         return float((model(HELD_OUT).logits - reference).pow(2).mean())
 
-    plain = error(rtn.apply(_with_outliers(), RTN_FP8))
+    plain = error(rtn.apply(tiny_llama_with_outliers(), RTN_FP8))
     ctx = _ctx("llama", tmp_path)
-    found = error(gptq.apply(_with_outliers(), GPTQ_FP8, ctx))
-    smoothed = error(gptq.apply(smoothquant.apply(_with_outliers(), smoothquant.SmoothQuantConfig(), ctx), GPTQ_FP8, ctx))
+    found = error(gptq.apply(tiny_llama_with_outliers(), GPTQ_FP8, ctx))
+    smoothed = error(gptq.apply(smoothquant.apply(tiny_llama_with_outliers(), smoothquant.SmoothQuantConfig(), ctx), GPTQ_FP8, ctx))
     assert found < 0.85 * plain and smoothed < 0.85 * plain, (plain, found, smoothed)  # fp8 inputs: a floor
 
 

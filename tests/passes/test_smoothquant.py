@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import tiny_llama_with_outliers
 from toolkit.algorithms.smoothquant import smoothing_scales
-from toolkit.models.tiny import FAMILIES, tiny_llama, tiny_model, tiny_tokenizer
+from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import rtn, smoothquant
 from toolkit.passes.context import PassContext
 from toolkit.quant.spec import ActivationSpec
@@ -49,20 +50,10 @@ def test_the_fold_keeps_every_familys_float_function(family: str, tmp_path: Path
     assert folded and any(r["s_max"] != r["s_min"] for r in folded)  # something was actually scaled
 
 
-def _with_outliers() -> torch.nn.Module:
-    """tiny_llama whose norms emit a few channels 40x larger than the rest (LLM.int8()'s outlier features)."""
-    model = tiny_llama(seed=2)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[[3, 17]] *= 40
-    return model
-
-
 def test_w8a8_with_smoothing_is_closer_to_float_than_naive_w8a8(tmp_path: Path) -> None:
-    reference = _logits(_with_outliers())
-    naive = rtn.apply(_with_outliers(), W8A8)
-    smoothed = rtn.apply(smoothquant.apply(_with_outliers(), smoothquant.SmoothQuantConfig(),
+    reference = _logits(tiny_llama_with_outliers())
+    naive = rtn.apply(tiny_llama_with_outliers(), W8A8)
+    smoothed = rtn.apply(smoothquant.apply(tiny_llama_with_outliers(), smoothquant.SmoothQuantConfig(),
                                            _ctx("llama", tmp_path)), W8A8)
     errors = [float((_logits(m) - reference).pow(2).mean()) for m in (naive, smoothed)]
     assert errors[1] < 0.5 * errors[0], errors
