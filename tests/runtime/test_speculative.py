@@ -124,14 +124,19 @@ def test_stop_rules_apply_per_token_inside_an_accepted_draft(target, plain):
     assert result.speculation is not None and result.speculation.num_accepted_tokens > 0
 
 
-def test_a_draft_with_another_tokenizer_is_refused_before_loading(target, draft, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(draft, other)
-    tok = json.loads((other / "tokenizer.json").read_text())
+def with_swapped_vocabulary(export: Path, folder: Path) -> Path:
+    """A copy of ``export`` whose tokenizer swaps two vocabulary entries: same size, another tokenizer."""
+    shutil.copytree(export, folder)
+    tok = json.loads((folder / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]
     a, b = list(vocab)[:2]
     vocab[a], vocab[b] = vocab[b], vocab[a]
-    (other / "tokenizer.json").write_text(json.dumps(tok))
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    return folder
+
+
+def test_a_draft_with_another_tokenizer_is_refused_before_loading(target, draft, tmp_path):
+    other = with_swapped_vocabulary(draft, tmp_path / "other")
     with pytest.raises(ToolkitError, match="cannot draft for .* tokenizers differ"):
         load(target, threads=1, draft=other)
 

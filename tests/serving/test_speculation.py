@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import httpx2 as httpx  # the HTTP client the openai package is built on
 import openai
 import pytest
 
-from tests.runtime.test_speculative import draft, target  # noqa: F401  (tiny target, and a noisy copy as its draft)
+from tests.runtime.test_speculative import draft, target, with_swapped_vocabulary  # noqa: F401  (tiny target, and a noisy copy as its draft)
 from tests.serving.test_server import MODEL, Served, start, stop
 from toolkit import cli
 from toolkit.runtime import GenerationConfig, load
@@ -262,13 +261,7 @@ def no_port(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_bad_speculation_settings_are_refused_in_one_line(target: Path, draft: Path, tmp_path: Path,  # noqa: F811
                                                           capsys: pytest.CaptureFixture[str], no_port: None) -> None:
-    other = tmp_path / "other"  # the draft with two vocabulary entries swapped
-    shutil.copytree(draft, other)
-    tok = json.loads((other / "tokenizer.json").read_text())
-    vocab = tok["model"]["vocab"]
-    a, b = list(vocab)[:2]
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (other / "tokenizer.json").write_text(json.dumps(tok))
+    other = with_swapped_vocabulary(draft, tmp_path / "other")
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "model.onnx").write_bytes(b"not a graph")
