@@ -14,15 +14,19 @@ float (as the recipes keep them), so every difference is the body's. Prints a ma
 against float; rows can run in separate processes (``--rows``, ``--alphas ""``), float is then read from the
 process that ran it.
 
-Measured 2026-12-06 (2 threads, machine shared with other sessions, load 12-18 on 2 cores):
+Measured 2026-12-06 (default protocol, heads float; rows from three runs: float and FP8 RTN / GPTQ on a shared
+machine, the static rows and the sweep idle, ``--rows float,w8a8-static,w8a8-static-sq --alphas 0.3,0.65,0.8``):
 | model | perplexity | vs float |
 |---|---|---|
 | float | 14.805 | - |
 | fp8-dynamic | 15.311 | +3.42 % |
 | fp8-dynamic-gptq | 14.975 | +1.15 % |
-(fp8-dynamic-gptq ran in its own process, ``--rows fp8-dynamic-gptq --alphas ""``.) Earlier run (same code path):
-w8a8-naive 15.182 (+2.55 %), w8a8-sq alpha 0.5 14.952 (+0.99 %). The remaining rows (fp8-dynamic-sq-gptq, the
-static rows, the alpha sweep) were stopped unfinished at the report deadline.
+| w8a8-naive | 15.182 | +2.55 % |
+| w8a8-sq (alpha 0.5) | 14.952 | +0.99 % |
+| w8a8-sq alpha 0.3 / 0.65 / 0.8 | 15.242 / 14.932 / 15.251 | +2.95 % / +0.86 % / +3.01 % |
+| w8a8-static | 35.031 | +136.62 % |
+| w8a8-static-sq | 19.277 | +30.20 % |
+(w8a8-naive and alpha 0.5 from an earlier run of the same code path; fp8-dynamic-sq-gptq not measured.)
 """
 
 from __future__ import annotations
