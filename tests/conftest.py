@@ -88,3 +88,13 @@ def tiny_llama_with_outliers() -> torch.nn.Module:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[[3, 17]] *= 40
     return model
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: a second thread only adds synchronisation cost (and stalls on a loaded machine). A module asks
+    for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,14 +32,7 @@ from toolkit.quant.formats import GPTQInt32
 from toolkit.quant.modules import QuantLinear, quantized_modules
 from toolkit.quant.spec import QuantSpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation cost (and stalls on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

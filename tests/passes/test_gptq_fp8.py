@@ -28,12 +28,7 @@ GPTQ_FP8 = gptq.GPTQConfig(**SETTINGS)  # type: ignore[arg-type]
 RTN_FP8 = rtn.RTNConfig(**SETTINGS)  # type: ignore[arg-type]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ctx(family: str, tmp_path: Path) -> PassContext:
