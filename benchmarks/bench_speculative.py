@@ -105,7 +105,8 @@ def run_genai(a: argparse.Namespace, speculate: bool) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", type=Path, required=True, help="the verified export (e.g. float32)")
+    p.add_argument("--target", type=Path, help="the verified export (e.g. float32); without it only --int4 and "
+                   "--genai runs")
     p.add_argument("--draft", type=Path, help="the drafting export (same tokenizer)")
     p.add_argument("--int4", type=Path, help="an int4 export for prompt lookup vs its plain decode")
     p.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits level for the --int4 runs (0: float "
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         genai = a.one.startswith("genai")
         print(json.dumps(run_genai(a, a.one == "genai-lookup") if genai else run_one(a.one, a)))
         return 0
-    names = ["target"] + (["draft"] if a.draft else [])
+    names = (["target"] + (["draft"] if a.draft else [])) if a.target else []
     names += ["int4-copy", "lookup-copy", "int4-nocopy", "lookup-nocopy"] if a.int4 else []
     names += ["genai", "genai-lookup"] if a.genai else []
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}

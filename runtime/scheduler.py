@@ -70,7 +70,8 @@ class Scheduler:
         self.running: list[Handle] = []  # prompt written, decoding
         self.rows: dict[int, Handle] = {}  # cache row -> the sequence holding it
         int8 = getattr(backend, "int8_activations", backend.contract.accuracy_level == 4)
-        self.verify_margin = 0.0 if getattr(backend, "pairs", False) else VERIFY_MARGIN_INT8 if int8 else VERIFY_MARGIN
+        self.pairs = bool(getattr(backend, "pairs", False))  # one row decodes as [token, pad] (exact verify)
+        self.verify_margin = 0.0 if self.pairs else VERIFY_MARGIN_INT8 if int8 else VERIFY_MARGIN
 
     # --- requests --------------------------------------------------------------------------------
     def check(self, seq: SequenceState) -> None:
@@ -165,6 +166,8 @@ class Scheduler:
             token = seq.choose(logits)
             if seq.proposer is not None:
                 seq.proposer.prefill(seq)
+                # a paired target's one-token decode has a pad row that a model-free draft fills with a guess
+                seq.draft_length.free = int(self.pairs and not seq.proposer.calls_a_model)
         now = time.perf_counter()
         seq.timings.prefill_s += now - t0
         if seq.prefilled:

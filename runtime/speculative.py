@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from toolkit.errors import ToolkitError
 from toolkit.runtime import sampling
@@ -74,6 +73,12 @@ class DraftLength:
     pay is turned off rather than slowing decode; when the pause ends, drafts of the acceptance length measure the
     costs again before the next decision (a noisy measurement cannot keep drafting off). After ``patience`` zero-accept rounds in a row drafting also
     pauses. A pause lasts ``pause`` tokens and doubles each time, so a source that never helps costs almost nothing.
+
+    ``free``: drafted tokens a verify carries at the cost of the decode it replaces. A target that decodes one row as
+    a pair [token, pad] (``OrtBackend.pairs``) runs a one-token verify in the same call, and pads every odd token
+    count to an even one; a draft that needs no model call (prompt lookup) can fill those pads with guesses. Then
+    a lone row never drops below ``free`` drafted tokens (a guess instead of the pad: a kept guess is a token for
+    nothing), does not pause, and a length whose verify would be padded gets one more drafted token.
     """
 
     k: int
@@ -84,6 +89,7 @@ class DraftLength:
     zero_rounds: int = 0
     paused_for: int = 0
     probing: bool = False  # a pause ended: draft by acceptance until a steady round has measured the costs again
+    free: int = 0  # 0, or 1 for a paired target and a draft without a model call (see above)
     # measured online, decayed so the estimates follow the text: drafted tokens kept / first rejections, seconds per
     # drafted token (catch-up included), a verify call's seconds by draft length, a plain decode step's seconds
     kept: float = 0.0
@@ -95,19 +101,24 @@ class DraftLength:
     def allowed(self, busy_rows: int) -> int:
         """The draft length this step. One score call per speculating row replaces a share of one batched decode,
         so the length shrinks as 1/busy_rows and speculation stops when the batch exceeds max_k."""
+        floor = self.free if busy_rows <= 1 else 0  # batched rows decode in one call: there a guess is a call
         if self.paused_for > 0:
             self.paused_for -= 1
             self.probing = self.paused_for == 0
-            return 0
+            return floor
         limit = self.max_k // max(busy_rows, 1)
         if limit < 1 or not self.by_cost or self.probing or self.draft_step_s is None or not self.verify_s:
-            return min(self.k, limit)
+            return self._filled(max(min(self.k, limit), floor))
         rate, j = max((self.expected_tokens(j) / self.round_s(j), j) for j in range(1, limit + 1))
         plain = self.decode_s if self.decode_s is not None else min(self.verify_s.values())
-        if rate * plain < 1.0:  # a plain decode makes tokens faster
+        if rate * plain < 1.0 and not floor:  # a plain decode makes tokens faster
             self._pause()
             return 0
-        return j
+        return self._filled(j)
+
+    def _filled(self, j: int) -> int:
+        """j, or j+1 where a verify of j drafts (j+1 tokens) would be padded and free guesses can fill the pad."""
+        return j + 1 if self.free and j and j % 2 == 0 else j
 
     def acceptance(self) -> float:
         """Per-token acceptance: kept / (kept + first rejections), the maximum-likelihood estimate of a
@@ -139,7 +150,7 @@ class DraftLength:
             return
         self.k = max(1, accepted + 1)
         self.zero_rounds = self.zero_rounds + 1 if accepted == 0 else 0
-        if self.zero_rounds >= self.patience:
+        if self.zero_rounds >= self.patience and not self.free:  # with free guesses k=1 is the pause
             self._pause()
 
     def record_decode(self, seconds: float) -> None:
@@ -181,6 +192,8 @@ class Context(Protocol):
 
 
 class Proposer(Protocol):
+    calls_a_model: bool  # whether a drafted token costs a model call (a draft model) or a look-up (prompt lookup)
+
     def prefill(self, seq: Context) -> None: ...
     def propose(self, seq: Context, k: int) -> Draft: ...
     def advance(self, seq: Context, drafted: int, accepted: int) -> None: ...
@@ -189,40 +202,86 @@ class Proposer(Protocol):
 
 class PromptLookup:
     """The continuation of the latest earlier occurrence of the context's last n tokens (n = max_ngram down to
-    min_ngram), as in vLLM's n-gram proposer and llama.cpp's lookup decoding."""
+    min_ngram), as in vLLM's n-gram proposer and llama.cpp's lookup decoding; where that continuation reaches the
+    end of the context before k tokens, the lookup goes on from the draft's own last n tokens (chained, as in
+    onnxruntime-genai's n-gram speculation). Each row keeps an ``NgramIndex`` that reads only the tokens added since
+    the last proposal, so a step costs the same however long the context is. Needs no model call: a draft token
+    costs a dictionary look-up."""
+
+    calls_a_model = False
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ToolkitError(f"prompt lookup needs 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.index: dict[int, NgramIndex] = {}  # row -> the index of its sequence's prompt and generated tokens
 
     def prefill(self, seq: Context) -> None:
-        pass
+        """Index the prompt at prefill time (a row's new sequence replaces whatever the row held)."""
+        index = self.index[seq.slot] = NgramIndex(self.max_ngram, self.min_ngram)
+        index.extend(seq.prompt_ids)
 
     def propose(self, seq: Context, k: int) -> Draft:
-        return Draft(lookup(np.asarray(seq.prompt_ids + seq.generated), k, self.max_ngram, self.min_ngram))
+        index = self.index.get(seq.slot)
+        if index is None:
+            self.prefill(seq)
+            index = self.index[seq.slot]
+        index.extend(seq.generated, len(seq.prompt_ids))
+        return Draft(index.propose(k))
 
     def advance(self, seq: Context, drafted: int, accepted: int) -> None:
         pass
 
     def release(self, seq: Context) -> None:
-        pass
+        self.index.pop(seq.slot, None)
 
 
-def lookup(context: np.ndarray, k: int, max_ngram: int, min_ngram: int) -> list[int]:
-    """Up to k tokens following the latest earlier match of the context's last n tokens (longest n first)."""
-    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
-        windows = sliding_window_view(context[:-1], n)  # [L-n, n]: every earlier n-gram
-        hits = np.flatnonzero((windows == context[-n:]).all(axis=1))
-        if len(hits):
-            start = int(hits[-1]) + n
-            return [int(t) for t in context[start : start + k]]
-    return []
+class NgramIndex:
+    """Where each n-gram (min_n <= n <= max_n) of a growing token sequence last ended with a token after it.
+
+    ``ends[n][gram]`` is the end e (exclusive) of the latest occurrence of ``gram`` with e < len(tokens), so its
+    continuation ``tokens[e:]`` holds at least one token; the sequence's own last n-gram is indexed once a token
+    follows it. Adding a token costs max_n - min_n + 1 dictionary writes."""
+
+    def __init__(self, max_n: int, min_n: int) -> None:
+        self.max_n, self.min_n = max_n, min_n
+        self.tokens: list[int] = []
+        self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(min_n, max_n + 1)}
+
+    def extend(self, tokens: list[int], offset: int = 0) -> None:
+        """Add ``tokens[len(self.tokens) - offset:]``: the part of a sequence (starting at ``offset``) not yet read."""
+        new = tokens[len(self.tokens) - offset :]
+        if not new:
+            return
+        seq = self.tokens
+        first = len(seq)  # the n-grams ending at first..len-1 get a continuation now
+        seq.extend(new)
+        for e in range(max(first, 1), len(seq)):
+            for n, ends in self.ends.items():
+                if e >= n:
+                    ends[tuple(seq[e - n : e])] = e
+
+    def propose(self, k: int) -> list[int]:
+        """Up to k tokens: the continuation of the longest indexed match of the last n tokens, chained on the
+        draft's own tail where a continuation ends early."""
+        seq, draft = self.tokens, []
+        while len(draft) < k:
+            tail = (seq[-self.max_n :] + draft)[-self.max_n :]
+            for n in range(min(self.max_n, len(tail)), self.min_n - 1, -1):
+                e = self.ends[n].get(tuple(tail[-n:]))
+                if e is not None:
+                    draft += seq[e : e + k - len(draft)]  # e < len(seq): at least one token
+                    break
+            else:
+                break
+        return draft
 
 
 class DraftModel:
     """Another export with the target's tokenizer. Its cache row for a sequence is the target's row number;
     ``written`` counts the positions of that row that hold the sequence's accepted tokens."""
+
+    calls_a_model = True
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend

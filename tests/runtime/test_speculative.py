@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 
 from tests.conftest import requires_smollm2
 from toolkit.errors import ToolkitError
@@ -20,9 +21,9 @@ from toolkit.runtime import GenerationConfig, load, sampling
 from toolkit.runtime.backend import BackendOptions, OrtBackend
 from toolkit.runtime.speculative import (
     DraftLength,
+    NgramIndex,
     PromptLookup,
     accept_or_resample,
-    lookup,
     residual,
     top2_margin,
 )
@@ -151,13 +152,50 @@ def test_draft_settings_are_checked():
     assert GenerationConfig(num_draft_tokens=32).num_draft_tokens == 32
 
 
+def lookup(context: np.ndarray, k: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """The definition, by brute force: up to k tokens after the latest earlier match of the context's last n
+    tokens, longest n first."""
+    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
+        windows = sliding_window_view(context[:-1], n)  # [L-n, n]: every earlier n-gram
+        hits = np.flatnonzero((windows == context[-n:]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return [int(t) for t in context[start : start + k]]
+    return []
+
+
+def _index(tokens: list[int], max_n: int = 3, min_n: int = 1) -> NgramIndex:
+    index = NgramIndex(max_n, min_n)
+    index.extend(tokens)
+    return index
+
+
 def test_prompt_lookup_continues_the_latest_longest_match():
-    ctx = np.array([5, 1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2])
-    assert lookup(ctx, 3, 3, 1) == [3, 7, 8]  # "1 2" last seen before 3 7 8
-    assert lookup(np.array([1, 2, 3]), 2, 3, 1) == []
+    assert _index([5, 1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2]).propose(3) == [3, 7, 8]  # "1 2" last seen before 3 7 8
+    assert _index([1, 2, 3]).propose(2) == []
+    # "1 2" continues with 3 1 2 up to the end; the draft's own tail "1 2" then continues with 3 1 again
+    assert _index([1, 2, 3, 1, 2]).propose(5) == [3, 1, 2, 3, 1]
+    assert _index([4, 1, 2, 3, 1, 2], min_n=2).propose(2) == [3, 1] and _index([7, 8], min_n=2).propose(2) == []
     assert PromptLookup(2, 2).max_ngram == 2
     with pytest.raises(ToolkitError, match="min_ngram"):
         PromptLookup(1, 2)
+
+
+def test_the_ngram_index_read_token_by_token_proposes_what_a_full_search_finds():
+    """The index reads only new tokens; its first continuation is the brute-force search's, at every length of
+    random contexts over small alphabets (many repeats), in pieces of any size."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        tokens = rng.integers(0, 2 + trial % 7, size=60).tolist()
+        max_n, min_n = 1 + trial % 4, 1 + trial % 4 // 2
+        index, read = NgramIndex(max_n, min_n), 0
+        while read < len(tokens):
+            read = min(len(tokens), read + int(rng.integers(1, 4)))
+            index.extend(tokens[:read])
+            k = int(rng.integers(1, 6))
+            want = lookup(np.array(tokens[:read]), k, max_n, min_n)
+            got = index.propose(k)
+            assert got[: len(want)] == want and len(got) <= k and bool(got) == bool(want)
 
 
 def test_draft_length_grows_shrinks_pauses_and_turns_down_with_the_batch():
@@ -170,6 +208,24 @@ def test_draft_length_grows_shrinks_pauses_and_turns_down_with_the_batch():
         d.update(d.k, 0)
     assert [d.allowed(1) for _ in range(17)] == [0] * 16 + [1]
     assert d.pause == 32
+
+
+def test_free_guesses_fill_the_pad_and_never_pause_a_lone_row():
+    """A paired target's one-token decode costs a one-token verify: a model-free draft guesses at least one token
+    on a lone row (no pause after zero-accept rounds, nor when the cost model would pause), and fills a verify's
+    pad (an even draft length becomes odd); batched rows keep the ordinary rule."""
+    d = DraftLength(k=2, max_k=8, free=1)
+    assert d.allowed(1) == 3 and d.allowed(2) == 3  # 2 drafts + the pending token: 3 tokens, padded to 4
+    for _ in range(5):
+        d.update(d.k, 0)
+    assert d.paused_for == 0 and [d.allowed(1) for _ in range(20)] == [1] * 20
+    assert d.allowed(2) == 1 and d.allowed(9) == 0  # k=1 is the draft's own length now; a batch of 9 caps it at 0
+    slow = _measured(draft_step=1.0, acceptance=0.1)
+    assert slow.allowed(1) == 0  # no free guesses: the cost model pauses
+    slow = _measured(draft_step=1.0, acceptance=0.1)
+    slow.free = 1
+    assert slow.allowed(1) == 1 and slow.paused_for == 0
+    assert DraftLength(k=4, max_k=4, free=1).allowed(1) == 5 and DraftLength(k=4, max_k=4).allowed(1) == 4
 
 
 def test_residual_is_normalized_and_guards_all_zero():
