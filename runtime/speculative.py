@@ -184,6 +184,7 @@ class Context(Protocol):
     prompt_ids: list[int]
     generated: list[int]
     rng: np.random.Generator
+    draft_length: DraftLength
 
     @property
     def budget(self) -> int: ...
@@ -206,7 +207,12 @@ class PromptLookup:
     end of the context before k tokens, the lookup goes on from the draft's own last n tokens (chained, as in
     onnxruntime-genai's n-gram speculation). Each row keeps an ``NgramIndex`` that reads only the tokens added since
     the last proposal, so a step costs the same however long the context is. Needs no model call: a draft token
-    costs a dictionary look-up."""
+    costs a dictionary look-up.
+
+    Where the sequence has no match at all (its last token is new to it) and a guess is free (``DraftLength.free``),
+    the guess is the token that last followed that token in an earlier sequence of this proposer (llama.cpp's
+    lookup keeps such a dynamic cache across generations): a kept guess is a free token, a wrong one costs nothing.
+    """
 
     calls_a_model = False
 
@@ -215,6 +221,7 @@ class PromptLookup:
             raise ToolkitError(f"prompt lookup needs 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.index: dict[int, NgramIndex] = {}  # row -> the index of its sequence's prompt and generated tokens
+        self.followers: dict[int, int] = {}  # token -> the token after it, latest in released sequences
 
     def prefill(self, seq: Context) -> None:
         """Index the prompt at prefill time (a row's new sequence replaces whatever the row held)."""
@@ -227,13 +234,18 @@ class PromptLookup:
             self.prefill(seq)
             index = self.index[seq.slot]
         index.extend(seq.generated, len(seq.prompt_ids))
-        return Draft(index.propose(k))
+        draft = index.propose(k)
+        if not draft and seq.draft_length.free and index.tokens[-1] in self.followers:
+            draft = [self.followers[index.tokens[-1]]]
+        return Draft(draft)
 
     def advance(self, seq: Context, drafted: int, accepted: int) -> None:
         pass
 
     def release(self, seq: Context) -> None:
         self.index.pop(seq.slot, None)
+        tokens = seq.prompt_ids + seq.generated
+        self.followers.update(zip(tokens[:-1], tokens[1:], strict=True))
 
 
 class NgramIndex:
@@ -264,7 +276,7 @@ class NgramIndex:
     def propose(self, k: int) -> list[int]:
         """Up to k tokens: the continuation of the longest indexed match of the last n tokens, chained on the
         draft's own tail where a continuation ends early."""
-        seq, draft = self.tokens, []
+        seq, draft = self.tokens, list[int]()
         while len(draft) < k:
             tail = (seq[-self.max_n :] + draft)[-self.max_n :]
             for n in range(min(self.max_n, len(tail)), self.min_n - 1, -1):

@@ -181,6 +181,26 @@ def test_prompt_lookup_continues_the_latest_longest_match():
         PromptLookup(1, 2)
 
 
+def test_a_free_guess_for_a_token_new_to_the_sequence_comes_from_earlier_sequences():
+    """No match in the sequence: where a guess is free, the token that followed its last token in a released
+    sequence; where a draft token costs a verify row, nothing."""
+    from types import SimpleNamespace
+
+    lookup_ = PromptLookup()
+    first = SimpleNamespace(slot=0, prompt_ids=[5, 6], generated=[7, 8], draft_length=DraftLength(4, 4, free=1))
+    lookup_.prefill(first)
+    assert lookup_.propose(first, 3).tokens == []  # 8 is new to the sequence, and no sequence came before
+    lookup_.release(first)
+    second = SimpleNamespace(slot=0, prompt_ids=[1, 2], generated=[7], draft_length=DraftLength(4, 4, free=1))
+    lookup_.prefill(second)
+    assert lookup_.propose(second, 3).tokens == [8]
+    second.draft_length.free = 0
+    assert lookup_.propose(second, 3).tokens == []
+    second.generated += [3, 7]  # now 7 was followed by 3 in this sequence: its own match wins
+    second.draft_length.free = 1
+    assert lookup_.propose(second, 3).tokens == [3, 7, 3]
+
+
 def test_the_ngram_index_read_token_by_token_proposes_what_a_full_search_finds():
     """The index reads only new tokens; its first continuation is the brute-force search's, at every length of
     random contexts over small alphabets (many repeats), in pieces of any size."""
