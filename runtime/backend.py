@@ -111,6 +111,9 @@ class BackendOptions:
     # one-row decode step (SmolLM2 int4 GPTQ block 64, 2 threads, median of 12 interleaved rounds), so it is for
     # targets that speculate
     paired_decode: bool = False
+    # onnxruntime's profiler on, writing ``<profile_prefix>_<time>.json`` (``session.end_profiling()`` returns the
+    # path); each node's kernel time per call, as ``benchmarks/graph_ab.py`` compares two graphs by
+    profile_prefix: str = ""
 
     def __post_init__(self) -> None:
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
@@ -172,6 +175,8 @@ def _session(folder: Path, model_path: Path, proto: onnx.ModelProto, contract: E
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
     if options.stop_spinning:
         so.add_session_config_entry("session.force_spinning_stop", "1")
+    if options.profile_prefix:
+        so.enable_profiling, so.profile_file_prefix = True, options.profile_prefix
     if takes_whole_cache(proto):  # TensorScatter warns at every call of the copied path that it copies past
         so.log_severity_level = 3
     level = contract.accuracy_level if options.accuracy_level is None else options.accuracy_level
