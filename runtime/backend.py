@@ -34,6 +34,7 @@ import psutil
 from toolkit.errors import ToolkitError
 from toolkit.runtime.artifact import next_token_node, open_export, takes_whole_cache, uses_shared_buffer
 from toolkit.runtime.contract import NEXT_TOKEN, ExportContract
+from toolkit.runtime.huge_pages import anonymous_ranges, back_with_huge_pages, new_huge_spans
 from toolkit.runtime.kv_cache import KVCache
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -111,6 +112,12 @@ class BackendOptions:
     # one-row decode step (SmolLM2 int4 GPTQ block 64, 2 threads, median of 12 interleaved rounds), so it is for
     # targets that speculate
     paired_decode: bool = False
+    # onnxruntime's profiler on, writing ``<profile_prefix>_<time>.json`` (``session.end_profiling()`` returns the
+    # path); each node's kernel time per call, as ``benchmarks/graph_ab.py`` compares two graphs by
+    profile_prefix: str = ""
+    # back the memory the session allocates (its prepacked weights) with 2 MB transparent huge pages (Linux; a hint
+    # the kernel may refuse): fewer TLB misses while a step streams the weights (runtime/huge_pages.py)
+    huge_pages: bool = True
 
     def __post_init__(self) -> None:
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
@@ -172,6 +179,8 @@ def _session(folder: Path, model_path: Path, proto: onnx.ModelProto, contract: E
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
     if options.stop_spinning:
         so.add_session_config_entry("session.force_spinning_stop", "1")
+    if options.profile_prefix:
+        so.enable_profiling, so.profile_file_prefix = True, options.profile_prefix
     if takes_whole_cache(proto):  # TensorScatter warns at every call of the copied path that it copies past
         so.log_severity_level = 3
     level = contract.accuracy_level if options.accuracy_level is None else options.accuracy_level
@@ -209,7 +218,10 @@ class OrtBackend:
             self.contract = drop_next_token(proto, contract)
         elif self.can_share_buffer:  # the decode path that reads it binds a shared cache
             self.contract = add_next_token(proto, contract)
+        before = anonymous_ranges() if options.huge_pages else None
         self.session = _session(folder, model_path, proto, self.contract, options, self.contract is not contract)
+        # bytes of the memory the session added that the kernel moved to 2 MB pages
+        self.huge_page_bytes = 0 if before is None else back_with_huge_pages(new_huge_spans(before, anonymous_ranges()))
         del proto
         self.names = self.contract.names
         self._pairs = self._check_names(model_path)
