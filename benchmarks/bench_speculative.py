@@ -3,6 +3,10 @@
 Configurations (greedy, the same new tokens for every prompt; speculation does not change them):
 - ``target``: plain decode of the target export (e.g. SmolLM2 float32);
 - ``draft``: the target verifying drafts of ``--draft`` (e.g. the AWQ+GPTQ int4 export);
+- ``target-lookup`` (``--target-lookup``): prompt lookup on the target; ``target-paired`` (``--target-paired``): plain
+  decode of the target with one-row steps paired, as a speculating int8 target decodes (what exactness costs a
+  plain step). An int8 target (W8A8, or MatMulNBits at accuracy_level 4) speculates with paired calls, its plain
+  ``target`` run decodes unpaired: the speedups are against what a user gets without speculation;
 - ``int4`` / ``lookup``: plain decode of ``--int4`` and prompt lookup on it, on the copy-heavy and the no-copy
   prompt sets (speculative_prompts.py, from pydoc_data.topics);
 - ``genai`` / ``genai-lookup``: onnxruntime-genai's og.Generator on ``--genai`` (a folder with genai_config.json)
@@ -19,6 +23,8 @@ one-token decodes of speculating rows (paused drafting, empty drafts, positions 
 
     .venv/bin/python benchmarks/bench_speculative.py --target runs/smollm2-fp32-onnx/export \
         --draft runs/smollm2-int4-awq-gptq-onnx/export --int4 runs/smollm2-int4-gptq-head4-onnx/export --rounds 5
+    .venv/bin/python benchmarks/bench_speculative.py --target runs/smollm2-w8a8-smoothquant-onnx/export \
+        --draft runs/smollm2-int4-awq-gptq-onnx/export --target-lookup --target-paired --rounds 3
 """
 
 from __future__ import annotations
@@ -33,23 +39,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speculative_prompts import COPY, NO_COPY  # noqa: E402
 
-BASELINES = {"draft": "target", "lookup-copy": "int4-copy", "lookup-nocopy": "int4-nocopy", "genai-lookup": "genai"}
+BASELINES = {"draft": "target", "target-lookup": "target", "target-paired": "target", "lookup-copy": "int4-copy",
+             "lookup-nocopy": "int4-nocopy", "genai-lookup": "genai"}
 
 
 def run_one(name: str, a: argparse.Namespace) -> dict[str, float]:
     """One configuration in this process: decode tokens/s over its prompt set and the speculation counters."""
     from toolkit.runtime import GenerationConfig, load
 
-    folder = a.target if name in ("target", "draft") else a.int4
+    folder = a.target if name.startswith(("target", "draft")) else a.int4
     level = a.accuracy_level if folder == a.int4 else None
-    speculates = name.startswith(("draft", "lookup"))
+    lookup = name.startswith("lookup") or name == "target-lookup"
+    speculates = lookup or name == "draft"
     # an int8 target that speculates decodes one row as a pair (exact verify); plain runs keep the one-row path
     engine = load(folder, threads=a.threads, max_batch=1, draft=a.draft if name == "draft" else None,
-                  accuracy_level=level, paired_decode=speculates)
+                  accuracy_level=level, paired_decode=speculates or name == "target-paired")
     prompts = NO_COPY if name.endswith("nocopy") else COPY
     config = GenerationConfig(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
-                              num_draft_tokens=a.k if speculates else 0,
-                              prompt_lookup=name.startswith("lookup"))
+                              num_draft_tokens=a.k if speculates else 0, prompt_lookup=lookup)
     engine.generate(prompts[0], GenerationConfig(max_new_tokens=8, num_draft_tokens=0))  # warm-up
     tokens = seconds = 0.0
     totals = dict.fromkeys(("num_drafts", "num_draft_tokens", "num_accepted_tokens", "target_calls", "emitted_tokens",
@@ -103,10 +110,13 @@ def run_genai(a: argparse.Namespace, speculate: bool) -> dict[str, float]:
             "acceptance": accepted / proposed if proposed else 0.0, "tokens_per_call": 1.0, "draft_share": 0.0}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", type=Path, required=True, help="the verified export (e.g. float32)")
     p.add_argument("--draft", type=Path, help="the drafting export (same tokenizer)")
+    p.add_argument("--target-lookup", action="store_true", help="also prompt lookup on the target")
+    p.add_argument("--target-paired", action="store_true", help="also the target's plain decode with paired one-row "
+                   "steps (an int8-activation target: what a speculating run's one-token decodes cost)")
     p.add_argument("--int4", type=Path, help="an int4 export for prompt lookup vs its plain decode")
     p.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits level for the --int4 runs (0: float "
                    "activations; 4: int8, speculating runs decode one row as a pair; None: the export's)")
@@ -116,14 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=4, help="the longest draft")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration here and print its JSON
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     if a.one:
         genai = a.one.startswith("genai")
         print(json.dumps(run_genai(a, a.one == "genai-lookup") if genai else run_one(a.one, a)))
         return 0
-    names = ["target"] + (["draft"] if a.draft else [])
-    names += ["int4-copy", "lookup-copy", "int4-nocopy", "lookup-nocopy"] if a.int4 else []
-    names += ["genai", "genai-lookup"] if a.genai else []
+    names = configurations(a)
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     passthrough = list(argv if argv is not None else sys.argv[1:])
     for _ in range(a.rounds):
@@ -144,21 +156,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def configurations(a: argparse.Namespace) -> list[str]:
+    names = ["target"] + (["draft"] if a.draft else [])
+    names += (["target-lookup"] if a.target_lookup else []) + (["target-paired"] if a.target_paired else [])
+    names += ["int4-copy", "lookup-copy", "int4-nocopy", "lookup-nocopy"] if a.int4 else []
+    return names + (["genai", "genai-lookup"] if a.genai else [])
+
+
 def print_phases(results: dict[str, list[dict[str, float]]]) -> None:
     """Where each speculating configuration's decode time went (medians over rounds), beside its baseline's plain
-    ms per token: what a round costs against what the arithmetic allows."""
+    ms per token: what a round costs against what the arithmetic allows. ``draft/plain``: a drafted token's cost
+    over a plain step of the baseline (c in Leviathan et al. 2023, sec. 3.4): at acceptance a and k drafts a round
+    emits (1 - a^(k+1)) / (1 - a) tokens for k * c plain steps of drafting plus a verify."""
     med = statistics.median
     rows = [name for name, runs in results.items() if "verify_ms" in runs[0] and med(r["verify_ms"] for r in runs)]
     if not rows:
         return
     print(f"\n{'phases':>14} {'ms/tok':>7} {'plain':>6}  draft  verify  1-token  python  "
-          f"{'draft ms/tok':>12} {'verify ms':>9} deferred")
+          f"{'draft ms/tok':>12} {'draft/plain':>11} {'verify ms':>9} deferred")
     for name in rows:
         runs, base = results[name], results.get(BASELINES.get(name, ""), results[name])
         draft, verify, plain = (med(r[k] for r in runs) for k in ("draft_share", "verify_share", "plain_share"))
-        print(f"{name:>14} {med(r['ms_per_token'] for r in runs):7.2f} {med(r['ms_per_token'] for r in base):6.2f}  "
+        base_ms, draft_ms = med(r["ms_per_token"] for r in base), med(r["draft_ms_per_token"] for r in runs)
+        print(f"{name:>14} {med(r['ms_per_token'] for r in runs):7.2f} {base_ms:6.2f}  "
               f"{draft:5.2f}  {verify:6.2f}  {plain:7.2f}  {1 - draft - verify - plain:6.2f}  "
-              f"{med(r['draft_ms_per_token'] for r in runs):12.2f} {med(r['verify_ms'] for r in runs):9.2f} "
+              f"{draft_ms:12.2f} {draft_ms / base_ms:11.2f} {med(r['verify_ms'] for r in runs):9.2f} "
               f"{med(r['deferred'] for r in runs):8.2f}")
 
 
