@@ -15,6 +15,11 @@ Configurations (greedy, the same new tokens for every prompt; speculation does n
   cooldown) and Generator.get_speculative_stats() (acceptance_rate, target_forward_passes, ...); a draft *model*
   is not among those options (an MtpGenerator covers multi-token-prediction heads), so no genai draft-model run.
 
+``--costs`` instead times single calls in one process, interleaved (median ms): the target's one-row decode, unpaired
+and paired, its verify of j+1 tokens (j = 1..k drafts, paired as a speculating int8 target runs it) and a draft step
+(one token through ``extend``), after a 200-token context; then the speedup that Leviathan et al.'s arithmetic allows
+at each draft length and a few acceptance rates, E[tokens | j] / (j * draft + verify(j)) in plain steps.
+
 Reports per configuration the median decode tokens/s, per-round ratios to its baseline, acceptance rate, tokens
 per target call and the draft's share of the decode time; then where a speculating configuration's decode time went
 (per phase, from ``SpecStats``): draft calls (ms per drafted token, catch-up included), verify calls (ms each),
@@ -125,12 +130,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=4, help="the longest draft")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--costs", action="store_true", help="time single calls (target decode, paired decode, verify, "
+                   "draft step) and print what they allow, instead of the configurations")
     p.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration here and print its JSON
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    if a.costs:
+        print_costs(step_costs(a), a.k)
+        return 0
     if a.one:
         genai = a.one.startswith("genai")
         print(json.dumps(run_genai(a, a.one == "genai-lookup") if genai else run_one(a.one, a)))
@@ -154,6 +164,64 @@ def main(argv: list[str] | None = None) -> int:
               f"{med(r['tokens_per_call'] for r in runs):8.2f}  {med(r['draft_share'] for r in runs):11.2f}")
     print_phases(results)
     return 0
+
+
+CONTEXT = 200  # tokens before the timed calls (a prompt and some generated text)
+CALLS = 30  # timed calls per kind
+
+
+def step_costs(a: argparse.Namespace) -> dict[str, float]:
+    """Median ms per call, the kinds interleaved call by call so that load hits each alike; sessions set up as
+    ``load`` sets up a target and its draft (intra-op pools stop spinning after each call)."""
+    import time
+    from dataclasses import replace
+
+    import numpy as np
+
+    from toolkit.runtime.backend import BackendOptions, OrtBackend
+
+    if a.draft is None:
+        raise SystemExit("--costs needs --draft")
+    options = BackendOptions(threads=a.threads, stop_spinning=True)
+    plain, paired = OrtBackend(a.target, options), OrtBackend(a.target, replace(options, paired_decode=True))
+    draft = OrtBackend(a.draft, options)
+    context = np.arange(1000, 1000 + CONTEXT, dtype=np.int64)
+    for backend in (plain, paired, draft):
+        backend.allocate(1, 2 * CONTEXT)
+        backend.prefill(0, context, 0)
+    token, length = np.array([1234], np.int64), np.array([CONTEXT])
+    tokens = np.arange(2000, 2001 + a.k, dtype=np.int64)  # [k+1]: the pending token and k drafts
+    calls = {"decode": lambda: plain.decode_next(token, length, False),
+             "paired": lambda: paired.decode_next(token, length, False),
+             "draft": lambda: draft.extend(0, token, CONTEXT)}
+    calls |= {f"verify{j}": (lambda j=j: paired.extend(0, tokens[: j + 1], CONTEXT)) for j in range(1, a.k + 1)}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():  # warm-up: bindings, first-call allocations
+        call()
+    for _ in range(CALLS):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def allowed_speedup(costs: dict[str, float], j: int, acceptance: float) -> float:
+    """Tokens per plain step of a round of j drafts: E[tokens | j] / (j * draft + verify(j)), costs in ms."""
+    a = min(acceptance, 1.0 - 1e-9)
+    expected = (1.0 - a ** (j + 1)) / (1.0 - a)
+    return expected * costs["decode"] / (j * costs["draft"] + costs[f"verify{j}"])
+
+
+def print_costs(costs: dict[str, float], k: int) -> None:
+    base = costs["decode"]
+    print(f"{'call':>10} {'ms':>7} {'/ decode':>8}")
+    for name, ms in costs.items():
+        print(f"{name:>10} {ms:7.2f} {ms / base:8.2f}")
+    rates = (0.6, 0.7, 0.8, 0.9)
+    print(f"\n{'drafts':>10} " + " ".join(f"{f'a={r}':>7}" for r in rates) + "   (speedup over plain decode)")
+    for j in range(1, k + 1):
+        print(f"{j:>10} " + " ".join(f"{allowed_speedup(costs, j, r):7.2f}" for r in rates))
 
 
 def configurations(a: argparse.Namespace) -> list[str]:
