@@ -114,8 +114,8 @@ class BackendOptions:
     stop_spinning: bool = False
     # int8-activation graphs: decode one row as a pair [token, pad] so that a k-token verify and a one-token decode
     # run the same kernels and agree bit for bit (greedy speculation needs no margin); costs ~25 % more CPU per
-    # one-row decode step (SmolLM2 int4 GPTQ block 64, 2 threads, median of 12 interleaved rounds), so it is for
-    # targets that speculate
+    # one-row decode step (SmolLM2 int4 GPTQ block 64, 2 threads, median of 12 interleaved rounds), and a batch
+    # decodes row by row (one call per row), so it is for targets that speculate
     paired_decode: bool = False
 
     def __post_init__(self) -> None:
