@@ -16,8 +16,9 @@ Configurations (greedy, the same new tokens for every prompt; speculation does n
   is not among those options (an MtpGenerator covers multi-token-prediction heads), so no genai draft-model run.
 
 ``--costs`` instead times single calls in one process, interleaved (median ms): the target's one-row decode, unpaired
-and paired, its verify of j+1 tokens (j = 1..k drafts, paired as a speculating int8 target runs it) and a draft step
-(one token through ``extend``), after a 200-token context; then the speedup that Leviathan et al.'s arithmetic allows
+and paired, its verify of j+1 tokens (j = 1..k drafts, paired as a speculating int8 target runs it), a draft step
+(one token through ``extend``) and a 4-row decode step, batched (unpaired) and row by row (paired, the exact batch of
+an int8 target), after a 200-token context; then the speedup that Leviathan et al.'s arithmetic allows
 at each draft length and a few acceptance rates, E[tokens | j] / (j * draft + verify(j)) in plain steps.
 
 Reports per configuration the median decode tokens/s, per-round ratios to its baseline, acceptance rate, tokens
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
 CONTEXT = 200  # tokens before the timed calls (a prompt and some generated text)
 CALLS = 30  # timed calls per kind
+ROWS = 4  # the batch whose decode step is timed batched (unpaired) and row by row (paired)
 
 
 def step_costs(a: argparse.Namespace) -> dict[str, float]:
@@ -187,13 +189,17 @@ def step_costs(a: argparse.Namespace) -> dict[str, float]:
     draft = OrtBackend(a.draft, options)
     context = np.arange(1000, 1000 + CONTEXT, dtype=np.int64)
     for backend in (plain, paired, draft):
-        backend.allocate(1, 2 * CONTEXT)
-        backend.prefill(0, context, 0)
+        backend.allocate(ROWS, 2 * CONTEXT)
+        for row in range(ROWS if backend is not draft else 1):
+            backend.prefill(row, context, 0)
     token, length = np.array([1234], np.int64), np.array([CONTEXT])
+    batch, lengths = np.full(ROWS, 1234, np.int64), np.full(ROWS, CONTEXT)
     tokens = np.arange(2000, 2001 + a.k, dtype=np.int64)  # [k+1]: the pending token and k drafts
     calls = {"decode": lambda: plain.decode_next(token, length, False),
              "paired": lambda: paired.decode_next(token, length, False),
-             "draft": lambda: draft.extend(0, token, CONTEXT)}
+             "draft": lambda: draft.extend(0, token, CONTEXT),
+             f"batch{ROWS}": lambda: plain.decode_next(batch, lengths, False),
+             f"rows{ROWS}": lambda: paired.decode_next(batch, lengths, False)}
     calls |= {f"verify{j}": (lambda j=j: paired.extend(0, tokens[: j + 1], CONTEXT)) for j in range(1, a.k + 1)}
     times: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():  # warm-up: bindings, first-call allocations
