@@ -3,6 +3,10 @@
 Configurations (greedy, the same new tokens for every prompt; speculation does not change them):
 - ``target``: plain decode of the target export (e.g. SmolLM2 float32);
 - ``draft``: the target verifying drafts of ``--draft`` (e.g. the AWQ+GPTQ int4 export);
+- ``target-lookup`` (``--target-lookup``): prompt lookup on the target; ``target-paired`` (``--target-paired``): plain
+  decode of the target with one-row steps paired, as a speculating int8 target decodes (what exactness costs a
+  plain step). An int8 target (W8A8, or MatMulNBits at accuracy_level 4) speculates with paired calls, its plain
+  ``target`` run decodes unpaired: the speedups are against what a user gets without speculation;
 - ``int4`` / ``lookup``: plain decode of ``--int4`` and prompt lookup on it, on the copy-heavy and the no-copy
   prompt sets (speculative_prompts.py, from pydoc_data.topics);
 - ``genai`` / ``genai-lookup``: onnxruntime-genai's og.Generator on ``--genai`` (a folder with genai_config.json)
@@ -10,6 +14,12 @@ Configurations (greedy, the same new tokens for every prompt; speculation does n
   GeneratorParams.set_speculative_options(max_draft_tokens, ngram_size, ngram_chained_lookup, min_adaptive_k,
   cooldown) and Generator.get_speculative_stats() (acceptance_rate, target_forward_passes, ...); a draft *model*
   is not among those options (an MtpGenerator covers multi-token-prediction heads), so no genai draft-model run.
+
+``--costs`` instead times single calls in one process, interleaved (median ms): the target's one-row decode, unpaired
+and paired, its verify of j+1 tokens (j = 1..k drafts, paired as a speculating int8 target runs it), a draft step
+(one token through ``extend``) and a 4-row decode step, batched (unpaired) and row by row (paired, the exact batch of
+an int8 target), after a 200-token context; then the speedup that Leviathan et al.'s arithmetic allows
+at each draft length and a few acceptance rates, E[tokens | j] / (j * draft + verify(j)) in plain steps.
 
 Reports per configuration the median decode tokens/s, per-round ratios to its baseline, acceptance rate, tokens
 per target call and the draft's share of the decode time; then where a speculating configuration's decode time went
@@ -19,6 +29,8 @@ one-token decodes of speculating rows (paused drafting, empty drafts, positions 
 
     .venv/bin/python benchmarks/bench_speculative.py --target runs/smollm2-fp32-onnx/export \
         --draft runs/smollm2-int4-awq-gptq-onnx/export --int4 runs/smollm2-int4-gptq-head4-onnx/export --rounds 5
+    .venv/bin/python benchmarks/bench_speculative.py --target runs/smollm2-w8a8-smoothquant-onnx/export \
+        --draft runs/smollm2-int4-awq-gptq-onnx/export --target-lookup --target-paired --rounds 3
 """
 
 from __future__ import annotations
@@ -33,23 +45,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speculative_prompts import COPY, NO_COPY  # noqa: E402
 
-BASELINES = {"draft": "target", "lookup-copy": "int4-copy", "lookup-nocopy": "int4-nocopy", "genai-lookup": "genai"}
+BASELINES = {"draft": "target", "target-lookup": "target", "target-paired": "target", "lookup-copy": "int4-copy",
+             "lookup-nocopy": "int4-nocopy", "genai-lookup": "genai"}
 
 
 def run_one(name: str, a: argparse.Namespace) -> dict[str, float]:
     """One configuration in this process: decode tokens/s over its prompt set and the speculation counters."""
     from toolkit.runtime import GenerationConfig, load
 
-    folder = a.target if name in ("target", "draft") else a.int4
+    folder = a.target if name.startswith(("target", "draft")) else a.int4
     level = a.accuracy_level if folder == a.int4 else None
-    speculates = name.startswith(("draft", "lookup"))
+    lookup = name.startswith("lookup") or name == "target-lookup"
+    speculates = lookup or name == "draft"
     # an int8 target that speculates decodes one row as a pair (exact verify); plain runs keep the one-row path
     engine = load(folder, threads=a.threads, max_batch=1, draft=a.draft if name == "draft" else None,
-                  accuracy_level=level, paired_decode=speculates)
+                  accuracy_level=level, paired_decode=speculates or name == "target-paired")
     prompts = NO_COPY if name.endswith("nocopy") else COPY
     config = GenerationConfig(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
-                              num_draft_tokens=a.k if speculates else 0,
-                              prompt_lookup=name.startswith("lookup"))
+                              num_draft_tokens=a.k if speculates else 0, prompt_lookup=lookup)
     engine.generate(prompts[0], GenerationConfig(max_new_tokens=8, num_draft_tokens=0))  # warm-up
     tokens = seconds = 0.0
     totals = dict.fromkeys(("num_drafts", "num_draft_tokens", "num_accepted_tokens", "target_calls", "emitted_tokens",
@@ -103,11 +116,14 @@ def run_genai(a: argparse.Namespace, speculate: bool) -> dict[str, float]:
             "acceptance": accepted / proposed if proposed else 0.0, "tokens_per_call": 1.0, "draft_share": 0.0}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", type=Path, help="the verified export (e.g. float32); without it only --int4 and "
                    "--genai runs")
     p.add_argument("--draft", type=Path, help="the drafting export (same tokenizer)")
+    p.add_argument("--target-lookup", action="store_true", help="also prompt lookup on the target")
+    p.add_argument("--target-paired", action="store_true", help="also the target's plain decode with paired one-row "
+                   "steps (an int8-activation target: what a speculating run's one-token decodes cost)")
     p.add_argument("--int4", type=Path, help="an int4 export for prompt lookup vs its plain decode")
     p.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits level for the --int4 runs (0: float "
                    "activations; 4: int8, speculating runs decode one row as a pair; None: the export's)")
@@ -116,15 +132,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=4, help="the longest draft")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--costs", action="store_true", help="time single calls (target decode, paired decode, verify, "
+                   "draft step) and print what they allow, instead of the configurations")
     p.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration here and print its JSON
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     a = p.parse_args(argv)
+    if not a.target and (a.draft or a.target_lookup or a.target_paired or a.costs):
+        p.error("--draft, --target-lookup, --target-paired and --costs need --target")
+    if a.costs:
+        print_costs(step_costs(a), a.k)
+        return 0
     if a.one:
         genai = a.one.startswith("genai")
         print(json.dumps(run_genai(a, a.one == "genai-lookup") if genai else run_one(a.one, a)))
         return 0
-    names = (["target"] + (["draft"] if a.draft else [])) if a.target else []
-    names += ["int4-copy", "lookup-copy", "int4-nocopy", "lookup-nocopy"] if a.int4 else []
-    names += ["genai", "genai-lookup"] if a.genai else []
+    names = configurations(a)
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     passthrough = list(argv if argv is not None else sys.argv[1:])
     for _ in range(a.rounds):
@@ -145,21 +171,94 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+CONTEXT = 200  # tokens before the timed calls (a prompt and some generated text)
+CALLS = 30  # timed calls per kind
+ROWS = 4  # the batch whose decode step is timed batched (unpaired) and row by row (paired)
+
+
+def step_costs(a: argparse.Namespace) -> dict[str, float]:
+    """Median ms per call, the kinds interleaved call by call so that load hits each alike; sessions set up as
+    ``load`` sets up a target and its draft (intra-op pools stop spinning after each call)."""
+    import time
+    from dataclasses import replace
+
+    import numpy as np
+
+    from toolkit.runtime.backend import BackendOptions, OrtBackend
+
+    if a.draft is None:
+        raise SystemExit("--costs needs --draft")
+    options = BackendOptions(threads=a.threads, stop_spinning=True)
+    plain, paired = OrtBackend(a.target, options), OrtBackend(a.target, replace(options, paired_decode=True))
+    draft = OrtBackend(a.draft, options)
+    context = np.arange(1000, 1000 + CONTEXT, dtype=np.int64)
+    for backend in (plain, paired, draft):
+        backend.allocate(ROWS, 2 * CONTEXT)
+        for row in range(ROWS if backend is not draft else 1):
+            backend.prefill(row, context, 0)
+    token, length = np.array([1234], np.int64), np.array([CONTEXT])
+    batch, lengths = np.full(ROWS, 1234, np.int64), np.full(ROWS, CONTEXT)
+    tokens = np.arange(2000, 2001 + a.k, dtype=np.int64)  # [k+1]: the pending token and k drafts
+    calls = {"decode": lambda: plain.decode_next(token, length, False),
+             "paired": lambda: paired.decode_next(token, length, False),
+             "draft": lambda: draft.extend(0, token, CONTEXT),
+             f"batch{ROWS}": lambda: plain.decode_next(batch, lengths, False),
+             f"rows{ROWS}": lambda: paired.decode_next(batch, lengths, False)}
+    calls |= {f"verify{j}": (lambda j=j: paired.extend(0, tokens[: j + 1], CONTEXT)) for j in range(1, a.k + 1)}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():  # warm-up: bindings, first-call allocations
+        call()
+    for _ in range(CALLS):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def allowed_speedup(costs: dict[str, float], j: int, acceptance: float) -> float:
+    """Tokens per plain step of a round of j drafts: E[tokens | j] / (j * draft + verify(j)), costs in ms."""
+    a = min(acceptance, 1.0 - 1e-9)
+    expected = (1.0 - a ** (j + 1)) / (1.0 - a)
+    return expected * costs["decode"] / (j * costs["draft"] + costs[f"verify{j}"])
+
+
+def print_costs(costs: dict[str, float], k: int) -> None:
+    base = costs["decode"]
+    print(f"{'call':>10} {'ms':>7} {'/ decode':>8}")
+    for name, ms in costs.items():
+        print(f"{name:>10} {ms:7.2f} {ms / base:8.2f}")
+    rates = (0.6, 0.7, 0.8, 0.9)
+    print(f"\n{'drafts':>10} " + " ".join(f"{f'a={r}':>7}" for r in rates) + "   (speedup over plain decode)")
+    for j in range(1, k + 1):
+        print(f"{j:>10} " + " ".join(f"{allowed_speedup(costs, j, r):7.2f}" for r in rates))
+
+
+def configurations(a: argparse.Namespace) -> list[str]:
+    names = (["target"] + (["draft"] if a.draft else [])) if a.target else []
+    names += (["target-lookup"] if a.target_lookup else []) + (["target-paired"] if a.target_paired else [])
+    names += ["int4-copy", "lookup-copy", "int4-nocopy", "lookup-nocopy"] if a.int4 else []
+    return names + (["genai", "genai-lookup"] if a.genai else [])
+
+
 def print_phases(results: dict[str, list[dict[str, float]]]) -> None:
     """Where each speculating configuration's decode time went (medians over rounds), beside its baseline's plain
-    ms per token: what a round costs against what the arithmetic allows."""
+    ms per token: what a round costs against what the arithmetic allows. ``draft/plain``: a drafted token's cost
+    over a plain step of the baseline (c in Leviathan et al. 2023, sec. 3.4): at acceptance a and k drafts a round
+    emits (1 - a^(k+1)) / (1 - a) tokens for k * c plain steps of drafting plus a verify."""
     med = statistics.median
     rows = [name for name, runs in results.items() if "verify_ms" in runs[0] and med(r["verify_ms"] for r in runs)]
     if not rows:
         return
     print(f"\n{'phases':>14} {'ms/tok':>7} {'plain':>6}  draft  verify  1-token  python  "
-          f"{'draft ms/tok':>12} {'verify ms':>9} deferred")
+          f"{'draft ms/tok':>12} {'draft/plain':>11} {'verify ms':>9} deferred")
     for name in rows:
         runs, base = results[name], results.get(BASELINES.get(name, ""), results[name])
         draft, verify, plain = (med(r[k] for r in runs) for k in ("draft_share", "verify_share", "plain_share"))
-        print(f"{name:>14} {med(r['ms_per_token'] for r in runs):7.2f} {med(r['ms_per_token'] for r in base):6.2f}  "
+        base_ms, draft_ms = med(r["ms_per_token"] for r in base), med(r["draft_ms_per_token"] for r in runs)
+        print(f"{name:>14} {med(r['ms_per_token'] for r in runs):7.2f} {base_ms:6.2f}  "
               f"{draft:5.2f}  {verify:6.2f}  {plain:7.2f}  {1 - draft - verify - plain:6.2f}  "
-              f"{med(r['draft_ms_per_token'] for r in runs):12.2f} {med(r['verify_ms'] for r in runs):9.2f} "
+              f"{draft_ms:12.2f} {draft_ms / base_ms:11.2f} {med(r['verify_ms'] for r in runs):9.2f} "
               f"{med(r['deferred'] for r in runs):8.2f}")
 
 

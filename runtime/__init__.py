@@ -43,9 +43,10 @@ def load(folder: str | Path, threads: int | None = None, max_batch: int = 8, pre
     other processes compete for the cores);
     draft: an export with the same tokenizer that drafts tokens for speculative decoding (checked before loading);
     accuracy_level: the target's MatMulNBits activation precision (0 float, 4 int8; None: the export's);
-    paired_decode: at accuracy_level 4, decode one row as a pair so that verify and decode agree bit for bit and
-    greedy speculation keeps every position (see ``BackendOptions``); None: on when a draft is given. Without it an
-    int8 target's verify defers close calls (``VERIFY_MARGIN_INT8``) and speculation gains little.
+    paired_decode: with int8 activations (accuracy_level 4, or a W8A8 graph), decode one row as a pair, and a batch
+    row by row as pairs, so that verify and decode agree bit for bit and greedy speculation keeps every position (see
+    ``BackendOptions``); None: on when a draft is given. Without it an int8 target's verify defers close calls
+    (``VERIFY_MARGIN_INT8``) and speculation gains little.
     """
     folder = Path(folder)
     tokenizer = Tokenizer.from_folder(folder)

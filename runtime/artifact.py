@@ -21,6 +21,9 @@ from toolkit.runtime.contract import MODEL_FILE, ExportContract, description_fil
 SHARED_BUFFER_OPS = ("GroupQueryAttention", "TensorScatter")
 # Ops whose past input is the whole fixed-capacity cache (present has its shape), not the columns in use.
 WHOLE_CACHE_OPS = ("TensorScatter",)
+# Ops that round activations to int8 in the graph itself (W8A8 linears, ``toolkit.onnx.graph.w8a8_linear``), at any
+# MatMulNBits accuracy_level; onnxruntime-style quantized graphs may carry the fused or dynamic forms.
+INT8_ACTIVATION_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeLinear", "DynamicQuantizeMatMul")
 # Where each rotary op reads its cos cache ([max_positions, rotary_dim / 2]): the rows bound the context.
 COS_CACHE_INPUT = {"GroupQueryAttention": 7, "RotaryEmbedding": 1}
 PACKED_4BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
@@ -119,6 +122,10 @@ def next_token_node(logits: str, output: str, name: str) -> onnx.NodeProto:
 
 def uses_shared_buffer(proto: onnx.ModelProto) -> bool:
     return any(node.op_type in SHARED_BUFFER_OPS for node in proto.graph.node)
+
+
+def quantizes_activations(proto: onnx.ModelProto) -> bool:
+    return any(node.op_type in INT8_ACTIVATION_OPS for node in proto.graph.node)
 
 
 def takes_whole_cache(proto: onnx.ModelProto) -> bool:

@@ -32,7 +32,13 @@ import onnxruntime as ort
 import psutil
 
 from toolkit.errors import ToolkitError
-from toolkit.runtime.artifact import next_token_node, open_export, takes_whole_cache, uses_shared_buffer
+from toolkit.runtime.artifact import (
+    next_token_node,
+    open_export,
+    quantizes_activations,
+    takes_whole_cache,
+    uses_shared_buffer,
+)
 from toolkit.runtime.contract import NEXT_TOKEN, ExportContract
 from toolkit.runtime.huge_pages import anonymous_ranges, back_with_huge_pages, new_huge_spans
 from toolkit.runtime.kv_cache import KVCache
@@ -109,8 +115,8 @@ class BackendOptions:
     stop_spinning: bool = False
     # int8-activation graphs: decode one row as a pair [token, pad] so that a k-token verify and a one-token decode
     # run the same kernels and agree bit for bit (greedy speculation needs no margin); costs ~25 % more CPU per
-    # one-row decode step (SmolLM2 int4 GPTQ block 64, 2 threads, median of 12 interleaved rounds), so it is for
-    # targets that speculate
+    # one-row decode step (SmolLM2 int4 GPTQ block 64, 2 threads, median of 12 interleaved rounds), and a batch
+    # decodes row by row (one call per row), so it is for targets that speculate
     paired_decode: bool = False
     # onnxruntime's profiler on, writing ``<profile_prefix>_<time>.json`` (``session.end_profiling()`` returns the
     # path); each node's kernel time per call, as ``benchmarks/graph_ab.py`` compares two graphs by
@@ -203,14 +209,17 @@ class OrtBackend:
         options = options or BackendOptions()
         self.contract, proto, model_path = open_export(folder)
         level = self.contract.accuracy_level if options.accuracy_level is None else options.accuracy_level
-        # MatMulNBits at level 4 quantizes activations to int8, so a last-bit difference upstream can move a rounding
-        self.int8_activations = self.contract.weights != "float32" and level == 4
+        # MatMulNBits at level 4 and W8A8 linears (MatMulInteger, at any level) round activations to int8, so a
+        # last-bit difference upstream can move a rounding
+        self.int8_activations = (self.contract.weights != "float32" and level == 4) or quantizes_activations(proto)
         self.can_share_buffer = self.contract.share_buffer and uses_shared_buffer(proto)
         # One token is computed by other kernels than k: MLAS's int8 MatMulNBits (block 64) sums a one-row tile's
         # lanes in another order than a two-row tile's, and GroupQueryAttention's M=1 GEMM is MLAS's M=1 kernel.
         # Those last bits grow through 30 int8-requantized layers to ~0.5 in the logits. With ``paired_decode`` a
         # single row decodes as a pair [token, pad] and score feeds an even count: every call takes two-row tiles and M>1
-        # GEMMs, and a token's logits and cache columns do not depend on the call (see _run_pair).
+        # GEMMs, and a token's logits and cache columns do not depend on the call (see _run_pair). Rows decoded
+        # together cannot be pairs (GroupQueryAttention takes several new tokens after a past only for a batch of
+        # one), so with ``pairs`` a decode of several rows runs each row as its own pair (``_decode_rows``).
         self.pairs = options.paired_decode and self.int8_activations and self.can_share_buffer
         self.whole_cache = takes_whole_cache(proto)  # past is the whole [B, KVH, CAP, D] row, not the used columns
         contract = self.contract
@@ -478,6 +487,19 @@ class OrtBackend:
         io.bind_ortvalue_input(self.names.attention_mask, self._decode_mask(np.array([length + 2])))
         self.session.run_with_iobinding(io)
 
+    def _rowwise(self, lengths: np.ndarray) -> bool:
+        """Decode this step row by row, each as a pair: several rows, ``pairs`` on, a shared cache."""
+        return self.pairs and len(lengths) > 1 and self._require_cache().shared
+
+    def _decode_rows(self, tokens: np.ndarray, lengths: np.ndarray, logits: bool) -> None:
+        """Each row alone as a pair (``extend``: the kernels of a one-row decode and of a verify), into the decode
+        buffers a batched call fills: a token of a batch is computed as it is alone, at one call per row."""
+        for row, (token, length) in enumerate(zip(tokens.tolist(), lengths.tolist(), strict=True)):
+            ids, row_logits = self.extend(row, np.array([token], np.int64), length)
+            self._decode_next[row, 0] = ids[0]
+            if logits:
+                self._decode_logits[row, 0] = row_logits[0]
+
     def _run_decode(self, tokens: np.ndarray, lengths: np.ndarray, logits: bool) -> None:
         n = len(tokens)
         io = self._decode_binding(n, logits)
@@ -493,12 +515,19 @@ class OrtBackend:
         if self._paired(lengths):
             self._run_pair(int(tokens[0]), int(lengths[0]), logits=True)
             return self._pair_logits[:, 0]  # [1, V], valid until the next call
+        if self._rowwise(lengths):
+            self._decode_rows(tokens, lengths, logits=True)
+            return self._decode_logits[: len(tokens), 0]
         self._run_decode(tokens, lengths, logits=True)
         return self._decode_logits[: len(tokens), 0]  # [n, V], valid until the next call
 
     def decode_next(self, tokens: np.ndarray, lengths: np.ndarray,
                     with_logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """The graph's next-token output where it has one (a shared cache); otherwise the logits' argmax here."""
+        if self._rowwise(lengths):
+            self._decode_rows(tokens, lengths, logits=with_logits)
+            n = len(tokens)
+            return self._decode_next[:n, 0], self._decode_logits[:n, 0] if with_logits else None
         if not (self.has_next_token and self._require_cache().shared):
             logits = self.decode(tokens, lengths)
             return logits.argmax(axis=1), logits if with_logits else None

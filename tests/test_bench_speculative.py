@@ -18,9 +18,32 @@ def test_phases_show_where_a_speculating_round_went_beside_plain_decode(capsys):
     bench.print_phases({"target": [_run(25.0), _run(27.0)], "draft": [spec, spec]})
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].split()[0] == "phases"  # the plain configuration has no phases row
-    name, ms, plain, draft, verify, one, python, draft_ms, verify_ms, deferred = lines[1].split()
+    name, ms, plain, draft, verify, one, python, draft_ms, draft_cost, verify_ms, deferred = lines[1].split()
     assert (name, ms, plain) == ("draft", "20.00", "26.00")
     assert (draft, verify, one, python) == ("0.30", "0.60", "0.05", "0.05")  # python: what the phases leave
-    assert (draft_ms, verify_ms, deferred) == ("7.50", "30.00", "0.03")
+    assert (draft_ms, draft_cost, verify_ms, deferred) == ("7.50", "0.29", "30.00", "0.03")  # 7.5 / 26
     bench.print_phases({"target": [_run(25.0)]})
     assert capsys.readouterr().out == ""
+
+
+
+def test_an_int8_target_runs_plain_with_its_draft_lookup_and_paired_steps_against_its_plain_decode():
+    bench = load_benchmark("bench_speculative")
+    a = bench.parser().parse_args(["--target", "w8a8", "--draft", "int4", "--target-lookup", "--target-paired"])
+    names = bench.configurations(a)
+    assert names == ["target", "draft", "target-lookup", "target-paired"]
+    assert all(bench.BASELINES[n] == "target" for n in names[1:])
+    assert bench.configurations(bench.parser().parse_args(["--target", "fp32"])) == ["target"]
+
+
+def test_allowed_speedup_is_expected_tokens_over_the_rounds_cost_in_plain_steps(capsys):
+    bench = load_benchmark("bench_speculative")
+    free = {"decode": 10.0, "paired": 11.0, "draft": 0.0, "verify1": 10.0, "verify2": 10.0}
+    assert abs(bench.allowed_speedup(free, 2, 0.5) - 1.75) < 1e-9  # 1 + 0.5 + 0.25 tokens for one step
+    third = {**free, "draft": 10.0 / 3, "verify1": 12.0}
+    # a draft at a third of a step that is always right: 2 tokens for 1/3 + 1.2 steps
+    assert abs(bench.allowed_speedup(third, 1, 1.0) - 2 / (1 / 3 + 1.2)) < 1e-6
+    bench.print_costs(free, 2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["paired", "11.00", "1.10"]
+    assert lines[-1].split()[:2] == ["2", f"{bench.allowed_speedup(free, 2, 0.6):.2f}"]
