@@ -77,6 +77,25 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float = MAX_D
     return lower_inv.float().flip(0, 1), frac
 
 
+def float_target(w: torch.Tensor, h: torch.Tensor, delta: torch.Tensor, damp: float) -> torch.Tensor:
+    """GPTAQ's target (Li et al. 2025, arXiv:2504.02692, asymmetric calibration): ``W* = W + W D (H + λI)⁻¹`` for
+    ``w: [out, in]``, ``h = 2 X̃ᵀX̃ / n`` of the quantized model's inputs ``X̃`` and ``delta = D = 2 (X − X̃)ᵀ X̃ / n``
+    against the float model's inputs ``X`` (``toolkit.quant.moments.PairedMoments``), λ = damp · mean(diag H).
+
+    ``W*`` solves the normal equations of ``min ‖W* X̃ − W X‖²`` (the output the float layer computes, from the input
+    the quantized model delivers), so ``‖Ŵ X̃ − W X‖² = ‖(Ŵ − W*) X̃‖² + const``: GPTQ on ``W*`` with ``h``
+    minimises GPTAQ's objective. (The paper folds the correction into the column sweep, column by column; here it is
+    solved once up front, which also corrects the first columns.) ``delta = 0`` gives ``W`` back exactly.
+    """
+    h64 = h.detach().double().clone()
+    diag = torch.diagonal(h64)
+    diag[diag == 0] = 1.0  # a dead input, as inverse_hessian_factor treats it (its weights are zeroed later)
+    diag.add_(damp * float(diag.mean()))
+    rhs = w.detach().double() @ delta.double()  # W D: [out, in]
+    correction = torch.linalg.solve(h64, rhs.t()).t()  # (H + λI) symmetric: W D (H + λI)⁻¹
+    return (w.detach().double() + correction).to(w.dtype)
+
+
 @contextmanager
 def _single_thread() -> Iterator[None]:
     """The column sweep is thousands of tiny ops: extra threads only add synchronisation (and stall
