@@ -80,6 +80,9 @@ class GPTQConfig(QuantPassConfig):
     # deployed (earlier linears installed, input activations rounded as the kernel rounds them), the target from
     # the float model's output W·X (``toolkit.algorithms.gptq.float_target``); in memory only
     asymmetric: bool = False
+    # fp8 weights: each row's scale is the multiple of absmax / 448 (0.80 ... 1.25) with the least diag(H)-weighted
+    # rounding error (``toolkit.quant.arithmetic.fp8_searched_scale``), chosen before the sweep; still one per channel
+    scale_search: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,6 +94,9 @@ class GPTQConfig(QuantPassConfig):
             raise ValueError("lm_head_method 'gptq' needs lm_head_bits (4 or 8): a float head is not quantized")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 window, got {self.batch_size}")
+        if self.scale_search and self.type != "float":
+            raise ValueError("scale_search picks fp8 per-channel weight scales: use it with type: float (integer "
+                             "scales come from min/max; awq searches integer clipping)")
 
     @property
     def spec(self) -> QuantSpec:
@@ -152,7 +158,8 @@ def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, c
         found["target_shift"] = float((target - w).norm() / w.norm().clamp(min=1e-30))  # ‖W* − W‖ / ‖W‖
         w = target
     try:
-        res = gptq_quantize(w, h, config.spec, config.damp, config.block_size, config.act_order)
+        res = gptq_quantize(w, h, config.spec, config.damp, config.block_size, config.act_order,
+                            scale_search=config.scale_search)
     except ToolkitError as exc:
         raise ToolkitError(f"GPTQ failed on {', '.join(names)}: {exc}") from None
     if res.damp != config.damp:

@@ -18,7 +18,14 @@ from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import export_compressed_tensors, export_modelopt, gptq, rtn, smoothquant
 from toolkit.passes.context import PassContext
 from toolkit.paths import atomic_dir
-from toolkit.quant.arithmetic import FP8_MAX, fake_quantize_activations, fp8_dequantize, fp8_weight_scale
+from toolkit.quant.arithmetic import (
+    FP8_MAX,
+    fake_quantize_activations,
+    fp8_codes,
+    fp8_dequantize,
+    fp8_searched_scale,
+    fp8_weight_scale,
+)
 from toolkit.quant.modules import FP8Linear, quantized_linears
 from toolkit.quant.moments import PairedMoments
 from toolkit.quant.spec import ActivationSpec
@@ -176,3 +183,38 @@ def test_asymmetric_gptq_runs_in_memory_only() -> None:
     """The float model's hidden states travel beside the quantized ones: never the layer-by-layer form."""
     weight_only = gptq.GPTQConfig(bits=4, group_size=32, lm_head_bits=None)
     assert weight_only.streams() and not dataclasses.replace(weight_only, asymmetric=True).streams()
+
+
+# ---------------------------------------------------------------- fp8 scale search
+
+def test_searched_scale_never_rounds_worse_than_absmax_and_usually_better() -> None:
+    g = torch.Generator().manual_seed(3)
+    w, importance = torch.randn(64, 48, generator=g), torch.rand(48, generator=g) + 0.1
+
+    def error(scale: torch.Tensor) -> torch.Tensor:  # per row
+        return ((w - fp8_dequantize(fp8_codes(w, scale), scale)) ** 2 * importance).sum(1)
+
+    searched, absmax = fp8_searched_scale(w, importance), fp8_weight_scale(w)
+    assert searched.shape == absmax.shape == (64, 1)
+    assert torch.all(error(searched) <= error(absmax)) and float(error(searched).sum()) < 0.9 * float(error(absmax).sum())
+    ratio = searched / absmax
+    assert float(ratio.min()) >= 0.8 - 1e-6 and float(ratio.max()) <= 1.25 + 1e-6
+
+
+def test_gptq_with_scale_search_keeps_the_format_and_lowers_the_layer_error() -> None:
+    x, _ = _upstream_error_inputs(d=48)
+    x = x.float()
+    w = torch.randn(32, 48, generator=torch.Generator().manual_seed(4))
+    h = 2 * x.t() @ x / len(x)
+
+    def error(scale_search: bool) -> float:
+        res = gptq_quantize(w, h, GPTQ_FP8.spec, scale_search=scale_search)
+        assert res.scales.shape == (32, 1) and res.codes.dtype == torch.float8_e4m3fn
+        return float((x @ (fp8_dequantize(res.codes, res.scales) - w).t()).pow(2).mean())
+
+    assert error(True) < 0.95 * error(False)
+
+
+def test_scale_search_is_refused_for_integer_weights() -> None:
+    with pytest.raises(ValueError, match="scale_search picks fp8 per-channel weight scales: use it with type: float"):
+        gptq.GPTQConfig(bits=4, group_size=32, scale_search=True)

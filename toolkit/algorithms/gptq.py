@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from toolkit.errors import ToolkitError
-from toolkit.quant.arithmetic import FP8, compute_qparams, fp8_codes, fp8_weight_scale
+from toolkit.quant.arithmetic import FP8, compute_qparams, fp8_codes, fp8_searched_scale, fp8_weight_scale
 from toolkit.quant.spec import QuantSpec
 
 MAX_DAMP = 1.0  # dampening is raised x10 per failed Cholesky up to this fraction of mean(diag H)
@@ -119,17 +119,18 @@ def _quant_dequant(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, s
     return q.to(torch.uint8), (q - z) * scale
 
 
-def _qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zeros of ``w: [out, in]`` before the sweep: min/max per group, or fp8's absmax / 448 per row."""
+def _qparams(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros of ``w: [out, in]`` before the sweep: min/max per group, or fp8's absmax / 448 per row (or
+    the searched multiple of it, weighted by ``importance``)."""
     if spec.type == "float":
-        scale = fp8_weight_scale(w)
+        scale = fp8_weight_scale(w) if importance is None else fp8_searched_scale(w, importance)
         return scale, torch.zeros_like(scale, dtype=torch.uint8)
     return compute_qparams(w, spec)
 
 
 def gptq_quantize(
     w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
-    act_order: bool = True,
+    act_order: bool = True, *, scale_search: bool = False,
 ) -> GPTQResult:
     """Quantize ``w: [out, in]`` minimising ``‖(W - Ŵ) X‖²`` for the inputs summarised by ``h``.
 
@@ -138,11 +139,14 @@ def gptq_quantize(
     come from the current, already-updated weights at the group's first column; with act-order
     (columns by descending diag H) the groups are static: computed from the original weights in the
     original column order, so the stored layout stays the ordinary contiguous one (trivial g_idx).
+    ``scale_search`` (fp8 weights only) picks each row's scale as ``fp8_searched_scale`` weighted by ``diag H``.
     """
     if not torch.isfinite(w).all():
         raise ToolkitError("the weight holds NaN or Inf values; fix the model before quantizing")
     if not torch.isfinite(h).all():
         raise ToolkitError("the Hessian holds NaN or Inf values: the calibration activations overflowed")
+    if scale_search and spec.type != "float":
+        raise ToolkitError("scale_search picks fp8 per-channel scales; integer weights have none: use type: float")
     if spec.type == "float" and spec.group_size != -1:
         raise ToolkitError(f"fp8 weights have one scale per output channel: use group_size -1, not {spec.group_size}")
     out_f, in_f = w.shape
@@ -152,7 +156,7 @@ def gptq_quantize(
     dead = diag == 0
     diag[dead] = 1.0  # an unused input: ordered as inverse_hessian_factor treats it; its weight is zeroed
     W[:, dead] = 0.0
-    scales, zeros = _qparams(W, spec)  # static groups (and per-row params)
+    scales, zeros = _qparams(W, spec, diag if scale_search else None)  # static groups (and per-row params)
     perm = torch.argsort(diag, descending=True) if act_order else torch.arange(in_f, device=W.device)
     W = W[:, perm]
     U, used = inverse_hessian_factor(h.detach().float(), damp, order=perm)  # no permuted float32 copy of h
