@@ -6,7 +6,8 @@
 
 Rows: float; FP8 dynamic (fp8 e4m3 per-channel weights rounded to nearest, per-token dynamic activations); FP8
 dynamic with GPTQ on the e4m3 grid (the ``smollm2-fp8-dynamic`` recipe: the same checkpoint format), and with
-SmoothQuant (alpha 0.5) before it; naive W8A8 (int8 per-channel RTN weights, int8 per-token dynamic activations, no
+SmoothQuant (alpha 0.5) before it, with asymmetric calibration (GPTAQ: ``asymmetric: true``) and with the
+per-channel scale search (``scale_search: true``); naive W8A8 (int8 per-channel RTN weights, int8 per-token dynamic activations, no
 smoothing); W8A8 + SmoothQuant (alpha 0.5: the ``smollm2-w8a8-smoothquant`` recipe); W8A8 static (per-tensor
 activation scales calibrated, with and without SmoothQuant); then the SmoothQuant alpha sweep of W8A8 dynamic.
 Calibration (SmoothQuant, GPTQ, static scales): 32 random 512-token windows of the calibration half. Heads stay
@@ -32,6 +33,7 @@ machine, the static rows and the sweep idle, ``--rows float,w8a8-static,w8a8-sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +55,8 @@ W8A8 = rtn.RTNConfig(bits=8, group_size=-1, input_activations=INT8_DYNAMIC, lm_h
 W8A8_STATIC = rtn.RTNConfig(bits=8, group_size=-1, input_activations=INT8_STATIC, lm_head_bits=None)
 FP8 = rtn.RTNConfig(bits=8, group_size=-1, type="float", input_activations=FP8_DYNAMIC, lm_head_bits=None)
 GPTQ_FP8 = gptq.GPTQConfig(bits=8, group_size=-1, type="float", input_activations=FP8_DYNAMIC, lm_head_bits=None)
+GPTQ_FP8_ASYMMETRIC = dataclasses.replace(GPTQ_FP8, asymmetric=True)
+GPTQ_FP8_SEARCH = dataclasses.replace(GPTQ_FP8, scale_search=True)
 Step = Callable[[nn.Module, PassContext], nn.Module]
 
 
@@ -73,6 +77,8 @@ ROWS: dict[str, list[Step]] = {
     "fp8-dynamic": [_rtn(FP8)],
     "fp8-dynamic-gptq": [_gptq(GPTQ_FP8)],
     "fp8-dynamic-sq-gptq": [_smooth(0.5), _gptq(GPTQ_FP8)],
+    "fp8-dynamic-gptq-asymmetric": [_gptq(GPTQ_FP8_ASYMMETRIC)],
+    "fp8-dynamic-gptq-scale-search": [_gptq(GPTQ_FP8_SEARCH)],
     "w8a8-naive": [_rtn(W8A8)],
     "w8a8-sq": [_smooth(0.5), _rtn(W8A8)],
     "w8a8-static-sq": [_smooth(0.5), _rtn(W8A8_STATIC)],
