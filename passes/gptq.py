@@ -78,7 +78,8 @@ class GPTQConfig(QuantPassConfig):
     batch_size: int = 8  # calibration windows per forward
     # GPTAQ's asymmetric calibration (Li et al. 2025): H from the inputs each linear gets in the quantized model as
     # deployed (earlier linears installed, input activations rounded as the kernel rounds them), the target from
-    # the float model's output W·X (``toolkit.algorithms.gptq.float_target``); in memory only
+    # the float model's output W·X (``toolkit.algorithms.gptq.float_target``); in memory only. On SmolLM2 FP8 dynamic
+    # with 32 windows it was worse than plain GPTQ (benchmarks/activation_quality.py): off by default
     asymmetric: bool = False
     # fp8 weights: each row's scale is the multiple of absmax / 448 (0.80 ... 1.25) with the least diag(H)-weighted
     # rounding error (``toolkit.quant.arithmetic.fp8_searched_scale``), chosen before the sweep; still one per channel
