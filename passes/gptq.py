@@ -22,24 +22,27 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from toolkit.algorithms.gptq import MAX_DAMP, gptq_quantize
+from toolkit.algorithms.gptq import MAX_DAMP, float_target, gptq_quantize
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import layout_of
 from toolkit.models.shape import ModelShape
 from toolkit.models.streaming import SkeletonModel
 from toolkit.passes.base import QuantPassConfig
 from toolkit.passes.context import PassContext
-from toolkit.quant.arithmetic import dequantize, fp8_dequantize
+from toolkit.quant.arithmetic import dequantize, fake_quantize_activations, fp8_dequantize
 from toolkit.quant.calibration import (
     LayerInputs,
+    LayerPair,
     check_finite,
+    stream_input_pairs,
     stream_inputs,
     stream_module_inputs,
+    walk_layer_pairs,
     walk_layers,
 )
 from toolkit.quant.modules import QuantizedLinear
-from toolkit.quant.moments import InputMoments
-from toolkit.quant.spec import QuantSpec
+from toolkit.quant.moments import InputMoments, PairedMoments
+from toolkit.quant.spec import ActivationSpec, QuantSpec
 from toolkit.quant.streaming import (
     PackedWriter,
     StreamOptions,
@@ -73,6 +76,14 @@ class GPTQConfig(QuantPassConfig):
     # "gptq": GPTQ on its input (the final norm's output under the quantized body), with this config's symmetry
     lm_head_method: Literal["rtn", "gptq"] = "rtn"
     batch_size: int = 8  # calibration windows per forward
+    # GPTAQ's asymmetric calibration (Li et al. 2025): H from the inputs each linear gets in the quantized model as
+    # deployed (earlier linears installed, input activations rounded as the kernel rounds them), the target from
+    # the float model's output W·X (``toolkit.algorithms.gptq.float_target``); in memory only. On SmolLM2 FP8 dynamic
+    # with 32 windows it was worse than plain GPTQ (benchmarks/activation_quality.py): off by default
+    asymmetric: bool = False
+    # fp8 weights: each row's scale is the multiple of absmax / 448 (0.80 ... 1.25) with the least diag(H)-weighted
+    # rounding error (``toolkit.quant.arithmetic.fp8_searched_scale``), chosen before the sweep; still one per channel
+    scale_search: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,6 +95,9 @@ class GPTQConfig(QuantPassConfig):
             raise ValueError("lm_head_method 'gptq' needs lm_head_bits (4 or 8): a float head is not quantized")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 window, got {self.batch_size}")
+        if self.scale_search and self.type != "float":
+            raise ValueError("scale_search picks fp8 per-channel weight scales: use it with type: float (integer "
+                             "scales come from min/max; awq searches integer clipping)")
 
     @property
     def spec(self) -> QuantSpec:
@@ -95,6 +109,15 @@ class GPTQConfig(QuantPassConfig):
                                "tensor (strategy: tensor) is rounded by rtn: use rtn, or group_size: -1 without "
                                "strategy: tensor here")
         return spec
+
+    def streams(self) -> bool:
+        """Asymmetric calibration carries the float model's hidden states beside the quantized ones: in memory."""
+        return super().streams() and not self.asymmetric
+
+    def in_memory_bytes(self, shape: ModelShape, calibration_tokens: int) -> float:
+        """Asymmetric calibration also carries the float model's hidden states (float32)."""
+        extra = 4 * calibration_tokens * shape.hidden if self.asymmetric else 0
+        return super().in_memory_bytes(shape, calibration_tokens) + extra
 
     def streaming_bytes(self, shape: ModelShape, calibration_tokens: int, activations_budget: int) -> float:
         """A GPTQ head also holds the head's float32 weight while the body's hidden states are carried."""
@@ -119,8 +142,9 @@ def _hessians(layer: nn.Module, prefix: str, inputs: LayerInputs, names: list[st
 
 
 def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, config: GPTQConfig,
-                    done: list[LinearCodes]) -> dict[str, Any]:
-    """GPTQ on the row-concatenation of linears sharing one input.
+                    done: list[LinearCodes], delta: torch.Tensor | None = None) -> dict[str, Any]:
+    """GPTQ on the row-concatenation of linears sharing one input; with ``delta`` (asymmetric calibration) on the
+    float target ``W*`` rather than ``W``.
 
     Each linear keeps computing in float with its dequantized weight (the same function as the
     QuantLinear, without unpacking codes on every calibration batch) until ``done`` is installed.
@@ -129,8 +153,14 @@ def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, c
     for n, m in zip(names, linears, strict=True):
         check_finite(m.weight, f"the weight of {n}")
     w = torch.cat([m.weight.detach() for m in linears])  # type: ignore[misc]
+    found: dict[str, Any] = {}
+    if delta is not None:
+        target = float_target(w, h, delta, config.damp)
+        found["target_shift"] = float((target - w).norm() / w.norm().clamp(min=1e-30))  # ‖W* − W‖ / ‖W‖
+        w = target
     try:
-        res = gptq_quantize(w, h, config.spec, config.damp, config.block_size, config.act_order)
+        res = gptq_quantize(w, h, config.spec, config.damp, config.block_size, config.act_order,
+                            scale_search=config.scale_search)
     except ToolkitError as exc:
         raise ToolkitError(f"GPTQ failed on {', '.join(names)}: {exc}") from None
     if res.damp != config.damp:
@@ -142,7 +172,7 @@ def _quantize_group(model: PreTrainedModel, names: list[str], h: torch.Tensor, c
         m.weight.data.copy_(_dequantized(q, config.spec))
         done.append(q)
         row = rows.stop
-    return {"damp": res.damp, "dead_columns": res.dead_columns}
+    return {"damp": res.damp, "dead_columns": res.dead_columns, **found}
 
 
 def _dequantized(q: LinearCodes, spec: QuantSpec) -> torch.Tensor:
@@ -187,11 +217,62 @@ def quantize_layer(model: PreTrainedModel, prefix: str, layer: nn.Module, inputs
     return done
 
 
+def _as_kernel_reads(x: torch.Tensor, act: ActivationSpec | None, static_scale: torch.Tensor | None) -> torch.Tensor:
+    """A linear's input as its deployed kernel reads it (``toolkit.quant.modules.quantized_input``)."""
+    if act is None:
+        return x
+    return fake_quantize_activations(x, act.type, act.strategy, None if act.dynamic else static_scale)
+
+
+def _install(model: PreTrainedModel, q: LinearCodes, config: GPTQConfig, input_scales: dict[str, torch.Tensor]) -> None:
+    spec, act = config.spec, config.input_activations
+    if spec.type == "float":
+        module: QuantizedLinear = install_fp8(model, q.name, q.linear, spec, act, codes=(q.codes, q.scales))
+    else:
+        module = install(model, q.name, q.linear, q.codes, q.scales, q.zeros, spec, act)
+    if q.name in input_scales:
+        module.input_scale.copy_(input_scales[q.name])
+
+
+def _paired_moments(pair: LayerPair, names: list[str], targets: dict[str, nn.Linear], act: ActivationSpec | None,
+                    input_scales: dict[str, torch.Tensor]) -> dict[str, PairedMoments]:
+    """The paired statistics of the named linears (full names) of ``pair``'s layer: their inputs as the deployed
+    kernel reads them in the quantized model, and in the float model."""
+    moments = {n: PairedMoments(targets[n].in_features, device=targets[n].weight.device) for n in names}
+    full = {n[len(pair.prefix) + 1 :]: n for n in names}  # relative name -> full name
+
+    def add(rel: str, x: torch.Tensor, x_float: torch.Tensor) -> None:
+        moments[full[rel]].add(_as_kernel_reads(x, act, input_scales.get(full[rel])), x_float)
+
+    stream_input_pairs(pair, list(full), add)
+    return moments
+
+
+def quantize_layer_pair(model: PreTrainedModel, pair: LayerPair, targets: dict[str, nn.Linear], config: GPTQConfig,
+                        input_scales: dict[str, torch.Tensor], report: dict[str, Any]) -> list[LinearCodes]:
+    """GPTQ with asymmetric calibration on the target linears of one decoder layer: each group's statistics pair the
+    inputs of the quantized model as deployed (earlier groups already installed, inputs rounded as the kernel
+    rounds them) with the float model's; every group is installed as soon as it is quantized."""
+    done: list[LinearCodes] = []
+    groups = _groups(model, pair.prefix, targets)
+    sweeps = [[g] for g in groups] if config.true_sequential else [groups]
+    for sweep in sweeps:
+        moments = _paired_moments(pair, [g[0] for g in sweep], targets, config.input_activations, input_scales)
+        for names in sweep:
+            stats = moments.pop(names[0])
+            quantized: list[LinearCodes] = []
+            report[names[0]] = _quantize_group(model, names, stats.hessian(), config, quantized, stats.cross())
+            for q in quantized:
+                _install(model, q, config, input_scales)
+            done.extend(quantized)
+    return done
+
+
 @torch.no_grad()
 def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTrainedModel:
     """Quantize every decoder linear in place with GPTQ on ``ctx.calibration()`` windows; static activation scales
     are calibrated on the float model first."""
-    spec = config.spec  # refuses a scheme this pass cannot run, before any work
+    _ = config.spec  # refuses a scheme this pass cannot run, before any work
     act = config.input_activations
     targets = target_linears(model, config.skip)
     check_group_size(targets, config.group_size)
@@ -202,14 +283,16 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
     def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> None:
         done.extend(quantize_layer(model, prefix, layer, inputs, targets, config, report))
 
-    walk_layers(model, ctx.calibration(), config.batch_size, layout_of(model).layers, one_layer, ctx.progress)
+    def one_pair(pair: LayerPair) -> None:  # installs as it goes
+        quantize_layer_pair(model, pair, targets, config, input_scales, report)
+
+    layers = layout_of(model).layers
+    if config.asymmetric:
+        walk_layer_pairs(model, ctx.calibration(), config.batch_size, layers, one_pair, ctx.progress)
+    else:
+        walk_layers(model, ctx.calibration(), config.batch_size, layers, one_layer, ctx.progress)
     for q in done:
-        if spec.type == "float":
-            module: QuantizedLinear = install_fp8(model, q.name, q.linear, spec, act, codes=(q.codes, q.scales))
-        else:
-            module = install(model, q.name, q.linear, q.codes, q.scales, q.zeros, spec, act)
-        if q.name in input_scales:
-            module.input_scale.copy_(input_scales[q.name])
+        _install(model, q, config, input_scales)
     if config.lm_head_method == "gptq":
         report["lm_head"] = _quantize_head_gptq(model, config, ctx)
     elif config.lm_head_bits is not None:

@@ -4,20 +4,30 @@ RTN FP8 on a model with activation outliers."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import tiny_llama_with_outliers
-from toolkit.algorithms.gptq import gptq_quantize
+from toolkit.algorithms.gptq import float_target, gptq_quantize
 from toolkit.errors import ToolkitError
 from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import export_compressed_tensors, export_modelopt, gptq, rtn, smoothquant
 from toolkit.passes.context import PassContext
 from toolkit.paths import atomic_dir
-from toolkit.quant.arithmetic import FP8_MAX, fp8_weight_scale
+from toolkit.quant.arithmetic import (
+    FP8_MAX,
+    fake_quantize_activations,
+    fp8_codes,
+    fp8_dequantize,
+    fp8_searched_scale,
+    fp8_weight_scale,
+)
 from toolkit.quant.modules import FP8Linear, quantized_linears
+from toolkit.quant.moments import PairedMoments
 from toolkit.quant.spec import ActivationSpec
 
 CALIB = torch.randint(0, 256, (8, 40), generator=torch.Generator().manual_seed(0))
@@ -88,3 +98,123 @@ def test_per_tensor_fp8_is_refused_by_gptq_in_one_line() -> None:
                              input_activations=ActivationSpec("float", 8, "tensor", dynamic=False))
     with pytest.raises(ToolkitError, match=r"one scale per tensor \(strategy: tensor\) is rounded by rtn: use rtn"):
         _ = config.spec
+
+
+# ---------------------------------------------------------------- asymmetric calibration (GPTAQ)
+
+def _upstream_error_inputs(n: int = 512, d: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float inputs ``x: [n, d]`` (correlated channels) and what a quantized model delivers instead: a systematic
+    upstream error (a small linear distortion) and then fp8 per-token rounding, as the kernel reads them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) @ (torch.eye(d, dtype=torch.float64)
+                                                               + torch.randn(d, d, generator=g, dtype=torch.float64) / d)
+    distorted = x @ (torch.eye(d, dtype=torch.float64) + 0.05 * torch.randn(d, d, generator=g, dtype=torch.float64))
+    return x, fake_quantize_activations(distorted, "float", "token", None)
+
+
+def _moments(x: torch.Tensor, x_quantized: torch.Tensor) -> PairedMoments:
+    m = PairedMoments(x.shape[1])
+    for rows in range(0, len(x), 128):  # in batches, as calibration adds them
+        m.add(x_quantized[rows : rows + 128], x[rows : rows + 128])
+    return m
+
+
+def test_paired_moments_are_the_gram_and_the_input_error_cross_term() -> None:
+    x, xq = _upstream_error_inputs()
+    m = _moments(x, xq)
+    n = len(x)
+    assert torch.allclose(m.hessian().double(), 2 * xq.t() @ xq / n, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(m.cross().double(), 2 * (x - xq).t() @ xq / n, rtol=1e-4, atol=1e-4)
+    assert torch.equal(_moments(x, x).cross(), torch.zeros(x.shape[1], x.shape[1]))  # no input error: no cross term
+
+
+def test_float_target_is_the_least_squares_weight_on_the_quantized_inputs() -> None:
+    x, xq = _upstream_error_inputs()
+    w = torch.randn(5, x.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    m = _moments(x, xq)
+    target = float_target(w, m.hessian().double(), m.cross().double(), damp=1e-9)
+    exact = torch.linalg.lstsq(xq, x @ w.t()).solution.t()  # min ‖X̃ W*ᵀ − X Wᵀ‖
+    assert torch.allclose(target, exact, atol=1e-4), float((target - exact).abs().max())
+    assert torch.equal(float_target(w, m.hessian().double(), torch.zeros_like(m.cross()).double(), damp=0.01), w)
+
+
+def test_gptq_on_the_float_target_matches_the_float_output_better() -> None:
+    """GPTAQ's objective ``‖Ŵ X̃ − W X‖²``: GPTQ on the target beats GPTQ on ``W`` itself, both on the fp8 grid."""
+    x, xq = _upstream_error_inputs()
+    w = torch.randn(16, x.shape[1], generator=torch.Generator().manual_seed(2))
+    m = _moments(x, xq)
+    h = m.hessian()
+
+    def objective(w_hat: torch.Tensor) -> float:
+        return float((xq.float() @ w_hat.t() - x.float() @ w.t()).pow(2).mean())
+
+    def gptq_fp8(target: torch.Tensor) -> torch.Tensor:
+        res = gptq_quantize(target, h, GPTQ_FP8.spec)
+        return fp8_dequantize(res.codes, res.scales)
+
+    plain, asymmetric = objective(gptq_fp8(w)), objective(gptq_fp8(float_target(w, h, m.cross(), 0.01)))
+    assert asymmetric < 0.5 * plain, (plain, asymmetric)
+
+
+@torch.no_grad()
+def test_asymmetric_gptq_fits_the_float_model_on_its_calibration_windows(tmp_path: Path) -> None:
+    """What asymmetric calibration optimises: the quantized model's output against the float model's on the
+    calibration windows; the result is the same FP8 format (the exports prove it), and a report per group."""
+    def error(model: torch.nn.Module) -> float:
+        return float((model(CALIB).logits - tiny_model("llama")(CALIB).logits).pow(2).mean())
+
+    ctx = _ctx("llama", tmp_path)
+    plain = error(gptq.apply(tiny_model("llama"), GPTQ_FP8, ctx))
+    config = dataclasses.replace(GPTQ_FP8, asymmetric=True)
+    model = gptq.apply(tiny_model("llama"), config, ctx)
+    assert error(model) < 0.5 * plain, (plain, error(model))
+    report = json.loads((ctx.workdir / "gptq.json").read_text())
+    assert len(report) == 4 * len(model.model.layers) and all(r["target_shift"] > 0 for r in report.values())
+    body = {n: m for n, m in quantized_linears(model).items() if n != "lm_head"}
+    assert len(body) == 7 * len(model.model.layers)
+    assert all(isinstance(m, FP8Linear) and m.scheme == GPTQ_FP8.scheme for m in body.values())
+    with atomic_dir(tmp_path / "ct") as tmp:
+        metrics = export_compressed_tensors.export(model, tiny_tokenizer(),
+                                                   export_compressed_tensors.ExportCompressedTensorsConfig(), tmp)
+    assert metrics["bit_exact_codes"] and metrics["relative_logit_error"] <= 1e-5, metrics
+
+
+def test_asymmetric_gptq_runs_in_memory_only() -> None:
+    """The float model's hidden states travel beside the quantized ones: never the layer-by-layer form."""
+    weight_only = gptq.GPTQConfig(bits=4, group_size=32, lm_head_bits=None)
+    assert weight_only.streams() and not dataclasses.replace(weight_only, asymmetric=True).streams()
+
+
+# ---------------------------------------------------------------- fp8 scale search
+
+def test_searched_scale_never_rounds_worse_than_absmax_and_usually_better() -> None:
+    g = torch.Generator().manual_seed(3)
+    w, importance = torch.randn(64, 48, generator=g), torch.rand(48, generator=g) + 0.1
+
+    def error(scale: torch.Tensor) -> torch.Tensor:  # per row
+        return ((w - fp8_dequantize(fp8_codes(w, scale), scale)) ** 2 * importance).sum(1)
+
+    searched, absmax = fp8_searched_scale(w, importance), fp8_weight_scale(w)
+    assert searched.shape == absmax.shape == (64, 1)
+    assert torch.all(error(searched) <= error(absmax)) and float(error(searched).sum()) < 0.9 * float(error(absmax).sum())
+    ratio = searched / absmax
+    assert float(ratio.min()) >= 0.8 - 1e-6 and float(ratio.max()) <= 1.25 + 1e-6
+
+
+def test_gptq_with_scale_search_keeps_the_format_and_lowers_the_layer_error() -> None:
+    x, _ = _upstream_error_inputs(d=48)
+    x = x.float()
+    w = torch.randn(32, 48, generator=torch.Generator().manual_seed(4))
+    h = 2 * x.t() @ x / len(x)
+
+    def error(scale_search: bool) -> float:
+        res = gptq_quantize(w, h, GPTQ_FP8.spec, scale_search=scale_search)
+        assert res.scales.shape == (32, 1) and res.codes.dtype == torch.float8_e4m3fn
+        return float((x @ (fp8_dequantize(res.codes, res.scales) - w).t()).pow(2).mean())
+
+    assert error(True) < 0.95 * error(False)
+
+
+def test_scale_search_is_refused_for_integer_weights() -> None:
+    with pytest.raises(ValueError, match="scale_search picks fp8 per-channel weight scales: use it with type: float"):
+        gptq.GPTQConfig(bits=4, group_size=32, scale_search=True)

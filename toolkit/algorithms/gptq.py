@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from toolkit.errors import ToolkitError
-from toolkit.quant.arithmetic import FP8, compute_qparams, fp8_codes, fp8_weight_scale
+from toolkit.quant.arithmetic import FP8, compute_qparams, fp8_codes, fp8_searched_scale, fp8_weight_scale
 from toolkit.quant.spec import QuantSpec
 
 MAX_DAMP = 1.0  # dampening is raised x10 per failed Cholesky up to this fraction of mean(diag H)
@@ -77,6 +77,25 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float = MAX_D
     return lower_inv.float().flip(0, 1), frac
 
 
+def float_target(w: torch.Tensor, h: torch.Tensor, delta: torch.Tensor, damp: float) -> torch.Tensor:
+    """GPTAQ's target (Li et al. 2025, arXiv:2504.02692, asymmetric calibration): ``W* = W + W D (H + λI)⁻¹`` for
+    ``w: [out, in]``, ``h = 2 X̃ᵀX̃ / n`` of the quantized model's inputs ``X̃`` and ``delta = D = 2 (X − X̃)ᵀ X̃ / n``
+    against the float model's inputs ``X`` (``toolkit.quant.moments.PairedMoments``), λ = damp · mean(diag H).
+
+    ``W*`` solves the normal equations of ``min ‖W* X̃ − W X‖²`` (the output the float layer computes, from the input
+    the quantized model delivers), so ``‖Ŵ X̃ − W X‖² = ‖(Ŵ − W*) X̃‖² + const``: GPTQ on ``W*`` with ``h``
+    minimises GPTAQ's objective. (The paper folds the correction into the column sweep, column by column; here it is
+    solved once up front, which also corrects the first columns.) ``delta = 0`` gives ``W`` back exactly.
+    """
+    h64 = h.detach().double().clone()
+    diag = torch.diagonal(h64)
+    diag[diag == 0] = 1.0  # a dead input, as inverse_hessian_factor treats it (its weights are zeroed later)
+    diag.add_(damp * float(diag.mean()))
+    rhs = w.detach().double() @ delta.double()  # W D: [out, in]
+    correction = torch.linalg.solve(h64, rhs.t()).t()  # (H + λI) symmetric: W D (H + λI)⁻¹
+    return (w.detach().double() + correction).to(w.dtype)
+
+
 @contextmanager
 def _single_thread() -> Iterator[None]:
     """The column sweep is thousands of tiny ops: extra threads only add synchronisation (and stall
@@ -100,17 +119,18 @@ def _quant_dequant(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, s
     return q.to(torch.uint8), (q - z) * scale
 
 
-def _qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zeros of ``w: [out, in]`` before the sweep: min/max per group, or fp8's absmax / 448 per row."""
+def _qparams(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros of ``w: [out, in]`` before the sweep: min/max per group, or fp8's absmax / 448 per row (or
+    the searched multiple of it, weighted by ``importance``)."""
     if spec.type == "float":
-        scale = fp8_weight_scale(w)
+        scale = fp8_weight_scale(w) if importance is None else fp8_searched_scale(w, importance)
         return scale, torch.zeros_like(scale, dtype=torch.uint8)
     return compute_qparams(w, spec)
 
 
 def gptq_quantize(
     w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
-    act_order: bool = True,
+    act_order: bool = True, *, scale_search: bool = False,
 ) -> GPTQResult:
     """Quantize ``w: [out, in]`` minimising ``‖(W - Ŵ) X‖²`` for the inputs summarised by ``h``.
 
@@ -119,11 +139,14 @@ def gptq_quantize(
     come from the current, already-updated weights at the group's first column; with act-order
     (columns by descending diag H) the groups are static: computed from the original weights in the
     original column order, so the stored layout stays the ordinary contiguous one (trivial g_idx).
+    ``scale_search`` (fp8 weights only) picks each row's scale as ``fp8_searched_scale`` weighted by ``diag H``.
     """
     if not torch.isfinite(w).all():
         raise ToolkitError("the weight holds NaN or Inf values; fix the model before quantizing")
     if not torch.isfinite(h).all():
         raise ToolkitError("the Hessian holds NaN or Inf values: the calibration activations overflowed")
+    if scale_search and spec.type != "float":
+        raise ToolkitError("scale_search picks fp8 per-channel scales; integer weights have none: use type: float")
     if spec.type == "float" and spec.group_size != -1:
         raise ToolkitError(f"fp8 weights have one scale per output channel: use group_size -1, not {spec.group_size}")
     out_f, in_f = w.shape
@@ -133,7 +156,7 @@ def gptq_quantize(
     dead = diag == 0
     diag[dead] = 1.0  # an unused input: ordered as inverse_hessian_factor treats it; its weight is zeroed
     W[:, dead] = 0.0
-    scales, zeros = _qparams(W, spec)  # static groups (and per-row params)
+    scales, zeros = _qparams(W, spec, diag if scale_search else None)  # static groups (and per-row params)
     perm = torch.argsort(diag, descending=True) if act_order else torch.arange(in_f, device=W.device)
     W = W[:, perm]
     U, used = inverse_hessian_factor(h.detach().float(), damp, order=perm)  # no permuted float32 copy of h

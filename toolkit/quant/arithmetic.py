@@ -96,6 +96,28 @@ def fp8_weight_scale(w: torch.Tensor) -> torch.Tensor:
     return torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
 
 
+# per-row multipliers of absmax / 448 that fp8_searched_scale tries (1 among them: never worse than absmax)
+FP8_SCALE_MULTIPLIERS = tuple(round(0.8 + i / 100, 2) for i in range(46))  # 0.80 ... 1.25
+
+
+def fp8_searched_scale(w: torch.Tensor, importance: torch.Tensor,
+                       multipliers: tuple[float, ...] = FP8_SCALE_MULTIPLIERS) -> torch.Tensor:
+    """One float32 scale per output row of ``w: [out, in]`` (``[out, 1]``): ``m · absmax / 448`` with the multiplier
+    ``m`` that minimises the row's weighted rounding error ``Σ_j importance_j (w_j − ŵ_j)²`` (``importance: [in]``,
+    GPTQ's ``diag H``). e4m3 steps are relative, so a different scale moves every weight to another place between
+    its grid points; below 1 the largest weights saturate at 448 (llm-compressor's mse observer searches such
+    shrunk ranges, unweighted). The first of equal errors is kept (1 before the larger multipliers)."""
+    base = fp8_weight_scale(w)
+    wf, imp = w.float(), importance.float()
+    best, best_err = base, ((wf - fp8_codes(wf, base).float() * base) ** 2 * imp).sum(1, keepdim=True)
+    for m in multipliers:
+        scale = base * m
+        err = ((wf - fp8_codes(wf, scale).float() * scale) ** 2 * imp).sum(1, keepdim=True)
+        better = err < best_err
+        best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+    return best
+
+
 def fp8_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """e4m3 codes of ``w / scale`` (``scale`` broadcast over ``w``'s columns): the cast rounds to nearest even,
     saturating at ±448, as compressed-tensors' fp8 quantizer and vLLM's cast do."""

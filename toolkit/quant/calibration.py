@@ -10,6 +10,7 @@ calibrated on the outputs of the already-quantized ones (GPTQ sec. 4, "sequentia
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,18 @@ class LayerInputs:
     def batches(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         for b, kw in enumerate(self.kwargs):
             yield self.hidden.get(b), kw
+
+
+@dataclass
+class LayerPair:
+    """One decoder layer as it is being quantized, with its inputs from the (quantized) layers before it, beside a
+    float copy of it taken before any change, with the float model's inputs (GPTAQ's asymmetric calibration)."""
+
+    prefix: str
+    layer: nn.Module
+    inputs: LayerInputs
+    reference: nn.Module
+    reference_inputs: LayerInputs
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -197,6 +210,41 @@ def stream_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[str, nn.M
             h.remove()
 
 
+def _batch_inputs(layer: nn.Module, hidden: torch.Tensor, kw: dict[str, Any], modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The input of each of ``modules`` when ``layer`` runs one batch; the forward stops once all are seen."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            check_finite(x, f"the input of {name}")
+            seen[name] = x.float()
+            if len(seen) == len(modules):
+                raise _Stop
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    try:
+        with contextlib.suppress(_Stop):
+            _layer_out(layer, hidden, kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def stream_input_pairs(pair: LayerPair, names: list[str], fn: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+    """Call ``fn(name, x, x_ref)`` for every batch with the input of each of ``names`` (submodules, relative to the
+    layer) in the layer as it is now (on its own inputs) and in the reference layer (on the reference inputs),
+    token for token."""
+    for (hidden, kw), (ref_hidden, ref_kw) in zip(pair.inputs.batches(), pair.reference_inputs.batches(), strict=True):
+        ref = _batch_inputs(pair.reference, ref_hidden, ref_kw, {n: pair.reference.get_submodule(n) for n in names})
+        now = _batch_inputs(pair.layer, hidden, kw, {n: pair.layer.get_submodule(n) for n in names})
+        for n in names:
+            fn(n, now[n], ref[n])
+
+
 @torch.no_grad()
 def advance(layer: nn.Module, inputs: LayerInputs, name: str) -> None:
     """Replace ``inputs.hidden`` by the output of ``layer``, batch by batch."""
@@ -215,4 +263,22 @@ def walk_layers(model: PreTrainedModel, windows: torch.Tensor, batch_size: int, 
         prefix = f"{layers_path}.{i}"
         inputs.layer = i
         fn(prefix, layer, inputs)
+        advance(layer, inputs, prefix)
+
+
+def walk_layer_pairs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int, layers_path: str,
+                     fn: Callable[[LayerPair], None], progress: bool = False) -> None:
+    """``walk_layers`` carrying the float model's hidden states too: ``fn(pair)`` for each decoder layer in order,
+    then both streams advance, the quantized one through the (changed) layer, the float one through the copy.
+    Twice ``walk_layers``' activation memory, and one float copy of a layer."""
+    inputs = capture_layer_inputs(model, windows, batch_size)
+    reference_inputs = LayerInputs(ActivationBuffer.of(inputs.hidden.get(b).clone() for b in range(len(inputs.hidden))),
+                                   inputs.kwargs_by_type, inputs.types, batch_size)
+    layers = decoder_layers(model)
+    for i, layer in enumerate(tqdm(layers, desc="layers", disable=not progress, leave=False)):
+        prefix = f"{layers_path}.{i}"
+        inputs.layer = reference_inputs.layer = i
+        pair = LayerPair(prefix, layer, inputs, copy.deepcopy(layer), reference_inputs)
+        fn(pair)
+        advance(pair.reference, reference_inputs, f"{prefix} (float)")
         advance(layer, inputs, prefix)

@@ -47,3 +47,25 @@ class InputMaxima:
 
     def tensor_max(self) -> float:
         return float(self.abs_max.max())
+
+
+class PairedMoments:
+    """One linear's inputs in the quantized model ``x̃`` (as its kernel reads them) and in the float model ``x``, token
+    for token (GPTAQ's asymmetric calibration): ``H = 2 X̃ᵀX̃ / n`` and the cross term ``D = 2 (X − X̃)ᵀ X̃ / n``."""
+
+    def __init__(self, dim: int, device: torch.device | str | None = None) -> None:
+        self.quantized = InputMoments(dim, device=device)
+        self.delta = torch.zeros(dim, dim, device=device)  # Σ (x − x̃)ᵀ x̃: [d, d]
+
+    def add(self, x_quantized: torch.Tensor, x_float: torch.Tensor) -> None:
+        xq = x_quantized.reshape(-1, x_quantized.shape[-1]).float()
+        dx = x_float.reshape(-1, x_float.shape[-1]).float() - xq
+        self.quantized.add(xq)
+        self.delta.addmm_(dx.t(), xq)
+
+    def hessian(self) -> torch.Tensor:
+        return self.quantized.hessian()
+
+    def cross(self) -> torch.Tensor:
+        """``D = 2 (X − X̃)ᵀ X̃ / n``: ``[d, d]``, on the scale of ``hessian()``."""
+        return 2 * self.delta / max(self.quantized.count, 1)
