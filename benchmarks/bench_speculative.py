@@ -88,10 +88,11 @@ def run_genai(a: argparse.Namespace, speculate: bool) -> dict[str, float]:
     import time
 
     import onnxruntime_genai as og
+    from bench_runtime import genai_folder
 
     from toolkit.runtime import Tokenizer
 
-    model = og.Model(str(a.genai))
+    model = og.Model(str(genai_folder(a.genai, a.threads)))  # its intra-op pool pinned to --threads, as ours
     tok = Tokenizer.from_folder(a.genai)  # the same chat-templated ids as our runs
     tokens, seconds, accepted, proposed = 0, 0.0, 0.0, 0.0
     for prompt in COPY:
