@@ -29,7 +29,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import genai_folder, prompt_ids  # noqa: E402
 
-from toolkit.runtime import GenerationConfig, load  # noqa: E402
+from toolkit.runtime import GenerationConfig, OrtBackend, load  # noqa: E402
+
+
+def step_cpu_times(backend: OrtBackend, ids: list[int], total: int) -> Iterator[float]:
+    """Prefill ``ids`` into row 0, then greedy one-token decode steps up to ``total`` positions: each step's CPU
+    seconds on the calling thread (the graph runs there with one intra-op thread)."""
+    backend.allocate(1, total)
+    token = np.array([int(backend.prefill(0, np.array(ids, np.int64), 0).argmax())])
+    for n in range(len(ids), total - 1):
+        t0 = time.thread_time()
+        argmax, _ = backend.decode_next(token, np.array([n]), with_logits=False)
+        yield time.thread_time() - t0
+        token = argmax.copy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,15 +109,7 @@ def cpu_steps(a: argparse.Namespace) -> int:
     def ours(next_token: bool) -> Callable[[], Iterator[float]]:
         backend = OrtBackend(a.artifact, BackendOptions(threads=1, next_token=next_token))
 
-        def steps() -> Iterator[float]:
-            backend.allocate(1, total)
-            token = np.array([int(backend.prefill(0, np.array(ids, np.int64), 0).argmax())])
-            for n in range(len(ids), total - 1):
-                t0 = time.thread_time()
-                argmax, _ = backend.decode_next(token, np.array([n]), with_logits=False)
-                yield time.thread_time() - t0
-                token = argmax.copy()
-        return steps
+        return lambda: step_cpu_times(backend, ids, total)
 
     def genai() -> Iterator[float]:
         params = og.GeneratorParams(model)

@@ -24,7 +24,6 @@ import collections
 import json
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import onnx
 from onnx import helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab_genai import step_cpu_times  # noqa: E402
 from bench_runtime import prompt_ids  # noqa: E402
 
 from toolkit.runtime import BackendOptions, OrtBackend, Tokenizer  # noqa: E402
@@ -79,13 +79,7 @@ def ab_steps(backends: dict[str, OrtBackend], ids: list[int], new: int, reps: in
     total = len(ids) + new
 
     def steps(backend: OrtBackend) -> Iterator[float]:
-        backend.allocate(1, total)
-        token = np.array([int(backend.prefill(0, np.array(ids, np.int64), 0).argmax())])
-        for n in range(len(ids), total - 1):
-            t0 = time.thread_time()
-            argmax, _ = backend.decode_next(token, np.array([n]), with_logits=False)
-            yield time.thread_time() - t0
-            token = argmax.copy()
+        return step_cpu_times(backend, ids, total)
 
     times: dict[str, list[list[float]]] = {k: [] for k in backends}
     for rep in range(reps + 1):
