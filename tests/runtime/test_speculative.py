@@ -415,29 +415,34 @@ def int8_target(tmp_path_factory) -> Path:
     return out
 
 
-def _score_and_decode(folder: Path, pairs: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """Logits [k, V] and cache columns of k tokens after a prompt: one score call, then k one-token decodes."""
+def verify_and_decode(folder: Path, pairs: bool, k: int = 7,
+                      call: str = "score") -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """Logits [k, V] and cache columns of k tokens after a prompt: one verify call (the batch path's ``score`` or
+    the lone row's ``extend``), then k one-token decodes."""
     backend = OrtBackend(folder, BackendOptions(threads=1, paired_decode=pairs))
     assert backend.pairs == pairs
     cache = backend.allocate(1, 64)
-    prompt, tokens = np.arange(10, 30), np.arange(40, 47)  # k = 7: odd, so score pads too
+    prompt, tokens = np.arange(10, 30), np.arange(40, 40 + k)  # a pending token and k - 1 drafts
     backend.prefill(0, prompt, 0)
-    scored = backend.score(np.array([0]), tokens[None], np.array([len(prompt)]))[0]
-    scored_cache = [b[0, :, : len(prompt) + len(tokens)].copy() for b in cache.buffers]
+    if call == "score":
+        verified = backend.score(np.array([0]), tokens[None], np.array([len(prompt)]))[0]
+    else:
+        verified = backend.extend(0, tokens, len(prompt))[1].copy()
+    verified_cache = [b[0, :, : len(prompt) + len(tokens)].copy() for b in cache.buffers]
     backend.prefill(0, prompt, 0)
     decoded = np.stack([backend.decode(tokens[i : i + 1], np.array([len(prompt) + i]))[0].copy()
                         for i in range(len(tokens))])
     decoded_cache = [b[0, :, : len(prompt) + len(tokens)].copy() for b in cache.buffers]
-    return scored, decoded, scored_cache, decoded_cache
+    return verified, decoded, verified_cache, decoded_cache
 
 
 def test_an_int8_target_scores_and_decodes_bit_identically(int8_target):
     """Verify and one-token decode compute a token identically (logits and cache), so greedy needs no margin;
     without pairing the one-row call takes other kernels and the comparison fails."""
-    scored, decoded, scored_cache, decoded_cache = _score_and_decode(int8_target, pairs=True)
+    scored, decoded, scored_cache, decoded_cache = verify_and_decode(int8_target, pairs=True)  # k = 7: odd, so score pads too
     assert np.array_equal(scored, decoded)
     assert all(np.array_equal(a, b) for a, b in zip(scored_cache, decoded_cache, strict=True))
-    scored, decoded, _, _ = _score_and_decode(int8_target, pairs=False)
+    scored, decoded, _, _ = verify_and_decode(int8_target, pairs=False)
     assert not np.array_equal(scored, decoded)
 
 

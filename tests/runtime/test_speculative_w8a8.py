@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import requires_smollm2
-from tests.runtime.test_speculative import PROMPTS, greedy
+from tests.runtime.test_speculative import PROMPTS, greedy, verify_and_decode
 from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes import rtn
 from toolkit.passes.onnx import ONNXConfig, export
@@ -55,28 +55,13 @@ def test_a_w8a8_graph_rounds_activations_at_any_accuracy_level(w8a8, tmp_path):
     assert not OrtBackend(float_target, BackendOptions(threads=1)).int8_activations
 
 
-def _verify_and_decode(folder: Path, pairs: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """Logits [k, V] and cache columns of k tokens after a prompt: one verify call, then k one-token decodes."""
-    backend = OrtBackend(folder, BackendOptions(threads=1, paired_decode=pairs))
-    cache = backend.allocate(1, 64)
-    prompt, tokens = np.arange(10, 30), np.arange(40, 45)  # k = 5: a pending token and 4 drafts
-    backend.prefill(0, prompt, 0)
-    verified = backend.extend(0, tokens, len(prompt))[1].copy()
-    verified_cache = [b[0, :, : len(prompt) + len(tokens)].copy() for b in cache.buffers]
-    backend.prefill(0, prompt, 0)
-    decoded = np.stack([backend.decode(tokens[i : i + 1], np.array([len(prompt) + i]))[0].copy()
-                        for i in range(len(tokens))])
-    decoded_cache = [b[0, :, : len(prompt) + len(tokens)].copy() for b in cache.buffers]
-    return verified, decoded, verified_cache, decoded_cache
-
-
 def test_a_w8a8_target_verifies_and_decodes_bit_identically(w8a8):
     """Per-token scales and int32 sums are row-independent, but the float ops around them are not: a lone token
     takes GroupQueryAttention's one-row kernels. Paired, logits and cache agree to the bit; unpaired they do not."""
-    verified, decoded, verified_cache, decoded_cache = _verify_and_decode(w8a8, pairs=True)
+    verified, decoded, verified_cache, decoded_cache = verify_and_decode(w8a8, pairs=True, k=5, call="extend")
     assert np.array_equal(verified, decoded)
     assert all(np.array_equal(a, b) for a, b in zip(verified_cache, decoded_cache, strict=True))
-    verified, decoded, _, _ = _verify_and_decode(w8a8, pairs=False)
+    verified, decoded, _, _ = verify_and_decode(w8a8, pairs=False, k=5, call="extend")
     assert not np.array_equal(verified, decoded)
 
 
