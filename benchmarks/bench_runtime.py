@@ -122,7 +122,9 @@ def run_ours(a: argparse.Namespace, next_token: bool = False) -> dict[str, Any]:
         t = engine.generate(ids, config).timings
         return {"ttft_s": t.ttft_s, "prefill_s": t.prefill_s, "token_latencies_s": t.token_latencies_s}
 
-    return {"runs": repeat(once, a.warmup, a.repeats), "bytes": folder_bytes(a.path)}
+    # what the kernel collapsed into 2 MB pages in this process (0: refused, e.g. no contiguous memory left)
+    return {"runs": repeat(once, a.warmup, a.repeats), "bytes": folder_bytes(a.path),
+            "huge_page_mb": getattr(engine.backend, "huge_page_bytes", 0) / 2**20}
 
 
 def run_transformers(a: argparse.Namespace) -> dict[str, Any]:
@@ -345,6 +347,8 @@ def benchmark(a: argparse.Namespace) -> dict[str, Any]:
         per = [summarize(raw["runs"], a.prompt_tokens) for raw in raws[label]]
         row["per_process_decode_tok_s"] = [x["decode_tok_s"] for x in per]
         row["per_process_prefill_tok_s"] = [x["prefill_tok_s"] for x in per]
+        if "huge_page_mb" in raws[label][0]:
+            row["huge_page_mb_by_process"] = [raw["huge_page_mb"] for raw in raws[label]]
         row["rounds"] = [raw["round"] for raw in raws[label]]  # a failed round leaves a gap: pair by round, not index
         row["samples_by_process"] = {k: [x["samples"][k] for x in per] for k in per[0]["samples"]}
         row["weight_gb_s"] = row["artifact_bytes"] * row["decode_tok_s"] / 1e9  # bytes read per token x tok/s
@@ -394,6 +398,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['system']} | {r['ttft_ms']:.0f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
                      f"{r['itl_p50_ms']:.2f} | {r['itl_p90_ms']:.2f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['artifact_bytes'] / 1e6:.1f} | {r['weight_gb_s']:.1f} |")
+    for r in report["systems"]:
+        if r.get("huge_page_mb_by_process"):
+            lines.append(f"\n{r['system']}: MB in 2 MB pages per process "
+                         + ", ".join(f"{x:.0f}" for x in r["huge_page_mb_by_process"]) + ".")
     for q in report.get("ratios", []):
         per_round = ", ".join(f"{x:.2f}" for x in q["decode_ratio_per_round"])
         lines.append(f"\n{q['ours']} / {q['peer']}: decode {q['decode_ratio']:.3f}x (per round {per_round}), "
