@@ -46,13 +46,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speculative_prompts import COPY, NO_COPY  # noqa: E402
 
 BASELINES = {"draft": "target", "target-lookup": "target", "target-paired": "target", "lookup-copy": "int4-copy",
-             "lookup-nocopy": "int4-nocopy", "genai-lookup": "genai"}
+             "lookup-nocopy": "int4-nocopy", "genai-lookup": "genai", "lookup-batch": "int4-batch",
+             "lookup-batch-exact": "int4-batch"}
+
+
+def run_batch(name: str, a: argparse.Namespace) -> dict[str, float]:
+    """The copy-heavy prompts decoded ``--batch`` at a time (continuous batching): aggregate tokens/s over the
+    wall time, plain (``int4-batch``) or with prompt lookup, a paired target's batch row by row
+    (``lookup-batch-exact``) or batched without speculation while several rows run (``lookup-batch``)."""
+    import time
+
+    from toolkit.runtime import GenerationConfig, load
+
+    lookup = name.startswith("lookup")
+    engine = load(a.int4, threads=a.threads, max_batch=a.batch, accuracy_level=a.accuracy_level,
+                  paired_decode=lookup, batch_exact=name.endswith("exact"))
+    config = GenerationConfig(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
+                              num_draft_tokens=a.k if lookup else 0, prompt_lookup=lookup)
+    chats = [[{"role": "user", "content": p}] for p in COPY]
+    engine.generate_batch(chats[: a.batch], GenerationConfig(max_new_tokens=8, num_draft_tokens=0))  # warm-up
+    t0 = time.perf_counter()
+    results = engine.generate_batch(chats, config)
+    seconds = time.perf_counter() - t0
+    drafted = sum(r.speculation.num_draft_tokens for r in results if r.speculation)
+    accepted = sum(r.speculation.num_accepted_tokens for r in results if r.speculation)
+    return {"tok_s": sum(len(r.token_ids) for r in results) / seconds, "acceptance": accepted / drafted if drafted else 0.0,
+            "tokens_per_call": 0.0, "draft_share": 0.0}
 
 
 def run_one(name: str, a: argparse.Namespace) -> dict[str, float]:
     """One configuration in this process: decode tokens/s over its prompt set and the speculation counters."""
     from toolkit.runtime import GenerationConfig, load
 
+    if "batch" in name:
+        return run_batch(name, a)
     folder = a.target if name.startswith(("target", "draft")) else a.int4
     level = a.accuracy_level if folder == a.int4 else None
     lookup = name.startswith("lookup") or name == "target-lookup"
@@ -129,6 +156,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits level for the --int4 runs (0: float "
                    "activations; 4: int8, speculating runs decode one row as a pair; None: the export's)")
     p.add_argument("--genai", type=Path, help="an onnxruntime-genai build (genai_config.json) of the same model")
+    p.add_argument("--batch", type=int, default=0, help="with --int4: the copy-heavy prompts decoded N at a time "
+                   "(aggregate tokens/s, prefill included): plain, and prompt lookup with a paired batch row by row "
+                   "(exact) or batched without speculation")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=4, help="the longest draft")
@@ -238,7 +268,8 @@ def print_costs(costs: dict[str, float], k: int) -> None:
 def configurations(a: argparse.Namespace) -> list[str]:
     names = (["target"] + (["draft"] if a.draft else [])) if a.target else []
     names += (["target-lookup"] if a.target_lookup else []) + (["target-paired"] if a.target_paired else [])
-    names += ["int4-copy", "lookup-copy", "int4-nocopy", "lookup-nocopy"] if a.int4 else []
+    names += ["int4-copy", "lookup-copy", "int4-nocopy", "lookup-nocopy"] if a.int4 and not a.batch else []
+    names += ["int4-batch", "lookup-batch-exact", "lookup-batch"] if a.int4 and a.batch else []
     return names + (["genai", "genai-lookup"] if a.genai else [])
 
 

@@ -33,7 +33,7 @@ __all__ = [
 
 def load(folder: str | Path, threads: int | None = None, max_batch: int = 8, prefill_chunk: int = 256,
          spin: bool = True, draft: str | Path | None = None, accuracy_level: int | None = None,
-         paired_decode: bool | None = None) -> Engine:
+         paired_decode: bool | None = None, batch_exact: bool = True) -> Engine:
     """Open an export folder (refusing unsafe external data) and return a ready ``Engine``.
 
     threads: ORT intra-op threads (default: physical cores); max_batch: cache rows decoded together;
@@ -47,6 +47,9 @@ def load(folder: str | Path, threads: int | None = None, max_batch: int = 8, pre
     row by row as pairs, so that verify and decode agree bit for bit and greedy speculation keeps every position (see
     ``BackendOptions``); None: on when a draft is given. Without it an int8 target's verify defers close calls
     (``VERIFY_MARGIN_INT8``) and speculation gains little.
+    batch_exact: with paired decode, a speculating batch decodes row by row so that each row's greedy output equals
+    its output alone (one call per row); False: speculation runs while one sequence does, and several sequences
+    decode in one batched call without it (``toolkit serve``'s default: throughput under concurrency).
     """
     folder = Path(folder)
     tokenizer = Tokenizer.from_folder(folder)
@@ -62,7 +65,8 @@ def load(folder: str | Path, threads: int | None = None, max_batch: int = 8, pre
                       "bias assumes aligned left padding); sequences run one at a time", stacklevel=2)
         max_batch = 1
     draft_backend = OrtBackend(Path(draft), replace(options, accuracy_level=None)) if draft is not None else None
-    return Engine(backend, tokenizer, max_batch=max_batch, step_tokens=prefill_chunk, draft=draft_backend)
+    return Engine(backend, tokenizer, max_batch=max_batch, step_tokens=prefill_chunk, draft=draft_backend,
+                  batch_exact=batch_exact)
 
 
 def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, target_folder: Path, draft_folder: Path) -> None:

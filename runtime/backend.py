@@ -63,11 +63,13 @@ class Backend(Protocol):
         """tokens, lengths: [n] (lengths before this token) for rows 0..n-1; returns logits [n, V]."""
         ...
 
-    def decode_next(self, tokens: np.ndarray, lengths: np.ndarray,
-                    with_logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def decode_next(self, tokens: np.ndarray, lengths: np.ndarray, with_logits: bool, live: np.ndarray | None = None,
+                    rowwise: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """``decode``, returning each row's argmax token [n] (numpy's: the first index on ties) and the logits
         [n, V] only ``with_logits`` (a backend whose logits live on a device may then take the token in the graph
-        and copy n ids instead of [n, V] floats)."""
+        and copy n ids instead of [n, V] floats). ``live``: [n] bool, the rows whose outputs are read (default all;
+        the others may be skipped). ``rowwise``: a backend that decodes a batch row by row to give each row the
+        bits it has alone (``OrtBackend.pairs``) may run the rows in one batched call when False."""
         ...
 
     def score(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -491,10 +493,12 @@ class OrtBackend:
         """Decode this step row by row, each as a pair: several rows, ``pairs`` on, a shared cache."""
         return self.pairs and len(lengths) > 1 and self._require_cache().shared
 
-    def _decode_rows(self, tokens: np.ndarray, lengths: np.ndarray, logits: bool) -> None:
-        """Each row alone as a pair (``extend``: the kernels of a one-row decode and of a verify), into the decode
-        buffers a batched call fills: a token of a batch is computed as it is alone, at one call per row."""
+    def _decode_rows(self, tokens: np.ndarray, lengths: np.ndarray, logits: bool, live: np.ndarray | None) -> None:
+        """Each live row alone as a pair (``extend``: the kernels of a one-row decode and of a verify), into the
+        decode buffers a batched call fills: a token of a batch is computed as it is alone, at one call per row."""
         for row, (token, length) in enumerate(zip(tokens.tolist(), lengths.tolist(), strict=True)):
+            if live is not None and not live[row]:
+                continue  # a free row or one mid-prefill: a batched call computes a throwaway token there
             ids, row_logits = self.extend(row, np.array([token], np.int64), length)
             self._decode_next[row, 0] = ids[0]
             if logits:
@@ -509,27 +513,27 @@ class OrtBackend:
         io.bind_ortvalue_input(self.names.attention_mask, self._decode_mask(lengths + 1))
         self.session.run_with_iobinding(io)
 
-    def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray, rowwise: bool = True) -> np.ndarray:
         if not self._require_cache().shared:
             return self._decode_at(0, tokens, lengths)
         if self._paired(lengths):
             self._run_pair(int(tokens[0]), int(lengths[0]), logits=True)
             return self._pair_logits[:, 0]  # [1, V], valid until the next call
-        if self._rowwise(lengths):
-            self._decode_rows(tokens, lengths, logits=True)
+        if rowwise and self._rowwise(lengths):
+            self._decode_rows(tokens, lengths, logits=True, live=None)
             return self._decode_logits[: len(tokens), 0]
         self._run_decode(tokens, lengths, logits=True)
         return self._decode_logits[: len(tokens), 0]  # [n, V], valid until the next call
 
-    def decode_next(self, tokens: np.ndarray, lengths: np.ndarray,
-                    with_logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def decode_next(self, tokens: np.ndarray, lengths: np.ndarray, with_logits: bool, live: np.ndarray | None = None,
+                    rowwise: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """The graph's next-token output where it has one (a shared cache); otherwise the logits' argmax here."""
-        if self._rowwise(lengths):
-            self._decode_rows(tokens, lengths, logits=with_logits)
+        if rowwise and self._rowwise(lengths):
+            self._decode_rows(tokens, lengths, logits=with_logits, live=live)
             n = len(tokens)
             return self._decode_next[:n, 0], self._decode_logits[:n, 0] if with_logits else None
         if not (self.has_next_token and self._require_cache().shared):
-            logits = self.decode(tokens, lengths)
+            logits = self.decode(tokens, lengths, rowwise)
             return logits.argmax(axis=1), logits if with_logits else None
         if self._paired(lengths):
             self._run_pair(int(tokens[0]), int(lengths[0]), logits=with_logits)

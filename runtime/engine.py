@@ -31,15 +31,16 @@ Prompt = str | list[dict[str, str]]  # text, or chat messages [{"role": ..., "co
 
 class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, max_batch: int = 8, block_size: int = 16,
-                 step_tokens: int = 256, draft: Backend | None = None) -> None:
+                 step_tokens: int = 256, draft: Backend | None = None, batch_exact: bool = True) -> None:
         """step_tokens: prompt tokens prefilled per step (bounds how long running rows wait for a new prompt);
-        draft: another export's backend (same tokenizer) that proposes tokens for speculative decoding."""
+        draft: another export's backend (same tokenizer) that proposes tokens for speculative decoding;
+        batch_exact: see ``Scheduler`` (a paired target's batch row by row, or batched without speculation)."""
         if max_batch < 1 or block_size < 1:
             raise ToolkitError(f"max_batch and block_size must be >= 1 (got {max_batch}, {block_size})")
         self.backend, self.tokenizer = backend, tokenizer
         self.contract = backend.contract
         self.max_batch, self.block_size = max_batch, block_size
-        self.scheduler = Scheduler(backend, max_batch, block_size, step_tokens)
+        self.scheduler = Scheduler(backend, max_batch, block_size, step_tokens, batch_exact)
         self._lock = threading.Lock()
         self._local = threading.local()
         if draft is not None and draft.contract.vocab_size != self.contract.vocab_size:

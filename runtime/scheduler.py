@@ -59,7 +59,11 @@ class Handle:
 
 
 class Scheduler:
-    def __init__(self, backend: Backend, max_batch: int, block_size: int, step_tokens: int) -> None:
+    def __init__(self, backend: Backend, max_batch: int, block_size: int, step_tokens: int,
+                 batch_exact: bool = True) -> None:
+        """batch_exact: a paired target (see below) decodes a batch row by row, so that every speculating row's
+        greedy output equals its output alone, at one call per row; False: it speculates only while one sequence
+        runs, and several decode in one batched call without speculation (a server's throughput)."""
         if max_batch < 1 or step_tokens < 1:
             raise ToolkitError(f"max_batch and step_tokens must be >= 1 (got {max_batch}, {step_tokens})")
         self.backend, self.step_tokens = backend, step_tokens
@@ -71,6 +75,7 @@ class Scheduler:
         self.rows: dict[int, Handle] = {}  # cache row -> the sequence holding it
         int8 = getattr(backend, "int8_activations", backend.contract.accuracy_level == 4)
         self.pairs = bool(getattr(backend, "pairs", False))  # one row decodes as [token, pad] (exact verify)
+        self.batch_exact = batch_exact
         self.verify_margin = 0.0 if self.pairs else VERIFY_MARGIN_INT8 if int8 else VERIFY_MARGIN
 
     # --- requests --------------------------------------------------------------------------------
@@ -178,10 +183,14 @@ class Scheduler:
 
     def decode(self) -> None:
         """Advance every running sequence: speculating rows by their accepted draft, the rest by one token."""
+        busy = len(self.running)
         if all(h.seq.proposer is None for h in self.running):
             self.decode_one_token()
             return
-        busy = len(self.running)
+        if self.pairs and busy > 1 and not self.batch_exact:
+            # a paired target verifies row by row: with several rows, one batched call makes tokens cheaper
+            self.decode_one_token(rowwise=False)
+            return
         plain = []
         for handle in list(self.running):
             seq = handle.seq
@@ -269,21 +278,23 @@ class Scheduler:
             return None  # the penalty scales differences
         return argmax
 
-    def decode_one_token(self, handles: list[Handle] | None = None) -> None:
+    def decode_one_token(self, handles: list[Handle] | None = None, rowwise: bool = True) -> None:
         """Advance ``handles`` (default: every running sequence) by one token in one batched call over rows
-        0..highest in use."""
+        0..highest in use (``rowwise``: a paired target's call per row, see ``batch_exact``)."""
         handles = self.running if handles is None else handles
         n = self.pool.highest_in_use() + 1
         # A row that is not decoding computes a throwaway token at its next free column (0 for a free row; for a
-        # row mid-prefill, the column its next chunk overwrites), so no written column is touched.
-        tokens, lengths = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        # row mid-prefill, the column its next chunk overwrites), so no written column is touched. A backend
+        # that decodes row by row skips those rows (``live``).
+        tokens, lengths, live = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, bool)
         for slot, handle in self.rows.items():
             lengths[slot] = handle.seq.length
         for handle in handles:
-            tokens[handle.seq.slot] = handle.seq.generated[-1]
+            tokens[handle.seq.slot], live[handle.seq.slot] = handle.seq.generated[-1], True
         t0 = time.perf_counter()
         # argmax: [n] ids; logits: [n, V] only when a row samples, penalises or masks; valid until the next call
-        argmax, logits = self.backend.decode_next(tokens, lengths, any(h.seq.needs_logits for h in handles))
+        argmax, logits = self.backend.decode_next(tokens, lengths, any(h.seq.needs_logits for h in handles),
+                                                  live=live, rowwise=rowwise)
         chosen = []
         for handle in handles:
             seq = handle.seq

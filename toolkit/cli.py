@@ -230,7 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(Path(args.export), host=args.host, port=args.port, max_batch=args.max_batch,
                          max_queue=args.max_queue, threads=args.threads, shutdown_timeout=args.shutdown_timeout,
                          served_model_name=args.served_model_name, draft=args.draft, prompt_lookup=args.prompt_lookup,
-                         num_draft_tokens=args.num_draft_tokens)  # refuses bad settings before any import
+                         num_draft_tokens=args.num_draft_tokens,
+                         batch_exact=args.batch_exact)  # refuses bad settings before any import
     try:
         from toolkit.serving.app import serve
     except ModuleNotFoundError as exc:
@@ -316,7 +317,11 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                               "the prompt and output",
              "num_draft_tokens": "the longest draft, with --draft or --prompt-lookup (default: "
                                  f"{GenerationConfig.num_draft_tokens}; a request may ask for less with "
-                                 "num_speculative_tokens, 0 to turn it off)"}
+                                 "num_speculative_tokens, 0 to turn it off)",
+             "batch_exact": "with --draft or --prompt-lookup on an int8-activation export: decode concurrent "
+                            "requests row by row so that each one's greedy output equals its output alone (one "
+                            "call per request; default: speculate while one request runs, batch several without "
+                            "speculation)"}
     parser.add_argument("export", help="export folder (model.onnx + model.onnx.data + tokenizer)")
     hints = typing.get_type_hints(ServeConfig)
     for f in dataclasses.fields(ServeConfig)[1:]:  # the defaults are ServeConfig's, declared once

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -604,3 +605,50 @@ def test_top2_margin_reads_the_gap_to_the_next_largest_logit_at_either_end_and_o
     assert top2_margin(np.array([1.0, 3.0, 2.5]), 1) == 0.5
     assert top2_margin(np.array([3.0, 1.0, 2.0]), 0) == 1.0 and top2_margin(np.array([1.0, 2.0, 4.0]), 2) == 2.0
     assert top2_margin(np.array([2.0, 2.0, 1.0]), 0) == 0.0  # a tie is too close to call at any margin
+
+
+def _count_calls(backend: OrtBackend, monkeypatch) -> list[int]:
+    """A list whose length is the number of graph calls ``backend`` makes from now on."""
+    calls: list[int] = []
+    run = backend.session.run_with_iobinding
+    monkeypatch.setattr(backend.session, "run_with_iobinding", lambda io, *a: (calls.append(1), run(io, *a))[1])
+    return calls
+
+
+def test_a_paired_batch_decodes_only_its_live_rows_and_in_one_call_when_not_rowwise(int8_target, monkeypatch):
+    """Row by row, a row that is not decoding (free, or mid-prefill) costs no call and the live rows' tokens are
+    those they have alone; ``rowwise=False`` is one batched call."""
+    backend = OrtBackend(int8_target, BackendOptions(threads=1, paired_decode=True))
+    backend.allocate(3, 64)
+    for row in range(3):
+        backend.prefill(row, np.arange(10 + row, 30), 0)
+    tokens, lengths = np.array([40, 41, 42]), np.array([20, 19, 18])
+    alone = [int(backend.extend(r, tokens[r : r + 1], int(lengths[r]))[0][0]) for r in range(3)]
+    calls = _count_calls(backend, monkeypatch)
+    ids, _ = backend.decode_next(tokens, lengths, False, live=np.array([True, False, True]))
+    assert len(calls) == 2 and [int(ids[0]), int(ids[2])] == [alone[0], alone[2]]
+    backend.decode_next(tokens, lengths, False, rowwise=False)
+    assert len(calls) == 3
+
+
+def test_a_server_style_paired_target_batches_concurrent_rows_and_speculates_alone(int8_target, monkeypatch):
+    """``batch_exact=False``: no row drafts while several sequences run (they decode in one batched call); the
+    sequence left alone speculates. Default (exact): a speculating batch equals each row alone."""
+    config = replace(greedy(num_draft_tokens=4, prompt_lookup=True), max_new_tokens=24, min_new_tokens=24)
+    prompts = [PROMPTS[2], PROMPTS[0]]
+    fast = load(int8_target, threads=1, max_batch=2, paired_decode=True, batch_exact=False)
+    busy_when_drafting: list[int] = []
+    speculate = fast.scheduler.speculate
+    monkeypatch.setattr(fast.scheduler, "speculate",
+                        lambda h, k: (busy_when_drafting.append(len(fast.scheduler.running)), speculate(h, k))[1])
+    short = replace(config, max_new_tokens=8, min_new_tokens=8)
+    handles = [fast.submit(p, c) for p, c in zip(prompts, [short, config], strict=True)]
+    for handle in handles:  # the first stops early: the second runs on alone
+        for _ in fast.follow(handle):
+            pass
+    stats = handles[1].seq.spec_stats
+    assert stats is not None and stats.num_accepted_tokens > 0
+    assert busy_when_drafting and set(busy_when_drafting) == {1}
+    exact = load(int8_target, threads=1, max_batch=2, paired_decode=True)
+    assert [r.token_ids for r in exact.generate_batch(prompts, config)] == [exact.generate(p, config).token_ids
+                                                                              for p in prompts]

@@ -271,6 +271,7 @@ def test_bad_speculation_settings_are_refused_in_one_line(target: Path, draft: P
         (["--draft", str(draft), "--num-draft-tokens", "33"], "error: --num-draft-tokens must be in [1, 32] (got 33)"),
         (["--num-draft-tokens", "3"], "error: --num-draft-tokens is the longest draft of --draft or --prompt-lookup"),
         (["--draft", str(draft), "--prompt-lookup"], "error: --draft and --prompt-lookup are two draft sources"),
+        (["--batch-exact"], "error: --batch-exact is how --draft or --prompt-lookup decode a batch"),
         (["--draft", str(tmp_path)], f"error: --draft {tmp_path} holds no model.onnx"),
         (["--draft", str(junk)], "it is not an export folder"),
         (["--draft", str(other)], f"error: {other} cannot draft for {target}: their tokenizers differ"),

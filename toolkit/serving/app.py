@@ -72,7 +72,8 @@ class Server:
         """Open the export (in a worker thread: /health answers 503 meanwhile) and start the engine loop."""
         # a speculating int8 target decodes one row as a pair, so verify and decode agree bit for bit (README)
         engine = load(self.config.export, threads=self.config.threads, max_batch=self.config.max_batch,
-                      draft=self.config.draft, paired_decode=self.config.speculates)
+                      draft=self.config.draft, paired_decode=self.config.speculates,
+                      batch_exact=self.config.batch_exact)
         self.loop = EngineLoop(engine, self.metrics)
         pool = engine.pool
         self.metrics.watch(running=lambda: len(engine.scheduler.rows),

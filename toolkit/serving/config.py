@@ -25,6 +25,9 @@ class ServeConfig:
     draft: Path | None = None
     prompt_lookup: bool = False
     num_draft_tokens: int | None = None  # the longest draft (None: GenerationConfig's default)
+    # an int8-activation target speculates exactly by decoding each row as it is alone (runtime ``batch_exact``):
+    # off, it speculates while one request runs and batches several without speculation (throughput)
+    batch_exact: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 0:
@@ -51,6 +54,9 @@ class ServeConfig:
                 raise ToolkitError(f"--num-draft-tokens must be in [1, {MAX_DRAFT_TOKENS}] (got "
                                    f"{self.num_draft_tokens}); to serve without speculation leave --draft and "
                                    "--prompt-lookup out")
+        if self.batch_exact and not self.speculates:
+            raise ToolkitError("--batch-exact is how --draft or --prompt-lookup decode a batch: give one of them, "
+                               "or leave it out")
         if self.draft is not None and not (self.draft / "model.onnx").is_file():
             raise ToolkitError(f"--draft {self.draft} holds no model.onnx: give the folder an ONNX export of a "
                                "model with the served export's tokenizer was written to")
