@@ -211,10 +211,12 @@ def check_vllm_head_dim(folder: Path) -> None:
                          f"({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); give a model with one of those")
 
 
-def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], new_tokens: int) -> dict[str, Any]:
+def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], new_tokens: int,
+             dtype: str | None = None) -> dict[str, Any]:
+    """One model for ``vllm_consumer.py``, run in ``dtype`` (default: its scheme's ``VLLM_DTYPE``)."""
     # a scored window asks for one token after it: vLLM refuses prompt + output past max_model_len
     longest = max(len(x) for x in [*(w + [0] for w in windows), *(p + [0] * new_tokens for p in prompts)])
-    return {"folder": str(folder), "dtype": vllm_dtype(folder), "prompts": prompts, "new_tokens": new_tokens,
+    return {"folder": str(folder), "dtype": dtype or vllm_dtype(folder), "prompts": prompts, "new_tokens": new_tokens,
             "top_logprobs": VLLM_TOP, "windows": windows, "max_model_len": longest}
 
 
@@ -343,7 +345,7 @@ def vllm_consumers(a: argparse.Namespace, wins: torch.Tensor) -> dict[str, dict[
         for scheme in a.vllm_tiny_schemes:
             entries.append((f"tiny-{family}-{scheme}", *tiny_export(family, scheme, a.workdir), None))
     prompts = [chat_prompts(tokenizer) for _, _, _, tokenizer, _ in entries]
-    jobs = [vllm_job(folder, p, [] if w is None else w.tolist(), a.vllm_tokens)
+    jobs = [vllm_job(folder, p, [] if w is None else w.tolist(), a.vllm_tokens, a.vllm_dtype)
             for (_, _, folder, _, w), p in zip(entries, prompts, strict=True)]
     results = {}
     for (label, model, _, _, w), p, got in zip(entries, prompts, vllm_run(jobs, a.threads, a.workdir / "vllm.log"), strict=True):
@@ -442,6 +444,9 @@ def main() -> None:
     p.add_argument("--vllm-tiny-schemes", nargs="+", default=["w4a16", "w8a8"], choices=TINY_SCHEMES,
                    help="the compressed-tensors schemes each --vllm-tiny family is exported in")
     p.add_argument("--vllm-tokens", type=int, default=32, help="greedy tokens per prompt compared with vLLM")
+    p.add_argument("--vllm-dtype", choices=["bfloat16", "float32"],
+                   help="the dtype vLLM runs every model in (default: each scheme's VLLM_DTYPE); float32 is ours, "
+                        "which vLLM CPU's FP8 torch fallback accepts and its int4 and int8 kernels refuse")
     p.add_argument("--tokenizer", default="smollm2", help="model source whose tokenizer makes the windows")
     p.add_argument("--count", type=int, default=16)
     p.add_argument("--length", type=int, default=512)
