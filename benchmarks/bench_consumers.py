@@ -170,7 +170,8 @@ def hf_perplexity(folder: Path, wins: torch.Tensor, compressed: bool) -> dict[st
 # a ModelOpt checkpoint is named by its quant_method. W4A16 (pack-quantized): its CPU kernel takes uint4 / uint4b8 in
 # bfloat16 only (float32 fails). W8A8 int8 (int-quantized): on a CPU with AMX it runs int8_scaled_mm_with_quant,
 # which takes bfloat16 or half activations only (float32: "expect A to be bfloat16 or half"). FP8 (float-quantized,
-# modelopt): vLLM CPU's fp8 kernels need AMX and write bfloat16 or float32; bfloat16 like the others. Static per-tensor
+# modelopt): vLLM CPU's fp8 kernels need AMX and write bfloat16 or float32; bfloat16 like the others (per-channel
+# dynamic FP8 runs on its torch fallback, which also takes float32: --vllm-dtype float32). Static per-tensor
 # FP8 on CPU (vLLM 0.32): ModelOpt FP8 runs as W8A16 (CPUFp8PerTensorScaledMMLinearKernel leaves the inputs in
 # bfloat16, so the checkpoint's input scales are not applied: not the model the checkpoint describes), and
 # compressed-tensors' FP8 preset fails at engine start (its CPU build has no static_scaled_fp8_quant).
@@ -211,10 +212,12 @@ def check_vllm_head_dim(folder: Path) -> None:
                          f"({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); give a model with one of those")
 
 
-def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], new_tokens: int) -> dict[str, Any]:
+def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], new_tokens: int,
+             dtype: str | None = None) -> dict[str, Any]:
+    """One model for ``vllm_consumer.py``, run in ``dtype`` (default: its scheme's ``VLLM_DTYPE``)."""
     # a scored window asks for one token after it: vLLM refuses prompt + output past max_model_len
     longest = max(len(x) for x in [*(w + [0] for w in windows), *(p + [0] * new_tokens for p in prompts)])
-    return {"folder": str(folder), "dtype": vllm_dtype(folder), "prompts": prompts, "new_tokens": new_tokens,
+    return {"folder": str(folder), "dtype": dtype or vllm_dtype(folder), "prompts": prompts, "new_tokens": new_tokens,
             "top_logprobs": VLLM_TOP, "windows": windows, "max_model_len": longest}
 
 
@@ -223,8 +226,11 @@ def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], n
 # 20.509 with it, +3.24 % over ours, the size of naive W8A8's loss). Off, vLLM computes W4A16 in bfloat16 (19.893,
 # +0.14 %). That kernel uses AMX tiles without asking Linux for them, which killed the tiny models' worker (SIGILL);
 # vllm_consumer.py asks in every vLLM process. VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS: FP8 dynamic on CPU runs torch's
-# unfused fallback, and one 4096-token prefill step with full-vocabulary log-probabilities outlasted vLLM's default 300 s
-# on a busy 2-core host ("RPC call to execute_model timed out"), killing the engine.
+# unfused fallback (ChannelWiseTorchFP8ScaledMMLinearKernel: torch._scaled_mm into float32, then both scales), and once
+# one 4096-token prefill step with full-vocabulary log-probabilities outlasted vLLM's default 300 s on a busy 2-core
+# host ("RPC call to execute_model timed out"), killing the engine. With it raised, SmolLM2 FP8 dynamic's whole check
+# took 4-5 minutes of vLLM time on a loaded host (load 24-64 s, greedy 53-142 s, 16 windows 56-119 s, vllm.log's
+# "load ... greedy ... windows" line; py-spy on the worker: 59 % of its samples in that kernel's apply_scaled_mm).
 VLLM_ENV = {"VLLM_CPU_INT4_W4A8": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}
 JOB_MARK = "=== vllm_consumer job"  # vllm_consumer.py's line before each job
 # a line of vLLM's log that names an exception, bare or logged at ERROR level by one of its processes:
@@ -343,7 +349,7 @@ def vllm_consumers(a: argparse.Namespace, wins: torch.Tensor) -> dict[str, dict[
         for scheme in a.vllm_tiny_schemes:
             entries.append((f"tiny-{family}-{scheme}", *tiny_export(family, scheme, a.workdir), None))
     prompts = [chat_prompts(tokenizer) for _, _, _, tokenizer, _ in entries]
-    jobs = [vllm_job(folder, p, [] if w is None else w.tolist(), a.vllm_tokens)
+    jobs = [vllm_job(folder, p, [] if w is None else w.tolist(), a.vllm_tokens, a.vllm_dtype)
             for (_, _, folder, _, w), p in zip(entries, prompts, strict=True)]
     results = {}
     for (label, model, _, _, w), p, got in zip(entries, prompts, vllm_run(jobs, a.threads, a.workdir / "vllm.log"), strict=True):
@@ -442,6 +448,9 @@ def main() -> None:
     p.add_argument("--vllm-tiny-schemes", nargs="+", default=["w4a16", "w8a8"], choices=TINY_SCHEMES,
                    help="the compressed-tensors schemes each --vllm-tiny family is exported in")
     p.add_argument("--vllm-tokens", type=int, default=32, help="greedy tokens per prompt compared with vLLM")
+    p.add_argument("--vllm-dtype", choices=["bfloat16", "float32"],
+                   help="the dtype vLLM runs every model in (default: each scheme's VLLM_DTYPE); float32 is ours, "
+                        "which vLLM CPU's FP8 torch fallback accepts and its int4 and int8 kernels refuse")
     p.add_argument("--tokenizer", default="smollm2", help="model source whose tokenizer makes the windows")
     p.add_argument("--count", type=int, default=16)
     p.add_argument("--length", type=int, default=512)

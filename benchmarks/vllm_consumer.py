@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    start = time.perf_counter()
     llm = LLM(model=job["folder"], dtype=job["dtype"], max_model_len=job["max_model_len"], seed=0,
               skip_tokenizer_init=True, enforce_eager=True)
     greedy = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True,
                             logprobs=job["top_logprobs"], detokenize=False)
+    loaded = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], greedy, use_tqdm=False)
+    generated = time.perf_counter()
     generations = [{"tokens": list(o.outputs[0].token_ids),
                     "top_logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]}
                    for o in outs]
@@ -47,6 +51,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             # prompt_logprobs[i]: {token: Logprob} for position i, the actual token always among them; [0] is None
             nll = -sum(o.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids)))
             windows.append({"nll": nll, "tokens": len(ids) - 1})
+    # wall seconds of each phase, in the log: where a slow kernel (FP8's torch fallback) spends a run
+    print(f"load {loaded - start:.0f} s, greedy {generated - loaded:.0f} s, "
+          f"{len(windows)} windows {time.perf_counter() - generated:.0f} s", flush=True)
     del llm  # shuts its engine process down before the next model loads
     gc.collect()
     return {"dtype": job["dtype"], "generations": generations, "windows": windows}

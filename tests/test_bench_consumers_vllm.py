@@ -71,6 +71,8 @@ def test_max_model_len_holds_a_window_and_the_token_after_it(tmp_path: Path) -> 
     job = bench.vllm_job(tmp_path, [[1, 2, 3]], [list(range(512))], new_tokens=32)
     assert job["max_model_len"] == 513 and job["dtype"] == "bfloat16"
     assert bench.vllm_job(tmp_path, [[1] * 40], [], new_tokens=32)["max_model_len"] == 72
+    # --vllm-dtype float32: vLLM computes in our precision (its FP8 torch fallback accepts it)
+    assert bench.vllm_job(tmp_path, [[1] * 40], [], new_tokens=32, dtype="float32")["dtype"] == "float32"
 
 
 def test_root_cause_is_the_failing_jobs_engine_error_not_engine_dead() -> None:
