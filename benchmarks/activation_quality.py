@@ -65,6 +65,8 @@ FP8 = rtn.RTNConfig(bits=8, group_size=-1, type="float", input_activations=FP8_D
 GPTQ_FP8 = gptq.GPTQConfig(bits=8, group_size=-1, type="float", input_activations=FP8_DYNAMIC, lm_head_bits=None)
 GPTQ_FP8_ASYMMETRIC = dataclasses.replace(GPTQ_FP8, asymmetric=True)
 GPTQ_FP8_SEARCH = dataclasses.replace(GPTQ_FP8, scale_search=True)
+GPTQ_FP8_DAMP_HIGH = dataclasses.replace(GPTQ_FP8, damp=0.1)
+GPTQ_FP8_DAMP_LOW = dataclasses.replace(GPTQ_FP8, damp=0.001)
 Step = Callable[[nn.Module, PassContext], nn.Module]
 
 
@@ -85,6 +87,9 @@ ROWS: dict[str, list[Step]] = {
     "fp8-dynamic": [_rtn(FP8)],
     "fp8-dynamic-gptq": [_gptq(GPTQ_FP8)],
     "fp8-dynamic-sq-gptq": [_smooth(0.5), _gptq(GPTQ_FP8)],
+    "fp8-dynamic-sq0.65-gptq": [_smooth(0.65), _gptq(GPTQ_FP8)],
+    "fp8-dynamic-gptq-damp0.1": [_gptq(GPTQ_FP8_DAMP_HIGH)],
+    "fp8-dynamic-gptq-damp0.001": [_gptq(GPTQ_FP8_DAMP_LOW)],
     "fp8-dynamic-gptq-asymmetric": [_gptq(GPTQ_FP8_ASYMMETRIC)],
     "fp8-dynamic-gptq-scale-search": [_gptq(GPTQ_FP8_SEARCH)],
     "w8a8-naive": [_rtn(W8A8)],

@@ -1,0 +1,197 @@
+"""Does a residual-stream rotation (QuaRot / SpinQuant R1, folded into the weights) lower FP8 dynamic's error on
+SmolLM2? A screen before any pass is built: float, fp8 inputs only and fp8 weights + inputs (round to nearest,
+heads float) on the model as it is, with its RMSNorm weights folded into the linears after them (the control:
+folding alone changes what the q/k/v/gate/up inputs are), and rotated by a random orthogonal matrix and by a
+randomized Hadamard matrix.
+
+    python benchmarks/fp8_rotation_screen.py              # 4 evaluation windows
+    python benchmarks/fp8_rotation_screen.py --windows 16
+
+The rotation ``Q`` is orthogonal, so RMSNorm(x Q) = RMSNorm(x) Q once its weight is 1: embedding E -> E Q, every
+linear reading the residual stream (q, k, v, gate, up) W -> W Q, every linear writing it (o, down) W -> Qᵀ W, the
+head -> E diag(g_final) Q. The final norm's weight cannot fold into a head tied to the embedding, so a rotated
+model with a non-unit final norm has an untied head (one more vocab x hidden matrix in the checkpoint). Only the
+inputs of q/k/v/gate/up change; o_proj's and down_proj's inputs are the model's own (rotating those needs an
+online Hadamard the consumers do not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+
+import torch
+from fp8_error_sources import variant
+from torch import nn
+
+from toolkit.data import WindowSpec, token_windows
+from toolkit.evaluation.perplexity import evaluate
+from toolkit.models import load
+from toolkit.quant.arithmetic import fp8_dequantize, fp8_quantize
+
+READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """A Hadamard matrix of order ``n`` = 2^a * 12^b (Sylvester and Paley's order-12 construction), unnormalized."""
+    if n == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    if n % 12 == 0:
+        q = 11  # Paley I: Q = Jacobsthal matrix of GF(11), H = I + [[0, 1ᵀ], [-1, Q]]
+        squares = {(i * i) % q for i in range(1, q)}
+        chi = torch.tensor([0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)], dtype=torch.float64)
+        jac = torch.stack([chi[(torch.arange(q) - i) % q] for i in range(q)])
+        s = torch.zeros(12, 12, dtype=torch.float64)
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, jac
+        return torch.kron(torch.eye(12, dtype=torch.float64) + s, hadamard(n // 12))
+    if n % 2 == 0:
+        return torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), hadamard(n // 2))
+    raise ValueError(f"no Hadamard construction here for order {n} (2^a * 12^b only)")
+
+
+def rotation(n: int, kind: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "orthogonal":
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r))
+    signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+    h = hadamard(n) / math.sqrt(n)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
+    return signs[:, None] * h  # diag(s) H: still orthogonal
+
+
+@torch.no_grad()
+def folded_rotated(base: nn.Module, q: torch.Tensor | None) -> nn.Module:
+    """``base`` (a Llama-layout causal LM) with every RMSNorm weight folded into the linears after it and, if ``q``
+    is given, its residual stream rotated by ``q: [hidden, hidden]`` (float64 math, weights back in float32)."""
+    model = copy.deepcopy(base)
+    inner = model.model
+    hidden = inner.embed_tokens.weight.shape[1]
+    q = torch.eye(hidden, dtype=torch.float64) if q is None else q
+    head = inner.embed_tokens.weight.double() * inner.norm.weight.double() @ q  # E diag(g) Q
+    model.lm_head = nn.Linear(hidden, head.shape[0], bias=False)
+    model.lm_head.weight.data = head.float()
+    model.config.tie_word_embeddings = False
+    inner.norm.weight.fill_(1.0)
+    inner.embed_tokens.weight.data = (inner.embed_tokens.weight.double() @ q).float()
+    for layer in inner.layers:
+        for norm, readers in READERS.items():
+            g = layer.get_submodule(norm).weight
+            for name in readers:
+                lin = layer.get_submodule(name)
+                lin.weight.data = (lin.weight.double() * g.double() @ q).float()
+            g.fill_(1.0)
+        for name in WRITERS:
+            lin = layer.get_submodule(name)
+            lin.weight.data = (q.T @ lin.weight.double()).float()
+    return model
+
+
+@torch.no_grad()
+def reader_moments(model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per residual reader group (30 layers x 2 norms): ``H = E[x̂ x̂ᵀ]`` of the normalized stream x̂ (the norm's
+    output before its weight) and ``C = Σ_readers (W diag g)ᵀ (W diag g)``, each ``[groups, hidden, hidden]``."""
+    hs: list[torch.Tensor] = []
+    cs: list[torch.Tensor] = []
+    for layer in model.model.layers:
+        for norm, readers in READERS.items():
+            g = layer.get_submodule(norm).weight.double()
+            w = torch.cat([layer.get_submodule(n).weight.double() for n in readers]) * g
+            cs.append(w.T @ w)
+            hs.append(torch.zeros_like(cs[-1]))
+    hooks = []
+    for k, layer in enumerate(model.model.layers):
+        for j, (norm, readers) in enumerate(READERS.items()):
+            g = layer.get_submodule(norm).weight.double()
+
+            def grab(_: nn.Module, a: tuple[torch.Tensor, ...], i: int = 2 * k + j, g: torch.Tensor = g) -> None:
+                x = a[0].reshape(-1, a[0].shape[-1]).double() / g
+                hs[i] += x.T @ x / len(x)
+            hooks.append(layer.get_submodule(readers[0]).register_forward_pre_hook(grab))
+    for w in windows:
+        model(input_ids=w[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    return torch.stack(hs).float() / len(windows), torch.stack(cs).float()
+
+
+def fitted_rotation(h: torch.Tensor, c: torch.Tensor, start: torch.Tensor, steps: int) -> torch.Tensor:
+    """The orthogonal R minimizing the summed relative error fp8 input (and weight) rounding adds to the readers:
+    elementwise relative rounding error ε makes output error E‖Δy‖² ≈ ε² Σ_i (RᵀHR)_ii (RᵀCR)_ii, against
+    E‖y‖² = tr(HC) (rotation invariant). Adam on R = start · Cayley(A), A skew."""
+    n = h.shape[-1]
+    scale = 1 / torch.einsum("gij,gji->g", h, c)  # 1 / E‖y‖² per group
+    a = torch.zeros(n, n, requires_grad=True)
+    opt = torch.optim.Adam([a], lr=1e-3)
+    eye = torch.eye(n)
+
+    def objective() -> tuple[torch.Tensor, torch.Tensor]:
+        skew = a - a.T
+        r = start.float() @ torch.linalg.solve(eye + skew, eye - skew)
+        hr, cr = h @ r, c @ r  # [G, n, n]
+        dh, dc = (r * hr).sum(-2), (r * cr).sum(-2)  # diag(RᵀHR), diag(RᵀCR): [G, n]
+        return ((dh * dc).sum(-1) * scale).sum(), r
+
+    with torch.no_grad():
+        first = float(objective()[0])
+    for _ in range(steps):
+        opt.zero_grad()
+        loss, _ = objective()
+        loss.backward()
+        opt.step()
+    loss, r = objective()
+    print(f"fitted rotation: surrogate {first:.4f} -> {float(loss):.4f} ({steps} Adam steps)", flush=True)
+    return r.detach().double()
+
+
+def fp8(w: torch.Tensor) -> torch.Tensor:
+    return fp8_dequantize(*fp8_quantize(w))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--windows", type=int, default=4, help="evaluation windows of 512 tokens (16: the protocol)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fit-steps", type=int, default=200, help="Adam steps fitting the rotation (0: no fit)")
+    parser.add_argument("--calib-count", type=int, default=4, help="calibration windows for the fit's moments")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load(args.model)
+    base = loaded.model.eval().float()
+    windows = token_windows(loaded.tokenizer, WindowSpec(count=args.windows))
+    hidden = base.model.embed_tokens.weight.shape[1]
+    models = {"as is": base, "norms folded": folded_rotated(base, None),
+              "rotated (orthogonal)": folded_rotated(base, rotation(hidden, "orthogonal", args.seed)),
+              "rotated (Hadamard)": folded_rotated(base, rotation(hidden, "hadamard", args.seed))}
+    if args.fit_steps:
+        calib = token_windows(loaded.tokenizer, WindowSpec(split="calibration", count=args.calib_count,
+                                                           sampling="random"))
+        h, c = reader_moments(base, calib)
+        eye = torch.eye(hidden, dtype=torch.float64)
+        for name, start in (("identity", eye), ("Hadamard", rotation(hidden, "hadamard", args.seed))):
+            r = start.float()
+            skew0 = ((r * (h @ r)).sum(-2) * (r * (c @ r)).sum(-2)).sum(-1) / torch.einsum("gij,gji->g", h, c)
+            print(f"surrogate at {name}: {float(skew0.sum()):.4f}", flush=True)
+        models["rotated (fitted)"] = folded_rotated(base, fitted_rotation(h, c, eye, args.fit_steps))
+    float_ppl = evaluate(base, windows)["perplexity"]
+    with torch.no_grad():
+        ref = base(input_ids=windows[:1], use_cache=False).logits
+    print(f"{args.model}; {args.windows} x 512 evaluation windows; heads float, weights rounded to nearest; float "
+          f"perplexity {float_ppl:.4f}\n| model | float: max abs logit change (window 0) | fp8 inputs only | "
+          "fp8 weights + inputs |\n|---|---|---|---|", flush=True)
+    for name, model in models.items():
+        with torch.no_grad():
+            cells = [f"{float((model(input_ids=windows[:1], use_cache=False).logits - ref).abs().max()):.1e}"]
+        for weights, kind in ((None, "float"), (fp8, "float")):
+            ppl = evaluate(variant(model, weights, kind), windows)["perplexity"]
+            cells.append(f"{ppl:.4f} ({100 * (ppl / float_ppl - 1):+.2f} %)")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
