@@ -47,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from fp8_rotation_screen import fitted_rotation, fold_layer_norms, folded_rotated, reader_moments
 from torch import nn
 
 from toolkit.data import WindowSpec, token_windows
@@ -74,6 +75,14 @@ def _smooth(alpha: float) -> Step:
     return lambda m, ctx: smoothquant.apply(m, smoothquant.SmoothQuantConfig(alpha=alpha), ctx)  # type: ignore[arg-type]
 
 
+def _rotate(model: nn.Module, ctx: PassContext) -> nn.Module:
+    """The residual rotation fitted to the fp8 input-rounding surrogate (benchmarks/fp8_rotation_screen.py) on 8
+    calibration windows, folded into the weights (layer norms folded, head untied)."""
+    h, c = reader_moments(model, ctx.calibration()[:8])
+    eye = torch.eye(h.shape[-1], dtype=torch.float64)
+    return folded_rotated(model, fitted_rotation(h, c, eye, 200))
+
+
 def _rtn(config: rtn.RTNConfig) -> Step:
     return lambda m, ctx: rtn.apply(m, config, ctx)  # type: ignore[arg-type]
 
@@ -88,6 +97,9 @@ ROWS: dict[str, list[Step]] = {
     "fp8-dynamic-gptq": [_gptq(GPTQ_FP8)],
     "fp8-dynamic-sq-gptq": [_smooth(0.5), _gptq(GPTQ_FP8)],
     "fp8-dynamic-sq0.65-gptq": [_smooth(0.65), _gptq(GPTQ_FP8)],
+    "fp8-dynamic-fold-gptq": [lambda m, ctx: fold_layer_norms(m), _gptq(GPTQ_FP8)],
+    "fp8-dynamic-fold": [lambda m, ctx: fold_layer_norms(m), _rtn(FP8)],
+    "fp8-dynamic-rot-gptq": [_rotate, _gptq(GPTQ_FP8)],
     "fp8-dynamic-gptq-damp0.1": [_gptq(GPTQ_FP8_DAMP_HIGH)],
     "fp8-dynamic-gptq-damp0.001": [_gptq(GPTQ_FP8_DAMP_LOW)],
     "fp8-dynamic-gptq-asymmetric": [_gptq(GPTQ_FP8_ASYMMETRIC)],

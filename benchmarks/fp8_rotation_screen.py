@@ -64,6 +64,20 @@ def rotation(n: int, kind: str, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
+def fold_layer_norms(model: nn.Module) -> nn.Module:
+    """Every decoder layer's RMSNorm weight folded into the linears reading it (in place; weight -> 1). The final
+    norm stays: the head is float and tied to the embedding."""
+    for layer in model.model.layers:
+        for norm, readers in READERS.items():
+            g = layer.get_submodule(norm).weight
+            for name in readers:
+                lin = layer.get_submodule(name)
+                lin.weight.data = (lin.weight.double() * g.double()).to(lin.weight.dtype)
+            g.fill_(1.0)
+    return model
+
+
+@torch.no_grad()
 def folded_rotated(base: nn.Module, q: torch.Tensor | None) -> nn.Module:
     """``base`` (a Llama-layout causal LM) with every RMSNorm weight folded into the linears after it and, if ``q``
     is given, its residual stream rotated by ``q: [hidden, hidden]`` (float64 math, weights back in float32)."""
@@ -143,7 +157,7 @@ def fitted_rotation(h: torch.Tensor, c: torch.Tensor, start: torch.Tensor, steps
         loss.backward()
         opt.step()
     loss, r = objective()
-    print(f"fitted rotation: surrogate {first:.4f} -> {float(loss):.4f} ({steps} Adam steps)", flush=True)
+    print(f"fitted rotation: surrogate {first:.4f} -> {float(loss.detach()):.4f} ({steps} Adam steps)", flush=True)
     return r.detach().double()
 
 
