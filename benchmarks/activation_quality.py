@@ -47,13 +47,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from fp8_rotation_screen import fitted_rotation, fold_layer_norms, folded_rotated, reader_moments
 from torch import nn
 
 from toolkit.data import WindowSpec, token_windows
 from toolkit.evaluation.perplexity import evaluate
 from toolkit.models import load
-from toolkit.passes import gptq, rtn, smoothquant
+from toolkit.passes import gptq, rotate, rtn, smoothquant
 from toolkit.passes.context import PassContext
 from toolkit.quant.spec import ActivationSpec
 
@@ -68,6 +67,8 @@ GPTQ_FP8_ASYMMETRIC = dataclasses.replace(GPTQ_FP8, asymmetric=True)
 GPTQ_FP8_SEARCH = dataclasses.replace(GPTQ_FP8, scale_search=True)
 GPTQ_FP8_DAMP_HIGH = dataclasses.replace(GPTQ_FP8, damp=0.1)
 GPTQ_FP8_DAMP_LOW = dataclasses.replace(GPTQ_FP8, damp=0.001)
+ROTATE = rotate.RotateConfig()  # the residual rotation fitted to fp8 input rounding, layer norms folded
+FOLD = rotate.RotateConfig(steps=0)  # the layer norms folded into their readers, no rotation
 Step = Callable[[nn.Module, PassContext], nn.Module]
 
 
@@ -75,12 +76,8 @@ def _smooth(alpha: float) -> Step:
     return lambda m, ctx: smoothquant.apply(m, smoothquant.SmoothQuantConfig(alpha=alpha), ctx)  # type: ignore[arg-type]
 
 
-def _rotate(model: nn.Module, ctx: PassContext) -> nn.Module:
-    """The residual rotation fitted to the fp8 input-rounding surrogate (benchmarks/fp8_rotation_screen.py) on 8
-    calibration windows, folded into the weights (layer norms folded, head untied)."""
-    h, c = reader_moments(model, ctx.calibration()[:8])
-    eye = torch.eye(h.shape[-1], dtype=torch.float64)
-    return folded_rotated(model, fitted_rotation(h, c, eye, 200))
+def _rotate(config: rotate.RotateConfig) -> Step:
+    return lambda m, ctx: rotate.apply(m, config, ctx)  # type: ignore[arg-type]
 
 
 def _rtn(config: rtn.RTNConfig) -> Step:
@@ -97,9 +94,10 @@ ROWS: dict[str, list[Step]] = {
     "fp8-dynamic-gptq": [_gptq(GPTQ_FP8)],
     "fp8-dynamic-sq-gptq": [_smooth(0.5), _gptq(GPTQ_FP8)],
     "fp8-dynamic-sq0.65-gptq": [_smooth(0.65), _gptq(GPTQ_FP8)],
-    "fp8-dynamic-fold-gptq": [lambda m, ctx: fold_layer_norms(m), _gptq(GPTQ_FP8)],
-    "fp8-dynamic-fold": [lambda m, ctx: fold_layer_norms(m), _rtn(FP8)],
-    "fp8-dynamic-rot-gptq": [_rotate, _gptq(GPTQ_FP8)],
+    "fp8-dynamic-fold": [_rotate(FOLD), _rtn(FP8)],
+    "fp8-dynamic-fold-gptq": [_rotate(FOLD), _gptq(GPTQ_FP8)],
+    "fp8-dynamic-rot": [_rotate(ROTATE), _rtn(FP8)],
+    "fp8-dynamic-rot-gptq": [_rotate(ROTATE), _gptq(GPTQ_FP8)],
     "fp8-dynamic-gptq-damp0.1": [_gptq(GPTQ_FP8_DAMP_HIGH)],
     "fp8-dynamic-gptq-damp0.001": [_gptq(GPTQ_FP8_DAMP_LOW)],
     "fp8-dynamic-gptq-asymmetric": [_gptq(GPTQ_FP8_ASYMMETRIC)],

@@ -25,14 +25,13 @@ import torch
 from fp8_error_sources import variant
 from torch import nn
 
+from toolkit.algorithms.rotation import fit_rotation, rounding_surrogate
 from toolkit.data import WindowSpec, token_windows
 from toolkit.evaluation.perplexity import evaluate
 from toolkit.models import load
+from toolkit.models.architectures import layout_of
+from toolkit.passes.rotate import fold, moments, reader_groups
 from toolkit.quant.arithmetic import fp8_dequantize, fp8_quantize
-
-READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-           "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -64,101 +63,13 @@ def rotation(n: int, kind: str, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fold_layer_norms(model: nn.Module) -> nn.Module:
-    """Every decoder layer's RMSNorm weight folded into the linears reading it (in place; weight -> 1). The final
-    norm stays: the head is float and tied to the embedding."""
-    for layer in model.model.layers:
-        for norm, readers in READERS.items():
-            g = layer.get_submodule(norm).weight
-            for name in readers:
-                lin = layer.get_submodule(name)
-                lin.weight.data = (lin.weight.double() * g.double()).to(lin.weight.dtype)
-            g.fill_(1.0)
-    return model
-
-
-@torch.no_grad()
 def folded_rotated(base: nn.Module, q: torch.Tensor | None) -> nn.Module:
-    """``base`` (a Llama-layout causal LM) with every RMSNorm weight folded into the linears after it and, if ``q``
-    is given, its residual stream rotated by ``q: [hidden, hidden]`` (float64 math, weights back in float32)."""
+    """A copy of ``base`` with its norms folded and, if ``q`` is given, its residual stream rotated by ``q``."""
     model = copy.deepcopy(base)
-    inner = model.model
-    hidden = inner.embed_tokens.weight.shape[1]
-    q = torch.eye(hidden, dtype=torch.float64) if q is None else q
-    head = inner.embed_tokens.weight.double() * inner.norm.weight.double() @ q  # E diag(g) Q
-    model.lm_head = nn.Linear(hidden, head.shape[0], bias=False)
-    model.lm_head.weight.data = head.float()
-    model.config.tie_word_embeddings = False
-    inner.norm.weight.fill_(1.0)
-    inner.embed_tokens.weight.data = (inner.embed_tokens.weight.double() @ q).float()
-    for layer in inner.layers:
-        for norm, readers in READERS.items():
-            g = layer.get_submodule(norm).weight
-            for name in readers:
-                lin = layer.get_submodule(name)
-                lin.weight.data = (lin.weight.double() * g.double() @ q).float()
-            g.fill_(1.0)
-        for name in WRITERS:
-            lin = layer.get_submodule(name)
-            lin.weight.data = (q.T @ lin.weight.double()).float()
+    arch = layout_of(model)
+    hidden = model.get_submodule(arch.embed).weight.shape[1]
+    fold(model, arch, reader_groups(arch), torch.eye(hidden, dtype=torch.float64) if q is None else q)
     return model
-
-
-@torch.no_grad()
-def reader_moments(model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per residual reader group (30 layers x 2 norms): ``H = E[x̂ x̂ᵀ]`` of the normalized stream x̂ (the norm's
-    output before its weight) and ``C = Σ_readers (W diag g)ᵀ (W diag g)``, each ``[groups, hidden, hidden]``."""
-    hs: list[torch.Tensor] = []
-    cs: list[torch.Tensor] = []
-    for layer in model.model.layers:
-        for norm, readers in READERS.items():
-            g = layer.get_submodule(norm).weight.double()
-            w = torch.cat([layer.get_submodule(n).weight.double() for n in readers]) * g
-            cs.append(w.T @ w)
-            hs.append(torch.zeros_like(cs[-1]))
-    hooks = []
-    for k, layer in enumerate(model.model.layers):
-        for j, (norm, readers) in enumerate(READERS.items()):
-            g = layer.get_submodule(norm).weight.double()
-
-            def grab(_: nn.Module, a: tuple[torch.Tensor, ...], i: int = 2 * k + j, g: torch.Tensor = g) -> None:
-                x = a[0].reshape(-1, a[0].shape[-1]).double() / g
-                hs[i] += x.T @ x / len(x)
-            hooks.append(layer.get_submodule(readers[0]).register_forward_pre_hook(grab))
-    for w in windows:
-        model(input_ids=w[None], use_cache=False)
-    for h in hooks:
-        h.remove()
-    return torch.stack(hs).float() / len(windows), torch.stack(cs).float()
-
-
-def fitted_rotation(h: torch.Tensor, c: torch.Tensor, start: torch.Tensor, steps: int) -> torch.Tensor:
-    """The orthogonal R minimizing the summed relative error fp8 input (and weight) rounding adds to the readers:
-    elementwise relative rounding error ε makes output error E‖Δy‖² ≈ ε² Σ_i (RᵀHR)_ii (RᵀCR)_ii, against
-    E‖y‖² = tr(HC) (rotation invariant). Adam on R = start · Cayley(A), A skew."""
-    n = h.shape[-1]
-    scale = 1 / torch.einsum("gij,gji->g", h, c)  # 1 / E‖y‖² per group
-    a = torch.zeros(n, n, requires_grad=True)
-    opt = torch.optim.Adam([a], lr=1e-3)
-    eye = torch.eye(n)
-
-    def objective() -> tuple[torch.Tensor, torch.Tensor]:
-        skew = a - a.T
-        r = start.float() @ torch.linalg.solve(eye + skew, eye - skew)
-        hr, cr = h @ r, c @ r  # [G, n, n]
-        dh, dc = (r * hr).sum(-2), (r * cr).sum(-2)  # diag(RᵀHR), diag(RᵀCR): [G, n]
-        return ((dh * dc).sum(-1) * scale).sum(), r
-
-    with torch.no_grad():
-        first = float(objective()[0])
-    for _ in range(steps):
-        opt.zero_grad()
-        loss, _ = objective()
-        loss.backward()
-        opt.step()
-    loss, r = objective()
-    print(f"fitted rotation: surrogate {first:.4f} -> {float(loss.detach()):.4f} ({steps} Adam steps)", flush=True)
-    return r.detach().double()
 
 
 def fp8(w: torch.Tensor) -> torch.Tensor:
@@ -185,13 +96,13 @@ def main() -> None:
     if args.fit_steps:
         calib = token_windows(loaded.tokenizer, WindowSpec(split="calibration", count=args.calib_count,
                                                            sampling="random"))
-        h, c = reader_moments(base, calib)
-        eye = torch.eye(hidden, dtype=torch.float64)
-        for name, start in (("identity", eye), ("Hadamard", rotation(hidden, "hadamard", args.seed))):
-            r = start.float()
-            skew0 = ((r * (h @ r)).sum(-2) * (r * (c @ r)).sum(-2)).sum(-1) / torch.einsum("gij,gji->g", h, c)
-            print(f"surrogate at {name}: {float(skew0.sum()):.4f}", flush=True)
-        models["rotated (fitted)"] = folded_rotated(base, fitted_rotation(h, c, eye, args.fit_steps))
+        h, c = moments(base, reader_groups(layout_of(base)), calib)
+        for name, r in (("identity", torch.eye(hidden, dtype=torch.float64)),
+                        ("Hadamard", rotation(hidden, "hadamard", args.seed))):
+            print(f"surrogate at {name}: {float(rounding_surrogate(h, c, r)):.4f}", flush=True)
+        q = fit_rotation(h, c, args.fit_steps, 1e-3)
+        print(f"surrogate fitted ({args.fit_steps} Adam steps): {float(rounding_surrogate(h, c, q)):.4f}", flush=True)
+        models["rotated (fitted)"] = folded_rotated(base, q)
     float_ppl = evaluate(base, windows)["perplexity"]
     with torch.no_grad():
         ref = base(input_ids=windows[:1], use_cache=False).logits
