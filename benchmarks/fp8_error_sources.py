@@ -12,7 +12,8 @@ fp8 rounding is compressed-tensors' own.
 3. Perplexity, KL against float and top-1 agreement of float, FP8 weights and inputs, weights only, inputs only,
    int8 weights only (heads float, weights rounded to nearest).
 
-Measured 2026-12-06 (4 windows; machine shared with other sessions):
+Measured 2026-12-06 (4 windows; machine shared with other sessions; the current code gives 15.418 for "fp8 inputs
+only" on these 4 windows, benchmarks/fp8_rotation_screen.py's "as is" row, not 15.371: not explained):
 | model | perplexity | KL | top-1 |
 |---|---|---|---|
 | float | 15.163 | 0 | 100 % |
