@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from toolkit.algorithms.rotation import fit_rotation
 from toolkit.errors import ToolkitError
 from toolkit.models.architectures import Architecture, decoder_layers, layout_of
+from toolkit.models.shape import ModelShape
 from toolkit.passes.base import PassConfig
 from toolkit.passes.context import PassContext
 
@@ -46,6 +47,13 @@ class RotateConfig(PassConfig):
         if self.windows < 1:
             raise ValueError(f"windows must be >= 1 calibration window, got {self.windows}")
 
+    def in_memory_bytes(self, shape: ModelShape, calibration_tokens: int) -> float:
+        """The float32 model and its head once untied, plus H and C per reader group (float64, two per layer) and
+        the fit's float32 copies with their products and gradients."""
+        layers = (shape.parameters - shape.embedding_parameters) // max(shape.layer_parameters, 1)
+        square = shape.hidden ** 2 * 2 * layers
+        return 4 * shape.parameters + 4 * shape.vocab * shape.hidden + square * (2 * 8 + 6 * 4)
+
 
 def reader_groups(arch: Architecture) -> dict[str, tuple[str, ...]]:
     """Each pre-norm's name -> the linears reading its output; refuses what a residual rotation cannot fold into."""
@@ -53,6 +61,7 @@ def reader_groups(arch: Architecture) -> dict[str, tuple[str, ...]]:
         ("RMSNorm weights stored as w - 1", arch.norm_offset != 0),
         ("norms on the sublayer outputs (sandwich norms)", bool(arch.attn_out_norm or arch.mlp_out_norm)),
         ("no norm before attention or the MLP", not (arch.input_norm and arch.mlp_norm)),
+        ("a bias on a linear writing the residual stream", arch.o in arch.biased or arch.down in arch.biased),
     ) if bad]
     if unsupported:
         raise ToolkitError(f"rotate folds a rotation through pre-norm RMSNorms only; '{arch.model_type}' has "
