@@ -43,10 +43,12 @@ Issue #23's attempts on the default protocol (2026-12-06, host loaded by other s
 | model | perplexity | vs float |
 |---|---|---|
 | fp8-dynamic-rot-gptq | 15.041 | +1.59 % |
-| fp8-dynamic-fold-gptq | FOLDGPTQ |
+| fp8-dynamic-fold-gptq | 14.966 | +1.09 % |
 The fitted rotation halves the fp8 input-rounding cost with weights float or rounded to nearest on the 4-window
 screen (benchmarks/fp8_rotation_screen.py: +0.76 % against +1.68 % inputs only, +2.26 % against +2.96 % RTN), yet
-after GPTQ it is worse than GPTQ alone (+1.59 % against +1.15 %; not analysed further). The floor these attempts
+after GPTQ it is worse than GPTQ alone (+1.59 % against +1.15 %; not analysed further). Folding the layer norms
+into their readers before GPTQ (no rotation) gives +1.09 %: 0.06 points better than GPTQ alone, within what a
+different calibration draw could move, and still above +1.0 %; the recipe is unchanged. The floor these attempts
 face is benchmarks/fp8_error_sources.py's: fp8 inputs alone, weights float, +1.23 % on the 16 windows. Not measured
 (no time left in the session): fp8-dynamic-sq-gptq, fp8-dynamic-sq0.65-gptq, the two dampening rows, 64 and 128
 calibration windows (``--rows fp8-dynamic-gptq --calib-count 64``).
