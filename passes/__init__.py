@@ -34,6 +34,7 @@ from toolkit.passes import (
     export_modelopt,
     gptq,
     onnx,
+    rotate,
     rtn,
     smoothquant,
 )
@@ -55,6 +56,7 @@ PASSES: dict[type[PassConfig], Pass] = {
     gptq.GPTQConfig: Pass(gptq.apply, stream=gptq.stream),
     awq.AWQConfig: Pass(awq.apply, stream=awq.stream),
     smoothquant.SmoothQuantConfig: Pass(smoothquant.apply),
+    rotate.RotateConfig: Pass(rotate.apply),
     distill.DistillConfig: Pass(distill.apply),
     onnx.ONNXConfig: Pass(onnx.export, stream=onnx.stream, holds=onnx.check_spec),
     export_hf_gptq.ExportHFGPTQConfig: Pass(export_hf_gptq.export, holds=export_hf_gptq.check_spec),
