@@ -156,9 +156,9 @@ def test_greedy_steps_bind_no_logits_and_a_mixed_batch_chooses_each_row_as_alone
     calls: list[bool] = []
     inner = engine.backend.decode_next
 
-    def recording(tokens: np.ndarray, lengths: np.ndarray, with_logits: bool):  # type: ignore[no-untyped-def]
+    def recording(tokens: np.ndarray, lengths: np.ndarray, with_logits: bool, **kw):  # type: ignore[no-untyped-def]
         calls.append(with_logits)
-        return inner(tokens, lengths, with_logits)
+        return inner(tokens, lengths, with_logits, **kw)
 
     engine.backend.decode_next = recording  # type: ignore[method-assign]
     greedy = GenerationConfig(max_new_tokens=12, stop_token_ids=())

@@ -44,9 +44,9 @@ def record(obj: object, name: str, log: list) -> None:
     """Wrap ``obj.name`` so that every call appends (name, args) to ``log``."""
     inner = getattr(obj, name)
 
-    def wrapped(*args):  # type: ignore[no-untyped-def]
+    def wrapped(*args, **kw):  # type: ignore[no-untyped-def]
         log.append((name, args))
-        return inner(*args)
+        return inner(*args, **kw)
 
     setattr(obj, name, wrapped)
 

@@ -43,7 +43,7 @@ def test_tokens_arrive_in_order_and_a_failing_step_ends_the_requests(folder: Pat
             await asyncio.to_thread(loop.submit, ok, engine.encode("hello"), config)
             good = await updates_of(ok)
 
-            def boom(tokens: np.ndarray, lengths: np.ndarray, with_logits: bool) -> tuple[np.ndarray, None]:
+            def boom(tokens: np.ndarray, lengths: np.ndarray, with_logits: bool, **kw: Any) -> tuple[np.ndarray, None]:
                 raise RuntimeError("the graph failed")
 
             engine.backend.decode_next = boom  # type: ignore[method-assign]  # the scheduler's decode call
@@ -79,9 +79,9 @@ def test_tokens_of_a_slow_engine_arrive_one_event_each_as_they_are_made(folder: 
             assert self.engine is not None
             decode = self.engine.backend.decode_next
 
-            def slow(*args: Any) -> Any:
+            def slow(*args: Any, **kw: Any) -> Any:
                 time.sleep(step_s)  # a large model's step: the GIL is free meanwhile, as inside session.run
-                return decode(*args)
+                return decode(*args, **kw)
 
             self.engine.backend.decode_next = slow  # type: ignore[method-assign]
 
