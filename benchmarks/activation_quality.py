@@ -49,9 +49,10 @@ screen (benchmarks/fp8_rotation_screen.py: +0.76 % against +1.68 % inputs only, 
 after GPTQ it is worse than GPTQ alone (+1.59 % against +1.15 %; not analysed further). Folding the layer norms
 into their readers before GPTQ (no rotation) gives +1.09 %: 0.06 points better than GPTQ alone, within what a
 different calibration draw could move, and still above +1.0 %; the recipe is unchanged. The floor these attempts
-face is benchmarks/fp8_error_sources.py's: fp8 inputs alone, weights float, +1.23 % on the 16 windows. Not measured
-(no time left in the session): fp8-dynamic-sq-gptq, fp8-dynamic-sq0.65-gptq, the two dampening rows, 64 and 128
-calibration windows (``--rows fp8-dynamic-gptq --calib-count 64``).
+face is benchmarks/fp8_error_sources.py's: fp8 inputs alone, weights float, +1.23 % on the 16 windows. SmoothQuant
+(alpha 0.5) before the fp8 GPTQ, ``--rows fp8-dynamic-sq-gptq --alphas ""`` (idle, 2026-12-06): 15.015, +1.42 % against
+float's 14.805, worse than GPTQ alone. Not measured (no time left in the session): fp8-dynamic-sq0.65-gptq, the two
+dampening rows, 64 and 128 calibration windows (``--rows fp8-dynamic-gptq --calib-count 64``).
 """
 
 from __future__ import annotations
