@@ -184,12 +184,13 @@ class Scheduler:
     def decode(self) -> None:
         """Advance every running sequence: speculating rows by their accepted draft, the rest by one token."""
         busy = len(self.running)
+        if self.pairs and busy > 1 and not self.batch_exact:
+            # a paired target verifies row by row: with several rows, one batched call makes tokens cheaper (also
+            # when no row drafts, e.g. requests that turned speculation off)
+            self.decode_one_token(rowwise=False)
+            return
         if all(h.seq.proposer is None for h in self.running):
             self.decode_one_token()
-            return
-        if self.pairs and busy > 1 and not self.batch_exact:
-            # a paired target verifies row by row: with several rows, one batched call makes tokens cheaper
-            self.decode_one_token(rowwise=False)
             return
         plain = []
         for handle in list(self.running):

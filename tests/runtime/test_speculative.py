@@ -652,3 +652,15 @@ def test_a_server_style_paired_target_batches_concurrent_rows_and_speculates_alo
     exact = load(int8_target, threads=1, max_batch=2, paired_decode=True)
     assert [r.token_ids for r in exact.generate_batch(prompts, config)] == [exact.generate(p, config).token_ids
                                                                               for p in prompts]
+
+
+def test_a_server_style_paired_target_batches_rows_that_do_not_speculate(int8_target, monkeypatch):
+    """``batch_exact=False`` with requests that turned speculation off: two running rows decode in one call, never
+    row by row (a lone running row beside one mid-prefill is one pair call either way)."""
+    engine = load(int8_target, threads=1, max_batch=2, paired_decode=True, batch_exact=False)
+    running_when_rowwise: list[int] = []
+    inner = engine.backend._decode_rows
+    monkeypatch.setattr(engine.backend, "_decode_rows", lambda *a, **kw: (
+        running_when_rowwise.append(len(engine.scheduler.running)), inner(*a, **kw))[1])
+    engine.generate_batch(PROMPTS[:2], replace(greedy(num_draft_tokens=0), max_new_tokens=12, min_new_tokens=12))
+    assert set(running_when_rowwise) <= {1}
