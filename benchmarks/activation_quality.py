@@ -85,6 +85,7 @@ GPTQ_FP8_SEARCH = dataclasses.replace(GPTQ_FP8, scale_search=True)
 GPTQ_FP8_DAMP_HIGH = dataclasses.replace(GPTQ_FP8, damp=0.1)
 GPTQ_FP8_DAMP_LOW = dataclasses.replace(GPTQ_FP8, damp=0.001)
 ROTATE = rotate.RotateConfig()  # the residual rotation fitted to fp8 input rounding, layer norms folded
+ROTATE_LOSS = rotate.RotateConfig(objective="loss")  # the same, each reader weighted by its loss gradients
 FOLD = rotate.RotateConfig(steps=0)  # the layer norms folded into their readers, no rotation
 Step = Callable[[nn.Module, PassContext], nn.Module]
 
@@ -115,6 +116,8 @@ ROWS: dict[str, list[Step]] = {
     "fp8-dynamic-fold-gptq": [_rotate(FOLD), _gptq(GPTQ_FP8)],
     "fp8-dynamic-rot": [_rotate(ROTATE), _rtn(FP8)],
     "fp8-dynamic-rot-gptq": [_rotate(ROTATE), _gptq(GPTQ_FP8)],
+    "fp8-dynamic-rotloss": [_rotate(ROTATE_LOSS), _rtn(FP8)],
+    "fp8-dynamic-rotloss-gptq": [_rotate(ROTATE_LOSS), _gptq(GPTQ_FP8)],
     "fp8-dynamic-gptq-damp0.1": [_gptq(GPTQ_FP8_DAMP_HIGH)],
     "fp8-dynamic-gptq-damp0.001": [_gptq(GPTQ_FP8_DAMP_LOW)],
     "fp8-dynamic-gptq-asymmetric": [_gptq(GPTQ_FP8_ASYMMETRIC)],
@@ -146,18 +149,19 @@ def main() -> None:
                  for a in args.alphas.split(",") if a and not ("w8a8-sq" in rows and float(a) == 0.5)})
     print(f"{args.model}; calibration (SmoothQuant, GPTQ, static scales) {args.calib_count} x {args.calib_length}; "
           f"evaluation {args.windows} x 512 (16: the default protocol)\n")
-    print("| model | perplexity | vs float |\n|---|---|---|", flush=True)
-    float_ppl = None
+    print("| model | perplexity | vs float | KL x 1e-4 |\n|---|---|---|---|", flush=True)
+    float_ppl, reference = None, load(args.model).model
     for name, steps in rows.items():
         model = load(args.model).model
         with tempfile.TemporaryDirectory(prefix="activation_quality_") as work:
             ctx = PassContext(base.tokenizer, lambda: calib, lambda: load(args.model).model, Path(work))
             for step in steps:
                 model = step(model, ctx)
-        ppl = evaluate(model, windows)["perplexity"]
+        found = evaluate(model, windows, reference=reference)
+        ppl = found["perplexity"]
         float_ppl = ppl if name == "float" else float_ppl
         change = "-" if float_ppl is None or name == "float" else f"{100 * (ppl / float_ppl - 1):+.2f} %"
-        print(f"| {name} | {ppl:.3f} | {change} |", flush=True)
+        print(f"| {name} | {ppl:.3f} | {change} | {1e4 * found['kl_divergence']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

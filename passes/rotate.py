@@ -15,7 +15,7 @@ model is worse than GPTQ alone (activation_quality.py): no recipe uses it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ class RotateConfig(PassConfig):
     steps: int = 200  # Adam steps of the fit (0: no rotation, the norms folded only)
     lr: float = 1e-3  # Adam's step on the skew parameter
     windows: int = 8  # calibration windows for the inputs' second moments (the first of the recipe's)
+    # "relative": each reader group's relative output error counts alike; "loss": each reader's output error is
+    # weighted by the mean squared gradient of the calibration loss there, so groups count by what they cost the model
+    objective: str = "relative"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,6 +49,8 @@ class RotateConfig(PassConfig):
             raise ValueError(f"lr must be positive (1e-3 is usual), got {self.lr}")
         if self.windows < 1:
             raise ValueError(f"windows must be >= 1 calibration window, got {self.windows}")
+        if self.objective not in ("relative", "loss"):
+            raise ValueError(f"objective must be 'relative' or 'loss', got {self.objective!r}")
 
     def in_memory_bytes(self, shape: ModelShape, calibration_tokens: int) -> float:
         """The float32 model and its head once untied, plus H and C per reader group (float64, two per layer) and
@@ -69,17 +74,54 @@ def reader_groups(arch: Architecture) -> dict[str, tuple[str, ...]]:
     return {arch.input_norm: arch.attention_projections(), arch.mlp_norm: arch.mlp_projections()}  # type: ignore[dict-item]
 
 
+def output_gradients(model: PreTrainedModel, groups: dict[str, tuple[str, ...]], windows: torch.Tensor
+                     ) -> list[torch.Tensor]:
+    """Per decoder layer and reader group, the mean squared gradient of the windows' summed next-token loss at its
+    readers' concatenated outputs (float64), in ``moments``' order."""
+    arch = layout_of(model)
+    sums: list[torch.Tensor] = []
+    hooks = []
+    for layer in decoder_layers(model):
+        for readers in groups.values():
+            for r in readers:
+                module = layer.get_submodule(r)
+                sums.append(torch.zeros(module.out_features, dtype=torch.float64))  # type: ignore[arg-type]
+
+                def add(g: torch.Tensor, i: int = len(sums) - 1) -> None:  # returns None: the gradient passes on
+                    sums[i].add_(g.reshape(-1, g.shape[-1]).double().pow(2).sum(0))
+
+                def grab(_: nn.Module, __: tuple[torch.Tensor, ...], y: torch.Tensor, add: Any = add) -> None:
+                    y.register_hook(add)
+                hooks.append(module.register_forward_hook(grab))
+    embed = model.get_submodule(arch.embed)
+    try:
+        with torch.enable_grad():  # the pass runs under no_grad; only the embedded inputs require a gradient
+            for window in windows:
+                x = embed(window[None]).detach().requires_grad_(True)
+                out = model(inputs_embeds=x, labels=window[None], use_cache=False)
+                (out.loss * (window.numel() - 1)).backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_reader = iter(s / windows.numel() for s in sums)
+    return [torch.cat([next(per_reader) for _ in readers]) for _ in decoder_layers(model) for readers in groups.values()]
+
+
 @torch.no_grad()
-def moments(model: PreTrainedModel, groups: dict[str, tuple[str, ...]], windows: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def moments(model: PreTrainedModel, groups: dict[str, tuple[str, ...]], windows: torch.Tensor,
+            loss_weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``H = E[x̂ x̂ᵀ]`` of each pre-norm's normalized input and ``C = Σ (W diag g)ᵀ(W diag g)`` of its readers,
-    ``[layers * len(groups), hidden, hidden]`` (float64)."""
-    hs, cs, hooks = [], [], []
+    ``[layers * len(groups), hidden, hidden]`` (float64); ``loss_weighted``: ``C = Σ (W diag g)ᵀ diag(f) (W diag g)``
+    with ``f`` the readers' ``output_gradients``."""
+    weights = output_gradients(model, groups, windows) if loss_weighted else None
+    hs: list[torch.Tensor] = []
+    cs: list[torch.Tensor] = []
+    hooks = []
     for layer in decoder_layers(model):
         for norm, readers in groups.items():
             module = layer.get_submodule(norm)
             w = torch.cat([layer.get_submodule(r).weight.double() for r in readers]) * module.weight.double()
-            cs.append(w.T @ w)
+            cs.append(w.T @ (w if weights is None else weights[len(cs)][:, None] * w))
             hs.append(torch.zeros_like(cs[-1]))
             eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
 
@@ -128,7 +170,7 @@ def apply(model: PreTrainedModel, config: RotateConfig, ctx: PassContext) -> Pre
     hidden = model.get_submodule(arch.embed).weight.shape[1]
     q = torch.eye(hidden, dtype=torch.float64)
     if config.steps:
-        h, c = moments(model, groups, ctx.calibration()[:config.windows])
-        q = fit_rotation(h, c, config.steps, config.lr)
+        h, c = moments(model, groups, ctx.calibration()[:config.windows], loss_weighted=config.objective == "loss")
+        q = fit_rotation(h, c, config.steps, config.lr, relative=config.objective == "relative")
     fold(model, arch, groups, q)
     return model

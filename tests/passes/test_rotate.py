@@ -89,6 +89,36 @@ def test_rotation_lowers_the_fp8_input_rounding_error(tmp_path: Path) -> None:
     assert fp8_input_error(rotated(100)) < 0.95 * fp8_input_error(rotated(0))
 
 
+def test_output_gradients_are_the_loss_gradients_at_each_readers_output() -> None:
+    model = tiny_llama(seed=2)
+    groups = rotate.reader_groups(layout_of(model))
+    got = rotate.output_gradients(model, groups, CALIB[:2])
+    q_proj = model.get_submodule("model.layers.1.self_attn.q_proj")
+    seen: list[torch.Tensor] = []
+    hook = q_proj.register_forward_hook(lambda _, __, y: seen.append(y))
+    total = torch.zeros(q_proj.out_features, dtype=torch.float64)
+    for window in CALIB[:2]:
+        loss = model(input_ids=window[None], labels=window[None], use_cache=False).loss * (window.numel() - 1)
+        (g,) = torch.autograd.grad(loss, seen.pop())
+        total += g[0].double().pow(2).sum(0)
+    hook.remove()
+    # layer 1's attention group is the third entry (layer 0: attention, MLP); q_proj's rows come first in it
+    assert torch.allclose(got[2][: q_proj.out_features], total / CALIB[:2].numel(), rtol=1e-4)
+    assert len(got) == 2 * model.config.num_hidden_layers
+
+
+@torch.no_grad()
+def test_the_loss_weighted_fit_lowers_its_surrogate_and_the_fp8_input_error(tmp_path: Path) -> None:
+    model = tiny_llama(seed=2)
+    groups = rotate.reader_groups(layout_of(model))
+    h, c = rotate.moments(model, groups, CALIB[:4], loss_weighted=True)
+    r = fit_rotation(h, c, steps=60, lr=1e-2, relative=False)
+    eye = torch.eye(h.shape[-1], dtype=torch.float64)
+    assert rounding_surrogate(h, c, r, relative=False) < 0.95 * rounding_surrogate(h, c, eye, relative=False)
+    _, plain = rotate.moments(model, groups, CALIB[:4])
+    assert not torch.allclose(c, plain)  # the gradients weigh the readers' rows
+
+
 def test_a_quantized_model_and_bad_settings_are_refused(tmp_path: Path) -> None:
     from toolkit.passes.rtn import RTNConfig, apply
 
@@ -97,6 +127,8 @@ def test_a_quantized_model_and_bad_settings_are_refused(tmp_path: Path) -> None:
         rotate.apply(quantized, FIT, _ctx(tmp_path))
     with pytest.raises(ValueError, match="steps must be >= 0"):
         rotate.RotateConfig(steps=-1)
+    with pytest.raises(ValueError, match="objective must be 'relative' or 'loss'"):
+        rotate.RotateConfig(objective="kl")
     recipe = {"model": "tiny-llama", "output": "runs/x", "passes": [{"rotate": {"step": 3}}, {"rtn": {"bits": 8}}]}
     with pytest.raises(ToolkitError, match=r"unknown key 'passes\[0\]\.rotate\.step'"):
         parse(recipe, "recipe")

@@ -14,14 +14,16 @@ from __future__ import annotations
 import torch
 
 
-def rounding_surrogate(h: torch.Tensor, c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``Σ_g Σ_i (RᵀH_gR)_ii (RᵀC_gR)_ii / tr(H_g C_g)`` for ``h, c: [G, n, n]`` and ``r: [n, n]``."""
+def rounding_surrogate(h: torch.Tensor, c: torch.Tensor, r: torch.Tensor, relative: bool = True) -> torch.Tensor:
+    """``Σ_g Σ_i (RᵀH_gR)_ii (RᵀC_gR)_ii / tr(H_g C_g)`` for ``h, c: [G, n, n]`` and ``r: [n, n]``; with
+    ``relative=False`` the numerators' sum over the denominators' sum."""
     dh = (r * (h @ r)).sum(-2)  # diag(RᵀHR): [G, n]
     dc = (r * (c @ r)).sum(-2)
-    return ((dh * dc).sum(-1) / torch.einsum("gij,gji->g", h, c)).sum()
+    scale = torch.einsum("gij,gji->g", h, c)
+    return ((dh * dc).sum(-1) / scale).sum() if relative else (dh * dc).sum() / scale.sum()
 
 
-def fit_rotation(h: torch.Tensor, c: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+def fit_rotation(h: torch.Tensor, c: torch.Tensor, steps: int, lr: float, relative: bool = True) -> torch.Tensor:
     """The orthogonal ``[n, n]`` matrix (float64) lowering ``rounding_surrogate`` from the identity in ``steps``."""
     h, c = h.float(), c.float()
     n = h.shape[-1]
@@ -36,7 +38,7 @@ def fit_rotation(h: torch.Tensor, c: torch.Tensor, steps: int, lr: float) -> tor
     with torch.enable_grad():  # the pass runs under no_grad
         for _ in range(steps):
             opt.zero_grad()
-            rounding_surrogate(h, c, rotation()).backward()
+            rounding_surrogate(h, c, rotation(), relative).backward()
             opt.step()
     with torch.no_grad():
         r = rotation().double()
