@@ -181,3 +181,17 @@ def test_the_pipeline_evaluates_and_caches_the_model_with_its_cache(tmp_path, mo
     assert checkpoint.PackedCheckpoint.read(result.output / "model").kv_cache == KVCacheSpec()
     manifest = json.loads((result.output / "manifest.json").read_text())
     assert [s["name"] for s in manifest["steps"]] == ["rtn", "kv_cache", "export_compressed_tensors"]
+
+
+@pytest.mark.parametrize("consumer", ["onnx", "export_gguf"])
+def test_exports_with_a_float_cache_refuse_a_model_with_an_fp8_one(tmp_path, consumer):
+    from toolkit.passes import onnx
+    from toolkit.quant.modules import check_weight_only
+
+    model = tiny_llama().eval()
+    kv_pass.apply(model, kv_pass.KVCacheConfig(), _ctx(tmp_path))
+    with pytest.raises(ToolkitError, match="keeps a float KV cache"):
+        if consumer == "onnx":
+            onnx.check_model(model, onnx.ONNXConfig())
+        else:
+            check_weight_only(model, consumer)

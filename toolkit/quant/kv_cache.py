@@ -148,6 +148,14 @@ def calibrate(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) ->
     return [(float(o.k), float(o.v)) for o in observers]
 
 
+def check_float_cache(model: nn.Module, consumer: str) -> None:
+    """Refuse, for ``consumer`` (an export whose runtime keeps a float KV cache), a model computing with an fp8 one:
+    its self-check would compare a different model, and the deployment would lose what the evaluation measured."""
+    if spec_of(model) is not None:
+        raise ToolkitError(f"{consumer} keeps a float KV cache; this model computes with an fp8 one (the kv_cache "
+                           "pass): export it with export_compressed_tensors or export_modelopt, or drop kv_cache")
+
+
 def check_same(model: PreTrainedModel, exported: PreTrainedModel) -> None:
     """Refuse an export whose KV cache (read back into ``exported``) is not ``model``'s, bit for bit."""
     ours, theirs = spec_of(model), spec_of(exported)
