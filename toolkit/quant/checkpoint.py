@@ -138,8 +138,9 @@ class PackedCheckpoint:
 
     def to_json(self) -> str:
         record = {"format": self.format, "modules": {n: m.to_record() for n, m in self.modules.items()},
-                  "embedding_from": self.embedding_from,
-                  "kv_cache": None if self.kv_cache is None else self.kv_cache.to_dict()}
+                  "embedding_from": self.embedding_from}
+        if self.format == FORMAT:  # an older record read back is written as it was
+            record["kv_cache"] = None if self.kv_cache is None else self.kv_cache.to_dict()
         return json.dumps(record, indent=2, sort_keys=True)
 
     @classmethod

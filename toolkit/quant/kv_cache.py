@@ -84,7 +84,7 @@ def install(model: PreTrainedModel, spec: KVCacheSpec) -> None:
     """Give every attention layer ``k_scale`` / ``v_scale`` buffers (ones, on the current default device: meta while a
     checkpoint is built) and switch the model to the rounding wrapper of its attention implementation."""
     base = model.config._attn_implementation
-    if base not in WRAPPED and not base.startswith(PREFIX):
+    if base not in WRAPPED and not str(base).startswith(PREFIX):
         raise ToolkitError(f"an fp8 KV cache rounds keys and values in front of sdpa or eager attention, not "
                            f"{base!r}: load the model with attn_implementation 'sdpa' or 'eager'")
     _register()
@@ -92,7 +92,7 @@ def install(model: PreTrainedModel, spec: KVCacheSpec) -> None:
         for name in SCALES:
             module.register_buffer(name, torch.ones(1, dtype=torch.float32))
         module.kv_cache = spec
-    if not base.startswith(PREFIX):
+    if not str(base).startswith(PREFIX):
         model.set_attn_implementation(PREFIX + base)
 
 
