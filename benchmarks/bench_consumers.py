@@ -455,9 +455,9 @@ def main() -> None:
     p.add_argument("--vllm-dtype", choices=["bfloat16", "float32"],
                    help="the dtype vLLM runs every model in (default: each scheme's VLLM_DTYPE); float32 is ours, "
                         "which vLLM CPU's FP8 torch fallback accepts and its int4 and int8 kernels refuse")
-    p.add_argument("--vllm-kv-cache-dtype", choices=["auto", "fp8"], default="auto",
-                   help="vLLM's KV cache for every --vllm model: auto (the model's dtype) or fp8 (e4m3 with the "
-                        "checkpoint's k_scale / v_scale, from the kv_cache pass; 1.0 where it has none)")
+    p.add_argument("--vllm-kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"], default="auto",
+                   help="vLLM's KV cache for every --vllm model: auto (the model's dtype), or fp8 / fp8_e4m3 / "
+                        "fp8_e5m2 with the checkpoint's k_scale / v_scale (the kv_cache pass; 1.0 where it has none)")
     p.add_argument("--tokenizer", default="smollm2", help="model source whose tokenizer makes the windows")
     p.add_argument("--count", type=int, default=16)
     p.add_argument("--length", type=int, default=512)
