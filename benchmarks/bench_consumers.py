@@ -213,12 +213,14 @@ def check_vllm_head_dim(folder: Path) -> None:
 
 
 def vllm_job(folder: Path, prompts: list[list[int]], windows: list[list[int]], new_tokens: int,
-             dtype: str | None = None) -> dict[str, Any]:
-    """One model for ``vllm_consumer.py``, run in ``dtype`` (default: its scheme's ``VLLM_DTYPE``)."""
+             dtype: str | None = None, kv_cache_dtype: str = "auto") -> dict[str, Any]:
+    """One model for ``vllm_consumer.py``, run in ``dtype`` (default: its scheme's ``VLLM_DTYPE``) with vLLM's
+    ``kv_cache_dtype`` (``fp8``: an e4m3 cache with the checkpoint's ``k_scale`` / ``v_scale``, 1.0 where it has
+    none)."""
     # a scored window asks for one token after it: vLLM refuses prompt + output past max_model_len
     longest = max(len(x) for x in [*(w + [0] for w in windows), *(p + [0] * new_tokens for p in prompts)])
     return {"folder": str(folder), "dtype": dtype or vllm_dtype(folder), "prompts": prompts, "new_tokens": new_tokens,
-            "top_logprobs": VLLM_TOP, "windows": windows, "max_model_len": longest}
+            "top_logprobs": VLLM_TOP, "windows": windows, "max_model_len": longest, "kv_cache_dtype": kv_cache_dtype}
 
 
 # VLLM_CPU_INT4_W4A8=0: on a CPU with AMX, vLLM's default (1) runs W4A16 checkpoints with int8 dynamic per-token
@@ -317,7 +319,8 @@ def vllm_compare(model: Any, prompts: list[list[int]], got: dict[str, Any], wins
     for prompt, gen in zip(prompts, got["generations"], strict=True):
         tokens, logits = greedy(model, prompt, len(gen["tokens"]))
         comparisons.append(divergence(tokens, gen["tokens"], logits, gen["top_logprobs"]))
-    out: dict[str, Any] = {"engine": "vLLM (CPU)", "dtype": got["dtype"], "greedy": comparisons,
+    out: dict[str, Any] = {"engine": "vLLM (CPU)", "dtype": got["dtype"], "kv_cache_dtype": got.get("kv_cache_dtype"),
+                           "greedy": comparisons,
                            "greedy_equal": sum(c["equal"] for c in comparisons)}
     if wins is not None:
         from toolkit.evaluation import perplexity
@@ -349,7 +352,7 @@ def vllm_consumers(a: argparse.Namespace, wins: torch.Tensor) -> dict[str, dict[
         for scheme in a.vllm_tiny_schemes:
             entries.append((f"tiny-{family}-{scheme}", *tiny_export(family, scheme, a.workdir), None))
     prompts = [chat_prompts(tokenizer) for _, _, _, tokenizer, _ in entries]
-    jobs = [vllm_job(folder, p, [] if w is None else w.tolist(), a.vllm_tokens, a.vllm_dtype)
+    jobs = [vllm_job(folder, p, [] if w is None else w.tolist(), a.vllm_tokens, a.vllm_dtype, a.vllm_kv_cache_dtype)
             for (_, _, folder, _, w), p in zip(entries, prompts, strict=True)]
     results = {}
     for (label, model, _, _, w), p, got in zip(entries, prompts, vllm_run(jobs, a.threads, a.workdir / "vllm.log"), strict=True):
@@ -425,7 +428,8 @@ def print_vllm(label: str, r: dict[str, Any]) -> None:
         cause = f"; root cause: {r['root_cause']}" if "root_cause" in r else ""
         print(f"{label}: vLLM: {r['error']}{cause} (log: {r['log']})")
         return
-    print(f"{label}: vLLM ({r['dtype']}) greedy equal to ours on {r['greedy_equal']}/{len(r['greedy'])} prompts")
+    print(f"{label}: vLLM ({r['dtype']}, kv cache {r['kv_cache_dtype']}) greedy equal to ours on "
+          f"{r['greedy_equal']}/{len(r['greedy'])} prompts")
     for i, c in enumerate(r["greedy"]):
         if not c["equal"]:
             vm = "not in its top-5" if c["vllm_margin"] is None else f"{c['vllm_margin']:.4f}"
@@ -451,6 +455,9 @@ def main() -> None:
     p.add_argument("--vllm-dtype", choices=["bfloat16", "float32"],
                    help="the dtype vLLM runs every model in (default: each scheme's VLLM_DTYPE); float32 is ours, "
                         "which vLLM CPU's FP8 torch fallback accepts and its int4 and int8 kernels refuse")
+    p.add_argument("--vllm-kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"], default="auto",
+                   help="vLLM's KV cache for every --vllm model: auto (the model's dtype), or fp8 / fp8_e4m3 / "
+                        "fp8_e5m2 with the checkpoint's k_scale / v_scale (the kv_cache pass; 1.0 where it has none)")
     p.add_argument("--tokenizer", default="smollm2", help="model source whose tokenizer makes the windows")
     p.add_argument("--count", type=int, default=16)
     p.add_argument("--length", type=int, default=512)

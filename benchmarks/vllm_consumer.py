@@ -3,7 +3,7 @@
     $TOOLKIT_PEERS/vllm/bin/python benchmarks/vllm_consumer.py JOBS.json RESULTS.json
 
 JOBS: a list of {"folder", "dtype", "prompts": [[ids]], "new_tokens", "top_logprobs", "windows": [[ids]] or [],
-"max_model_len"}, one per model. RESULTS: per job, per prompt vLLM's greedy tokens (EOS ignored) with the top log-probabilities at each
+"max_model_len", "kv_cache_dtype"}, one per model. RESULTS: per job, per prompt vLLM's greedy tokens (EOS ignored) with the top log-probabilities at each
 step, and per window the summed NLL of tokens 1..L-1 from ``prompt_logprobs`` (the toolkit's formula) and its
 count (or {"error"} for a model vLLM refused). Token ids in, token ids out: vLLM never tokenizes, so both sides see the same ids. Imports no toolkit code
 (this environment has its own torch and transformers).
@@ -34,7 +34,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     llm = LLM(model=job["folder"], dtype=job["dtype"], max_model_len=job["max_model_len"], seed=0,
-              skip_tokenizer_init=True, enforce_eager=True)
+              skip_tokenizer_init=True, enforce_eager=True, kv_cache_dtype=job.get("kv_cache_dtype", "auto"))
     greedy = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True,
                             logprobs=job["top_logprobs"], detokenize=False)
     loaded = time.perf_counter()
@@ -56,7 +56,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
           f"{len(windows)} windows {time.perf_counter() - generated:.0f} s", flush=True)
     del llm  # shuts its engine process down before the next model loads
     gc.collect()
-    return {"dtype": job["dtype"], "generations": generations, "windows": windows}
+    return {"dtype": job["dtype"], "kv_cache_dtype": job.get("kv_cache_dtype", "auto"), "generations": generations,
+            "windows": windows}
 
 
 JOB_MARK = "=== vllm_consumer job"  # bench_consumers.py cuts the log at these lines to find a job's root cause

@@ -92,6 +92,7 @@ class ExportConfig(PassConfig):
     """A terminal step that turns the model into a deployment folder."""
 
     kind: ClassVar[Kind] = "export"
+    holds_kv_cache: ClassVar[bool] = False  # writes an fp8 KV cache's scales (the kv_cache pass may precede it)
 
     def streaming_bytes(self, shape: ModelShape, calibration_tokens: int, activations_budget: int) -> float:
         """One float32 layer and the embedding/head, each with its copies."""

@@ -11,7 +11,9 @@ is read back by ``toolkit.interop.compressed_tensors.read`` (no compressed-tenso
 codes, scales and zero points must equal the model's bit for bit, and a plain float model dequantized from
 it (its linears' inputs quantized as the folder's ``input_activations`` and ``input_scale`` say) must give the
 source model's logits on two shapes. Static input scales and per-tensor fp8 weight scales of linears a consumer
-fuses (q/k/v, gate/up) must be equal, since vLLM runs them as one matmul with one scale of each.
+fuses (q/k/v, gate/up) must be equal, since vLLM runs them as one matmul with one scale of each. A model with an fp8
+KV cache (the ``kv_cache`` pass) is written with its ``kv_cache_scheme`` and ``k_scale`` / ``v_scale`` tensors, read
+back equal to the model's, and the float reload computes with them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from toolkit.models.architectures import layout_of
 from toolkit.models.checkpoint import config_dict, float_model
 from toolkit.models.shards import SINGLE
 from toolkit.passes.base import CheckpointExportConfig, PassConfig
+from toolkit.quant import kv_cache
 from toolkit.quant.modules import (
     FP8Linear,
     QuantizedLinear,
@@ -52,6 +55,7 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32}
 class ExportCompressedTensorsConfig(CheckpointExportConfig):
     name: ClassVar[str] = "export_compressed_tensors"
     reads_calibration: ClassVar[bool] = False
+    holds_kv_cache: ClassVar[bool] = True
 
     # float tensors and scales; float16 holds our scales exactly (bfloat16 would not)
     dtype: Literal["float16", "float32"] = "float16"
@@ -96,7 +100,8 @@ def _linear_tensors(name: str, m: QuantizedLinear, dtype: torch.dtype) -> dict[s
 
 
 def _tensors(model: PreTrainedModel, linears: dict[str, QuantizedLinear], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return checkpoint_tensors(model, linears, dtype, lambda name, m: _linear_tensors(name, m, dtype))
+    tensors = checkpoint_tensors(model, linears, dtype, lambda name, m: _linear_tensors(name, m, dtype))
+    return {**tensors, **ct.kv_tensors(kv_cache.scales(model))} if kv_cache.spec_of(model) else tensors
 
 
 def _config(model: PreTrainedModel, linears: dict[str, QuantizedLinear], floats: list[str],
@@ -106,7 +111,7 @@ def _config(model: PreTrainedModel, linears: dict[str, QuantizedLinear], floats:
         groups.setdefault(m.scheme, []).append(name)
     d = config_dict(model)
     d["dtype"] = dtype
-    d["quantization_config"] = ct.quantization_config(groups, [layout_of(model).head, *floats])
+    d["quantization_config"] = ct.quantization_config(groups, [layout_of(model).head, *floats], kv_cache.spec_of(model))
     return d
 
 
@@ -117,6 +122,9 @@ def _reload_float(folder: Path) -> tuple[PreTrainedModel, dict[str, ct.Packed | 
     state = {k: v.float() for k, v in floats.items()}
     state.update({f"{name}.weight": p.dequantize() for name, p in packed.items()})
     model = float_model(config, state)
+    cache = ct.read_kv_cache(folder)
+    if cache is not None:
+        kv_cache.load(model, *cache, f"{folder}")
     for name, p in packed.items():
         if isinstance(p, ct.Dense) and p.input_activations is not None:
             model.get_submodule(name).register_forward_pre_hook(input_quantizer(p.input_activations, p.input_scale))
@@ -164,10 +172,12 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     tokenizer.save_pretrained(folder)
     exported, packed = _reload_float(folder)
     _check_codes(linears, packed)
-    quantized_inputs = any(m.act is not None for m in linears.values())
+    kv_cache.check_same(model, exported)
+    quantized_inputs = any(m.act is not None for m in linears.values()) or kv_cache.spec_of(model) is not None
     if quantized_inputs:  # another attention kernel's last-bit differences would flip activation codes
         exported.set_attn_implementation(model.config._attn_implementation)
     reference = stored_floats(model, DTYPES[config.dtype]) if quantized_inputs else model
     error = check_reloaded(reference, exported, config.tolerance, "compressed-tensors checkpoint")
     return {"relative_logit_error": error, "bytes": (folder / SINGLE).stat().st_size,
-            "quantized_linears": len(linears), "bit_exact_codes": True}
+            "quantized_linears": len(linears), "bit_exact_codes": True,
+            "kv_cache": None if kv_cache.spec_of(model) is None else "fp8 e4m3 per-tensor"}

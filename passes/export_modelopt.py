@@ -7,7 +7,9 @@ and every float linear are written at ``dtype`` and listed in ``exclude_modules`
 The export proves itself: read back by ``toolkit.interop.modelopt.read``, its fp8 codes and scales must equal the
 model's bit for bit, and a plain float model dequantized from it, its fp8 linears' inputs quantized as the algorithm
 says (per token, or with the stored input scale), must give the model's logits (its float tensors as stored) on two
-shapes. Scales of linears a consumer fuses (q/k/v, gate/up) must be equal, as ModelOpt writes them.
+shapes. Scales of linears a consumer fuses (q/k/v, gate/up) must be equal, as ModelOpt writes them. A model with an
+fp8 KV cache (the ``kv_cache`` pass) is written with ``kv_cache_quant_algo: FP8`` and its ``k_scale`` / ``v_scale``,
+read back equal to the model's, and the float reload computes with them.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from toolkit.models.architectures import layout_of
 from toolkit.models.checkpoint import config_dict, float_model
 from toolkit.models.shards import SINGLE
 from toolkit.passes.base import CheckpointExportConfig, PassConfig
+from toolkit.quant import kv_cache
 from toolkit.quant.modules import (
     FP8Linear,
     input_quantizer,
     quantized_linears,
     stored_floats,
 )
-from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
+from toolkit.quant.spec import ActivationSpec, KVCacheSpec, QuantScheme, QuantSpec
 from toolkit.quant.surgery import check_fused_scales
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -51,6 +54,7 @@ SCHEMES = {  # quant_algo -> the one scheme it holds
 class ExportModelOptConfig(CheckpointExportConfig):
     name: ClassVar[str] = "export_modelopt"
     reads_calibration: ClassVar[bool] = False
+    holds_kv_cache: ClassVar[bool] = True
 
     dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"  # float tensors; fp8 scales are float32
 
@@ -85,10 +89,21 @@ def _linears(model: PreTrainedModel) -> tuple[str, dict[str, FP8Linear], list[st
     return algos.pop(), {n: m for n, m in quantized.items() if isinstance(m, FP8Linear)}, floats
 
 
+def _kv_projections(model: PreTrainedModel) -> dict[str, tuple[str, str]]:
+    """Each attention module's key and value projections (full names; a fused qkv_proj for both)."""
+    arch = layout_of(model)
+    k, v = (arch.k, arch.v) if arch.k and arch.v else (arch.qkv, arch.qkv)
+    return {f"{arch.layers}.{i}.{arch.attention}": (f"{arch.layers}.{i}.{k}", f"{arch.layers}.{i}.{v}")
+            for i in range(len(kv_cache.attention_modules(model)))}
+
+
 def _tensors(model: PreTrainedModel, algo: str, linears: dict[str, FP8Linear],
              dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return checkpoint_tensors(model, linears, dtype, lambda name, m: modelopt.linear_tensors(
+    tensors = checkpoint_tensors(model, linears, dtype, lambda name, m: modelopt.linear_tensors(
         name, algo, m.weight, m.weight_scale, getattr(m, "input_scale", None)))
+    if kv_cache.spec_of(model) is None:
+        return tensors
+    return {**tensors, **modelopt.kv_tensors(_kv_projections(model), kv_cache.scales(model))}
 
 
 def _reload_float(folder: Path) -> tuple[PreTrainedModel, dict[str, modelopt.FP8Weight]]:
@@ -97,6 +112,9 @@ def _reload_float(folder: Path) -> tuple[PreTrainedModel, dict[str, modelopt.FP8
     state = {k: v.float() for k, v in floats.items()}
     state.update({f"{name}.weight": w.dequantize() for name, w in linears.items()})
     model = float_model(config, state)
+    cache = modelopt.read_kv_cache(folder)
+    if cache is not None:
+        kv_cache.load(model, KVCacheSpec(), cache, f"{folder}")
     act = SCHEMES[algo].input_activations
     assert act is not None  # both algorithms quantize their inputs
     for name, w in linears.items():
@@ -128,14 +146,17 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: E
     save_file(_tensors(model, algo, linears, DTYPES[config.dtype]), str(folder / SINGLE), metadata={"format": "pt"})
     d = config_dict(model)
     d["dtype"] = config.dtype
-    d["quantization_config"] = modelopt.quantization_config(algo, exclude)
+    fp8_kv = kv_cache.spec_of(model) is not None
+    d["quantization_config"] = modelopt.quantization_config(algo, exclude, fp8_kv)
     (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True))
-    (folder / modelopt.HF_QUANT_CONFIG).write_text(json.dumps(modelopt.hf_quant_config(algo, exclude), indent=2))
+    (folder / modelopt.HF_QUANT_CONFIG).write_text(json.dumps(modelopt.hf_quant_config(algo, exclude, fp8_kv), indent=2))
     tokenizer.save_pretrained(folder)
     exported, read = _reload_float(folder)
     _check_codes(linears, read)
+    kv_cache.check_same(model, exported)
     exported.set_attn_implementation(model.config._attn_implementation)  # last-bit differences flip fp8 codes
     reference = stored_floats(model, DTYPES[config.dtype])
     error = check_reloaded(reference, exported, config.tolerance, "ModelOpt checkpoint")
     return {"relative_logit_error": error, "bytes": (folder / SINGLE).stat().st_size,
-            "quantized_linears": len(linears), "bit_exact_codes": True, "quant_algo": algo}
+            "quantized_linears": len(linears), "bit_exact_codes": True, "quant_algo": algo,
+            "kv_cache_quant_algo": modelopt.KV_FP8 if fp8_kv else None}

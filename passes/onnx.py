@@ -70,6 +70,7 @@ from toolkit.onnx.tensorrt import parser_problems
 from toolkit.onnx.validate import Probe, Reference, model_reference, op_census, probe_sequences, run_checks
 from toolkit.passes.base import ExportConfig, PassConfig
 from toolkit.passes.context import PassContext
+from toolkit.quant import kv_cache
 from toolkit.quant.modules import activation_modules, quantized_modules
 from toolkit.quant.spec import QuantScheme
 from toolkit.quant.streaming import StreamOptions
@@ -188,6 +189,7 @@ def check_model(model: PreTrainedModel, config: ONNXConfig) -> None:
     or given folder, which the recipe check does not see)."""
     for m in activation_modules(model).values():
         check_spec(m.scheme, config)
+    kv_cache.check_float_cache(model, ONNXConfig.name)
 
 
 def _write(model: PreTrainedModel, config: ONNXConfig, folder: Path, contract: ExportContract,

@@ -73,6 +73,8 @@ def test_max_model_len_holds_a_window_and_the_token_after_it(tmp_path: Path) -> 
     assert bench.vllm_job(tmp_path, [[1] * 40], [], new_tokens=32)["max_model_len"] == 72
     # --vllm-dtype float32: vLLM computes in our precision (its FP8 torch fallback accepts it)
     assert bench.vllm_job(tmp_path, [[1] * 40], [], new_tokens=32, dtype="float32")["dtype"] == "float32"
+    assert job["kv_cache_dtype"] == "auto"
+    assert bench.vllm_job(tmp_path, [[1] * 40], [], 32, "float32", kv_cache_dtype="fp8")["kv_cache_dtype"] == "fp8"
 
 
 def test_root_cause_is_the_failing_jobs_engine_error_not_engine_dead() -> None:

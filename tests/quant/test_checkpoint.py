@@ -108,7 +108,7 @@ def _modules(**change: object) -> str:
     (_modules(bits=True), "'modules' must map module names to {bits, group_size, symmetric, in_features, out_"),
     (_modules().replace('"embedding_from": null', '"embedding_from": []'), "'embedding_from' is \\[\\]"),
     (_modules().replace('"embedding_from": null', '"embedding_from": "lm_head"'), "'embedding_from' is 'lm_head'"),
-    (_modules(zero=8), r"module 'q' of a llm-toolkit-packed-v3 record: unknown keys \['zero'\]"),
+    (_modules(zero=8), r"module 'q' of a llm-toolkit-packed-v4 record: unknown keys \['zero'\]"),
     (_modules(type="fp4"), "module 'q' .*weight type must be 'int' or 'float'"),
     (_modules(input_activations={"strategy": "token", "dynamic": False}), "module 'q' .*use dynamic: true"),
     (_modules(type="float").replace(FORMAT, checkpoint.V1), r"llm-toolkit-packed-v1 record: unknown keys \['type'\]"),

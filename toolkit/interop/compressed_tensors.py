@@ -11,6 +11,10 @@ described by ``quantization_config`` with ``config_groups`` in ``config.json``:
   vLLM's ``CompressedTensorsW8A8Int8`` / ``CompressedTensorsW8A8Fp8`` schemes load (``naive-quantized``: the same
   tensors for fp8 weights with float activations).
 
+An fp8 KV cache (``kv_cache_scheme``: fp8, one static scale per tensor) adds ``<attention>.k_scale`` and
+``.v_scale`` float32 ``[1]`` per attention layer (``model.layers.N.self_attn.k_scale``), the names llm-compressor
+writes and vLLM's compressed-tensors KV cache method loads.
+
 ``read`` checks a folder without the compressed-tensors package and dequantizes it independently of
 ``QuantLinear``; the exporter and the tests use it.
 """
@@ -27,12 +31,13 @@ import torch
 from toolkit.errors import ToolkitError
 from toolkit.models.shards import SINGLE, load_single
 from toolkit.quant.formats import CompressedTensorsPacked
-from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
+from toolkit.quant.spec import ActivationSpec, KVCacheSpec, QuantScheme, QuantSpec
 
 FORMAT = "pack-quantized"
 DENSE_FORMATS = ("int-quantized", "float-quantized", "naive-quantized")  # one 8-bit value per weight, not packed
 MIXED = "mixed-precision"  # the top-level format when config groups use several
-SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", ".input_scale")
+KV_SUFFIXES = (".k_scale", ".v_scale")  # of an attention module
+SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", ".input_scale", *KV_SUFFIXES)
 DENSE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
@@ -91,7 +96,21 @@ def scheme_group(scheme: QuantScheme, targets: list[str]) -> dict[str, Any]:
             "output_activations": None, "format": format_of(scheme)}
 
 
-def quantization_config(groups: dict[QuantScheme, list[str]], ignore: list[str]) -> dict[str, Any]:
+def kv_cache_args(spec: KVCacheSpec) -> dict[str, Any]:
+    """``kv_cache_scheme``: a ``QuantizationArgs`` record of static per-tensor fp8 keys and values."""
+    return {"num_bits": spec.bits, "type": spec.type, "symmetric": True, "strategy": spec.strategy,
+            "group_size": None, "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {},
+            "block_structure": None}
+
+
+def kv_tensors(scales: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``<attention>.k_scale`` / ``.v_scale`` float32 ``[1]`` for each attention module's ``(k_scale, v_scale)``."""
+    return {f"{name}{suffix}": s.to(torch.float32).reshape(1)
+            for name, pair in scales.items() for suffix, s in zip(KV_SUFFIXES, pair, strict=True)}
+
+
+def quantization_config(groups: dict[QuantScheme, list[str]], ignore: list[str],
+                        kv_cache: KVCacheSpec | None = None) -> dict[str, Any]:
     """``groups``: scheme -> target module names; a single scheme targets every ``Linear`` not ignored."""
     single = len(groups) == 1
     formats = {format_of(scheme) for scheme in groups}
@@ -104,7 +123,7 @@ def quantization_config(groups: dict[QuantScheme, list[str]], ignore: list[str])
             for i, (scheme, names) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0])))
         },
         "ignore": sorted(ignore),
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": None if kv_cache is None else kv_cache_args(kv_cache),
         "global_compression_ratio": None,
     }
 
@@ -186,6 +205,32 @@ def read(folder: Path) -> tuple[dict[str, Any], dict[str, Packed | Dense], dict[
     floats = {k: v for k, v in state.items()
               if not k.endswith(SUFFIXES) and k[: -len(".weight")] not in dense}
     return config, packed, floats
+
+
+def read_kv_cache(folder: Path) -> tuple[KVCacheSpec, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None:
+    """The folder's KV cache: its scheme and each attention module's ``(k_scale, v_scale)``, or None (a float cache);
+    one-line ToolkitError when the scheme and the tensors disagree."""
+    folder = Path(folder)
+    args = json.loads((folder / "config.json").read_text())["quantization_config"].get("kv_cache_scheme")
+    state = load_single(folder)
+    found = {k[: -len(s)]: s for k in state for s in KV_SUFFIXES if k.endswith(s)}
+    if args is None:
+        if found:
+            raise ToolkitError(f"{folder}: inconsistent checkpoint: KV cache scales without a kv_cache_scheme")
+        return None
+    try:
+        spec = KVCacheSpec(args["type"], int(args["num_bits"]), args["strategy"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ToolkitError(f"{folder}: kv_cache_scheme is not an fp8 per-tensor cache ({exc})") from None
+    scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module in sorted(found):
+        pair = tuple(state.get(module + s) for s in KV_SUFFIXES)
+        if any(t is None or tuple(t.shape) != (1,) or t.dtype != torch.float32 for t in pair):
+            raise ToolkitError(f"{folder}: {module}: k_scale and v_scale must both be float32 [1]")
+        scales[module] = pair  # type: ignore[assignment]
+    if not scales:
+        raise ToolkitError(f"{folder}: inconsistent checkpoint: a kv_cache_scheme without k_scale / v_scale tensors")
+    return spec, scales
 
 
 def _dense(module: str, state: dict[str, torch.Tensor], group: dict[str, Any], folder: Path) -> Dense:

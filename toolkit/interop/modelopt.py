@@ -9,6 +9,11 @@ with ``weight_scale`` float32. Two algorithms:
   ``[]``, ModelOpt's ``amax / 448``): compressed-tensors' ``FP8`` preset. ModelOpt's export gives linears vLLM fuses
   (q/k/v, gate/up) the largest of their weight and input scales, and vLLM requantizes unequal ones to the largest.
 
+An fp8 KV cache is ``kv_cache_quant_algo: FP8`` (``hf_quant_config.json``; ``kv_cache_scheme`` in ``config.json``) with
+a float32 scalar ``k_scale`` on the key projection and ``v_scale`` on the value projection of each attention layer
+(``model.layers.N.self_attn.k_proj.k_scale``, ``...v_proj.v_scale``; a fused ``qkv_proj`` holds both), where ModelOpt
+writes them and vLLM's loader maps them to its attention layer.
+
 ``read`` checks a folder without the ModelOpt package.
 """
 
@@ -29,18 +34,34 @@ HF_QUANT_CONFIG = "hf_quant_config.json"
 PER_CHANNEL = "FP8_PER_CHANNEL_PER_TOKEN"
 PER_TENSOR = "FP8"
 ALGOS = (PER_CHANNEL, PER_TENSOR)
+KV_FP8 = "FP8"  # kv_cache_quant_algo
+KV_SCHEME = {"num_bits": 8, "type": "float", "dynamic": False}  # config.json's kv_cache_scheme, as vLLM reads it
+KV_SUFFIXES = (".k_scale", ".v_scale")
 
 
-def hf_quant_config(algo: str, exclude: list[str]) -> dict[str, Any]:
-    """``hf_quant_config.json``: the producer, the algorithm and the modules left in float."""
+def kv_tensors(projections: dict[str, tuple[str, str]],
+               scales: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``<k projection>.k_scale`` and ``<v projection>.v_scale`` float32 scalars; ``projections`` maps each attention
+    module to its key and value projections' full names."""
+    out = {}
+    for name, (k, v) in scales.items():
+        k_proj, v_proj = projections[name]
+        out[f"{k_proj}.k_scale"] = k.to(torch.float32).reshape(())
+        out[f"{v_proj}.v_scale"] = v.to(torch.float32).reshape(())
+    return out
+
+
+def hf_quant_config(algo: str, exclude: list[str], fp8_kv: bool = False) -> dict[str, Any]:
+    """``hf_quant_config.json``: the producer, the algorithm, the KV cache's and the modules left in float."""
     return {"producer": {"name": "llm-toolkit", "version": __version__},
-            "quantization": {"quant_algo": algo, "kv_cache_quant_algo": None, "exclude_modules": sorted(exclude)}}
+            "quantization": {"quant_algo": algo, "kv_cache_quant_algo": KV_FP8 if fp8_kv else None,
+                             "exclude_modules": sorted(exclude)}}
 
 
-def quantization_config(algo: str, exclude: list[str]) -> dict[str, Any]:
+def quantization_config(algo: str, exclude: list[str], fp8_kv: bool = False) -> dict[str, Any]:
     """``config.json``'s ``quantization_config``: the keys vLLM's ``ModelOptFp8Config`` reads there."""
-    return {"quant_method": "modelopt", "quant_algo": algo, "kv_cache_scheme": None, "ignore": sorted(exclude),
-            "producer": {"name": "llm-toolkit", "version": __version__}}
+    return {"quant_method": "modelopt", "quant_algo": algo, "kv_cache_scheme": dict(KV_SCHEME) if fp8_kv else None,
+            "ignore": sorted(exclude), "producer": {"name": "llm-toolkit", "version": __version__}}
 
 
 def scale_shape(algo: str, out_features: int) -> tuple[int, ...]:
@@ -108,6 +129,34 @@ def read(folder: Path) -> tuple[dict[str, Any], str, dict[str, FP8Weight], dict[
             raise ToolkitError(f"{folder}: {module}: input_scale is {have}, "
                                f"{algo} needs {'a scalar []' if wanted is not None else 'none'}")
         linears[module] = FP8Weight(state[key], scale, input_scale)
-    suffixes = (".weight_scale", ".input_scale")
+    suffixes = (".weight_scale", ".input_scale", *KV_SUFFIXES)
     floats = {k: v for k, v in state.items() if not k.endswith(suffixes) and k[: -len(".weight")] not in linears}
     return config, algo, linears, floats
+
+
+def read_kv_cache(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each attention module's ``(k_scale, v_scale)`` (the module owning the projections that hold them), or None when
+    the folder's ``kv_cache_quant_algo`` is null; one-line ToolkitError when the configs and the tensors disagree."""
+    folder = Path(folder)
+    hf = json.loads((folder / HF_QUANT_CONFIG).read_text())["quantization"].get("kv_cache_quant_algo")
+    scheme = json.loads((folder / "config.json").read_text())["quantization_config"].get("kv_cache_scheme")
+    state = load_single(folder)
+    found = {k: v for k, v in state.items() if k.endswith(KV_SUFFIXES)}
+    if (hf is None) != (scheme is None) or hf not in (None, KV_FP8):
+        raise ToolkitError(f"{folder}: kv_cache_quant_algo {hf!r} ({HF_QUANT_CONFIG}) and kv_cache_scheme {scheme!r} "
+                           f"(config.json) disagree; this reader holds {KV_FP8} or none")
+    if hf is None:
+        if found:
+            raise ToolkitError(f"{folder}: KV cache scales without a kv_cache_quant_algo")
+        return None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in found.items():
+        projection, _, kind = key.rpartition(".")
+        if tuple(t.shape) != () or t.dtype != torch.float32:
+            raise ToolkitError(f"{folder}: {key} must be a float32 scalar [], got {t.dtype} {list(t.shape)}")
+        pairs.setdefault(projection.rpartition(".")[0], {})[kind] = t
+    incomplete = sorted(n for n, p in pairs.items() if set(p) != {"k_scale", "v_scale"})
+    if incomplete or not pairs:
+        raise ToolkitError(f"{folder}: kv_cache_quant_algo {KV_FP8} needs a k_scale and a v_scale per attention "
+                           f"layer; incomplete: {incomplete[:3] or 'all'}")
+    return {n: (p["k_scale"], p["v_scale"]) for n, p in sorted(pairs.items())}

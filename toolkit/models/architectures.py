@@ -48,6 +48,7 @@ class Architecture:
     head: str = "lm_head"
     rotary: str = "model.rotary_emb"  # module computing (cos, sin), HF rotate_half layout
     # within one decoder layer
+    attention: str = "self_attn"  # the attention module (an fp8 KV cache's k_scale / v_scale are its buffers)
     input_norm: str | None = "input_layernorm"  # before attention (None: OLMo 2 norms only the outputs)
     mlp_norm: str | None = "post_attention_layernorm"  # before the MLP (Gemma 2/3: pre_feedforward_layernorm)
     attn_out_norm: str | None = None  # sandwich norm on the attention output, before the residual add

@@ -9,7 +9,8 @@ or per-tensor scales), with a static ``input_scale`` where its activations are c
 embedding reads. Its ``format`` is the version: ``FORMAT`` is written, every version in ``READABLE`` loads
 (v1: integer weight-only linears; v2 adds a linear's ``type`` and ``input_activations`` keys, v3 its weight
 ``strategy`` (fp8 per tensor), each written only where the scheme has it, so a weight-only v3 record is the v1 record
-under another name).
+under another name; v4 adds the top-level ``kv_cache``: null, or the fp8 KV cache whose ``k_scale`` / ``v_scale``
+buffers each attention module then stores, ``toolkit.quant.kv_cache``).
 
 ``load_model`` and ``open_streaming`` take a folder of either kind; ``load`` is ``toolkit.models.load`` for any
 source, packed folders included.
@@ -41,6 +42,7 @@ from toolkit.models.streaming import (
     set_tensor,
     tied_head,
 )
+from toolkit.quant import kv_cache
 from toolkit.quant.modules import (
     FP8Linear,
     QuantEmbedding,
@@ -49,15 +51,17 @@ from toolkit.quant.modules import (
     quantized_linears,
     set_module,
 )
-from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
+from toolkit.quant.spec import ActivationSpec, KVCacheSpec, QuantScheme, QuantSpec
 
 FILE = "quantization.json"
-FORMAT = "llm-toolkit-packed-v3"  # the version written; also the safetensors metadata of a packed folder
+FORMAT = "llm-toolkit-packed-v4"  # the version written; also the safetensors metadata of a packed folder
+V3 = "llm-toolkit-packed-v3"  # adds strategy to v2; no kv_cache
 V2 = "llm-toolkit-packed-v2"  # adds type / input_activations to v1
 V1 = "llm-toolkit-packed-v1"  # integer weight-only linears
-READABLE = (FORMAT, V2, V1)  # the versions this reader loads: a new version keeps the older ones here
+READABLE = (FORMAT, V3, V2, V1)  # the versions this reader loads: a new version keeps the older ones here
 # what each version adds to a module's record, only where the scheme has it
-SCHEME_KEYS = {V1: (), V2: ("type", "input_activations"), FORMAT: ("type", "input_activations", "strategy")}
+SCHEME_KEYS = {V1: (), V2: ("type", "input_activations"), V3: ("type", "input_activations", "strategy"),
+               FORMAT: ("type", "input_activations", "strategy")}
 BASE_TYPES = {"bits": int, "group_size": int, "symmetric": bool, "in_features": int, "out_features": int, "bias": bool}
 WEIGHTS_METADATA = {"format": FORMAT}
 
@@ -115,12 +119,13 @@ class PackedLinear:
 
 @dataclass(frozen=True)
 class PackedCheckpoint:
-    """``quantization.json``: every quantized linear by module name, and the head a tied quantized embedding
-    reads (None when the embedding is a float table)."""
+    """``quantization.json``: every quantized linear by module name, the head a tied quantized embedding
+    reads (None when the embedding is a float table), and the KV cache (None: float)."""
 
     modules: Mapping[str, PackedLinear]
     embedding_from: str | None = None
     format: str = FORMAT
+    kv_cache: KVCacheSpec | None = None
 
     @classmethod
     def of_model(cls, model: nn.Module) -> PackedCheckpoint:
@@ -129,11 +134,13 @@ class PackedCheckpoint:
         embedding = model.get_input_embeddings()  # type: ignore[operator]
         tied = isinstance(embedding, QuantEmbedding)
         head = next((n for n, m in qmods.items() if tied and m is embedding.weight_source), None)
-        return cls({name: PackedLinear.of(m) for name, m in qmods.items()}, head)
+        return cls({name: PackedLinear.of(m) for name, m in qmods.items()}, head, kv_cache=kv_cache.spec_of(model))
 
     def to_json(self) -> str:
         record = {"format": self.format, "modules": {n: m.to_record() for n, m in self.modules.items()},
                   "embedding_from": self.embedding_from}
+        if self.format == FORMAT:  # an older record read back is written as it was
+            record["kv_cache"] = None if self.kv_cache is None else self.kv_cache.to_dict()
         return json.dumps(record, indent=2, sort_keys=True)
 
     @classmethod
@@ -158,6 +165,7 @@ class PackedCheckpoint:
         if head is not None and (not isinstance(head, str) or head not in modules):
             raise ToolkitError(f"{where}: 'embedding_from' is {head!r}, not one of its quantized modules; "
                                "re-create the artifact")
+        cache = _kv_cache(record, where)
         linears: dict[str, PackedLinear] = {}
         for name, m in modules.items():
             try:
@@ -165,7 +173,7 @@ class PackedCheckpoint:
             except (ValueError, TypeError) as exc:
                 raise ToolkitError(f"{where}: module {name!r} of a {record['format']} record: {exc}; "
                                    "re-create the artifact") from None
-        return cls(linears, head, record["format"])
+        return cls(linears, head, record["format"], cache)
 
     def write(self, folder: Path) -> None:
         (Path(folder) / FILE).write_text(self.to_json())
@@ -189,9 +197,29 @@ class PackedCheckpoint:
                 except (ValueError, AttributeError, KeyError) as exc:
                     raise ToolkitError(f"{where}: module {name!r} does not fit the model ({exc}); "
                                        "re-create the artifact") from None
+            if self.kv_cache is not None:
+                kv_cache.install(model, self.kv_cache)
         if self.embedding_from:
             head = model.get_submodule(self.embedding_from)
             model.set_input_embeddings(QuantEmbedding.replacing(model.get_input_embeddings(), head))
+
+
+def _kv_cache(record: dict[str, Any], where: Path | str) -> KVCacheSpec | None:
+    """The record's KV cache: v4 names one (or null); older versions have none."""
+    if record["format"] != FORMAT:
+        if "kv_cache" in record:
+            raise ToolkitError(f"{where}: a {record['format']} record has no 'kv_cache' (added in {FORMAT}); "
+                               "re-create the artifact")
+        return None
+    cache = record.get("kv_cache")
+    if cache is None:
+        return None
+    try:
+        if not isinstance(cache, dict):
+            raise ValueError(f"expected a mapping or null, got {type(cache).__name__}")
+        return KVCacheSpec.from_dict(cache)
+    except (ValueError, TypeError) as exc:
+        raise ToolkitError(f"{where}: 'kv_cache': {exc}; re-create the artifact") from None
 
 
 def is_packed(folder: Path) -> bool:
@@ -204,7 +232,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
     ``save_pretrained``, a quantized one as a packed checkpoint in one safetensors file."""
     folder = Path(folder)
     record = PackedCheckpoint.of_model(model)
-    if not record.modules:
+    if not record.modules and record.kv_cache is None:
         save_float(model, tokenizer, folder)
         return
     tokenizer.save_pretrained(folder)

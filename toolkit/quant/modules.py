@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.quant import kv_cache
 from toolkit.quant.arithmetic import (
     FP8,
     dequantize,
@@ -245,6 +246,7 @@ def check_weight_only(model: nn.Module, consumer: str) -> None:
     recipe's scheme, this one the model (read from a cached or given folder)."""
     for m in activation_modules(model).values():
         m.scheme.weight_only(consumer)
+    kv_cache.check_float_cache(model, consumer)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

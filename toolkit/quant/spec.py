@@ -203,6 +203,29 @@ class QuantScheme:
         return cls(QuantSpec.from_dict(weights), None if acts is None else ActivationSpec.from_dict(acts))
 
 
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """A quantized KV cache (compressed-tensors' ``kv_cache_scheme``): keys (after RoPE) and values stored as fp8 e4m3
+    with one static scale per tensor and attention layer, ``k_scale`` / ``v_scale`` (vLLM's ``kv_cache_dtype="fp8"``
+    reads them). The one scheme vLLM's fp8 cache and ModelOpt's ``kv_cache_quant_algo: FP8`` both hold."""
+
+    type: Literal["float"] = "float"
+    bits: int = 8
+    strategy: Literal["tensor"] = "tensor"
+
+    def __post_init__(self) -> None:
+        if self.type != "float" or self.bits != 8 or self.strategy != "tensor":
+            raise ValueError(f"the KV cache is fp8 e4m3 with one scale per tensor: use type: float, bits: 8 "
+                             f"(strategy: tensor); got type {self.type!r}, bits {self.bits!r}, strategy {self.strategy!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KVCacheSpec:
+        return cls(**_known(cls, d, required=("type", "bits")))
+
+
 def _known(cls: type, d: dict[str, Any], required: tuple[str, ...]) -> dict[str, Any]:
     """``d`` checked against ``cls``'s fields: no unknown keys, none of ``required`` missing."""
     names = [f.name for f in fields(cls)]
