@@ -53,6 +53,14 @@ face is benchmarks/fp8_error_sources.py's: fp8 inputs alone, weights float, +1.2
 (alpha 0.5) before the fp8 GPTQ, ``--rows fp8-dynamic-sq-gptq --alphas ""`` (idle, 2026-12-06): 15.015, +1.42 % against
 float's 14.805, worse than GPTQ alone. Not measured (no time left in the session): fp8-dynamic-sq0.65-gptq, the two
 dampening rows, 64 and 128 calibration windows (``--rows fp8-dynamic-gptq --calib-count 64``).
+With KL against float (x 1e-4; the KL column since 2026-12-06), ``--rows fp8-dynamic-rotloss-gptq,fp8-dynamic-gptq
+--alphas ""`` (host loaded by another session; float 14.805):
+| model | perplexity | vs float | KL x 1e-4 |
+|---|---|---|---|
+| fp8-dynamic-rotloss-gptq | 14.990 | +1.25 % | 127.4 |
+| fp8-dynamic-gptq | 14.982 | +1.20 % | 147.2 |
+The loss-weighted rotation (``rotate`` with ``objective: loss``) removes 13 % of the recipe's KL; perplexity does not
+see it: at this KL it moves by tenths of a percent with the rounding's draw (fp8_error_sources.py ``--draws``).
 """
 
 from __future__ import annotations

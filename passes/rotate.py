@@ -7,9 +7,10 @@ RMSNorm(x Q) = RMSNorm(x) Q, so the embedding becomes E Q, each linear reading t
 each linear writing it (o, down) Qᵀ W, and the head E diag(g_final) Q: a tied head is untied (the final norm's
 weight cannot fold into the embedding). ``Q`` is fitted on calibration windows to the rounding surrogate of
 ``toolkit.algorithms.rotation`` (random rotations raise it on SmolLM2). Follow it with ``gptq`` or ``rtn`` with
-fp8 ``input_activations``; benchmarks/fp8_rotation_screen.py and benchmarks/activation_quality.py measure it. On
-SmolLM2 FP8 dynamic it lowers the cost of fp8 inputs and of round-to-nearest weights, but with GPTQ after it the
-model is worse than GPTQ alone (activation_quality.py): no recipe uses it.
+fp8 ``input_activations``; benchmarks/fp8_rotation_screen.py and benchmarks/activation_quality.py measure it.
+``objective: loss`` weighs each reader's output error by the calibration loss's squared gradients there (one
+backward pass per window), so layers whose error costs the model more count more. No recipe uses the pass: its gain
+on SmolLM2 FP8 dynamic (README, "Activation schemes") is below what perplexity on the default protocol resolves.
 """
 
 from __future__ import annotations
