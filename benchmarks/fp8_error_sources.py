@@ -63,7 +63,7 @@ import argparse
 import copy
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -151,9 +151,25 @@ def variant(base: nn.Module, weights: Callable[[torch.Tensor], torch.Tensor] | N
     return model
 
 
+def log_probs(model: nn.Module, windows: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Next-token log-probabilities ``[L-1, vocab]`` of ``model``, one window at a time."""
+    return (F.log_softmax(model(input_ids=w[None], use_cache=False).logits.float()[0, :-1], -1) for w in windows)
+
+
+def score(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor]) -> tuple[float, float, float]:
+    """Perplexity, KL per token against ``ref`` (the float model's ``log_probs``) and top-1 agreement (fraction)."""
+    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    for w, r, lp in zip(windows, ref, log_probs(model, windows), strict=True):
+        nll += float(-lp.gather(-1, w[1:, None]).sum())
+        kl += float((r.exp() * (r - lp)).sum())
+        agree += int((r.argmax(-1) == lp.argmax(-1)).sum())
+        count += len(w) - 1
+    return math.exp(nll / count), kl / count, agree / count
+
+
 @torch.no_grad()
 def perplexities(base: nn.Module, windows: torch.Tensor) -> None:
-    ref = [F.log_softmax(base(input_ids=w[None], use_cache=False).logits.float()[0, :-1], -1) for w in windows]
+    ref = list(log_probs(base, windows))
 
     def fp8(w: torch.Tensor) -> torch.Tensor:
         return fp8_dequantize(*fp8_quantize(w))
@@ -166,22 +182,14 @@ def perplexities(base: nn.Module, windows: torch.Tensor) -> None:
             "fp8 inputs only": (None, "float"), "int8 weights only": (int8, None)}
     print(f"\n{len(windows)} x {windows.shape[1]} evaluation windows\n| model | perplexity | KL | top-1 |\n|---|---|---|---|")
     for name, (weights, kind) in rows.items():
-        model = variant(base, weights, kind)
-        nll, kl, agree, count = 0.0, 0.0, 0, 0
-        for w, r in zip(windows, ref, strict=True):
-            lp = F.log_softmax(model(input_ids=w[None], use_cache=False).logits.float()[0, :-1], -1)
-            nll += float(-lp.gather(-1, w[1:, None]).sum())
-            kl += float((r.exp() * (r - lp)).sum())
-            agree += int((r.argmax(-1) == lp.argmax(-1)).sum())
-            count += len(w) - 1
-        print(f"| {name} | {math.exp(nll / count):.3f} | {kl / count:.4f} | {100 * agree / count:.2f} % |", flush=True)
-        del model
+        ppl, kl, agree = score(variant(base, weights, kind), windows, ref)
+        print(f"| {name} | {ppl:.3f} | {kl:.4f} | {100 * agree:.2f} % |", flush=True)
 
 
 @torch.no_grad()
 def sensitivity(base: nn.Module, windows: torch.Tensor) -> None:
     """KL against float with fp8 inputs on one linear kind, then on one decoder layer, only (weights float)."""
-    ref = [F.log_softmax(base(input_ids=w[None], use_cache=False).logits.float()[0, :-1], -1) for w in windows]
+    ref = list(log_probs(base, windows))
     names = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
     kinds = list(dict.fromkeys(n.rsplit(".", 1)[1] for n in names))
     depth = max(int(n.split(".")[2]) for n in names) + 1
@@ -193,19 +201,15 @@ def sensitivity(base: nn.Module, windows: torch.Tensor) -> None:
         for n in chosen:
             model.get_submodule(n).register_forward_pre_hook(
                 lambda _, a: (fake_quantize_activations(a[0], "float", "token", None),))
-        kl, count = 0.0, 0
-        for w, r in zip(windows, ref, strict=True):
-            lp = F.log_softmax(model(input_ids=w[None], use_cache=False).logits.float()[0, :-1], -1)
-            kl += float((r.exp() * (r - lp)).sum())
-            count += len(w) - 1
-        print(f"| {label} | {1e4 * kl / count:.1f} |", flush=True)
+        kl = score(model, windows, ref)[1]
+        print(f"| {label} | {1e4 * kl:.1f} |", flush=True)
         del model
 
 
 @torch.no_grad()
 def draws(base: nn.Module, windows: torch.Tensor, count: int) -> None:
     """Perplexity and KL of fp8 inputs only (weights float) under ``count`` realizations of the rounding noise."""
-    ref = [F.log_softmax(base(input_ids=w[None], use_cache=False).logits.float()[0, :-1], -1) for w in windows]
+    ref = list(log_probs(base, windows))
     print(f"\n{len(windows)} evaluation windows; fp8 inputs only, per-token scale x 2^(k/{count})\n"
           "| draw k | perplexity | KL x 1e-4 |\n|---|---|---|")
     found = []
@@ -221,13 +225,8 @@ def draws(base: nn.Module, windows: torch.Tensor, count: int) -> None:
         for n, m in model.named_modules():
             if isinstance(m, nn.Linear) and n != "lm_head":
                 m.register_forward_pre_hook(rounded)
-        nll, kl, count_tokens = 0.0, 0.0, 0
-        for w, r in zip(windows, ref, strict=True):
-            lp = F.log_softmax(model(input_ids=w[None], use_cache=False).logits.float()[0, :-1], -1)
-            nll += float(-lp.gather(-1, w[1:, None]).sum())
-            kl += float((r.exp() * (r - lp)).sum())
-            count_tokens += len(w) - 1
-        found.append((math.exp(nll / count_tokens), 1e4 * kl / count_tokens))
+        ppl, kl, _ = score(model, windows, ref)
+        found.append((ppl, 1e4 * kl))
         print(f"| {k} | {found[-1][0]:.3f} | {found[-1][1]:.1f} |", flush=True)
         del model
     ppl = torch.tensor([p for p, _ in found])
