@@ -2,9 +2,12 @@
 
 ``student: shallow`` keeps a subset of the teacher's decoder layers (every ``keep_every``-th, or
 ``layers``) and trains all of its weights. ``student: quantized`` trains only what stays floating
-point in a quantized model: the RMSNorm weights and, per QuantLinear, a float32 log-multiplier on its
-float16 scales (written back as float16 at the end); codes and zero points never change, so int4
-weights stay int4. Loss: a temperature-scaled logit divergence (forward KL, reverse KL or JSD), plus
+point in a quantized model: the RMSNorm weights and, per quantized linear, a float32 log-multiplier on its
+weight scales (an integer linear's float16 ``scales``, written back as float16; an fp8 linear's float32
+per-channel ``weight_scale``, written back as float32; one scale per tensor stays as it is, since consumers
+fuse q/k/v and gate/up with one shared scale); codes and zero points never change, so int4 weights stay int4
+and fp8 weights stay fp8. Inputs quantized per token (W8A8, FP8) are rounded in the training forward too, their
+gradient passed straight through. Loss: a temperature-scaled logit divergence (forward KL, reverse KL or JSD), plus
 optional next-token cross-entropy and hidden-state matching. Training text: the calibration windows
 (the last ``heldout_windows`` held out for evaluation), plus optional teacher-sampled continuations.
 """
@@ -18,7 +21,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar, Literal, cast
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -39,7 +42,7 @@ from toolkit.passes.base import PassConfig
 from toolkit.passes.context import PassContext
 from toolkit.paths import sha256_json
 from toolkit.quant.arithmetic import fp16_representable
-from toolkit.quant.modules import quantized_modules
+from toolkit.quant.modules import FP8Linear, QuantizedLinear, quantized_linears
 from toolkit.training.trainer import TrainConfig, Trainer
 
 
@@ -122,7 +125,7 @@ def shallow_student(model: PreTrainedModel, kept: tuple[int, ...]) -> PreTrained
 
 
 class ScaleMultiplier(nn.Module):
-    """Parametrization of a float16 ``scales`` buffer: ``scales * exp(theta)``, theta float32 from 0."""
+    """Parametrization of a weight-scale buffer: ``scales * exp(theta)``, theta float32 from 0."""
 
     def __init__(self, shape: torch.Size) -> None:
         super().__init__()
@@ -141,9 +144,9 @@ def norm_modules(model: PreTrainedModel) -> list[nn.Module]:
 
 
 def quantized_student(model: PreTrainedModel, train_head: bool) -> PreTrainedModel:
-    """Freeze everything, then make the norms and a multiplier on every QuantLinear's scales trainable."""
+    """Freeze everything, then make the norms and a multiplier on every quantized linear's scales trainable."""
     head = layout_of(model).head
-    targets = {n: m for n, m in quantized_modules(model).items() if train_head or n != head}
+    targets = {n: m for n, m in quantized_linears(model).items() if train_head or n != head}
     if not targets:
         raise ToolkitError("student: quantized needs a quantized model: put a quantization pass (rtn, gptq) "
                            "before distill, or use student: shallow")
@@ -151,22 +154,33 @@ def quantized_student(model: PreTrainedModel, train_head: bool) -> PreTrainedMod
     for norm in norm_modules(model):
         norm.requires_grad_(True)
     for module in targets.values():
-        parametrize.register_parametrization(module, "scales", ScaleMultiplier(_scales(module).shape), unsafe=True)
+        name = _scale_name(module)
+        if name is not None:
+            parametrize.register_parametrization(module, name, ScaleMultiplier(getattr(module, name).shape),
+                                                 unsafe=True)
     return model
 
 
-def _scales(module: nn.Module) -> torch.Tensor:
-    return cast(torch.Tensor, module.scales)
+def _scale_name(module: QuantizedLinear) -> str | None:
+    """The weight-scale buffer the student trains: None for fp8 with one scale per tensor (shared across fused
+    linears by the consumers, so one linear's scale cannot move alone)."""
+    if isinstance(module, FP8Linear):
+        return None if module.spec.per_tensor else "weight_scale"
+    return "scales"
 
 
 @torch.no_grad()
 def bake_scales(model: nn.Module) -> None:
-    """Write trained scales back as float16 buffers and drop the parametrizations."""
-    for module in quantized_modules(model).values():
-        if parametrize.is_parametrized(module, "scales"):
-            trained = fp16_representable(_scales(module)).to(torch.float16)
-            parametrize.remove_parametrizations(module, "scales", leave_parametrized=False)
-            _scales(module).copy_(trained)
+    """Write trained scales back into their buffers (float16 integer scales, float32 fp8 ones) and drop the
+    parametrizations."""
+    for module in quantized_linears(model).values():
+        name = _scale_name(module)
+        if name is not None and parametrize.is_parametrized(module, name):
+            trained = getattr(module, name).detach()
+            if name == "scales":
+                trained = fp16_representable(trained).to(torch.float16)
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+            getattr(module, name).copy_(trained)
 
 
 # ----------------------------------------------------------------------------- data
@@ -286,7 +300,7 @@ def build_student(model: PreTrainedModel, config: DistillConfig) -> tuple[PreTra
     n = model.config.num_hidden_layers
     if config.student == "quantized":
         return quantized_student(model, config.train_head), {i: i for i in range(1, n + 1)}
-    if quantized_modules(model):
+    if quantized_linears(model):
         raise ToolkitError("student: shallow needs a float model; put distill before quantization passes")
     try:
         kept = kept_layers(n, config.layers, config.keep_every)

@@ -17,7 +17,8 @@ from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes import PASSES, configs, distill, rtn
 from toolkit.passes.context import PassContext
 from toolkit.quant import checkpoint
-from toolkit.quant.modules import quantized_modules
+from toolkit.quant.modules import FP8Linear, quantized_linears, quantized_modules
+from toolkit.quant.spec import ActivationSpec
 from toolkit.training.trainer import TrainConfig, Trainer, batch_indices, checkpoints, lr_factor
 
 torch.set_num_threads(2)
@@ -140,6 +141,45 @@ def test_quantized_student_trains_only_float_state(tmp_path):
     ids = calibration(1, 12)
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-5)
+
+
+def test_fp8_student_trains_per_channel_scales_and_keeps_the_codes(tmp_path):
+    """An FP8-dynamic model (fp8 weights per channel, fp8 inputs per token): the float32 weight scales and the norms
+    move, the e4m3 codes do not, the KD loss falls with the inputs rounded in the forward, and it saves as fp8."""
+    act = ActivationSpec("float", 8, "token", dynamic=True)
+    model = rtn.apply(tiny_llama(0), rtn.RTNConfig(bits=8, group_size=-1, type="float", input_activations=act,
+                                                   lm_head_bits=None))
+    generator = torch.Generator().manual_seed(0)
+    for m in quantized_linears(model).values():  # scales off by ~30 %: an error the student can undo
+        m.weight_scale.mul_(torch.exp(0.3 * torch.randn(m.weight_scale.shape, generator=generator)))
+    before = {n: (m.weight.clone(), m.weight_scale.clone()) for n, m in quantized_linears(model).items()}
+    cfg = distill.DistillConfig(**{**FAST, "steps": 40, "eval_every": 40, "checkpoint_every": 40, "lr": 0.01})
+    student = distill.apply(model, cfg, context(tmp_path))
+    after = quantized_linears(student)
+    assert set(after) == set(before)
+    for name, (codes, scale) in before.items():
+        m = after[name]
+        assert isinstance(m, FP8Linear) and m.act == act
+        assert torch.equal(m.weight.view(torch.uint8), codes.view(torch.uint8)), name
+        assert m.weight_scale.dtype == torch.float32 and not torch.equal(m.weight_scale, scale), name
+    assert not any("parametrizations" in n for n, _ in student.named_parameters())
+    history = json.loads((tmp_path / "distill-log.json").read_text())["history"]
+    first, last = sum(h["loss"] for h in history[:8]), sum(h["loss"] for h in history[-8:])
+    assert last < 0.9 * first  # untrained (lr 1e-9): 1.0
+    checkpoint.save_model(student, tiny_tokenizer(), tmp_path / "out")
+    loaded = checkpoint.load_model(tmp_path / "out")
+    ids = calibration(1, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, student(input_ids=ids).logits)
+
+
+def test_fp8_per_tensor_scales_stay_shared(tmp_path):
+    """One weight scale per tensor is shared by the linears a consumer fuses: the student leaves it alone."""
+    model = rtn.apply(tiny_llama(0), rtn.RTNConfig(bits=8, group_size=-1, type="float", strategy="tensor",
+                                                   lm_head_bits=None))
+    before = {n: m.weight_scale.clone() for n, m in quantized_linears(model).items()}
+    student = distill.apply(model, distill.DistillConfig(**FAST), context(tmp_path))
+    assert all(torch.equal(m.weight_scale, before[n]) for n, m in quantized_linears(student).items())
 
 
 def test_kd_loss_decreases(tmp_path):
