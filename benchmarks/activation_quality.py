@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default="smollm2", help="a model source (tiny-llama: a quick check of the rows)")
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens (16: the protocol)")
+    parser.add_argument("--skip", default="", help="comma-separated module patterns kept float: adds the rows "
+                        "fp8-dynamic-gptq-skip and fp8-dynamic-rotloss-gptq-skip (fp8_error_sources.py --groups ranks)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = load(args.model)
@@ -153,6 +155,10 @@ def main() -> None:
     calib = token_windows(base.tokenizer, WindowSpec(split="calibration", count=args.calib_count,
                                                      length=args.calib_length, sampling="random"))
     rows = {name: ROWS[name] for name in args.rows.split(",") if name}
+    if args.skip:
+        skipping = dataclasses.replace(GPTQ_FP8, skip=tuple(args.skip.split(",")))
+        rows.update({"fp8-dynamic-gptq-skip": [_gptq(skipping)],
+                     "fp8-dynamic-rotloss-gptq-skip": [_rotate(ROTATE_LOSS), _gptq(skipping)]})
     rows.update({f"w8a8-sq alpha {a}": [_smooth(float(a)), _rtn(W8A8)]
                  for a in args.alphas.split(",") if a and not ("w8a8-sq" in rows and float(a) == 0.5)})
     print(f"{args.model}; calibration (SmoothQuant, GPTQ, static scales) {args.calib_count} x {args.calib_length}; "

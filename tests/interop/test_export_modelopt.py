@@ -5,6 +5,7 @@ family, and refusals of what it does not hold."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -96,6 +97,30 @@ def test_unequal_scales_across_fused_linears_are_refused_before_anything_is_writ
                        "self_attn.k_proj, self_attn.v_proj differ .*export_modelopt's consumers fuse"):
         run_export(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_skip_list_splitting_fused_linears_is_refused_and_a_whole_group_exports(tmp_path: Path) -> None:
+    """Keeping k_proj alone float gives vLLM a fused qkv_proj with two schemes: refused. Keeping all of q/k/v float
+    (and a down_proj) exports them at the checkpoint dtype (bfloat16), listed in exclude_modules."""
+    split = rtn.apply(tiny_model("llama"), dataclasses.replace(FP8_DYNAMIC, skip=("model.layers.1.self_attn.k_proj",)))
+    with pytest.raises(ToolkitError, match=r"^layer 1: self_attn.q_proj, self_attn.k_proj, self_attn.v_proj are "
+                       "partly quantized, partly float .*skip all or none"):
+        run_export(split, tmp_path / "split")
+    assert not (tmp_path / "split").exists()
+    skip = ("model.layers.1.self_attn.[qkv]_proj", "model.layers.0.mlp.down_proj")
+    whole = rtn.apply(tiny_model("llama"), dataclasses.replace(FP8_DYNAMIC, skip=skip))
+    assert run_export(whole, tmp_path / "whole")["relative_logit_error"] <= 1e-3
+    excluded = json.loads((tmp_path / "whole" / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    floats = {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj",
+              "model.layers.0.mlp.down_proj"}
+    assert floats <= set(excluded)
+    tensors = load_file(tmp_path / "whole" / SINGLE)
+    assert all(tensors[f"{n}.weight"].dtype == torch.bfloat16 and f"{n}.weight_scale" not in tensors for n in floats)
+
+
+def test_a_skip_pattern_matching_nothing_is_refused() -> None:
+    with pytest.raises(ToolkitError, match=r"skip pattern\(s\) \['model.layer.1.\*'\] match no linear"):
+        rtn.apply(tiny_model("llama"), dataclasses.replace(FP8_DYNAMIC, skip=("model.layer.1.*",)))
 
 
 def test_a_model_mixing_the_two_algorithms_is_refused(tmp_path: Path) -> None:

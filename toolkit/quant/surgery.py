@@ -83,13 +83,17 @@ class LinearCodes:
 
 
 def target_linears(model: PreTrainedModel, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
-    """Float ``nn.Linear`` modules to quantize: all but the head and names matching a ``skip`` pattern."""
+    """Float ``nn.Linear`` modules to quantize: all but the head and names matching a ``skip`` pattern. A pattern
+    that matches no linear is refused (a misspelt skip list would otherwise quantize what it meant to keep)."""
     head = layout_of(model).head
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name != head and not any(fnmatch.fnmatch(name, p) for p in skip)
-    }
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unmatched = [p for p in skip if not any(fnmatch.fnmatch(name, p) for name in linears)]
+    if unmatched:
+        example = next((n for n in linears if n != head), head)
+        raise ToolkitError(f"skip pattern(s) {unmatched} match no linear of this model (fnmatch patterns of module "
+                           f"names, such as {example!r})")
+    return {name: m for name, m in linears.items()
+            if name != head and not any(fnmatch.fnmatch(name, p) for p in skip)}
 
 
 def check_group_size(linears: dict[str, nn.Module], group_size: int) -> None:
@@ -162,6 +166,10 @@ def check_fused_scales(model: PreTrainedModel, linears: dict[str, nn.Module], co
              ("per-tensor weight scales", _per_tensor_scale, "quantize them with one shared scale (rtn does)"))
     for i, group, names in fused_groups(model):
         members = [linears.get(n) for n in names]
+        if None in members and any(m is not None for m in members):
+            raise ToolkitError(f"layer {i}: {', '.join(group)} are partly quantized, partly float (a skip list "
+                               f"splitting them); {consumer}'s consumers fuse these linears and need one scheme for "
+                               "all of them: skip all or none")
         for what, scale_of, fix in kinds:
             scales = {float(s) for m in members if (s := scale_of(m)) is not None}
             if len(scales) > 1:
