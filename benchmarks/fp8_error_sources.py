@@ -193,6 +193,15 @@ def perplexities(base: nn.Module, windows: torch.Tensor) -> None:
         print(f"| {name} | {ppl:.3f} | {kl:.4f} | {100 * agree:.2f} % |", flush=True)
 
 
+def fp8_inputs_kl(base: nn.Module, names: list[str], windows: torch.Tensor, ref: list[torch.Tensor]) -> float:
+    """KL x 1e-4 against ``ref`` of ``base`` with fp8 per-token inputs on the linears ``names`` only."""
+    model = copy.deepcopy(base)
+    for name in names:
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _, a: (fake_quantize_activations(a[0], "float", "token", None),))
+    return 1e4 * score(model, windows, ref)[1]
+
+
 @torch.no_grad()
 def sensitivity(base: nn.Module, windows: torch.Tensor) -> None:
     """KL against float with fp8 inputs on one linear kind, then on one decoder layer, only (weights float)."""
@@ -204,13 +213,7 @@ def sensitivity(base: nn.Module, windows: torch.Tensor) -> None:
              **{f"only layer {i}": [n for n in names if n.split(".")[2] == str(i)] for i in range(depth)}}
     print(f"\n{len(windows)} evaluation windows; fp8 inputs on the named linears only\n| linears | KL x 1e-4 |\n|---|---|")
     for label, chosen in parts.items():
-        model = copy.deepcopy(base)
-        for n in chosen:
-            model.get_submodule(n).register_forward_pre_hook(
-                lambda _, a: (fake_quantize_activations(a[0], "float", "token", None),))
-        kl = score(model, windows, ref)[1]
-        print(f"| {label} | {1e4 * kl:.1f} |", flush=True)
-        del model
+        print(f"| {label} | {fp8_inputs_kl(base, chosen, windows, ref):.1f} |", flush=True)
 
 
 @torch.no_grad()
@@ -248,24 +251,17 @@ def groups(base: nn.Module, windows: torch.Tensor, top_layers: int) -> None:
     ref = list(log_probs(base, windows))
     layout = layout_of(base)
 
-    def kl_of(names: list[str]) -> float:
-        model = copy.deepcopy(base)
-        for name in names:
-            model.get_submodule(name).register_forward_pre_hook(
-                lambda _, a: (fake_quantize_activations(a[0], "float", "token", None),))
-        return 1e4 * score(model, windows, ref)[1]
-
     def members(i: int, group: tuple[str, ...]) -> list[str]:
         return [f"{layout.layers}.{i}.{rel}" for rel in group]
 
-    layers = [(kl_of([n for g in layout.sequential_groups() for n in members(i, g)]), i)
+    layers = [(fp8_inputs_kl(base, [n for g in layout.sequential_groups() for n in members(i, g)], windows, ref), i)
               for i in range(len(decoder_layers(base)))]
     total = sum(k for k, _ in layers)
     print(f"\n{len(windows)} calibration windows; fp8 inputs on one layer only; sum over layers {total:.1f}\n"
           "| layer | KL x 1e-4 |\n|---|---|")
     for kl, i in sorted(layers, reverse=True):
         print(f"| {i} | {kl:.1f} |")
-    found = [(kl_of(members(i, group)), f"{layout.layers}.{i}.{{{','.join(group)}}}")
+    found = [(fp8_inputs_kl(base, members(i, group), windows, ref), f"{layout.layers}.{i}.{{{','.join(group)}}}")
              for _, i in sorted(layers, reverse=True)[:top_layers] for group in layout.sequential_groups()]
     print(f"\nfp8 inputs on one group only, in the {top_layers} costliest layers\n"
           "| group | KL x 1e-4 | running share of the sum over layers |\n|---|---|---|")
