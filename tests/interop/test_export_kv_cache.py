@@ -110,3 +110,29 @@ def test_the_self_check_fails_when_the_export_loses_the_rounding(tmp_path, monke
     with pytest.raises(ToolkitError, match="KV cache"):
         export_compressed_tensors.export(model, tiny_tokenizer(),
                                          export_compressed_tensors.ExportCompressedTensorsConfig(), tmp_path / "out")
+
+
+def test_the_scales_one_control_copy_sets_only_the_kv_scales(tmp_path):
+    """benchmarks/kv_scales_one.py: every k_scale / v_scale at 1.0, every other tensor and file unchanged; a folder
+    without KV scales is refused and leaves nothing."""
+    from tests.conftest import load_benchmark
+
+    control = load_benchmark("kv_scales_one")
+    model = _model("llama", tmp_path)
+    export_modelopt.export(model, tiny_tokenizer(), export_modelopt.ExportModelOptConfig(), tmp_path / "out")
+    assert control.scales_one(tmp_path / "out", tmp_path / "ones") == 2 * model.config.num_hidden_layers
+    before, after = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(tmp_path / "ones" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for key, tensor in before.items():
+        if key.endswith(("k_scale", "v_scale")):
+            assert after[key].dtype == tensor.dtype and torch.equal(after[key], torch.ones_like(tensor))
+            assert not torch.equal(tensor, torch.ones_like(tensor))
+        else:
+            assert torch.equal(after[key], tensor), key
+    assert (tmp_path / "ones" / "config.json").read_bytes() == (tmp_path / "out" / "config.json").read_bytes()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save_file({"w": torch.zeros(2)}, str(plain / "model.safetensors"))
+    with pytest.raises(SystemExit, match="no k_scale / v_scale"):
+        control.scales_one(plain, tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists() and not (tmp_path / ".nothing.tmp").exists()
