@@ -6,6 +6,7 @@ fp8 rounding is compressed-tensors' own.
     python benchmarks/fp8_error_sources.py --sensitivity  # part 4 only: which linears' fp8 inputs cost the most
     python benchmarks/fp8_error_sources.py --draws 8      # part 5 only: how far perplexity moves with the draw
     python benchmarks/fp8_error_sources.py --groups       # part 6 only: the fused groups ranked (calibration text)
+    python benchmarks/fp8_error_sources.py --subnormals   # part 7 only: is the cost the mantissa or the range?
 
 1. Our fp8 e4m3 activation (per token, absmax / 448) and weight (per channel) rounding against compressed-tensors'
    ``compute_dynamic_scales_and_zp`` + ``fake_quantize`` with its FP8_DYNAMIC preset, on every linear's real input
@@ -27,6 +28,10 @@ fp8 rounding is compressed-tensors' own.
    layers (``--top-layers``), sorted, with the running share of the layers' sum. Measured on windows of the
    calibration split, not the evaluation windows, so a ``skip`` list read from it is not fitted to the text the
    default protocol scores.
+7. Mantissa or range (``--subnormals``): fp8 inputs on every linear (weights float) as the consumer rounds them, then
+   with the codes below e4m3's smallest normal (2^-6 after scaling) left unrounded, then with only those rounded.
+   If the first two agree, the cost is the 3-bit mantissa's relative error, which moving magnitudes between a
+   linear's inputs and its weights (smoothing) cannot lower.
 
 Measured 2026-12-06 (4 windows; machine shared with other sessions; the current code gives 15.418 for "fp8 inputs
 only" on these 4 windows, benchmarks/fp8_rotation_screen.py's "as is" row, not 15.371: not explained):
@@ -61,6 +66,12 @@ layer 10 (9.5) and the last, layer 29 (18.7: its up 7.0, down 7.6, gate 2.2, att
 the default protocol (``benchmarks/activation_quality.py``'s GPTQ rows, same session): fp8 inputs only KL 104.4
 (+1.23 %), fp8 GPTQ weights only 43.6 (+0.38 %), both 147.2 (+1.20 %): the input and weight costs add in KL while the
 perplexities do not, so +1.0 % needs roughly a third less KL than the recipe has, not a lucky draw.
+
+Part 6, ``--groups --windows 4 --top-layers 6`` (calibration text, 2026-12-06, host loaded): layers 29 20.5, 10 9.2,
+0 6.5, 28 5.2, the rest 1.6-4.1 (sum 112.1); groups: layer 29 gate/up 12.7, layer 29 down 7.7, layer 10 q/k/v 7.4
+(together 25 % of the sum), then layer 0 gate/up 3.7, layer 28 gate/up 2.6, the rest 1.9 or less.
+Part 7, ``--subnormals`` (4 windows, 2026-12-07, idle): all codes rounded KL 104.7, normal-range codes only 104.8,
+subnormal codes only 0.0; 0.18 % of the inputs are subnormal. The cost is the mantissa.
 """
 
 from __future__ import annotations
@@ -203,6 +214,36 @@ def fp8_inputs_kl(base: nn.Module, names: list[str], windows: torch.Tensor, ref:
 
 
 @torch.no_grad()
+def subnormals(base: nn.Module, windows: torch.Tensor) -> None:
+    """KL of fp8 inputs on every linear: as rounded, normal-range codes only rounded, subnormal codes only rounded."""
+    ref = list(log_probs(base, windows))
+    print(f"\n{len(windows)} evaluation windows; fp8 inputs on every linear, weights float\n"
+          "| codes rounded | KL x 1e-4 | subnormal share of the inputs |\n|---|---|---|")
+    for keep in ("all", "normal", "subnormal"):
+        counts = {"small": 0, "all": 0}
+
+        def hook(_: nn.Module, a: tuple[torch.Tensor, ...], keep: str = keep,
+                 counts: dict[str, int] = counts) -> tuple[torch.Tensor]:
+            x = a[0].float()
+            scale = (x.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-30)
+            y = x / scale
+            rounded = y.to(torch.float8_e4m3fn).float()
+            small = y.abs() < 2.0 ** -6  # below e4m3's smallest normal
+            counts["small"] += int(small.sum())
+            counts["all"] += small.numel()
+            if keep != "all":
+                rounded = torch.where(small == (keep == "normal"), y, rounded)
+            return (rounded * scale).to(a[0].dtype),
+
+        model = copy.deepcopy(base)
+        for n, m in model.named_modules():
+            if isinstance(m, nn.Linear) and n != "lm_head":
+                m.register_forward_pre_hook(hook)
+        kl = 1e4 * score(model, windows, ref)[1]
+        print(f"| {keep} | {kl:.1f} | {100 * counts['small'] / counts['all']:.2f} % |", flush=True)
+
+
+@torch.no_grad()
 def sensitivity(base: nn.Module, windows: torch.Tensor) -> None:
     """KL against float with fp8 inputs on one linear kind, then on one decoder layer, only (weights float)."""
     ref = list(log_probs(base, windows))
@@ -280,6 +321,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=0, help="part 5 only: this many realizations of the rounding")
     parser.add_argument("--groups", action="store_true", help="part 6 only: fused groups ranked on calibration text")
     parser.add_argument("--top-layers", type=int, default=8, help="part 6: the layers whose groups are scored")
+    parser.add_argument("--subnormals", action="store_true", help="part 7 only: mantissa or range")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load(args.model)
@@ -287,6 +329,9 @@ def main() -> None:
     windows = token_windows(loaded.tokenizer, WindowSpec(count=args.windows))
     if args.sensitivity:
         sensitivity(model, windows)
+        return
+    if args.subnormals:
+        subnormals(model, windows)
         return
     if args.groups:
         calibration = token_windows(loaded.tokenizer, WindowSpec(split="calibration", count=args.windows,

@@ -29,3 +29,16 @@ def test_groups_ranks_every_fused_group_of_every_layer(monkeypatch: pytest.Monke
     assert kl == sorted(kl, reverse=True) and kl[0] > 0
     assert 80 < float(rows[-1][2].split()[0]) < 120  # every layer's groups: about the layers' sum (KL nearly adds)
     assert "calibration windows" in out
+
+
+def test_subnormals_splits_the_rounding_into_normal_and_subnormal_codes(monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "argv", ["fp8_error_sources.py", "--model", "tiny-llama", "--windows", "1",
+                                      "--threads", "1", "--subnormals"])
+    sources.main()
+    rows = {r[0].removeprefix("| "): r for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and (r := line.split(" | "))[0] in ("| all", "| normal", "| subnormal")}
+    kl = {k: float(r[1]) for k, r in rows.items()}
+    assert set(kl) == {"all", "normal", "subnormal"}
+    assert kl["all"] > 0 and kl["normal"] > 0 and kl["subnormal"] < kl["all"]
+    assert all(r[2].endswith("% |") for r in rows.values())
