@@ -38,6 +38,27 @@ def load_tiny(group: int | None = None, symmetric: bool = True):  # -> toolkit.m
     return loaded
 
 
+def fp8_kv_model(workdir: Path, family: str = "llama", weights: str | None = "dynamic", kv: bool = True):
+    """A tiny ``family`` model with FP8 weights (``"dynamic"``: per channel, per-token fp8 inputs; ``"static"``: per
+    tensor with calibrated input scales; None: float) and, with ``kv``, an fp8 KV cache calibrated on three fixed
+    windows (the calibration context's workdir under ``workdir``)."""
+    from toolkit.models.tiny import tiny_model, tiny_tokenizer
+    from toolkit.passes import kv_cache, rtn
+    from toolkit.passes.context import PassContext
+    from toolkit.quant.spec import ActivationSpec
+
+    calib = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(2))
+    ctx = PassContext(tiny_tokenizer(), lambda: calib, lambda: tiny_model(family), workdir / "work")
+    model = tiny_model(family).eval()
+    if weights is not None:
+        dynamic = weights == "dynamic"
+        config = rtn.RTNConfig(bits=8, group_size=-1, type="float", lm_head_bits=None,
+                               strategy="group" if dynamic else "tensor",
+                               input_activations=ActivationSpec("float", 8, "token" if dynamic else "tensor", dynamic))
+        model = rtn.apply(model, config, ctx)
+    return kv_cache.apply(model, kv_cache.KVCacheConfig(), ctx) if kv else model
+
+
 @pytest.fixture
 def tiny():
     return load_tiny()

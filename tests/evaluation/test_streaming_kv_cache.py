@@ -12,31 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import fp8_kv_model
 from toolkit import models
 from toolkit.evaluation import perplexity
 from toolkit.evaluation.streaming import stream_perplexity
-from toolkit.models.tiny import tiny_model, tiny_tokenizer
-from toolkit.passes import kv_cache as kv_pass
-from toolkit.passes import rtn
-from toolkit.passes.context import PassContext
+from toolkit.models.tiny import tiny_tokenizer
 from toolkit.pipeline import runner
 from toolkit.pipeline.recipes import EvaluationSpec
 from toolkit.quant import checkpoint
-from toolkit.quant.spec import ActivationSpec
 from toolkit.quant.streaming import StreamOptions
 
-CALIB = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(2))
 WINDOWS = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(3))
-FP8 = rtn.RTNConfig(bits=8, group_size=-1, type="float", lm_head_bits=None,
-                    input_activations=ActivationSpec("float", 8, "token", dynamic=True))
 
 
 def _kv_folder(tmp_path: Path, fp8_weights: bool) -> Path:
-    model = tiny_model("llama").eval()
-    ctx = PassContext(tiny_tokenizer(), lambda: CALIB, lambda: tiny_model("llama"), tmp_path / "work")
-    if fp8_weights:
-        rtn.apply(model, FP8, ctx)
-    kv_pass.apply(model, kv_pass.KVCacheConfig(), ctx)
+    model = fp8_kv_model(tmp_path, weights="dynamic" if fp8_weights else None)
     folder = tmp_path / "kv"
     folder.mkdir()
     checkpoint.save_model(model, tiny_tokenizer(), folder)

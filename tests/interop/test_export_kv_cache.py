@@ -10,31 +10,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.conftest import fp8_kv_model
 from toolkit.errors import ToolkitError
 from toolkit.interop import compressed_tensors as ct
 from toolkit.interop import modelopt
 from toolkit.models.architectures import layout_of
 from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import export_compressed_tensors, export_modelopt, rtn
-from toolkit.passes import kv_cache as kv_pass
-from toolkit.passes.context import PassContext
 from toolkit.quant import kv_cache
 from toolkit.quant.spec import ActivationSpec
-
-IDS = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(2))
-
-
-def _model(family: str, tmp_path: Path):
-    model = tiny_model(family).eval()
-    rtn.apply(model, rtn.RTNConfig(bits=8, group_size=-1, type="float", lm_head_bits=None,
-                                   input_activations=ActivationSpec("float", 8, "token", True)))
-    ctx = PassContext(tiny_tokenizer(), lambda: IDS, lambda: tiny_model(family), tmp_path / "work")
-    return kv_pass.apply(model, kv_pass.KVCacheConfig(), ctx)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compressed_tensors_writes_the_kv_cache_scheme_and_scales(tmp_path, family):
-    model = _model(family, tmp_path)
+    model = fp8_kv_model(tmp_path, family)
     metrics = export_compressed_tensors.export(model, tiny_tokenizer(), export_compressed_tensors.ExportCompressedTensorsConfig(),
                                                tmp_path / "out")
     qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
@@ -51,7 +40,7 @@ def test_compressed_tensors_writes_the_kv_cache_scheme_and_scales(tmp_path, fami
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_modelopt_writes_kv_cache_quant_algo_and_projection_scales(tmp_path, family):
-    model = _model(family, tmp_path)
+    model = fp8_kv_model(tmp_path, family)
     metrics = export_modelopt.export(model, tiny_tokenizer(), export_modelopt.ExportModelOptConfig(), tmp_path / "out")
     hf = json.loads((tmp_path / "out" / modelopt.HF_QUANT_CONFIG).read_text())["quantization"]
     qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
@@ -87,7 +76,7 @@ def _drop(folder: Path, suffix: str) -> None:
 
 
 def test_readers_refuse_a_kv_cache_missing_a_scale(tmp_path):
-    model = _model("llama", tmp_path)
+    model = fp8_kv_model(tmp_path)
     export_compressed_tensors.export(model, tiny_tokenizer(), export_compressed_tensors.ExportCompressedTensorsConfig(),
                                      tmp_path / "ct")
     export_modelopt.export(model, tiny_tokenizer(), export_modelopt.ExportModelOptConfig(), tmp_path / "mo")
@@ -101,7 +90,7 @@ def test_readers_refuse_a_kv_cache_missing_a_scale(tmp_path):
 
 def test_the_self_check_fails_when_the_export_loses_the_rounding(tmp_path, monkeypatch):
     """The float reload must compute with the exported cache: without it the check sees the cache's rounding error."""
-    model = _model("llama", tmp_path)
+    model = fp8_kv_model(tmp_path)
     with torch.no_grad():  # scales 8x too coarse: the rounding error the check must see is large
         for k, v in kv_cache.scales(model).values():
             k.mul_(8)
@@ -118,7 +107,7 @@ def test_the_scales_one_control_copy_sets_only_the_kv_scales(tmp_path):
     from tests.conftest import load_benchmark
 
     control = load_benchmark("kv_scales_one")
-    model = _model("llama", tmp_path)
+    model = fp8_kv_model(tmp_path)
     export_modelopt.export(model, tiny_tokenizer(), export_modelopt.ExportModelOptConfig(), tmp_path / "out")
     assert control.scales_one(tmp_path / "out", tmp_path / "ones") == 2 * model.config.num_hidden_layers
     before, after = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(tmp_path / "ones" / "model.safetensors"))

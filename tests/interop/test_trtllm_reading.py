@@ -39,33 +39,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import fp8_kv_model
 from toolkit.models.architectures import layout_of
 from toolkit.models.shards import SINGLE
-from toolkit.models.tiny import tiny_model, tiny_tokenizer
-from toolkit.passes import export_compressed_tensors, export_modelopt, rtn
-from toolkit.passes import kv_cache as kv_pass
-from toolkit.passes.context import PassContext
-from toolkit.quant.spec import ActivationSpec
+from toolkit.models.tiny import tiny_tokenizer
+from toolkit.passes import export_compressed_tensors, export_modelopt
 
 # MC: tensorrt_llm/quantization/mode.py's QuantAlgo members our exports name, and its KV_CACHE_QUANT_ALGO_LIST
 QUANT_ALGOS = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN"}
 KV_ALGOS = {"FP8", "INT8", "NVFP4"}
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # WM
-IDS = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(2))
-DYNAMIC = rtn.RTNConfig(bits=8, group_size=-1, type="float", lm_head_bits=None,
-                        input_activations=ActivationSpec("float", 8, "token", dynamic=True))
-STATIC = rtn.RTNConfig(bits=8, group_size=-1, type="float", strategy="tensor", lm_head_bits=None,
-                       input_activations=ActivationSpec("float", 8, "tensor", dynamic=False))
-
-
-def _model(config: rtn.RTNConfig, tmp_path: Path, kv: bool) -> torch.nn.Module:
-    ctx = PassContext(tiny_tokenizer(), lambda: IDS, lambda: tiny_model("llama"), tmp_path / "work")
-    model = rtn.apply(tiny_model("llama").eval(), config, ctx)
-    return kv_pass.apply(model, kv_pass.KVCacheConfig(), ctx) if kv else model
-
-
-def _modelopt(config: rtn.RTNConfig, tmp_path: Path, kv: bool) -> tuple[Path, torch.nn.Module]:
-    model = _model(config, tmp_path, kv)
+def _modelopt(weights: str, tmp_path: Path, kv: bool) -> tuple[Path, torch.nn.Module]:
+    model = fp8_kv_model(tmp_path, weights=weights, kv=kv)
     export_modelopt.export(model, tiny_tokenizer(), export_modelopt.ExportModelOptConfig(), tmp_path / "mo")
     return tmp_path / "mo", model
 
@@ -82,8 +67,8 @@ def _flat(inline: dict) -> tuple[str | None, str | None, object, set[str]]:
     return inline.get("quant_algo"), kv, inline.get("group_size"), set(inline.get("ignore") or [])
 
 
-@pytest.mark.parametrize("config, algo", [(DYNAMIC, "FP8_PER_CHANNEL_PER_TOKEN"), (STATIC, "FP8")])
-def test_modelopt_configs_read_as_tensorrt_llm_reads_them(tmp_path: Path, config: rtn.RTNConfig, algo: str) -> None:
+@pytest.mark.parametrize("config, algo", [("dynamic", "FP8_PER_CHANNEL_PER_TOKEN"), ("static", "FP8")])
+def test_modelopt_configs_read_as_tensorrt_llm_reads_them(tmp_path: Path, config: str, algo: str) -> None:
     folder, model = _modelopt(config, tmp_path, kv=True)
     hf = json.loads((folder / "hf_quant_config.json").read_text())
     q = hf["quantization"]  # MO: the legacy shape, read whatever the producer's name
@@ -101,7 +86,7 @@ def test_modelopt_configs_read_as_tensorrt_llm_reads_them(tmp_path: Path, config
 
 
 def test_per_channel_tensors_fit_the_rowwise_linear(tmp_path: Path) -> None:
-    folder, model = _modelopt(DYNAMIC, tmp_path, kv=False)
+    folder, model = _modelopt("dynamic", tmp_path, kv=False)
     state = load_file(str(folder / SINGLE))
     for fused, parts in FUSED.items():
         owner = "self_attn" if fused == "qkv_proj" else "mlp"
@@ -119,7 +104,7 @@ def test_per_channel_tensors_fit_the_rowwise_linear(tmp_path: Path) -> None:
 
 
 def test_per_tensor_tensors_fit_the_qdq_linear_and_fused_scales_agree(tmp_path: Path) -> None:
-    folder, _ = _modelopt(STATIC, tmp_path, kv=False)
+    folder, _ = _modelopt("static", tmp_path, kv=False)
     state = load_file(str(folder / SINGLE))
     for fused, parts in FUSED.items():
         owner = "self_attn" if fused == "qkv_proj" else "mlp"
@@ -133,7 +118,7 @@ def test_per_tensor_tensors_fit_the_qdq_linear_and_fused_scales_agree(tmp_path: 
 
 
 def test_modelopt_kv_scales_reach_the_fused_qkv_proj(tmp_path: Path) -> None:
-    folder, model = _modelopt(DYNAMIC, tmp_path, kv=True)
+    folder, model = _modelopt("dynamic", tmp_path, kv=True)
     state = load_file(str(folder / SINGLE))
     for i in range(model.config.num_hidden_layers):
         q, k, v = (_shard(state, f"model.layers.{i}.self_attn.{p}") for p in FUSED["qkv_proj"])
@@ -146,7 +131,7 @@ def test_modelopt_kv_scales_reach_the_fused_qkv_proj(tmp_path: Path) -> None:
 
 
 def test_compressed_tensors_fp8_dynamic_config_reads_as_per_channel_per_token(tmp_path: Path) -> None:
-    model = _model(DYNAMIC, tmp_path, kv=True)
+    model = fp8_kv_model(tmp_path)
     export_compressed_tensors.export(model, tiny_tokenizer(), export_compressed_tensors.ExportCompressedTensorsConfig(),
                                      tmp_path / "ct")
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
