@@ -90,6 +90,7 @@ from toolkit.data import WindowSpec, token_windows
 from toolkit.models import load
 from toolkit.models.architectures import decoder_layers, layout_of
 from toolkit.quant.arithmetic import (
+    activation_scale,
     dequantize,
     fake_quantize_activations,
     fp8_dequantize,
@@ -225,7 +226,7 @@ def subnormals(base: nn.Module, windows: torch.Tensor) -> None:
         def hook(_: nn.Module, a: tuple[torch.Tensor, ...], keep: str = keep,
                  counts: dict[str, int] = counts) -> tuple[torch.Tensor]:
             x = a[0].float()
-            scale = (x.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-30)
+            scale = activation_scale(x.abs().amax(-1, keepdim=True), "float")  # the consumer's per-token scale
             y = x / scale
             rounded = y.to(torch.float8_e4m3fn).float()
             small = y.abs() < 2.0 ** -6  # below e4m3's smallest normal
@@ -269,7 +270,7 @@ def draws(base: nn.Module, windows: torch.Tensor, count: int) -> None:
 
         def rounded(_: nn.Module, a: tuple[torch.Tensor, ...], shift: float = shift) -> tuple[torch.Tensor]:
             x = a[0].float()
-            scale = (x.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-30) * shift
+            scale = activation_scale(x.abs().amax(-1, keepdim=True), "float") * shift
             return ((x / scale).to(torch.float8_e4m3fn).float() * scale).to(a[0].dtype),
 
         model = copy.deepcopy(base)
