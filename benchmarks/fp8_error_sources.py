@@ -23,11 +23,13 @@ fp8 rounding is compressed-tensors' own.
    statistics: at ``k = 0`` each token's largest input lands exactly on 448 and loses nothing, elsewhere it is
    rounded too, which on a model with a few huge activation channels costs KL. Perplexity and KL per draw show how
    loosely the two move together.
-6. The ranking (``--groups``): KL against float with fp8 inputs on one decoder layer only, every layer, then on one
-   group of linears that read the same input (the group a consumer fuses: q/k/v, o, gate/up, down) of the costliest
-   layers (``--top-layers``), sorted, with the running share of the layers' sum. Measured on windows of the
-   calibration split, not the evaluation windows, so a ``skip`` list read from it is not fitted to the text the
-   default protocol scores.
+6. The ranking (``--groups``): GPTQ ``keep_float``'s search (``toolkit.quant.sensitivity``): KL against float with
+   one decoder layer quantized as FP8 dynamic (weights rounded to nearest, per-token fp8 inputs; ``--inputs-only``:
+   inputs only, weights float), every layer, then with one group of linears that read the same input (the group a
+   consumer fuses: q/k/v, o, gate/up, down), layer by layer from the costliest until no group left could change the
+   choice; sorted, with the running share of the layers' sum, and the groups kept float within ``--share`` of the
+   weights. Measured on windows of the calibration split, not the evaluation windows, so a ``skip`` list read from
+   it is not fitted to the text the default protocol scores.
 7. Mantissa or range (``--subnormals``): fp8 inputs on every linear (weights float) as the consumer rounds them, then
    with the codes below e4m3's smallest normal (2^-6 after scaling) left unrounded, then with only those rounded.
    If the first two agree, the cost is the 3-bit mantissa's relative error, which moving magnitudes between a
@@ -67,9 +69,12 @@ the default protocol (``benchmarks/activation_quality.py``'s GPTQ rows, same ses
 (+1.23 %), fp8 GPTQ weights only 43.6 (+0.38 %), both 147.2 (+1.20 %): the input and weight costs add in KL while the
 perplexities do not, so +1.0 % needs roughly a third less KL than the recipe has, not a lucky draw.
 
-Part 6, ``--groups --windows 4 --top-layers 6`` (calibration text, 2026-12-06, host loaded): layers 29 20.5, 10 9.2,
-0 6.5, 28 5.2, the rest 1.6-4.1 (sum 112.1); groups: layer 29 gate/up 12.7, layer 29 down 7.7, layer 10 q/k/v 7.4
-(together 25 % of the sum), then layer 0 gate/up 3.7, layer 28 gate/up 2.6, the rest 1.9 or less.
+Part 6, ``--groups --inputs-only`` (4 calibration windows, 2026-12-06, host loaded; the same figures 2026-12-07 from
+the toolkit's search): layers 29 20.5, 10 9.2, 0 6.5, 28 5.2, the rest 1.6-4.1 (sum 112.1); groups: layer 29
+gate/up 12.7, layer 29 down 7.7, layer 10 q/k/v 7.4 (together 25 % of the sum), the rest 1.1 or less. With the
+weights rounded too (``--groups``, 2026-12-07): layers 29 92.7, 0 15.2, 10 12.3, 15 10.0, the rest 9.3 or less;
+groups: layer 29 down 54.3, layer 29 gate/up 22.6, layer 10 q/k/v 8.2, then 6.5 or less: the same three kept
+float within 3.1 % of the weights (3.02 %).
 Part 7, ``--subnormals`` (4 windows, 2026-12-07, idle): all codes rounded KL 104.7, normal-range codes only 104.8,
 subnormal codes only 0.0; 0.18 % of the inputs are subnormal. The cost is the mantissa.
 """
@@ -88,7 +93,7 @@ from torch import nn
 
 from toolkit.data import WindowSpec, token_windows
 from toolkit.models import load
-from toolkit.models.architectures import decoder_layers, layout_of
+from toolkit.models.architectures import layout_of
 from toolkit.quant.arithmetic import (
     activation_scale,
     dequantize,
@@ -97,7 +102,9 @@ from toolkit.quant.arithmetic import (
     fp8_quantize,
     rtn_quantize,
 )
-from toolkit.quant.spec import QuantSpec
+from toolkit.quant.sensitivity import KeepFloat, keep_float_groups
+from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
+from toolkit.quant.surgery import target_linears
 
 INT8 = QuantSpec(8, -1, True)
 
@@ -287,30 +294,30 @@ def draws(base: nn.Module, windows: torch.Tensor, count: int) -> None:
 
 
 @torch.no_grad()
-def groups(base: nn.Module, windows: torch.Tensor, top_layers: int) -> None:
-    """KL against float with fp8 inputs on one layer only, then on one fused group of the ``top_layers`` costliest
-    layers only (weights float), largest first."""
-    ref = list(log_probs(base, windows))
-    layout = layout_of(base)
-
-    def members(i: int, group: tuple[str, ...]) -> list[str]:
-        return [f"{layout.layers}.{i}.{rel}" for rel in group]
-
-    layers = [(fp8_inputs_kl(base, [n for g in layout.sequential_groups() for n in members(i, g)], windows, ref), i)
-              for i in range(len(decoder_layers(base)))]
-    total = sum(k for k, _ in layers)
-    print(f"\n{len(windows)} calibration windows; fp8 inputs on one layer only; sum over layers {total:.1f}\n"
+def groups(base: nn.Module, windows: torch.Tensor, share: float, inputs_only: bool) -> None:
+    """GPTQ ``keep_float``'s own search (``toolkit.quant.sensitivity``) with the FP8 dynamic scheme: KL against float
+    with one layer quantized, every layer, then with one fused group quantized, layer by layer from the costliest
+    until no group left could change the choice; the groups kept float within ``share`` of the weights."""
+    scheme = QuantScheme(QuantSpec(8, -1, True, "float"), ActivationSpec("float", 8, "token", dynamic=True))
+    targets = target_linears(base, ())
+    chosen = keep_float_groups(base, windows, scheme, targets, KeepFloat(share, len(windows)), batch_size=4,
+                               round_weights=not inputs_only)
+    what = "fp8 inputs (weights float)" if inputs_only else "fp8 weights and inputs"
+    total = sum(chosen.layer_costs.values())
+    print(f"\n{len(windows)} calibration windows; {what} on one layer only; sum over layers {1e4 * total:.1f}\n"
           "| layer | KL x 1e-4 |\n|---|---|")
-    for kl, i in sorted(layers, reverse=True):
-        print(f"| {i} | {kl:.1f} |")
-    found = [(fp8_inputs_kl(base, members(i, group), windows, ref), f"{layout.layers}.{i}.{{{','.join(group)}}}")
-             for _, i in sorted(layers, reverse=True)[:top_layers] for group in layout.sequential_groups()]
-    print(f"\nfp8 inputs on one group only, in the {top_layers} costliest layers\n"
-          "| group | KL x 1e-4 | running share of the sum over layers |\n|---|---|---|")
+    for i, kl in sorted(chosen.layer_costs.items(), key=lambda kv: -kv[1]):
+        print(f"| {i} | {1e4 * kl:.1f} |")
+    layers = layout_of(base).layers
+    print(f"\n{what} on one group only, the layers searched\n"
+          "| group | KL x 1e-4 | running share of the sum over layers | share of the weights |\n|---|---|---|---|")
     running = 0.0
-    for kl, label in sorted(found, reverse=True):
-        running += kl
-        print(f"| {label} | {kl:.1f} | {100 * running / total:.0f} % |")
+    for g in chosen.scored:
+        running += g.kl
+        label = f"{layers}.{g.layer}.{{{','.join(n.split('.', 3)[3] for n in g.names)}}}"
+        print(f"| {label} | {1e4 * g.kl:.1f} | {100 * running / total:.0f} % | {100 * g.weights / chosen.total:.2f} % |")
+    kept = chosen.report()["share_kept"]
+    print(f"kept float within {100 * share:g} % of the weights ({100 * kept:.2f} %): {', '.join(chosen.names)}")
 
 
 def main() -> None:
@@ -321,7 +328,8 @@ def main() -> None:
     parser.add_argument("--sensitivity", action="store_true", help="part 4 only (KL by linear kind and by layer)")
     parser.add_argument("--draws", type=int, default=0, help="part 5 only: this many realizations of the rounding")
     parser.add_argument("--groups", action="store_true", help="part 6 only: fused groups ranked on calibration text")
-    parser.add_argument("--top-layers", type=int, default=8, help="part 6: the layers whose groups are scored")
+    parser.add_argument("--share", type=float, default=0.031, help="part 6: the share of the weights kept float")
+    parser.add_argument("--inputs-only", action="store_true", help="part 6: round the inputs only, weights float")
     parser.add_argument("--subnormals", action="store_true", help="part 7 only: mantissa or range")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -337,7 +345,7 @@ def main() -> None:
     if args.groups:
         calibration = token_windows(loaded.tokenizer, WindowSpec(split="calibration", count=args.windows,
                                                                   sampling="random"))
-        groups(model, calibration, args.top_layers)
+        groups(model, calibration, args.share, args.inputs_only)
         return
     if args.draws:
         draws(model, windows, args.draws)

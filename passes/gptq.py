@@ -42,6 +42,7 @@ from toolkit.quant.calibration import (
 )
 from toolkit.quant.modules import QuantizedLinear
 from toolkit.quant.moments import InputMoments, PairedMoments
+from toolkit.quant.sensitivity import KeepFloat, keep_float_groups
 from toolkit.quant.spec import ActivationSpec, QuantSpec
 from toolkit.quant.streaming import (
     PackedWriter,
@@ -85,6 +86,10 @@ class GPTQConfig(QuantPassConfig):
     # rounding error (``toolkit.quant.arithmetic.fp8_searched_scale``), chosen before the sweep; still one per channel.
     # On SmolLM2 FP8 dynamic it lowered the layers' error but not the perplexity (activation_quality.py): off by default
     scale_search: bool = False
+    # mixed precision chosen by measurement: the fused groups (q/k/v, o, gate/up, down) whose quantization alone
+    # costs the most KL against the float model on calibration windows stay float, up to a share of the weights
+    # (``toolkit.quant.sensitivity``); the choice goes to gptq.json. In memory only (it scores whole forwards)
+    keep_float: KeepFloat | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,12 +117,18 @@ class GPTQConfig(QuantPassConfig):
         return spec
 
     def streams(self) -> bool:
-        """Asymmetric calibration carries the float model's hidden states beside the quantized ones: in memory."""
-        return super().streams() and not self.asymmetric
+        """Asymmetric calibration carries the float model's hidden states beside the quantized ones, and keep_float
+        scores forwards of the whole model: in memory."""
+        return super().streams() and not self.asymmetric and self.keep_float is None
 
     def in_memory_bytes(self, shape: ModelShape, calibration_tokens: int) -> float:
         """Asymmetric calibration also carries the float model's hidden states (float32)."""
         extra = 4 * calibration_tokens * shape.hidden if self.asymmetric else 0
+        if self.keep_float is not None:  # its scorer: the float log-probabilities, one batch's logits, every
+            # layer's float input, on its windows (counted here as up to 2,048 tokens each)
+            tokens = min(calibration_tokens, 2048 * self.keep_float.windows)
+            layers = shape.parameters // max(shape.layer_parameters, 1)  # at least the decoder layers
+            extra += 4 * tokens * (3 * shape.vocab + shape.hidden * layers)
         return super().in_memory_bytes(shape, calibration_tokens) + extra
 
     def streaming_bytes(self, shape: ModelShape, calibration_tokens: int, activations_budget: int) -> float:
@@ -277,8 +288,15 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
     act = config.input_activations
     targets = target_linears(model, config.skip)
     check_group_size(targets, config.group_size)
-    input_scales = static_input_scales(model, targets, act, ctx.calibration(), config.batch_size)
     report: dict[str, Any] = {}
+    if config.keep_float is not None:
+        chosen = keep_float_groups(model, ctx.calibration(), config.scheme, targets, config.keep_float,
+                                   config.batch_size)
+        log.info("keep_float: %s stay float (%.2f %% of the quantized weights)", ", ".join(chosen.names) or "nothing",
+                 100 * chosen.report()["share_kept"])
+        report["keep_float"] = chosen.report()
+        targets = {n: m for n, m in targets.items() if n not in chosen.names}
+    input_scales = static_input_scales(model, targets, act, ctx.calibration(), config.batch_size)
     done: list[LinearCodes] = []
 
     def one_layer(prefix: str, layer: nn.Module, inputs: LayerInputs) -> None:

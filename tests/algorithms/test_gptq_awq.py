@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from toolkit.algorithms.awq import clip_weight, fake_quantize, output_error, search_clip, search_scales
+from toolkit.algorithms.awq import clip_weight, output_error, search_clip, search_scales
 from toolkit.algorithms.gptq import SingularHessianError, gptq_quantize, inverse_hessian_factor
 from toolkit.errors import ToolkitError
 from toolkit.interop import hf_gptq
@@ -22,6 +22,7 @@ from toolkit.quant.arithmetic import (
     FP8,
     FP8_MAX,
     dequantize,
+    fake_quantize_weight,
     fp8_dequantize,
     fp8_quantize,
     fp8_weight_scale,
@@ -75,7 +76,7 @@ def test_gptq_output_error_below_rtn(spec: QuantSpec, act_order: bool) -> None:
     h = 2 * x.t() @ x / x.shape[0]
     res = gptq_quantize(w, h, spec, block_size=16, act_order=act_order)
     gptq_w = dequantize(res.codes, res.scales, res.zeros, spec.group(64))
-    assert layer_error(w, gptq_w, x) < 0.9 * layer_error(w, fake_quantize(w, spec), x)
+    assert layer_error(w, gptq_w, x) < 0.9 * layer_error(w, fake_quantize_weight(w, spec), x)
 
 
 FP8_WEIGHTS = QuantSpec(8, -1, True, "float")
@@ -161,16 +162,16 @@ def test_awq_scales_and_clipping_beat_rtn_with_outliers(spec: QuantSpec) -> None
     x = correlated_inputs(512, 64, outliers=(3, 40, 41))
     c = x.t() @ x / x.shape[0]
     res = search_scales(w, x.abs().mean(0), c, spec)
-    rtn_err = output_error(w - fake_quantize(w, spec), c)
+    rtn_err = output_error(w - fake_quantize_weight(w, spec), c)
     assert res.baseline == pytest.approx(rtn_err, rel=1e-4)
     assert res.alpha > 0 and res.error < 0.9 * rtn_err
     # the objective is the real output error on the activations
-    awq_w = fake_quantize(w * res.scales, spec) / res.scales
+    awq_w = fake_quantize_weight(w * res.scales, spec) / res.scales
     assert layer_error(w, awq_w, x) == pytest.approx(res.error, rel=1e-3)
     ws = w * res.scales
     cs = c / torch.outer(res.scales, res.scales)
     clipped = clip_weight(ws, search_clip(ws, cs, spec), spec)
-    assert output_error(ws - fake_quantize(clipped, spec), cs) <= res.error * (1 + 1e-5)
+    assert output_error(ws - fake_quantize_weight(clipped, spec), cs) <= res.error * (1 + 1e-5)
 
 
 # ---------------------------------------------------------------- passes on the tiny model

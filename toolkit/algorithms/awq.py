@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from toolkit.quant.arithmetic import compute_qparams, dequantize, quantize
+from toolkit.quant.arithmetic import fake_quantize_weight
 from toolkit.quant.spec import QuantSpec
 
 
@@ -23,12 +23,6 @@ class ScaleResult:
     alpha: float  # the chosen exponent, s = s_x^alpha (normalised)
     error: float  # output MSE with the chosen scales
     baseline: float  # output MSE at alpha = 0 (plain round-to-nearest)
-
-
-def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Round-to-nearest and back: the weight the quantized model computes with."""
-    scale, zero = compute_qparams(w, spec)
-    return dequantize(quantize(w, scale, zero, spec), scale, zero, spec.group(w.shape[1]))
 
 
 def output_error(dw: torch.Tensor, c: torch.Tensor) -> float:
@@ -54,7 +48,7 @@ def search_scales(w: torch.Tensor, act_mean: torch.Tensor, c: torch.Tensor, spec
     for i in range(grid):
         alpha = i / grid
         s = channel_scales(act_mean.float(), alpha)
-        err = output_error(w - fake_quantize(w * s, spec) / s, c)
+        err = output_error(w - fake_quantize_weight(w * s, spec) / s, c)
         if i == 0:
             baseline = err
         if best is None or err < best[0]:
@@ -77,7 +71,7 @@ def search_clip(w: torch.Tensor, c: torch.Tensor, spec: QuantSpec, grid: int = 2
     best_ratio = torch.ones(out_f, n_groups)
     for i in range(int(max_shrink * grid)):
         ratio = 1 - i / grid
-        dw = (w - fake_quantize(clip_weight(w, torch.full((out_f, n_groups), ratio), spec), spec))
+        dw = (w - fake_quantize_weight(clip_weight(w, torch.full((out_f, n_groups), ratio), spec), spec))
         dwg = dw.reshape(out_f, n_groups, gs)
         err = torch.einsum("ogi,gij,ogj->og", dwg, cg, dwg)
         better = err < best_err

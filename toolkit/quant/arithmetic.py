@@ -128,6 +128,16 @@ def fp8_dequantize(w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return w8.to(torch.float32) * scale.to(torch.float32)
 
 
+def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest and back, integer or fp8: the weight ``w: [out, in]`` a model quantized by ``spec``
+    computes with (float32)."""
+    if spec.type == "float":
+        scale = fp8_weight_scale(w.abs().amax().reshape(1, 1)) if spec.per_tensor else None
+        return fp8_dequantize(*fp8_quantize(w, scale))
+    codes, scale, zero = rtn_quantize(w, spec)
+    return dequantize(codes, scale, zero, spec.group(w.shape[1]))
+
+
 def activation_range(kind: str) -> float:
     """The largest code of an activation type: int8 symmetric 127, fp8 e4m3 448."""
     return INT8_MAX if kind == "int" else FP8_MAX
