@@ -25,6 +25,8 @@ class PassContext:
     device: str = "cpu"  # where passes compute: the recipe's one ``device`` setting, resolved (cpu or cuda)
     # the configs of the model passes that produced this step's input, in recipe order (empty: none, or unknown)
     history: tuple[Any, ...] = ()
+    # what a model pass chose that the run's manifest records under the step's metrics (gptq keep_float's groups)
+    findings: dict[str, Any] = field(default_factory=dict)
     _calibration: torch.Tensor | None = field(default=None, repr=False)
 
     def calibration(self) -> torch.Tensor:

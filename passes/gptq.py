@@ -292,9 +292,8 @@ def apply(model: PreTrainedModel, config: GPTQConfig, ctx: PassContext) -> PreTr
     if config.keep_float is not None:
         chosen = keep_float_groups(model, ctx.calibration(), config.scheme, targets, config.keep_float,
                                    config.batch_size)
-        log.info("keep_float: %s stay float (%.2f %% of the quantized weights)", ", ".join(chosen.names) or "nothing",
-                 100 * chosen.report()["share_kept"])
         report["keep_float"] = chosen.report()
+        ctx.findings["keep_float"] = {k: report["keep_float"][k] for k in ("kept_float", "share_kept")}
         targets = {n: m for n, m in targets.items() if n not in chosen.names}
     input_scales = static_input_scales(model, targets, act, ctx.calibration(), config.batch_size)
     done: list[LinearCodes] = []

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from tests.conftest import tiny_llama_with_outliers
@@ -19,6 +20,7 @@ from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from toolkit.passes import export_compressed_tensors, gptq
 from toolkit.passes.context import PassContext
 from toolkit.paths import atomic_dir
+from toolkit.pipeline import recipes, runner
 from toolkit.quant.arithmetic import fake_quantize_activations, fake_quantize_weight
 from toolkit.quant.modules import FP8Linear, quantized_linears
 from toolkit.quant.sensitivity import (
@@ -107,8 +109,10 @@ def test_gptq_keeps_the_chosen_groups_float_and_the_export_ignores_them(tmp_path
                              input_activations=ActivationSpec("float", 8, "token", dynamic=True),
                              keep_float=KeepFloat(0.2, windows=4))
     assert not config.streams()  # it scores whole forwards: in memory
-    model = gptq.apply(tiny_llama_with_outliers(), config, _ctx(tmp_path))
+    ctx = _ctx(tmp_path)
+    model = gptq.apply(tiny_llama_with_outliers(), config, ctx)
     report = json.loads((tmp_path / "work" / "gptq.json").read_text())["keep_float"]
+    assert ctx.findings["keep_float"]["kept_float"] == report["kept_float"]  # what the run's manifest records
     kept = [n for g in report["kept_float"] for n in g["names"]]
     assert kept and 0 < report["share_kept"] <= 0.2
     linears = quantized_linears(model)
@@ -135,3 +139,17 @@ def test_keep_float_needs_a_share_and_is_a_gptq_setting() -> None:
     with pytest.raises(ToolkitError, match="no linear"):  # the skip list is checked before any scoring
         gptq.apply(model, gptq.GPTQConfig(bits=4, group_size=16, skip=("nothing.*",), keep_float=KeepFloat(0.1)),
                    PassContext(tiny_tokenizer(), lambda: CALIB, lambda: tiny_model("llama"), Path("/nonexistent")))
+
+
+def test_a_recipe_records_the_choice_in_the_manifest_and_its_cache(tmp_path: Path) -> None:
+    recipe = {"model": "tiny-llama", "calibration": {"count": 4, "length": 32}, "evaluation": {"count": 2, "length": 32},
+              "passes": [{"gptq": {"bits": 4, "group_size": 32, "keep_float": {"share": 0.2, "windows": 2}}}],
+              "output": str(tmp_path / "out")}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    first = runner.run(recipes.load(path), progress=False, log=lambda m: None)
+    step = json.loads((first.output / "manifest.json").read_text())["steps"][0]
+    kept = step["metrics"]["keep_float"]
+    assert kept["kept_float"] and 0 < kept["share_kept"] <= 0.2
+    again = runner.run(recipes.load(path), progress=False, log=lambda m: None, overwrite=True)
+    assert again.steps[0].cache_hit and again.steps[0].metrics == step["metrics"]

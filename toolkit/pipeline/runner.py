@@ -213,7 +213,7 @@ def _run_step(step: Step, state: _State, ctx: PassContext, key: str, log: Callab
                     metrics = run_pass(model, ctx.tokenizer, step.config, tmp, history=ctx.history) or {}
                 else:
                     model = run_pass(model, step.config, ctx)
-                    metrics = {}
+                    metrics = dict(ctx.findings)
             if not step.is_export:
                 checkpoint.save_model(model, ctx.tokenizer, tmp)
             info = {"name": step.name, "config": record(step.config), "input_key": state.key,
