@@ -21,6 +21,10 @@ Read in the stored public index of github.com/NVIDIA/TensorRT-LLM, one file vers
 - WM: tensorrt_llm/_torch/models/checkpoints/hf/weight_mapper.py @ 088aa36b002777f37d26241bcba56c86b132e5ee: qkv_proj
   is fed from ``q_proj``, ``k_proj``, ``v_proj`` (each the tensors under ``<layer>.self_attn.<proj>.``, prefix cut),
   so ``self_attn.k_proj.k_scale`` arrives as the k shard's ``k_scale``.
+- PR: NVIDIA/TensorRT-LLM pull request #15415 (merged 2026-06-16; its text, the fixed linear.py was not among the
+  stored versions): the config parser used to take the group named ``group_0`` only, and FP8RowwiseLinearMethod
+  now flattens compressed-tensors' ``[out, 1]`` per-channel ``weight_scale`` (``reshape(-1)``) in the plain, fused
+  q/k/v and fused gate/up paths; before it the copy into ``[out]`` failed (LN's version copies it as it is).
 - AT: tensorrt_llm/_torch/modules/attention.py @ 00547a25ac61d28d1dabb2e47383a1af605ebb59: the qkv_proj's kv scales
   are handed to the attention kernel only for an NVFP4 KV cache; an FP8 cache runs at scale 1.0 (the backend's
   ``kv_cache_scaling_factor`` of ones): TensorRT-LLM loads our calibrated scales but does not use them for FP8.
@@ -141,3 +145,21 @@ def test_compressed_tensors_fp8_dynamic_config_reads_as_per_channel_per_token(tm
     assert group["input_activations"]["strategy"] == "token"  # -> FP8_PER_CHANNEL_PER_TOKEN
     assert (qc["kv_cache_scheme"]["num_bits"], qc["kv_cache_scheme"]["type"]) == (8, "float")  # -> FP8 KV cache
     assert any(fnmatch.fnmatchcase(layout_of(model).head, p) for p in qc["ignore"])
+
+
+def test_compressed_tensors_per_channel_scales_load_once_flattened(tmp_path: Path) -> None:
+    model = fp8_kv_model(tmp_path, kv=False)
+    export_compressed_tensors.export(model, tiny_tokenizer(), export_compressed_tensors.ExportCompressedTensorsConfig(),
+                                     tmp_path / "ct")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert list(qc["config_groups"]) == ["group_0"]  # PR: the name the parser before #15415 looked up
+    state = load_file(str(tmp_path / "ct" / SINGLE))
+    for fused, parts in FUSED.items():
+        owner = "self_attn" if fused == "qkv_proj" else "mlp"
+        shards = [_shard(state, f"model.layers.0.{owner}.{part}") for part in parts]
+        assert all(s["weight_scale"].shape == (s["weight"].shape[0], 1) for s in shards)  # compressed-tensors' channel
+        parameter = torch.empty(sum(s["weight"].shape[0] for s in shards), dtype=torch.float32)  # LN: [out]
+        with pytest.raises(RuntimeError):  # LN as stored: the [out, 1] scales copied as they are
+            parameter.copy_(torch.cat([s["weight_scale"] for s in shards]))
+        parameter.copy_(torch.cat([s["weight_scale"].reshape(-1) for s in shards]))  # PR: flattened first
+        assert torch.equal(parameter, torch.cat([s["weight_scale"].float().flatten() for s in shards]))
