@@ -122,7 +122,7 @@ class GPTQConfig(QuantPassConfig):
         return super().streams() and not self.asymmetric and self.keep_float is None
 
     def in_memory_bytes(self, shape: ModelShape, calibration_tokens: int) -> float:
-        """Asymmetric calibration also carries the float model's hidden states (float32)."""
+        """Asymmetric calibration also carries the float model's hidden states (float32); keep_float its scorer."""
         extra = 4 * calibration_tokens * shape.hidden if self.asymmetric else 0
         if self.keep_float is not None:  # its scorer: the float log-probabilities, one batch's logits, every
             # layer's float input, on its windows (counted here as up to 2,048 tokens each)

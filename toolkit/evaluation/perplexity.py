@@ -23,6 +23,11 @@ def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch, use_cache=False).logits.float()
 
 
+def kl_divergence_sum(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Σ over positions of KL(reference || candidate) from both log-probabilities ``[..., V]``."""
+    return float((reference.exp() * (reference - candidate)).sum())
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, windows: torch.Tensor, reference: nn.Module | None = None, batch_size: int = 1,
@@ -39,7 +44,7 @@ def evaluate(
         count += targets.numel()
         if reference is not None:
             ref_logp = F.log_softmax(_logits(reference, batch)[:, :-1], dim=-1)
-            kl_sum += float((ref_logp.exp() * (ref_logp - logp)).sum())
+            kl_sum += kl_divergence_sum(ref_logp, logp)
             agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
     nll = nll_sum / count
     result = {"perplexity": math.exp(nll), "nll": nll, "tokens": float(count)}

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from toolkit.evaluation.perplexity import kl_divergence_sum
 from toolkit.models.architectures import decoder_layers, layout_of
 from toolkit.quant.arithmetic import fake_quantize_activations, fake_quantize_weight
 from toolkit.quant.spec import QuantScheme
@@ -94,13 +95,6 @@ def choose(groups: list[GroupCost], budget: int) -> list[GroupCost]:
     return kept
 
 
-def kl_sum(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    """Σ over positions of KL(reference || candidate), from the reference's log-probabilities and the candidate's
-    logits ``[..., V]``."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return float((reference.exp() * (reference - logp)).sum())
-
-
 class _Feed(nn.Module):
     """Stands in for a decoder layer before the first changed one: passes the hidden states on; the last one hands
     the next layer its input as the float model computed it."""
@@ -152,7 +146,7 @@ class GroupScorer:
             for b, batch in enumerate(self.batches):
                 if feed is not None:
                     feed.hidden = self.inputs[first][b]
-                total += kl_sum(self.reference[b], self._logits(batch))
+                total += kl_divergence_sum(self.reference[b], F.log_softmax(self._logits(batch), dim=-1))
         return total / self.tokens
 
     @contextlib.contextmanager
