@@ -23,7 +23,7 @@ fp8 rounding is compressed-tensors' own.
    statistics: at ``k = 0`` each token's largest input lands exactly on 448 and loses nothing, elsewhere it is
    rounded too, which on a model with a few huge activation channels costs KL. Perplexity and KL per draw show how
    loosely the two move together.
-6. The ranking (``--groups``): GPTQ ``keep_float``'s search (``toolkit.quant.sensitivity``): KL against float with
+6. The ranking (``--groups``): GPTQ ``keep_float``'s search (``toolkit.evaluation.sensitivity``): KL against float with
    one decoder layer quantized as FP8 dynamic (weights rounded to nearest, per-token fp8 inputs; ``--inputs-only``:
    inputs only, weights float), every layer, then with one group of linears that read the same input (the group a
    consumer fuses: q/k/v, o, gate/up, down), layer by layer from the costliest until no group left could change the
@@ -92,6 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.data import WindowSpec, token_windows
+from toolkit.evaluation.sensitivity import KeepFloat, keep_float_groups
 from toolkit.models import load
 from toolkit.models.architectures import layout_of
 from toolkit.quant.arithmetic import (
@@ -102,7 +103,6 @@ from toolkit.quant.arithmetic import (
     fp8_quantize,
     rtn_quantize,
 )
-from toolkit.quant.sensitivity import KeepFloat, keep_float_groups
 from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
 from toolkit.quant.surgery import target_linears
 
@@ -295,7 +295,7 @@ def draws(base: nn.Module, windows: torch.Tensor, count: int) -> None:
 
 @torch.no_grad()
 def groups(base: nn.Module, windows: torch.Tensor, share: float, inputs_only: bool) -> None:
-    """GPTQ ``keep_float``'s own search (``toolkit.quant.sensitivity``) with the FP8 dynamic scheme: KL against float
+    """GPTQ ``keep_float``'s own search (``toolkit.evaluation.sensitivity``) with the FP8 dynamic scheme: KL against float
     with one layer quantized, every layer, then with one fused group quantized, layer by layer from the costliest
     until no group left could change the choice; the groups kept float within ``share`` of the weights."""
     scheme = QuantScheme(QuantSpec(8, -1, True, "float"), ActivationSpec("float", 8, "token", dynamic=True))

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from toolkit.algorithms.gptq import MAX_DAMP, float_target, gptq_quantize
 from toolkit.errors import ToolkitError
+from toolkit.evaluation.sensitivity import KeepFloat, keep_float_groups
 from toolkit.models.architectures import layout_of
 from toolkit.models.shape import ModelShape
 from toolkit.models.streaming import SkeletonModel
@@ -42,7 +43,6 @@ from toolkit.quant.calibration import (
 )
 from toolkit.quant.modules import QuantizedLinear
 from toolkit.quant.moments import InputMoments, PairedMoments
-from toolkit.quant.sensitivity import KeepFloat, keep_float_groups
 from toolkit.quant.spec import ActivationSpec, QuantSpec
 from toolkit.quant.streaming import (
     PackedWriter,
@@ -88,7 +88,7 @@ class GPTQConfig(QuantPassConfig):
     scale_search: bool = False
     # mixed precision chosen by measurement: the fused groups (q/k/v, o, gate/up, down) whose quantization alone
     # costs the most KL against the float model on calibration windows stay float, up to a share of the weights
-    # (``toolkit.quant.sensitivity``); the choice goes to gptq.json. In memory only (it scores whole forwards)
+    # (``toolkit.evaluation.sensitivity``); the choice goes to gptq.json. In memory only (it scores whole forwards)
     keep_float: KeepFloat | None = None
 
     def __post_init__(self) -> None:

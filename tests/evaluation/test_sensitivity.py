@@ -1,4 +1,4 @@
-"""Mixed precision chosen by measurement (``toolkit.quant.sensitivity``, GPTQ's ``keep_float``): the scorer's shortcut
+"""Mixed precision chosen by measurement (``toolkit.evaluation.sensitivity``, GPTQ's ``keep_float``): the scorer's shortcut
 (layers before the changed one bypassed) computes what a whole forward computes on every family, the layer-first
 search keeps what scoring every group would keep, and the pass leaves the chosen groups float through the exports."""
 
@@ -16,14 +16,7 @@ from torch import nn
 
 from tests.conftest import tiny_llama_with_outliers
 from toolkit.errors import ToolkitError
-from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
-from toolkit.passes import export_compressed_tensors, gptq
-from toolkit.passes.context import PassContext
-from toolkit.paths import atomic_dir
-from toolkit.pipeline import recipes, runner
-from toolkit.quant.arithmetic import fake_quantize_activations, fake_quantize_weight
-from toolkit.quant.modules import FP8Linear, quantized_linears
-from toolkit.quant.sensitivity import (
+from toolkit.evaluation.sensitivity import (
     GroupCost,
     GroupScorer,
     KeepFloat,
@@ -31,6 +24,13 @@ from toolkit.quant.sensitivity import (
     keep_float_groups,
     layer_groups,
 )
+from toolkit.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
+from toolkit.passes import export_compressed_tensors, gptq
+from toolkit.passes.context import PassContext
+from toolkit.paths import atomic_dir
+from toolkit.pipeline import recipes, runner
+from toolkit.quant.arithmetic import fake_quantize_activations, fake_quantize_weight
+from toolkit.quant.modules import FP8Linear, quantized_linears
 from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
 from toolkit.quant.surgery import target_linears
 from toolkit.schema import build
