@@ -92,6 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.data import WindowSpec, token_windows
+from toolkit.evaluation.perplexity import kl_divergence_sum
 from toolkit.evaluation.sensitivity import KeepFloat, keep_float_groups
 from toolkit.models import load
 from toolkit.models.architectures import layout_of
@@ -187,7 +188,7 @@ def score(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor]) -> t
     nll, kl, agree, count = 0.0, 0.0, 0, 0
     for w, r, lp in zip(windows, ref, log_probs(model, windows), strict=True):
         nll += float(-lp.gather(-1, w[1:, None]).sum())
-        kl += float((r.exp() * (r - lp)).sum())
+        kl += kl_divergence_sum(r, lp)
         agree += int((r.argmax(-1) == lp.argmax(-1)).sum())
         count += len(w) - 1
     return math.exp(nll / count), kl / count, agree / count
@@ -314,7 +315,8 @@ def groups(base: nn.Module, windows: torch.Tensor, share: float, inputs_only: bo
     running = 0.0
     for g in chosen.scored:
         running += g.kl
-        label = f"{layers}.{g.layer}.{{{','.join(n.split('.', 3)[3] for n in g.names)}}}"
+        prefix = f"{layers}.{g.layer}."
+        label = f"{prefix}{{{','.join(n.removeprefix(prefix) for n in g.names)}}}"
         print(f"| {label} | {1e4 * g.kl:.1f} | {100 * running / total:.0f} % | {100 * g.weights / chosen.total:.2f} % |")
     kept = chosen.report()["share_kept"]
     print(f"kept float within {100 * share:g} % of the weights ({100 * kept:.2f} %): {', '.join(chosen.names)}")
