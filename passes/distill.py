@@ -6,7 +6,9 @@ point in a quantized model: the RMSNorm weights and, per quantized linear, a flo
 weight scales (an integer linear's float16 ``scales``, written back as float16; an fp8 linear's float32
 per-channel ``weight_scale``, written back as float32; one scale per tensor stays as it is, since consumers
 fuse q/k/v and gate/up with one shared scale); codes and zero points never change, so int4 weights stay int4
-and fp8 weights stay fp8. Inputs quantized per token (W8A8, FP8) are rounded in the training forward too, their
+and fp8 weights stay fp8. With ``train_codes`` the quantized student also retrains its codes (quantization-aware
+training): every decoder linear trains a float32 weight rounded to its own grid in each forward, the rounding's
+gradient passed straight through, and is written back as codes of the same format, scales and zero points. Inputs quantized per token (W8A8, FP8) are rounded in the training forward too, their
 gradient passed straight through. Loss: a temperature-scaled logit divergence (forward KL, reverse KL or JSD), plus
 optional next-token cross-entropy and hidden-state matching. Training text: the calibration windows
 (the last ``heldout_windows`` held out for evaluation), plus optional teacher-sampled continuations.
@@ -42,7 +44,7 @@ from toolkit.passes.base import PassConfig
 from toolkit.passes.context import PassContext
 from toolkit.paths import sha256_json
 from toolkit.quant.arithmetic import fp16_representable
-from toolkit.quant.modules import FP8Linear, QuantizedLinear, quantized_linears
+from toolkit.quant.modules import FP8Linear, QuantizedLinear, TrainingLinear, quantized_linears, set_module
 from toolkit.training.trainer import TrainConfig, Trainer
 
 
@@ -55,6 +57,9 @@ class DistillConfig(PassConfig):
     layers: tuple[int, ...] = ()  # shallow: teacher layers to keep (ascending)
     keep_every: int | None = None  # shallow: keep layers 0, k, 2k, ... (default 2 when layers is empty)
     train_head: bool = False  # quantized: also train the (int8, tied) lm_head scales
+    # quantized: also retrain the decoder linears' codes (QAT: a float weight rounded to the layer's grid in every
+    # forward, straight-through gradient; same format, zero points and scale layout afterwards). The head's codes stay
+    train_codes: bool = False
     divergence: Divergence = "forward_kl"
     temperature: float = 1.0
     kd_weight: float = 1.0
@@ -82,6 +87,9 @@ class DistillConfig(PassConfig):
         super().__post_init__()
         if self.layers and self.keep_every is not None:
             raise ValueError("give either layers or keep_every, not both")
+        if self.train_codes and self.student != "quantized":
+            raise ValueError("train_codes retrains a quantized student's codes; a shallow student trains its float "
+                             "weights anyway: use student: quantized after a quantization pass")
         if self.student != "shallow" and (self.layers or self.keep_every is not None):
             raise ValueError("layers/keep_every select layers of a shallow student; set student: shallow")
         if self.layers and list(self.layers) != sorted(set(self.layers)):
@@ -143,8 +151,9 @@ def norm_modules(model: PreTrainedModel) -> list[nn.Module]:
     return norms
 
 
-def quantized_student(model: PreTrainedModel, train_head: bool) -> PreTrainedModel:
-    """Freeze everything, then make the norms and a multiplier on every quantized linear's scales trainable."""
+def quantized_student(model: PreTrainedModel, train_head: bool, train_codes: bool = False) -> PreTrainedModel:
+    """Freeze everything, then make the norms and a multiplier on every quantized linear's scales trainable; with
+    ``train_codes`` the decoder linears become ``TrainingLinear`` (weights and scales train, ``bake`` freezes them)."""
     head = layout_of(model).head
     targets = {n: m for n, m in quantized_linears(model).items() if train_head or n != head}
     if not targets:
@@ -153,7 +162,10 @@ def quantized_student(model: PreTrainedModel, train_head: bool) -> PreTrainedMod
     model.requires_grad_(False)
     for norm in norm_modules(model):
         norm.requires_grad_(True)
-    for module in targets.values():
+    for target, module in targets.items():
+        if train_codes and target != head:
+            set_module(model, target, TrainingLinear(module))
+            continue
         name = _scale_name(module)
         if name is not None:
             parametrize.register_parametrization(module, name, ScaleMultiplier(getattr(module, name).shape),
@@ -170,9 +182,12 @@ def _scale_name(module: QuantizedLinear) -> str | None:
 
 
 @torch.no_grad()
-def bake_scales(model: nn.Module) -> None:
-    """Write trained scales back into their buffers (float16 integer scales, float32 fp8 ones) and drop the
-    parametrizations."""
+def bake(model: nn.Module) -> None:
+    """Write trained codes and scales back (float16 integer scales, float32 fp8 ones): ``TrainingLinear`` back to
+    its layer's kind, parametrized scales into their buffers, parametrizations dropped."""
+    training = [(n, m) for n, m in model.named_modules() if isinstance(m, TrainingLinear)]
+    for name, m in training:
+        set_module(model, name, m.freeze())
     for module in quantized_linears(model).values():
         name = _scale_name(module)
         if name is not None and parametrize.is_parametrized(module, name):
@@ -299,7 +314,7 @@ def build_student(model: PreTrainedModel, config: DistillConfig) -> tuple[PreTra
     """The student and its hidden-state map (student ``hidden_states`` index -> teacher's)."""
     n = model.config.num_hidden_layers
     if config.student == "quantized":
-        return quantized_student(model, config.train_head), {i: i for i in range(1, n + 1)}
+        return quantized_student(model, config.train_head, config.train_codes), {i: i for i in range(1, n + 1)}
     if quantized_linears(model):
         raise ToolkitError("student: shallow needs a float model; put distill before quantization passes")
     try:
@@ -328,6 +343,6 @@ def apply(model: PreTrainedModel, config: DistillConfig, ctx: PassContext) -> Pr
     (Path(ctx.workdir) / "distill-log.json").write_text(json.dumps(
         {"resumed_from": result.resumed_from, "train_windows": list(train.shape), "history": result.history},
         indent=1))
-    bake_scales(student)
+    bake(student)
     del teacher
     return student.cpu().eval()

@@ -63,6 +63,7 @@ def test_config_round_trip_and_registration():
     (dict(kd_weight=0.0), "at least one > 0"),
     (dict(lr=3.0), "typical values"),
     (dict(steps=0), "steps must be >= 1"),
+    (dict(student="shallow", train_codes=True), "train_codes retrains a quantized student"),
 ])
 def test_config_refuses_with_a_hint(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -166,6 +167,44 @@ def test_fp8_student_trains_per_channel_scales_and_keeps_the_codes(tmp_path):
     history = json.loads((tmp_path / "distill-log.json").read_text())["history"]
     first, last = sum(h["loss"] for h in history[:8]), sum(h["loss"] for h in history[-8:])
     assert last < 0.9 * first  # untrained (lr 1e-9): 1.0
+    checkpoint.save_model(student, tiny_tokenizer(), tmp_path / "out")
+    loaded = checkpoint.load_model(tmp_path / "out")
+    ids = calibration(1, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, student(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("name", ["fp8-dynamic", "int4"])
+def test_train_codes_retrains_the_codes_in_their_format_and_saves_what_it_computed(tmp_path, name):
+    """QAT: the decoder linears' codes and scales move (the head's codes do not), the layers keep their kind, format
+    and zero points, the KD loss falls, and the saved folder computes exactly what the trained student does."""
+    act = ActivationSpec("float", 8, "token", dynamic=True)
+    config = (rtn.RTNConfig(bits=8, group_size=-1, type="float", input_activations=act, lm_head_bits=None)
+              if name == "fp8-dynamic" else rtn.RTNConfig(bits=4, group_size=32))
+    model = tiny_llama(0)  # the teacher's weights plus noise: an error only the codes can undo
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "proj" in n:
+                p.add_(0.5 * p.std() * torch.randn(p.shape, generator=generator))
+    model = rtn.apply(model, config)
+    codes = {n: (m.weight.view(torch.uint8) if isinstance(m, FP8Linear) else m.qweight).clone()
+             for n, m in quantized_linears(model).items()}
+    kinds = {n: (type(m), m.spec, m.act) for n, m in quantized_linears(model).items()}
+    zeros = {n: m.qzeros.clone() for n, m in quantized_modules(model).items()}
+    cfg = distill.DistillConfig(**{**FAST, "steps": 30, "eval_every": 30, "checkpoint_every": 30, "lr": 3e-3,
+                                   "train_codes": True})
+    student = distill.apply(model, cfg, context(tmp_path))
+    after = quantized_linears(student)
+    assert {n: (type(m), m.spec, m.act) for n, m in after.items()} == kinds
+    assert not any("layer" in n.split(".") or "parametrizations" in n for n, _ in student.named_parameters())
+    for n, m in after.items():
+        now = m.weight.view(torch.uint8) if isinstance(m, FP8Linear) else m.qweight
+        assert torch.equal(now, codes[n]) == (n == "lm_head"), n  # the head's codes stay
+    assert all(torch.equal(m.qzeros, zeros[n]) for n, m in quantized_modules(student).items())
+    history = json.loads((tmp_path / "distill-log.json").read_text())["history"]
+    first, last = sum(h["loss"] for h in history[:6]), sum(h["loss"] for h in history[-6:])
+    assert last < 0.8 * first
     checkpoint.save_model(student, tiny_tokenizer(), tmp_path / "out")
     loaded = checkpoint.load_model(tmp_path / "out")
     ids = calibration(1, 12)

@@ -76,6 +76,7 @@ def rtn_quantize(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
+FP8_TOP_STEP = 32.0  # e4m3's step between 256 and 448
 INT8_MAX = 127.0
 
 
@@ -136,6 +137,29 @@ def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         return fp8_dequantize(*fp8_quantize(w, scale))
     codes, scale, zero = rtn_quantize(w, spec)
     return dequantize(codes, scale, zero, spec.group(w.shape[1]))
+
+
+def fake_quantize_ste(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """``w: [out, in]`` rounded to its codes against ``scale`` (and ``zero``: integer weights) and back, as
+    quantization-aware training computes it: the forward values are exactly the stored codes' dequantization
+    (``fp8_codes`` · scale, ``dequantize(quantize(...))``); the rounding's gradient passes straight through to ``w``
+    where ``w / scale`` rounds to a code of the grid (1; 0 beyond half a step past its ends, where it clamps) and to
+    ``scale`` as LSQ's (Esser et al. 2020: ``round(w/s) - w/s`` inside, the end code outside).
+    ``scale`` is ``[out, 1]`` or ``[1, 1]`` for fp8 weights, ``[out, G]`` per group for integer ones."""
+    if spec.type == "float":
+        v = w / scale
+        q = v.detach().clamp(-FP8_MAX, FP8_MAX).to(FP8).to(torch.float32)
+        inside = v.detach().abs() < FP8_MAX + FP8_TOP_STEP / 2
+        return (q + (v - v.detach()) * inside) * scale
+    if zero is None:
+        raise ToolkitError("integer weights need their zero points to round to")
+    group = spec.group(w.shape[1])
+    s = scale.float().repeat_interleave(group, dim=1)
+    z = zero.to(torch.float32).repeat_interleave(group, dim=1)
+    v = w / s + z
+    q = torch.round(v.detach()).clamp(0, spec.qmax)
+    inside = (v.detach() > -0.5) & (v.detach() < spec.qmax + 0.5)
+    return (q + (v - v.detach()) * inside - z) * s
 
 
 def activation_range(kind: str) -> float:

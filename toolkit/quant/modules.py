@@ -19,9 +19,13 @@ from toolkit.quant.arithmetic import (
     FP8,
     dequantize,
     fake_quantize_activations,
+    fake_quantize_ste,
+    fp8_codes,
     fp8_dequantize,
     fp8_quantize,
     fp8_weight_scale,
+    fp16_representable,
+    quantize,
 )
 from toolkit.quant.formats import ToolkitPacked, packed_width
 from toolkit.quant.spec import ActivationSpec, QuantScheme, QuantSpec
@@ -156,6 +160,58 @@ class FP8Linear(nn.Module):
 
 
 QuantizedLinear = QuantLinear | FP8Linear
+
+
+class TrainingLinear(nn.Module):
+    """A quantized linear while its codes train (quantization-aware training): the weight as a float32 parameter
+    (the codes' dequantization to start), rounded to the layer's own grid in every forward with the rounding's
+    gradient passed straight through (``fake_quantize_ste``), the scales as ``scales · exp(theta)`` (one fp8 scale
+    per tensor stays: consumers share it across fused linears), zero points, format and input rounding as the layer
+    has them. ``freeze()`` gives back the layer's own kind holding the codes and scales the training reached, which
+    compute exactly what the last forward did."""
+
+    def __init__(self, layer: QuantizedLinear) -> None:
+        super().__init__()
+        self.layer = layer
+        self.layer.requires_grad_(False)
+        self.weight = nn.Parameter(layer.dequantized_weight().float())
+        fp8 = isinstance(layer, FP8Linear)
+        self.register_buffer("base_scale", (layer.weight_scale if fp8 else layer.scales).float().clone())
+        self.register_buffer("zero", None if fp8 else layer.unpacked()[2].clone())
+        per_tensor = fp8 and layer.spec.per_tensor
+        self.theta = None if per_tensor else nn.Parameter(torch.zeros(self.base_scale.shape))
+
+    def scale(self) -> torch.Tensor:
+        """The scales the forward rounds against: integer ones already rounded to float16 as stored (the
+        rounding's gradient straight through), so the frozen layer computes exactly what training last did."""
+        if self.theta is None:
+            return self.base_scale
+        s = self.base_scale * self.theta.exp()
+        if isinstance(self.layer, FP8Linear):
+            return s
+        return fp16_representable(s.detach()) + (s - s.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        w = fake_quantize_ste(self.weight, self.scale(), self.zero, layer.spec)
+        x = quantized_input(layer, x)
+        return F.linear(x, w.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def freeze(self) -> QuantizedLinear:
+        layer, w = self.layer, self.weight.detach().float()
+        new: QuantizedLinear
+        if isinstance(layer, FP8Linear):
+            scale = self.scale().detach().float()
+            new = FP8Linear.from_codes(fp8_codes(w, scale), scale, layer.spec, layer.bias, layer.act)
+        else:
+            assert self.zero is not None
+            scale = self.scale().detach()  # float16-representable already
+            codes = quantize(w, scale, self.zero, layer.spec)
+            new = QuantLinear.from_codes(codes, scale.to(torch.float16), self.zero, layer.spec, layer.bias, layer.act)
+        if hasattr(layer, "input_scale"):
+            new.input_scale.copy_(layer.input_scale)
+        return new
 
 
 def _input_scale_buffer(module: nn.Module, act: ActivationSpec | None) -> None:
