@@ -6,9 +6,10 @@ point in a quantized model: the RMSNorm weights and, per quantized linear, a flo
 weight scales (an integer linear's float16 ``scales``, written back as float16; an fp8 linear's float32
 per-channel ``weight_scale``, written back as float32; one scale per tensor stays as it is, since consumers
 fuse q/k/v and gate/up with one shared scale); codes (but see below) and zero points never change, so int4
-weights stay int4 and fp8 weights stay fp8. With ``train_codes`` the quantized student also retrains its codes (quantization-aware
-training): every decoder linear trains a float32 weight rounded to its own grid in each forward, the rounding's
-gradient passed straight through, and is written back as codes of the same format, scales and zero points.
+weights stay int4 and fp8 weights stay fp8. With ``train_codes`` the quantized student also retrains its codes
+(quantization-aware training): every decoder linear trains a float32 weight rounded to its own grid in each forward,
+the rounding's gradient passed straight through, and is written back as codes of the same format, scales and zero
+points.
 Inputs quantized per token (W8A8, FP8) are rounded in the training forward too, their gradient passed straight
 through. Loss: a temperature-scaled logit divergence (forward KL, reverse KL or JSD), plus
 optional next-token cross-entropy and hidden-state matching. Training text: the calibration windows
