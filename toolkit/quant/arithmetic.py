@@ -148,7 +148,7 @@ def fake_quantize_ste(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
     ``scale`` is ``[out, 1]`` or ``[1, 1]`` for fp8 weights, ``[out, G]`` per group for integer ones."""
     if spec.type == "float":
         v = w / scale
-        q = v.detach().clamp(-FP8_MAX, FP8_MAX).to(FP8).to(torch.float32)
+        q = fp8_codes(w.detach(), scale.detach()).to(torch.float32)
         inside = v.detach().abs() < FP8_MAX + FP8_TOP_STEP / 2
         return (q + (v - v.detach()) * inside) * scale
     if zero is None:
@@ -157,7 +157,7 @@ def fake_quantize_ste(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
     s = scale.float().repeat_interleave(group, dim=1)
     z = zero.to(torch.float32).repeat_interleave(group, dim=1)
     v = w / s + z
-    q = torch.round(v.detach()).clamp(0, spec.qmax)
+    q = quantize(w.detach(), scale.detach(), zero, spec).to(torch.float32)
     inside = (v.detach() > -0.5) & (v.detach() < spec.qmax + 0.5)
     return (q + (v - v.detach()) * inside - z) * s
 
