@@ -2,7 +2,8 @@
 
 Configurations (greedy, the same new tokens for every prompt; speculation does not change them):
 - ``target``: plain decode of the target export (e.g. SmolLM2 float32);
-- ``draft``: the target verifying drafts of ``--draft`` (e.g. the AWQ+GPTQ int4 export);
+- ``draft``: the target verifying drafts of ``--draft`` (e.g. the AWQ+GPTQ int4 export); ``--draft`` given again adds
+  ``draft2``, ``draft3``, ... (two drafts for the same target compared in one run, each against the same ``target``);
 - ``target-lookup`` (``--target-lookup``): prompt lookup on the target; ``target-paired`` (``--target-paired``): plain
   decode of the target with one-row steps paired, as a speculating int8 target decodes (what exactness costs a
   plain step). An int8 target (W8A8, or MatMulNBits at accuracy_level 4) speculates with paired calls, its plain
@@ -45,9 +46,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speculative_prompts import COPY, NO_COPY  # noqa: E402
 
-BASELINES = {"draft": "target", "target-lookup": "target", "target-paired": "target", "lookup-copy": "int4-copy",
+BASELINES = {"target-lookup": "target", "target-paired": "target", "lookup-copy": "int4-copy",
              "lookup-nocopy": "int4-nocopy", "genai-lookup": "genai", "lookup-batch": "int4-batch",
              "lookup-batch-exact": "int4-batch"}
+
+
+def baseline(name: str) -> str:
+    """The configuration a configuration's speedup is over (itself where it is a baseline)."""
+    return "target" if name.startswith("draft") else BASELINES.get(name, "")
+
+
+def draft_folder(name: str, a: argparse.Namespace) -> Path | None:
+    """``draft`` is the first ``--draft``, ``draftN`` the N-th; other configurations draft from no model."""
+    if not name.startswith("draft"):
+        return None
+    return a.draft[int(name[5:] or 1) - 1]
 
 
 def run_batch(name: str, a: argparse.Namespace) -> dict[str, float]:
@@ -83,9 +96,10 @@ def run_one(name: str, a: argparse.Namespace) -> dict[str, float]:
     folder = a.target if name.startswith(("target", "draft")) else a.int4
     level = a.accuracy_level if folder == a.int4 else None
     lookup = name.startswith("lookup") or name == "target-lookup"
-    speculates = lookup or name == "draft"
+    draft = draft_folder(name, a)
+    speculates = lookup or draft is not None
     # an int8 target that speculates decodes one row as a pair (exact verify); plain runs keep the one-row path
-    engine = load(folder, threads=a.threads, max_batch=1, draft=a.draft if name == "draft" else None,
+    engine = load(folder, threads=a.threads, max_batch=1, draft=draft,
                   accuracy_level=level, paired_decode=speculates or name == "target-paired")
     prompts = NO_COPY if name.endswith("nocopy") else COPY
     config = GenerationConfig(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
@@ -148,7 +162,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", type=Path, help="the verified export (e.g. float32); without it only --int4 and "
                    "--genai runs")
-    p.add_argument("--draft", type=Path, help="the drafting export (same tokenizer)")
+    p.add_argument("--draft", type=Path, action="append", default=[],
+                   help="the drafting export (same tokenizer); again for a second draft of the same target")
     p.add_argument("--target-lookup", action="store_true", help="also prompt lookup on the target")
     p.add_argument("--target-paired", action="store_true", help="also the target's plain decode with paired one-row "
                    "steps (an int8-activation target: what a speculating run's one-token decodes cost)")
@@ -189,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             out = subprocess.run([sys.executable, __file__, *passthrough, "--one", name], check=True,
                                  capture_output=True, text=True).stdout
             results[name].append(json.loads(out.strip().splitlines()[-1]))
+    for i, folder in enumerate(a.draft):
+        print(f"{'draft' if i == 0 else f'draft{i + 1}'}: {folder}")
     print(f"{'config':>14} {'tok/s':>8} {'ratio':>6}  per-round ratios            accept  tok/call  draft share")
     for name in names:
         runs = results[name]
-        base = results.get(BASELINES.get(name, ""), runs)
+        base = results.get(baseline(name), runs)
         ratios = [r["tok_s"] / b["tok_s"] for r, b in zip(runs, base, strict=True)]
         med = statistics.median
         print(f"{name:>14} {med(r['tok_s'] for r in runs):8.1f} {med(ratios):6.2f}  "
@@ -217,11 +234,11 @@ def step_costs(a: argparse.Namespace) -> dict[str, float]:
 
     from toolkit.runtime.backend import BackendOptions, OrtBackend
 
-    if a.draft is None:
-        raise SystemExit("--costs needs --draft")
+    if len(a.draft) != 1:
+        raise SystemExit("--costs needs one --draft")
     options = BackendOptions(threads=a.threads, stop_spinning=True)
     plain, paired = OrtBackend(a.target, options), OrtBackend(a.target, replace(options, paired_decode=True))
-    draft = OrtBackend(a.draft, options)
+    draft = OrtBackend(a.draft[0], options)
     context = np.arange(1000, 1000 + CONTEXT, dtype=np.int64)
     for backend in (plain, paired, draft):
         backend.allocate(ROWS, 2 * CONTEXT)
@@ -266,7 +283,8 @@ def print_costs(costs: dict[str, float], k: int) -> None:
 
 
 def configurations(a: argparse.Namespace) -> list[str]:
-    names = (["target"] + (["draft"] if a.draft else [])) if a.target else []
+    drafts = ["draft" if i == 0 else f"draft{i + 1}" for i in range(len(a.draft))]
+    names = ["target", *drafts] if a.target else []
     names += (["target-lookup"] if a.target_lookup else []) + (["target-paired"] if a.target_paired else [])
     names += ["int4-copy", "lookup-copy", "int4-nocopy", "lookup-nocopy"] if a.int4 and not a.batch else []
     names += ["int4-batch", "lookup-batch-exact", "lookup-batch"] if a.int4 and a.batch else []
@@ -285,7 +303,7 @@ def print_phases(results: dict[str, list[dict[str, float]]]) -> None:
     print(f"\n{'phases':>14} {'ms/tok':>7} {'plain':>6}  draft  verify  1-token  python  "
           f"{'draft ms/tok':>12} {'draft/plain':>11} {'verify ms':>9} deferred")
     for name in rows:
-        runs, base = results[name], results.get(BASELINES.get(name, ""), results[name])
+        runs, base = results[name], results.get(baseline(name), results[name])
         draft, verify, plain = (med(r[k] for r in runs) for k in ("draft_share", "verify_share", "plain_share"))
         base_ms, draft_ms = med(r["ms_per_token"] for r in base), med(r["draft_ms_per_token"] for r in runs)
         print(f"{name:>14} {med(r['ms_per_token'] for r in runs):7.2f} {base_ms:6.2f}  "

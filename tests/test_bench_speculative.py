@@ -26,14 +26,22 @@ def test_phases_show_where_a_speculating_round_went_beside_plain_decode(capsys):
     assert capsys.readouterr().out == ""
 
 
-
 def test_an_int8_target_runs_plain_with_its_draft_lookup_and_paired_steps_against_its_plain_decode():
     bench = load_benchmark("bench_speculative")
     a = bench.parser().parse_args(["--target", "w8a8", "--draft", "int4", "--target-lookup", "--target-paired"])
     names = bench.configurations(a)
     assert names == ["target", "draft", "target-lookup", "target-paired"]
-    assert all(bench.BASELINES[n] == "target" for n in names[1:])
+    assert all(bench.baseline(n) == "target" for n in names[1:])
     assert bench.configurations(bench.parser().parse_args(["--target", "fp32"])) == ["target"]
+
+
+def test_a_second_draft_is_its_own_configuration_against_the_same_plain_target():
+    bench = load_benchmark("bench_speculative")
+    a = bench.parser().parse_args(["--target", "fp32", "--draft", "gptq", "--draft", "qat"])
+    assert bench.configurations(a) == ["target", "draft", "draft2"]
+    assert [str(bench.draft_folder(n, a)) for n in ("draft", "draft2")] == ["gptq", "qat"]
+    assert bench.draft_folder("target", a) is None and bench.baseline("draft2") == "target"
+    assert bench.baseline("lookup-copy") == "int4-copy" and bench.baseline("int4-copy") == ""
 
 
 def test_allowed_speedup_is_expected_tokens_over_the_rounds_cost_in_plain_steps(capsys):
