@@ -30,7 +30,7 @@ def test_the_census_names_each_linear_kernel_and_where_its_scales_come_from(int4
     assert layer["attrs"] == {"accuracy_level": 4, "bits": 4, "block_size": 32}
     assert layer["inputs"] == ["A", "B", "scales"]  # symmetric: no zero points, no g_idx, no bias
     assert layer["scales"] == head["scales"] == "FLOAT16 -> Cast to FLOAT"
-    assert (linears, heads) == (2 * 5, 1)  # per layer: packed qkv, o, gate, up, down
+    assert (linears, heads) == (2 * 4, 1)  # per layer: packed qkv, o, packed gate/up, down
     (attention, layers), = census["GroupQueryAttention"].items()
     assert layers == 2 and "cos_cache" in json.loads(attention)["inputs"]
 

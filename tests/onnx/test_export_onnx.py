@@ -103,10 +103,10 @@ def test_export_matches_pytorch(tmp_path: Path, target: str, group: int | None) 
     assert "Softmax" not in census
     if group is not None and target == "ort":
         assert census.get("MatMul", 0) == 0  # every linear (head included) is a MatMulNBits
-        # qkv fused (GQA takes it packed), o, gate and up apart (no Split), down; and the head
-        assert census["MatMulNBits"] == 5 * layers + 1 and census["GatherBlockQuantized"] == 1
-    if target == "ort":  # nothing per step beyond what onnxruntime-genai's graph runs
-        assert "Split" not in census and "Identity" not in census and "ArgMax" not in census
+        # qkv fused (GQA takes it packed), o, gate and up fused, down; and the head
+        assert census["MatMulNBits"] == 4 * layers + 1 and census["GatherBlockQuantized"] == 1
+    if target == "ort":  # beyond onnxruntime-genai's graph, only the split of each layer's fused gate/up
+        assert census["Split"] == layers and "Identity" not in census and "ArgMax" not in census
         assert census["SkipSimplifiedLayerNormalization"] == 2 * layers  # every residual add folded in
     if target == "standard":
         assert census["TensorScatter"] == 2 * layers  # each layer's key and value cache
@@ -178,13 +178,28 @@ def test_right_padded_ort_graph_reads_last_columns_as_the_mask_sum(tmp_path: Pat
     assert "ReduceSum" not in padded and padded["Range"] >= 1 and padded["Where"] == 1
 
 
+def test_gate_and_up_of_different_formats_stay_two_linears(tmp_path: Path) -> None:
+    """The fused gate/up MatMulNBits needs both halves in one format: a layer whose up_proj stays float (a recipe's
+    skip list) exports gate and up apart, and the graph still computes what PyTorch does."""
+    loaded = load_tiny(32)
+    mlp = loaded.model.model.layers[0].mlp
+    up = torch.nn.Linear(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=False)
+    up.weight.data = mlp.up_proj.dequantized_weight().float()
+    mlp.up_proj = up
+    result = run_export(loaded, tmp_path / "out")
+    assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
+    census, layers = result["op_census"], loaded.model.config.num_hidden_layers
+    assert census["Split"] == layers - 1  # only the other layers' gate/up are fused
+    assert census["MatMulNBits"] == 4 * layers + 1 and census["MatMul"] == 1  # layer 0: gate alone, up a MatMul
+
+
 def test_float_activation_export_runs_the_int8_head_as_two_4bit_planes(tmp_path: Path) -> None:
     """accuracy_level 0: no 8-bit MatMulNBits (onnxruntime's CPU has no float-activation kernel for it)."""
     loaded = load_tiny(32)
     result = run_export(loaded, tmp_path / "out", accuracy_level=0)
     assert max(m["max_abs"] for m in result["validation"]["strict"].values()) <= 1e-3
     census, layers = result["op_census"], loaded.model.config.num_hidden_layers
-    assert census["MatMulNBits"] == 5 * layers + 2 and census["GatherBlockQuantized"] == 2
+    assert census["MatMulNBits"] == 4 * layers + 2 and census["GatherBlockQuantized"] == 2
     proto = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False)
     bits = {a.i for n in proto.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
             for a in n.attribute if a.name == "bits"}

@@ -79,7 +79,7 @@ from toolkit.onnx.graph import (
     head_linear,
     linear,
 )
-from toolkit.onnx.weights import concat_rows, linear_weight, split_rows
+from toolkit.onnx.weights import LinearWeight, concat_rows, linear_weight, split_rows
 from toolkit.quant.modules import reads_head
 from toolkit.runtime.artifact import next_token_node
 from toolkit.runtime.contract import KINDS, TensorNames
@@ -340,14 +340,22 @@ def _norm_weight(module: torch.nn.Module, arch: Architecture) -> np.ndarray:
 
 def _gate_up(b: Builder, h: str, layer: torch.nn.Module, arch: Architecture, i: int,
              opts: GraphOptions) -> tuple[str, str]:
-    """Gate and up projections: two linears (Phi-3's stored gate_up split by rows), as onnxruntime-genai's graph
-    has them. Not one fused MatMulNBits and a Split, as for q/k/v (GroupQueryAttention takes them packed): the
-    Split copies both halves every step, ~1 % of SmolLM2's decode node time under onnxruntime's profiler."""
+    """Gate and up projections. For onnxruntime (``ort``), one linear of both (Phi-3's stored gate_up as it is)
+    and a Split when their formats agree, as for q/k/v: one MatMulNBits quantizes the input once and forks the
+    intra-op pool once where two did both twice (onnxruntime-genai's graph keeps two). On one thread the two forms
+    cost the same; on two the fused one decodes faster (``benchmarks/exports_ab.py``). Otherwise two linears."""
+    fused: LinearWeight | None
     if arch.gate_up:
-        fused = linear_weight(layer.get_submodule(arch.gate_up))
-        gate_w, up_w = split_rows(fused, [fused.n // 2, fused.n // 2])
+        stored = linear_weight(layer.get_submodule(arch.gate_up))
+        gate_w, up_w = split_rows(stored, [stored.n // 2, stored.n // 2])
+        fused = stored
     else:
         gate_w, up_w = (linear_weight(layer.get_submodule(n)) for n in (arch.gate, arch.up))  # type: ignore[arg-type]
+        fused = concat_rows([gate_w, up_w])
+    if opts.target == "ort" and fused is not None:
+        gate_up = linear(b, h, fused, f"layers.{i}.gate_up_proj", opts)
+        gate, up = b.op("Split", [gate_up, b.ints([gate_w.n, up_w.n])], n_out=2, axis=-1)
+        return gate, up
     return linear(b, h, gate_w, f"layers.{i}.gate_proj", opts), linear(b, h, up_w, f"layers.{i}.up_proj", opts)
 
 
