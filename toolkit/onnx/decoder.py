@@ -79,7 +79,7 @@ from toolkit.onnx.graph import (
     head_linear,
     linear,
 )
-from toolkit.onnx.weights import LinearWeight, concat_rows, linear_weight, split_rows
+from toolkit.onnx.weights import concat_rows, linear_weight, split_rows
 from toolkit.quant.modules import reads_head
 from toolkit.runtime.artifact import next_token_node
 from toolkit.runtime.contract import KINDS, TensorNames
@@ -344,19 +344,24 @@ def _gate_up(b: Builder, h: str, layer: torch.nn.Module, arch: Architecture, i: 
     and a Split when their formats agree, as for q/k/v: one MatMulNBits quantizes the input once and forks the
     intra-op pool once where two did both twice (onnxruntime-genai's graph keeps two). On one thread the two forms
     cost the same; on two the fused one decodes faster (``benchmarks/exports_ab.py``). Otherwise two linears."""
-    fused: LinearWeight | None
+    name = f"layers.{i}.gate_up_proj"
     if arch.gate_up:
         stored = linear_weight(layer.get_submodule(arch.gate_up))
-        gate_w, up_w = split_rows(stored, [stored.n // 2, stored.n // 2])
-        fused = stored
+        halves = [stored.n // 2, stored.n // 2]
+        if opts.target == "ort":
+            return _split_pair(b, linear(b, h, stored, name, opts), halves)
+        gate_w, up_w = split_rows(stored, halves)
     else:
         gate_w, up_w = (linear_weight(layer.get_submodule(n)) for n in (arch.gate, arch.up))  # type: ignore[arg-type]
-        fused = concat_rows([gate_w, up_w])
-    if opts.target == "ort" and fused is not None:
-        gate_up = linear(b, h, fused, f"layers.{i}.gate_up_proj", opts)
-        gate, up = b.op("Split", [gate_up, b.ints([gate_w.n, up_w.n])], n_out=2, axis=-1)
-        return gate, up
+        fused = concat_rows([gate_w, up_w]) if opts.target == "ort" else None
+        if fused is not None:
+            return _split_pair(b, linear(b, h, fused, name, opts), [gate_w.n, up_w.n])
     return linear(b, h, gate_w, f"layers.{i}.gate_proj", opts), linear(b, h, up_w, f"layers.{i}.up_proj", opts)
+
+
+def _split_pair(b: Builder, x: str, sizes: list[int]) -> tuple[str, str]:
+    first, second = b.op("Split", [x, b.ints(sizes)], n_out=2, axis=-1)
+    return first, second
 
 
 def _layer_attention(model: PreTrainedModel, d: Dims, b: Builder) -> list[LayerAttention]:
