@@ -35,7 +35,7 @@ def run_one(folder: Path, mode: str, a: argparse.Namespace) -> float:
     rates = []
     for _ in range(a.repeats):
         r = engine.generate(prompt, config)
-        rates.append(len(r.timings.token_latencies_s) / r.timings.decode_s)
+        rates.append(r.timings.decode_tok_s)
     return statistics.median(rates)
 
 
