@@ -72,6 +72,11 @@ class Backend(Protocol):
         bits it has alone (``OrtBackend.pairs``) may run the rows in one batched call when False."""
         ...
 
+    def decode_row(self, token: int, length: int, with_logits: bool) -> tuple[int, np.ndarray | None]:
+        """``decode_next`` for row 0 alone (one stream), with Python ints in and out: the same bits, the token and
+        the logits [V] only ``with_logits``, valid until the next call."""
+        ...
+
     def score(self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """tokens: [B, k] at positions lengths[b]..lengths[b]+k-1 of row rows[b], written to the cache;
         returns the logits of every position [B, k, V]."""
@@ -281,6 +286,8 @@ class OrtBackend:
         self._pos = np.zeros((slots, 1), np.int64)
         self._ones = np.ones((1, capacity), np.int64)  # attention mask prefix for one row
         self._one_row_masks: dict[int, ort.OrtValue] = {}  # _one_row_mask's OrtValues over prefixes of _ones
+        # decode_row's mask, bound at the cache's full width: ones over row 0's columns (the first _row_mask_ones)
+        self._row_mask, self._row_mask_ones = np.zeros((1, capacity), np.int64), 0
         self._columns = np.arange(capacity, dtype=np.int64)
         self._mask_buffer = np.empty(slots * capacity, np.int64)  # a decode step's mask [n, M] is a prefix of it
         self._decode_logits = np.empty((slots, 1, d.vocab_size), np.float32)  # [SLOTS, 1, V]
@@ -438,20 +445,29 @@ class OrtBackend:
         return out[0]
 
     # --- decode ----------------------------------------------------------------------------------
-    def _decode_binding(self, n: int, logits: bool) -> ort.IOBinding:
-        io = self._decode_bindings.get((n, logits))
-        if io is None:  # bound once per batch width and output set; later steps only rebind the mask
+    def _step_binding(self, key: int, logits: bool, ids: np.ndarray, positions: np.ndarray, logits_out: np.ndarray,
+                      next_out: np.ndarray, rows: int) -> ort.IOBinding:
+        """A decode call's binding, made once per ``key`` (batch width; -1 the pair, -2 decode_row) and output set:
+        inputs and outputs are buffers allocated once, which later steps write and read in place."""
+        io = self._decode_bindings.get((key, logits))
+        if io is None:
             io = self.session.io_binding()
-            io.bind_ortvalue_input(self.names.input_ids, ort.OrtValue.ortvalue_from_numpy(self._ids[:n]))
+            io.bind_ortvalue_input(self.names.input_ids, ort.OrtValue.ortvalue_from_numpy(ids))
             if self.has_positions:
-                io.bind_ortvalue_input(self.names.position_ids, ort.OrtValue.ortvalue_from_numpy(self._pos[:n]))  # type: ignore[arg-type]
+                io.bind_ortvalue_input(self.names.position_ids, ort.OrtValue.ortvalue_from_numpy(positions))  # type: ignore[arg-type]
             if logits:
-                io.bind_ortvalue_output(self.names.logits, ort.OrtValue.ortvalue_from_numpy(self._decode_logits[:n]))
+                io.bind_ortvalue_output(self.names.logits, ort.OrtValue.ortvalue_from_numpy(logits_out))
             if self.has_next_token:
-                io.bind_ortvalue_output(self.names.next_token, ort.OrtValue.ortvalue_from_numpy(self._decode_next[:n]))  # type: ignore[arg-type]
-            self._bind_shared(io, 0, n)
-            self._decode_bindings[n, logits] = io
+                io.bind_ortvalue_output(self.names.next_token, ort.OrtValue.ortvalue_from_numpy(next_out))  # type: ignore[arg-type]
+            self._bind_shared(io, 0, rows)
+            if key == -2:
+                io.bind_ortvalue_input(self.names.attention_mask, ort.OrtValue.ortvalue_from_numpy(self._row_mask))
+            self._decode_bindings[key, logits] = io
         return io
+
+    def _decode_binding(self, n: int, logits: bool) -> ort.IOBinding:
+        """Rows 0..n-1, one token each; a step rebinds the mask."""
+        return self._step_binding(n, logits, self._ids[:n], self._pos[:n], self._decode_logits[:n], self._decode_next[:n], n)
 
     def _one_row_mask(self, total: int) -> ort.OrtValue:
         """One row's mask [1, total]: an OrtValue over a prefix of the ones row, made once per length, so that a
@@ -477,19 +493,7 @@ class OrtBackend:
         return self.pairs and len(lengths) == 1 and int(lengths[0]) + 2 <= self._require_cache().capacity
 
     def _pair_binding(self, logits: bool) -> ort.IOBinding:
-        io = self._decode_bindings.get((-1, logits))
-        if io is None:
-            io = self.session.io_binding()
-            io.bind_ortvalue_input(self.names.input_ids, ort.OrtValue.ortvalue_from_numpy(self._pair_ids))
-            if self.has_positions:
-                io.bind_ortvalue_input(self.names.position_ids, ort.OrtValue.ortvalue_from_numpy(self._pair_pos))  # type: ignore[arg-type]
-            if logits:
-                io.bind_ortvalue_output(self.names.logits, ort.OrtValue.ortvalue_from_numpy(self._pair_logits))
-            if self.has_next_token:
-                io.bind_ortvalue_output(self.names.next_token, ort.OrtValue.ortvalue_from_numpy(self._pair_next))  # type: ignore[arg-type]
-            self._bind_shared(io, 0, 1)
-            self._decode_bindings[-1, logits] = io
-        return io
+        return self._step_binding(-1, logits, self._pair_ids, self._pair_pos, self._pair_logits, self._pair_next, 1)
 
     def _run_pair(self, token: int, length: int, logits: bool) -> None:
         """Row 0's token at ``length`` and a pad after it, in one call (the rows of a ``score``'s tiles)."""
@@ -551,6 +555,35 @@ class OrtBackend:
         n = len(tokens)
         self._run_decode(tokens, lengths, logits=with_logits)
         return self._decode_next[:n, 0], self._decode_logits[:n, 0] if with_logits else None  # valid until next call
+
+    def decode_row(self, token: int, length: int, with_logits: bool) -> tuple[int, np.ndarray | None]:
+        """``decode_next`` for row 0 alone, with the same bits and fewer Python calls: in a decode loop each numpy
+        call or binding between two steps costs ~10-40 us, since the step has streamed the weights through the
+        caches. The binding holds the mask at the cache's full width (ones over the row's columns, zeros after:
+        GroupQueryAttention reads the row's length from it, as it does a batch's shorter rows), so a step writes
+        three scalars into bound buffers and rebinds nothing. Paired or copied caches go through ``decode_next``."""
+        cache = self._require_cache()
+        if self.pairs or not cache.shared:
+            ids, logits = self.decode_next(np.array([token], np.int64), np.array([length], np.int64), with_logits)
+            return int(ids[0]), None if logits is None else logits[0]
+        total = length + 1
+        if total > cache.capacity:
+            raise ToolkitError(f"{total} positions do not fit a cache row of {cache.capacity}")
+        bind_logits = with_logits or not self.has_next_token
+        io = self._step_binding(-2, bind_logits, self._ids[:1], self._pos[:1], self._decode_logits[:1],
+                                self._decode_next[:1], 1)
+        self._ids[0, 0] = token
+        if self.has_positions:
+            self._pos[0, 0] = length
+        ones = self._row_mask_ones
+        if total == ones + 1:  # the usual step: one more column
+            self._row_mask[0, ones] = 1
+        elif total != ones:  # another sequence in the row
+            self._row_mask[0, :total], self._row_mask[0, total:] = 1, 0
+        self._row_mask_ones = total
+        self.session.run_with_iobinding(io)
+        token = int(self._decode_next[0, 0]) if self.has_next_token else int(self._decode_logits[0, 0].argmax())
+        return token, self._decode_logits[0, 0] if with_logits else None
 
     def _decode_at(self, row: int, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One token for each of rows [row, row+n) through ``forward`` -> logits [n, V]."""

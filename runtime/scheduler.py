@@ -284,6 +284,13 @@ class Scheduler:
         0..highest in use (``rowwise``: a paired target's call per row, see ``batch_exact``)."""
         handles = self.running if handles is None else handles
         n = self.pool.highest_in_use() + 1
+        if n == 1 and len(handles) == 1:  # one stream: scalars in and out
+            t0 = time.perf_counter()
+            seq = handles[0].seq
+            argmax_id, row = self.backend.decode_row(seq.generated[-1], seq.length, seq.needs_logits)
+            seq.length += 1
+            self._decoded([(handles[0], seq.choose_next(argmax_id, row))], time.perf_counter() - t0)
+            return
         # A row that is not decoding computes a throwaway token at its next free column (0 for a free row; for a
         # row mid-prefill, the column its next chunk overwrites), so no written column is touched. A backend
         # that decodes row by row skips those rows (``live``).
@@ -301,7 +308,10 @@ class Scheduler:
             seq = handle.seq
             seq.length += 1
             chosen.append((handle, seq.choose_next(int(argmax[seq.slot]), None if logits is None else logits[seq.slot])))
-        dt = time.perf_counter() - t0
+        self._decoded(chosen, time.perf_counter() - t0)
+
+    def _decoded(self, chosen: list[tuple[Handle, int]], dt: float) -> None:
+        """Record a one-token step that took ``dt`` and emit each row's token."""
         for handle, token in chosen:
             handle.seq.timings.token_latencies_s.append(dt)
             if handle.seq.spec_stats is not None:

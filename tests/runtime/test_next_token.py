@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from toolkit.errors import ToolkitError
 from toolkit.models.tiny import tiny_llama, tiny_tokenizer
 from toolkit.passes.onnx import ONNXConfig, export
 from toolkit.paths import atomic_dir
@@ -215,3 +216,30 @@ def test_greedy_rows_with_logprobs_read_the_logits_every_step(folder):
         engine.step()
     assert handle.seq.generated == plain
     assert [lp.token_id for lp in handle.seq.logprobs] == plain  # one per token, decode steps included
+
+
+@pytest.mark.parametrize("next_token", [True, False])
+def test_one_stream_steps_give_a_batch_steps_bits_also_after_a_longer_sequence_in_the_row(folder, next_token):
+    """``decode_row`` (the scheduler's call for one stream: the mask bound once at the cache's full width, scalars
+    written in place) against ``decode_next`` on an identical backend, token and logits bit for bit, for sequences
+    that reuse row 0 after a longer and after a shorter one (the mask's ones must follow the row's length)."""
+    rows, batch = (OrtBackend(folder, BackendOptions(threads=1, next_token=next_token)) for _ in range(2))
+    for backend in (rows, batch):
+        backend.allocate(2, 64)
+    rng = np.random.default_rng(0)
+    for prompt_len, steps in ((20, 12), (5, 9), (9, 30)):
+        prompt = rng.integers(3, 200, prompt_len)
+        token = int(rows.prefill(0, prompt, 0).argmax())
+        assert token == int(batch.prefill(0, prompt, 0).argmax())
+        for i in range(steps):
+            length = prompt_len + i
+            got, got_logits = rows.decode_row(token, length, with_logits=i % 2 == 0)
+            want, want_logits = batch.decode_next(np.array([token]), np.array([length]), with_logits=i % 2 == 0)
+            assert got == int(want[0])
+            if i % 2 == 0:
+                np.testing.assert_array_equal(got_logits, want_logits[0])
+            else:
+                assert got_logits is None
+            token = got
+    with pytest.raises(ToolkitError, match="do not fit"):
+        rows.decode_row(token, 64, with_logits=False)

@@ -43,10 +43,11 @@ def test_tokens_arrive_in_order_and_a_failing_step_ends_the_requests(folder: Pat
             await asyncio.to_thread(loop.submit, ok, engine.encode("hello"), config)
             good = await updates_of(ok)
 
-            def boom(tokens: np.ndarray, lengths: np.ndarray, with_logits: bool, **kw: Any) -> tuple[np.ndarray, None]:
+            def boom(*args: Any, **kw: Any) -> tuple[np.ndarray, None]:
                 raise RuntimeError("the graph failed")
 
-            engine.backend.decode_next = boom  # type: ignore[method-assign]  # the scheduler's decode call
+            # the scheduler's decode calls: a batch's and one stream's
+            engine.backend.decode_next = engine.backend.decode_row = boom  # type: ignore[method-assign]
             failing = Request("bad", time.perf_counter(), asyncio.get_running_loop())
             await asyncio.to_thread(loop.submit, failing, engine.encode("hello"), config)
             return good, await updates_of(failing)
@@ -77,13 +78,15 @@ def test_tokens_of_a_slow_engine_arrive_one_event_each_as_they_are_made(folder: 
         def load(self) -> None:
             super().load()
             assert self.engine is not None
-            decode = self.engine.backend.decode_next
+            backend = self.engine.backend
 
-            def slow(*args: Any, **kw: Any) -> Any:
-                time.sleep(step_s)  # a large model's step: the GIL is free meanwhile, as inside session.run
-                return decode(*args, **kw)
+            def slowed(decode: Any) -> Any:
+                def slow(*args: Any, **kw: Any) -> Any:
+                    time.sleep(step_s)  # a large model's step: the GIL is free meanwhile, as inside session.run
+                    return decode(*args, **kw)
+                return slow
 
-            self.engine.backend.decode_next = slow  # type: ignore[method-assign]
+            backend.decode_next, backend.decode_row = slowed(backend.decode_next), slowed(backend.decode_row)  # type: ignore[method-assign]
 
     server = SlowServer(ServeConfig(folder, threads=1, served_model_name="tiny"))
     sock = listen("127.0.0.1", 0)
