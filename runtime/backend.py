@@ -471,8 +471,8 @@ class OrtBackend:
 
     def _one_row_mask(self, total: int) -> ort.OrtValue:
         """One row's mask [1, total]: an OrtValue over a prefix of the ones row, made once per length, so that a
-        step binds it without building a numpy view and an OrtValue (after a step has streamed the weights through
-        the caches, those few Python calls took ~50 us of a ~5 ms SmolLM2 int4 step; binding alone ~25 us)."""
+        step binds it without building a numpy view and an OrtValue (Python calls between two steps run on caches
+        the step has flushed: README, "the host loop between two steps")."""
         mask = self._one_row_masks.get(total)
         if mask is None:
             mask = self._one_row_masks[total] = ort.OrtValue.ortvalue_from_numpy(self._ones[:, :total])
@@ -557,9 +557,9 @@ class OrtBackend:
         return self._decode_next[:n, 0], self._decode_logits[:n, 0] if with_logits else None  # valid until next call
 
     def decode_row(self, token: int, length: int, with_logits: bool) -> tuple[int, np.ndarray | None]:
-        """``decode_next`` for row 0 alone, with the same bits and fewer Python calls: in a decode loop each numpy
-        call or binding between two steps costs ~10-40 us, since the step has streamed the weights through the
-        caches. The binding holds the mask at the cache's full width (ones over the row's columns, zeros after:
+        """``decode_next`` for row 0 alone, with the same bits and fewer Python calls: between two steps each numpy
+        call or binding runs on caches the step has flushed (``benchmarks/profile_decode.py --gaps``). The
+        binding holds the mask at the cache's full width (ones over the row's columns, zeros after:
         GroupQueryAttention reads the row's length from it, as it does a batch's shorter rows), so a step writes
         three scalars into bound buffers and rebinds nothing. Paired or copied caches go through ``decode_next``."""
         cache = self._require_cache()
