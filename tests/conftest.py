@@ -38,6 +38,20 @@ def load_tiny(group: int | None = None, symmetric: bool = True):  # -> toolkit.m
     return loaded
 
 
+def export_tiny_int4(folder: Path, flip: bool = False) -> Path:
+    """``load_tiny(group=32)`` exported to the ort target in ``folder``; ``flip`` negates the final norm first
+    (every logit negated, so greedy picks other tokens)."""
+    from toolkit.passes.onnx import ONNXConfig, export
+    from toolkit.paths import atomic_dir
+
+    loaded = load_tiny(group=32)
+    if flip:
+        loaded.model.model.norm.weight.data.neg_()
+    with atomic_dir(folder) as tmp:
+        export(loaded.model, loaded.tokenizer, ONNXConfig(target="ort"), tmp)
+    return folder
+
+
 def fp8_kv_model(workdir: Path, family: str = "llama", weights: str | None = "dynamic", kv: bool = True):
     """A tiny ``family`` model with FP8 weights (``"dynamic"``: per channel, per-token fp8 inputs; ``"static"``: per
     tensor with calibrated input scales; None: float) and, with ``kv``, an fp8 KV cache calibrated on three fixed

@@ -5,23 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tests.conftest import load_benchmark, load_tiny
-from toolkit.passes.onnx import ONNXConfig, export
-from toolkit.paths import atomic_dir
-
-
-def _export(folder: Path, flip: bool) -> Path:
-    loaded = load_tiny(group=32)
-    if flip:  # the final norm negated: every logit negated, so greedy picks other tokens
-        loaded.model.model.norm.weight.data.neg_()
-    with atomic_dir(folder) as tmp:
-        export(loaded.model, loaded.tokenizer, ONNXConfig(target="ort"), tmp)
-    return folder
+from tests.conftest import export_tiny_int4, load_benchmark
 
 
 def test_both_load_orders_run_and_other_weights_decode_other_tokens(tmp_path: Path, capsys) -> None:
     bench = load_benchmark("exports_ab")
-    a, b = _export(tmp_path / "a", False), _export(tmp_path / "b", True)
+    a, b = export_tiny_int4(tmp_path / "a", False), export_tiny_int4(tmp_path / "b", True)
     args = ["--processes", "2", "--pairs", "2", "--prompt-tokens", "16", "--new-tokens", "6"]
     assert bench.main([str(a), str(a), *args]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -37,7 +26,7 @@ def test_an_export_against_itself_times_two_sessions(tmp_path: Path, monkeypatch
     import toolkit.runtime as runtime
 
     bench = load_benchmark("exports_ab")
-    a = _export(tmp_path / "a", False)
+    a = export_tiny_int4(tmp_path / "a", False)
     calls: list[int] = []
     real = runtime.load
 

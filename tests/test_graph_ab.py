@@ -8,18 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_benchmark, load_tiny
-from toolkit.passes.onnx import ONNXConfig, export
-from toolkit.paths import atomic_dir
+from tests.conftest import export_tiny_int4, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def int4_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    loaded = load_tiny(group=32)
-    out = tmp_path_factory.mktemp("graph-ab") / "int4"
-    with atomic_dir(out) as tmp:
-        export(loaded.model, loaded.tokenizer, ONNXConfig(target="ort"), tmp)
-    return out
+    return export_tiny_int4(tmp_path_factory.mktemp("graph-ab") / "int4")
 
 
 def test_the_census_names_each_linear_kernel_and_where_its_scales_come_from(int4_export):

@@ -8,18 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_benchmark, load_tiny
-from toolkit.passes.onnx import ONNXConfig, export
-from toolkit.paths import atomic_dir
+from tests.conftest import export_tiny_int4, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    loaded = load_tiny(group=32)
-    out = tmp_path_factory.mktemp("profile-decode") / "int4"
-    with atomic_dir(out) as tmp:
-        export(loaded.model, loaded.tokenizer, ONNXConfig(target="ort"), tmp)
-    return out
+    return export_tiny_int4(tmp_path_factory.mktemp("profile-decode") / "int4")
 
 
 def test_gaps_prints_one_median_per_generate(tiny_export, capsys):
