@@ -9,7 +9,8 @@ Configurations (greedy, the same new tokens for every prompt; speculation does n
   plain step). An int8 target (W8A8, or MatMulNBits at accuracy_level 4) speculates with paired calls, its plain
   ``target`` run decodes unpaired: the speedups are against what a user gets without speculation;
 - ``int4`` / ``lookup``: plain decode of ``--int4`` and prompt lookup on it, on the copy-heavy and the no-copy
-  prompt sets (speculative_prompts.py, from pydoc_data.topics);
+  prompt sets (speculative_prompts.py, from pydoc_data.topics); ``lookup-copy@MIN-MAX`` / ``lookup-nocopy@MIN-MAX``
+  (``--lookup-ngrams MIN-MAX ...``): prompt lookup matching n-grams of MIN to MAX tokens, against the same plain runs;
 - ``genai`` / ``genai-lookup``: onnxruntime-genai's og.Generator on ``--genai`` (a folder with genai_config.json)
   on the copy-heavy prompts, plain and with its n-gram speculation. Its Python API (0.18) offers
   GeneratorParams.set_speculative_options(max_draft_tokens, ngram_size, ngram_chained_lookup, min_adaptive_k,
@@ -53,7 +54,15 @@ BASELINES = {"target-lookup": "target", "target-paired": "target", "lookup-copy"
 
 def baseline(name: str) -> str:
     """The configuration a configuration's speedup is over (itself where it is a baseline)."""
-    return "target" if name.startswith("draft") else BASELINES.get(name, "")
+    return "target" if name.startswith("draft") else BASELINES.get(name.split("@")[0], "")
+
+
+def lookup_ngrams(name: str) -> tuple[int, int] | None:
+    """``lookup-copy@2-4`` -> (min_ngram, max_ngram) = (2, 4); None for the runtime's default lookup."""
+    if "@" not in name:
+        return None
+    low, high = name.split("@")[1].split("-")
+    return int(low), int(high)
 
 
 def draft_folder(name: str, a: argparse.Namespace) -> Path | None:
@@ -90,6 +99,7 @@ def run_batch(name: str, a: argparse.Namespace) -> dict[str, float]:
 def run_one(name: str, a: argparse.Namespace) -> dict[str, float]:
     """One configuration in this process: decode tokens/s over its prompt set and the speculation counters."""
     from toolkit.runtime import GenerationConfig, load
+    from toolkit.runtime.speculative import PromptLookup
 
     if "batch" in name:
         return run_batch(name, a)
@@ -101,7 +111,9 @@ def run_one(name: str, a: argparse.Namespace) -> dict[str, float]:
     # an int8 target that speculates decodes one row as a pair (exact verify); plain runs keep the one-row path
     engine = load(folder, threads=a.threads, max_batch=1, draft=draft,
                   accuracy_level=level, paired_decode=speculates or name == "target-paired")
-    prompts = NO_COPY if name.endswith("nocopy") else COPY
+    if (ngrams := lookup_ngrams(name)) is not None:
+        engine.prompt_lookup = PromptLookup(max_ngram=ngrams[1], min_ngram=ngrams[0])
+    prompts = NO_COPY if name.split("@")[0].endswith("nocopy") else COPY
     config = GenerationConfig(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
                               num_draft_tokens=a.k if speculates else 0, prompt_lookup=lookup)
     engine.generate(prompts[0], GenerationConfig(max_new_tokens=8, num_draft_tokens=0))  # warm-up
@@ -174,6 +186,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=0, help="with --int4: the copy-heavy prompts decoded N at a time "
                    "(aggregate tokens/s, prefill included): plain, and prompt lookup with a paired batch row by row "
                    "(exact) or batched without speculation")
+    p.add_argument("--lookup-ngrams", nargs="*", default=[], metavar="MIN-MAX",
+                   help="with --int4: prompt lookup also with these n-gram bounds (e.g. 1-3 2-4), beside the "
+                        "runtime's default, in the same interleaved rounds")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=4, help="the longest draft")
@@ -206,13 +221,13 @@ def main(argv: list[str] | None = None) -> int:
             results[name].append(json.loads(out.strip().splitlines()[-1]))
     for i, folder in enumerate(a.draft):
         print(f"{'draft' if i == 0 else f'draft{i + 1}'}: {folder}")
-    print(f"{'config':>14} {'tok/s':>8} {'ratio':>6}  per-round ratios            accept  tok/call  draft share")
+    print(f"{'config':>18} {'tok/s':>8} {'ratio':>6}  per-round ratios            accept  tok/call  draft share")
     for name in names:
         runs = results[name]
         base = results.get(baseline(name), runs)
         ratios = [r["tok_s"] / b["tok_s"] for r, b in zip(runs, base, strict=True)]
         med = statistics.median
-        print(f"{name:>14} {med(r['tok_s'] for r in runs):8.1f} {med(ratios):6.2f}  "
+        print(f"{name:>18} {med(r['tok_s'] for r in runs):8.1f} {med(ratios):6.2f}  "
               f"{' '.join(f'{x:.2f}' for x in ratios):<27} {med(r['acceptance'] for r in runs):6.2f}  "
               f"{med(r['tokens_per_call'] for r in runs):8.2f}  {med(r['draft_share'] for r in runs):11.2f}")
     print_phases(results)
@@ -286,7 +301,10 @@ def configurations(a: argparse.Namespace) -> list[str]:
     drafts = ["draft" if i == 0 else f"draft{i + 1}" for i in range(len(a.draft))]
     names = ["target", *drafts] if a.target else []
     names += (["target-lookup"] if a.target_lookup else []) + (["target-paired"] if a.target_paired else [])
-    names += ["int4-copy", "lookup-copy", "int4-nocopy", "lookup-nocopy"] if a.int4 and not a.batch else []
+    if a.int4 and not a.batch:
+        sweep = [f"@{ngrams}" for ngrams in a.lookup_ngrams]
+        names += ["int4-copy", "lookup-copy", *(f"lookup-copy{s}" for s in sweep),
+                  "int4-nocopy", "lookup-nocopy", *(f"lookup-nocopy{s}" for s in sweep)]
     names += ["int4-batch", "lookup-batch-exact", "lookup-batch"] if a.int4 and a.batch else []
     return names + (["genai", "genai-lookup"] if a.genai else [])
 
@@ -300,13 +318,13 @@ def print_phases(results: dict[str, list[dict[str, float]]]) -> None:
     rows = [name for name, runs in results.items() if "verify_ms" in runs[0] and med(r["verify_ms"] for r in runs)]
     if not rows:
         return
-    print(f"\n{'phases':>14} {'ms/tok':>7} {'plain':>6}  draft  verify  1-token  python  "
+    print(f"\n{'phases':>18} {'ms/tok':>7} {'plain':>6}  draft  verify  1-token  python  "
           f"{'draft ms/tok':>12} {'draft/plain':>11} {'verify ms':>9} deferred")
     for name in rows:
         runs, base = results[name], results.get(baseline(name), results[name])
         draft, verify, plain = (med(r[k] for r in runs) for k in ("draft_share", "verify_share", "plain_share"))
         base_ms, draft_ms = med(r["ms_per_token"] for r in base), med(r["draft_ms_per_token"] for r in runs)
-        print(f"{name:>14} {med(r['ms_per_token'] for r in runs):7.2f} {base_ms:6.2f}  "
+        print(f"{name:>18} {med(r['ms_per_token'] for r in runs):7.2f} {base_ms:6.2f}  "
               f"{draft:5.2f}  {verify:6.2f}  {plain:7.2f}  {1 - draft - verify - plain:6.2f}  "
               f"{draft_ms:12.2f} {draft_ms / base_ms:11.2f} {med(r['verify_ms'] for r in runs):9.2f} "
               f"{med(r['deferred'] for r in runs):8.2f}")

@@ -55,3 +55,12 @@ def test_allowed_speedup_is_expected_tokens_over_the_rounds_cost_in_plain_steps(
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].split() == ["paired", "11.00", "1.10"]
     assert lines[-1].split()[:2] == ["2", f"{bench.allowed_speedup(free, 2, 0.6):.2f}"]
+
+
+def test_a_lookup_ngram_sweep_adds_configurations_against_the_same_plain_runs():
+    bench = load_benchmark("bench_speculative")
+    a = bench.parser().parse_args(["--int4", "int4", "--lookup-ngrams", "1-3", "2-4"])
+    assert bench.configurations(a) == ["int4-copy", "lookup-copy", "lookup-copy@1-3", "lookup-copy@2-4",
+                                       "int4-nocopy", "lookup-nocopy", "lookup-nocopy@1-3", "lookup-nocopy@2-4"]
+    assert bench.baseline("lookup-copy@2-4") == "int4-copy" and bench.baseline("lookup-nocopy@1-3") == "int4-nocopy"
+    assert bench.lookup_ngrams("lookup-nocopy@2-4") == (2, 4) and bench.lookup_ngrams("lookup-copy") is None
