@@ -216,7 +216,10 @@ class PromptLookup:
 
     calls_a_model = False
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    # A match of one token continues poorly: on SmolLM2 int4 at least two tokens kept more drafted tokens and made
+    # prompts with nothing to copy faster, copy-heavy ones no slower (README, "Speculative decoding":
+    # benchmarks/bench_speculative.py --lookup-ngrams)
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 2) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ToolkitError(f"prompt lookup needs 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram

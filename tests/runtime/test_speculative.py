@@ -187,7 +187,7 @@ def test_a_free_guess_for_a_token_new_to_the_sequence_comes_from_earlier_sequenc
     sequence; where a draft token costs a verify row, nothing."""
     from types import SimpleNamespace
 
-    lookup_ = PromptLookup()
+    lookup_ = PromptLookup(max_ngram=3, min_ngram=1)  # a one-token match of the sequence's own (below)
     first = SimpleNamespace(slot=0, prompt_ids=[5, 6], generated=[7, 8], draft_length=DraftLength(4, 4, free=1))
     lookup_.prefill(first)
     assert lookup_.propose(first, 3).tokens == []  # 8 is new to the sequence, and no sequence came before
