@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from toolkit.errors import ToolkitError
-from toolkit.models.tiny import tiny_llama, tiny_tokenizer
+from toolkit.models.tiny import tiny_llama, tiny_model, tiny_tokenizer
 from toolkit.passes.onnx import ONNXConfig, export
 from toolkit.paths import atomic_dir
 from toolkit.runtime import GenerationConfig
@@ -218,10 +218,8 @@ def test_greedy_rows_with_logprobs_read_the_logits_every_step(folder):
     assert [lp.token_id for lp in handle.seq.logprobs] == plain  # one per token, decode steps included
 
 
-@pytest.mark.parametrize("next_token", [True, False])
-def test_one_stream_steps_give_a_batch_steps_bits_also_after_a_longer_sequence_in_the_row(folder, next_token):
-    """``decode_row`` (the scheduler's call for one stream: the mask bound once at the cache's full width, scalars
-    written in place) against ``decode_next`` on an identical backend, token and logits bit for bit, for sequences
+def _rows_against_batch(folder: Path, next_token: bool) -> None:
+    """``decode_row`` against ``decode_next`` on an identical backend, token and logits bit for bit, for sequences
     that reuse row 0 after a longer and after a shorter one (the mask's ones must follow the row's length)."""
     rows, batch = (OrtBackend(folder, BackendOptions(threads=1, next_token=next_token)) for _ in range(2))
     for backend in (rows, batch):
@@ -243,3 +241,19 @@ def test_one_stream_steps_give_a_batch_steps_bits_also_after_a_longer_sequence_i
             token = got
     with pytest.raises(ToolkitError, match="do not fit"):
         rows.decode_row(token, 64, with_logits=False)
+
+
+@pytest.mark.parametrize("next_token", [True, False])
+def test_one_stream_steps_give_a_batch_steps_bits_also_after_a_longer_sequence_in_the_row(folder, next_token):
+    """``decode_row``: the scheduler's call for one stream, the mask bound once at the cache's full width and
+    scalars written in place."""
+    _rows_against_batch(folder, next_token)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+def test_one_stream_steps_keep_sliding_windows_and_partial_rotary(family, tmp_path):
+    """The full-width mask leaves GroupQueryAttention's local window (8 and 12 keys, passed by 40 tokens) and a
+    quarter-rotating longrope head (phi3) as the exact-width mask does."""
+    with atomic_dir(tmp_path / family) as tmp:
+        export(tiny_model(family), tiny_tokenizer(), ONNXConfig(target="ort"), tmp)
+    _rows_against_batch(tmp_path / family, next_token=False)
