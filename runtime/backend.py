@@ -247,7 +247,7 @@ class OrtBackend:
         self.dtype = np.dtype(ORT_DTYPES.get(inputs[self._pairs[0][0]].type, np.float32))
         self.prefill_chunk = options.prefill_chunk
         self.cache: KVCache | None = None
-        self._decode_bindings: dict[tuple[int, bool], ort.IOBinding] = {}  # (rows, logits bound) -> binding; rows -1: the pair
+        self._decode_bindings: dict[tuple[int, bool], ort.IOBinding] = {}  # (rows, logits bound) -> binding; rows -1: the pair, -2: decode_row
         self._extend_bindings: dict[tuple[int, int], ort.IOBinding] = {}  # (row, tokens) -> binding
 
     def _check_names(self, model_path: Path) -> list[tuple[str, str]]:
@@ -446,9 +446,10 @@ class OrtBackend:
 
     # --- decode ----------------------------------------------------------------------------------
     def _step_binding(self, key: int, logits: bool, ids: np.ndarray, positions: np.ndarray, logits_out: np.ndarray,
-                      next_out: np.ndarray, rows: int) -> ort.IOBinding:
+                      next_out: np.ndarray, rows: int, mask: np.ndarray | None = None) -> ort.IOBinding:
         """A decode call's binding, made once per ``key`` (batch width; -1 the pair, -2 decode_row) and output set:
-        inputs and outputs are buffers allocated once, which later steps write and read in place."""
+        inputs and outputs are buffers allocated once, which later steps write and read in place; ``mask`` too
+        where it is given (otherwise each step binds its own)."""
         io = self._decode_bindings.get((key, logits))
         if io is None:
             io = self.session.io_binding()
@@ -460,8 +461,8 @@ class OrtBackend:
             if self.has_next_token:
                 io.bind_ortvalue_output(self.names.next_token, ort.OrtValue.ortvalue_from_numpy(next_out))  # type: ignore[arg-type]
             self._bind_shared(io, 0, rows)
-            if key == -2:
-                io.bind_ortvalue_input(self.names.attention_mask, ort.OrtValue.ortvalue_from_numpy(self._row_mask))
+            if mask is not None:
+                io.bind_ortvalue_input(self.names.attention_mask, ort.OrtValue.ortvalue_from_numpy(mask))
             self._decode_bindings[key, logits] = io
         return io
 
@@ -571,7 +572,7 @@ class OrtBackend:
             raise ToolkitError(f"{total} positions do not fit a cache row of {cache.capacity}")
         bind_logits = with_logits or not self.has_next_token
         io = self._step_binding(-2, bind_logits, self._ids[:1], self._pos[:1], self._decode_logits[:1],
-                                self._decode_next[:1], 1)
+                                self._decode_next[:1], 1, mask=self._row_mask)
         self._ids[0, 0] = token
         if self.has_positions:
             self._pos[0, 0] = length
