@@ -36,12 +36,11 @@ def step_cpu_times(backend: OrtBackend, ids: list[int], total: int) -> Iterator[
     """Prefill ``ids`` into row 0, then greedy one-token decode steps up to ``total`` positions: each step's CPU
     seconds on the calling thread (the graph runs there with one intra-op thread)."""
     backend.allocate(1, total)
-    token = np.array([int(backend.prefill(0, np.array(ids, np.int64), 0).argmax())])
+    token = int(backend.prefill(0, np.array(ids, np.int64), 0).argmax())
     for n in range(len(ids), total - 1):
         t0 = time.thread_time()
-        argmax, _ = backend.decode_next(token, np.array([n]), with_logits=False)
+        token, _ = backend.decode_row(token, n, with_logits=False)  # one stream's step, as the scheduler runs it
         yield time.thread_time() - t0
-        token = argmax.copy()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -262,7 +262,7 @@ def step_costs(a: argparse.Namespace) -> dict[str, float]:
     token, length = np.array([1234], np.int64), np.array([CONTEXT])
     batch, lengths = np.full(ROWS, 1234, np.int64), np.full(ROWS, CONTEXT)
     tokens = np.arange(2000, 2001 + a.k, dtype=np.int64)  # [k+1]: the pending token and k drafts
-    calls = {"decode": lambda: plain.decode_next(token, length, False),
+    calls = {"decode": lambda: plain.decode_row(int(token[0]), CONTEXT, False),  # one stream's plain step
              "paired": lambda: paired.decode_next(token, length, False),
              "draft": lambda: draft.extend(0, token, CONTEXT),
              f"batch{ROWS}": lambda: plain.decode_next(batch, lengths, False),

@@ -64,3 +64,16 @@ def test_a_lookup_ngram_sweep_adds_configurations_against_the_same_plain_runs():
                                        "int4-nocopy", "lookup-nocopy", "lookup-nocopy@1-3", "lookup-nocopy@2-4"]
     assert bench.baseline("lookup-copy@2-4") == "int4-copy" and bench.baseline("lookup-nocopy@1-3") == "int4-nocopy"
     assert bench.lookup_ngrams("lookup-nocopy@2-4") == (2, 4) and bench.lookup_ngrams("lookup-copy") is None
+
+
+def test_costs_time_every_call_kind_on_a_tiny_target(tmp_path, monkeypatch):
+    from tests.conftest import export_tiny_int4
+
+    bench = load_benchmark("bench_speculative")
+    folder = export_tiny_int4(tmp_path / "int4")
+    monkeypatch.setattr(bench, "CONTEXT", 20)
+    monkeypatch.setattr(bench, "CALLS", 3)
+    a = bench.parser().parse_args(["--target", str(folder), "--draft", str(folder), "--costs", "--k", "2"])
+    costs = bench.step_costs(a)
+    assert set(costs) == {"decode", "paired", "draft", "batch4", "rows4", "verify1", "verify2"}
+    assert all(ms > 0 for ms in costs.values())
